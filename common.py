@@ -1,0 +1,671 @@
+"""Shared helpers for the Real-Fake stage scripts (a helper lives here only when two stages need it).
+
+Sections: config (argparse < YAML < CLI), files written atomically, run directories with a completion
+manifest, seeds and sharding, logging, dataset readers with one uniform index, prompts and captions,
+and the paper's method pieces (MMD loss, visual-guidance token, latent prior).
+
+Heavy libraries (diffusers, transformers, timm, peft) are imported by the stage scripts, never here:
+importing this module costs torch + numpy + PIL + yaml only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DATA_DIR = PROJECT_DIR / "data"  # class lists copied from ImageNet (see data/README.md)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config: argparse defaults (the paper's values) < configs/<dataset>.yaml (shared keys, then the stage's section) < CLI
+
+# Top-level YAML keys that every stage may read. A stage applies those its parser knows and ignores the rest, so one
+# file can drive the whole pipeline; any other top-level key must be a stage section.
+SHARED_KEYS = {"dataset", "data_root", "seed", "captions", "pretrained_model", "revision", "runs_dir", "test_split"}
+STAGES = {"caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim", "demo"}
+
+
+class ConfigError(ValueError):
+    """A config file or key that does not exist or does not fit the stage."""
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    """Convert a YAML value with the argparse action's own `type`, so `1e-4` (a string to YAML) becomes a float."""
+    if value is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and not isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
+        return value
+    convert = action.type or (lambda v: v)
+    try:
+        if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+            items = value if isinstance(value, list) else [value]
+            return [convert(v) if isinstance(v, str) or action.type else v for v in items]
+        return convert(value) if isinstance(value, str) or action.type else value
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: key '{key}' has a bad value {value!r}: {err}") from err
+
+
+def load_yaml_section(path: str | os.PathLike, stage: str) -> dict:
+    """Shared keys + the stage's section of a YAML config, after checking that every top-level key is known."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    unknown = sorted(set(data) - SHARED_KEYS - STAGES)
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; shared keys are {sorted(SHARED_KEYS)} and "
+                          f"stage sections are {sorted(STAGES)}")
+    section = data.get(stage) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: section '{stage}' must be a mapping")
+    merged = {k: v for k, v in data.items() if k in SHARED_KEYS}
+    merged.update({k: v for k, v in section.items()})
+    return {"shared": {k: v for k, v in data.items() if k in SHARED_KEYS}, "section": section, "merged": merged}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stage: str) -> argparse.Namespace:
+    """Parse `argv` with precedence argparse defaults < YAML (`--config`) < command line.
+
+    Keys in the stage's YAML section must be options of the stage (dashes or underscores); an unknown one is an
+    error naming the key and the file. Shared top-level keys the stage does not know are skipped.
+    """
+    if not any(a.dest == "config" for a in parser._actions):
+        parser.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        yaml_cfg = load_yaml_section(first.config, stage)
+        actions = {a.dest: a for a in parser._actions}
+        defaults = {}
+        for key, value in yaml_cfg["merged"].items():
+            dest = key.replace("-", "_")
+            if dest not in actions:
+                if key in yaml_cfg["section"]:
+                    raise ConfigError(f"{first.config}: unknown key '{key}' in section '{stage}' "
+                                      f"(run `python {stage}.py --help` for the options)")
+                continue  # a shared key another stage uses
+            defaults[dest] = _coerce(actions[dest], key, value, str(first.config))
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def config_dict(args: argparse.Namespace, exclude: Iterable[str] = ()) -> dict:
+    """The resolved config as a JSON-able dict, without keys that do not change results (paths to logs, flags)."""
+    skip = set(exclude) | {"config", "overwrite", "resume"}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in skip}
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files: every output is written to a temp file in the same directory, then renamed, so a crash never leaves a partial
+# file under the final name.
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
+    """Open a temp file next to `path` for writing; rename it over `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temp path for libraries that want a filename (torch.save, safetensors, PIL); rename on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file; a truncated last line (an interrupted append) is dropped, any other bad line is an error."""
+    rows, lines = [], Path(path).read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
+    return rows
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, **save_kwargs) -> None:
+    """Save a PIL image atomically; the format comes from the final file's extension."""
+    path = Path(path)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(path.suffix.lower(), None)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt, **save_kwargs)
+
+
+class ImageReadError(OSError):
+    """An image that is missing, truncated or not an image."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image fully (so truncation is caught here, not later in a worker) and convert it to RGB."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
+def is_valid_image(path: str | os.PathLike) -> bool:
+    try:
+        load_image(path)
+        return True
+    except ImageReadError:
+        return False
+
+
+def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(source: str | os.PathLike | None, revision: str | None = None) -> str | None:
+    """A short content hash of a file or directory (names + bytes); a hub id is recorded as `id@revision`."""
+    if source is None:
+        return None
+    path = Path(source)
+    if path.is_file():
+        return hash_file(path)
+    if not path.is_dir():
+        return f"{source}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(hash_file(file).encode())
+    return digest.hexdigest()[:16]
+
+
+def environment_info() -> dict:
+    """What produced a result: code version, Python and library versions, device."""
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # not installed or no __version__
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {
+        "git_commit": commit, "git_dirty": dirty, "python": platform.python_version(), "platform": platform.platform(),
+        "argv": sys.argv, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **{name: version(name) for name in ("torch", "torchvision", "diffusers", "transformers", "peft", "timm",
+                                            "accelerate", "numpy")},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run directories. A stage owns one directory; `manifest.json`, written last, marks it complete.
+
+
+class ConfigMismatchError(RuntimeError):
+    """A run directory holds a run with another config; the message names the changed keys."""
+
+
+class RunDir:
+    """A stage's output directory with skip / resume / overwrite semantics.
+
+    `start()` returns "done" (complete with the same config: the caller should return the manifest and do nothing),
+    "resume" (an interrupted run with the same config) or "fresh". A different config raises ConfigMismatchError
+    naming the changed keys, unless `overwrite=True`, in which case the old run is moved aside as `<dir>.old-<hash>`
+    (never deleted: nothing is lost by a mistyped flag).
+    """
+
+    def __init__(self, path, config: dict, overwrite: bool = False, is_main: bool = True):
+        self.path = Path(path)
+        self.config = config
+        self.hash = config_hash(config)
+        self.overwrite = overwrite
+        self.is_main = is_main
+        self.manifest_path = self.path / "manifest.json"
+        self.started_path = self.path / "run_config.json"  # written at start so an interrupted run knows its config
+
+    def _previous_config(self) -> dict | None:
+        for candidate in (self.manifest_path, self.started_path):
+            if candidate.is_file():
+                return read_json(candidate)["config"]
+        return None
+
+    def start(self) -> str:
+        previous = self._previous_config()
+        if previous is not None and config_hash(previous) != self.hash:
+            changed = sorted(k for k in set(previous) | set(self.config) if previous.get(k) != self.config.get(k))
+            if not self.overwrite:
+                details = ", ".join(f"{k}: {previous.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:8])
+                raise ConfigMismatchError(f"{self.path} holds a run with a different config (changed: {details}). "
+                                          f"Use another output directory, or --overwrite to move the old run aside.")
+            if self.is_main:
+                os.replace(self.path, self.path.with_name(f"{self.path.name}.old-{config_hash(previous)}"))
+            previous = None
+        if previous is not None and self.manifest_path.is_file():
+            return "done"
+        if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json(self.started_path, {"config": self.config, "config_hash": self.hash})
+        return "resume" if previous is not None else "fresh"
+
+    def finish(self, metrics: dict, inputs: dict | None = None, extra: dict | None = None) -> dict:
+        manifest = {"config": self.config, "config_hash": self.hash, "inputs": inputs or {},
+                    "environment": environment_info(), "metrics": metrics, **(extra or {})}
+        if self.is_main:
+            write_json(self.manifest_path, manifest)
+        return manifest
+
+    def manifest(self) -> dict:
+        return read_json(self.manifest_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seeds and sharding. Anything that defines data is a pure function of the global seed and item ids.
+
+
+def item_seed(*ids: Any) -> int:
+    """A 63-bit seed from any ids (global seed, image id, copy index, ...): independent of order, batch, world size."""
+    digest = hashlib.sha256("\x1f".join(map(str, ids)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' (0-based i) -> (i, n), for job arrays: `--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--shard must look like 'i/n' (e.g. 0/4), got {text!r}") from err
+    if not (count >= 1 and 0 <= index < count):
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return index, count
+
+
+def shard_items(items: Sequence, index: int, count: int) -> list:
+    """Strided shard `index` of `count`: the union over all shards is `items`, each item exactly once."""
+    return list(items[index::count])
+
+
+def local_items(items: Sequence, job_shard: tuple[int, int] = (0, 1), process_index: int = 0,
+                num_processes: int = 1) -> list:
+    """This process's items: first the job's shard (`--shard i/n`), then this process's part of it."""
+    return shard_items(shard_items(items, *job_shard), process_index, num_processes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logging: rank 0 writes to stdout and <out>/log.txt; other ranks only warn.
+
+
+def get_logger(out_dir: str | os.PathLike | None, is_main: bool = True, name: str = "realfake") -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if is_main and out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(Path(out_dir) / "log.txt")
+        file.setFormatter(fmt)
+        logger.addHandler(file)
+    return logger
+
+
+def progress(iterable=None, is_main: bool = True, **kwargs):
+    """A tqdm bar on the main process only (other ranks would interleave their bars)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not is_main, dynamic_ncols=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Datasets: every reader returns one uniform index of (relative path, label) with the class list in a stated order.
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclasses.dataclass
+class Sample:
+    path: str  # relative to the index root
+    label: int
+
+
+@dataclasses.dataclass
+class DatasetIndex:
+    name: str
+    root: Path
+    split: str
+    samples: list[Sample]
+    classes: list[str]  # class ids (wnids, folder names) in label order
+    class_names: list[str]  # human-readable names for prompts, same order
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def abspath(self, i: int) -> Path:
+        return self.root / self.samples[i].path
+
+    def image_id(self, i: int) -> str:
+        """A stable id for seeds and outputs: the path relative to the root, without extension."""
+        return str(Path(self.samples[i].path).with_suffix(""))
+
+    def subset(self, keep: Sequence[bool]) -> "DatasetIndex":
+        if len(keep) != len(self.samples):
+            raise ValueError(f"subset mask has {len(keep)} entries but the {self.split} split has {len(self)} images")
+        kept = [s for s, k in zip(self.samples, keep) if k]
+        return dataclasses.replace(self, samples=kept)
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: directory {path} does not exist")
+    return path
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def imagenet_class_names() -> dict[str, str]:
+    """wnid -> name, from the release's edited CLIP list (all 1000 names unique)."""
+    return dict(zip(read_lines(DATA_DIR / "imagenet1k_wnids.txt"), read_lines(DATA_DIR / "imagenet1k_classnames.txt")))
+
+
+def read_imagefolder(root: str | os.PathLike, classes: Sequence[str] | None = None,
+                     class_names: Sequence[str] | None = None, name: str = "imagefolder",
+                     split: str = "") -> DatasetIndex:
+    """`root/<class>/<image>`. Class order is `classes` if given (a wnid list, a class_names.txt), else sorted folders."""
+    root = _require_dir(Path(root), f"{name} {split}".strip())
+    if classes is None:
+        listed = root / "classes.txt"
+        classes = read_lines(listed) if listed.is_file() else sorted(p.name for p in root.iterdir() if p.is_dir())
+    missing = [c for c in classes if not (root / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{name} {split}: class folder(s) missing under {root}: {missing[:5]}"
+                                f"{' ...' if len(missing) > 5 else ''}")
+    samples = [Sample(str(p.relative_to(root)), label) for label, c in enumerate(classes)
+               for p in _list_images(root / c)]
+    if class_names is None:
+        names_file = root / "class_names.txt"
+        class_names = read_lines(names_file) if names_file.is_file() else [c.replace("_", " ") for c in classes]
+    return DatasetIndex(name, root, split, samples, list(classes), list(class_names))
+
+
+def read_imagenet_subset(root, split: str, wnids_file: str | os.PathLike, name: str) -> DatasetIndex:
+    """ImageNet `root/{train,val}/<wnid>/*.JPEG` (val in class folders, as torchvision's ImageNet prepares it)."""
+    wnids = read_lines(wnids_file)
+    names = imagenet_class_names()
+    return read_imagefolder(Path(root) / split, wnids, [names[w] for w in wnids], name, split)
+
+
+def read_cub(root, split: str) -> DatasetIndex:
+    """CUB_200_2011: images.txt, image_class_labels.txt, train_test_split.txt (1 = train), classes.txt."""
+    root = Path(root)
+    base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
+    _require_dir(base / "images", "cub")
+    table = lambda f: dict(line.split(" ", 1) for line in read_lines(base / f))  # noqa: E731
+    images, labels, is_train = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
+    classes = [v for _, v in sorted(table("classes.txt").items(), key=lambda kv: int(kv[0]))]
+    want = "1" if split == "train" else "0"
+    samples = [Sample(f"images/{images[i]}", int(labels[i]) - 1) for i in sorted(images, key=int) if is_train[i] == want]
+    names = [c.split(".", 1)[-1].replace("_", " ") for c in classes]
+    return DatasetIndex("cub", base, split, samples, classes, names)
+
+
+def read_torchvision(name: str, root, split: str) -> DatasetIndex:
+    """Stanford Cars and Oxford-IIIT Pet through torchvision's own readers (download=False: files must be there)."""
+    import torchvision.datasets as tvd
+
+    if name == "cars":
+        ds = tvd.StanfordCars(root, split="train" if split == "train" else "test", download=False)
+        files, labels = [p for p, _ in ds._samples], [y for _, y in ds._samples]
+    else:
+        ds = tvd.OxfordIIITPet(root, split="trainval" if split == "train" else "test", download=False)
+        files, labels = ds._images, ds._labels
+    root = Path(root)
+    samples = [Sample(str(Path(f).relative_to(root)), int(y)) for f, y in zip(files, labels)]
+    return DatasetIndex(name, root, split, samples, list(ds.classes), list(ds.classes))
+
+
+def read_eurosat(root, split: str, seed: int) -> DatasetIndex:
+    """EuroSAT RGB (`root/eurosat/2750/<Class>/*.jpg`): a seeded 80/20 split decided per image id."""
+    base = Path(root) / "eurosat" / "2750" if (Path(root) / "eurosat" / "2750").is_dir() else Path(root)
+    full = read_imagefolder(base, name="eurosat", split=split)
+    in_test = [item_seed(seed, "eurosat-split", s.path) % 5 == 0 for s in full.samples]  # 1 in 5 -> test
+    keep = [t == (split != "train") for t in in_test]
+    return full.subset(keep)
+
+
+DATASETS = ("in10", "in100", "in1k", "cub", "cars", "pets", "eurosat", "imagefolder", "demo")
+WNID_LISTS = {"in10": "imagenette_wnids.txt", "in100": "imagenet100_wnids.txt", "in1k": "imagenet1k_wnids.txt"}
+
+
+def load_dataset(name: str, root: str | os.PathLike, split: str = "train", seed: int = 0) -> DatasetIndex:
+    """One reader per dataset; `split` is 'train' or a test split ('val'/'test' for the real ones, any folder for
+    imagefolder/demo, e.g. the demo's shifted sets)."""
+    if root is None:
+        raise ValueError(f"no data root given for dataset '{name}': pass --data-root or set data_root in the config")
+    if name in WNID_LISTS:
+        return read_imagenet_subset(root, "train" if split == "train" else "val", DATA_DIR / WNID_LISTS[name], name)
+    if name == "cub":
+        return read_cub(root, split)
+    if name in ("cars", "pets"):
+        return read_torchvision(name, root, split)
+    if name == "eurosat":
+        return read_eurosat(root, split, seed)
+    if name in ("imagefolder", "demo"):
+        return read_imagefolder(Path(root) / split, name=name, split=split)
+    raise ValueError(f"unknown dataset '{name}'; choose one of {DATASETS}")
+
+
+def load_synthetic(root: str | os.PathLike) -> DatasetIndex:
+    """A synthesize.py output: classes and labels from its manifest, never from folder sort order."""
+    root = Path(root)
+    info, rows = root / "classes.json", root / "manifest.jsonl"
+    if not info.is_file() or not rows.is_file():
+        raise FileNotFoundError(f"{root} is not a synthesize.py output (classes.json / manifest.jsonl missing)")
+    meta = read_json(info)
+    samples = [Sample(r["file"], int(r["label"])) for r in read_jsonl(rows)]
+    return DatasetIndex("synthetic", root, "train", samples, meta["classes"], meta["class_names"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts and captions (paper §3.2, App. E)
+
+PAPER_NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame"
+RELEASE_NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+PROMPT_STYLES = ("paper", "release")
+
+
+def build_prompt(class_name: str, caption: str | None = None, style: str = "paper") -> str:
+    """`photo of {class}, {caption}` (paper); the release appends `, best quality`."""
+    prompt = f"photo of {class_name}, {caption.strip()}" if caption else f"photo of {class_name}"
+    return prompt + ", best quality" if style == "release" else prompt
+
+
+def negative_prompt(style: str = "paper") -> str:
+    return RELEASE_NEGATIVE_PROMPT if style == "release" else PAPER_NEGATIVE_PROMPT
+
+
+def load_captions(path: str | os.PathLike | None) -> dict[str, str]:
+    """captions.jsonl (from caption.py) -> {path relative to the dataset root: caption}."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"captions file {path} does not exist (run caption.py, or pass no --captions)")
+    return {row["path"]: row["caption"] for row in read_jsonl(path)}
+
+
+def captions_for(index: DatasetIndex, captions: dict[str, str], allow_missing: bool = False) -> list[str | None]:
+    """One caption per image of `index` (None without captions); a missing one is an error naming the images."""
+    if not captions:
+        return [None] * len(index)
+    found = [captions.get(s.path) for s in index.samples]
+    missing = [s.path for s, c in zip(index.samples, found) if c is None]
+    if missing and not allow_missing:
+        raise KeyError(f"{len(missing)} image(s) have no caption, e.g. {missing[:3]}; re-run caption.py "
+                       f"(it resumes) or pass --allow-missing-captions to prompt them without one")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Method: min-SNR weights, distribution matching (MMD, paper §3.1 Eq. 5-7), visual guidance (§3.2), latent prior (§3.3)
+
+
+def snr_from_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = ᾱ_t / (1 − ᾱ_t)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1 - a)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023): w = min(SNR, γ) / SNR."""
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def predicted_clean_latents(noisy: torch.Tensor, eps_pred: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """ẑ0 = (z_t − √(1−ᾱ_t) ε̂) / √ᾱ_t, the clean latent implied by an ε prediction."""
+    a = alphas_cumprod_t.float().view(-1, *([1] * (noisy.dim() - 1)))
+    return (noisy.float() - (1 - a).sqrt() * eps_pred.float()) / a.sqrt()
+
+
+def mmd_loss(z0: torch.Tensor, z0_pred: torch.Tensor) -> torch.Tensor:
+    """Linear-kernel MMD² between the batch of clean latents and the batch of predicted clean latents (paper Eq. 5-7).
+
+    With the identity feature map φ(z) = z, MMD²(P, Q) = ‖E_P[z] − E_Q[z]‖² (App. C, Eq. 17-20), estimated on the
+    batch as ‖mean_i z0_i − mean_i ẑ0_i‖², here averaged over the D latent dimensions so its scale does not depend on
+    the resolution. Since z0 − ẑ0 = √((1−ᾱ)/ᾱ) (ε̂ − ε) = (ε̂ − ε)/√SNR_t, this is the batch-mean residual weighted by
+    1/√SNR_t; unlike the per-sample diffusion loss, it only penalises errors that do not cancel across the batch.
+    """
+    diff = z0.float().mean(dim=0) - z0_pred.float().mean(dim=0)
+    return diff.pow(2).mean()
+
+
+def mmd_loss_release(eps_pred: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The authors' release: (1/D) ‖Σ_i w_i (ε̂_i − ε_i)‖² with min-SNR weights w_i, a batch *sum* (B² × a mean)."""
+    w = weights.float().view(-1, *([1] * (eps.dim() - 1)))
+    return ((eps_pred.float() * w).sum(0) - (eps.float() * w).sum(0)).pow(2).mean()
+
+
+VG_PLACEMENTS = ("append", "replace-last")
+
+
+def add_visual_tokens(text_embeds: torch.Tensor, tokens: torch.Tensor, placement: str = "append") -> torch.Tensor:
+    """Put one visual-guidance token per sample into the text condition [B, 77, D] -> [B, 78, D] (paper: appended as
+    an extra token) or [B, 77, D] with the last slot overwritten (release)."""
+    tokens = tokens.to(text_embeds.dtype).unsqueeze(1)
+    if tokens.shape[-1] != text_embeds.shape[-1]:
+        raise ValueError(f"visual token width {tokens.shape[-1]} != text embedding width {text_embeds.shape[-1]}; "
+                         f"the finetune output must include the projection for this encoder")
+    if placement == "append":
+        return torch.cat([text_embeds, tokens], dim=1)
+    if placement == "replace-last":
+        return torch.cat([text_embeds[:, :-1], tokens], dim=1)
+    raise ValueError(f"unknown visual-token placement {placement!r}; choose one of {VG_PLACEMENTS}")
+
+
+def load_init_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """Latent-prior input: aspect-preserving resize of the short side to `size`, center crop, scaled to [-1, 1].
+
+    (The release squash-resizes to a square, which distorts every non-square ImageNet photo.)
+    """
+    img = load_image(path)
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    array = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return array / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_latent_prior(vae, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """VAE-encode init images ([B,3,H,W] in [-1,1]) into scaled latents, one seeded posterior sample per image.
+
+    The img2img pipeline then noises these latents to the requested strength with the same per-image generators,
+    so an image's result depends only on its own seed (paper §3.3: the real image is the latent prior).
+    """
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                         for g in generators]).to(posterior.mean.device, posterior.mean.dtype)
+    latents = posterior.mean + posterior.std * noise
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny models built offline from configs and saved in the real library layouts, and tiny data.
+
+The suite never touches the network: HF_HUB_OFFLINE is set before any Hugging Face library is imported.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import demo  # noqa: E402
+
+TINY_CLASSES = ["red_circle", "green_square", "blue_triangle"]
+
+
+def make_imagefolder(root: Path, classes, per_class: int, size: int = 32, seed: int = 0, ext: str = ".png") -> Path:
+    """An ImageFolder split whose classes differ in colour, so tiny models can tell them apart."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((size, size, 3), np.float32)
+            base[..., label % 3] = 200
+            noisy = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / name / f"{name}_{i:03d}{ext}")
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    (root / "class_names.txt").write_text("\n".join(c.replace("_", " ") for c in classes) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A demo-layout dataset root: train/ (3 classes x 4 images) and test/ (3 x 2), 32 px PNGs."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    make_imagefolder(root / "train", TINY_CLASSES, 4, seed=0)
+    make_imagefolder(root / "test", TINY_CLASSES, 2, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """An untrained tiny SD-1.x pipeline in the diffusers layout (from_pretrained(dir) works)."""
+    out = tmp_path_factory.mktemp("tiny_sd")
+    words = ["photo", "of"] + [w for c in TINY_CLASSES for w in c.split("_")]
+    demo.build_generator(out, words)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_vision(tmp_path_factory) -> Path:
+    """A tiny CLIPVisionModelWithProjection (+ processor) whose projection width equals tiny_sd's text width."""
+    out = tmp_path_factory.mktemp("tiny_clip_vision")
+    demo.build_image_encoder(out)
+    return out
