@@ -515,13 +515,32 @@ def read_eurosat(root, split: str, seed: int) -> DatasetIndex:
 
 DATASETS = ("in10", "in100", "in1k", "cub", "cars", "pets", "eurosat", "imagefolder", "demo")
 WNID_LISTS = {"in10": "imagenette_wnids.txt", "in100": "imagenet100_wnids.txt", "in1k": "imagenet1k_wnids.txt"}
+ROOT_KEYS = {"in10": "imagenet_root", "in100": "imagenet_root", "in1k": "imagenet_root", "cub": "cub_root",
+             "cars": "cars_root", "pets": "pets_root", "eurosat": "eurosat_root"}
+
+
+def data_location(key: str, paths_file: str | os.PathLike = PROJECT_DIR / "configs" / "paths.yaml") -> str | None:
+    """A data location by key (e.g. 'imagenet_root'): the environment variable IMAGENET_ROOT, else configs/paths.yaml."""
+    if os.environ.get(key.upper()):
+        return os.environ[key.upper()]
+    paths = yaml.safe_load(Path(paths_file).read_text()) if Path(paths_file).is_file() else None
+    return (paths or {}).get(key) or None
+
+
+def dataset_root(name: str) -> str:
+    """Where dataset `name` lives when no --data-root / data_root is given; an error says how to set it."""
+    key = ROOT_KEYS.get(name)
+    root = data_location(key) if key else None
+    if root is None:
+        how = f"set {key.upper()} or fill '{key}' in configs/paths.yaml, " if key else ""
+        raise ValueError(f"no data root for dataset '{name}': {how}pass --data-root, or set data_root in the config")
+    return root
 
 
 def load_dataset(name: str, root: str | os.PathLike, split: str = "train", seed: int = 0) -> DatasetIndex:
     """One reader per dataset; `split` is 'train' or a test split ('val'/'test' for the real ones, any folder for
     imagefolder/demo, e.g. the demo's shifted sets)."""
-    if root is None:
-        raise ValueError(f"no data root given for dataset '{name}': pass --data-root or set data_root in the config")
+    root = dataset_root(name) if root is None else root
     if name in WNID_LISTS:
         return read_imagenet_subset(root, "train" if split == "train" else "val", DATA_DIR / WNID_LISTS[name], name)
     if name == "cub":

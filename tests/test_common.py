@@ -1,0 +1,420 @@
+"""common.py: config precedence, run directories, atomic writes, seeds/sharding, dataset readers, method pieces."""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import make_imagefolder
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+
+
+def stage_parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--milestones", type=int, nargs="+", default=[50, 100, 150])
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dataset", default="in10")
+    return p
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_precedence_defaults_yaml_cli(tmp_path):
+    cfg = write_yaml(tmp_path, "seed: 7\nunused_by_this_stage: 1\ntrain_cls:\n  lr: 1e-4\n  epochs: 3\n  amp: true\n"
+                               "finetune:\n  other_stage_key: 5\n".replace("unused_by_this_stage: 1\n", ""))
+    args = common.parse_args(stage_parser(), ["--config", cfg, "--epochs", "9"], "train_cls")
+    assert args.lr == pytest.approx(1e-4) and isinstance(args.lr, float)  # YAML '1e-4' is a string: converted
+    assert args.epochs == 9  # CLI beats YAML
+    assert args.seed == 7  # shared key applied
+    assert args.amp is True
+    assert args.milestones == [50, 100, 150]  # untouched default
+    assert common.parse_args(stage_parser(), [], "train_cls").lr == 0.1
+
+
+def test_config_list_values_are_converted(tmp_path):
+    cfg = write_yaml(tmp_path, "train_cls:\n  milestones: ['10', 20]\n")
+    assert common.parse_args(stage_parser(), ["--config", cfg], "train_cls").milestones == [10, 20]
+
+
+def test_config_unknown_stage_key_names_key_and_file(tmp_path):
+    cfg = write_yaml(tmp_path, "train_cls:\n  learning_rate: 0.1\n")
+    with pytest.raises(common.ConfigError, match=r"learning_rate.*") as err:
+        common.parse_args(stage_parser(), ["--config", cfg], "train_cls")
+    assert "cfg.yaml" in str(err.value)
+
+
+def test_config_unknown_top_level_key_and_missing_file(tmp_path):
+    cfg = write_yaml(tmp_path, "sead: 3\n")
+    with pytest.raises(common.ConfigError, match="sead"):
+        common.parse_args(stage_parser(), ["--config", cfg], "train_cls")
+    with pytest.raises(common.ConfigError, match="does not exist"):
+        common.parse_args(stage_parser(), ["--config", str(tmp_path / "nope.yaml")], "train_cls")
+
+
+def test_config_bad_value_is_an_error(tmp_path):
+    cfg = write_yaml(tmp_path, "train_cls:\n  epochs: many\n")
+    with pytest.raises(common.ConfigError, match="epochs"):
+        common.parse_args(stage_parser(), ["--config", cfg], "train_cls")
+
+
+def test_shipped_configs_parse():
+    for path in sorted(Path(common.PROJECT_DIR / "configs").glob("*.yaml")):
+        if path.name == "paths.yaml":  # data locations, not a stage config
+            continue
+        for stage in ("finetune", "train_cls"):
+            common.load_yaml_section(path, stage)  # raises on unknown top-level keys
+
+
+# ---------------------------------------------------------------------------------------------------------- run dirs
+
+
+def test_rundir_fresh_done_resume_mismatch_overwrite(tmp_path):
+    out = tmp_path / "run"
+    cfg = {"lr": 0.1, "epochs": 2}
+    run = common.RunDir(out, cfg)
+    assert run.start() == "fresh"
+    assert common.RunDir(out, cfg).start() == "resume"  # started, never finished
+    run.finish({"top1": 0.5})
+    assert common.RunDir(out, cfg).start() == "done"
+    assert common.RunDir(out, cfg).manifest()["metrics"]["top1"] == 0.5
+    with pytest.raises(common.ConfigMismatchError, match=r"lr: 0\.1 -> 0\.2"):
+        common.RunDir(out, {"lr": 0.2, "epochs": 2}).start()
+    (out / "weights.bin").write_text("old")
+    assert common.RunDir(out, {"lr": 0.2, "epochs": 2}, overwrite=True).start() == "fresh"
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and (moved[0] / "weights.bin").read_text() == "old"  # moved aside, never deleted
+
+
+def test_rundir_interrupted_with_other_config_is_caught(tmp_path):
+    common.RunDir(tmp_path / "r", {"a": 1}).start()
+    with pytest.raises(common.ConfigMismatchError, match="a"):
+        common.RunDir(tmp_path / "r", {"a": 2}).start()
+
+
+def test_config_dict_drops_flags_and_hash_is_stable():
+    ns = argparse.Namespace(lr=0.1, overwrite=True, config="x.yaml", out=Path("/a"))
+    d = common.config_dict(ns)
+    assert d == {"lr": 0.1, "out": "/a"}
+    assert common.config_hash(d) == common.config_hash(dict(reversed(list(d.items()))))
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+
+
+def test_atomic_write_leaves_no_partial_file_on_crash(tmp_path):
+    target = tmp_path / "out.json"
+    common.write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with common.atomic_write(target) as f:
+            f.write('{"v": 2, "trunc')
+            raise RuntimeError("simulated crash")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # temp file cleaned up
+
+
+def test_atomic_path_and_save_image(tmp_path):
+    img = Image.new("RGB", (8, 8), (10, 20, 30))
+    common.save_image(img, tmp_path / "a.jpg", quality=95)
+    assert common.is_valid_image(tmp_path / "a.jpg")
+    with pytest.raises(ValueError):
+        with common.atomic_path(tmp_path / "b.png"):
+            raise ValueError("crash before rename")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16)).save(good)
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes(good.read_bytes()[:40])
+    for bad in (truncated, tmp_path / "missing.png"):
+        with pytest.raises(common.ImageReadError, match=bad.name):
+            common.load_image(bad)
+        assert not common.is_valid_image(bad)
+
+
+def test_read_jsonl_drops_truncated_tail_only(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    assert common.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\nbroken\n{"a": 3}\n')
+    with pytest.raises(ValueError, match=":2"):
+        common.read_jsonl(path)
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.bin").write_bytes(b"abc")
+    first = common.fingerprint(tmp_path / "m")
+    (tmp_path / "m" / "w.bin").write_bytes(b"abd")
+    assert common.fingerprint(tmp_path / "m") != first
+    assert common.fingerprint("org/model", "v1") == "org/model@v1"
+
+
+# ---------------------------------------------------------------------------------------------------------- seeds
+
+
+def test_item_seed_pure_and_distinct():
+    assert common.item_seed(42, "n01/img_1", 0) == common.item_seed(42, "n01/img_1", 0)
+    seeds = {common.item_seed(42, f"img{i}", k) for i in range(200) for k in range(5)}
+    assert len(seeds) == 1000
+    assert common.item_seed(42, "a", 1) != common.item_seed(43, "a", 1)
+    assert 0 <= common.item_seed("x") < 2**63
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_sharding_union_is_full_set_without_duplicates(world, jobs):
+    items = list(range(101))
+    parts = [common.local_items(items, (j, jobs), r, world) for j in range(jobs) for r in range(world)]
+    flat = [x for p in parts for x in p]
+    assert sorted(flat) == items and len(flat) == len(set(flat))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1  # balanced
+
+
+def test_parse_shard():
+    assert common.parse_shard("2/5") == (2, 5)
+    for bad in ("5/5", "a/b", "3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            common.parse_shard(bad)
+
+
+def test_logger_writes_log_txt_on_main_only(tmp_path):
+    common.get_logger(tmp_path / "main", is_main=True).info("hello")
+    common.get_logger(tmp_path / "other", is_main=False).info("hidden")
+    assert "hello" in (tmp_path / "main" / "log.txt").read_text()
+    assert not (tmp_path / "other" / "log.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------- datasets
+
+
+def jpeg(path: Path, color=(120, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 10), color).save(path)
+
+
+def test_imagenet_subset_reader_uses_wnid_order_and_names(tmp_path):
+    wnids = common.read_lines(common.DATA_DIR / "imagenette_wnids.txt")
+    for split, n in (("train", 2), ("val", 1)):
+        for w in reversed(wnids):  # creation order must not matter
+            for i in range(n):
+                jpeg(tmp_path / split / w / f"{w}_{i}.JPEG")
+    train = common.load_dataset("in10", tmp_path, "train")
+    val = common.load_dataset("in10", tmp_path, "val")
+    assert train.classes == wnids and len(train) == 20 and len(val) == 10
+    assert train.class_names[0] == common.imagenet_class_names()[wnids[0]]
+    assert train.samples[2].label == 1 and train.samples[2].path.startswith(wnids[1])
+    (tmp_path / "train" / wnids[3]).rename(tmp_path / "train" / "gone")
+    with pytest.raises(FileNotFoundError, match=wnids[3]):
+        common.load_dataset("in10", tmp_path, "train")
+
+
+def test_cub_reader(tmp_path):
+    base = tmp_path / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
+    images = [(1, f"{classes[0]}/a.jpg", 1, 1), (2, f"{classes[0]}/b.jpg", 1, 0), (3, f"{classes[1]}/c.jpg", 2, 1)]
+    for _, rel, _, _ in images:
+        jpeg(base / "images" / rel)
+    (base / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in images))
+    (base / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in images))
+    (base / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in images))
+    (base / "classes.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    train, test = common.load_dataset("cub", tmp_path, "train"), common.load_dataset("cub", tmp_path, "test")
+    assert [(s.path, s.label) for s in train.samples] == [(f"images/{classes[0]}/a.jpg", 0),
+                                                          (f"images/{classes[1]}/c.jpg", 1)]
+    assert [s.label for s in test.samples] == [0]
+    assert train.class_names == ["Black footed Albatross", "Laysan Albatross"]
+    assert train.abspath(0).is_file()
+
+
+def test_stanford_cars_reader(tmp_path):
+    from scipy.io import savemat
+
+    base = tmp_path / "stanford_cars"
+    names = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
+    for split, files in (("train", [("00001.jpg", 2), ("00002.jpg", 1)]), ("test", [("00001.jpg", 1), ("00002.jpg", 2)])):
+        for f, _ in files:
+            jpeg(base / f"cars_{split}" / f)
+        annos = np.array([(f, c) for f, c in files], dtype=[("fname", "O"), ("class", "O")])
+        mat = base / "devkit" / "cars_train_annos.mat" if split == "train" else base / "cars_test_annos_withlabels.mat"
+        mat.parent.mkdir(parents=True, exist_ok=True)
+        savemat(mat, {"annotations": annos})
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(names, dtype=object)})
+    train = common.load_dataset("cars", tmp_path, "train")
+    assert train.classes == names
+    assert [(s.path, s.label) for s in train.samples] == [("stanford_cars/cars_train/00001.jpg", 1),
+                                                          ("stanford_cars/cars_train/00002.jpg", 0)]
+    assert [s.label for s in common.load_dataset("cars", tmp_path, "test").samples] == [0, 1]
+
+
+def test_oxford_pets_reader(tmp_path):
+    base = tmp_path / "oxford-iiit-pet"
+    rows = {"trainval": [("Abyssinian_1", 1, 1), ("american_bulldog_2", 2, 2)], "test": [("Abyssinian_5", 1, 1)]}
+    (base / "annotations").mkdir(parents=True)
+    for split, items in rows.items():
+        for name, _, _ in items:
+            jpeg(base / "images" / f"{name}.jpg")
+        (base / "annotations" / f"{split}.txt").write_text("".join(f"{n} {c} {s} 1\n" for n, c, s in items))
+    train = common.load_dataset("pets", tmp_path, "train")
+    assert train.classes == ["Abyssinian", "American Bulldog"]
+    assert [(s.path, s.label) for s in train.samples] == [("oxford-iiit-pet/images/Abyssinian_1.jpg", 0),
+                                                          ("oxford-iiit-pet/images/american_bulldog_2.jpg", 1)]
+    assert [s.label for s in common.load_dataset("pets", tmp_path, "test").samples] == [0]
+
+
+def test_eurosat_seeded_split_is_disjoint_complete_and_about_80_20(tmp_path):
+    base = tmp_path / "eurosat" / "2750"
+    for c in ("AnnualCrop", "Forest"):
+        for i in range(100):
+            jpeg(base / c / f"{c}_{i}.jpg")
+    train = common.load_dataset("eurosat", tmp_path, "train", seed=0)
+    test = common.load_dataset("eurosat", tmp_path, "test", seed=0)
+    assert {s.path for s in train.samples}.isdisjoint({s.path for s in test.samples})
+    assert len(train) + len(test) == 200 and 25 <= len(test) <= 55
+    assert [s.path for s in common.load_dataset("eurosat", tmp_path, "test", seed=0).samples] == \
+        [s.path for s in test.samples]
+    assert {s.path for s in common.load_dataset("eurosat", tmp_path, "test", seed=1).samples} != \
+        {s.path for s in test.samples}
+
+
+def test_imagefolder_and_demo_readers(tmp_path):
+    make_imagefolder(tmp_path / "train", ["zeta", "alpha"], 2)  # classes.txt gives the order, not sorting
+    index = common.load_dataset("demo", tmp_path, "train")
+    assert index.classes == ["zeta", "alpha"] and index.samples[0].label == 0 and "zeta" in index.samples[0].path
+    assert index.image_id(0) == "zeta/zeta_000"
+    assert len(index.subset([True, False, False, True])) == 2
+    with pytest.raises(ValueError, match="subset mask"):
+        index.subset([True])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        common.load_dataset("imagefolder", tmp_path, "nosuchsplit")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        common.load_dataset("mnist", tmp_path)
+
+
+def test_load_synthetic_reads_labels_from_manifest(tmp_path):
+    common.write_json(tmp_path / "classes.json", {"classes": ["b", "a"], "class_names": ["B", "A"]})
+    common.write_jsonl(tmp_path / "manifest.jsonl", [{"file": "a/x_0.jpg", "label": 1}, {"file": "b/y_0.jpg",
+                                                                                          "label": 0}])
+    index = common.load_synthetic(tmp_path)
+    assert index.classes == ["b", "a"] and [s.label for s in index.samples] == [1, 0]
+    with pytest.raises(FileNotFoundError, match="synthesize.py"):
+        common.load_synthetic(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------------------- prompts
+
+
+def test_prompts_and_captions(tmp_path):
+    assert common.build_prompt("tench", "a fish on grass") == "photo of tench, a fish on grass"
+    assert common.build_prompt("tench") == "photo of tench"
+    assert common.build_prompt("tench", None, "release") == "photo of tench, best quality"
+    assert common.negative_prompt() == "distorted, unrealistic, blurry, out of frame"
+    assert common.negative_prompt("release").endswith("cropped, deformed")
+    index = common.DatasetIndex("x", tmp_path, "train", [common.Sample("a/1.jpg", 0), common.Sample("a/2.jpg", 0)],
+                                ["a"], ["a"])
+    common.write_jsonl(tmp_path / "c.jsonl", [{"path": "a/1.jpg", "caption": "one"}])
+    caps = common.load_captions(tmp_path / "c.jsonl")
+    with pytest.raises(KeyError, match="a/2.jpg"):
+        common.captions_for(index, caps)
+    assert common.captions_for(index, caps, allow_missing=True) == ["one", None]
+    assert common.captions_for(index, {}) == [None, None]
+
+
+# ---------------------------------------------------------------------------------------------------------- method
+
+
+def test_mmd_matches_its_definition_and_eps_identity():
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(6, 4, 8, 8, generator=g)
+    eps = torch.randn(6, 4, 8, 8, generator=g)
+    eps_hat = eps + 0.1 * torch.randn(6, 4, 8, 8, generator=g)
+    abar = torch.rand(6, generator=g) * 0.9 + 0.05
+    zt = abar.sqrt().view(-1, 1, 1, 1) * z0 + (1 - abar).sqrt().view(-1, 1, 1, 1) * eps
+    z0_hat = common.predicted_clean_latents(zt, eps_hat, abar)
+    # independent computation: squared distance of the mean embeddings, averaged over dimensions
+    expected = np.mean((z0.numpy().mean(0) - z0_hat.numpy().mean(0)) ** 2)
+    assert common.mmd_loss(z0, z0_hat).item() == pytest.approx(expected, rel=1e-5)
+    # z0 - ẑ0 = (ε̂ - ε) / √SNR
+    snr = abar / (1 - abar)
+    assert torch.allclose(z0 - z0_hat, (eps_hat - eps) / snr.sqrt().view(-1, 1, 1, 1), atol=1e-4)
+    assert common.mmd_loss(z0, z0).item() == 0.0
+
+
+def test_mmd_release_form_is_weighted_batch_sum():
+    eps, eps_hat = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
+    w = torch.tensor([1.0, 0.5, 0.2, 1.0])
+    manual = sum(w[i] * (eps_hat[i] - eps[i]) for i in range(4)).pow(2).mean()
+    assert common.mmd_loss_release(eps_hat, eps, w).item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_min_snr_weights():
+    snr = torch.tensor([0.5, 5.0, 50.0])
+    assert torch.allclose(common.min_snr_weights(snr, 5.0), torch.tensor([1.0, 1.0, 0.1]))
+    abar = torch.tensor([0.5, 0.8])
+    assert torch.allclose(common.snr_from_alphas(abar, torch.tensor([1, 0])), torch.tensor([4.0, 1.0]))
+
+
+def test_visual_tokens_append_and_replace():
+    text, tok = torch.randn(2, 77, 8), torch.randn(2, 8)
+    appended = common.add_visual_tokens(text, tok, "append")
+    assert appended.shape == (2, 78, 8) and torch.equal(appended[:, 77], tok) and torch.equal(appended[:, :77], text)
+    replaced = common.add_visual_tokens(text, tok, "replace-last")
+    assert replaced.shape == (2, 77, 8) and torch.equal(replaced[:, 76], tok) and torch.equal(replaced[:, :76],
+                                                                                                 text[:, :76])
+    with pytest.raises(ValueError, match="width"):
+        common.add_visual_tokens(text, torch.randn(2, 4))
+
+
+def test_init_image_preserves_aspect_ratio(tmp_path):
+    img = np.zeros((40, 80, 3), np.uint8)  # wide image: left/right quarters red, middle white
+    img[:, 20:60] = 255
+    img[:, :20, 0] = img[:, 60:, 0] = 255
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    x = common.load_init_image(tmp_path / "wide.png", 20)
+    assert x.shape == (3, 20, 20) and x.min() >= -1 and x.max() <= 1
+    # center crop keeps only the white middle; a squash resize would have kept the red sides
+    assert x[:, :, 1:-1].min() > 0.9
+
+
+def test_encode_latent_prior_is_per_image_deterministic(tiny_sd):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    pixels = torch.rand(3, 3, 32, 32) * 2 - 1
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7)]  # noqa: E731
+    batch = common.encode_latent_prior(vae, pixels, gens())
+    single = common.encode_latent_prior(vae, pixels[1:2], [torch.Generator().manual_seed(6)])
+    assert batch.shape == (3, 4, 16, 16)
+    assert torch.allclose(batch[1:2], single, atol=1e-5)
+    assert not torch.allclose(batch, common.encode_latent_prior(vae, pixels, [torch.Generator().manual_seed(s)
+                                                                              for s in (8, 9, 10)]))
+
+
+def test_dataset_root_from_env_then_paths_file(tmp_path, monkeypatch):
+    paths = tmp_path / "paths.yaml"
+    paths.write_text("cub_root: /from/file\n")
+    monkeypatch.delenv("CUB_ROOT", raising=False)
+    assert common.data_location("cub_root", paths) == "/from/file"
+    monkeypatch.setenv("CUB_ROOT", "/from/env")
+    assert common.data_location("cub_root", paths) == "/from/env"
+    monkeypatch.delenv("IMAGENET_ROOT", raising=False)
+    monkeypatch.setattr(common, "data_location", lambda key: None)
+    with pytest.raises(ValueError, match="IMAGENET_ROOT"):
+        common.load_dataset("in10", None)
