@@ -5,6 +5,8 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
+# Manifests are the chain's file targets: never delete them as intermediates.
+.SECONDARY:
 
 PYTHON_SYS ?= python3
 VENV       ?= .venv
@@ -86,7 +88,7 @@ $(addsuffix -all,$(DATASETS)): $(STAMP)
 	for mode in real synth mix; do $(MAKE) --no-print-directory pipeline DATASET=$(@:-all=) MODE=$$mode || exit 1; done
 
 CLS_DIRS := $(if $(filter real,$(MODE)),$(RUNS)/cls_real,$(foreach s,$(SCALES),$(RUNS)/cls_$(MODE)_x$(s)))
-pipeline: $(addsuffix /eval/manifest.json,$(CLS_DIRS))
+pipeline: $(patsubst $(RUNS)/%,$(RUNS)/eval/%/manifest.json,$(CLS_DIRS))
 
 $(RUNS)/captions/manifest.json: $(CONFIG) | $(STAMP)
 	$(RUN) caption.py $(STAGE_FLAGS) --output-dir $(@D)
@@ -108,7 +110,7 @@ $(RUNS)/cls_synth_x%/manifest.json: $(RUNS)/synth/manifest_x%.json | $(STAMP)
 $(RUNS)/cls_mix_x%/manifest.json: $(RUNS)/synth/manifest_x%.json | $(STAMP)
 	$(RUN) train_cls.py $(STAGE_FLAGS) --train-data real $(RUNS)/synth --synthetic-scale $* --output-dir $(@D)
 
-$(RUNS)/%/eval/manifest.json: $(RUNS)/%/manifest.json | $(STAMP)
+$(RUNS)/eval/%/manifest.json: $(RUNS)/%/manifest.json | $(STAMP)
 	$(RUN) eval_ood.py $(STAGE_FLAGS) --run-dir $(RUNS)/$* --sets $(OOD_SETS) --output-dir $(@D)
 
 mia: $(STAMP)
