@@ -1,0 +1,186 @@
+"""Caption every training image with BLIP-2 (paper §3.2, following CiP, Lei et al. 2023).
+
+The paper's prompt is "photo of {classname}, {caption}" for the ImageNet sets, with one BLIP-2 caption per real
+image. CiP's recipe: `Salesforce/blip2-opt-2.7b` in fp16, no text prompt, greedy decoding, at most 16 new tokens.
+The fine-grained sets (CUB, Cars, Pets, EuroSAT) use no caption, so this stage is only run for in10/in100/in1k (and
+any dataset you choose).
+
+Inputs:  a dataset (`--dataset`, `--data-root`, `--split`), a BLIP-2 checkpoint (`--model` hub id or local dir).
+Outputs (`--output-dir`, default runs/<dataset>/captions/):
+  captions.jsonl   one line per image, in dataset order: {"path": <path relative to the dataset root>, "caption": str}
+  parts/           per-process part files (kept: they are the resume state)
+  manifest.json    written last: config, model fingerprint, counts
+
+Resumable: images already in any part file are skipped. Sharded: under `accelerate launch` each process captions a
+strided part of the remaining images into its own part file; `--shard i/n` splits the work over independent jobs
+(job arrays). The job that finds every image captioned merges the parts (no image lost or duplicated).
+
+Commands:
+  one GPU:      python caption.py --config configs/in10.yaml --data-root /data/imagenet
+  multi-GPU:    accelerate launch --num_processes 8 caption.py --config configs/in10.yaml --data-root /data/imagenet
+  job array:    python caption.py ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT   (re-run any one to merge)
+  CPU (tiny):   python caption.py --dataset demo --data-root runs/demo/data --model path/to/tiny-blip2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import common
+
+PAPER_MODEL = "Salesforce/blip2-opt-2.7b"  # paper §3.2 via CiP (LeavesLei/Caption_in_Prompt)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override it")
+    p.add_argument("--dataset", default="in10", help=f"one of {common.DATASETS}")
+    p.add_argument("--data-root", default=None, help="dataset root (see README for each dataset's layout)")
+    p.add_argument("--split", default="train", help="split to caption (the paper captions the training images)")
+    p.add_argument("--seed", type=int, default=42, help="unused by greedy decoding; recorded for completeness")
+    p.add_argument("--output-dir", default=None, help="default runs/<dataset>/captions")
+    p.add_argument("--runs-dir", default="runs", help="root of the default output directories")
+    p.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
+    p.add_argument("--model", default=PAPER_MODEL, help="BLIP-2 hub id or local directory (transformers layout)")
+    p.add_argument("--revision", default=None, help="hub revision of --model")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="auto = fp16 on GPU (CiP), fp32 on CPU (CPU half precision is slow or unsupported)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="CiP: max_length 16 (paper: short captions)")
+    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")
+    p.add_argument("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
+    p.add_argument("--shard", type=common.parse_shard, default=(0, 1), help="'i/n': this job's part (job arrays)")
+    return p
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Decoded RGB images of the given dataset positions (PIL; the BLIP-2 processor does the resizing)."""
+
+    def __init__(self, index: common.DatasetIndex, positions: list[int]):
+        self.index, self.positions = index, positions
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        return self.positions[i], common.load_image(self.index.abspath(self.positions[i]))
+
+
+def read_parts(parts_dir: Path) -> dict[str, str]:
+    """Captions already written by any process of any earlier attempt (first occurrence wins)."""
+    done: dict[str, str] = {}
+    for part in sorted(parts_dir.glob("part-*.jsonl")):
+        for row in common.read_jsonl(part):
+            done.setdefault(row["path"], row["caption"])
+    return done
+
+
+def repair_tail(path: Path) -> None:
+    """Drop a truncated last line (an interrupted append) before appending again, so the file stays valid JSONL."""
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def load_blip2(args, device: torch.device):
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    dtype = resolve_dtype(args.dtype, device)
+    try:
+        processor = AutoProcessor.from_pretrained(args.model, revision=args.revision)
+        model = Blip2ForConditionalGeneration.from_pretrained(args.model, revision=args.revision, dtype=dtype)
+    except OSError as err:
+        raise OSError(f"cannot load BLIP-2 from '{args.model}': {err}. Pass --model with a hub id (online, or in the "
+                      f"HF cache when HF_HUB_OFFLINE=1) or a local directory saved with save_pretrained.") from err
+    return processor, model.to(device).eval(), dtype
+
+
+@torch.no_grad()
+def caption_batch(processor, model, images, args, dtype) -> list[str]:
+    """Greedy BLIP-2 captions of a list of PIL images (no text prompt: the model starts from its BOS token)."""
+    kwargs = {"text": [args.prompt] * len(images)} if args.prompt else {}
+    inputs = processor(images=images, return_tensors="pt", **kwargs).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False)
+    return [text.strip() for text in processor.batch_decode(out, skip_special_tokens=True)]
+
+
+def run_part(index, todo, part_file: Path, args, device, is_main: bool, log) -> int:
+    """Caption `todo` (dataset positions) into this process's part file, one flushed line per image."""
+    if not todo:
+        return 0
+    processor, model, dtype = load_blip2(args, device)
+    loader = torch.utils.data.DataLoader(ImageList(index, todo), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, collate_fn=lambda b: list(zip(*b)))
+    repair_tail(part_file)
+    part_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(part_file, "a") as out:
+        for positions, images in common.progress(loader, is_main, desc="caption", unit="batch"):
+            for pos, text in zip(positions, caption_batch(processor, model, list(images), args, dtype)):
+                out.write(json.dumps({"path": index.samples[pos].path, "caption": text}) + "\n")
+            out.flush()  # a crash loses at most the current batch
+    log.info(f"captioned {len(todo)} images into {part_file.name}")
+    return len(todo)
+
+
+def main(argv=None) -> dict:
+    args = common.parse_args(get_parser(), argv, "caption")
+    from accelerate import PartialState
+
+    state = PartialState()
+    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "captions")
+    config = common.config_dict(args, exclude=("output_dir", "runs_dir", "batch_size", "num_workers", "shard"))
+    index = common.load_dataset(args.dataset, args.data_root, args.split, args.seed)  # fails before touching out_dir
+    run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)
+    status = run.start()
+    if status == "done":
+        return run.manifest()["metrics"]
+    state.wait_for_everyone()
+    log = common.get_logger(out_dir, state.is_main_process)
+
+    # The job's part (--shard) is fixed over the whole dataset, so jobs that start at different times never overlap;
+    # within it, images already in a part file are done (resume) and the rest is split over this job's processes.
+    parts = out_dir / "parts"
+    done = read_parts(parts)
+    state.wait_for_everyone()  # every process has read the same state before any of them appends
+    job_items = common.shard_items(range(len(index)), *args.shard)
+    todo = [i for i in job_items if index.samples[i].path not in done]
+    mine = common.shard_items(todo, state.process_index, state.num_processes)
+    job, jobs = args.shard
+    part_file = parts / f"part-{job}of{jobs}-{state.process_index}of{state.num_processes}.jsonl"
+    log.info(f"{len(index)} images, {len(done)} already captioned; this job: {len(todo)} to do, "
+             f"this process: {len(mine)}")
+    new = run_part(index, mine, part_file, args, state.device, state.is_main_process, log)
+    state.wait_for_everyone()
+
+    metrics = {"images": len(index), "captioned_now": new}
+    if not state.is_main_process:
+        return metrics
+    done = read_parts(parts)
+    missing = [s.path for s in index.samples if s.path not in done]
+    if missing:  # other jobs of a job array are still running: the last one to finish merges
+        log.info(f"{len(missing)} images still uncaptioned (other --shard jobs); re-run any job to merge when done")
+        return {**metrics, "missing": len(missing)}
+    common.write_jsonl(out_dir / "captions.jsonl", ({"path": s.path, "caption": done[s.path]} for s in index.samples))
+    lengths = [len(done[s.path].split()) for s in index.samples]
+    metrics = {"images": len(index), "captioned_now": new, "empty_captions": sum(n == 0 for n in lengths),
+               "mean_words": sum(lengths) / max(len(lengths), 1)}
+    run.finish(metrics, inputs={"model": common.fingerprint(args.model, args.revision), "data_root": str(index.root)})
+    log.info(f"wrote {out_dir / 'captions.jsonl'}: {metrics}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

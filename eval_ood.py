@@ -1,0 +1,327 @@
+"""Evaluate a train_cls.py classifier in distribution and on OOD test sets: top-1/top-5 (paper §4.4, App. G.3).
+
+The classifier is rebuilt from its own manifest (timm model name, class list, weights, eval transform), so every set
+is seen through exactly the transform the test split was. A set is either
+
+  a split of the run's dataset   `test`, `val`, or any folder of an ImageFolder/demo dataset (`sketch`, `rendition`)
+  an ImageNet OOD set            `imagenet-v2=PATH`     MatchedFrequency, folders 0..999 = integer class ids (or wnids)
+                                 `imagenet-sketch=PATH` 1000 wnid folders (a single `sketch/` level is descended)
+                                 `imagenet-r=PATH`, `imagenet-a=PATH`   200 wnid folders each
+                                 `imagenet-val=PATH`    1000 wnid folders (val prepared as torchvision does)
+
+Label spaces are matched by class id (wnid or folder name), never by position. A set is scored on the classes that
+both the classifier and the set know: images of other classes are skipped and only the logits of the shared classes
+enter top-k. For a 1000-way model on ImageNet-R/-A this is the standard 200-logit mask (hendrycks eval.py); for an
+IN-10/IN-100 model it restricts every set to the classes it was trained on. results.json says which mask was used.
+
+Inputs : --classifier DIR (a train_cls.py output), --sets ..., --dataset/--data-root for split names.
+Outputs: <output-dir>/ (default runs/<dataset>/ood_<classifier dir name>)
+           results.json, results.md   per set: images, classes scored, logit mask, top-1, top-5
+           logits/<set>.safetensors   cached logits over all the classifier's classes (+ the image list); a re-run,
+                                      also with more sets, computes only what is missing
+           manifest.json              written last
+Commands:
+  one GPU : python eval_ood.py --config configs/in1k.yaml --classifier runs/in1k/cls_real+synth_x1 --sets val \\
+              imagenet-v2=/data/imagenetv2-matched-frequency-format-val imagenet-sketch=/data/sketch \\
+              imagenet-r=/data/imagenet-r imagenet-a=/data/imagenet-a
+  8 GPUs  : accelerate launch --num_processes 8 eval_ood.py ...   (images split over processes, logits merged)
+  CPU     : python eval_ood.py --config configs/demo.yaml --classifier runs/demo/cls_real --sets test sketch rendition
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from common import (
+    DATA_DIR, IMAGE_EXTENSIONS, RunDir, atomic_path, atomic_write, config_dict, fingerprint, get_logger, load_dataset,
+    load_image, parse_args, progress, read_json, read_lines, write_json,
+)
+
+WNID = re.compile(r"^n\d{8}$")
+IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet index order)
+    "imagenet-v2": "imagenet1k_wnids.txt", "imagenet-sketch": "imagenet1k_wnids.txt",
+    "imagenet-val": "imagenet1k_wnids.txt", "imagenet-r": "imagenet_r_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt",
+}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
+    p.add_argument("--classifier", "--run-dir", default=None, help="a train_cls.py output directory (required)")
+    p.add_argument("--sets", nargs="+", default=["test"],
+                   help="dataset split names, and/or ImageNet OOD sets as KIND=PATH or a bare KIND whose path is "
+                        "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS))
+    for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section or configs/paths.yaml
+        p.add_argument(f"--{kind}", default=None, help=f"root of {kind} (used when --sets names '{kind}')")
+    p.add_argument("--dataset", default=None, help="dataset of the split names in --sets")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--seed", type=int, default=0, help="only used by datasets with a seeded split (EuroSAT)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--output-dir", default=None, help="default: <runs-dir>/<dataset>/ood_<classifier dir name>")
+    p.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
+    p.add_argument("--batch-size", type=int, default=256, help="per process")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--amp", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="autocast for the forward pass; auto = bf16 on a GPU, none on CPU")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sets: every reader returns (name, image paths, class id per image, the set's label space)
+
+
+def parse_set(spec: str, args=None) -> tuple[str, str | None, str | None]:
+    """'sketch' -> (sketch, None, None); 'imagenet-r=/data/r' or 'imagenet-r' with --imagenet-r /data/r ->
+    (imagenet-r, imagenet-r, /data/r)."""
+    if "=" not in spec:
+        if spec in IMAGENET_SETS:
+            return spec, spec, getattr(args, spec.replace("-", "_"), None)
+        return spec, None, None
+    kind, path = spec.split("=", 1)
+    if kind not in IMAGENET_SETS:
+        raise ValueError(f"--sets {spec}: unknown set kind '{kind}'; use a split name of the dataset or one of "
+                         f"{sorted(IMAGENET_SETS)} as KIND=PATH")
+    return kind, kind, path
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def class_dirs(root: Path) -> list[Path]:
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(dirs) == 1 and not list_images(dirs[0]) and not WNID.match(dirs[0].name):
+        return class_dirs(dirs[0])  # ImageNet-Sketch archives unpack to sketch/<wnid>/
+    return dirs
+
+
+def folder_class(folder: str, wnids: list[str], kind: str) -> str:
+    """Class id of an OOD folder. ImageNet-v2 names folders by integer class index: int('10') -> wnids[10] (sorting
+    them as strings, as ImageFolder would, puts '10' before '2' and scrambles 990 of the 1000 labels)."""
+    if WNID.match(folder):
+        return folder
+    if kind == "imagenet-v2" and folder.isdigit() and int(folder) < len(wnids):
+        return wnids[int(folder)]
+    raise ValueError(f"{kind}: folder '{folder}' is neither a wnid nor an ImageNet-v2 class index")
+
+
+def read_imagenet_set(kind: str, root: str) -> tuple[list[Path], list[str], list[str]]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{kind}: directory {root} does not exist")
+    imagenet = read_lines(DATA_DIR / "imagenet1k_wnids.txt")
+    space = read_lines(DATA_DIR / IMAGENET_SETS[kind])
+    paths, ids = [], []
+    for folder in class_dirs(root):
+        wnid = folder_class(folder.name, imagenet, kind)
+        if wnid not in space:
+            raise ValueError(f"{kind}: folder {folder} is class {wnid}, which is not in {IMAGENET_SETS[kind]}")
+        images = list_images(folder)
+        paths += images
+        ids += [wnid] * len(images)
+    return paths, ids, space
+
+
+def read_set(spec: str, args) -> tuple[str, list[Path], list[str], list[str]]:
+    name, kind, path = parse_set(spec, args)
+    if kind is not None:
+        return (name, *read_imagenet_set(kind, path))
+    if args.dataset is None or args.data_root is None:
+        raise ValueError(f"--sets {spec}: a split name needs --dataset and --data-root (or a --config)")
+    index = load_dataset(args.dataset, args.data_root, spec, args.seed)
+    return name, [index.abspath(i) for i in range(len(index))], [index.classes[s.label] for s in index.samples], \
+        list(index.classes)
+
+
+def shared_classes(model_classes: list[str], space: list[str]) -> tuple[list[int], dict[str, int]]:
+    """Logit indices kept (the classifier's classes the set knows, in the classifier's order) and class id -> position
+    among the kept logits, which is the target of top-k."""
+    keep = [j for j, c in enumerate(model_classes) if c in set(space)]
+    return keep, {model_classes[j]: pos for pos, j in enumerate(keep)}
+
+
+def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == targets[:, None]
+    return {f"top{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def score_set(logits: torch.Tensor, ids: list[str], model_classes: list[str], space: list[str]) -> dict:
+    """Top-1/top-5 over the shared classes only: images of other classes dropped, other logits masked out."""
+    keep, target_of = shared_classes(model_classes, space)
+    if not keep:
+        raise ValueError("the set shares no class with the classifier (check --dataset or the set's kind)")
+    rows = [i for i, c in enumerate(ids) if c in target_of]
+    if not rows:
+        raise ValueError("the set has no image of the classifier's classes")
+    targets = torch.tensor([target_of[ids[i]] for i in rows])
+    acc = topk_accuracy(logits[rows][:, keep], targets)
+    masked = len(keep) < len(model_classes) or len(keep) < len(set(space))
+    note = (f"scored on {len(keep)} classes shared by the classifier ({len(model_classes)}) and the set "
+            f"({len(set(space))}); {len(ids) - len(rows)} images of other classes skipped; top-k over those "
+            f"{len(keep)} logits only" if masked else "full label space, no mask")
+    return {"images": len(rows), "classes_scored": len(keep), "logit_mask": masked, "note": note,
+            "top5_k": min(5, len(keep)), **acc}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model and logits
+
+
+def load_classifier(run_dir: Path, device):
+    """Rebuild a train_cls.py model and its eval transform from the run's manifest."""
+    import timm
+    from safetensors.torch import load_file
+    from timm.data import create_transform
+
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a complete train_cls.py run (no manifest.json); finish training")
+    info = read_json(manifest_path)["classifier"]
+    model = timm.create_model(info["model"], num_classes=info["num_classes"], pretrained=False,
+                              **info.get("model_kwargs", {}))
+    model.load_state_dict(load_file(run_dir / info["weights"]))
+    return model.to(device).eval(), create_transform(**info["eval_transform"], is_training=False), info
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.paths[i]))
+
+
+@torch.no_grad()
+def compute_logits(model, paths, transform, state, args, desc: str) -> torch.Tensor:
+    """Logits of this process's strided share of `paths` (float32, all the classifier's classes)."""
+    mine = paths[state.process_index::state.num_processes]
+    loader = torch.utils.data.DataLoader(Images(mine, transform), batch_size=args.batch_size,
+                                         num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    out = []
+    for x in progress(loader, state.is_main_process, desc=desc, leave=False):
+        with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
+            out.append(model(x.to(state.device, non_blocking=True)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.num_classes)
+
+
+def cache_key(weights_hash: str, transform_cfg: dict, rel_paths: list[str]) -> str:
+    text = json.dumps([weights_hash, transform_cfg, rel_paths], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_logits(cache: Path, key: str, n: int) -> torch.Tensor | None:
+    from safetensors import safe_open
+
+    if not cache.is_file():
+        return None
+    with safe_open(str(cache), "pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            return None
+        logits = f.get_tensor("logits")
+    return logits if len(logits) == n else None
+
+
+def set_logits(name, paths, model, transform, info, weights_hash, state, args, out, log) -> torch.Tensor:
+    """The set's logits from the cache if the classifier, transform and image list are unchanged, else computed."""
+    from safetensors.torch import save_file
+
+    cache = out / "logits" / f"{name}.safetensors"
+    rel = [str(p) for p in paths]
+    key = cache_key(weights_hash, info["eval_transform"], rel)
+    logits = cached_logits(cache, key, len(paths))
+    if logits is not None:
+        log.info(f"{name}: {len(paths)} logits from cache")
+        return logits
+    part = compute_logits(model, paths, transform, state, args, desc=name)
+    parts_dir = out / "logits" / f".{name}.parts"
+    with atomic_path(parts_dir / f"{state.process_index}.safetensors") as tmp:
+        save_file({"logits": part.contiguous()}, str(tmp))
+    state.wait_for_everyone()
+    from safetensors.torch import load_file
+
+    # undo the strided split: image i was computed by process i % world as its (i // world)-th row
+    world = state.num_processes
+    shards = [load_file(parts_dir / f"{r}.safetensors")["logits"] for r in range(world)]
+    logits = torch.zeros(len(paths), shards[0].shape[1])
+    for r, shard in enumerate(shards):
+        logits[r::world] = shard
+    state.wait_for_everyone()
+    if state.is_main_process:
+        with atomic_path(cache) as tmp:
+            save_file({"logits": logits.contiguous()}, str(tmp), metadata={"key": key})
+        with atomic_write(cache.with_suffix(".paths.txt")) as f:
+            f.write("\n".join(rel) + "\n")
+        for file in parts_dir.iterdir():
+            file.unlink()
+        parts_dir.rmdir()
+    return logits
+
+
+def markdown_table(results: dict, classifier: str) -> str:
+    lines = [f"OOD evaluation of `{classifier}` (top-k over the classes shared by classifier and set)", "",
+             "| set | images | classes scored | logit mask | top-1 | top-5 |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        top5 = f"{r['top5']:.2f}" + ("" if r["top5_k"] == 5 else f" (top-{r['top5_k']})")
+        lines.append(f"| {name} | {r['images']} | {r['classes_scored']} | {'yes' if r['logit_mask'] else 'no'} | "
+                     f"{r['top1']:.2f} | {top5} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    from accelerate import PartialState
+
+    parser = get_parser()
+    args = parse_args(parser, argv, "eval_ood")
+    if args.classifier is None:
+        parser.error("--classifier DIR (a train_cls.py output) is required")
+    classifier = Path(args.classifier)
+    state = PartialState()
+    out = Path(args.output_dir or Path(args.runs_dir) / (args.dataset or "ood") / f"ood_{classifier.name}")
+    model, transform, info = load_classifier(classifier, state.device)
+    weights_hash = fingerprint(classifier / info["weights"])
+    # The set list is not part of the config: adding a set to a finished run reuses the cached logits of the others.
+    config = config_dict(args, exclude=("sets", "batch_size", "workers", "output_dir", "runs_dir"))
+    config["classifier_weights"] = weights_hash
+    run = RunDir(out, config, overwrite=args.overwrite, is_main=state.is_main_process)
+    if run.start() == "done" and set(args.sets) <= set(run.manifest().get("sets", [])):
+        return run.manifest()["metrics"]
+    log = get_logger(out, state.is_main_process)
+
+    results, skipped = {}, []
+    for spec in args.sets:
+        name, kind, path = parse_set(spec, args)
+        if kind is not None and path is None:  # e.g. ImageNet-A not downloaded: say so, evaluate the rest
+            log.warning(f"skipping {name}: no path (pass {name}=PATH in --sets or --{name} PATH)")
+            skipped.append(name)
+            continue
+        name, paths, ids, space = read_set(spec, args)
+        if not paths:
+            raise ValueError(f"--sets {spec}: no images found")
+        logits = set_logits(name, paths, model, transform, info, weights_hash, state, args, out, log)
+        results[name] = score_set(logits, ids, info["classes"], space)
+        log.info(f"{name}: top1 {results[name]['top1']:.2f} top5 {results[name]['top5']:.2f} "
+                 f"({results[name]['note']})")
+    metrics = {f"{n}/{k}": r[k] for n, r in results.items() for k in ("top1", "top5")}
+    if state.is_main_process:
+        write_json(out / "results.json", results)
+        with atomic_write(out / "results.md") as f:
+            f.write(markdown_table(results, str(classifier)))
+    run.finish(metrics, inputs={"classifier": str(classifier), "classifier_weights": weights_hash},
+               extra={"sets": list(args.sets), "skipped": skipped, "results": results})
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,669 @@
+"""LoRA-finetune a Stable Diffusion 1.x UNet with the distribution-matching (MMD) term and the visual-guidance token.
+
+Paper §3.1 (Eq. 5-7: diffusion loss + λ · linear-kernel MMD between clean latents z0 and predicted clean latents ẑ0),
+§3.2 (prompt "photo of {classname}, {caption}" plus one CLIP image-embedding token: the mean embedding of K random
+training images of the class, appended after the 77 text tokens), App. E Tab. 7 (LoRA rank 4 on to_q/to_k/to_v/
+to_out.0, AdamW 1e-4 constant, wd 1e-2, clip 1.0, batch 8 per GPU, 512 px random crop + flip, min-SNR γ = 5,
+100 epochs, fp16, seed 42). Where the authors' release differs, the paper is the default and the release an option:
+
+  paper (default)                                   release option
+  MMD on z0 vs ẑ0, batch means, λ = 0.01 (below)    --mmd-form release  (min-SNR-weighted batch sum of ε residuals,
+                                                                         λ = 0.003)
+  class-mean visual token, appended (78 tokens)     --vg-mode per-image --vg-placement replace-last
+  the whole training set                            --subset-mask FILE  (the release always used a random half)
+
+Default λ for the paper form: the release's term is λ_r (1/D)‖Σ_i w_i r_i‖² (r = ε̂ − ε, w = min-SNR weight), ours is
+λ (1/D)‖mean_i r_i/√SNR_i‖². For independent residuals of equal variance their expected sizes are λ_r·B·E[w²] and
+λ·E[1/SNR]/B, so λ = λ_r·B²·E[w²]/E[1/SNR] = 0.003·64·0.893/20.3 ≈ 0.0084 at the release's B = 8 with SD's
+schedule (t uniform on 0..999); we round to 0.01. Note the paper term is dominated by noisy timesteps (1/SNR ≤ 213).
+
+Inputs:  a dataset (`--dataset`, `--data-root`), optional captions.jsonl (`--captions`, from caption.py), an SD 1.x
+         pipeline in the diffusers layout (`--pretrained-model` hub id or local dir), a CLIP image encoder
+         (`--vg-encoder`), optional `--subset-mask FILE` (.npy bool per training image, for LiRA shadows).
+Outputs (`--output-dir`, default runs/<dataset>/finetune/):
+  pytorch_lora_weights.safetensors   diffusers LoRA format (`pipe.load_lora_weights(dir)`)
+  visual_guidance.safetensors/.json  the tokens synthesis must use ([C, D] class-mean or [N, D] per-image, already in
+                                     the UNet's cross-attention width), vg_projection.safetensors if one was trained
+  checkpoints/checkpoint-<step>/     accelerate state every --checkpointing-steps (last --checkpoints-total-limit kept)
+  metrics.jsonl, log.txt, manifest.json (written last)
+A re-run of a complete run is a no-op; an interrupted run resumes from its latest checkpoint. Attention runs through
+PyTorch SDPA (diffusers' default processor); --gradient-checkpointing, --cache-latents and TF32 trade memory or speed.
+
+Commands:
+  one GPU:     python finetune.py --config configs/in10.yaml --data-root /data/imagenet \
+                   --captions runs/in10/captions/captions.jsonl
+  multi-GPU:   accelerate launch --num_processes 8 finetune.py --config configs/in10.yaml --data-root ... --captions ...
+  multi-node:  accelerate launch --num_machines 2 --machine_rank $RANK --main_process_ip $HOST --num_processes 16 \
+                   finetune.py ...
+  CPU (demo):  python finetune.py --config configs/demo.yaml --vg-encoder runs/demo/generator/clip_vision
+  benchmark:   python finetune.py --benchmark [--pretrained-model DIR]   (samples/s and peak memory; SD1.5-shaped random
+               UNet when CUDA is present)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+PAPER_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # paper App. E: Stable Diffusion v1.5
+PAPER_ENCODER = "openai/clip-vit-large-patch14"  # release extract_feature.py: projected 768-d image embedding
+LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # release: LoRA on every UNet attention's four projections
+MMD_WEIGHTS = {"paper": 0.01, "release": 0.003}  # paper form: converted from the release's 0.003 (docstring)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override it")
+    a("--dataset", default="in10", help=f"one of {common.DATASETS}")
+    a("--data-root", default=None, help="dataset root")
+    a("--seed", type=int, default=42, help="release train_lora.sh: 42")
+    a("--output-dir", default=None, help="default runs/<dataset>/finetune")
+    a("--runs-dir", default="runs", help="root of the default output directories")
+    a("--overwrite", action="store_true", help="move a run with another config aside and start over")
+    a("--resume", default="latest", choices=["latest", "none"], help="resume an interrupted run from its latest "
+      "checkpoint (default), or restart it from step 0")
+    # data and prompts (paper §3.2)
+    a("--captions", default=None, help="captions.jsonl from caption.py; without it prompts are 'photo of {class}'")
+    a("--allow-missing-captions", action="store_true", help="prompt images without a caption by class name only")
+    a("--subset-mask", default=None, help=".npy bool array, one entry per training image: train on that part only")
+    a("--resolution", type=int, default=512, help="release: Resize(512) + RandomCrop(512)")
+    a("--random-flip", action=argparse.BooleanOptionalAction, default=True, help="release: random horizontal flip")
+    a("--num-workers", type=int, default=4, help="image-decoding workers per process")
+    # model and LoRA (App. E Tab. 7)
+    a("--pretrained-model", default=PAPER_MODEL, help="SD 1.x pipeline: hub id or local diffusers directory")
+    a("--revision", default=None, help="hub revision of --pretrained-model")
+    a("--lora-rank", type=int, default=4, help="release --rank 4 (alpha = rank, i.e. scale 1, as released)")
+    a("--lora-targets", default=LORA_TARGETS, help="comma-separated UNet module names that get LoRA")
+    # optimisation (App. E Tab. 7; release train_lora.sh)
+    a("--learning-rate", type=float, default=1e-4, help="constant, no scaling by batch size")
+    a("--adam-weight-decay", type=float, default=1e-2)
+    a("--adam-beta1", type=float, default=0.9)
+    a("--adam-beta2", type=float, default=0.999)
+    a("--adam-epsilon", type=float, default=1e-8)
+    a("--max-grad-norm", type=float, default=1.0)
+    a("--train-batch-size", type=int, default=8, help="per process (paper: 8 per GPU x 8 GPUs)")
+    a("--num-train-epochs", type=int, default=100, help="release: 100 (the paper's table cell is garbled)")
+    a("--max-train-steps", type=int, default=None, help="stop after this many steps (overrides the epoch count)")
+    a("--snr-gamma", type=float, default=5.0, help="min-SNR-γ weighting (release: 5); 0 = plain ε-MSE")
+    # distribution matching (paper §3.1)
+    a("--mmd-form", default="paper", choices=["paper", "release"],
+      help="paper: ‖mean z0 − mean ẑ0‖²/D (Eq. 7); release: min-SNR-weighted batch sum of ε residuals")
+    a("--mmd-weight", type=float, default=None, help="λ; default 0.01 (paper form, converted from the release's "
+      "0.003 at batch 8: see the module docstring) or 0.003 (release form); 0 turns the term off")
+    # visual guidance (paper §3.2)
+    a("--vg-mode", default="class-mean", choices=["class-mean", "per-image", "none"],
+      help="class-mean (paper) | per-image (release: each image's own embedding) | none")
+    a("--vg-placement", default="append", choices=list(common.VG_PLACEMENTS),
+      help="append a 78th token (paper) | replace-last: overwrite text slot 77 (release)")
+    a("--vg-encoder", default=PAPER_ENCODER, help="CLIP image encoder (hub id or local dir)")
+    a("--vg-images-per-class", type=int, default=64, help="K random training images per class for the class mean "
+      "(paper: 'randomly sampled images', count not given; 64 keeps the mean's standard error at 1/8 of the spread)")
+    # engineering
+    a("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"], help="auto: fp16 on GPU "
+      "(release), fp32 on CPU; LoRA weights stay fp32")
+    a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (less memory)")
+    a("--cache-latents", action="store_true", help="encode VAE latents (center crop, both flips) and text "
+      "embeddings once (files under <output-dir>/cache) and reuse them every epoch; replaces the random crop by a "
+      "center crop; held in host memory: ~128 KB per image + 118 KB per distinct prompt at 512 px (fine for "
+      "IN-10/IN-100, too much for IN-1K)")
+    a("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs")
+    a("--checkpointing-steps", type=int, default=500, help="release: 500")
+    a("--checkpoints-total-limit", type=int, default=3, help="keep the last K checkpoints (release: all)")
+    a("--benchmark", action="store_true", help="time training steps on random data; print samples/s, peak memory")
+    a("--benchmark-steps", type=int, default=5, help="timed steps of --benchmark (after 2 warm-up steps)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: one seeded random crop + flip per (seed, epoch, image), and a seeded order per epoch, so a resumed run sees
+# exactly the batches an uninterrupted one would have seen.
+
+
+def resize_crop(img, size: int, rng: np.random.Generator | None, flip: bool) -> torch.Tensor:
+    """Resize the short side to `size` (bilinear, as released), crop size x size (random or center), flip; [-1, 1]."""
+    from PIL import Image
+
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BILINEAR)
+    left, top = ((int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))) if rng is not None
+                 else ((w - size) // 2, (h - size) // 2))
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return x.flip(-1) if flip else x
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Item = (row, flip, pixels); pixels is an empty tensor when latents are cached (nothing to decode)."""
+
+    def __init__(self, index, args, epoch: int, cached: bool):
+        self.index, self.args, self.epoch, self.cached = index, args, epoch, cached
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, row: int):
+        seed = common.item_seed(self.args.seed, "finetune-aug", self.epoch, self.index.image_id(row))
+        rng = np.random.default_rng(seed)
+        flip = bool(self.args.random_flip and rng.random() < 0.5)
+        if self.cached:
+            return row, flip, torch.empty(0)
+        return row, flip, resize_crop(common.load_image(self.index.abspath(row)), self.args.resolution, rng, flip)
+
+
+def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
+    """This process's batches of one epoch: a seeded permutation, padded to a multiple of the world size (as
+    DistributedSampler does), cut into global batches of batch_size x world, each split over the processes."""
+    gen = torch.Generator().manual_seed(common.item_seed(seed, "finetune-order", epoch))
+    perm = torch.randperm(n, generator=gen).tolist()
+    perm += perm[: (-n) % world]
+    step = batch_size * world
+    return [perm[s: s + step][rank::world] for s in range(0, len(perm), step)]
+
+
+def collate(items):
+    rows, flips, pixels = zip(*items)
+    return list(rows), list(flips), torch.stack(pixels)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_components(args, device, weight_dtype):
+    """Tokenizer, frozen text encoder and VAE, noise scheduler, and the UNet with peft LoRA adapters (fp32)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src, rev = args.pretrained_model, args.revision
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=rev)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=rev)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", revision=rev)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=rev)
+        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", revision=rev)
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot load an SD 1.x pipeline from '{src}': {err}. Pass --pretrained-model with a hub id "
+                      f"(cached when HF_HUB_OFFLINE=1) or a directory in the diffusers layout (model_index.json, "
+                      f"unet/, vae/, text_encoder/, tokenizer/, scheduler/).") from err
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"{src} predicts {scheduler.config.prediction_type}; the MMD term (ẑ0 from ε̂) needs an "
+                         f"ε-prediction model such as SD 1.5")
+    for model in (text_encoder, vae):
+        model.requires_grad_(False).to(device, weight_dtype)
+    return tokenizer, text_encoder.eval(), vae.eval(), scheduler, add_lora(unet, args, device, weight_dtype)
+
+
+def add_lora(unet, args, device, weight_dtype):
+    """Freeze the UNet and add peft LoRA adapters (Gaussian init of A, zero B: the model starts unchanged)."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    unet.requires_grad_(False).to(device, weight_dtype)
+    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                target_modules=args.lora_targets.split(",")))
+    cast_training_params(unet, torch.float32)  # trainable LoRA weights in fp32 under fp16/bf16 autocast
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def clip_embeddings(encoder_id: str, paths: list[Path], device, is_main: bool) -> torch.Tensor:
+    """Projected (unnormalised) CLIP image embeddings [N, D] (release extract_feature.py: get_image_features)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    try:
+        processor = CLIPImageProcessor.from_pretrained(encoder_id)
+        model = CLIPVisionModelWithProjection.from_pretrained(encoder_id).to(device).eval()
+    except OSError as err:
+        raise OSError(f"cannot load the CLIP image encoder '{encoder_id}': {err}. Pass --vg-encoder (hub id or "
+                      f"local dir), or --vg-mode none") from err
+    out = []
+    for start in common.progress(range(0, len(paths), 32), is_main, desc="clip embeddings"):
+        images = [common.load_image(p) for p in paths[start: start + 32]]
+        pixels = processor(images=images, return_tensors="pt").pixel_values.to(device)
+        out.append(model(pixel_values=pixels).image_embeds.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, dict]:
+    """Raw encoder embeddings and their description: per class the mean of K seeded random training images (paper
+    §3.2), or every image's own embedding (release). Which images are sampled depends only on seed and image ids."""
+    info = {"mode": args.vg_mode, "placement": args.vg_placement, "classes": index.classes, "encoder": args.vg_encoder,
+            "images_per_class": args.vg_images_per_class}
+    if args.vg_mode == "per-image":
+        info["image_paths"] = [s.path for s in index.samples]
+        return clip_embeddings(args.vg_encoder, [index.abspath(i) for i in range(len(index))], device, is_main), info
+    chosen = []
+    for label, cls in enumerate(index.classes):
+        rows = sorted((r for r, s in enumerate(index.samples) if s.label == label), key=index.image_id)
+        rng = np.random.default_rng(common.item_seed(args.seed, "visual-guidance", cls))
+        chosen.append(sorted(rng.permutation(len(rows))[: args.vg_images_per_class].tolist()))
+        chosen[-1] = [rows[i] for i in chosen[-1]]
+    flat = [r for rows in chosen for r in rows]
+    embeds = clip_embeddings(args.vg_encoder, [index.abspath(r) for r in flat], device, is_main)
+    means, start = [], 0
+    for rows in chosen:  # a class without training images (a small subset) gets a zero token
+        means.append(embeds[start: start + len(rows)].mean(0) if rows else torch.zeros(embeds.shape[-1]))
+        start += len(rows)
+    info["sampled_paths"] = [[index.samples[r].path for r in rows] for rows in chosen]
+    return torch.stack(means), info
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cached latents and text embeddings (--cache-latents): each process encodes a strided part, all processes load all.
+
+
+@torch.no_grad()
+def build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator, out_dir: Path) -> dict:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    path = out_dir / "cache" / f"shard-{rank}of{world}.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    unique = sorted(set(prompts))
+    if not path.is_file():
+        rows, texts = list(range(len(index)))[rank::world], unique[rank::world]
+        mean, std = [], []
+        for start in common.progress(range(0, len(rows), args.train_batch_size), accelerator.is_main_process,
+                                     desc="cache latents"):
+            batch = rows[start: start + args.train_batch_size]
+            views = [resize_crop(common.load_image(index.abspath(r)), args.resolution, None, False) for r in batch]
+            pixels = torch.stack(views + [v.flip(-1) for v in views]).to(vae.device, vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            n = len(batch)  # [n, 2 flips, C, h, w]
+            mean.append(torch.stack([dist.mean[:n], dist.mean[n:]], 1).half().cpu())
+            std.append(torch.stack([dist.std[:n], dist.std[n:]], 1).half().cpu())
+        text = [encode_text(tokenizer, text_encoder, texts[i: i + 64]).half().cpu() for i in range(0, len(texts), 64)]
+        with common.atomic_path(path) as tmp:
+            save_file({"rows": torch.tensor(rows, dtype=torch.long), "mean": torch.cat(mean), "std": torch.cat(std),
+                       "text": torch.cat(text) if text else torch.zeros(0)}, str(tmp))
+    accelerator.wait_for_everyone()
+    cache = {}
+    for r in range(world):
+        part = load_file(str(out_dir / "cache" / f"shard-{r}of{world}.safetensors"))
+        if not cache:
+            n = len(index)
+            cache = {"mean": torch.empty(n, *part["mean"].shape[1:], dtype=torch.half),
+                     "std": torch.empty(n, *part["std"].shape[1:], dtype=torch.half),
+                     "text": torch.empty(len(unique), *part["text"].shape[1:], dtype=torch.half)}
+        cache["mean"][part["rows"]], cache["std"][part["rows"]] = part["mean"], part["std"]
+        if len(part["text"]):
+            cache["text"][r::world] = part["text"]
+    cache["prompt_row"] = {p: i for i, p in enumerate(unique)}
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The objective: min-SNR-weighted ε-MSE + λ · MMD (paper Eq. 7 or the release's variant)
+
+
+def training_step(batch, models, tokens, prompts, labels, args, cache, gen) -> tuple[torch.Tensor, dict]:
+    rows, flips, pixels = batch
+    tokenizer, text_encoder, vae, scheduler, unet, projection = models
+    device, dtype = vae.device, vae.dtype
+    with torch.no_grad():
+        if cache is None:
+            dist = vae.encode(pixels.to(device, dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+            text = encode_text(tokenizer, text_encoder, [prompts[r] for r in rows])
+        else:
+            pick = torch.tensor([int(f) for f in flips])
+            mean = cache["mean"][rows, pick].to(device, dtype)
+            std = cache["std"][rows, pick].to(device, dtype)
+            text = cache["text"][[cache["prompt_row"][prompts[r]] for r in rows]].to(device, dtype)
+        latents = mean + std * torch.randn(mean.shape, generator=gen, device=device, dtype=dtype)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = ((latents - shift) * vae.config.scaling_factor).float()
+    noise = torch.randn(latents.shape, generator=gen, device=device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=gen, device=device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if tokens is not None:  # paper §3.2: the visual token joins the text condition (appended, or in slot 77)
+        vt = tokens[[labels[r] for r in rows] if args.vg_mode == "class-mean" else rows].to(device)
+        vt = projection(vt) if projection is not None else vt
+        text = common.add_visual_tokens(text.float(), vt.float(), args.vg_placement)
+    pred = unet(noisy.to(dtype), t, text.to(dtype)).sample.float()
+
+    snr = common.snr_from_alphas(scheduler.alphas_cumprod, t)
+    w = common.min_snr_weights(snr, args.snr_gamma) if args.snr_gamma > 0 else torch.ones_like(snr)
+    diffusion = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+    mmd = torch.zeros((), device=device)
+    if args.mmd_weight > 0:
+        if args.mmd_form == "paper":  # Eq. 7: MMD between z0 and ẑ0 = (z_t − √(1−ᾱ) ε̂)/√ᾱ over this batch
+            a = scheduler.alphas_cumprod.to(device)[t]
+            mmd = common.mmd_loss(latents, common.predicted_clean_latents(noisy, pred, a))
+        else:
+            mmd = common.mmd_loss_release(pred, noise, w)
+    loss = diffusion + args.mmd_weight * mmd
+    return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "mmd": mmd.detach()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: accelerate state (optimizer, RNG) + only the trainable weights, written to a temp dir then renamed.
+
+
+def register_checkpoint_hooks(accelerator, unet_cls):
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            model = accelerator.unwrap_model(model)
+            if accelerator.is_main_process:
+                if isinstance(model, unet_cls):
+                    save_file(get_peft_model_state_dict(model), os.path.join(output_dir, "lora_peft.safetensors"))
+                else:
+                    save_file(model.state_dict(), os.path.join(output_dir, "vg_projection.safetensors"))
+            if weights:
+                weights.pop()  # the frozen UNet is not saved: only the adapters above
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            if isinstance(model, unet_cls):
+                set_peft_model_state_dict(model, load_file(os.path.join(input_dir, "lora_peft.safetensors")))
+            else:
+                model.load_state_dict(load_file(os.path.join(input_dir, "vg_projection.safetensors")))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path | None, int]:
+    found = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*") if p.name[11:].isdigit())
+    return (found[-1][1], found[-1][0]) if found else (None, 0)
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
+    tmp, final = ckpt_dir / f".tmp-checkpoint-{step}", ckpt_dir / f"checkpoint-{step}"
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_outputs(out_dir: Path, unet, projection, embeds, vg_info) -> None:
+    """The LoRA in the diffusers format and the visual tokens in the UNet width (what synthesis must use)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    tmp = out_dir / ".tmp-lora"
+    shutil.rmtree(tmp, ignore_errors=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+    os.replace(tmp / "pytorch_lora_weights.safetensors", out_dir / "pytorch_lora_weights.safetensors")
+    shutil.rmtree(tmp)
+    if embeds is not None:
+        with torch.no_grad():
+            tokens = projection(embeds) if projection is not None else embeds
+        with common.atomic_path(out_dir / "visual_guidance.safetensors") as path:
+            save_file({"tokens": tokens.float().contiguous().cpu()}, str(path))
+        if projection is not None:
+            with common.atomic_path(out_dir / "vg_projection.safetensors") as path:
+                save_file({k: v.contiguous().cpu() for k, v in projection.state_dict().items()}, str(path))
+    common.write_json(out_dir / "visual_guidance.json", {**vg_info, "projection": projection is not None})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_args(args):
+    if args.mmd_weight is None:
+        args.mmd_weight = MMD_WEIGHTS[args.mmd_form]
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "fp16" if torch.cuda.is_available() else "no"
+    if args.mmd_form == "release" and args.mmd_weight > 0 and args.snr_gamma <= 0:
+        raise ValueError("--mmd-form release weights residuals by min-SNR: it needs --snr-gamma > 0 (release: 5)")
+    return args
+
+
+def load_training_set(args):
+    index = common.load_dataset(args.dataset, args.data_root, "train", args.seed)
+    if args.subset_mask:
+        mask = np.load(args.subset_mask)
+        if mask.dtype != bool or mask.ndim != 1:
+            raise ValueError(f"--subset-mask {args.subset_mask}: need a 1-D bool array, got {mask.dtype} {mask.shape}")
+        index = index.subset(mask.tolist())
+    if not len(index):
+        raise ValueError(f"no training images in {args.dataset} at {args.data_root} (after --subset-mask)")
+    captions = common.captions_for(index, common.load_captions(args.captions), args.allow_missing_captions)
+    prompts = [common.build_prompt(index.class_names[s.label], c) for s, c in zip(index.samples, captions)]
+    return index, prompts
+
+
+def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet_width: int):
+    """Embeddings computed once by the main process (saved, so a resumed run reuses the same tokens)."""
+    from safetensors.torch import load_file, save_file
+
+    if args.vg_mode == "none":
+        return None, None, {"mode": "none", "placement": args.vg_placement, "classes": index.classes}
+    path, info_path = out_dir / "vg_embeddings.safetensors", out_dir / "vg_embeddings.json"
+    if accelerator.is_main_process and not path.is_file():
+        embeds, info = visual_guidance(index, args, accelerator.device, True)
+        common.write_json(info_path, info)
+        with common.atomic_path(path) as tmp:
+            save_file({"embeds": embeds.contiguous()}, str(tmp))
+    accelerator.wait_for_everyone()
+    embeds, info = load_file(str(path))["embeds"], common.read_json(info_path)
+    info.pop("sampled_paths", None)  # kept in vg_embeddings.json; the contract file stays small
+    projection = None
+    if embeds.shape[-1] != unet_width:  # paper §3.2 + issue: a trainable projection when the widths differ
+        projection = torch.nn.Linear(embeds.shape[-1], unet_width).to(accelerator.device)
+    return embeds.to(accelerator.device), projection, info
+
+
+def main(argv=None) -> dict:
+    args = resolve_args(common.parse_args(get_parser(), argv, "finetune"))
+    if args.benchmark:
+        return benchmark(args)
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
+    config = common.config_dict(args, exclude=("output_dir", "runs_dir", "num_workers", "checkpointing_steps",
+                                               "checkpoints_total_limit", "benchmark", "benchmark_steps"))
+    config["world_size"] = accelerator.num_processes  # the per-process batch defines the MMD batch
+    index, prompts = load_training_set(args)  # bad inputs fail here, before the run directory is touched
+    run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=accelerator.is_main_process)
+    if run.start() == "done":
+        return run.manifest()["metrics"]
+    accelerator.wait_for_everyone()
+    log = common.get_logger(out_dir, accelerator.is_main_process)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    common.seed_everything(args.seed)  # LoRA and projection init
+
+    labels = [s.label for s in index.samples]
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    tokenizer, text_encoder, vae, scheduler, unet = load_components(args, accelerator.device, weight_dtype)
+    embeds, projection, vg_info = prepare_visual_guidance(index, args, accelerator, out_dir,
+                                                          unet.config.cross_attention_dim)
+    cache = (build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator, out_dir)
+             if args.cache_latents else None)
+
+    params = [p for p in unet.parameters() if p.requires_grad] + (list(projection.parameters()) if projection else [])
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if projection is not None:
+        projection = accelerator.prepare(projection)
+    register_checkpoint_hooks(accelerator, UNet2DConditionModel)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = len(epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, 0))
+    total = args.max_train_steps or steps_per_epoch * args.num_train_epochs
+    ckpt_dir = out_dir / "checkpoints"
+    latest, step = latest_checkpoint(ckpt_dir) if args.resume == "latest" else (None, 0)
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        log.info(f"resumed from {latest} (step {step})")
+    n_train = sum(p.numel() for p in params)
+    log.info(f"{len(index)} images, {len(index.classes)} classes, {world} process(es) x batch {args.train_batch_size}, "
+             f"{steps_per_epoch} steps/epoch, {total} steps, {n_train} trainable parameters, vg={args.vg_mode}, "
+             f"mmd={args.mmd_form} λ={args.mmd_weight}")
+
+    models = (tokenizer, text_encoder, vae, scheduler, unet, projection)
+    bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
+    t0, seen, history = time.time(), 0, []
+    while step < total:
+        epoch, skip = divmod(step, steps_per_epoch)
+        batches = epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, epoch)[skip:]
+        batches = batches[: total - step]
+        loader = torch.utils.data.DataLoader(TrainImages(index, args, epoch, cache is not None), batch_sampler=batches,
+                                             num_workers=args.num_workers, collate_fn=collate)
+        for batch in loader:
+            # Per-step noise from (seed, step, rank): a resumed run draws exactly what an uninterrupted one would.
+            gen = torch.Generator(accelerator.device).manual_seed(common.item_seed(args.seed, "finetune-step", step,
+                                                                                   rank))
+            with accelerator.autocast():
+                loss, logs = training_step(batch, models, embeds, prompts, labels, args, cache, gen)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, seen = step + 1, seen + len(batch[0]) * world
+            history.append({k: v.item() for k, v in accelerator.reduce(logs, reduction="mean").items()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            if step % args.checkpointing_steps == 0 or step == total:
+                save_checkpoint(accelerator, ckpt_dir, step, args.checkpoints_total_limit)
+        if accelerator.is_main_process:
+            recent = history[-steps_per_epoch:] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
+            row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+    bar.close()
+    elapsed = time.time() - t0
+    accelerator.wait_for_everyone()
+
+    metrics = {"steps": step, "epochs": math.ceil(step / steps_per_epoch), "train_images": len(index),
+               "trainable_params": n_train, "samples_per_s": seen / elapsed if seen else None,
+               "final_loss": float(np.mean([h["loss"] for h in history[-steps_per_epoch:]])) if history else None,
+               "final_mmd": float(np.mean([h["mmd"] for h in history[-steps_per_epoch:]])) if history else None}
+    if accelerator.is_main_process:
+        save_outputs(out_dir, accelerator.unwrap_model(unet), accelerator.unwrap_model(projection)
+                     if projection is not None else None, embeds, vg_info)
+        inputs = {"pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
+                  "captions": common.fingerprint(args.captions), "subset_mask": common.fingerprint(args.subset_mask),
+                  "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
+                  "lora": common.hash_file(out_dir / "pytorch_lora_weights.safetensors")}
+        run.finish(metrics, inputs=inputs)
+        log.info(f"wrote {out_dir}: {metrics}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --benchmark: the same training step on random data. SD1.5-shaped random weights (configs of the hub model, no
+# download) when CUDA is present and --pretrained-model is the default hub id; otherwise the given local pipeline.
+
+
+class RandomTokenizer:
+    """Stands in for CLIP's tokenizer when the random SD1.5 text encoder has no vocabulary files."""
+
+    model_max_length = 77
+
+    def __call__(self, prompts, **_):
+        return argparse.Namespace(input_ids=torch.randint(0, 49408, (len(prompts), self.model_max_length)))
+
+
+def random_sd15(args, device, weight_dtype):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD 1.x's blocks
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    for model in (text, vae):
+        model.requires_grad_(False).to(device, weight_dtype)
+    return RandomTokenizer(), text.eval(), vae.eval(), scheduler, add_lora(unet, args, device, weight_dtype)
+
+
+def benchmark(args) -> dict:
+    """Training samples/s and peak memory of one process (prints one JSON line); writes nothing."""
+    import resource
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    device = accelerator.device
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    sd15 = device.type == "cuda" and args.pretrained_model == PAPER_MODEL and not Path(PAPER_MODEL).is_dir()
+    if device.type != "cuda" and args.pretrained_model == PAPER_MODEL:
+        raise ValueError("--benchmark on CPU needs a small local pipeline: --pretrained-model runs/demo/generator/sd "
+                         "--resolution 32")
+    if args.allow_tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    common.seed_everything(args.seed)
+    comps = random_sd15(args, device, dtype) if sd15 else load_components(args, device, dtype)
+    unet = comps[-1]
+    width, b = unet.config.cross_attention_dim, args.train_batch_size
+    tokens = torch.randn(b, width, device=device) if args.vg_mode != "none" else None
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    models = (*comps[:-1], unet, None)
+    batch = (list(range(b)), [False] * b, torch.randn(b, 3, args.resolution, args.resolution).clamp(-1, 1))
+    prompts, labels = ["photo of a benchmark image"] * b, list(range(b))
+    gen = torch.Generator(device).manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(2 + args.benchmark_steps):
+        if i == 2:  # after warm-up (allocator, kernels, lazy init)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with accelerator.autocast():
+            loss, _ = training_step(batch, models, tokens, prompts, labels, args, None, gen)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result = {"model": "sd15-random" if sd15 else str(args.pretrained_model), "device": str(device),
+              "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+              "mixed_precision": accelerator.mixed_precision, "resolution": args.resolution, "batch_size": b,
+              "cache_latents": False, "gradient_checkpointing": args.gradient_checkpointing,
+              "samples_per_s": b * args.benchmark_steps / elapsed, "peak_memory_gb": peak / 2**30,
+              "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+              "threads": torch.get_num_threads()}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""eval_ood.py: OOD set layouts, label spaces and logit masks, end to end on a tiny classifier, logit cache."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import eval_ood
+from common import DATA_DIR, read_lines
+from conftest import make_imagefolder
+
+IN1K = read_lines(DATA_DIR / "imagenet1k_wnids.txt")
+IN_R = read_lines(DATA_DIR / "imagenet_r_wnids.txt")
+IN_A = read_lines(DATA_DIR / "imagenet_a_wnids.txt")
+EVAL_TF = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+           "crop_pct": 0.95, "crop_mode": "center"}
+
+
+def put_images(folder: Path, n: int, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(folder / f"img_{i}.jpg")
+
+
+def make_classifier(root: Path, classes: list[str]) -> Path:
+    """A train_cls.py-layout run made by hand: random test_resnet weights + a manifest describing them."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=len(classes), output_stride=8)
+    root.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
+    info = {"model": "test_resnet", "num_classes": len(classes), "model_kwargs": {"output_stride": 8},
+            "weights": "model.safetensors",
+            "eval_transform": EVAL_TF, "classes": classes, "class_names": classes}
+    (root / "manifest.json").write_text(json.dumps({"config": {}, "metrics": {}, "classifier": info}))
+    return root
+
+
+def reference_accuracy(run: Path, paths, ids, space) -> tuple[float, float, int]:
+    """Independent scoring: own forward pass, numpy masking over the classes shared with the set."""
+    import timm
+    from safetensors.torch import load_file
+    from timm.data import create_transform
+
+    info = json.loads((run / "manifest.json").read_text())["classifier"]
+    model = timm.create_model("test_resnet", num_classes=info["num_classes"], output_stride=8)
+    model.load_state_dict(load_file(run / "model.safetensors"))
+    tf = create_transform(**EVAL_TF)
+    keep = [c for c in info["classes"] if c in space]
+    rows = [i for i, c in enumerate(ids) if c in keep]
+    with torch.no_grad():
+        logits = model.eval()(torch.stack([tf(Image.open(paths[i]).convert("RGB")) for i in rows])).numpy()
+    cols = [info["classes"].index(c) for c in keep]
+    sub = logits[:, cols]
+    target = np.array([keep.index(ids[i]) for i in rows])
+    order = np.argsort(-sub, axis=1)
+    top1 = 100 * np.mean(order[:, 0] == target)
+    top5 = 100 * np.mean([t in o[:5] for t, o in zip(target, order)])
+    return top1, top5, len(rows)
+
+
+def test_imagenet_v2_integer_folders_are_class_indices_not_strings(tmp_path):
+    root = tmp_path / "imagenetv2-matched-frequency-format-val"
+    for c in range(1000):
+        (root / str(c)).mkdir(parents=True)
+    for c in (2, 10, 100, 999):  # sorted as strings: '10' < '100' < '2' < '999'
+        put_images(root / str(c), 2, seed=c)
+    paths, ids, space = eval_ood.read_imagenet_set("imagenet-v2", str(root))
+    assert space == IN1K
+    assert [(Path(p).parent.name, w) for p, w in zip(paths, ids)] == \
+        [(str(c), IN1K[c]) for c in sorted((2, 10, 100, 999), key=str) for _ in range(2)]
+    # a copy with wnid-named folders reads the same labels
+    wnid_root = tmp_path / "v2_wnids"
+    for c in (2, 10):
+        put_images(wnid_root / IN1K[c], 1, seed=c)
+    _, ids2, _ = eval_ood.read_imagenet_set("imagenet-v2", str(wnid_root))
+    assert ids2 == [IN1K[2], IN1K[10]]
+    (root / "1000").mkdir()
+    with pytest.raises(ValueError, match="neither a wnid"):
+        eval_ood.read_imagenet_set("imagenet-v2", str(root))
+
+
+def test_sketch_archive_level_and_foreign_classes(tmp_path):
+    put_images(tmp_path / "ImageNet-Sketch" / "sketch" / IN1K[5], 2, seed=0)
+    put_images(tmp_path / "ImageNet-Sketch" / "sketch" / IN1K[700], 1, seed=1)
+    paths, ids, space = eval_ood.read_imagenet_set("imagenet-sketch", str(tmp_path / "ImageNet-Sketch"))
+    assert ids == [IN1K[5]] * 2 + [IN1K[700]] and len(space) == 1000
+    not_r = next(w for w in IN1K if w not in IN_R)
+    put_images(tmp_path / "r" / not_r, 1, seed=2)
+    with pytest.raises(ValueError, match="not in imagenet_r_wnids"):
+        eval_ood.read_imagenet_set("imagenet-r", str(tmp_path / "r"))
+
+
+def test_200_logit_mask_for_a_1000_way_model():
+    rng = np.random.default_rng(0)
+    n = 300
+    ids = [IN_A[i] for i in rng.integers(0, 200, n)]
+    logits = torch.from_numpy(rng.normal(size=(n, 1000)).astype(np.float32))
+    res = eval_ood.score_set(logits, ids, IN1K, IN_A)
+    mask = np.array([w in set(IN_A) for w in IN1K])
+    masked = logits.numpy().copy()
+    masked[:, ~mask] = -np.inf
+    target = np.array([IN1K.index(w) for w in ids])
+    assert res["top1"] == pytest.approx(100 * np.mean(masked.argmax(1) == target))
+    top5 = np.argsort(-masked, 1)[:, :5]
+    assert res["top5"] == pytest.approx(100 * np.mean([t in row for t, row in zip(target, top5)]))
+    assert res["logit_mask"] and res["classes_scored"] == 200 and res["images"] == n
+    unmasked = 100 * np.mean(logits.numpy().argmax(1) == target)
+    assert res["top1"] > unmasked  # the mask matters: random logits mostly peak outside the 200 classes
+
+
+def test_subset_classifier_scores_only_shared_classes():
+    model_classes = [IN_R[0], IN1K[0] if IN1K[0] not in IN_R else IN1K[1], IN_R[5]]
+    ids = [IN_R[0], IN_R[5], IN_R[7], IN_R[5]]  # IN_R[7]: a class the classifier does not know -> skipped
+    logits = torch.tensor([[1.0, 9.0, 0.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0], [2.0, 0.0, 1.0]])
+    res = eval_ood.score_set(logits, ids, model_classes, IN_R)
+    # shared = classes 0 and 2; the big logit of class 1 (not in IN-R) is masked out: rows 0, 1 right, row 3 wrong
+    assert res["images"] == 3 and res["classes_scored"] == 2 and res["logit_mask"]
+    assert res["top1"] == pytest.approx(200 / 3) and res["top5"] == 100.0 and res["top5_k"] == 2
+    with pytest.raises(ValueError, match="shares no class"):
+        eval_ood.score_set(logits, ids, ["a", "b", "c"], IN_R)
+
+
+def test_end_to_end_imagenet_layouts_and_cache(tmp_path):
+    not_r = next(w for w in IN1K if w not in IN_R)
+    classes = [IN_R[3], not_r, IN_R[150]]
+    run = make_classifier(tmp_path / "cls_real", classes)
+    v2 = tmp_path / "v2"
+    for c in range(1000):
+        (v2 / str(c)).mkdir(parents=True)
+    for j, w in enumerate(classes + [IN_R[9]]):
+        put_images(v2 / str(IN1K.index(w)), 3, seed=j)
+    r = tmp_path / "imagenet-r"
+    for j, w in enumerate([IN_R[3], IN_R[150], IN_R[9]]):
+        put_images(r / w, 2, seed=10 + j)
+    out = tmp_path / "ood"
+    argv = ["--classifier", str(run), "--output-dir", str(out), "--workers", "0", "--amp", "no", "--sets",
+            f"imagenet-v2={v2}"]
+    metrics = eval_ood.main(argv)
+    paths, ids, space = eval_ood.read_imagenet_set("imagenet-v2", str(v2))
+    top1, top5, n = reference_accuracy(run, paths, ids, space)
+    assert metrics["imagenet-v2/top1"] == pytest.approx(top1) and metrics["imagenet-v2/top5"] == pytest.approx(top5)
+    results = json.loads((out / "results.json").read_text())
+    assert results["imagenet-v2"]["images"] == n == 9 and results["imagenet-v2"]["classes_scored"] == 3
+
+    # adding a set computes only its logits; the v2 cache is reused untouched
+    v2_cache = out / "logits" / "imagenet-v2.safetensors"
+    mtime = v2_cache.stat().st_mtime_ns
+    metrics = eval_ood.main(argv + [f"imagenet-r={r}"])
+    assert v2_cache.stat().st_mtime_ns == mtime
+    paths, ids, space = eval_ood.read_imagenet_set("imagenet-r", str(r))
+    top1, top5, n = reference_accuracy(run, paths, ids, space)
+    results = json.loads((out / "results.json").read_text())
+    assert results["imagenet-r"]["images"] == n == 4 and results["imagenet-r"]["classes_scored"] == 2
+    assert metrics["imagenet-r/top1"] == pytest.approx(top1)
+    assert "| imagenet-r | 4 | 2 | yes |" in (out / "results.md").read_text()
+
+
+def test_dataset_splits_for_the_demo(tmp_path, tiny_dataset):
+    classes = ["red_circle", "green_square", "blue_triangle"]
+    root = tmp_path / "data"
+    make_imagefolder(root / "test", classes, 2, seed=1)
+    make_imagefolder(root / "sketch", classes, 3, seed=4)
+    run = make_classifier(tmp_path / "cls_real", classes)
+    metrics = eval_ood.main(["--classifier", str(run), "--dataset", "demo", "--data-root", str(root),
+                             "--output-dir", str(tmp_path / "ood"), "--workers", "0", "--amp", "no",
+                             "--sets", "test", "sketch"])
+    for split, n in (("test", 6), ("sketch", 9)):
+        files = [p for c in classes for p in sorted((root / split / c).iterdir())]
+        top1, top5, count = reference_accuracy(run, files, [p.parent.name for p in files], classes)
+        assert count == n and metrics[f"{split}/top1"] == pytest.approx(top1)
+        assert metrics[f"{split}/top5"] == pytest.approx(top5) == 100.0
+    assert json.loads((tmp_path / "ood" / "results.json").read_text())["sketch"]["logit_mask"] is False

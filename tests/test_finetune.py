@@ -1,0 +1,176 @@
+"""finetune.py on the tiny SD pipeline and CLIP encoder: outputs, LoRA loading, visual tokens, resume, options."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import demo
+import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, *extra):
+    return ["--dataset", "demo", "--data-root", str(tiny_dataset), "--pretrained-model", str(tiny_sd),
+            "--vg-encoder", str(tiny_clip_vision), "--output-dir", str(out), "--resolution", "32",
+            "--train-batch-size", "4", "--num-workers", "0", "--vg-images-per-class", "2", "--seed", "0", *extra]
+
+
+def unet_output(pipe):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=gen)
+    cond = torch.randn(1, 78, 64, generator=gen)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([500]), cond).sample
+
+
+def test_outputs_lora_loads_and_class_tokens(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    out = tmp_path / "ft"
+    metrics = finetune.main(base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "3",
+                                      "--learning-rate", "1e-2"))
+    assert metrics["steps"] == 3 and metrics["train_images"] == 12 and metrics["final_mmd"] > 0
+    manifest = common.read_json(out / "manifest.json")
+    assert manifest["config"]["mmd_weight"] == 0.01 and manifest["config"]["vg_mode"] == "class-mean"
+
+    # the LoRA loads with the standard diffusers API and changes the UNet
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd)
+    before = unet_output(pipe)
+    pipe.load_lora_weights(out)
+    assert not torch.allclose(before, unet_output(pipe), atol=1e-6)
+
+    # class-mean tokens: the mean projected CLIP embedding of K=2 sampled images of each class (independent recompute)
+    info = common.read_json(out / "visual_guidance.json")
+    tokens = load_file(out / "visual_guidance.safetensors")["tokens"]
+    index = common.load_dataset("demo", tiny_dataset, "train")
+    assert info["mode"] == "class-mean" and info["placement"] == "append" and info["classes"] == index.classes
+    assert tokens.shape == (3, 64) and not info["projection"]
+    sampled = common.read_json(out / "vg_embeddings.json")["sampled_paths"]
+    model = CLIPVisionModelWithProjection.from_pretrained(tiny_clip_vision).eval()
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip_vision)
+    for label, paths in enumerate(sampled):
+        assert len(paths) == 2 and all(p.startswith(index.classes[label] + "/") for p in paths)
+        pixels = processor(images=[common.load_image(tiny_dataset / "train" / p) for p in paths],
+                           return_tensors="pt").pixel_values
+        with torch.no_grad():
+            expected = model(pixel_values=pixels).image_embeds.mean(0)
+        torch.testing.assert_close(tokens[label], expected, rtol=1e-4, atol=1e-5)
+    rows = common.read_jsonl(out / "metrics.jsonl")
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_resume_matches_uninterrupted_run_and_rerun_is_noop(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
+    out = tmp_path / "ft"
+    args = base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "4", "--checkpointing-steps",
+                     "2", "--learning-rate", "1e-2")
+    finetune.main(args)
+    straight = load_file(out / "pytorch_lora_weights.safetensors")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+    # a complete run is a no-op
+    mtime = (out / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    finetune.main(args)
+    assert (out / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == mtime
+
+    # simulate an interruption right after step 2: resume from checkpoint-2 and train steps 3-4 again
+    for name in ("manifest.json", "pytorch_lora_weights.safetensors"):
+        (out / name).unlink()
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    metrics = finetune.main(args)
+    assert metrics["steps"] == 4
+    resumed = load_file(out / "pytorch_lora_weights.safetensors")
+    assert straight.keys() == resumed.keys() and len(straight) > 0
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    # and it did change from the start: 2 steps alone give other weights
+    two = load_file(out / "checkpoints" / "checkpoint-2" / "lora_peft.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in two.items())
+
+    with pytest.raises(common.ConfigMismatchError, match="learning_rate"):
+        finetune.main(args + ["--learning-rate", "1e-3"])
+
+
+def test_release_options_projection_and_cache(tiny_dataset, tiny_sd, tmp_path):
+    """Per-image tokens in slot 77, release MMD, cached latents, and an encoder narrower than the UNet (projection)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    narrow = tmp_path / "clip32"
+    demo.build_image_encoder(narrow, projection_dim=32)
+    out = tmp_path / "ft"
+    metrics = finetune.main(base_args(tiny_dataset, tiny_sd, narrow, out, "--max-train-steps", "2", "--vg-mode",
+                                      "per-image", "--vg-placement", "replace-last", "--mmd-form", "release",
+                                      "--cache-latents"))
+    assert common.read_json(out / "manifest.json")["config"]["mmd_weight"] == 0.003
+    assert metrics["final_mmd"] > 0
+    info = common.read_json(out / "visual_guidance.json")
+    index = common.load_dataset("demo", tiny_dataset, "train")
+    assert info["mode"] == "per-image" and info["placement"] == "replace-last" and info["projection"]
+    assert info["image_paths"] == [s.path for s in index.samples]
+    tokens = load_file(out / "visual_guidance.safetensors")["tokens"]
+    proj = load_file(out / "vg_projection.safetensors")
+    embeds = load_file(out / "vg_embeddings.safetensors")["embeds"]
+    assert tokens.shape == (12, 64) and embeds.shape == (12, 32)
+    torch.testing.assert_close(tokens, embeds @ proj["weight"].T + proj["bias"])  # saved after the projection
+    assert list((out / "cache").glob("shard-*.safetensors"))
+    StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd).load_lora_weights(out)
+
+
+def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
+    index = common.load_dataset("demo", tiny_dataset, "train")
+    caps = tmp_path / "captions.jsonl"
+    common.write_jsonl(caps, [{"path": s.path, "caption": "a thing"} for s in index.samples[1:]])
+    args = base_args(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "a", "--captions", str(caps),
+                     "--max-train-steps", "1", "--vg-mode", "none", "--mmd-weight", "0")
+    with pytest.raises(KeyError, match=index.samples[0].path):
+        finetune.main(args)
+    # the same run with --allow-missing-captions trains; --mmd-weight 0 leaves the plain min-SNR diffusion loss
+    metrics = finetune.main(args + ["--allow-missing-captions"])
+    assert metrics["final_mmd"] == 0 and metrics["final_loss"] > 0
+    assert common.read_json(tmp_path / "a" / "visual_guidance.json")["mode"] == "none"
+    assert not (tmp_path / "a" / "visual_guidance.safetensors").exists()
+    np.save(tmp_path / "mask.npy", np.ones(5, dtype=bool))
+    with pytest.raises(ValueError, match="subset mask has 5 entries"):
+        finetune.main(base_args(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "b", "--subset-mask",
+                                str(tmp_path / "mask.npy")))
+    with pytest.raises(OSError, match="diffusers layout"):
+        finetune.main(base_args(tiny_dataset, tmp_path / "nope", tiny_clip_vision, tmp_path / "c"))
+
+
+def test_epoch_batches_partition_and_seeded_order():
+    for n, b, world in [(12, 4, 1), (10, 3, 2), (7, 2, 3)]:
+        per_rank = [finetune.epoch_batches(n, b, world, r, 0, 5) for r in range(world)]
+        assert len({len(p) for p in per_rank}) == 1  # every process runs the same number of steps
+        seen = [i for p in per_rank for batch in p for i in batch]
+        assert set(seen) == set(range(n)) and len(seen) == n + (-n) % world  # all images, padding only
+    assert finetune.epoch_batches(12, 4, 1, 0, 0, 1) != finetune.epoch_batches(12, 4, 1, 0, 0, 2)  # reshuffled
+    assert finetune.epoch_batches(12, 4, 1, 0, 0, 1) == finetune.epoch_batches(12, 4, 1, 0, 0, 1)
+
+
+def test_benchmark_reports_throughput(tiny_sd):
+    result = finetune.main(["--benchmark", "--pretrained-model", str(tiny_sd), "--resolution", "32",
+                            "--train-batch-size", "2", "--benchmark-steps", "1", "--vg-encoder", "unused",
+                            "--gradient-checkpointing"])
+    assert result["samples_per_s"] > 0 and result["peak_memory_gb"] > 0 and result["gradient_checkpointing"]
+
+
+def test_accelerate_launch(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
+           *base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "1")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert common.read_json(out / "manifest.json")["metrics"]["steps"] == 1
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

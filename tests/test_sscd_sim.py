@@ -1,0 +1,108 @@
+"""SSCD copy detection (sscd_sim.py) with the project's stand-in TorchScript descriptor saved to disk, so the real
+loading path (torch.jit.load of a file) runs; the real sscd_disc_large file cannot be downloaded here."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sscd_sim
+from common import load_dataset
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sscd") / "standin.torchscript.pt"
+    assert sscd_sim.main(["--make-standin", str(path)]) == {"standin": str(path)}
+    return path
+
+
+def make_synthetic_dir(root: Path, real_root: Path, copy_from: str) -> Path:
+    """A synthesize.py-shaped output: one exact copy of a real image and three unrelated images."""
+    real = load_dataset("demo", real_root, "train")
+    rows = []
+    src = real.root / copy_from
+    (root / "0").mkdir(parents=True)
+    shutil.copy(src, root / "0" / "copy_0.png")
+    rows.append({"file": "0/copy_0.png", "label": 0, "source": copy_from})
+    rng = np.random.default_rng(7)
+    for k in range(3):  # structure unrelated to the real images: stripes, a gradient, fresh noise
+        if k == 0:
+            arr = np.tile((np.arange(32) // 4 % 2 * 255)[None, :, None], (32, 1, 3))
+        elif k == 1:
+            arr = np.tile(np.linspace(0, 255, 32)[:, None, None], (1, 32, 3))
+        else:
+            arr = rng.integers(0, 255, (32, 32, 3))
+        Image.fromarray(arr.astype(np.uint8)).save(root / "0" / f"other_{k}.png")
+        rows.append({"file": f"0/other_{k}.png", "label": 0, "source": copy_from})
+    (root / "classes.json").write_text(json.dumps({"classes": real.classes, "class_names": real.class_names}))
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_standin_is_labelled_and_normalised(standin):
+    model, info = sscd_sim.load_descriptor(standin, torch.device("cpu"))
+    assert info["standin"] and "NOT SSCD" in info["note"]
+    x = torch.randn(3, 3, 40, 56)
+    emb = model(x)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(model(x[:1]), emb[:1])  # deterministic and per-image
+    with pytest.raises(FileNotFoundError, match="trusted"):
+        sscd_sim.load_descriptor(standin.parent / "missing.pt", torch.device("cpu"))
+
+
+def test_topk_search_matches_dense_computation():
+    g = torch.Generator().manual_seed(0)
+    refs = torch.nn.functional.normalize(torch.randn(37, 8, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(11, 8, generator=g), dim=1)
+    vals, idx = sscd_sim.topk_search(queries, refs, 5, chunk=4, device="cpu")
+    dense = queries @ refs.T
+    want_v, want_i = dense.topk(5, dim=1)
+    torch.testing.assert_close(vals, want_v)
+    assert torch.equal(idx, want_i)
+    # Background: the query itself is skipped, so its top-1 is its nearest *other* reference.
+    own = torch.tensor([3, 17, 36])
+    vals, idx = sscd_sim.topk_search(refs[own], refs, 1, chunk=5, device="cpu", self_index=own)
+    masked = refs[own] @ refs.T
+    masked[torch.arange(3), own] = -float("inf")
+    assert torch.equal(idx[:, 0], masked.argmax(1)) and not (idx[:, 0] == own).any()
+
+
+def test_copy_is_found_and_unrelated_images_are_not(tmp_path, tiny_dataset, standin):
+    real = load_dataset("demo", tiny_dataset, "train")
+    copied = real.samples[5].path
+    synth = make_synthetic_dir(tmp_path / "synth", tiny_dataset, copied)
+    out, cache = tmp_path / "sscd", tmp_path / "cache"
+    argv = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--synthetic-dir", str(synth), "--model",
+            str(standin), "--output-dir", str(out), "--cache-dir", str(cache), "--num-workers", "0",
+            "--chunk-size", "5"]
+    metrics = sscd_sim.main(argv)
+    rows = {r["file"]: r for r in map(json.loads, (out / "matches.jsonl").read_text().splitlines())}
+    top = rows["0/copy_0.png"]["matches"]
+    assert top[0]["path"] == copied and top[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert len(top) == 5 and all(a["similarity"] >= b["similarity"] for a, b in zip(top, top[1:]))
+    for k in range(3):
+        assert rows[f"0/other_{k}.png"]["matches"][0]["similarity"] < 0.5
+    s = metrics["synthetic_vs_real"]
+    assert s["num_replications"] == 1 and s["replication_rate"] == pytest.approx(0.25) and s["count"] == 4
+    assert metrics["descriptor"]["standin"] is True
+    assert metrics["top_matches"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    bg = metrics["real_vs_real_background"]
+    assert bg["count"] == len(real) and bg["max"] < 0.99  # nearest *other* image: no self-match at 1
+    assert metrics["num_embedded"] == {"real": len(real), "synthetic": 4}
+    for name in ("results.json", "histogram.png", "top_matches.png", "manifest.json"):
+        assert (out / name).is_file(), name
+    assert sscd_sim.main(argv) == metrics  # complete: a no-op
+
+    # Another synthetic set against the same real images: only the new image is embedded.
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8) + 90).save(synth / "0" / "new.png")
+    with open(synth / "manifest.jsonl", "a") as f:
+        f.write(json.dumps({"file": "0/new.png", "label": 0}) + "\n")
+    again = sscd_sim.main([*argv[:-6], "--output-dir", str(tmp_path / "sscd2"), "--cache-dir", str(cache),
+                           "--num-workers", "0", "--threshold", "0.99"])
+    assert again["num_embedded"] == {"real": 0, "synthetic": 1}
+    assert again["synthetic_vs_real"]["count"] == 5 and again["synthetic_vs_real"]["num_replications"] == 1

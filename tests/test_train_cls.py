@@ -1,0 +1,162 @@
+"""train_cls.py on a tiny timm model (test_resnet, 0.5 M parameters) and 32 px data: sources, resume, outputs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import train_cls
+from common import ConfigMismatchError, load_dataset, read_jsonl, write_json, write_jsonl
+from conftest import TINY_CLASSES, make_imagefolder
+
+TINY = ["--dataset", "demo", "--model", "test_resnet", "--input-size", "32", "--batch-size", "4",
+        "--max-device-batch", "4", "--lr", "0.05", "--decay-milestones", "2", "--workers", "0", "--amp", "no"]
+
+
+def make_synthetic(root: Path, classes, per_class: int, seed: int) -> Path:
+    """A synthesize.py-layout dir whose classes.json lists the classes in an order unlike folder sort order."""
+    make_imagefolder(root, classes, per_class, seed=seed)
+    rows = [{"file": f"{c}/{f.name}", "label": label, "class_id": c, "source": "x", "seed": 0}
+            for label, c in enumerate(classes) for f in sorted((root / c).iterdir())]
+    write_jsonl(root / "manifest.jsonl", rows)
+    write_json(root / "classes.json", {"classes": list(classes), "class_names": list(classes)})
+    return root
+
+
+def test_release_recipe_changes_only_options_left_at_paper_values():
+    parser = train_cls.get_parser()
+    args = parser.parse_args(["--recipe", "release", "--smoothing", "0.3"])
+    train_cls.apply_recipe(args, parser)
+    assert (args.opt, args.warmup_epochs, args.color_jitter, args.smoothing) == ("sgd", 5, 0.4, 0.3)
+    paper = parser.parse_args([])
+    train_cls.apply_recipe(paper, parser)
+    assert (paper.opt, paper.warmup_epochs, paper.color_jitter, paper.smoothing) == ("momentum", 0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("batch,world,max_dev,expected", [(1024, 8, 128, 1), (1024, 4, 128, 2), (1024, 1, 128, 8),
+                                                          (12, 1, 5, 3), (12, 2, 4, 2)])
+def test_accumulation_keeps_the_global_batch(batch, world, max_dev, expected):
+    accum = train_cls.accumulation_steps(batch, world, max_dev)
+    assert accum == expected
+    assert batch % (world * accum) == 0 and batch // (world * accum) <= max_dev
+
+
+def test_epoch_batches_are_the_same_global_batches_for_any_world_size():
+    def global_steps(world, accum):
+        per_rank = [list(train_cls.EpochBatches(30, 12, 7, 1, 3, r, world, accum)) for r in range(world)]
+        steps = len(per_rank[0]) // accum
+        return [sorted(k for r in range(world) for mb in per_rank[r][s * accum:(s + 1) * accum] for k in mb)
+                for s in range(steps)]
+
+    one = global_steps(1, 1)
+    assert len(one) == 2 * (30 // 12)  # 2 epochs, last incomplete batch dropped
+    assert global_steps(2, 3) == one and global_steps(3, 2) == one
+    # within an epoch no image repeats; epochs are shuffled differently
+    first = [i for step in one[:2] for _, i in step]
+    assert len(set(first)) == 24 and {e for step in one[2:] for e, _ in step} == {2}
+    assert sorted(i for _, i in one[0]) != sorted(i for _, i in one[2])
+
+
+def test_train_sources_are_relabelled_by_class_id(tmp_path, tiny_dataset):
+    shuffled = [TINY_CLASSES[2], TINY_CLASSES[0], TINY_CLASSES[1]]
+    synth = make_synthetic(tmp_path / "synth", shuffled, 2, seed=5)
+    args = train_cls.get_parser().parse_args(TINY + ["--data-root", str(tiny_dataset), "--train-dirs", "real",
+                                                     str(synth)])
+    paths, labels, _ = train_cls.load_train_sources(args, TINY_CLASSES)
+    real = load_dataset("demo", tiny_dataset, "train")
+    assert len(paths) == len(real) + 6
+    for path, label in zip(paths, labels):  # the class folder name decides the label, in the test split's order
+        assert TINY_CLASSES[label] == Path(path).parent.name
+
+    other = make_synthetic(tmp_path / "other", ["red_circle", "green_square", "purple_blob"], 1, seed=6)
+    args.train_dirs = [str(other)]
+    with pytest.raises(ValueError, match="purple_blob"):
+        train_cls.load_train_sources(args, TINY_CLASSES)
+
+
+def test_subset_mask_selects_real_images(tmp_path, tiny_dataset):
+    real = load_dataset("demo", tiny_dataset, "train")
+    mask = np.zeros(len(real), bool)
+    mask[[0, 5, 6, 11]] = True
+    np.save(tmp_path / "keep.npy", mask)
+    args = train_cls.get_parser().parse_args(TINY + ["--data-root", str(tiny_dataset), "--subset-mask",
+                                                     str(tmp_path / "keep.npy")])
+    paths, labels, _ = train_cls.load_train_sources(args, TINY_CLASSES)
+    assert paths == [str(real.abspath(i)) for i in (0, 5, 6, 11)]
+    assert labels == [real.samples[i].label for i in (0, 5, 6, 11)]
+    np.save(tmp_path / "bad.npy", mask[:-1])
+    args.subset_mask = str(tmp_path / "bad.npy")
+    with pytest.raises(ValueError, match="one entry per train image"):
+        train_cls.load_train_sources(args, TINY_CLASSES)
+
+
+def test_resume_equals_uninterrupted_and_outputs_are_self_describing(tmp_path, tiny_dataset):
+    common = TINY + ["--data-root", str(tiny_dataset), "--epochs", "3", "--seed", "3"]
+    straight = train_cls.main(common + ["--output-dir", str(tmp_path / "a")])
+    # 2 epochs, "job ends", then the same command resumes for the last epoch
+    part = train_cls.main(common + ["--output-dir", str(tmp_path / "b"), "--epochs-per-job", "2"])
+    assert part["epochs_done"] == 2 and not (tmp_path / "b" / "manifest.json").exists()
+    resumed = train_cls.main(common + ["--output-dir", str(tmp_path / "b")])
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed == straight
+    rows_a, rows_b = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows_b] == [1, 2, 3]
+    assert [r["train_loss"] for r in rows_a] == [r["train_loss"] for r in rows_b]
+    assert rows_a[0]["lr"] == pytest.approx(0.05) and rows_a[1]["lr"] == pytest.approx(0.01)  # x0.2 from milestone
+
+    # a complete run is a no-op; another config is refused
+    mtime = (tmp_path / "a" / "manifest.json").stat().st_mtime_ns
+    assert train_cls.main(common + ["--output-dir", str(tmp_path / "a")]) == straight
+    assert (tmp_path / "a" / "manifest.json").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigMismatchError, match="lr"):
+        train_cls.main(common + ["--output-dir", str(tmp_path / "a"), "--lr", "0.2"])
+
+    # the manifest alone rebuilds the model and its eval transform; top-1/top-5 recomputed independently
+    import timm
+    from timm.data import create_transform
+
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    info = manifest["classifier"]
+    assert info["classes"] == TINY_CLASSES and info["eval_transform"]["input_size"] == [3, 32, 32]
+    model = timm.create_model(info["model"], pretrained=True, num_classes=info["num_classes"],
+                              pretrained_cfg_overlay={"file": str(tmp_path / "a" / info["weights"]),
+                                                      "num_classes": info["num_classes"]}).eval()
+    assert all(torch.equal(model.state_dict()[k], a[k]) for k in a)
+    transform = create_transform(**info["eval_transform"])
+    test = load_dataset("demo", tiny_dataset, "test")
+    x = torch.stack([transform(__import__("PIL.Image").Image.open(test.abspath(i)).convert("RGB"))
+                     for i in range(len(test))])
+    with torch.no_grad():
+        logits = model(x)
+    y = torch.tensor([s.label for s in test.samples])
+    top1 = (logits.argmax(1) == y).float().mean().item() * 100
+    top3 = (logits.topk(3, 1).indices == y[:, None]).any(1).float().mean().item() * 100
+    assert manifest["metrics"]["top1"] == pytest.approx(top1) and manifest["metrics"]["top5"] == pytest.approx(top3)
+    assert manifest["config"]["num_classes"] == 3 and manifest["config"]["model"] == "test_resnet"
+
+
+def test_pretrained_file_loads_backbone_and_resets_head(tmp_path):
+    import timm
+
+    source = timm.create_model("test_resnet", num_classes=1000)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "in1k.safetensors")
+    args = train_cls.get_parser().parse_args(["--model", "test_resnet", "--pretrained", "--pretrained-file",
+                                              str(tmp_path / "in1k.safetensors")])
+    model = train_cls.build_model(args, 3)
+    head = model.get_classifier()
+    assert head.out_features == 3
+    for k, v in model.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(v, source.state_dict()[k]), k
+
+
+def test_benchmark_reports_speed_on_fake_data(tmp_path):
+    result = train_cls.main(["--benchmark", "--fake-data", "24", "--fake-size", "40", "--model", "test_resnet",
+                             "--input-size", "32", "--batch-size", "4", "--workers", "0", "--amp", "no",
+                             "--benchmark-steps", "3", "--benchmark-warmup", "1", "--output-dir", str(tmp_path)])
+    assert result["img_per_s"] > 0 and 0 < result["data_wait_frac"] < 1
+    assert json.loads((tmp_path / "benchmark.json").read_text())["img_per_s"] == result["img_per_s"]

@@ -1,0 +1,563 @@
+"""Train an image classifier (ResNet-50 by default) on real, synthetic, or real+synthetic images (paper App. F, Tab. 8).
+
+Every accuracy in the paper comes from this stage: a timm model trained from scratch (IN-10/100/1K, EuroSAT) or from
+ImageNet weights (CUB, Cars, Pets) on the images named by `--train-dirs`, then top-1/top-5 on the *real* test split.
+`--train-dirs real` is the dataset's own train split (read by common.load_dataset), any other entry is a synthesize.py
+output (classes.json + manifest.jsonl), so real-only, synthetic-only and real+synthetic runs are one flag apart.
+Labels always follow the dataset's class list; a synthetic set with other classes is an error.
+
+Inputs : --dataset/--data-root (real train + test split), --train-dirs, optional --subset-mask (LiRA shadows).
+Outputs: <output-dir>/ (default runs/<dataset>/cls_<name>, name = real | <synth dir> | real+<synth dir>)
+           model.safetensors   timm state_dict (`model.load_state_dict(safetensors.torch.load_file(...))`)
+           classes.json        {"classes": [...], "class_names": [...]} in label order
+           metrics.jsonl       one row per epoch (loss, lr, top1, top5, img/s, data-wait fraction)
+           checkpoints/        accelerate state of the last epoch(s); a re-run of the same command resumes
+           manifest.json       written last: config, metrics (top1/top5 on the real test split) and a "classifier"
+                               entry from which eval_ood.py / mia_lira.py rebuild the model:
+                                 timm.create_model(c["model"], num_classes=c["num_classes"], **c["model_kwargs"])
+                                 .load_state_dict(load_file(run / c["weights"])); the eval transform is
+                                 timm.data.create_transform(**c["eval_transform"]); labels follow c["classes"].
+
+Commands (the Tab. 8 recipe comes from the dataset's YAML section; any flag overrides it):
+  one GPU : python train_cls.py --config configs/in10.yaml --data-root /data/imagenet --train-dirs real runs/in10/synth_x1
+  8 GPUs  : accelerate launch --multi_gpu --num_processes 8 train_cls.py --config configs/in10.yaml ...
+            (the global --batch-size is kept for any world size: gradient accumulation makes up the difference)
+  CPU     : python train_cls.py --config configs/demo.yaml --train-dirs real
+  speed   : python train_cls.py --benchmark --model resnet50 --fake-data 4096 --fake-size 400   (make bench-train)
+
+Recipes: `--recipe paper` (default) is Tab. 8: SGD momentum 0.9, lr 0.1, x0.2 at epochs 50/100/150, wd 5e-4, no
+warmup, no label smoothing, random-resized-crop + flip. `--recipe release` is what the authors' timm 0.9.2 run
+actually did for IN-10/100: Nesterov SGD, 5 warmup epochs, label smoothing 0.1, colour jitter 0.4 (each only where
+the option is still at its paper value). The IN-1K recipe (LAMB, cosine, RandAugment, mixup/cutmix, BCE) is in
+configs/in1k.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import (
+    RunDir, config_dict, fingerprint, get_logger, item_seed, load_dataset, load_image, load_synthetic, progress,
+    read_jsonl, seed_everything, write_json, write_jsonl,
+)
+
+# What the authors' release ran for IN-10 (timm 0.9.2 defaults the paper's Tab. 8 does not list).
+RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jitter": 0.4}  # timm "sgd" = Nesterov
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default=None, help="dataset name for common.load_dataset (in10, cub, demo, ...)")
+    data.add_argument("--data-root", default=None, help="root of the real dataset")
+    data.add_argument("--test-split", default="test", help="real test split (ImageNet sets read 'val' for any test)")
+    data.add_argument("--train-dirs", "--train-data", nargs="+", default=["real"],
+                      help="training sources: 'real' (the dataset's train split) and/or synthesize.py output dirs")
+    data.add_argument("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
+    data.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
+    data.add_argument("--runs-dir", default="runs")
+    data.add_argument("--output-dir", default=None, help="default: <runs-dir>/<dataset>/cls_<name>")
+    data.add_argument("--seed", type=int, default=42, help="release train.py seed (paper silent)")
+    data.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
+    data.add_argument("--resume", choices=["latest", "never"], default="latest",
+                      help="'latest': continue an interrupted run from its last checkpoint; 'never': start over")
+    data.add_argument("--epochs-per-job", type=int, default=None,
+                      help="stop after this many epochs (for time-limited jobs: re-submit the same command to go on)")
+    model = p.add_argument_group("model (Tab. 8: ResNet-50; scratch for IN/EuroSAT, ImageNet weights for CUB/Cars/Pets)")
+    model.add_argument("--model", default="resnet50", help="any timm model name")
+    model.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
+    model.add_argument("--pretrained-file", default=None, help="local weights file for --pretrained (offline)")
+    model.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="extra timm.create_model arguments, e.g. output_stride=8 (recorded in the manifest)")
+    model.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth (Tab. 8: 0.05 for IN-1K)")
+    model.add_argument("--input-size", type=int, default=224, help="train = test resolution (Tab. 8: 224 or 448)")
+    model.add_argument("--crop-pct", type=float, default=None, help="eval crop fraction (default: the model's, 0.95)")
+    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    optim = p.add_argument_group("optimisation (Tab. 8)")
+    optim.add_argument("--recipe", choices=["paper", "release"], default="paper",
+                       help="'release': Nesterov, 5 warmup epochs, label smoothing 0.1, colour jitter 0.4")
+    optim.add_argument("--epochs", type=int, default=200)
+    optim.add_argument("--batch-size", type=int, default=1024, help="GLOBAL batch (Tab. 8: 128 x 8 GPUs)")
+    optim.add_argument("--max-device-batch", type=int, default=128, help="largest micro-batch per process")
+    optim.add_argument("--opt", default="momentum", help="timm optimizer: momentum (SGD, paper), sgd (Nesterov), lamb")
+    optim.add_argument("--lr", type=float, default=0.1)
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight-decay", type=float, default=5e-4)
+    optim.add_argument("--sched", default="multistep", help="timm scheduler: multistep (paper), cosine (IN-1K)")
+    optim.add_argument("--decay-milestones", type=int, nargs="+", default=[50, 100, 150])
+    optim.add_argument("--decay-rate", type=float, default=0.2)
+    optim.add_argument("--warmup-epochs", type=int, default=0)
+    optim.add_argument("--warmup-lr", type=float, default=1e-5)
+    optim.add_argument("--min-lr", type=float, default=0.0)
+    aug = p.add_argument_group("augmentation and loss (Tab. 8; IN-1K adds RandAugment, mixup, cutmix, BCE)")
+    aug.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="random-resized-crop area range")
+    aug.add_argument("--hflip", type=float, default=0.5)
+    aug.add_argument("--color-jitter", type=float, default=0.0)
+    aug.add_argument("--aa", default=None, help="timm auto-augment string, e.g. rand-m7-mstd0.5 (IN-1K)")
+    aug.add_argument("--train-interpolation", default="random", help="release (timm) default; paper silent")
+    aug.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
+    aug.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (IN-1K: 0.2)")
+    aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (IN-1K: 1.0)")
+    aug.add_argument("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
+    system = p.add_argument_group("system")
+    system.add_argument("--amp", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                        help="mixed precision; auto = bf16 on a GPU, none on CPU")
+    system.add_argument("--workers", type=int, default=8, help="data-loader processes per training process")
+    system.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
+    system.add_argument("--keep-checkpoints", type=int, default=1)
+    system.add_argument("--benchmark", action="store_true", help="measure img/s and data-wait fraction, then exit")
+    system.add_argument("--benchmark-steps", type=int, default=30)
+    system.add_argument("--benchmark-warmup", type=int, default=5)
+    system.add_argument("--fake-data", type=int, default=0, help="benchmark on N random in-memory JPEGs (no dataset)")
+    system.add_argument("--fake-size", type=int, default=400, help="side of the --fake-data JPEGs")
+    return p
+
+
+# Options that do not change the trained model: left out of the config hash so they can change between resumes.
+NOT_IN_CONFIG = ("workers", "keep_checkpoints", "epochs_per_job", "eval_every", "benchmark", "benchmark_steps",
+                 "benchmark_warmup", "fake_data", "fake_size", "runs_dir", "name")
+
+
+def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`--recipe release`: the release's values for options the user left at the paper's default."""
+    if args.recipe == "release":
+        for key, value in RELEASE_RECIPE.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(path, label) pairs. Training keys are (epoch, i): each image's augmentation is seeded by (seed, epoch, i), so it
+    does not depend on worker count, world size or a resume (timm's transforms draw from the global RNGs)."""
+
+    def __init__(self, paths, labels, transform, seed: int = 0, jpegs: list[bytes] | None = None):
+        self.paths, self.labels, self.transform, self.seed, self.jpegs = paths, labels, transform, seed, jpegs
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            epoch, i = key
+            s = item_seed(self.seed, "augment", epoch, i)
+            torch.manual_seed(s)
+            np.random.seed(s % (1 << 32))
+            random.seed(s)
+        else:
+            i = key
+        img = load_image(io.BytesIO(self.jpegs[i]) if self.jpegs is not None else self.paths[i])
+        return self.transform(img), self.labels[i]
+
+
+def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]:
+    """Paths and labels of every --train-dirs source, relabelled to the test split's class order."""
+    paths, labels, inputs = [], [], {}
+    for source in args.train_dirs:
+        is_real = is_real_source(source, args.data_root)
+        if is_real:
+            index = load_dataset(args.dataset, args.data_root, "train", args.seed)
+            if args.subset_mask:
+                index = index.subset(load_mask(args.subset_mask, len(index)))
+        else:
+            index = load_synthetic(source)
+        if sorted(index.classes) != sorted(test_classes):
+            extra, missing = sorted(set(index.classes) - set(test_classes)), sorted(set(test_classes) - set(index.classes))
+            raise ValueError(f"training source {source} has other classes than the {args.dataset} test split: "
+                             f"not in the test split {extra[:5]}, missing {missing[:5]}. Synthesize from the same "
+                             f"dataset (same class list) or pick the matching --dataset.")
+        # A source may list the same classes in another order: map by class id, never by position or folder sort.
+        remap = [test_classes.index(c) for c in index.classes]
+        paths += [str(index.abspath(i)) for i in range(len(index))]
+        labels += [remap[s.label] for s in index.samples]
+        inputs[source] = {"images": len(index), "fingerprint": None if is_real else fingerprint(Path(source) /
+                                                                                                "manifest.jsonl")}
+    if args.subset_mask and not any(is_real_source(s, args.data_root) for s in args.train_dirs):
+        raise ValueError("--subset-mask selects images of the real train split, but --train-dirs has no 'real'")
+    return paths, labels, inputs
+
+
+def is_real_source(source: str, data_root) -> bool:
+    return source == "real" or (data_root is not None and Path(source).resolve() == Path(data_root).resolve())
+
+
+def load_mask(path: str, n: int) -> np.ndarray:
+    mask = np.load(path)
+    if mask.dtype != bool or mask.ndim != 1 or len(mask) != n:
+        raise ValueError(f"--subset-mask {path}: need a 1-D bool array with one entry per train image ({n}), got "
+                         f"dtype {mask.dtype}, shape {mask.shape}")
+    return mask
+
+
+def fake_jpegs(n: int, size: int, seed: int) -> list[bytes]:
+    """Random JPEGs held in memory, so `--benchmark` measures decode + augmentation without a dataset on disk."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(min(n, 256)):  # 256 distinct images, reused: encoding thousands would dominate a short benchmark
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return [out[i % len(out)] for i in range(n)]
+
+
+class EpochBatches:
+    """Micro-batches of (epoch, index) keys for this process, epoch after epoch, for one long-lived DataLoader.
+
+    Each step takes the next `batch` images of a per-epoch permutation seeded by (seed, epoch); process r gets every
+    world-th of them, split into `accum` micro-batches. The last incomplete global batch is dropped (as timm does).
+    """
+
+    def __init__(self, n, batch, seed, start_epoch, end_epoch, rank, world, accum, max_steps=None):
+        self.n, self.batch, self.seed, self.rank, self.world, self.accum = n, batch, seed, rank, world, accum
+        self.epochs = range(start_epoch, end_epoch)
+        self.steps = min(n // batch, max_steps or n)
+
+    def __len__(self):
+        return len(self.epochs) * self.steps * self.accum
+
+    def __iter__(self):
+        for epoch in self.epochs:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(item_seed(self.seed, "order", epoch)))
+            for s in range(self.steps):
+                local = order[s * self.batch:(s + 1) * self.batch][self.rank::self.world].tolist()
+                micro = len(local) // self.accum
+                for a in range(self.accum):
+                    yield [(epoch, i) for i in local[a * micro:(a + 1) * micro]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model, optimisation, loss: timm's factories, configured from the flags
+
+
+def model_kwargs(args) -> dict:
+    """--model-kwargs output_stride=8 -> {"output_stride": 8} (values parsed as YAML scalars)."""
+    import yaml
+
+    pairs = [kv.split("=", 1) for kv in args.model_kwargs]
+    if any(len(kv) != 2 for kv in pairs):
+        raise ValueError(f"--model-kwargs takes KEY=VALUE pairs, got {args.model_kwargs}")
+    return {k: yaml.safe_load(v) for k, v in pairs}
+
+
+def build_model(args, num_classes: int):
+    import timm
+
+    kwargs = {**model_kwargs(args), "num_classes": num_classes, "drop_path_rate": args.drop_path or None}
+    if args.pretrained and args.pretrained_file:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(args.pretrained_file)}
+    try:
+        return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if args.pretrained and not args.pretrained_file:
+            raise RuntimeError(f"could not fetch ImageNet weights for {args.model} ({err}); when offline, pass "
+                               f"--pretrained-file PATH (a timm .safetensors/.pth checkpoint)") from err
+        raise
+
+
+def eval_transform_cfg(args, model) -> dict:
+    """The eval transform as `timm.data.create_transform` kwargs: the model's defaults at --input-size (recorded in
+    the manifest so that eval_ood.py and mia_lira.py see images exactly as the test split did)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    cfg["input_size"] = (3, args.input_size, args.input_size)
+    if args.crop_pct is not None:
+        cfg["crop_pct"] = args.crop_pct
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def build_transforms(args, eval_cfg: dict):
+    from timm.data import create_transform
+
+    train = create_transform(eval_cfg["input_size"], is_training=True, scale=tuple(args.scale), hflip=args.hflip,
+                             color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation,
+                             mean=eval_cfg["mean"], std=eval_cfg["std"])
+    return train, create_transform(**eval_cfg, is_training=False)
+
+
+def build_loss(args, num_classes: int):
+    """timm's train.py choice: mixup -> soft targets (BCE or CE); else label smoothing; else plain CE."""
+    from timm.data import Mixup
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+        return mixup, (BinaryCrossEntropy(smoothing=0.0) if args.bce_loss else SoftTargetCrossEntropy())
+    if args.bce_loss:
+        return None, BinaryCrossEntropy(smoothing=args.smoothing)
+    if args.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return None, torch.nn.CrossEntropyLoss()
+
+
+def accumulation_steps(batch: int, world: int, max_device: int) -> int:
+    """Smallest number of micro-batches per step that keeps each at most `max_device` and divides the batch evenly."""
+    if batch % world:
+        raise ValueError(f"--batch-size {batch} is not divisible by the {world} processes")
+    accum = max(1, math.ceil(batch / (world * max_device)))
+    while (batch // world) % accum:
+        accum += 1
+    return accum
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Train and evaluate
+
+
+def train_steps(model, batches_iter, n_micro, accum, optimizer, scheduler, criterion, mixup, accelerator, args,
+                epoch, num_updates, is_main):
+    """Run `n_micro` micro-batches (n_micro / accum optimizer steps). Returns loss, images, seconds, data-wait s."""
+    model.train()
+    device, total_loss, images, wait = accelerator.device, 0.0, 0, 0.0
+    start = time.perf_counter()
+    bar = progress(range(n_micro), is_main, desc=f"epoch {epoch + 1}", leave=False)
+    for m in bar:
+        t0 = time.perf_counter()
+        x, y = next(batches_iter)
+        wait += time.perf_counter() - t0
+        x = x.to(device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+        y = y.to(device, non_blocking=True)
+        # mixup (numpy RNG) and drop-path (torch RNG) seeded per micro-batch: identical after a resume
+        s = item_seed(args.seed, "step", epoch, m, accelerator.process_index)
+        torch.manual_seed(s)
+        np.random.seed(s % (1 << 32))
+        if mixup is not None:
+            x, y = mixup(x, y)
+        last = (m + 1) % accum == 0
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            loss = criterion(model(x), y)
+        accelerator.backward(loss / accum)
+        if last:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            scheduler.step_update(num_updates)
+        total_loss += loss.item() * len(x)
+        images += len(x)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"loss": total_loss / max(images, 1), "images": images, "seconds": time.perf_counter() - start,
+            "data_wait": wait}, num_updates
+
+
+@torch.no_grad()
+def evaluate(model, index, transform, accelerator, args) -> dict:
+    """Top-1/top-5 on `index`, each process taking every world-th image; counts summed over processes."""
+    model.eval()
+    ids = list(range(accelerator.process_index, len(index), accelerator.num_processes))
+    data = ImageList([str(index.abspath(i)) for i in ids], [index.samples[i].label for i in ids], transform)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.max_device_batch, num_workers=args.workers)
+    counts = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+    for x, y in loader:
+        x = x.to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+        hit = top == y[:, None]
+        counts += torch.tensor([hit[:, 0].sum(), hit.any(1).sum(), len(y)], dtype=torch.float64,
+                               device=accelerator.device)
+    counts = accelerator.reduce(counts, reduction="sum")
+    return {"top1": 100.0 * counts[0].item() / counts[2].item(), "top5": 100.0 * counts[1].item() / counts[2].item()}
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path | None, int]:
+    done = sorted(ckpt_dir.glob("epoch_[0-9][0-9][0-9][0-9]")) if ckpt_dir.is_dir() else []
+    return (done[-1], int(done[-1].name.split("_")[1])) if done else (None, 0)
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, epochs_done: int, keep: int) -> None:
+    """accelerate state written under a temp name and renamed: a crash mid-save never looks like a checkpoint."""
+    final, tmp = ckpt_dir / f"epoch_{epochs_done:04d}", ckpt_dir / f".tmp_epoch_{epochs_done:04d}"
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(ckpt_dir.glob("epoch_[0-9][0-9][0-9][0-9]"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def default_name(train_dirs: list[str]) -> str:
+    return "+".join("real" if d == "real" else Path(d).name for d in train_dirs)
+
+
+def main(argv=None) -> dict:
+    from accelerate import Accelerator
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    parser = get_parser()
+    args = parse_args_with_recipe(parser, argv)
+    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    accelerator = Accelerator(mixed_precision=amp)
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    out = Path(args.output_dir or Path(args.runs_dir) / (args.dataset or "fake") /
+               (f"bench_train_{args.model}" if args.benchmark else f"cls_{args.name or default_name(args.train_dirs)}"))
+    seed_everything(args.seed)
+
+    # Data: class order from the real test split; every training source is relabelled to it.
+    if args.fake_data:
+        test_index, paths, labels, inputs = None, [None] * args.fake_data, [i % 10 for i in range(args.fake_data)], {}
+        classes, class_names = [str(c) for c in range(10)], [str(c) for c in range(10)]
+    else:
+        test_index = load_dataset(args.dataset, args.data_root, args.test_split, args.seed)
+        classes, class_names = test_index.classes, test_index.class_names
+        paths, labels, inputs = load_train_sources(args, classes)
+    model = build_model(args, len(classes))
+    eval_cfg = eval_transform_cfg(args, model)
+    train_tf, eval_tf = build_transforms(args, eval_cfg)
+    if len(labels) < args.batch_size:
+        raise ValueError(f"{len(labels)} training images but --batch-size {args.batch_size}: lower the batch size")
+
+    args.num_classes = len(classes)
+    config = config_dict(args, exclude=NOT_IN_CONFIG + ("output_dir",))
+    run = RunDir(out, config, overwrite=args.overwrite, is_main=is_main)
+    if not args.benchmark:
+        state = run.start()
+        if state == "done":
+            return run.manifest()["metrics"]
+    log = get_logger(None if args.benchmark else out, is_main)
+    accelerator.wait_for_everyone()
+
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum)
+    accum = accumulation_steps(args.batch_size, world, args.max_device_batch)
+    steps_per_epoch = len(labels) // args.batch_size
+    scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
+                                       decay_milestones=args.decay_milestones, decay_rate=args.decay_rate,
+                                       warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
+                                       updates_per_epoch=steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    mixup, criterion = build_loss(args, len(classes))
+    train_set = ImageList(paths, labels, train_tf, args.seed, fake_jpegs(args.fake_data, args.fake_size, args.seed)
+                          if args.fake_data else None)
+
+    def loader(start, end, max_steps=None):
+        batches = EpochBatches(len(labels), args.batch_size, args.seed, start, end, accelerator.process_index, world,
+                               accum, max_steps)
+        return batches, iter(torch.utils.data.DataLoader(
+            train_set, batch_sampler=batches, num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers > 0 else None))
+
+    if args.benchmark:
+        return benchmark(args, model, loader, accum, optimizer, scheduler, criterion, mixup, accelerator, out, log)
+
+    # Resume: model, optimizer and scaler from the last checkpoint; the schedule and the data are functions of epoch.
+    ckpt_dir = out / "checkpoints"
+    latest, start_epoch = latest_checkpoint(ckpt_dir) if args.resume == "latest" else (None, 0)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] <= start_epoch] \
+        if latest and (out / "metrics.jsonl").is_file() else []
+    if latest:
+        accelerator.load_state(str(latest))
+        log.info(f"resumed from {latest} ({start_epoch} epochs done)")
+    num_updates = start_epoch * steps_per_epoch
+    scheduler.step(start_epoch)
+    scheduler.step_update(num_updates)
+    end_epoch = args.epochs if args.epochs_per_job is None else min(args.epochs, start_epoch + args.epochs_per_job)
+    log.info(f"{len(labels)} train images from {args.train_dirs}, {len(classes)} classes, batch {args.batch_size} = "
+             f"{world} processes x {accum} micro-batches of {args.batch_size // world // accum}; epochs "
+             f"{start_epoch}->{end_epoch} of {args.epochs}")
+    batches, it = loader(start_epoch, end_epoch)
+    metrics = {}
+    for epoch in range(start_epoch, end_epoch):
+        lr = optimizer.param_groups[0]["lr"]  # the epoch's lr (timm applies milestone m from epoch index m - 1)
+        stats, num_updates = train_steps(model, it, batches.steps * accum, accum, optimizer, scheduler, criterion,
+                                         mixup, accelerator, args, epoch, num_updates, is_main)
+        scheduler.step(epoch + 1)
+        row = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": lr,
+               "img_per_s": stats["images"] * world / stats["seconds"],
+               "data_wait_frac": stats["data_wait"] / stats["seconds"]}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            metrics = evaluate(model, test_index, eval_tf, accelerator, args)
+            row.update(metrics)
+        rows.append(row)
+        log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        save_checkpoint(accelerator, ckpt_dir, epoch + 1, args.keep_checkpoints)
+        if is_main:
+            write_jsonl(out / "metrics.jsonl", rows)
+    if end_epoch < args.epochs:
+        log.info(f"stopped after {end_epoch} epochs (--epochs-per-job); run the same command again to continue")
+        return {"epochs_done": end_epoch, **metrics}
+    if not metrics:  # interrupted after the last checkpoint: the final evaluation is all that is left
+        metrics = evaluate(model, test_index, eval_tf, accelerator, args)
+    inputs["test_split"] = {"split": args.test_split, "images": len(test_index)}
+    return finish(run, accelerator.unwrap_model(model), args, classes, class_names, eval_cfg, metrics, inputs,
+                  is_main)
+
+
+def parse_args_with_recipe(parser, argv):
+    from common import parse_args
+
+    args = parse_args(parser, argv, "train_cls")
+    apply_recipe(args, parser)
+    if not args.fake_data and (args.dataset is None or args.data_root is None):
+        parser.error("--dataset and --data-root are required (or a --config that sets them)")
+    return args
+
+
+def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is_main) -> dict:
+    """Final weights (plain timm state_dict), classes.json and the manifest that makes the run self-describing."""
+    from safetensors.torch import save_file
+
+    from common import atomic_path
+
+    if is_main:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(run.path / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        write_json(run.path / "classes.json", {"classes": classes, "class_names": class_names})
+    classifier = {"model": args.model, "num_classes": len(classes), "model_kwargs": model_kwargs(args),
+                  "weights": "model.safetensors",
+                  "eval_transform": eval_cfg, "classes": classes, "class_names": class_names}
+    metrics = {**metrics, "epochs": args.epochs}
+    run.finish(metrics, inputs=inputs, extra={"classifier": classifier})
+    return metrics
+
+
+def benchmark(args, model, loader, accum, optimizer, scheduler, criterion, mixup, accelerator, out, log) -> dict:
+    """Images/s and the fraction of step time spent waiting for the data loader, after a few warm-up steps."""
+    warm, steps = args.benchmark_warmup, args.benchmark_steps
+    batches, it = loader(0, 1, max_steps=warm + steps)
+    if batches.steps < warm + steps:
+        raise ValueError(f"--benchmark needs {(warm + steps) * args.batch_size} images, have "
+                         f"{batches.n}; use --fake-data N or fewer --benchmark-steps")
+    train_steps(model, it, warm * accum, accum, optimizer, scheduler, criterion, mixup, accelerator, args, 0, 0,
+                accelerator.is_main_process)
+    stats, _ = train_steps(model, it, steps * accum, accum, optimizer, scheduler, criterion, mixup, accelerator, args,
+                           0, 0, accelerator.is_main_process)
+    result = {"model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
+              "processes": accelerator.num_processes, "workers": args.workers, "amp": accelerator.mixed_precision,
+              "img_per_s": stats["images"] * accelerator.num_processes / stats["seconds"],
+              "data_wait_frac": stats["data_wait"] / stats["seconds"],
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    if accelerator.is_main_process:
+        write_json(out / "benchmark.json", result)
+    log.info(f"benchmark: {result}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
