@@ -688,3 +688,27 @@ def encode_latent_prior(vae, pixels: torch.Tensor, generators: Sequence[torch.Ge
     latents = posterior.mean + posterior.std * noise
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classifiers: eval_ood.py and mia_lira.py query what train_cls.py trained, rebuilt from its manifest alone.
+
+
+def load_classifier(run_dir: str | os.PathLike, device: torch.device | str = "cpu"):
+    """(model in eval mode, its eval transform, the manifest's `classifier` entry) of a complete train_cls.py run.
+
+    eval() matters: BatchNorm must use its running statistics at query time (tensorflow/privacy#427).
+    """
+    import timm
+    from safetensors.torch import load_file
+    from timm.data import create_transform
+
+    manifest_path = Path(run_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a complete train_cls.py run (no manifest.json); finish training")
+    info = read_json(manifest_path)["classifier"]
+    model = timm.create_model(info["model"], num_classes=info["num_classes"], pretrained=False,
+                              **info.get("model_kwargs", {}))
+    model.load_state_dict(load_file(str(Path(run_dir) / info["weights"])))
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in info["eval_transform"].items()}
+    return model.to(device).eval(), create_transform(**kwargs, is_training=False), info

@@ -1,44 +1,98 @@
 """The embedded demo: a procedural labelled image dataset and a tiny Stable-Diffusion-architecture generator.
 
-Everything here stands in for what cannot be downloaded on an offline CPU machine (ImageNet, SD 1.5, CLIP), built
-from configs with the same classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel + CLIPTokenizer,
-CLIPVisionModelWithProjection) and saved in the standard diffusers / transformers layouts, so every stage script
-loads it with the same `from_pretrained` calls it uses for SD 1.5 from the hub.
+Not a paper stage: the documented home of what stands in for the downloads an offline CPU machine cannot make
+(ImageNet, SD 1.5, CLIP). The generator is built from configs with SD's own classes (UNet2DConditionModel,
+AutoencoderKL, CLIPTextModel + CLIPTokenizer, CLIPVisionModelWithProjection), saved in the diffusers / transformers
+layouts, so every stage loads it with the same `from_pretrained` calls it uses for SD 1.5 from the hub.
 
-This section holds the offline builders; the demo data, the generator's pretraining and the report are below.
+Commands (each cached through common.RunDir: a second call with the same settings is a no-op):
+
+    python demo.py data --config configs/demo.yaml          # -> runs/demo/data/{train,test,sketch,rendition}/
+    python demo.py generator --config configs/demo.yaml     # -> runs/demo/generator/{sd,clip_vision}/ (one-time)
+    python demo.py report --config configs/demo.yaml        # -> runs/demo/{summary.json,report.md,*.png}
+
+* data: ten shape classes (CLASSES, one word each) at 32 px: random colour, size, position, rotation and stretch
+  on a textured background with small distractors ("photo" style: train/, test/), plus two shifted test sets with
+  the same classes: sketch/ (dark outline on paper) and rendition/ (textured shape, cartoon outline, flat
+  background). ImageFolder splits with classes.txt and class_names.txt; common.load_dataset("demo", root, split).
+  Every image is a pure function of (seed, split, class, index).
+* generator: builds the tiny pipeline and pretrains it on procedurally drawn "web" images (own seeds, wider ranges,
+  some sketches and renditions: never a demo train/test image), SD's recipe at toy scale: the VAE to reconstruct
+  (scaling_factor then set for unit-variance latents), the UNet + text encoder to denoise text-conditioned on
+  "photo of <class>" with 10% prompt dropout (to "", or a negative prompt, so CFG has an unconditional branch),
+  min-SNR weighting and EMA, and the CLIP image encoder contrastively against the class prompts (its projected
+  embedding is finetune.py's visual-guidance token). Quality is recorded in generator/manifest.json: VAE PSNR,
+  how much the prompt moves the noise prediction, a diffusion-classifier accuracy, text-to-image and img2img grids,
+  and a small CNN trained on real demo images vs on their img2img versions (synthesize.py's settings). The stages
+  then use runs/demo/generator/sd as --pretrained-model and runs/demo/generator/clip_vision as --vg-encoder.
+* report: reads the manifest.json of every stage under runs/demo/ (generator, finetune, synth_x*, cls_*, ood*,
+  mia*, sscd*; missing stages are skipped), writes summary.json (headline figures, per-stage metrics and elapsed
+  time), report.md and real_vs_synthetic.png.
+
+CPU only (there is nothing here a GPU would change the demo's numbers by); on a CPU shared with other jobs, set
+OMP_NUM_THREADS=1: two OpenMP threads on an oversubscribed machine ran the UNet 4x slower than one.
 """
-
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import string
+import sys
+import time
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
+from PIL import Image
+
+from common import (RunDir, atomic_write, build_prompt, fingerprint, get_logger, item_seed,
+                    load_dataset, load_image, load_synthetic, negative_prompt, parse_args, progress, read_json,
+                    save_image, seed_everything, write_json)
 
 # The tiny generator's shape. Latents are 4 x (size/2) x (size/2) (one VAE downsampling), cross-attention width 64.
 TEXT_WIDTH = 64
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
+def apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the best-ranked adjacent pair (all its occurrences)."""
+    while len(pieces) > 1:
+        rank, first, second = min((ranks.get(pair, math.inf), *pair) for pair in zip(pieces, pieces[1:]))
+        if rank == math.inf:
+            break
+        merged, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == (first, second):
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
 def build_bpe_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP-format BPE vocabulary made offline: every character (so any text tokenizes), and one whole-word token
-    for each of `words` (the class-name and prompt words), reached through a chain of merges."""
+    for each of `words` (the class-name and prompt words).
+
+    Each word gets merges appended until BPE, run with all merges so far, ends in one token. Merges are ranked, so a
+    naive chain per word breaks when words share pairs (the 'q u' of "quality" pre-empts the 's q' of "square");
+    new merges rank last, so they never change how an earlier word tokenizes."""
     chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
     vocab: dict[str, int] = {}
     for token in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(token, len(vocab))
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.lower() for w in words if w}):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merged = left + right
-            if merged not in vocab:
-                merges.append((left, right))
-                vocab[merged] = len(vocab)
-            left = merged
+        while len(pieces := apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     return vocab, merges
@@ -56,9 +110,11 @@ def save_tokenizer(out_dir: Path, words: Iterable[str]):
     return tokenizer
 
 
-def build_generator(out_dir: str | Path, words: Iterable[str], image_size: int = 32, seed: int = 0):
+def build_generator(out_dir: str | Path, words: Iterable[str], image_size: int = 32, seed: int = 0,
+                    unet_channels: Iterable[int] = (32, 64), vae_channels: Iterable[int] = (32, 64)):
     """Build an untrained tiny SD-1.x pipeline and save it in the diffusers layout (model_index.json, unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/). Returns the StableDiffusionImg2ImgPipeline."""
+    text_encoder/, tokenizer/, scheduler/). Returns the StableDiffusionImg2ImgPipeline.
+    `vae_channels` and `unet_channels` set the widths per level (one more VAE level = one more 2x downsampling)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -69,18 +125,25 @@ def build_generator(out_dir: str | Path, words: Iterable[str], image_size: int =
         vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    # Two levels = one downsampling: 32 px images -> 16 x 16 x 4 latents (SD's VAE downsamples 8x; at 32 px that
+    # would leave 4 x 4 latents, too coarse for shapes).
+    vae_channels = tuple(vae_channels)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, norm_num_groups=16,
-        block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, norm_num_groups=8,
+        block_out_channels=vae_channels, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels))
     # Cross-attention at every resolution: a prototype with attention only at the lowest one never learned the
     # class conditioning (issue #2).
+    # (32, 64) channels: 1.1M parameters, ~4x cheaper than (64, 128) on a CPU, the difference between a pretraining
+    # that fits the demo's budget and one that does not.
+    unet_channels = tuple(unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=16, norm_num_groups=16)
+        sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=unet_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * len(unet_channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(unet_channels),
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
     # SD 1.5's noise schedule and default scheduler, so the stage scripts see the same configs as on the hub model.
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
@@ -105,3 +168,806 @@ def build_image_encoder(out_dir: str | Path, projection_dim: int = TEXT_WIDTH, i
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return model, processor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Demo data: ten shape classes drawn procedurally. Every image is a pure function of (seed, split, class, index).
+
+# One short word per class, so the word-level vocabulary gives each class exactly one token in "photo of <class>".
+CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "arrow", "moon")
+# Prompt words the stages use (common.build_prompt / negative_prompt, both styles): whole-word tokens too.
+PROMPT_WORDS = ("photo", "of", "best", "quality", "distorted", "unrealistic", "blurry", "out", "frame", "cropped",
+                "deformed")
+SPLITS = ("train", "test", "sketch", "rendition")  # sketch and rendition are the demo's OOD sets
+SUPERSAMPLE = 4  # shapes are drawn at 4x and box-downsampled: anti-aliased edges
+
+
+def _circle(n: int = 48, cx: float = 0.0, cy: float = 0.0, r: float = 1.0, a0: float = 0.0, a1: float = 2 * np.pi):
+    t = np.linspace(a0, a1, n, endpoint=a1 - a0 < 2 * np.pi - 1e-6)
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
+
+
+def _regular(k: int, inner: float | None = None) -> np.ndarray:
+    n = 2 * k if inner else k
+    t = np.arange(n) * 2 * np.pi / n - np.pi / 2
+    r = np.where(np.arange(n) % 2 == 1, inner, 1.0) if inner else np.ones(n)
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _moon() -> np.ndarray:
+    """A crescent: the unit circle minus a circle of radius 0.85 centred at (0.5, 0), as one polygon."""
+    outer = _circle(40, a0=np.radians(58), a1=np.radians(302))
+    inner = _circle(30, cx=0.5, r=0.85, a0=np.radians(268), a1=np.radians(92))
+    return np.concatenate([outer, inner])
+
+
+def shape_polygons(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(filled polygons, holes) in unit coordinates (radius ~1, centred at 0)."""
+    arm = 0.33
+    polys = {
+        "circle": [_circle()], "square": [_regular(4)], "triangle": [_regular(3)], "star": [_regular(5, 0.45)],
+        "cross": [np.array([(-arm, -1), (arm, -1), (arm, -arm), (1, -arm), (1, arm), (arm, arm), (arm, 1), (-arm, 1),
+                            (-arm, arm), (-1, arm), (-1, -arm), (-arm, -arm)], float) * 0.9],
+        "ring": [_circle()], "diamond": [np.array([(0, -1), (0.55, 0), (0, 1), (-0.55, 0)], float)],
+        "hexagon": [_regular(6)], "moon": [_moon()],
+        "arrow": [np.array([(-1, -0.25), (0.15, -0.25), (0.15, -0.65), (1, 0), (0.15, 0.65), (0.15, 0.25),
+                            (-1, 0.25)], float)],
+    }[name]
+    holes = [_circle(r=0.55)] if name == "ring" else []
+    return polys, holes
+
+
+def _random_colour(rng: np.random.Generator, sat=(0.3, 1.0), val=(0.25, 1.0)) -> np.ndarray:
+    import colorsys
+
+    return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(*sat), rng.uniform(*val))) * 255
+
+
+def _texture(rng: np.random.Generator, size: int, kind: str | None = None, freqs=(3, 8)) -> np.ndarray:
+    """A [size, size, 3] texture of two random colours: flat, gradient, stripes, checker or blobs."""
+    kind = kind or rng.choice(["flat", "gradient", "stripes", "checker", "blobs"])
+    c1, c2 = _random_colour(rng), _random_colour(rng)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    if kind == "flat":
+        mix = np.zeros((size, size))
+    elif kind == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        mix = (np.cos(angle) * xx + np.sin(angle) * yy)
+        mix = (mix - mix.min()) / (np.ptp(mix) + 1e-6)
+    elif kind == "stripes":
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(*freqs)
+        mix = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6))
+    elif kind == "checker":
+        cells = rng.integers(3, 8)
+        mix = ((np.floor(xx * cells) + np.floor(yy * cells)) % 2).astype(float)
+    else:  # blobs: a few Gaussian bumps
+        mix = np.zeros((size, size))
+        for _ in range(rng.integers(3, 7)):
+            cx, cy, s = rng.random(), rng.random(), rng.uniform(0.08, 0.25)
+            mix += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
+        mix = np.clip(mix, 0, 1)
+    return c1 * (1 - mix[..., None]) + c2 * mix[..., None]
+
+
+def _shape_mask(rng: np.random.Generator, name: str, size: int, scale: tuple[float, float], outline: float = 0.0,
+                max_turn: float = 25.0):
+    """Rasterise a randomly scaled, stretched, rotated and placed shape into an anti-aliased [size, size] alpha."""
+    from PIL import ImageDraw
+
+    big = size * SUPERSAMPLE
+    radius = rng.uniform(*scale) * size
+    # Upright +- max_turn degrees: with any rotation a small CNN needs far more than 40 images per class.
+    angle, stretch = np.radians(rng.uniform(-max_turn, max_turn)), rng.uniform(0.85, 1.15)
+    margin = radius * 0.8
+    centre = rng.uniform(margin, size - margin, 2)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    def to_px(p):
+        return [tuple(v) for v in ((p * [stretch, 1 / stretch]) @ rot.T * radius + centre) * SUPERSAMPLE]
+
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    polys, holes = shape_polygons(name)
+    width = max(1, round(outline * SUPERSAMPLE))
+    for poly in polys:
+        draw.polygon(to_px(poly), fill=None if outline else 255, outline=255 if outline else None, width=width)
+    for hole in holes:
+        draw.polygon(to_px(hole), fill=None if outline else 0, outline=255 if outline else None, width=width)
+    return np.asarray(mask.resize((size, size), Image.BOX), np.float32) / 255
+
+
+def _distractors(rng: np.random.Generator, img: np.ndarray, count: int) -> np.ndarray:
+    """Small lines and dots in random colours: clutter the classifier must learn to ignore."""
+    from PIL import ImageDraw
+
+    pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    size = img.shape[0]
+    for _ in range(count):
+        colour = tuple(int(c) for c in _random_colour(rng))
+        x, y = rng.uniform(0, size, 2)
+        if rng.random() < 0.5:
+            dx, dy = rng.uniform(-6, 6, 2)
+            draw.line([(x, y), (x + dx, y + dy)], fill=colour, width=1)
+        else:
+            r = rng.uniform(0.8, 2.0)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    return np.asarray(pil, np.float32)
+
+
+def draw_shape(rng: np.random.Generator, name: str, style: str, size: int = 32) -> Image.Image:
+    """One image of class `name` in a style: 'photo' (train/test), 'sketch', 'rendition' or 'web' (pretraining)."""
+    if style == "web":  # the generator's broad "web-scale" draw: mostly photos, wider ranges, some other styles
+        style = rng.choice(["photo", "photo", "photo", "photo", "photo", "photo", "sketch", "rendition"])
+        scale = (0.25, 0.46)
+    else:
+        scale = (0.28, 0.44)
+    if style == "photo":
+        # Smooth backgrounds only (a checker or fine stripes at 32 px hide the shape from a small CNN trained on a
+        # few hundred images: it stayed at chance in a first version).
+        alpha = _shape_mask(rng, name, size, scale)
+        fg = _random_colour(rng)
+        bg = _texture(rng, size, rng.choice(["flat", "gradient", "blobs", "stripes"]), freqs=(1, 2.5))
+        for _ in range(10):  # keep the shape visible: resample a colour too close to the background's mean
+            if np.abs(fg - bg.mean((0, 1))).sum() > 150:
+                break
+            fg = _random_colour(rng)
+        img = bg * (1 - alpha[..., None]) + fg * alpha[..., None]
+        img = _distractors(rng, img, int(rng.integers(0, 3)))
+        img = img + rng.normal(0, 4, img.shape)
+    elif style == "sketch":  # dark outline on paper: no colour, no texture
+        alpha = _shape_mask(rng, name, size, scale, outline=rng.uniform(0.8, 1.5))
+        paper, ink = rng.uniform(215, 255), rng.uniform(0, 90)
+        img = paper * (1 - alpha[..., None]) + ink * alpha[..., None] + rng.normal(0, 4, (size, size, 1))
+        img = np.repeat(img, 3, axis=2)
+    elif style == "rendition":  # a textured shape with a black cartoon outline on a flat saturated background
+        alpha = _shape_mask(rng, name, size, scale)
+        fill = _texture(rng, size, rng.choice(["stripes", "checker"]))
+        bg = np.broadcast_to(_random_colour(rng, sat=(0.6, 1.0), val=(0.6, 1.0)), (size, size, 3))
+        edge = np.clip(alpha * (1 - alpha) * 4, 0, 1)[..., None]  # the anti-aliased rim as a dark outline
+        img = (bg * (1 - alpha[..., None]) + fill * alpha[..., None]) * (1 - edge)
+    else:
+        raise ValueError(f"unknown demo image style {style!r}")
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8))
+
+
+def split_style(split: str) -> str:
+    return {"train": "photo", "test": "photo"}.get(split, split)
+
+
+def demo_image(seed: int, split: str, label: int, index: int, size: int = 32) -> Image.Image:
+    """The `index`-th image of class `label` in `split`: depends on nothing else (any image can be redrawn alone)."""
+    rng = np.random.default_rng(item_seed(seed, "demo-data", split, label, index))
+    return draw_shape(rng, CLASSES[label], split_style(split), size)
+
+
+def make_split(root: Path, seed: int, split: str, per_class: int, size: int) -> int:
+    """Write `root/<split>/<class>/<class>_<i>.png` + classes.txt + class_names.txt; returns the image count."""
+    out = root / split
+    for label, name in enumerate(CLASSES):
+        for i in range(per_class):
+            path = out / name / f"{name}_{i:04d}.png"
+            if not path.is_file():  # resume an interrupted run image by image
+                save_image(demo_image(seed, split, label, i, size), path)
+    with atomic_write(out / "classes.txt") as f:
+        f.write("\n".join(CLASSES) + "\n")
+    with atomic_write(out / "class_names.txt") as f:
+        f.write("\n".join(CLASSES) + "\n")
+    return per_class * len(CLASSES)
+
+
+def pretraining_images(seed: int, count: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator's pretraining set ("web" style, its own seeds: never a demo train/test image), in memory:
+    uint8 [count, 3, size, size] and labels [count], classes in turn."""
+    images = np.empty((count, size, size, 3), np.uint8)
+    for i in range(count):
+        rng = np.random.default_rng(item_seed(seed, "demo-pretrain", i))
+        images[i] = np.asarray(draw_shape(rng, CLASSES[i % len(CLASSES)], "web", size))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.arange(count) % len(CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generator pretraining: the demo's stand-in for SD 1.5's web-scale training (and CLIP's), done once and cached.
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float in [-1, 1], the range the VAE works in."""
+    return images.float() / 127.5 - 1
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).mean().item()
+    return 10 * math.log10(4 / max(mse, 1e-12))
+
+
+def batches(count: int, batch_size: int, steps: int, seed: int):
+    """`steps` random minibatch index tensors (a seeded permutation per epoch)."""
+    gen = torch.Generator().manual_seed(seed)
+    perm, at = torch.randperm(count, generator=gen), 0
+    for _ in range(steps):
+        if at + batch_size > count:
+            perm, at = torch.randperm(count, generator=gen), 0
+        yield perm[at:at + batch_size]
+        at += batch_size
+
+
+def cosine_lr(optimizer, steps: int, warmup: int):
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(warmup, steps // 5),
+                                           num_training_steps=steps)
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int,
+              log=None) -> list[float]:
+    """Reconstruction (MSE) + a small KL term, as SD's VAE minus the perceptual and GAN losses a CPU cannot afford."""
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched, losses = cosine_lr(opt, steps, 50), []
+    for step, idx in enumerate(progress(batches(len(images), batch_size, steps, seed), total=steps, desc="vae")):
+        x = to_unit(images[idx])
+        post = vae.encode(x).latent_dist
+        loss = (vae.decode(post.sample()).sample - x).pow(2).mean() + kl_weight * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log and (step + 1) % max(1, steps // 5) == 0:
+            log.info(f"vae step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f}")
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (unscaled): the UNet then trains on cached latents, far cheaper."""
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        post = vae.encode(to_unit(images[i:i + batch_size])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def prompt_table(tokenizer, uncond_prompts: list[str]) -> tuple[torch.Tensor, int]:
+    """Token ids of the class prompts ("photo of <class>", common.build_prompt) followed by the unconditional ones."""
+    prompts = [build_prompt(name) for name in CLASSES] + uncond_prompts
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids, len(CLASSES)
+
+
+def pick_prompts(labels: torch.Tensor, n_uncond: int, p_uncond: float, gen: torch.Generator) -> torch.Tensor:
+    """Row of the prompt table per sample: its class prompt, or with probability p_uncond one of the unconditional
+    prompts (empty, or a negative prompt), so classifier-free guidance has an unconditional branch to subtract."""
+    drop = torch.rand(len(labels), generator=gen) < p_uncond
+    uncond = len(CLASSES) + torch.randint(0, n_uncond, (len(labels),), generator=gen)
+    return torch.where(drop, uncond, labels)
+
+
+def diffusion_loss(unet, scheduler, latents, cond, timesteps, noise, snr_gamma: float | None) -> torch.Tensor:
+    """ε-prediction MSE, min-SNR-γ weighted (as finetune.py trains): the per-sample loss, [B]."""
+    from common import min_snr_weights, snr_from_alphas
+
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, cond).sample
+    loss = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma:
+        loss = loss * min_snr_weights(snr_from_alphas(scheduler.alphas_cumprod, timesteps), snr_gamma)
+    return loss
+
+
+def train_unet(unet, text_encoder, scheduler, mean, std, scale: float, labels, token_ids, n_uncond: int, steps: int,
+               batch_size: int, lr: float, text_lr: float, p_uncond: float, snr_gamma: float, seed: int,
+               ema_decay: float = 0.0, log=None) -> list[float]:
+    """Text-conditioned denoising on cached latents, UNet and text encoder jointly (the text encoder is frozen in
+    every later stage, as SD's is). Prompts are encoded once per step as a table and gathered per sample."""
+    from diffusers.training_utils import EMAModel
+
+    gen = torch.Generator().manual_seed(seed)
+    unet.train()
+    text_encoder.train()
+    groups = [{"params": list(unet.parameters()), "lr": lr}]
+    if text_lr > 0:
+        groups.append({"params": list(text_encoder.parameters()), "lr": text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    sched, losses = cosine_lr(opt, steps, 100), []
+    ema = EMAModel(unet.parameters(), decay=ema_decay) if ema_decay else None
+    for step, idx in enumerate(progress(batches(len(mean), batch_size, steps, seed), total=steps, desc="unet")):
+        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        with torch.set_grad_enabled(text_lr > 0):
+            table = text_encoder(token_ids)[0]
+        cond = table[pick_prompts(labels[idx], n_uncond, p_uncond, gen)]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        loss = diffusion_loss(unet, scheduler, latents, cond, t, noise, snr_gamma).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        if ema:
+            ema.step(unet.parameters())
+        losses.append(loss.item())
+        if log and (step + 1) % max(1, steps // 10) == 0:
+            log.info(f"unet step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f}")
+    if ema:
+        ema.copy_to(unet.parameters())
+    unet.eval()
+    text_encoder.eval()
+    return losses
+
+
+def train_image_encoder(vision, processor, text_encoder, token_ids, images, labels, steps: int, batch_size: int,
+                        lr: float, seed: int, log=None) -> list[float]:
+    """CLIP's contrastive objective against the (now frozen) text encoder's class-prompt embeddings, so the projected
+    image embedding (the visual-guidance token) carries what the image shows."""
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(text_encoder(token_ids[:len(CLASSES)]).pooler_output, dim=-1)
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    vision.train()
+    opt = torch.optim.AdamW(vision.parameters(), lr=lr, weight_decay=1e-2)
+    sched, losses = cosine_lr(opt, steps, 20), []
+    for idx in progress(batches(len(images), batch_size, steps, seed), total=steps, desc="clip vision"):
+        pixels = (images[idx].float() / 255 - mean) / std
+        emb = torch.nn.functional.normalize(vision(pixel_values=pixels).image_embeds, dim=-1)
+        loss = torch.nn.functional.cross_entropy(emb @ text.T * 20.0, labels[idx])  # CLIP's learned scale ends ~100
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    if log:
+        log.info(f"clip vision loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}")
+    vision.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Making the generator's quality visible: PSNR, does the text condition matter, samples, and what a classifier learns.
+
+
+def image_grid(rows: list[list[Image.Image]], scale: int = 2) -> Image.Image:
+    size = rows[0][0].width
+    grid = Image.new("RGB", (size * max(len(r) for r in rows), size * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, img in enumerate(row):
+            grid.paste(img, (x * size, y * size))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+
+
+@torch.no_grad()
+def conditioning_check(unet, text_encoder, scheduler, latents, labels, token_ids, seed: int,
+                       timesteps=(250, 500, 750)) -> dict:
+    """How much the prompt changes the noise prediction, and whether the model knows which prompt fits an image.
+
+    rel_diff = mean |ε(right prompt) − ε(empty prompt)| / mean |ε(empty)| (0 means the UNet ignores the text, the
+    failure of the first prototype); denoise_class_acc: the class whose prompt denoises a noisy latent best
+    (a diffusion classifier, chance 10%)."""
+    table = text_encoder(token_ids)[0]
+    gen = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    diffs, wrong_diffs, correct = [], [], 0
+    for t in timesteps:
+        tt = torch.full((n,), t)
+        noise = torch.randn(latents.shape, generator=gen)
+        noisy = scheduler.add_noise(latents, noise, tt)
+        uncond = unet(noisy, tt, table[len(CLASSES)].expand(n, -1, -1)).sample
+        preds = torch.stack([unet(noisy, tt, table[c].expand(n, -1, -1)).sample for c in range(len(CLASSES))], 1)
+        errors = (preds - noise[:, None]).pow(2).mean(dim=(2, 3, 4))
+        correct += (errors.argmin(1) == labels).sum().item()
+        right = preds[torch.arange(n), labels]
+        wrong = preds[torch.arange(n), (labels + 1) % len(CLASSES)]
+        diffs.append(((right - uncond).abs().mean() / uncond.abs().mean()).item())
+        wrong_diffs.append(((right - wrong).abs().mean() / uncond.abs().mean()).item())
+    return {"cond_uncond_rel_diff": float(np.mean(diffs)), "cond_wrong_rel_diff": float(np.mean(wrong_diffs)),
+            "denoise_class_acc": correct / (n * len(timesteps))}
+
+
+def load_sampler(sd_dir: Path, kind: str = "img2img"):
+    """The pipeline synthesize.py uses: SD img2img (or text-to-image for the grid) with UniPC."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UniPCMultistepScheduler
+
+    cls = StableDiffusionImg2ImgPipeline if kind == "img2img" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def text_to_image_grid(sd_dir: Path, per_class: int, steps: int, guidance: float, seed: int) -> Image.Image:
+    """One row per class of text-to-image samples ("photo of <class>"): what the pretrained model draws unprompted."""
+    pipe = load_sampler(sd_dir, "text2image")
+    rows = []
+    for label, name in enumerate(CLASSES):
+        gens = [torch.Generator().manual_seed(item_seed(seed, "demo-t2i", label, k)) for k in range(per_class)]
+        out = pipe([build_prompt(name)] * per_class, negative_prompt=[negative_prompt()] * per_class,
+                   num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+        rows.append(out)
+    return image_grid(rows)
+
+
+def sample_img2img(pipe, sources: list[Image.Image], labels: list[int], ids: list[str], strength: float, steps: int,
+                   guidance: float, seed: int, batch_size: int = 50) -> list[Image.Image]:
+    """Latent-prior synthesis as synthesize.py does it: each real image, noised to `strength`, seeds its own sample."""
+    out = []
+    for i in progress(range(0, len(sources), batch_size), desc="img2img"):
+        sl = slice(i, i + batch_size)
+        gens = [torch.Generator().manual_seed(item_seed(seed, "demo-measure", image_id)) for image_id in ids[sl]]
+        out += pipe([build_prompt(CLASSES[y]) for y in labels[sl]], image=sources[sl], strength=strength,
+                    num_inference_steps=steps, guidance_scale=guidance, negative_prompt=[negative_prompt()] * len(gens),
+                    generator=gens).images
+    return out
+
+
+def small_cnn(num_classes: int) -> torch.nn.Module:
+    """A 4-conv classifier for 32 px images: trains in seconds on a CPU."""
+    def block(cin, cout):
+        return [torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]
+
+    layers = block(3, 32) + block(32, 32) + [torch.nn.MaxPool2d(2)] + block(32, 64) + [torch.nn.MaxPool2d(2)]
+    layers += block(64, 128) + [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, num_classes)]
+    return torch.nn.Sequential(*layers)
+
+
+def classifier_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                        epochs: int, seed: int, batch_size: int = 64) -> float:
+    """Train small_cnn on uint8 images (random shifts + flips) and return its test top-1."""
+    torch.manual_seed(seed)
+    model = small_cnn(len(CLASSES))
+    steps = epochs * math.ceil(len(train_x) / batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for idx in batches(len(train_x), min(batch_size, len(train_x)), steps, seed):
+        x = torch.nn.functional.pad(to_unit(train_x[idx]), (4, 4, 4, 4), mode="reflect")
+        dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
+        x = x[:, :, dy:dy + train_x.shape[2], dx:dx + train_x.shape[3]]
+        if torch.rand(1, generator=gen).item() < 0.5:
+            x = x.flip(3)
+        loss = torch.nn.functional.cross_entropy(model(x), train_y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(to_unit(test_x[i:i + 256])).argmax(1) for i in range(0, len(test_x), 256)])
+    return (pred == test_y).float().mean().item()
+
+
+def as_tensor(images: list[Image.Image]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def measure_synthetic(sd_dir: Path, data_root: Path, per_class: int, strength: float, steps: int, guidance: float,
+                      epochs: int, seed: int, log) -> tuple[dict, Image.Image]:
+    """Real-only vs synthetic-only: the same small CNN trained on `per_class` real demo train images per class, or
+    on their img2img versions from the pretrained generator (no finetuning yet), tested on the real test split."""
+    train, test = load_dataset("demo", data_root, "train"), load_dataset("demo", data_root, "test")
+    picked = [i for label in range(len(CLASSES)) for i in [j for j, s in enumerate(train.samples)
+                                                            if s.label == label][:per_class]]
+    real = [load_image(train.abspath(i)) for i in picked]
+    labels = [train.samples[i].label for i in picked]
+    synth = sample_img2img(load_sampler(sd_dir), real, labels, [train.image_id(i) for i in picked], strength, steps,
+                           guidance, seed)
+    test_x = as_tensor([load_image(test.abspath(i)) for i in range(len(test))])
+    test_y = torch.tensor([s.label for s in test.samples])
+    y = torch.tensor(labels)
+    metrics = {"real_top1": classifier_accuracy(as_tensor(real), y, test_x, test_y, epochs, seed),
+               "synth_top1": classifier_accuracy(as_tensor(synth), y, test_x, test_y, epochs, seed),
+               "images_per_class": per_class}
+    metrics["synth_over_real"] = metrics["synth_top1"] / max(metrics["real_top1"], 1e-9)
+    log.info(f"small CNN, {per_class}/class: real {metrics['real_top1']:.3f}, img2img-synthetic "
+             f"{metrics['synth_top1']:.3f} (ratio {metrics['synth_over_real']:.2f}; chance {1 / len(CLASSES):.2f})")
+    shown = [range(c * per_class, c * per_class + min(per_class, 4)) for c in range(len(CLASSES))]
+    rows = [[real[i] for i in cols] + [synth[i] for i in cols] for cols in shown]
+    return metrics, image_grid(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The generator command: build, pretrain (phase by phase, resumable), check, cache.
+
+DATA_KEYS = ("seed", "image_size", "train_per_class", "test_per_class", "ood_per_class")
+GENERATOR_KEYS = ("seed", "image_size", "unet_channels", "vae_channels", "pretrain_images", "held_out_images",
+                  "vae_steps", "vae_batch_size", "vae_lr", "kl_weight", "unet_steps", "unet_batch_size", "unet_lr",
+                  "text_lr",
+                  "p_uncond", "snr_gamma", "ema_decay", "clip_steps", "clip_lr", "grid_per_class",
+                  "measure_per_class", "measure_strength", "measure_steps", "measure_guidance", "cls_epochs")
+
+
+def save_component(model, path: Path) -> None:
+    """save_pretrained into a temp folder, then swap it in: a crash never leaves a half-written component."""
+    import shutil
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def run_data(args) -> dict:
+    out = Path(args.out or args.data_root)
+    run = RunDir(out, {k: getattr(args, k) for k in DATA_KEYS}, args.overwrite)
+    if run.start() == "done":
+        print(f"{out}: demo data already made (manifest.json); nothing to do")
+        return run.manifest()["metrics"]
+    start = time.time()
+    per_split = {"train": args.train_per_class, "test": args.test_per_class, "sketch": args.ood_per_class,
+                 "rendition": args.ood_per_class}
+    counts = {split: make_split(out, args.seed, split, n, args.image_size) for split, n in per_split.items()}
+    metrics = {"images": counts, "classes": len(CLASSES), "elapsed_s": round(time.time() - start, 1)}
+    run.finish(metrics)
+    print(f"demo data in {out}: {counts} ({metrics['elapsed_s']} s)")
+    return metrics
+
+
+def run_generator(args) -> dict:
+    from diffusers import DDPMScheduler, StableDiffusionImg2ImgPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    out = Path(args.out or Path(args.runs_dir) / "generator")
+    run = RunDir(out, {k: getattr(args, k) for k in GENERATOR_KEYS}, args.overwrite)
+    state = run.start()
+    if state == "done":
+        print(f"{out}: demo generator already pretrained (manifest.json); nothing to do")
+        return run.manifest()["metrics"]
+    log = get_logger(out)
+    sd_dir, clip_dir, phases_file = out / "sd", out / "clip_vision", out / "phases.json"
+    phases = read_json(phases_file) if state == "resume" and phases_file.is_file() else {}
+    seed_everything(args.seed)
+    start = time.time()
+    # The last `held_out_images` are kept out of training, for PSNR and the conditioning check.
+    images, labels = pretraining_images(args.seed, args.pretrain_images + args.held_out_images, args.image_size)
+    train_x, train_y = images[:args.pretrain_images], labels[:args.pretrain_images]
+    held_x, held_y = images[args.pretrain_images:], labels[args.pretrain_images:]
+    log.info(f"{len(train_x)} pretraining images drawn in {time.time() - start:.1f} s")
+
+    def done(name: str, t0: float, **metrics):
+        phases[name] = {"elapsed_s": round(time.time() - t0, 1), **metrics}
+        write_json(phases_file, phases)
+        log.info(f"phase {name} done: {phases[name]}")
+
+    if "build" not in phases:
+        t0 = time.time()
+        build_generator(sd_dir, CLASSES + PROMPT_WORDS, args.image_size, args.seed, unet_channels=args.unet_channels,
+                        vae_channels=args.vae_channels)
+        build_image_encoder(clip_dir, TEXT_WIDTH, args.image_size, args.seed)
+        done("build", t0)
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # training noise schedule = SD 1.5's
+
+    if "vae" not in phases:
+        t0 = time.time()
+        losses = train_vae(vae, train_x, args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, args.seed,
+                           log)
+        mean, _ = encode_all(vae, train_x[:2000])
+        vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215 gives
+        save_component(vae, sd_dir / "vae")
+        done("vae", t0, loss_first=float(np.mean(losses[:10])), loss_last=float(np.mean(losses[-10:])))
+    scale = vae.config.scaling_factor
+    uncond = ["", negative_prompt("paper"), negative_prompt("release")]
+    token_ids, _ = prompt_table(tokenizer, uncond)
+
+    if "unet" not in phases:
+        t0 = time.time()
+        mean, std = encode_all(vae, train_x)
+        losses = train_unet(unet, text_encoder, scheduler, mean, std, scale, train_y, token_ids, len(uncond),
+                            args.unet_steps, args.unet_batch_size, args.unet_lr, args.text_lr, args.p_uncond,
+                            args.snr_gamma, args.seed, args.ema_decay, log)
+        save_component(unet, sd_dir / "unet")
+        save_component(text_encoder, sd_dir / "text_encoder")
+        done("unet", t0, loss_first=float(np.mean(losses[:20])), loss_last=float(np.mean(losses[-20:])))
+
+    if "clip_vision" not in phases:
+        t0 = time.time()
+        vision = CLIPVisionModelWithProjection.from_pretrained(clip_dir)
+        processor = CLIPImageProcessor.from_pretrained(clip_dir)
+        losses = train_image_encoder(vision, processor, text_encoder, token_ids, train_x, train_y, args.clip_steps,
+                                     64, args.clip_lr, args.seed, log)
+        save_component(vision, clip_dir)
+        processor.save_pretrained(clip_dir)
+        done("clip_vision", t0, loss_first=float(np.mean(losses[:10])), loss_last=float(np.mean(losses[-10:])))
+
+    t0 = time.time()
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(to_unit(held_x)).latent_dist.mode()).sample
+        held_latents = encode_all(vae, held_x)[0] * scale
+    to_pil = lambda im: Image.fromarray(((im.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).byte().numpy())  # noqa: E731
+    save_image(image_grid([[to_pil(im) for im in pair[:10]] for pair in (to_unit(held_x), recon)]),
+               out / "vae_reconstructions.png")  # top row: held-out originals, bottom: reconstructions
+    metrics = {"vae_psnr_db": psnr(recon, to_unit(held_x)), "phases": phases,
+               **conditioning_check(unet, text_encoder, scheduler, held_latents, held_y, token_ids, args.seed)}
+    log.info(f"VAE PSNR {metrics['vae_psnr_db']:.2f} dB; prompt effect |cond-uncond|/|uncond| "
+             f"{metrics['cond_uncond_rel_diff']:.3f}; denoising classifier {metrics['denoise_class_acc']:.3f}")
+    if args.grid_per_class:
+        save_image(text_to_image_grid(sd_dir, args.grid_per_class, args.measure_steps, args.measure_guidance,
+                                      args.seed), out / "samples_text2image.png")
+    inputs = {}
+    if args.measure_per_class and Path(args.data_root, "train").is_dir():
+        measured, grid = measure_synthetic(sd_dir, Path(args.data_root), args.measure_per_class, args.measure_strength,
+                                           args.measure_steps, args.measure_guidance, args.cls_epochs, args.seed, log)
+        metrics["img2img_classifier"] = measured
+        save_image(grid, out / "samples_img2img.png")
+        inputs["data_root"] = fingerprint(Path(args.data_root) / "train")
+    elif args.measure_per_class:
+        log.info(f"no demo data under {args.data_root}: skipping the classifier measurement (run `demo.py data`)")
+    metrics["quality_elapsed_s"] = round(time.time() - t0, 1)
+    metrics["elapsed_s"] = round(sum(p["elapsed_s"] for p in phases.values()) + metrics["quality_elapsed_s"], 1)
+    run.finish(metrics, inputs)
+    log.info(f"generator ready in {sd_dir} (image encoder {clip_dir}); {metrics['elapsed_s']} s of work")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report command: collect every stage's manifest under runs/demo/ (stages that have not run are skipped).
+
+# (stage, folder pattern under the runs dir), in pipeline order.
+REPORT_STAGES = (("data", "data"), ("generator", "generator"), ("caption", "captions*"), ("finetune", "finetune*"),
+                 ("synthesize", "synth_x*"), ("train_cls", "cls_*"), ("eval_ood", "ood*"), ("mia_lira", "mia*"),
+                 ("sscd_sim", "sscd*"))
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict:
+    """Nested metrics -> {"a.b": scalar}; lists and other non-scalars are left out of tables."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = value
+    return flat
+
+
+def stage_elapsed(folder: Path, manifest: dict) -> float | None:
+    """Elapsed seconds: the stage's own figure if it records one, else manifest time minus start time."""
+    for source in (manifest.get("metrics", {}), manifest):
+        for key in ("elapsed_s", "wall_time_s", "time_s"):
+            if isinstance(source.get(key), (int, float)):
+                return float(source[key])
+    started = folder / "run_config.json"
+    return round((folder / "manifest.json").stat().st_mtime - started.stat().st_mtime, 1) if started.is_file() else None
+
+
+def collect_runs(runs: Path) -> tuple[dict, list[str]]:
+    found, missing = {}, []
+    for stage, pattern in REPORT_STAGES:
+        folders = sorted(p for p in runs.glob(pattern) if (p / "manifest.json").is_file() and ".old-" not in p.name)
+        if not folders:
+            missing.append(stage)
+        for folder in folders:
+            manifest = read_json(folder / "manifest.json")
+            found[folder.name] = {"stage": stage, "metrics": flatten(manifest.get("metrics", {})),
+                                  "elapsed_s": stage_elapsed(folder, manifest)}
+    return found, missing
+
+
+def real_vs_synthetic_grid(data_root: Path, synth_dir: Path, per_class: int = 4) -> Image.Image:
+    """Per class: `per_class` real train images, then the synthetic image made from each (its latent prior)."""
+    real, synth = load_dataset("demo", data_root, "train"), load_synthetic(synth_dir)
+    from_source = {}
+    for sample in synth.samples:
+        from_source.setdefault(sample.label, []).append(sample)
+    rows = []
+    for label in range(len(real.classes)):
+        reals = [s for s in real.samples if s.label == label][:per_class]
+        fakes = from_source.get(label, [])[:per_class]
+        rows.append([load_image(real.root / s.path) for s in reals] + [load_image(synth.root / s.path) for s in fakes])
+    return image_grid(rows, scale=3)
+
+
+def headline(stages: dict) -> dict:
+    """The figures a reader looks for first: classifier top-1 per training set, OOD top-1, privacy AUC, PSNR."""
+    picks = {}
+    for name, info in stages.items():
+        for key, value in info["metrics"].items():
+            last = key.split(".")[-1]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    last in ("top1", "auc", "vae_psnr_db", "denoise_class_acc", "synth_over_real", "replication_rate")
+                    or last.endswith("_top1") or last.endswith("_auc")):
+                picks[f"{name}.{key}"] = value
+    return picks
+
+
+def run_report(args) -> dict:
+    runs = Path(args.out or args.runs_dir)
+    if not runs.is_dir():
+        raise FileNotFoundError(f"no runs folder {runs}: run the demo stages first (make demo)")
+    stages, missing = collect_runs(runs)
+    summary = {"runs_dir": str(runs), "headline": headline(stages), "stages": stages, "missing_stages": missing,
+               "total_elapsed_s": round(sum(s["elapsed_s"] or 0 for s in stages.values()), 1)}
+    lines = ["# Real-Fake demo report", "",
+             f"Runs folder: `{runs}`. Stages not run yet: {', '.join(missing) or 'none'}.",
+             "", "## Headline", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in summary["headline"].items()]
+    lines += ["", "## Time per stage", "", "| folder | stage | elapsed (s) |", "|---|---|---|"]
+    lines += [f"| {name} | {s['stage']} | {s['elapsed_s'] if s['elapsed_s'] is not None else '?'} |"
+              for name, s in stages.items()]
+    lines += [f"| total | | {summary['total_elapsed_s']} |"]
+    for name, info in stages.items():
+        lines += ["", f"## {name} ({info['stage']})", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in info["metrics"].items()]
+    synth_dirs = sorted(p for p in runs.glob("synth_x*") if (p / "manifest.jsonl").is_file() and ".old-" not in p.name)
+    data_root = Path(args.data_root)
+    if synth_dirs and (data_root / "train").is_dir():
+        save_image(real_vs_synthetic_grid(data_root, synth_dirs[0]), runs / "real_vs_synthetic.png")
+        lines += ["", "## Real vs synthetic", "", f"Left: real train images; right: {synth_dirs[0].name} images.", "",
+                  "![real vs synthetic](real_vs_synthetic.png)"]
+    for png in ("samples_text2image.png", "samples_img2img.png", "vae_reconstructions.png"):
+        if (runs / "generator" / png).is_file():
+            lines += ["", f"![generator {png}](generator/{png})"]
+    write_json(runs / "summary.json", summary)
+    with atomic_write(runs / "report.md") as f:
+        f.write("\n".join(lines) + "\n")
+    for name, s in stages.items():
+        print(f"{name:>20s}: {s['elapsed_s'] if s['elapsed_s'] is not None else '?'} s")
+    print(f"report: {runs / 'report.md'}; summary: {runs / 'summary.json'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["data", "generator", "report"], help="what to make (see above)")
+    p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml, section `demo`); CLI overrides")
+    p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
+    p.add_argument("--data-root", "--data", dest="data_root", default="runs/demo/data", help="the demo dataset")
+    p.add_argument("--runs-dir", "--runs", dest="runs_dir", default="runs/demo", help="the demo's runs folder")
+    p.add_argument("--output-dir", "--out", dest="out", default=None,
+                   help="where to write (default: data: --data-root; generator: <runs>/generator; report: <runs>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="move an existing output with another config aside")
+    d = p.add_argument_group("data")
+    d.add_argument("--image-size", type=int, default=32)
+    d.add_argument("--train-per-class", type=int, default=40)
+    d.add_argument("--test-per-class", type=int, default=30)
+    d.add_argument("--ood-per-class", type=int, default=20, help="images per class in sketch/ and rendition/")
+    g = p.add_argument_group("generator (sizes and steps measured to fit ~15 min on 2 CPU cores)")
+    g.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64])
+    g.add_argument("--vae-channels", type=int, nargs="+", default=[32, 64])
+    g.add_argument("--pretrain-images", type=int, default=5000, help="procedural 'web' images (own seeds)")
+    g.add_argument("--held-out-images", type=int, default=50, help="more 'web' images, for PSNR and checks")
+    g.add_argument("--vae-steps", type=int, default=400)
+    g.add_argument("--vae-batch-size", type=int, default=32)
+    g.add_argument("--vae-lr", type=float, default=2e-3)
+    g.add_argument("--kl-weight", type=float, default=1e-6, help="SD's VAE KL weight")
+    g.add_argument("--unet-steps", type=int, default=700)
+    g.add_argument("--unet-batch-size", type=int, default=32)
+    g.add_argument("--unet-lr", type=float, default=1e-3)
+    g.add_argument("--text-lr", type=float, default=3e-4, help="0 keeps the random text encoder frozen")
+    g.add_argument("--p-uncond", type=float, default=0.1, help="prompt dropout for classifier-free guidance")
+    g.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting, as finetune.py")
+    g.add_argument("--ema-decay", type=float, default=0.995, help="0 = no EMA of the UNet weights")
+    g.add_argument("--clip-steps", type=int, default=150)
+    g.add_argument("--clip-lr", type=float, default=1e-3)
+    q = p.add_argument_group("quality checks (synthesis settings = synthesize.py's defaults)")
+    q.add_argument("--grid-per-class", type=int, default=6, help="text-to-image samples per class; 0 = no grid")
+    q.add_argument("--measure-per-class", type=int, default=20, help="real vs img2img classifier; 0 = skip")
+    q.add_argument("--measure-strength", type=float, default=0.75)
+    q.add_argument("--measure-steps", type=int, default=30)
+    q.add_argument("--measure-guidance", type=float, default=2.0)
+    q.add_argument("--cls-epochs", type=int, default=30)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parse_args(get_parser(), argv, "demo")
+    if args.dataset != "demo":
+        raise SystemExit(f"demo.py makes the demo only (--dataset demo), got --dataset {args.dataset}")
+    return {"data": run_data, "generator": run_generator, "report": run_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

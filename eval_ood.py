@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from common import (
-    DATA_DIR, IMAGE_EXTENSIONS, RunDir, atomic_path, atomic_write, config_dict, fingerprint, get_logger, load_dataset,
-    load_image, parse_args, progress, read_json, read_lines, write_json,
+    DATA_DIR, IMAGE_EXTENSIONS, RunDir, atomic_path, atomic_write, config_dict, fingerprint, get_logger,
+    load_classifier, load_dataset, load_image, parse_args, progress, read_lines, write_json,
 )
 
 WNID = re.compile(r"^n\d{8}$")
@@ -172,22 +172,6 @@ def score_set(logits: torch.Tensor, ids: list[str], model_classes: list[str], sp
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model and logits
-
-
-def load_classifier(run_dir: Path, device):
-    """Rebuild a train_cls.py model and its eval transform from the run's manifest."""
-    import timm
-    from safetensors.torch import load_file
-    from timm.data import create_transform
-
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a complete train_cls.py run (no manifest.json); finish training")
-    info = read_json(manifest_path)["classifier"]
-    model = timm.create_model(info["model"], num_classes=info["num_classes"], pretrained=False,
-                              **info.get("model_kwargs", {}))
-    model.load_state_dict(load_file(run_dir / info["weights"]))
-    return model.to(device).eval(), create_transform(**info["eval_transform"], is_training=False), info
 
 
 class Images(torch.utils.data.Dataset):

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from common import (PROJECT_DIR, RunDir, atomic_path, atomic_write, config_dict, config_hash, get_logger, item_seed,
-                    load_dataset, load_image, parse_args, parse_shard, progress, read_json, write_json)
+                    load_classifier, load_dataset, load_image, parse_args, parse_shard, progress, write_json)
 
 ARMS = ("synthetic", "real")
 ATTACKS = ("online", "online_fixed_variance", "offline", "offline_fixed_variance", "global_threshold")
@@ -277,23 +277,13 @@ def run_shadow(args, arm: str, shadow: int, shadow_dir: Path, mask: Path, log) -
 # Queries: each shadow classifier on every real training image, eval mode, identity + h-flip, φ in float64.
 
 
-def load_classifier(cls_dir: Path, classes: list[str], device: torch.device):
-    """Rebuild a train_cls.py model from its manifest (timm name, num_classes, eval transform) and weights."""
-    import timm
-    from safetensors.torch import load_file
-    from timm.data import create_transform
-
-    info = read_json(cls_dir / "manifest.json")["classifier"]
-    trained_classes = info["classes"]
-    if list(trained_classes) != list(classes):  # φ needs the true label's logit: the label orders must agree
-        raise ValueError(f"{cls_dir}: classifier classes {trained_classes[:5]}... differ from the dataset's "
+def load_shadow_classifier(cls_dir: Path, classes: list[str], device: torch.device):
+    """A shadow classifier (eval mode) and its eval transform, after checking its label order matches the dataset's."""
+    model, transform, info = load_classifier(cls_dir, device)
+    if list(info["classes"]) != list(classes):  # φ needs the true label's logit: the label orders must agree
+        raise ValueError(f"{cls_dir}: classifier classes {info['classes'][:5]}... differ from the dataset's "
                          f"{classes[:5]}...; the shadow was trained on another label order")
-    model = timm.create_model(info["model"], num_classes=info["num_classes"], pretrained=False)
-    model.load_state_dict(load_file(str(cls_dir / info["weights"])))
-    # The exact eval transform of the real test split (timm create_transform kwargs recorded by train_cls.py).
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in info["eval_transform"].items()}
-    transform = create_transform(**kwargs, is_training=False)
-    return model.to(device).eval(), transform  # eval(): BatchNorm running stats (tensorflow/privacy#427)
+    return model, transform
 
 
 class QueryImages(torch.utils.data.Dataset):
@@ -370,7 +360,7 @@ def collect_scores(args, out: Path, arm: str, index, log) -> np.ndarray | None:
     scores = []
     for s, d in enumerate(dirs):
         if not (d / "scores.npy").is_file():
-            model, transform = load_classifier(d / "cls", index.classes, device)
+            model, transform = load_shadow_classifier(d / "cls", index.classes, device)
             save_npy(d / "scores.npy", query_scores(model, transform, index, args, device, f"query {arm} {s}"))
             log.info("%s shadow %d: scored %d images", arm, s, len(index))
         scores.append(np.load(d / "scores.npy"))
