@@ -1,0 +1,633 @@
+"""Synthesize a training set with the latent prior (paper §3.3, App. E Tab. 6): img2img from every real image.
+
+Each real training image is resized (aspect-preserving, center crop), VAE-encoded and noised to `--strength` 0.75;
+Stable Diffusion 1.5 + the finetuned LoRA (fused at scale 0.5) then denoises it with UniPC (30 steps, so 22 run) and
+CFG 2.0, conditioned on "photo of {class}, {caption}" plus the class visual-guidance token (conditional branch only).
+`--scale N` makes N outputs per real image; output k of source s has seed item_seed(seed, s, k), so any image can be
+regenerated alone and the set does not depend on GPU count, batch size or order.
+
+Inputs:  --dataset/--data-root (the real train split), --pretrained-model (hub id or diffusers dir), --lora-dir (a
+         finetune.py output: pytorch_lora_weights.safetensors + visual_guidance.{safetensors,json}), --captions.
+Outputs: <output-dir>/<class id>/<source stem>_<k>.jpg, classes.json, manifest.jsonl (one row per image), log.txt,
+         manifest.json (written last, when every image of every shard is on disk).
+
+Commands (in10; the defaults are the paper's settings):
+  one GPU:     python synthesize.py --config configs/in10.yaml --lora-dir runs/in10/finetune --scale 1
+  all GPUs:    accelerate launch synthesize.py --config configs/in10.yaml --lora-dir runs/in10/finetune --scale 10
+  job array:   python synthesize.py ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT   (each job may itself
+               be an `accelerate launch`; the last shard to finish writes manifest.jsonl / manifest.json)
+  CPU (demo):  python synthesize.py --config configs/demo.yaml      (several CPU processes: torchrun --nproc_per_node 2)
+  benchmark:   python synthesize.py --config configs/demo.yaml --steps 30 --benchmark 48  (-> runs/demo/bench_synth)
+               (GPU: add --benchmark-model sd15-random --resolution 512 for an SD1.5-shaped random-weight model)
+
+Safe to kill at any time: every image is written atomically and a re-run skips the valid ones. A different config in
+the same output dir is an error (use --overwrite to move the old run aside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import (DATASETS, PROMPT_STYLES, ImageReadError, RunDir, add_visual_tokens, build_prompt, captions_for,
+                    config_dict, encode_latent_prior, fingerprint, get_logger, hash_file, item_seed, load_captions,
+                    load_dataset, load_image, load_init_image, local_items, negative_prompt, parse_args, parse_shard,
+                    progress, read_json, save_image, write_json, write_jsonl)
+
+# Flags that change speed or bookkeeping, never an image: left out of the run's config so a resume may change them.
+SPEED_ONLY = ("batch_size", "decode_batch", "num_workers", "write_workers", "compile", "shard", "skip_bad",
+              "verify_existing", "benchmark", "benchmark_model", "baseline_batch", "output_dir", "data_root",
+              "runs_dir")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
+    p.add_argument("--dataset", default="imagefolder", choices=DATASETS)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="train", help="the real split whose images are the latent priors")
+    p.add_argument("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")
+    p.add_argument("--seed", type=int, default=42, help="global seed (release: 42); image seeds derive from it")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--output-dir", default=None, help="default <runs-dir>/<dataset>/synth_x<scale>")
+    p.add_argument("--overwrite", action="store_true", help="move an output dir with another config aside")
+    # Generator (paper App. E Tab. 6; LoRA scale from the release, the paper is silent).
+    p.add_argument("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--lora-dir", default=None, help="finetune.py output dir; absent = plain SD (ablation)")
+    p.add_argument("--lora-scale", type=float, default=0.5, help="release: cross_attention_scale 0.5 (fused)")
+    p.add_argument("--vg-mode", choices=("auto", "none"), default="auto",
+                   help="auto: the visual-guidance tokens of --lora-dir as trained; none: text only (ablation)")
+    p.add_argument("--steps", type=int, default=30, help="UniPC steps (paper: 30; with strength 0.75, 22 run)")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="latent-prior noise level (paper: 0.75); 1.0 = text-to-image, sources are not read")
+    p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale (paper: 2.0)")
+    p.add_argument("--resolution", type=int, default=512, help="paper: 512")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="auto: fp16 on GPU (release), fp32 on CPU")
+    # Prompts (paper §3.2; release form as an option).
+    p.add_argument("--captions", default=None, help="captions.jsonl from caption.py (ImageNet sets)")
+    p.add_argument("--allow-missing-captions", action="store_true", help="prompt uncaptioned images without one")
+    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="paper",
+                   help="paper: 'photo of {c}, {caption}', negative 'distorted, unrealistic, blurry, out of frame';\n"
+                        "release: adds ', best quality' and the negative words 'cropped, deformed'")
+    # Output set.
+    p.add_argument("--scale", type=float, default=1.0, help="outputs per real image; fractional: a seeded subset "
+                                                            "gets one more (e.g. 2.5)")
+    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="release: PIL default 75")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable source images (counted in the manifest) "
+                                                           "instead of failing")
+    p.add_argument("--verify-existing", choices=("quick", "full"), default="quick",
+                   help="how a re-run checks images already on disk: quick = complete file (JPEG/PNG trailer + "
+                        "header), full = decode every pixel")
+    # Speed only (never change an image beyond float noise).
+    p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call, classes mixed")
+    p.add_argument("--decode-batch", type=int, default=16, help="VAE encode/decode chunk (bounds memory)")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers reading and resizing sources")
+    p.add_argument("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part, for job arrays")
+    p.add_argument("--benchmark", type=int, default=0, metavar="N",
+                   help="time our loop against the release-style baseline on N images, print images/s, exit")
+    p.add_argument("--benchmark-model", choices=("pretrained", "sd15-random"), default="pretrained",
+                   help="sd15-random: SD1.5-shaped UNet/VAE/text encoder with random weights (no download)")
+    p.add_argument("--baseline-batch", type=int, default=24, help="the release's batch size (benchmark)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The plan: which images exist is a pure function of the dataset, the seed and the scale.
+
+
+class Plan:
+    """Every output image as a job id j = k·n + s (copy k of source s), copy-major so a stopped run holds whole
+    copies; prompts, seeds, tokens and file names are computed from (s, k) on demand."""
+
+    def __init__(self, args, index, captions, tokens):
+        self.args, self.index, self.tokens = args, index, tokens
+        n = len(index)
+        self.prompts = [build_prompt(index.class_names[smp.label], cap, args.prompt_style)
+                        for smp, cap in zip(index.samples, captions)]
+        full, frac = int(math.floor(args.scale)), args.scale - math.floor(args.scale)
+        # Fractional scale: the round(frac·n) sources with the smallest seeded hash get one more copy (exact count).
+        extra = sorted(range(n), key=lambda s: item_seed(args.seed, "extra-copy", index.image_id(s)))[:round(frac * n)]
+        self.jobs = np.concatenate([np.arange(full * n, dtype=np.int64),
+                                    full * n + np.array(sorted(extra), dtype=np.int64)])
+        self.stems = [Path(smp.path).stem for smp in index.samples]
+        names = {(smp.label, stem) for smp, stem in zip(index.samples, self.stems)}
+        if len(names) != n:
+            raise ValueError("two source images of one class share a file stem, so their outputs would collide; "
+                             "rename them (outputs are <class>/<stem>_<k>)")
+
+    def source_copy(self, job: int) -> tuple[int, int]:
+        n = len(self.index)
+        return int(job) % n, int(job) // n
+
+    def seed(self, job: int) -> int:
+        s, k = self.source_copy(job)
+        return item_seed(self.args.seed, self.index.image_id(s), k)
+
+    def file(self, job: int) -> str:
+        s, k = self.source_copy(job)
+        return f"{self.index.classes[self.index.samples[s].label]}/{self.stems[s]}_{k}.{self.args.image_format}"
+
+    def row(self, job: int, model_hash: str | None, lora_hash: str | None) -> dict:
+        s, k = self.source_copy(job)
+        a, label = self.args, self.index.samples[s].label
+        return {"file": self.file(job), "label": label, "class_id": self.index.classes[label],
+                "class_name": self.index.class_names[label], "source": self.index.samples[s].path, "copy": k,
+                "prompt": self.prompts[s], "seed": self.seed(job), "strength": a.strength, "steps": a.steps,
+                "guidance": a.guidance_scale, "lora_scale": a.lora_scale if a.lora_dir else None,
+                "resolution": a.resolution, "model": a.pretrained_model, "model_hash": model_hash,
+                "lora_hash": lora_hash}
+
+
+def load_visual_tokens(lora_dir, index, vg_mode: str):
+    """(tokens per source image [n, D] or None, placement), from finetune.py's visual_guidance files."""
+    if lora_dir is None or vg_mode == "none":
+        return None, "append"
+    meta_path, tensor_path = Path(lora_dir) / "visual_guidance.json", Path(lora_dir) / "visual_guidance.safetensors"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} missing: --lora-dir must be a finetune.py output "
+                                f"(or pass --vg-mode none)")
+    meta = read_json(meta_path)
+    if meta["mode"] == "none":
+        return None, meta.get("placement", "append")
+    from safetensors.torch import load_file
+
+    table = load_file(str(tensor_path))["tokens"]
+    if meta["mode"] == "class-mean":
+        if list(meta["classes"]) != list(index.classes):
+            raise ValueError(f"{meta_path}: classes {meta['classes'][:5]}... differ from the dataset's "
+                             f"{index.classes[:5]}...; synthesize with the dataset the LoRA was trained on")
+        rows = [smp.label for smp in index.samples]
+    elif meta["mode"] == "per-image":
+        where = {p: i for i, p in enumerate(meta["image_paths"])}
+        missing = [smp.path for smp in index.samples if smp.path not in where]
+        if missing:
+            raise KeyError(f"{len(missing)} source image(s) have no per-image token in {tensor_path}, "
+                           f"e.g. {missing[:3]}")
+        rows = [where[smp.path] for smp in index.samples]
+    else:
+        raise ValueError(f"{meta_path}: unknown visual-guidance mode {meta['mode']!r}")
+    return table[torch.tensor(rows)], meta.get("placement", "append")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The generator.
+
+
+class IgnoreZeroTokens:
+    """Cross-attention that gives all-zero condition tokens no attention weight.
+
+    The paper appends the visual token as a 78th token, but CFG runs both branches in one UNet batch, so the
+    77-token negative embeddings are zero-padded to 78. Masking that slot makes the negative branch exactly its plain
+    text embeddings (a real CLIP or visual token is never exactly zero). Wraps diffusers' own SDPA processor.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        if encoder_hidden_states is not None and attention_mask is None:
+            pad = (encoder_hidden_states == 0).all(dim=-1, keepdim=True).transpose(1, 2)  # [B, 1, L]
+            attention_mask = torch.zeros(pad.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+            attention_mask = attention_mask.masked_fill(pad, torch.finfo(hidden_states.dtype).min)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def load_pipeline(args, device, dtype, fuse: bool = True):
+    """SD img2img + UniPC + the LoRA fused at --lora-scale (plain Linear layers again: no per-step LoRA matmuls)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(args.pretrained_model, revision=args.revision,
+                                                          dtype=dtype, safety_checker=None,
+                                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)  # release: UniPC with defaults
+    if args.benchmark and args.benchmark_model == "sd15-random":
+        pipe = sd15_random(pipe, dtype)  # carries a random rank-4 LoRA, like a finetune.py output
+    elif args.lora_dir:
+        pipe.load_lora_weights(args.lora_dir, weight_name="pytorch_lora_weights.safetensors")
+    if uses_lora(args):
+        if fuse:
+            pipe.fuse_lora(lora_scale=args.lora_scale)
+            pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)  # all modules resident: never CPU offload (the release offloads on every call)
+    if device.type == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def uses_lora(args) -> bool:
+    return bool(args.lora_dir) or bool(args.benchmark and args.benchmark_model == "sd15-random")
+
+
+def install_token_mask(pipe, placement: str, uses_tokens: bool) -> None:
+    if not (uses_tokens and placement == "append"):
+        return
+    processors = {name: IgnoreZeroTokens(proc) if ".attn2." in name else proc
+                  for name, proc in pipe.unet.attn_processors.items()}
+    pipe.unet.set_attn_processor(processors)
+
+
+def condition(pipe, prompts, tokens, placement, neg_text, device):
+    """(prompt_embeds, negative_prompt_embeds) for one batch: the visual token goes into the conditional branch only;
+    the negative branch keeps the plain negative-prompt embeddings (zero-padded when the token is appended)."""
+    cond = pipe.encode_prompt(prompts, device, 1, False)[0]
+    neg = pipe.encode_prompt([neg_text], device, 1, False)[0].expand(len(prompts), -1, -1)
+    if tokens is not None:
+        cond = add_visual_tokens(cond, tokens.to(device), placement)
+    if cond.shape[1] > neg.shape[1]:
+        neg = torch.nn.functional.pad(neg, (0, 0, 0, cond.shape[1] - neg.shape[1]))
+    return cond, neg.contiguous()
+
+
+@torch.no_grad()
+def generate(pipe, pixels, seeds, prompts, tokens, args, placement, device) -> torch.Tensor:
+    """One pipeline call for a batch of mixed classes -> uint8 images [B, H, W, 3] on the CPU.
+
+    Seeded CPU generators make the initial noise identical on any hardware and in any batch; the latent prior is
+    encoded here in chunks (the pipeline would encode one image at a time) and handed to the pipeline as latents.
+    """
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    vae, chunk = pipe.vae, args.decode_batch
+    if args.strength >= 1.0:  # text-to-image: no latent prior, the start is pure seeded noise
+        size = args.resolution // pipe.vae_scale_factor
+        init = torch.zeros(len(seeds), vae.config.latent_channels, size, size, device=device, dtype=pipe.unet.dtype)
+    else:
+        init = torch.cat([encode_latent_prior(vae, pixels[i:i + chunk], generators[i:i + chunk])
+                          for i in range(0, len(seeds), chunk)])
+    cond, neg = condition(pipe, prompts, tokens, placement, negative_prompt(args.prompt_style), device)
+    latents = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, image=init, strength=args.strength,
+                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generators,
+                   output_type="latent", return_dict=False)[0]
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    images = []
+    for part in latents.split(chunk):
+        decoded = vae.decode(part / vae.config.scaling_factor + shift, return_dict=False)[0]
+        images.append(((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(images).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs, outputs, resume.
+
+
+class Sources(torch.utils.data.Dataset):
+    """Init images for a list of jobs, read and resized in DataLoader workers; a bad file comes back as an error
+    string so the main process decides between failing and --skip-bad."""
+
+    def __init__(self, paths, size: int, read: bool):
+        self.paths, self.size, self.read = paths, size, read
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if not self.read:
+            return i, torch.zeros(3, 1, 1), ""
+        try:
+            return i, load_init_image(self.paths[i], self.size), ""
+        except ImageReadError as err:
+            return i, torch.zeros(3, self.size, self.size), str(err)
+
+
+def complete_on_disk(path: Path, mode: str) -> bool:
+    """An image written by this script is complete: atomic writes leave either nothing or a whole file. The quick
+    check still catches truncation and garbage (trailer + header) without decoding 12.8 M images on a re-run."""
+    if mode == "full":
+        try:
+            load_image(path)
+            return True
+        except ImageReadError:
+            return False
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 16))
+            tail = f.read()
+        ok = tail.endswith(b"\xff\xd9") if path.suffix == ".jpg" else b"IEND" in tail
+        with Image.open(path) as img:
+            img.verify()
+        return ok
+    except Exception:  # noqa: BLE001 - any failure to parse means "regenerate it"
+        return False
+
+
+def existing_files(out_dir: Path, classes) -> set[str]:
+    """Relative paths of the non-hidden files in the class folders (one listing per class, not a stat per image)."""
+    found = set()
+    for c in classes:
+        with contextlib.suppress(FileNotFoundError), os.scandir(out_dir / c) as it:
+            found.update(f"{c}/{e.name}" for e in it if not e.name.startswith("."))
+    return found
+
+
+def todo_jobs(plan: Plan, jobs, out_dir: Path, mode: str, threads: int) -> list[int]:
+    """The jobs whose image is missing or incomplete on disk (resume)."""
+    present = existing_files(out_dir, plan.index.classes)
+    on_disk = [j for j in jobs if plan.file(j) in present]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        valid = list(pool.map(lambda j: complete_on_disk(out_dir / plan.file(j), mode), on_disk))
+    good = {j for j, ok in zip(on_disk, valid) if ok}
+    return [int(j) for j in jobs if j not in good]
+
+
+def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_main: bool = True) -> dict:
+    """Generate `jobs` into out_dir: workers read sources while the model runs, a thread pool writes the results."""
+    index = plan.index
+    paths = [index.abspath(plan.source_copy(j)[0]) for j in jobs]
+    loader = torch.utils.data.DataLoader(Sources(paths, args.resolution, args.strength < 1.0),
+                                         batch_size=args.batch_size, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda")
+    save_kwargs = {"quality": args.jpeg_quality} if args.image_format == "jpg" else {}
+    bad, pending, done, start = [], [], 0, time.perf_counter()
+    bar = progress(total=len(jobs), is_main=is_main, unit="img", desc="synthesize")
+    with ThreadPoolExecutor(max(1, args.write_workers)) as writer:
+        for idx, pixels, errors in loader:
+            keep = [n for n, err in enumerate(errors) if not err]
+            for n, err in enumerate(errors):
+                if err and not args.skip_bad:
+                    raise ImageReadError(f"{err} (fix or remove it, or pass --skip-bad to skip and count it)")
+                if err:
+                    bad.append({"source": index.samples[plan.source_copy(jobs[int(idx[n])])[0]].path, "error": err})
+            batch = [jobs[int(idx[n])] for n in keep]
+            if batch:
+                rows = [plan.source_copy(j)[0] for j in batch]
+                tokens = plan.tokens[torch.tensor(rows)] if plan.tokens is not None else None
+                pix = pixels if len(keep) == len(errors) else pixels[keep]  # keep pinned memory when all are good
+                images = generate(pipe, pix.to(device, non_blocking=True), [plan.seed(j) for j in batch],
+                                  [plan.prompts[s] for s in rows], tokens, args, placement, device)
+                for j, img in zip(batch, images.numpy()):
+                    pending.append(writer.submit(save_image, Image.fromarray(img), out_dir / plan.file(j),
+                                                 **save_kwargs))
+            # Bound the queue (memory) and surface write errors early.
+            while len(pending) > 4 * args.batch_size:
+                pending.pop(0).result()
+            done += len(batch)
+            bar.update(len(idx))
+        for fut in pending:
+            fut.result()
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"generated": done, "bad_sources": bad, "seconds": seconds, "images_per_s": done / max(seconds, 1e-9)}
+
+
+def finalize(plan: Plan, out_dir: Path, run: RunDir, args, lora_hash) -> dict | None:
+    """Write manifest.jsonl + manifest.json once every image of every shard is on disk (or a counted bad source)."""
+    present = existing_files(out_dir, plan.index.classes)
+    bad = {}
+    for part in sorted((out_dir / "bad_sources").glob("*.json")):
+        bad.update({b["source"]: b["error"] for b in read_json(part)})
+    missing = [j for j in plan.jobs if plan.file(j) not in present
+               and plan.index.samples[plan.source_copy(j)[0]].path not in bad]
+    if missing:
+        return None
+    model_hash = fingerprint(args.pretrained_model, args.revision)
+    kept = [j for j in plan.jobs if plan.file(j) in present]
+    write_jsonl(out_dir / "manifest.jsonl", (plan.row(j, model_hash, lora_hash) for j in kept))
+    for stale in out_dir.glob("*/.*"):  # temp files of killed writers: no writer is left once all images exist
+        stale.unlink(missing_ok=True)
+    bad_images = len(plan.jobs) - len(kept)
+    metrics = {"images": len(kept), "sources": len(plan.index), "scale": args.scale, "bad_sources": len(bad),
+               "bad_images": bad_images}
+    run.finish(metrics, inputs={"pretrained_model": model_hash, "lora": lora_hash, "data_root": args.data_root,
+                                "bad_sources": bad})
+    return metrics
+
+
+def lora_fingerprint(lora_dir) -> str | None:
+    """Hash of the files synthesis uses (not the checkpoints/), so a retrained LoRA is a different config."""
+    if lora_dir is None:
+        return None
+    files = [Path(lora_dir) / f for f in ("pytorch_lora_weights.safetensors", "visual_guidance.safetensors",
+                                          "visual_guidance.json")]
+    if not files[0].is_file():
+        raise FileNotFoundError(f"{files[0]} missing: --lora-dir must be a finetune.py output dir")
+    return "-".join(hash_file(f)[:8] for f in files if f.is_file())
+
+
+def prepare(args):
+    """Dataset, captions, tokens and plan, shared by the run and the benchmark."""
+    if not args.scale > 0:
+        raise ValueError(f"--scale must be > 0 (outputs per real image), got {args.scale}")
+    index = load_dataset(args.dataset, args.data_root, args.split, args.seed)
+    if args.subset_mask:
+        index = index.subset(np.load(args.subset_mask).astype(bool).tolist())
+    if len(index) == 0:
+        raise ValueError(f"no images in {args.dataset} {args.split} under {args.data_root}")
+    captions = captions_for(index, load_captions(args.captions), args.allow_missing_captions)
+    tokens, placement = load_visual_tokens(args.lora_dir, index, args.vg_mode)
+    return Plan(args, index, captions, tokens), placement
+
+
+def main(argv=None) -> dict:
+    args = parse_args(get_parser(), argv, "synthesize")
+    if args.benchmark:
+        return benchmark(args)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: lets torchrun spread CPU processes
+    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"synth_x{args.scale:g}")
+    lora_hash = lora_fingerprint(args.lora_dir)
+    config = {**config_dict(args, exclude=SPEED_ONLY), "lora_hash": lora_hash}
+    run = RunDir(out_dir, config, args.overwrite, state.is_main_process)
+    status = run.start() if state.is_main_process else None
+    state.wait_for_everyone()
+    status = status or run.start()
+    log = get_logger(out_dir, state.is_main_process)
+    if status == "done":
+        log.info(f"{out_dir} is complete with this config; nothing to do")
+        return {**run.manifest()["metrics"], "complete": True, "generated": 0}
+    plan, placement = prepare(args)
+    if state.is_main_process:
+        write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
+    mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
+    todo = todo_jobs(plan, mine, out_dir, args.verify_existing, args.write_workers)
+    log.info(f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
+             f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate")
+    device = state.device
+    stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
+    if todo:
+        pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
+        install_token_mask(pipe, placement, plan.tokens is not None)
+        maybe_compile(pipe, args)
+        stats = run_loop(pipe, plan, todo, out_dir, args, placement, device, state.is_main_process)
+    tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
+    write_json(out_dir / "bad_sources" / f"{tag}.json", stats["bad_sources"])
+    state.wait_for_everyone()
+    metrics = finalize(plan, out_dir, run, args, lora_hash) if state.is_main_process else None
+    log.info(f"done: generated {stats['generated']} images in {stats['seconds']:.1f}s "
+             f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} bad sources; "
+             + ("set complete: manifest.json written" if metrics else "other shards still running or incomplete"))
+    return {**(metrics or {}), "complete": metrics is not None, "generated": stats["generated"],
+            "images_per_s": stats["images_per_s"], "expected": len(plan.jobs)}
+
+
+def maybe_compile(pipe, args) -> None:
+    if args.compile:
+        pipe.unet = torch.compile(pipe.unet)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmark (make bench-synth): our loop vs the release's loop (minus its bugs) on the same model and inputs.
+
+
+def sd15_random(pipe, dtype):
+    """Swap in SD1.5-shaped UNet / VAE / text encoder with random weights and a rank-4 LoRA on the UNet attention
+    (speed only; the tokenizer is kept, so --pretrained-model can be the tiny demo generator)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    pipe.unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(dtype)
+    pipe.vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                             sample_size=512).to(dtype)
+    tok = pipe.tokenizer
+    pipe.text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
+        vocab_size=max(49408, len(tok)), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).to(dtype)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return pipe
+
+
+class UnetTimer:
+    """Wall time inside UNet forward calls (CUDA events on GPU, so the timer itself adds no synchronisation)."""
+
+    def __init__(self, unet, device):
+        self.cuda, self.pairs, self.total = device.type == "cuda", [], 0.0
+        self.handles = [unet.register_forward_pre_hook(lambda *_: self._mark(True)),
+                        unet.register_forward_hook(lambda *_: self._mark(False))]
+
+    def _mark(self, begin):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.pairs.append(event)
+        elif begin:
+            self._t0 = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return self.total + sum(a.elapsed_time(b) for a, b in zip(self.pairs[::2], self.pairs[1::2])) / 1000
+        return self.total
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def baseline_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device) -> int:
+    """The release's generation loop without its bugs: batches of 24 in dataset order, split into one pipeline call
+    per class, init images opened and squash-resized with PIL in the main process, the LoRA applied unfused via
+    cross_attention_kwargs, the pipeline's own VAE encode/decode, images saved one by one."""
+    for start in range(0, len(jobs), args.baseline_batch):
+        batch = jobs[start:start + args.baseline_batch]
+        for label in sorted({plan.index.samples[plan.source_copy(j)[0]].label for j in batch}):
+            group = [j for j in batch if plan.index.samples[plan.source_copy(j)[0]].label == label]
+            rows = [plan.source_copy(j)[0] for j in group]
+            images = [load_image(plan.index.abspath(s)).resize((args.resolution,) * 2) for s in rows]
+            tokens = plan.tokens[torch.tensor(rows)] if plan.tokens is not None else None
+            cond, neg = condition(pipe, [plan.prompts[s] for s in rows], tokens, placement,
+                                  negative_prompt(args.prompt_style), device)
+            out = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, image=images, strength=args.strength,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                       generator=[torch.Generator("cpu").manual_seed(plan.seed(j)) for j in group],
+                       cross_attention_kwargs={"scale": args.lora_scale} if uses_lora(args) else None).images
+            for j, img in zip(group, out):
+                path = out_dir / plan.file(j)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img.save(path, quality=args.jpeg_quality)
+    return len(jobs)
+
+
+def timed(fn, unet, device):
+    timer = UnetTimer(unet, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    unet_s = timer.seconds()
+    timer.remove()
+    return wall, unet_s
+
+
+def benchmark(args) -> dict:
+    """Images/s of both loops on the first N jobs, their ratio and the UNet share of wall time; one untimed warm-up
+    batch each (allocation, lazy init, compilation)."""
+    from accelerate import PartialState
+
+    device = PartialState(cpu=not torch.cuda.is_available()).device
+    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "bench_synth")
+    if args.benchmark_model == "sd15-random" and args.lora_dir:
+        raise ValueError("--benchmark-model sd15-random brings its own random LoRA; drop --lora-dir (its LoRA and "
+                         "tokens have another width)")
+    plan, placement = prepare(args)
+    jobs = [int(j) for j in plan.jobs[:args.benchmark]]
+    dtype = resolve_dtype(args.dtype, device)
+    log = get_logger(out_dir)
+    results = {}
+    # Baseline first, on the unfused LoRA; then the same weights fused for our loop.
+    pipe = load_pipeline(args, device, dtype, fuse=False)
+    install_token_mask(pipe, placement, plan.tokens is not None)
+    for name in ("baseline", "ours"):
+        target = out_dir / name
+        shutil.rmtree(target, ignore_errors=True)
+        if name == "ours" and uses_lora(args):
+            pipe.fuse_lora(lora_scale=args.lora_scale)
+            pipe.unload_lora_weights()
+        if name == "ours":
+            maybe_compile(pipe, args)
+        if name == "baseline":
+            run = lambda js, d: baseline_loop(pipe, plan, js, d, args, placement, device)  # noqa: E731
+        else:
+            run = lambda js, d: run_loop(pipe, plan, js, d, args, placement, device, is_main=False)  # noqa: E731
+        run(jobs[:args.batch_size if name == "ours" else args.baseline_batch], out_dir / f"warmup_{name}")
+        wall, unet_s = timed(lambda: run(jobs, target), pipe.unet, device)
+        results[name] = {"images_per_s": len(jobs) / wall, "unet_share": unet_s / wall, "wall_s": wall}
+        log.info(f"{name:8s}: {len(jobs)} images in {wall:.2f}s = {len(jobs) / wall:.3f} img/s, "
+                 f"UNet {100 * unet_s / wall:.1f}% of wall time")
+    ratio = results["ours"]["images_per_s"] / results["baseline"]["images_per_s"]
+    log.info(f"speed-up ours / baseline: {ratio:.2f}x on {device} ({args.benchmark_model}, {args.resolution}px, "
+             f"{args.steps} steps x strength {args.strength}, batch {args.batch_size} vs {args.baseline_batch})")
+    metrics = {"ours_images_per_s": results["ours"]["images_per_s"],
+               "baseline_images_per_s": results["baseline"]["images_per_s"], "speedup": ratio,
+               "ours_unet_share": results["ours"]["unet_share"],
+               "baseline_unet_share": results["baseline"]["unet_share"],
+               "images": len(jobs), "device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
+               "config": {k: v for k, v in config_dict(args).items() if k != "shard"}}
+    write_json(out_dir / "benchmark.json", metrics)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

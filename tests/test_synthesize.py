@@ -1,0 +1,269 @@
+"""synthesize.py on the tiny generator: paper settings, per-image reproducibility, sharding, resume, bad inputs."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import synthesize
+from common import ConfigMismatchError, ImageReadError, add_visual_tokens, item_seed, load_synthetic, read_jsonl
+
+FAST = ["--steps", "4", "--strength", "0.5", "--num-workers", "0", "--write-workers", "2", "--resolution", "32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_sd, tmp_path_factory) -> Path:
+    """A finetune.py-like output: a peft LoRA with non-zero weights in the diffusers format + class-mean tokens."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = tmp_path_factory.mktemp("tiny_lora")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(1)
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero (a no-op LoRA); make it matter
+            param.data.normal_(0, 0.2)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    save_file({"tokens": torch.randn(3, 64)}, str(out / "visual_guidance.safetensors"))
+    (out / "visual_guidance.json").write_text(json.dumps({
+        "mode": "class-mean", "placement": "append", "classes": ["red_circle", "green_square", "blue_triangle"],
+        "encoder": "tiny", "images_per_class": 4}))
+    return out
+
+
+def args_for(tiny_sd, tiny_dataset, out, *extra, lora=None):
+    base = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--pretrained-model", str(tiny_sd),
+            "--output-dir", str(out), "--seed", "0", *FAST]
+    return base + (["--lora-dir", str(lora)] if lora else []) + [str(e) for e in extra]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_paper_defaults_and_22_steps(tiny_sd, tiny_dataset, tiny_lora, tmp_path, monkeypatch):
+    """30 UniPC steps at strength 0.75 run 22 UNet calls, each on the CFG pair (2 x batch); manifest rows complete."""
+    defaults = synthesize.get_parser().parse_args([])
+    assert (defaults.steps, defaults.strength, defaults.guidance_scale, defaults.lora_scale, defaults.resolution,
+            defaults.jpeg_quality) == (30, 0.75, 2.0, 0.5, 512, 95)
+    calls = []
+    real = synthesize.load_pipeline
+
+    def spy(*a, **k):
+        pipe = real(*a, **k)
+        pipe.unet.register_forward_pre_hook(lambda m, inp: calls.append(inp[0].shape[0]))
+        assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+        return pipe
+
+    monkeypatch.setattr(synthesize, "load_pipeline", spy)
+    subset = tmp_path / "mask.npy"
+    np.save(subset, np.array([True, False, False, False] * 3))  # one source per class
+    out = tmp_path / "syn"
+    metrics = synthesize.main(args_for(tiny_sd, tiny_dataset, out, "--steps", "30", "--strength", "0.75",
+                                       "--subset-mask", subset, lora=tiny_lora))
+    assert calls == [6] * 22  # one call: 3 mixed-class images, cond + uncond
+    assert metrics["complete"] and metrics["images"] == 3
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert {r["class_id"] for r in rows} == {"red_circle", "green_square", "blue_triangle"}
+    row = rows[0]
+    assert row["prompt"] == f"photo of {row['class_name']}" and row["steps"] == 30 and row["strength"] == 0.75
+    assert row["seed"] == item_seed(0, str(Path(row["source"]).with_suffix("")), 0)
+    assert row["lora_scale"] == 0.5 and row["lora_hash"] and row["model_hash"]
+    assert row["file"] == f"{row['class_id']}/{Path(row['source']).stem}_0.jpg"
+    ds = load_synthetic(out)
+    assert len(ds) == 3 and Image.open(ds.abspath(0)).size == (32, 32)
+
+
+def test_same_image_alone_batched_or_sharded(tiny_sd, tiny_dataset, tiny_lora, tmp_path, monkeypatch):
+    """An image's initial noise is bit-identical and its pixels within 2/255 whatever the batch or shard."""
+    noises = {}
+    real_generate = synthesize.generate
+
+    def recording(pipe, pix, seeds, *a, **k):
+        def add_noise(original, noise, t, _orig=type(pipe.scheduler).add_noise):
+            for s, n in zip(seeds, noise):
+                noises.setdefault(s, []).append(n.clone())
+            return _orig(pipe.scheduler, original, noise, t)
+
+        pipe.scheduler.add_noise = add_noise
+        return real_generate(pipe, pix, seeds, *a, **k)
+
+    monkeypatch.setattr(synthesize, "generate", recording)
+    runs = {"alone": ["--batch-size", "1"], "batch8": ["--batch-size", "8"], "shard": ["--shard", "2/3"]}
+    for name, extra in runs.items():
+        synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / name, *extra, lora=tiny_lora))
+    shard_files = sorted(p.relative_to(tmp_path / "shard") for p in (tmp_path / "shard").rglob("*.jpg"))
+    assert len(shard_files) == 4  # 12 sources, strided shard 2 of 3
+    assert not (tmp_path / "shard" / "manifest.json").exists()  # other shards missing: not complete
+    for rel in shard_files:
+        a, b, c = (pixels(tmp_path / name / rel) for name in runs)
+        assert np.abs(a - b).max() <= 2 and np.abs(a - c).max() <= 2
+    assert all(len(v) == 3 and all(torch.equal(v[0], x) for x in v) for k, v in noises.items() if len(v) == 3)
+    assert sum(len(v) == 3 for v in noises.values()) == 4
+
+
+def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_path):
+    """Scale 1.5: 18 images; three shards make exactly the set of one clean run; the last shard writes the manifest;
+    a killed run (some outputs deleted, one truncated, one temp file left) resumes to the same set."""
+    clean = tmp_path / "clean"
+    m = synthesize.main(args_for(tiny_sd, tiny_dataset, clean, "--scale", "1.5", "--image-format", "png",
+                                 "--batch-size", "5"))
+    assert m["images"] == 18 and m["complete"]
+    files = sorted(str(p.relative_to(clean)) for p in clean.rglob("*.png"))
+    assert len(files) == 18 and sum(f.endswith("_1.png") for f in files) == 6
+    sharded = tmp_path / "sharded"
+    for i in range(3):
+        m = synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png",
+                                     "--shard", f"{i}/3"))
+        assert m["complete"] == (i == 2)
+    assert sorted(str(p.relative_to(sharded)) for p in sharded.rglob("*.png")) == files
+    assert read_jsonl(sharded / "manifest.jsonl") == read_jsonl(clean / "manifest.jsonl")
+    # Kill damage: two images gone, one truncated, a writer's temp file left behind.
+    for f in files[:2]:
+        os.remove(sharded / f)
+    data = (sharded / files[5]).read_bytes()
+    (sharded / files[5]).write_bytes(data[: len(data) // 2])
+    (sharded / files[6]).with_name(".x.png.tmp.png").write_bytes(b"junk")
+    os.remove(sharded / "manifest.json")
+    m = synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png"))
+    assert m["generated"] == 3 and m["complete"]
+    assert sorted(str(p.relative_to(sharded)) for p in sharded.rglob("*.png")) == files
+    assert not list(sharded.glob("*/.*"))
+    for f in files:
+        assert np.abs(pixels(sharded / f) - pixels(clean / f)).max() <= 2
+    # Complete + same config: a no-op; another config: refused.
+    assert synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png"))[
+        "images"] == 18
+    with pytest.raises(ConfigMismatchError, match="guidance_scale"):
+        synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png",
+                                 "--guidance-scale", "3"))
+
+
+def test_visual_token_in_conditional_branch_only(tiny_sd, tiny_lora):
+    """The token is appended to the conditional embeddings; the zero-padded negative branch, with the mask, gives
+    exactly the UNet output of the plain 77-token negative embeddings."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(pretrained_model=str(tiny_sd), revision=None, benchmark=0, lora_dir=None, lora_scale=0.5)
+    pipe = synthesize.load_pipeline(args, torch.device("cpu"), torch.float32)
+    tokens = torch.randn(2, 64)
+    cond, neg = synthesize.condition(pipe, ["photo of red circle"] * 2, tokens, "append", "blurry", "cpu")
+    plain = pipe.encode_prompt(["blurry"], "cpu", 1, False)[0]
+    assert cond.shape == (2, 78, 64) and neg.shape == (2, 78, 64)
+    assert torch.equal(cond[:, 77], tokens) and torch.equal(neg[:, :77], plain.expand(2, -1, -1))
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor(500)
+    with torch.no_grad():
+        ref = pipe.unet(latents, t, encoder_hidden_states=plain.expand(2, -1, -1)).sample
+        unmasked = pipe.unet(latents, t, encoder_hidden_states=neg).sample
+        synthesize.install_token_mask(pipe, "append", True)
+        masked = pipe.unet(latents, t, encoder_hidden_states=neg).sample
+        with_token = pipe.unet(latents, t, encoder_hidden_states=cond).sample
+        no_token = pipe.unet(latents, t, encoder_hidden_states=cond[:, :77]).sample
+    torch.testing.assert_close(masked, ref, atol=1e-5, rtol=1e-5)
+    assert (unmasked - ref).abs().max() > 1e-4  # the padding would leak without the mask
+    assert (with_token - no_token).abs().max() > 1e-4  # the token reaches the conditional branch
+    replaced = add_visual_tokens(cond[:, :77], tokens, "replace-last")
+    assert replaced.shape == (2, 77, 64) and torch.equal(replaced[:, 76], tokens)
+
+
+def test_lora_fused_at_scale(tiny_sd, tiny_lora):
+    """Fusing at --lora-scale 0.5 equals the unfused LoRA at cross-attention scale 0.5, and differs from scale 1."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(pretrained_model=str(tiny_sd), revision=None, benchmark=0, lora_dir=str(tiny_lora),
+                           lora_scale=0.5)
+    fused = synthesize.load_pipeline(args, torch.device("cpu"), torch.float32)
+    unfused = synthesize.load_pipeline(args, torch.device("cpu"), torch.float32, fuse=False)
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor(300), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        a = fused.unet(x, t, ctx).sample
+        b = unfused.unet(x, t, ctx, cross_attention_kwargs={"scale": 0.5}).sample
+        c = unfused.unet(x, t, ctx, cross_attention_kwargs={"scale": 1.0}).sample
+    assert not any("lora" in n for n, _ in fused.unet.named_parameters())
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
+    """An unreadable source fails naming the file, or is skipped and counted with --skip-bad; a missing caption fails
+    unless --allow-missing-captions; text-to-image (strength 1) never reads the sources."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    bad = root / "train" / "green_square" / "green_square_001.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ImageReadError, match="green_square_001.png"):
+        synthesize.main(args_for(tiny_sd, root, tmp_path / "a"))
+    m = synthesize.main(args_for(tiny_sd, root, tmp_path / "b", "--skip-bad"))
+    assert m["complete"] and m["images"] == 11 and m["bad_sources"] == 1
+    assert "green_square/green_square_001.png" in json.loads((tmp_path / "b" / "manifest.json").read_text())[
+        "inputs"]["bad_sources"]
+    m = synthesize.main(args_for(tiny_sd, root, tmp_path / "c", "--strength", "1.0"))
+    assert m["images"] == 12
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"path": "red_circle/red_circle_000.png", "caption": "a red disk"}) + "\n")
+    with pytest.raises(KeyError, match="caption"):
+        synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "d", "--captions", captions))
+    synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "e", "--captions", captions,
+                             "--allow-missing-captions"))
+    prompts = {r["source"]: r["prompt"] for r in read_jsonl(tmp_path / "e" / "manifest.jsonl")}
+    assert prompts["red_circle/red_circle_000.png"] == "photo of red circle, a red disk"
+    assert prompts["red_circle/red_circle_001.png"] == "photo of red circle"
+
+
+def test_benchmark_reports_both_loops(tiny_sd, tiny_dataset, tiny_lora, tmp_path):
+    m = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "bench", "--benchmark", "6", "--batch-size", "6",
+                                 "--baseline-batch", "6", lora=tiny_lora))
+    assert m["images"] == 6 and m["ours_images_per_s"] > 0 and m["baseline_images_per_s"] > 0
+    assert 0 < m["ours_unet_share"] <= 1 and 0 < m["baseline_unet_share"] <= 1
+    assert m["speedup"] == pytest.approx(m["ours_images_per_s"] / m["baseline_images_per_s"])
+    assert len(list((tmp_path / "bench" / "ours").rglob("*.jpg"))) == 6
+    assert len(list((tmp_path / "bench" / "baseline").rglob("*.jpg"))) == 6
+
+
+@pytest.mark.parametrize("name", ["in10", "in100", "in1k", "cub", "cars", "pets", "eurosat", "demo"])
+def test_config_sections_parse(name):
+    """Every shipped config's synthesize section names real options; the real sets keep the paper's settings."""
+    from common import PROJECT_DIR, parse_args
+
+    args = parse_args(synthesize.get_parser(), ["--config", str(PROJECT_DIR / "configs" / f"{name}.yaml")],
+                      "synthesize")
+    assert args.dataset == name and args.lora_dir == f"runs/{name}/finetune"
+    if name != "demo":
+        assert (args.steps, args.strength, args.guidance_scale, args.resolution) == (30, 0.75, 2.0, 512)
+
+
+def test_per_image_tokens_replace_last(tiny_sd, tiny_dataset, tiny_lora, tmp_path, monkeypatch):
+    """The release's per-image mode: each source's own token overwrites text slot 77 (77 tokens in both branches)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from common import load_dataset
+
+    lora = tmp_path / "lora"
+    shutil.copytree(tiny_lora, lora)
+    index = load_dataset("demo", tiny_dataset, "train")
+    table = torch.randn(len(index), 64)
+    save_file({"tokens": table}, str(lora / "visual_guidance.safetensors"))
+    (lora / "visual_guidance.json").write_text(json.dumps({
+        "mode": "per-image", "placement": "replace-last", "classes": index.classes,
+        "image_paths": [s.path for s in reversed(index.samples)], "encoder": "tiny", "images_per_class": 1}))
+    seen = []
+    real = synthesize.condition
+    monkeypatch.setattr(synthesize, "condition", lambda *a: seen.append((a[2], real(*a))) or seen[-1][1])
+    mask = tmp_path / "mask.npy"
+    np.save(mask, np.array([i == 5 for i in range(len(index))]))
+    synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "out", "--subset-mask", mask, lora=lora))
+    (tokens, (cond, neg)), = seen
+    assert cond.shape == neg.shape == (1, 77, 64)
+    assert torch.equal(tokens[0], table[len(index) - 1 - 5]) and torch.equal(cond[0, 76], table[len(index) - 1 - 5])
