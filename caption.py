@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     state = PartialState()
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "captions")
     config = common.config_dict(args, exclude=("output_dir", "runs_dir", "batch_size", "num_workers", "shard"))
-    index = common.load_dataset(args.dataset, args.data_root, args.split, args.seed)  # fails before touching out_dir
+    index = common.load_dataset(args.dataset, args.data_root, args.split)  # fails before touching out_dir
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)
     status = run.start()
     if status == "done":

@@ -504,7 +504,10 @@ def read_torchvision(name: str, root, split: str) -> DatasetIndex:
     return DatasetIndex(name, root, split, samples, list(ds.classes), list(ds.classes))
 
 
-def read_eurosat(root, split: str, seed: int) -> DatasetIndex:
+EUROSAT_SPLIT_SEED = 0  # part of the dataset's definition, never a run's --seed (LiRA shadows must share one split)
+
+
+def read_eurosat(root, split: str, seed: int = EUROSAT_SPLIT_SEED) -> DatasetIndex:
     """EuroSAT RGB (`root/eurosat/2750/<Class>/*.jpg`): a seeded 80/20 split decided per image id."""
     base = Path(root) / "eurosat" / "2750" if (Path(root) / "eurosat" / "2750").is_dir() else Path(root)
     full = read_imagefolder(base, name="eurosat", split=split)
@@ -537,7 +540,7 @@ def dataset_root(name: str) -> str:
     return root
 
 
-def load_dataset(name: str, root: str | os.PathLike, split: str = "train", seed: int = 0) -> DatasetIndex:
+def load_dataset(name: str, root: str | os.PathLike | None, split: str = "train") -> DatasetIndex:
     """One reader per dataset; `split` is 'train' or a test split ('val'/'test' for the real ones, any folder for
     imagefolder/demo, e.g. the demo's shifted sets)."""
     root = dataset_root(name) if root is None else root
@@ -548,7 +551,7 @@ def load_dataset(name: str, root: str | os.PathLike, split: str = "train", seed:
     if name in ("cars", "pets"):
         return read_torchvision(name, root, split)
     if name == "eurosat":
-        return read_eurosat(root, split, seed)
+        return read_eurosat(root, split)
     if name in ("imagefolder", "demo"):
         return read_imagefolder(Path(root) / split, name=name, split=split)
     raise ValueError(f"unknown dataset '{name}'; choose one of {DATASETS}")

@@ -134,7 +134,7 @@ def read_set(spec: str, args) -> tuple[str, list[Path], list[str], list[str]]:
         return (name, *read_imagenet_set(kind, path))
     if args.dataset is None or args.data_root is None:
         raise ValueError(f"--sets {spec}: a split name needs --dataset and --data-root (or a --config)")
-    index = load_dataset(args.dataset, args.data_root, spec, args.seed)
+    index = load_dataset(args.dataset, args.data_root, spec)
     return name, [index.abspath(i) for i in range(len(index))], [index.classes[s.label] for s in index.samples], \
         list(index.classes)
 

@@ -442,7 +442,7 @@ def resolve_args(args):
 
 
 def load_training_set(args):
-    index = common.load_dataset(args.dataset, args.data_root, "train", args.seed)
+    index = common.load_dataset(args.dataset, args.data_root, "train")
     if args.subset_mask:
         mask = np.load(args.subset_mask)
         if mask.dtype != bool or mask.ndim != 1:

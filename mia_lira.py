@@ -342,14 +342,6 @@ def prepare_keep(out: Path, index, args) -> np.ndarray:
     return keep
 
 
-def check_split_is_seed_free(args, index) -> None:
-    """Shadows pass their own --seed to the stages; the train split (and so the mask alignment) must not move."""
-    other = load_dataset(args.dataset, args.data_root, "train", shadow_seed(args.seed, 0))
-    if [s.path for s in other.samples] != [s.path for s in index.samples]:
-        raise RuntimeError(f"the {args.dataset} train split depends on --seed, so shadow subset masks would not line "
-                           f"up; LiRA needs a seed-independent split")
-
-
 def collect_scores(args, out: Path, arm: str, index, log) -> np.ndarray | None:
     """[M, N, 2] φ of every shadow of the arm, querying (and caching) those not yet scored; None if a shadow of
     the arm is not trained yet (another --shard job is still on it)."""
@@ -416,8 +408,7 @@ def main(argv=None) -> dict:
         src = Path(args.scores_from)
         keep, scores = np.load(src / "keep.npy"), {arm: np.load(src / f"scores_{arm}.npy") for arm in args.arms}
     else:
-        index = load_dataset(args.dataset, args.data_root, "train", args.seed)
-        check_split_is_seed_free(args, index)
+        index = load_dataset(args.dataset, args.data_root, "train")
         keep = prepare_keep(out, index, args)
         shard_index, shard_count = args.shard
         for arm in args.arms:

@@ -316,7 +316,7 @@ def main(argv=None) -> dict:
     if descriptor["standin"]:
         log.warning("descriptor %s is the project's STAND-IN, not SSCD: results measure pixel-layout near-duplicates",
                     args.model)
-    real = load_dataset(args.dataset, args.data_root, "train", args.seed)
+    real = load_dataset(args.dataset, args.data_root, "train")
     synth = load_generated(synthetic_dir)
     preprocessing = f"{args.resize}-{args.size}"
     cache = EmbeddingCache(Path(args.cache_dir or runs / "sscd_cache") / f"{descriptor['sha256_16']}_{preprocessing}")

@@ -430,7 +430,7 @@ def prepare(args):
     """Dataset, captions, tokens and plan, shared by the run and the benchmark."""
     if not args.scale > 0:
         raise ValueError(f"--scale must be > 0 (outputs per real image), got {args.scale}")
-    index = load_dataset(args.dataset, args.data_root, args.split, args.seed)
+    index = load_dataset(args.dataset, args.data_root, args.split)
     if args.subset_mask:
         index = index.subset(np.load(args.subset_mask).astype(bool).tolist())
     if len(index) == 0:

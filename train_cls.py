@@ -170,7 +170,7 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
     for source in args.train_dirs:
         is_real = is_real_source(source, args.data_root)
         if is_real:
-            index = load_dataset(args.dataset, args.data_root, "train", args.seed)
+            index = load_dataset(args.dataset, args.data_root, "train")
             if args.subset_mask:
                 index = index.subset(load_mask(args.subset_mask, len(index)))
         else:
@@ -421,7 +421,7 @@ def main(argv=None) -> dict:
         test_index, paths, labels, inputs = None, [None] * args.fake_data, [i % 10 for i in range(args.fake_data)], {}
         classes, class_names = [str(c) for c in range(10)], [str(c) for c in range(10)]
     else:
-        test_index = load_dataset(args.dataset, args.data_root, args.test_split, args.seed)
+        test_index = load_dataset(args.dataset, args.data_root, args.test_split)
         classes, class_names = test_index.classes, test_index.class_names
         paths, labels, inputs = load_train_sources(args, classes)
     model = build_model(args, len(classes))
