@@ -40,7 +40,7 @@ import torch
 
 from common import (
     DATA_DIR, IMAGE_EXTENSIONS, RunDir, atomic_path, atomic_write, config_dict, fingerprint, get_logger,
-    load_classifier, load_dataset, load_image, parse_args, progress, read_lines, write_json,
+    data_location, load_classifier, load_dataset, load_image, parse_args, progress, read_lines, write_json,
 )
 
 WNID = re.compile(r"^n\d{8}$")
@@ -57,11 +57,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--sets", nargs="+", default=["test"],
                    help="dataset split names, and/or ImageNet OOD sets as KIND=PATH or a bare KIND whose path is "
                         "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS))
-    for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section or configs/paths.yaml
-        p.add_argument(f"--{kind}", default=None, help=f"root of {kind} (used when --sets names '{kind}')")
+    for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
+        env = kind.replace("-", "_").upper() + "_ROOT"
+        p.add_argument(f"--{kind}", default=None, help=f"root of {kind} (used when --sets names '{kind}'; "
+                                                      f"default ${env} or configs/paths.yaml)")
     p.add_argument("--dataset", default=None, help="dataset of the split names in --sets")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--seed", type=int, default=0, help="only used by datasets with a seeded split (EuroSAT)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--output-dir", default=None, help="default: <runs-dir>/<dataset>/ood_<classifier dir name>")
     p.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
@@ -81,7 +82,11 @@ def parse_set(spec: str, args=None) -> tuple[str, str | None, str | None]:
     (imagenet-r, imagenet-r, /data/r)."""
     if "=" not in spec:
         if spec in IMAGENET_SETS:
-            return spec, spec, getattr(args, spec.replace("-", "_"), None)
+            # the option, else IMAGENET_V2_ROOT (etc.) or configs/paths.yaml; imagenet-val is ImageNet's val/
+            path = getattr(args, spec.replace("-", "_"), None) or data_location(spec.replace("-", "_") + "_root")
+            if path is None and spec == "imagenet-val" and data_location("imagenet_root"):
+                path = str(Path(data_location("imagenet_root")) / "val")
+            return spec, spec, path
         return spec, None, None
     kind, path = spec.split("=", 1)
     if kind not in IMAGENET_SETS:
