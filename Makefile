@@ -88,7 +88,7 @@ $(addsuffix -all,$(DATASETS)): $(STAMP)
 	for mode in real synth mix; do $(MAKE) --no-print-directory pipeline DATASET=$(@:-all=) MODE=$$mode || exit 1; done
 
 CLS_DIRS := $(if $(filter real,$(MODE)),$(RUNS)/cls_real,$(foreach s,$(SCALES),$(RUNS)/cls_$(MODE)_x$(s)))
-pipeline: $(patsubst $(RUNS)/%,$(RUNS)/eval/%/manifest.json,$(CLS_DIRS))
+pipeline: $(patsubst $(RUNS)/%,$(RUNS)/ood_%/manifest.json,$(CLS_DIRS))
 
 $(RUNS)/captions/manifest.json: $(CONFIG) | $(STAMP)
 	$(RUN) caption.py $(STAGE_FLAGS) --output-dir $(@D)
@@ -96,25 +96,75 @@ $(RUNS)/captions/manifest.json: $(CONFIG) | $(STAMP)
 $(RUNS)/finetune/manifest.json: $(CONFIG) $(CAPTIONS_DEP) | $(STAMP)
 	$(RUN) finetune.py $(STAGE_FLAGS) $(CAPTIONS_FLAG) --output-dir $(@D)
 
-# One synthesis directory serves every scale: image k of source s has seed item_seed(seed, s, k), so xN is a prefix
-# of xM for N < M and a sweep only adds the missing copies.
-$(RUNS)/synth/manifest_x%.json: $(RUNS)/finetune/manifest.json | $(STAMP)
-	$(RUN) synthesize.py $(STAGE_FLAGS) $(CAPTIONS_FLAG) --lora-dir $(RUNS)/finetune --scale $* --output-dir $(@D)
+# Image k of source s has seed item_seed(seed, s, k), so xN is a prefix of xM for N < M: a larger scale hard-links
+# the images of every smaller scale already on disk (--reuse-from) and generates only the missing copies.
+$(RUNS)/synth_x%/manifest.json: $(RUNS)/finetune/manifest.json | $(STAMP)
+	$(RUN) synthesize.py $(STAGE_FLAGS) $(CAPTIONS_FLAG) --lora-dir $(RUNS)/finetune --scale $* \
+		--reuse-from $(wildcard $(RUNS)/synth_x*) --output-dir $(@D)
 
 $(RUNS)/cls_real/manifest.json: $(CONFIG) | $(STAMP)
-	$(RUN) train_cls.py $(STAGE_FLAGS) --train-data real --output-dir $(@D)
+	$(RUN) train_cls.py $(STAGE_FLAGS) --train-dirs real --output-dir $(@D)
 
-$(RUNS)/cls_synth_x%/manifest.json: $(RUNS)/synth/manifest_x%.json | $(STAMP)
-	$(RUN) train_cls.py $(STAGE_FLAGS) --train-data $(RUNS)/synth --synthetic-scale $* --output-dir $(@D)
+$(RUNS)/cls_synth_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
+	$(RUN) train_cls.py $(STAGE_FLAGS) --train-dirs $(<D) --output-dir $(@D)
 
-$(RUNS)/cls_mix_x%/manifest.json: $(RUNS)/synth/manifest_x%.json | $(STAMP)
-	$(RUN) train_cls.py $(STAGE_FLAGS) --train-data real $(RUNS)/synth --synthetic-scale $* --output-dir $(@D)
+$(RUNS)/cls_mix_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
+	$(RUN) train_cls.py $(STAGE_FLAGS) --train-dirs real $(<D) --output-dir $(@D)
 
-$(RUNS)/eval/%/manifest.json: $(RUNS)/%/manifest.json | $(STAMP)
-	$(RUN) eval_ood.py $(STAGE_FLAGS) --run-dir $(RUNS)/$* --sets $(OOD_SETS) --output-dir $(@D)
+# The eval sets come from the config's eval_ood section; an OOD set whose path is not configured is skipped.
+$(RUNS)/ood_%/manifest.json: $(RUNS)/%/manifest.json | $(STAMP)
+	$(RUN) eval_ood.py $(STAGE_FLAGS) --classifier $(<D) --output-dir $(@D)
 
 mia: $(STAMP)
-	$(PY) mia_lira.py --config $(CONFIG) --shadows $(SHADOWS) $(OVERWRITE_FLAG) $(ARGS) --output-dir $(RUNS)/mia
+	$(PY) mia_lira.py --config $(CONFIG) --num-shadows $(SHADOWS) $(OVERWRITE_FLAG) $(ARGS) --output-dir $(RUNS)/mia_lira
 
-sscd: $(RUNS)/synth/manifest_x$(SCALE).json
-	$(PY) sscd_sim.py --config $(CONFIG) --synthetic-dir $(RUNS)/synth $(OVERWRITE_FLAG) $(ARGS) --output-dir $(RUNS)/sscd
+# SSCD needs the descriptor file: SSCD_MODEL=/path/sscd_disc_large.torchscript.pt (see README, "Privacy").
+SSCD_MODEL ?= sscd_disc_large.torchscript.pt
+sscd: $(RUNS)/synth_x$(SCALE)/manifest.json
+	$(PY) sscd_sim.py --config $(CONFIG) --model $(SSCD_MODEL) --synthetic-dir $(RUNS)/synth_x$(SCALE) \
+		$(OVERWRITE_FLAG) $(ARGS) --output-dir $(RUNS)/sscd_x$(SCALE)
+
+# ------------------------------------------------------------------------------------------------------- demo
+# The same scripts on the embedded demo. One OpenMP thread per process: two threads on two shared cores ran the
+# tiny UNet several times slower. Each stage prints its elapsed time and appends it to runs/demo/timings.tsv.
+DEMO    := runs/demo
+DEMO_PY := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY)
+DEMO_CFG := --config configs/demo.yaml $(OVERWRITE_FLAG)
+timed = @start=$$(date +%s); $(2) || exit 1; t=$$(( $$(date +%s) - start )); \
+	echo "[demo] $(1): $$t s"; printf '%s\t%s\n' "$(1)" "$$t" >> $(DEMO)/timings.tsv
+
+demo: $(STAMP)
+	@mkdir -p $(DEMO); : > $(DEMO)/timings.tsv
+	$(call timed,data,$(DEMO_PY) demo.py data $(DEMO_CFG))
+	$(call timed,generator,$(DEMO_PY) demo.py generator $(DEMO_CFG))
+	$(call timed,finetune,$(DEMO_PY) finetune.py $(DEMO_CFG) --output-dir $(DEMO)/finetune)
+	$(call timed,synthesize,$(DEMO_PY) synthesize.py $(DEMO_CFG) --output-dir $(DEMO)/synth_x1)
+	$(call timed,train_cls real,$(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs real --output-dir $(DEMO)/cls_real)
+	$(call timed,train_cls synth,$(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs $(DEMO)/synth_x1 \
+		--output-dir $(DEMO)/cls_synth_x1)
+	$(call timed,train_cls mix,$(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs real $(DEMO)/synth_x1 \
+		--output-dir $(DEMO)/cls_mix_x1)
+	$(call timed,eval_ood,for r in cls_real cls_synth_x1 cls_mix_x1; do \
+		$(DEMO_PY) eval_ood.py $(DEMO_CFG) --classifier $(DEMO)/$$r --output-dir $(DEMO)/ood_$$r || exit 1; done)
+	$(call timed,sscd_sim,$(DEMO_PY) sscd_sim.py $(DEMO_CFG) --make-standin $(DEMO)/sscd_standin.torchscript.pt && \
+		$(DEMO_PY) sscd_sim.py $(DEMO_CFG) --output-dir $(DEMO)/sscd_synth_x1)
+	$(call timed,mia_lira,$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira)
+	$(call timed,report,$(DEMO_PY) demo.py report $(DEMO_CFG))
+	@echo "[demo] done: $(DEMO)/report.md, $(DEMO)/summary.json"
+
+# ------------------------------------------------------------------------------------------------------- benchmarks
+bench: bench-finetune bench-synth bench-train
+
+bench-finetune: $(STAMP)
+	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py generator $(DEMO_CFG)
+	$(DEMO_PY) finetune.py --benchmark --pretrained-model $(DEMO)/generator/sd --resolution 32 \
+		--train-batch-size 16 --benchmark-steps 10
+
+bench-synth: $(STAMP)
+	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py generator $(DEMO_CFG)
+	$(DEMO_PY) finetune.py $(DEMO_CFG) --output-dir $(DEMO)/finetune
+	$(DEMO_PY) synthesize.py --config configs/demo.yaml --steps 30 --benchmark 48 --output-dir $(DEMO)/bench_synth
+
+bench-train: $(STAMP)
+	$(DEMO_PY) train_cls.py --benchmark --fake-data 640 --fake-size 48 --model test_resnet --input-size 32 \
+		--batch-size 32 --max-device-batch 32 --workers 1 --amp no --benchmark-steps 15

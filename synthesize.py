@@ -40,15 +40,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (DATASETS, PROMPT_STYLES, ImageReadError, RunDir, add_visual_tokens, build_prompt, captions_for,
-                    config_dict, encode_latent_prior, fingerprint, get_logger, hash_file, item_seed, load_captions,
-                    load_dataset, load_image, load_init_image, local_items, negative_prompt, parse_args, parse_shard,
-                    progress, read_json, save_image, write_json, write_jsonl)
+from common import (DATASETS, PROMPT_STYLES, ImageReadError, RunDir, add_visual_tokens, atomic_path, build_prompt,
+                    captions_for, config_dict, encode_latent_prior, fingerprint, get_logger, hash_file, item_seed,
+                    load_captions, load_dataset, load_image, load_init_image, local_items, negative_prompt, parse_args,
+                    parse_shard, progress, read_json, save_image, write_json, write_jsonl)
 
 # Flags that change speed or bookkeeping, never an image: left out of the run's config so a resume may change them.
 SPEED_ONLY = ("batch_size", "decode_batch", "num_workers", "write_workers", "compile", "shard", "skip_bad",
-              "verify_existing", "benchmark", "benchmark_model", "baseline_batch", "output_dir", "data_root",
-              "runs_dir")
+              "verify_existing", "reuse_from", "benchmark", "benchmark_model", "baseline_batch", "output_dir",
+              "data_root", "runs_dir")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -98,6 +98,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers reading and resizing sources")
     p.add_argument("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
+    p.add_argument("--reuse-from", nargs="*", default=[], metavar="DIR",
+                   help="other synthesize.py outputs of the same config at another --scale: their images of the same "
+                        "(source, copy) are identical by construction (same seed), so they are hard-linked, not redone")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part, for job arrays")
     p.add_argument("--benchmark", type=int, default=0, metavar="N",
                    help="time our loop against the release-style baseline on N images, print images/s, exit")
@@ -342,6 +345,41 @@ def existing_files(out_dir: Path, classes) -> set[str]:
     return found
 
 
+def same_images(config: dict, other_dir: Path) -> bool:
+    """Another output dir whose images equal ours for equal (source, copy): same config but for the scale."""
+    for name in ("manifest.json", "run_config.json"):
+        if (other_dir / name).is_file():
+            other = read_json(other_dir / name)["config"]
+            return {k: v for k, v in other.items() if k != "scale"} == {k: v for k, v in config.items() if k != "scale"}
+    return False
+
+
+def reuse_images(plan: Plan, jobs, out_dir: Path, config: dict, dirs, mode: str, log) -> int:
+    """Hard-link (or copy, across file systems) the images of `jobs` that another scale's run already made."""
+    linked = 0
+    present = existing_files(out_dir, plan.index.classes)
+    for other in (Path(d) for d in dirs):
+        if other.resolve() == out_dir.resolve():
+            continue
+        if not same_images(config, other):
+            log.info(f"--reuse-from {other}: skipped (not a synthesize.py run of this config)")
+            continue
+        theirs = existing_files(other, plan.index.classes)
+        for j in jobs:
+            name = plan.file(j)
+            if name in present or name not in theirs or not complete_on_disk(other / name, mode):
+                continue
+            with atomic_path(out_dir / name) as tmp:
+                tmp.unlink()
+                try:
+                    os.link(other / name, tmp)
+                except OSError:
+                    shutil.copyfile(other / name, tmp)
+            present.add(name)
+            linked += 1
+    return linked
+
+
 def todo_jobs(plan: Plan, jobs, out_dir: Path, mode: str, threads: int) -> list[int]:
     """The jobs whose image is missing or incomplete on disk (resume)."""
     present = existing_files(out_dir, plan.index.classes)
@@ -462,6 +500,9 @@ def main(argv=None) -> dict:
     if state.is_main_process:
         write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
     mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
+    if args.reuse_from:
+        log.info(f"reused {reuse_images(plan, mine, out_dir, config, args.reuse_from, args.verify_existing, log)} "
+                 f"images from --reuse-from")
     todo = todo_jobs(plan, mine, out_dir, args.verify_existing, args.write_workers)
     log.info(f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
              f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate")

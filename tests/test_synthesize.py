@@ -267,3 +267,22 @@ def test_per_image_tokens_replace_last(tiny_sd, tiny_dataset, tiny_lora, tmp_pat
     (tokens, (cond, neg)), = seen
     assert cond.shape == neg.shape == (1, 77, 64)
     assert torch.equal(tokens[0], table[len(index) - 1 - 5]) and torch.equal(cond[0, 76], table[len(index) - 1 - 5])
+
+
+def test_larger_scale_reuses_smaller_scale_images(tiny_sd, tiny_dataset, tmp_path):
+    """x1 is a prefix of x2 (same seeds): with --reuse-from, x2 links x1's 12 images and generates only 12 more, and
+    the result equals a clean x2 run. A run of another config is not reused."""
+    x1, x2, clean = tmp_path / "x1", tmp_path / "x2", tmp_path / "clean"
+    synthesize.main(args_for(tiny_sd, tiny_dataset, x1, "--scale", "1", "--image-format", "png"))
+    m = synthesize.main(args_for(tiny_sd, tiny_dataset, x2, "--scale", "2", "--image-format", "png",
+                                 "--reuse-from", x1))
+    assert m["generated"] == 12 and m["images"] == 24
+    assert os.path.samefile(x1 / "red_circle" / "red_circle_000_0.png", x2 / "red_circle" / "red_circle_000_0.png")
+    synthesize.main(args_for(tiny_sd, tiny_dataset, clean, "--scale", "2", "--image-format", "png"))
+    assert read_jsonl(x2 / "manifest.jsonl") == read_jsonl(clean / "manifest.jsonl")
+    for f in (p.relative_to(clean) for p in clean.rglob("*.png")):
+        assert np.abs(pixels(x2 / f) - pixels(clean / f)).max() <= 2
+    other = tmp_path / "other"
+    m = synthesize.main(args_for(tiny_sd, tiny_dataset, other, "--scale", "2", "--image-format", "png",
+                                 "--guidance-scale", "3", "--reuse-from", x1))
+    assert m["generated"] == 24
