@@ -1,0 +1,23 @@
+"""Every shipped config parses for every stage: no unknown key, every value of the right type."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+import common
+
+CONFIGS = sorted(p for p in (common.PROJECT_DIR / "configs").glob("*.yaml") if p.name != "paths.yaml")
+STAGES = ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_section_parses(config: Path, stage: str):
+    module = importlib.import_module(stage)
+    args = common.parse_args(module.get_parser(), ["--config", str(config)], stage)
+    assert args.dataset == config.stem  # the shared key reached the stage
+
+
+def test_every_paper_dataset_has_a_config():
+    assert {p.stem for p in CONFIGS} == {"in10", "in100", "in1k", "cub", "cars", "pets", "eurosat", "demo"}

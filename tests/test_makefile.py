@@ -1,0 +1,49 @@
+"""The Makefile as the paper's experiment runner: `make -n` prints the whole chain without running anything."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def dry_run(*args: str) -> list[str]:
+    out = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.replace("\\\n", " ")  # join continued recipe lines
+    return [line for line in out.splitlines() if re.search(r"\b\w+\.py\b", line)]
+
+
+def stages(lines):
+    return [re.search(r"(\w+)\.py", line).group(1) for line in lines]
+
+
+def test_in1k_scale10_chain_order_and_flags():
+    lines = dry_run("in1k", "SCALE=10")
+    assert stages(lines) == ["caption", "finetune", "synthesize", "train_cls", "eval_ood"]
+    assert all("--config configs/in1k.yaml" in line for line in lines)
+    synth = lines[2]
+    assert "--scale 10" in synth and "--output-dir runs/in1k/synth_x10" in synth
+    assert "--lora-dir runs/in1k/finetune" in synth
+    assert "--captions runs/in1k/captions/captions.jsonl" in lines[1]
+    assert "--train-dirs runs/in1k/synth_x10" in lines[3] and "--output-dir runs/in1k/cls_synth_x10" in lines[3]
+    assert "--classifier runs/in1k/cls_synth_x10" in lines[4]
+
+
+def test_cub_sweep_mix_has_no_captions_and_one_chain_per_scale():
+    lines = dry_run("cub", "SCALES=1 2", "MODE=mix")
+    assert "caption" not in stages(lines) and not any("--captions" in line for line in lines)
+    assert stages(lines).count("finetune") == 1  # one generator serves every scale
+    assert [line for line in lines if "synthesize.py" in line and "--scale 2" in line]
+    assert any("--train-dirs real runs/cub/synth_x2" in line for line in lines)
+    assert any("--output-dir runs/cub/cls_mix_x1" in line for line in lines)
+
+
+def test_real_mode_skips_the_generator_and_accelerate_launcher():
+    lines = dry_run("pets", "MODE=real", "LAUNCH=accelerate", "GPUS=8")
+    assert stages(lines) == ["train_cls", "eval_ood"]
+    assert all("accelerate launch --config_file configs/accelerate/8gpu.yaml" in line for line in lines)
+    assert (ROOT / "configs/accelerate/8gpu.yaml").is_file()
