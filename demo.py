@@ -505,7 +505,10 @@ def train_image_encoder(vision, processor, text_encoder, token_ids, images, labe
     """CLIP's contrastive objective against the (now frozen) text encoder's class-prompt embeddings, so the projected
     image embedding (the visual-guidance token) carries what the image shows."""
     with torch.no_grad():
-        text = torch.nn.functional.normalize(text_encoder(token_ids[:len(CLASSES)]).pooler_output, dim=-1)
+        # Centred across classes: the class prompts share "photo of", and their raw pooled embeddings were so alike
+        # that the contrastive loss stayed at ln(10) (uniform) in a first run.
+        pooled = text_encoder(token_ids[:len(CLASSES)]).pooler_output
+        text = torch.nn.functional.normalize(pooled - pooled.mean(0), dim=-1)
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     vision.train()

@@ -1,0 +1,168 @@
+"""demo.py: deterministic procedural data, the tiny generator's pretraining and round trip, the report."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import demo
+
+TINY_DATA = ["--train-per-class", "2", "--test-per-class", "2", "--ood-per-class", "1"]
+TINY_GENERATOR = ["--pretrain-images", "16", "--held-out-images", "10", "--vae-steps", "2", "--vae-batch-size", "4",
+                  "--unet-steps", "2", "--unet-batch-size", "4", "--clip-steps", "2", "--grid-per-class", "1",
+                  "--measure-per-class", "1", "--measure-steps", "4", "--cls-epochs", "1"]
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo_data")
+    demo.main(["data", "--out", str(root), *TINY_DATA])
+    return root
+
+
+def test_data_layout_and_determinism(demo_data, tmp_path):
+    for split, per_class in (("train", 2), ("test", 2), ("sketch", 1), ("rendition", 1)):
+        index = common.load_dataset("demo", demo_data, split)
+        assert index.classes == list(demo.CLASSES) and index.class_names == list(demo.CLASSES)
+        assert [s.label for s in index.samples] == [c for c in range(10) for _ in range(per_class)]
+        assert all(common.load_image(index.abspath(i)).size == (32, 32) for i in range(len(index)))
+    # Same seed -> identical bytes, written in another folder; another seed -> other images.
+    demo.main(["data", "--out", str(tmp_path / "again"), *TINY_DATA])
+    assert files(tmp_path / "again") == files(demo_data)
+    demo.main(["data", "--out", str(tmp_path / "seed1"), "--seed", "1", *TINY_DATA])
+    other = files(tmp_path / "seed1")
+    assert other.keys() == files(demo_data).keys()
+    assert all(other[k] != v for k, v in files(demo_data).items())
+    # Splits are different draws: no test image equals a train image.
+    train = {v for k, v in files(demo_data).items() if k.startswith("train/")}
+    assert not train & {v for k, v in files(demo_data).items() if not k.startswith("train/")}
+
+
+def test_data_rerun_is_a_noop_and_changed_config_fails(demo_data):
+    before = (demo_data / "manifest.json").stat().st_mtime_ns
+    demo.main(["data", "--out", str(demo_data), *TINY_DATA])
+    assert (demo_data / "manifest.json").stat().st_mtime_ns == before
+    with pytest.raises(common.ConfigMismatchError, match="train_per_class"):
+        demo.main(["data", "--out", str(demo_data), "--train-per-class", "3", "--test-per-class", "2",
+                   "--ood-per-class", "1"])
+
+
+def test_image_depends_only_on_its_ids():
+    a = demo.demo_image(0, "train", 3, 7)
+    assert a.tobytes() == demo.demo_image(0, "train", 3, 7).tobytes()
+    assert a.tobytes() != demo.demo_image(0, "train", 3, 8).tobytes()
+    # A sketch is dark ink on light paper: grey, and mostly light.
+    sketch = torch.tensor(np.asarray(demo.demo_image(0, "sketch", 0, 0)), dtype=torch.float32).reshape(-1, 3)
+    assert (sketch[:, 0] == sketch[:, 1]).all() and sketch.mean() > 150
+
+
+def test_tokenizer_gives_one_token_per_class_word(tmp_path):
+    tokenizer = demo.save_tokenizer(tmp_path, demo.CLASSES + demo.PROMPT_WORDS)
+    for name in demo.CLASSES:
+        ids = tokenizer(common.build_prompt(name)).input_ids
+        assert tokenizer.convert_ids_to_tokens(ids) == ["<|startoftext|>", "photo</w>", "of</w>", f"{name}</w>",
+                                                        "<|endoftext|>"]
+    # A word outside the vocabulary still tokenizes, character by character.
+    assert len(tokenizer("zebra").input_ids) > 3
+
+
+def test_psnr_matches_its_definition():
+    a, b = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.1)
+    assert demo.psnr(a, b) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.01)).item(), rel=1e-5)
+
+
+def test_pretraining_reduces_the_losses(tmp_path):
+    """A few steps of each pretraining phase lower its loss on a fixed batch (same noise, same timesteps)."""
+    from diffusers import DDPMScheduler
+
+    pipe = demo.build_generator(tmp_path / "sd", demo.CLASSES + demo.PROMPT_WORDS)
+    images, labels = demo.pretraining_images(0, 16)
+    x = demo.to_unit(images)
+
+    def vae_loss():
+        with torch.no_grad():
+            return (pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample - x).pow(2).mean().item()
+
+    before = vae_loss()
+    demo.train_vae(pipe.vae, images, steps=12, batch_size=8, lr=2e-3, kl_weight=1e-6, seed=0)
+    assert vae_loss() < 0.8 * before
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    ids, _ = demo.prompt_table(pipe.tokenizer, [""])
+    mean, std = demo.encode_all(pipe.vae, images)
+    gen = torch.Generator().manual_seed(1)
+    t, noise = torch.randint(0, 1000, (16,), generator=gen), torch.randn(mean.shape, generator=gen)
+
+    def unet_loss():
+        with torch.no_grad():
+            cond = pipe.text_encoder(ids)[0][labels]
+            return demo.diffusion_loss(pipe.unet, scheduler, mean, cond, t, noise, None).mean().item()
+
+    before = unet_loss()
+    demo.train_unet(pipe.unet, pipe.text_encoder, scheduler, mean, std, 1.0, labels, ids, 1, steps=12, batch_size=8,
+                    lr=2e-3, text_lr=1e-3, p_uncond=0.1, snr_gamma=5.0, seed=0)
+    assert unet_loss() < 0.9 * before
+
+
+def test_generator_round_trip_and_cache(demo_data, tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    out = tmp_path / "generator"
+    metrics = demo.main(["generator", "--data-root", str(demo_data), "--out", str(out), *TINY_GENERATOR])
+    for key in ("vae_psnr_db", "cond_uncond_rel_diff", "denoise_class_acc"):
+        assert isinstance(metrics[key], float)
+    assert set(metrics["img2img_classifier"]) >= {"real_top1", "synth_top1", "synth_over_real"}
+    for png in ("samples_text2image.png", "samples_img2img.png", "vae_reconstructions.png"):
+        assert common.is_valid_image(out / png)
+
+    # The stages load it exactly as they load SD 1.5: from_pretrained on the directory.
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(out / "sd", safety_checker=None)
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained VAE's latent spread
+    image = common.load_image(next((demo_data / "train" / "circle").glob("*.png")))
+    result = pipe("photo of circle", image=image, strength=0.75, num_inference_steps=4, guidance_scale=2.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert result.shape == (1, 32, 32, 3)
+    vision = CLIPVisionModelWithProjection.from_pretrained(out / "clip_vision")
+    width = pipe.unet.config.cross_attention_dim  # the visual-guidance token needs no projection
+    assert vision(pixel_values=torch.zeros(1, 3, 32, 32)).image_embeds.shape == (1, width)
+
+    # Cached: a second call with the same settings trains nothing and returns the recorded metrics.
+    before = (out / "manifest.json").stat().st_mtime_ns
+    again = demo.main(["generator", "--data-root", str(demo_data), "--out", str(out), *TINY_GENERATOR])
+    assert again["vae_psnr_db"] == metrics["vae_psnr_db"]
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_report_skips_missing_stages(demo_data, tmp_path):
+    runs = tmp_path / "runs"
+    common.RunDir(runs / "cls_real", {"model": "x"}).start()
+    common.RunDir(runs / "cls_real", {"model": "x"}).finish({"top1": 0.5, "top5": 0.9, "elapsed_s": 12.0})
+    synth = runs / "synth_x1"
+    train = common.load_dataset("demo", demo_data, "train")
+    rows = []
+    for i, sample in enumerate(train.samples):  # a fake synthesize.py output: copies of the real images
+        file = f"{train.classes[sample.label]}/{Path(sample.path).stem}_0.png"
+        common.save_image(common.load_image(train.abspath(i)), synth / file)
+        rows.append({"file": file, "label": sample.label, "source": sample.path})
+    common.write_jsonl(synth / "manifest.jsonl", rows)
+    common.write_json(synth / "classes.json", {"classes": train.classes, "class_names": train.class_names})
+    common.RunDir(synth, {"scale": 1}).start()
+    common.RunDir(synth, {"scale": 1}).finish({"images": len(rows)})
+
+    summary = demo.main(["report", "--runs", str(runs), "--data-root", str(demo_data)])
+    assert summary["headline"]["cls_real.top1"] == 0.5
+    assert summary["stages"]["cls_real"]["elapsed_s"] == 12.0
+    assert {"finetune", "eval_ood", "mia_lira", "generator"} <= set(summary["missing_stages"])
+    assert json.loads((runs / "summary.json").read_text())["headline"] == summary["headline"]
+    report = (runs / "report.md").read_text()
+    assert "cls_real" in report and "synth_x1" in report
+    grid = common.load_image(runs / "real_vs_synthetic.png")
+    assert grid.size == (32 * 3 * 4, 32 * 3 * 10)  # 2 real + 2 synthetic per class at 3x, one row per class
