@@ -125,8 +125,8 @@ sscd: $(RUNS)/synth_x$(SCALE)/manifest.json
 		$(OVERWRITE_FLAG) $(ARGS) --output-dir $(RUNS)/sscd_x$(SCALE)
 
 # ------------------------------------------------------------------------------------------------------- demo
-# The same scripts on the embedded demo. One OpenMP thread per process: two threads on two shared cores ran the
-# tiny UNet several times slower. Each stage prints its elapsed time and appends it to runs/demo/timings.tsv.
+# The same scripts on the embedded demo. One OpenMP thread per process (two threads on two shared cores ran the
+# tiny UNet several times slower), and independent runs two at a time: LiRA shadows as two --shard jobs. Each stage prints its elapsed time and appends it to runs/demo/timings.tsv.
 DEMO    := runs/demo
 DEMO_PY := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY)
 DEMO_CFG := --config configs/demo.yaml $(OVERWRITE_FLAG)
@@ -139,16 +139,18 @@ demo: $(STAMP)
 	$(call timed,generator,$(DEMO_PY) demo.py generator $(DEMO_CFG))
 	$(call timed,finetune,$(DEMO_PY) finetune.py $(DEMO_CFG) --output-dir $(DEMO)/finetune)
 	$(call timed,synthesize,$(DEMO_PY) synthesize.py $(DEMO_CFG) --output-dir $(DEMO)/synth_x1)
-	$(call timed,train_cls real,$(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs real --output-dir $(DEMO)/cls_real)
-	$(call timed,train_cls synth,$(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs $(DEMO)/synth_x1 \
-		--output-dir $(DEMO)/cls_synth_x1)
+	$(call timed,train_cls real + synth,$(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs real \
+		--output-dir $(DEMO)/cls_real & pid=$$!; $(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs $(DEMO)/synth_x1 \
+		--output-dir $(DEMO)/cls_synth_x1 && wait $$pid)
 	$(call timed,train_cls mix,$(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs real $(DEMO)/synth_x1 \
 		--output-dir $(DEMO)/cls_mix_x1)
 	$(call timed,eval_ood,for r in cls_real cls_synth_x1 cls_mix_x1; do \
 		$(DEMO_PY) eval_ood.py $(DEMO_CFG) --classifier $(DEMO)/$$r --output-dir $(DEMO)/ood_$$r || exit 1; done)
 	$(call timed,sscd_sim,$(DEMO_PY) sscd_sim.py $(DEMO_CFG) --make-standin $(DEMO)/sscd_standin.torchscript.pt && \
 		$(DEMO_PY) sscd_sim.py $(DEMO_CFG) --output-dir $(DEMO)/sscd_synth_x1)
-	$(call timed,mia_lira,$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira)
+	$(call timed,mia_lira,$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira --shard 0/2 & pid=$$!; \
+		$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira --shard 1/2 && wait $$pid && \
+		$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira)
 	$(call timed,report,$(DEMO_PY) demo.py report $(DEMO_CFG))
 	@echo "[demo] done: $(DEMO)/report.md, $(DEMO)/summary.json"
 

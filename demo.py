@@ -111,10 +111,14 @@ def save_tokenizer(out_dir: Path, words: Iterable[str]):
 
 
 def build_generator(out_dir: str | Path, words: Iterable[str], image_size: int = 32, seed: int = 0,
-                    unet_channels: Iterable[int] = (32, 64), vae_channels: Iterable[int] = (32, 64)):
+                    unet_channels: Iterable[int] = (32, 64), vae_channels: Iterable[int] = (32, 64),
+                    text_time_embedding: bool = False):
     """Build an untrained tiny SD-1.x pipeline and save it in the diffusers layout (model_index.json, unet/, vae/,
     text_encoder/, tokenizer/, scheduler/). Returns the StableDiffusionImg2ImgPipeline.
-    `vae_channels` and `unet_channels` set the widths per level (one more VAE level = one more 2x downsampling)."""
+    `vae_channels` and `unet_channels` set the widths per level (one more VAE level = one more 2x downsampling).
+    `text_time_embedding` adds diffusers' `addition_embed_type="text"`: the attention-pooled condition (text tokens
+    and, when appended, the visual token) is added to the timestep embedding of every ResNet block, besides
+    cross-attention."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -125,6 +129,10 @@ def build_generator(out_dir: str | Path, words: Iterable[str], image_size: int =
         vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    # CLIP initialises word embeddings with std 0.02, as small as the position embeddings: the encoded prompts of the
+    # ten classes then differed by ~3% of their norm, even after joint pretraining, and the UNet could not tell the
+    # classes apart. Unit-variance word embeddings make the class word dominate the condition from the start.
+    torch.nn.init.normal_(text_encoder.get_input_embeddings().weight, std=1.0)
     # Two levels = one downsampling: 32 px images -> 16 x 16 x 4 latents (SD's VAE downsamples 8x; at 32 px that
     # would leave 4 x 4 latents, too coarse for shapes).
     vae_channels = tuple(vae_channels)
@@ -143,7 +151,12 @@ def build_generator(out_dir: str | Path, words: Iterable[str], image_size: int =
         block_out_channels=unet_channels,
         down_block_types=("CrossAttnDownBlock2D",) * len(unet_channels),
         up_block_types=("CrossAttnUpBlock2D",) * len(unet_channels),
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
+        cross_attention_dim=TEXT_WIDTH, norm_num_groups=8,
+        # diffusers reads `attention_head_dim` as the number of heads: 16-wide heads; 4-wide ones ran 2x slower on CPU
+        attention_head_dim=tuple(max(1, c // 16) for c in unet_channels),
+        # A global condition path: with cross-attention alone, 600 steps x 64 images (10 CPU-minutes) left the noise
+        # prediction blind to the prompt (|ε(c) − ε(∅)| / |ε(∅)| = 0.014, diffusion-classifier accuracy at chance).
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=4) if text_time_embedding else {}))
     # SD 1.5's noise schedule and default scheduler, so the stage scripts see the same configs as on the hub model.
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
@@ -676,7 +689,7 @@ def measure_synthetic(sd_dir: Path, data_root: Path, per_class: int, strength: f
 # The generator command: build, pretrain (phase by phase, resumable), check, cache.
 
 DATA_KEYS = ("seed", "image_size", "train_per_class", "test_per_class", "ood_per_class")
-GENERATOR_KEYS = ("seed", "image_size", "unet_channels", "vae_channels", "pretrain_images", "held_out_images",
+GENERATOR_KEYS = ("seed", "image_size", "unet_channels", "text_time_embedding", "vae_channels", "pretrain_images", "held_out_images",
                   "vae_steps", "vae_batch_size", "vae_lr", "kl_weight", "unet_steps", "unet_batch_size", "unet_lr",
                   "text_lr",
                   "p_uncond", "snr_gamma", "ema_decay", "clip_steps", "clip_lr", "grid_per_class",
@@ -740,6 +753,7 @@ def run_generator(args) -> dict:
     if "build" not in phases:
         t0 = time.time()
         build_generator(sd_dir, CLASSES + PROMPT_WORDS, args.image_size, args.seed, unet_channels=args.unet_channels,
+                        text_time_embedding=args.text_time_embedding,
                         vae_channels=args.vae_channels)
         build_image_encoder(clip_dir, TEXT_WIDTH, args.image_size, args.seed)
         done("build", t0)
@@ -880,6 +894,55 @@ def headline(stages: dict) -> dict:
     return picks
 
 
+def _manifest_metrics(folder: Path) -> dict | None:
+    path = folder / "manifest.json"
+    return read_json(path)["metrics"] if path.is_file() else None
+
+
+TRAINING_SETS = (("real", "cls_real"), ("synthetic x1", "cls_synth_x1"), ("real + synthetic x1", "cls_mix_x1"))
+
+
+def paper_tables(runs: Path) -> tuple[list[str], dict]:
+    """The paper's tables in miniature (one seed each): Tab. 1 (test top-1 by training set), Tab. 4 (the shifted
+    sets), §4.5 privacy (LiRA AUC per arm, SSCD similarity). Rows whose stage has not run are left out."""
+    lines, tables = [], {"seeds_per_figure": 1}
+    rows = [(name, _manifest_metrics(runs / d), _manifest_metrics(runs / f"ood_{d}")) for name, d in TRAINING_SETS]
+    rows = [r for r in rows if r[1] is not None]
+    if rows:
+        sets = sorted({k.split("/")[0] for _, _, ood in rows if ood for k in ood if k != "test/top1"} - {"test"})
+        lines += ["## Paper tables in miniature (1 seed per figure)", "",
+                  "Tab. 1 / Tab. 4 analogue: top-1 (%) on the real test split and on the shifted sets.", "",
+                  "| training data | test top-1 | test top-5 | " + " | ".join(f"{x} top-1" for x in sets) + " |",
+                  "|---|---|---|" + "---|" * len(sets)]
+        for name, cls, ood in rows:
+            shifted = [f"{ood[f'{x}/top1']:.1f}" if ood and f"{x}/top1" in ood else "–" for x in sets]
+            lines.append(f"| {name} | {cls['top1']:.1f} | {cls['top5']:.1f} | " + " | ".join(shifted) + " |")
+            tables.setdefault("classifiers", {})[name] = {"test_top1": cls["top1"], "test_top5": cls["top5"],
+                                                          **{f"{x}_top1": (ood or {}).get(f"{x}/top1") for x in sets}}
+        lines.append("")
+    mia = _manifest_metrics(runs / "mia_lira")
+    if mia:
+        lines += ["LiRA membership inference (reduced: see configs/demo.yaml), per arm:", "",
+                  "| arm | attack | AUC | balanced acc. | TPR @ 1% FPR | non-members |", "|---|---|---|---|---|---|"]
+        for arm, attacks in mia.items():
+            for attack, m in attacks.items():
+                lines.append(f"| {arm} | {attack} | {m['auc']:.3f} | {m['balanced_accuracy']:.3f} | "
+                             f"{m['tpr_at_0.01_fpr']:.3f} | {m['num_nonmembers']} |")
+        tables["lira_auc"] = {arm: {a: m["auc"] for a, m in attacks.items()} for arm, attacks in mia.items()}
+        lines.append("")
+    sscd = _manifest_metrics(runs / "sscd_synth_x1")
+    if sscd:
+        kind = "STAND-IN descriptor, not SSCD" if sscd["descriptor"].get("standin") else "SSCD"
+        lines += [f"Copy detection ({kind}): top-1 similarity of each query to the real training set.", "",
+                  "| queries | mean | p95 | replication rate (> threshold) |", "|---|---|---|---|"]
+        for name in ("synthetic_vs_real", "real_vs_real_background"):
+            m = sscd[name]
+            lines.append(f"| {name} | {m['mean']:.3f} | {m['p95']:.3f} | {m['replication_rate']:.3f} |")
+        tables["copy_detection"] = {n: sscd[n] for n in ("synthetic_vs_real", "real_vs_real_background")}
+        lines.append("")
+    return lines, tables
+
+
 def run_report(args) -> dict:
     runs = Path(args.out or args.runs_dir)
     if not runs.is_dir():
@@ -887,9 +950,10 @@ def run_report(args) -> dict:
     stages, missing = collect_runs(runs)
     summary = {"runs_dir": str(runs), "headline": headline(stages), "stages": stages, "missing_stages": missing,
                "total_elapsed_s": round(sum(s["elapsed_s"] or 0 for s in stages.values()), 1)}
+    table_lines, summary["tables"] = paper_tables(runs)
     lines = ["# Real-Fake demo report", "",
-             f"Runs folder: `{runs}`. Stages not run yet: {', '.join(missing) or 'none'}.",
-             "", "## Headline", "", "| figure | value |", "|---|---|"]
+             f"Runs folder: `{runs}`. Stages not run yet: {', '.join(missing) or 'none'}.", "", *table_lines,
+             "## Headline", "", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in summary["headline"].items()]
     lines += ["", "## Time per stage", "", "| folder | stage | elapsed (s) |", "|---|---|---|"]
     lines += [f"| {name} | {s['stage']} | {s['elapsed_s'] if s['elapsed_s'] is not None else '?'} |"
@@ -939,6 +1003,8 @@ def get_parser() -> argparse.ArgumentParser:
     d.add_argument("--ood-per-class", type=int, default=20, help="images per class in sketch/ and rendition/")
     g = p.add_argument_group("generator (sizes and steps measured to fit ~15 min on 2 CPU cores)")
     g.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64])
+    g.add_argument("--text-time-embedding", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the pooled condition to the UNet's time embedding (diffusers addition_embed_type='text')")
     g.add_argument("--vae-channels", type=int, nargs="+", default=[32, 64])
     g.add_argument("--pretrain-images", type=int, default=5000, help="procedural 'web' images (own seeds)")
     g.add_argument("--held-out-images", type=int, default=50, help="more 'web' images, for PSNR and checks")
