@@ -693,6 +693,20 @@ def encode_latent_prior(vae, pixels: torch.Tensor, generators: Sequence[torch.Ge
     return (latents - shift) * vae.config.scaling_factor
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """(position, transformed RGB image) of each path, for the DataLoaders of the scripts that embed or score images;
+    an unreadable file raises ImageReadError naming it."""
+
+    def __init__(self, paths: Sequence, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return i, self.transform(load_image(self.paths[i]))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Classifiers: eval_ood.py and mia_lira.py query what train_cls.py trained, rebuilt from its manifest alone.
 

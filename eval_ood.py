@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from common import (
-    DATA_DIR, IMAGE_EXTENSIONS, RunDir, atomic_path, atomic_write, config_dict, fingerprint, get_logger,
-    data_location, load_classifier, load_dataset, load_image, parse_args, progress, read_lines, write_json,
+    DATA_DIR, IMAGE_EXTENSIONS, ImageFiles, RunDir, atomic_path, atomic_write, config_dict, fingerprint, get_logger,
+    data_location, load_classifier, load_dataset, parse_args, progress, read_lines, write_json,
 )
 
 WNID = re.compile(r"^n\d{8}$")
@@ -179,27 +179,16 @@ def score_set(logits: torch.Tensor, ids: list[str], model_classes: list[str], sp
 # Model and logits
 
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(load_image(self.paths[i]))
-
-
 @torch.no_grad()
 def compute_logits(model, paths, transform, state, args, desc: str) -> torch.Tensor:
     """Logits of this process's strided share of `paths` (float32, all the classifier's classes)."""
     mine = paths[state.process_index::state.num_processes]
-    loader = torch.utils.data.DataLoader(Images(mine, transform), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(ImageFiles(mine, transform), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=torch.cuda.is_available())
     amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     out = []
-    for x in progress(loader, state.is_main_process, desc=desc, leave=False):
+    for _, x in progress(loader, state.is_main_process, desc=desc, leave=False):
         with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
             out.append(model(x.to(state.device, non_blocking=True)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.num_classes)

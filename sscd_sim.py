@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (RunDir, atomic_path, config_dict, fingerprint, get_logger, item_seed, load_dataset, load_image,
-                    load_synthetic, parse_args, progress, read_imagefolder, write_json, write_jsonl)
+from common import (ImageFiles, RunDir, atomic_path, config_dict, fingerprint, get_logger, item_seed, load_dataset,
+                    load_image, load_synthetic, parse_args, progress, read_imagefolder, write_json, write_jsonl)
 
 STANDIN_TAG = "realfake_standin.txt"  # extra file inside a stand-in TorchScript archive
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD README
@@ -140,17 +140,6 @@ def make_transform(resize: str, size: int):
                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return i, self.transform(load_image(self.paths[i]))
-
-
 def cache_key(path: Path) -> str:
     stat = path.stat()
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -180,7 +169,7 @@ def embed(model, paths: list[Path], cache: EmbeddingCache, args, device, desc: s
     """[N, D] descriptors of `paths` (cached ones reused); returns them and how many were computed now."""
     keys = [cache_key(p) for p in paths]
     todo = [i for i, k in enumerate(keys) if k not in cache.rows]
-    loader = torch.utils.data.DataLoader(Images([paths[i] for i in todo], make_transform(args.resize, args.size)),
+    loader = torch.utils.data.DataLoader(ImageFiles([paths[i] for i in todo], make_transform(args.resize, args.size)),
                                          batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=list)
     new_keys, new_emb = [], []
     for batch in progress(loader, desc=desc, total=len(loader)):
