@@ -689,7 +689,8 @@ def measure_synthetic(sd_dir: Path, data_root: Path, per_class: int, strength: f
 # The generator command: build, pretrain (phase by phase, resumable), check, cache.
 
 DATA_KEYS = ("seed", "image_size", "train_per_class", "test_per_class", "ood_per_class")
-GENERATOR_KEYS = ("seed", "image_size", "unet_channels", "text_time_embedding", "vae_channels", "pretrain_images", "held_out_images",
+GENERATOR_KEYS = ("seed", "image_size", "unet_channels", "text_time_embedding", "vae_channels", "pretrain_images",
+                  "held_out_images",
                   "vae_steps", "vae_batch_size", "vae_lr", "kl_weight", "unet_steps", "unet_batch_size", "unet_lr",
                   "text_lr",
                   "p_uncond", "snr_gamma", "ema_decay", "clip_steps", "clip_lr", "grid_per_class",
@@ -952,7 +953,9 @@ def run_report(args) -> dict:
                "total_elapsed_s": round(sum(s["elapsed_s"] or 0 for s in stages.values()), 1)}
     table_lines, summary["tables"] = paper_tables(runs)
     lines = ["# Real-Fake demo report", "",
-             f"Runs folder: `{runs}`. Stages not run yet: {', '.join(missing) or 'none'}.", "", *table_lines,
+             f"Runs folder: `{runs}`. Stages without a run here: {', '.join(missing) or 'none'} (the demo skips "
+             f"captioning: it prompts with class names, as the paper does for its fine-grained sets).", "",
+             *table_lines,
              "## Headline", "", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in summary["headline"].items()]
     lines += ["", "## Time per stage", "", "| folder | stage | elapsed (s) |", "|---|---|---|"]

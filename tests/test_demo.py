@@ -166,3 +166,22 @@ def test_report_skips_missing_stages(demo_data, tmp_path):
     assert "cls_real" in report and "synth_x1" in report
     grid = common.load_image(runs / "real_vs_synthetic.png")
     assert grid.size == (32 * 3 * 4, 32 * 3 * 10)  # 2 real + 2 synthetic per class at 3x, one row per class
+
+
+def test_paper_tables_from_stage_manifests(tmp_path):
+    """Tab. 1 / Tab. 4 rows come from the classifier and eval manifests; privacy rows from mia_lira's."""
+    def manifest(name, metrics):
+        common.write_json(tmp_path / name / "manifest.json", {"metrics": metrics})
+
+    manifest("cls_real", {"top1": 40.0, "top5": 80.0})
+    manifest("ood_cls_real", {"test/top1": 40.0, "sketch/top1": 20.5, "rendition/top1": 30.0})
+    manifest("cls_synth_x1", {"top1": 25.0, "top5": 60.0})  # its eval has not run: shifted cells stay empty
+    attack = {"auc": 0.7, "balanced_accuracy": 0.6, "tpr_at_0.01_fpr": 0.05, "num_nonmembers": 100}
+    manifest("mia_lira", {"real": {"online": attack}, "synthetic": {"online": {**attack, "auc": 0.55}}})
+    lines, tables = demo.paper_tables(tmp_path)
+    text = "\n".join(lines)
+    assert "| real | 40.0 | 80.0 | 30.0 | 20.5 |" in text  # sets sorted: rendition, sketch
+    assert "| synthetic x1 | 25.0 | 60.0 | – | – |" in text
+    assert "real + synthetic" not in text
+    assert tables["classifiers"]["real"]["sketch_top1"] == 20.5
+    assert tables["lira_auc"] == {"real": {"online": 0.7}, "synthetic": {"online": 0.55}}
