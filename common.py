@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -705,6 +706,32 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return i, self.transform(load_image(self.paths[i]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training checkpoints (finetune.py per N steps, train_cls.py per epoch): accelerate's save_state, made atomic.
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[Path | None, int]:
+    """(the newest `checkpoint-<n>` directory, n), or (None, 0) when there is none yet."""
+    found = sorted((int(p.name[11:]), p) for p in Path(ckpt_dir).glob("checkpoint-*") if p.name[11:].isdigit())
+    return (found[-1][1], found[-1][0]) if found else (None, 0)
+
+
+def save_checkpoint(accelerator, ckpt_dir: str | os.PathLike, n: int, keep: int) -> None:
+    """accelerate state saved under a temp name and renamed to `checkpoint-<n>` (a crash mid-save never looks like a
+    checkpoint); only the newest `keep` are kept. Every process must call it."""
+    ckpt_dir = Path(ckpt_dir)
+    tmp, final = ckpt_dir / f".tmp-checkpoint-{n}", ckpt_dir / f"checkpoint-{n}"
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        older = sorted((int(p.name[11:]), p) for p in ckpt_dir.glob("checkpoint-*") if p.name[11:].isdigit())
+        for _, old in older[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -387,23 +387,6 @@ def register_checkpoint_hooks(accelerator, unet_cls):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def latest_checkpoint(ckpt_dir: Path) -> tuple[Path | None, int]:
-    found = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*") if p.name[11:].isdigit())
-    return (found[-1][1], found[-1][0]) if found else (None, 0)
-
-
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, keep: int) -> None:
-    tmp, final = ckpt_dir / f".tmp-checkpoint-{step}", ckpt_dir / f"checkpoint-{step}"
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
 def save_outputs(out_dir: Path, unet, projection, embeds, vg_info) -> None:
     """The LoRA in the diffusers format and the visual tokens in the UNet width (what synthesis must use)."""
     from diffusers import StableDiffusionPipeline
@@ -518,7 +501,7 @@ def main(argv=None) -> dict:
     steps_per_epoch = len(epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, 0))
     total = args.max_train_steps or steps_per_epoch * args.num_train_epochs
     ckpt_dir = out_dir / "checkpoints"
-    latest, step = latest_checkpoint(ckpt_dir) if args.resume == "latest" else (None, 0)
+    latest, step = common.latest_checkpoint(ckpt_dir) if args.resume == "latest" else (None, 0)
     if latest is not None:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} (step {step})")
@@ -552,7 +535,7 @@ def main(argv=None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if step % args.checkpointing_steps == 0 or step == total:
-                save_checkpoint(accelerator, ckpt_dir, step, args.checkpoints_total_limit)
+                common.save_checkpoint(accelerator, ckpt_dir, step, args.checkpoints_total_limit)
         if accelerator.is_main_process:
             recent = history[-steps_per_epoch:] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
             row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}

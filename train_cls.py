@@ -39,7 +39,6 @@ import contextlib
 import io
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -47,8 +46,8 @@ import numpy as np
 import torch
 
 from common import (
-    RunDir, config_dict, fingerprint, get_logger, item_seed, load_dataset, load_image, load_synthetic, progress,
-    read_jsonl, seed_everything, write_json, write_jsonl,
+    RunDir, config_dict, fingerprint, get_logger, item_seed, latest_checkpoint, load_dataset, load_image, load_synthetic,
+    progress, read_jsonl, save_checkpoint, seed_everything, write_json, write_jsonl,
 )
 
 # What the authors' release ran for IN-10 (timm 0.9.2 defaults the paper's Tab. 8 does not list).
@@ -378,24 +377,6 @@ def evaluate(model, index, transform, accelerator, args) -> dict:
                                device=accelerator.device)
     counts = accelerator.reduce(counts, reduction="sum")
     return {"top1": 100.0 * counts[0].item() / counts[2].item(), "top5": 100.0 * counts[1].item() / counts[2].item()}
-
-
-def latest_checkpoint(ckpt_dir: Path) -> tuple[Path | None, int]:
-    done = sorted(ckpt_dir.glob("epoch_[0-9][0-9][0-9][0-9]")) if ckpt_dir.is_dir() else []
-    return (done[-1], int(done[-1].name.split("_")[1])) if done else (None, 0)
-
-
-def save_checkpoint(accelerator, ckpt_dir: Path, epochs_done: int, keep: int) -> None:
-    """accelerate state written under a temp name and renamed: a crash mid-save never looks like a checkpoint."""
-    final, tmp = ckpt_dir / f"epoch_{epochs_done:04d}", ckpt_dir / f".tmp_epoch_{epochs_done:04d}"
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(ckpt_dir.glob("epoch_[0-9][0-9][0-9][0-9]"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
 
 
 def default_name(train_dirs: list[str]) -> str:

@@ -416,3 +416,10 @@ def test_dataset_root_from_env_then_paths_file(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "data_location", lambda key: None)
     with pytest.raises(ValueError, match="IMAGENET_ROOT"):
         common.load_dataset("in10", None)
+
+
+def test_latest_checkpoint_is_numeric_and_ignores_partial_saves(tmp_path):
+    assert common.latest_checkpoint(tmp_path / "none") == (None, 0)
+    for name in ("checkpoint-9", "checkpoint-10", ".tmp-checkpoint-11", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    assert common.latest_checkpoint(tmp_path) == (tmp_path / "checkpoint-10", 10)  # not the string-sorted "9"
