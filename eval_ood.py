@@ -53,7 +53,7 @@ IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
-    p.add_argument("--classifier", "--run-dir", default=None, help="a train_cls.py output directory (required)")
+    p.add_argument("--classifier", default=None, help="a train_cls.py output directory (required)")
     p.add_argument("--sets", nargs="+", default=["test"],
                    help="dataset split names, and/or ImageNet OOD sets as KIND=PATH or a bare KIND whose path is "
                         "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS))

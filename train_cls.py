@@ -61,7 +61,7 @@ def get_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default=None, help="dataset name for common.load_dataset (in10, cub, demo, ...)")
     data.add_argument("--data-root", default=None, help="root of the real dataset")
     data.add_argument("--test-split", default="test", help="real test split (ImageNet sets read 'val' for any test)")
-    data.add_argument("--train-dirs", "--train-data", nargs="+", default=["real"],
+    data.add_argument("--train-dirs", nargs="+", default=["real"],
                       help="training sources: 'real' (the dataset's train split) and/or synthesize.py output dirs")
     data.add_argument("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
     data.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
