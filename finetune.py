@@ -477,8 +477,8 @@ def main(argv=None) -> dict:
         return run.manifest()["metrics"]
     accelerator.wait_for_everyone()
     log = common.get_logger(out_dir, accelerator.is_main_process)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if torch.cuda.is_available():  # both ways: PyTorch's default leaves cuDNN convolutions in TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     common.seed_everything(args.seed)  # LoRA and projection init
 
     labels = [s.label for s in index.samples]
@@ -605,8 +605,8 @@ def benchmark(args) -> dict:
     if device.type != "cuda" and args.pretrained_model == PAPER_MODEL:
         raise ValueError("--benchmark on CPU needs a small local pipeline: --pretrained-model runs/demo/generator/sd "
                          "--resolution 32")
-    if args.allow_tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     common.seed_everything(args.seed)
     comps = random_sd15(args, device, dtype) if sd15 else load_components(args, device, dtype)
     unet = comps[-1]

@@ -36,6 +36,16 @@ def make_imagefolder(root: Path, classes, per_class: int, size: int = 32, seed: 
     return root
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each stage runs in its own process in real use; here many share one, and accelerate keeps its state (mixed
+    precision, device) per process. Resetting it lets a test pick its own precision (on a GPU, `auto` differs)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A demo-layout dataset root: train/ (3 classes x 4 images) and test/ (3 x 2), 32 px PNGs."""

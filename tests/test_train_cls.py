@@ -101,11 +101,20 @@ def test_resume_equals_uninterrupted_and_outputs_are_self_describing(tmp_path, t
     assert part["epochs_done"] == 2 and not (tmp_path / "b" / "manifest.json").exists()
     resumed = train_cls.main(common + ["--output-dir", str(tmp_path / "b")])
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed == straight
+    # Bitwise on the CPU; CUDA's atomics-based kernels are not bitwise deterministic, so a GPU gets a tolerance.
+    tol = {"rtol": 0, "atol": 0} if not torch.cuda.is_available() else {"rtol": 1e-3, "atol": 1e-4}
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol)
+    same = (lambda x, y: x == y) if not torch.cuda.is_available() else (lambda x, y: x == pytest.approx(y, rel=1e-3))
+    if torch.cuda.is_available():
+        assert resumed.keys() == straight.keys()
+        assert all(same(resumed[k], straight[k]) for k in straight if isinstance(straight[k], (int, float)))
+    else:
+        assert resumed == straight
     rows_a, rows_b = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
     assert [r["epoch"] for r in rows_b] == [1, 2, 3]
-    assert [r["train_loss"] for r in rows_a] == [r["train_loss"] for r in rows_b]
+    assert same([r["train_loss"] for r in rows_a], [r["train_loss"] for r in rows_b])
     assert rows_a[0]["lr"] == pytest.approx(0.05) and rows_a[1]["lr"] == pytest.approx(0.01)  # x0.2 from milestone
 
     # a complete run is a no-op; another config is refused
