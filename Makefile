@@ -50,6 +50,7 @@ help:
 	@echo "  make demo-ablation        demo + paper Tab. 2 / Fig. 2 analogues"
 	@echo "  make test                 test suite (offline, CPU)"
 	@echo "  make bench                all benchmarks (bench-finetune, bench-synth, bench-train)"
+	@echo "  make bench-gpu            the three at paper scale on a GPU (SD1.5-shaped random weights, ResNet-50)"
 	@echo "  make <dataset>            caption -> finetune -> synthesize xSCALE -> train_cls (MODE) -> eval"
 	@echo "                            datasets: in10 in100 in1k cub cars pets eurosat"
 	@echo "  make <dataset>-all        the same for MODE=real, synth and mix"
@@ -76,7 +77,7 @@ venv: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q tests
 
-.PHONY: help venv test bench bench-finetune bench-synth bench-train demo demo-ablation mia sscd \
+.PHONY: help venv test bench bench-finetune bench-synth bench-train bench-gpu demo demo-ablation mia sscd \
         in10 in100 in1k cub cars pets eurosat in10-all in100-all in1k-all cub-all cars-all pets-all eurosat-all
 
 # ------------------------------------------------------------------------------------------------------- paper chain
@@ -130,6 +131,7 @@ sscd: $(RUNS)/synth_x$(SCALE)/manifest.json
 DEMO    := runs/demo
 DEMO_PY := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY)
 DEMO_CFG := --config configs/demo.yaml $(OVERWRITE_FLAG)
+GPU_PY  := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY)
 timed = @start=$$(date +%s); $(2) || exit 1; t=$$(( $$(date +%s) - start )); \
 	echo "[demo] $(1): $$t s"; printf '%s\t%s\n' "$(1)" "$$t" >> $(DEMO)/timings.tsv
 
@@ -166,6 +168,20 @@ bench-synth: $(STAMP)
 	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py generator $(DEMO_CFG)
 	$(DEMO_PY) finetune.py $(DEMO_CFG) --output-dir $(DEMO)/finetune
 	$(DEMO_PY) synthesize.py --config configs/demo.yaml --steps 30 --benchmark 48 --output-dir $(DEMO)/bench_synth
+
+# On a GPU node: the same three benchmarks at paper scale (SD1.5-shaped random weights, 512 px; ResNet-50 at 224 px
+# on in-memory 400 px JPEGs with the IN-1K augmentation). Nothing is downloaded; only the demo data and the demo
+# generator's tokenizer are read. Figures go to the log and to each run's benchmark.json.
+bench-gpu: $(STAMP)
+	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py generator $(DEMO_CFG)
+	$(GPU_PY) synthesize.py --config configs/demo.yaml --benchmark-model sd15-random --resolution 512 --steps 30 \
+		--benchmark 256 --batch-size 32 --decode-batch 16 --num-workers 8 --write-workers 8 \
+		--output-dir $(DEMO)/bench_synth_gpu $(ARGS)
+	$(GPU_PY) finetune.py --benchmark --resolution 512 --train-batch-size 8 --benchmark-steps 20
+	$(GPU_PY) finetune.py --benchmark --resolution 512 --train-batch-size 32 --benchmark-steps 10
+	$(GPU_PY) train_cls.py --benchmark --model resnet50 --fake-data 12288 --fake-size 400 --input-size 224 \
+		--batch-size 256 --max-device-batch 256 --workers 14 --aa rand-m7-mstd0.5 --mixup 0.2 --cutmix 1.0 \
+		--bce-loss --benchmark-steps 40 --output-dir $(DEMO)/bench_train_gpu
 
 bench-train: $(STAMP)
 	$(DEMO_PY) train_cls.py --benchmark --fake-data 640 --fake-size 48 --model test_resnet --input-size 32 \
