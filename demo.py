@@ -10,6 +10,8 @@ Commands (each cached through common.RunDir: a second call with the same setting
     python demo.py data --config configs/demo.yaml          # -> runs/demo/data/{train,test,sketch,rendition}/
     python demo.py generator --config configs/demo.yaml     # -> runs/demo/generator/{sd,clip_vision}/ (one-time)
     python demo.py report --config configs/demo.yaml        # -> runs/demo/{summary.json,report.md,*.png}
+    python demo.py ablation-report --config configs/demo.yaml   # -> runs/demo/ablation/{report.md,ablation.json,
+                                                                #    scaling.png} (after make demo-ablation)
 
 * data: ten shape classes (CLASSES, one word each) at 32 px: random colour, size, position, rotation and stretch
   on a textured background with small distractors ("photo" style: train/, test/), plus two shifted test sets with
@@ -28,6 +30,10 @@ Commands (each cached through common.RunDir: a second call with the same setting
 * report: reads the manifest.json of every stage under runs/demo/ (generator, finetune, synth_x*, cls_*, ood*,
   mia*, sscd*; missing stages are skipped), writes summary.json (headline figures, per-stage metrics and elapsed
   time), report.md and real_vs_synthetic.png.
+* ablation-report: reads the classifiers `make demo-ablation` trained under runs/demo/ablation/ (cls_<row>_s<seed>)
+  and writes the Tab. 2 analogue (latent prior / visual guidance / MMD on and off) and the Fig. 2 analogue
+  (synthetic-only top-1 at x1, x2, x4 against the real line) as mean ± spread over seeds, with every difference
+  smaller than the seed spread marked as not resolved, plus scaling.png.
 
 CPU only (there is nothing here a GPU would change the demo's numbers by); on a CPU shared with other jobs, set
 OMP_NUM_THREADS=1: two OpenMP threads on an oversubscribed machine ran the UNet 4x slower than one.
@@ -985,12 +991,171 @@ def run_report(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The ablation report (make demo-ablation): paper Tab. 2 and Fig. 2 in miniature, over several classifier seeds.
+
+# Tab. 2 rows: (name, latent prior, visual guidance, MMD, finetuned, classifier folder prefix under runs/demo/ablation).
+ABLATION_ROWS = (
+    ("none", False, False, False, False, "cls_none"),
+    ("latent prior only", True, False, False, False, "cls_lp"),
+    ("visual guidance + MMD (no latent prior)", False, True, True, True, "cls_no_lp"),
+    ("latent prior + MMD (no visual guidance)", True, False, True, True, "cls_no_vg"),
+    ("latent prior + visual guidance (no MMD)", True, True, False, True, "cls_no_mmd"),
+    ("all three", True, True, True, True, "cls_all"),
+)
+# Fig. 2: synthetic-only classifiers at each scale (x1 is the "all three" row), and the real-data line.
+ABLATION_SCALES = ((1, "cls_all"), (2, "cls_x2"), (4, "cls_x4"))
+ABLATION_REAL = "cls_real"
+
+
+def seed_runs(abl: Path, prefix: str) -> dict[int, float]:
+    """Test top-1 of every finished classifier <prefix>_s<seed>, by seed."""
+    found = {}
+    for folder in sorted(abl.glob(f"{prefix}_s*")):
+        seed = folder.name[len(prefix) + 2:]
+        metrics = _manifest_metrics(folder)
+        if seed.isdigit() and metrics is not None:
+            found[int(seed)] = float(metrics["top1"])
+    return found
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def fmt_seeds(stats: dict) -> str:
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f} (n={stats['n']})"
+
+
+def resolved(a: dict, b: dict) -> bool:
+    """A difference counts only when both rows have >= 2 seeds and it exceeds both the larger seed spread and twice
+    its own standard error (sqrt(s_a^2/n_a + s_b^2/n_b)); anything less is reported as not resolved."""
+    if min(a["n"], b["n"]) < 2:
+        return False
+    diff = abs(a["mean"] - b["mean"])
+    stderr = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return diff > max(a["std"], b["std"]) and diff > 2 * stderr
+
+
+def ablation_tables(abl: Path) -> tuple[list[str], dict]:
+    stats = {}
+    for name, *_, prefix in ABLATION_ROWS:
+        runs = seed_runs(abl, prefix)
+        if runs:
+            mean, std = mean_spread(list(runs.values()))
+            stats[name] = {"mean": mean, "std": std, "n": len(runs), "seeds": runs}
+    tick = {True: "✓", False: ""}
+    lines = ["## Tab. 2 analogue: which of latent prior, visual guidance and MMD matter", "",
+             "Synthetic-only classifiers (x1), test top-1 (%) as mean ± sample std over classifier seeds. The seeds vary "
+             "the classifier only (initialisation, data order, augmentation); each row's finetune and synthesis ran "
+             "once, so the spread understates the run-to-run variance. A difference is called resolved only when it exceeds "
+             "both the larger seed std and twice its standard error.", "",
+             "| latent prior | visual guidance | MMD | finetuned | row | test top-1 | per seed | vs all three |",
+             "|---|---|---|---|---|---|---|---|"]
+    ref = stats.get("all three")
+    for name, lp, vg, mmd, ft, _ in ABLATION_ROWS:
+        if name not in stats:
+            continue
+        row = stats[name]
+        if ref is None or name == "all three":
+            verdict = "–"
+        elif resolved(row, ref):
+            verdict = f"{row['mean'] - ref['mean']:+.1f}"
+        else:
+            verdict = f"{row['mean'] - ref['mean']:+.1f}, within seed spread: not resolved"
+        seeds = ", ".join(f"{v:.1f}" for _, v in sorted(row["seeds"].items()))
+        lines.append(f"| {tick[lp]} | {tick[vg]} | {tick[mmd]} | {tick[ft]} | {name} | {fmt_seeds(row)} | {seeds} | "
+                     f"{verdict} |")
+    scales = {}
+    for scale, prefix in ABLATION_SCALES:
+        runs = seed_runs(abl, prefix)
+        if runs:
+            mean, std = mean_spread(list(runs.values()))
+            scales[scale] = {"mean": mean, "std": std, "n": len(runs), "seeds": runs}
+    real_runs = seed_runs(abl, ABLATION_REAL)
+    real = None
+    if real_runs:
+        mean, std = mean_spread(list(real_runs.values()))
+        real = {"mean": mean, "std": std, "n": len(real_runs), "seeds": real_runs}
+    lines += ["", "## Fig. 2 analogue: synthetic-only accuracy as the synthetic set grows", "",
+              "All three components on; xN = N synthetic images per real training image (xN extends x1 with more "
+              "copies: same seeds), classifier trained for the same epochs on each set.", "",
+              "| training data | test top-1 | per seed |", "|---|---|---|"]
+    for scale, row in scales.items():
+        lines.append(f"| synthetic x{scale} | {fmt_seeds(row)} | "
+                     f"{', '.join(f'{v:.1f}' for _, v in sorted(row['seeds'].items()))} |")
+    if real:
+        lines.append(f"| real (the line) | {fmt_seeds(real)} | "
+                     f"{', '.join(f'{v:.1f}' for _, v in sorted(real['seeds'].items()))} |")
+    ordered = [scales[k] for k in sorted(scales)]
+    if len(ordered) >= 2:
+        steps = [resolved(a, b) for a, b in zip(ordered, ordered[1:])]
+        lines += ["", "Between neighbouring scales: " + "; ".join(
+            f"x{a} -> x{b}: {scales[b]['mean'] - scales[a]['mean']:+.1f}"
+            + ("" if ok else " (within seed spread: not resolved)")
+            for (a, b), ok in zip(zip(sorted(scales), sorted(scales)[1:]), steps)) + "."]
+    if scales and real:
+        top = max(scales)
+        gap = scales[top]["mean"] - real["mean"]
+        lines += ["", f"Largest synthetic set (x{top}) vs real: {gap:+.1f}"
+                  + ("." if resolved(scales[top], real) else " (within seed spread: not resolved).")]
+    return lines, {"tab2": stats, "fig2": {"synthetic": scales, "real": real}}
+
+
+def scaling_plot(fig2: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = sorted(fig2["synthetic"])
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    if scales:
+        rows = [fig2["synthetic"][k] for k in scales]
+        ax.errorbar(scales, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o", capsize=3,
+                    label=f"synthetic only (n={min(r['n'] for r in rows)} seeds)")
+    real = fig2["real"]
+    if real:
+        ax.axhline(real["mean"], color="k", linestyle="--", label=f"real x1 (n={real['n']})")
+        ax.axhspan(real["mean"] - real["std"], real["mean"] + real["std"], color="k", alpha=0.1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(scales or [1], [f"x{k}" for k in (scales or [1])])
+    ax.set_xlabel("synthetic images per real image")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("demo: Fig. 2 analogue")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def run_ablation_report(args) -> dict:
+    abl = Path(args.out or Path(args.runs_dir) / "ablation")
+    if not abl.is_dir():
+        raise FileNotFoundError(f"no ablation runs under {abl}: run `make demo-ablation`")
+    lines, tables = ablation_tables(abl)
+    if not tables["tab2"] and not tables["fig2"]["synthetic"]:
+        raise FileNotFoundError(f"no finished ablation classifier under {abl} (cls_*_s<seed>/manifest.json)")
+    scaling_plot(tables["fig2"], abl / "scaling.png")
+    lines = ["# Real-Fake demo: ablation and scaling", "", f"Runs folder: `{abl}`.", "", *lines, "",
+             "![synthetic-only top-1 vs scale](scaling.png)"]
+    write_json(abl / "ablation.json", tables)
+    with atomic_write(abl / "report.md") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["data", "generator", "report"], help="what to make (see above)")
+    p.add_argument("command", choices=["data", "generator", "report", "ablation-report"],
+                   help="what to make (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml, section `demo`); CLI overrides")
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
     p.add_argument("--data-root", "--data", dest="data_root", default="runs/demo/data", help="the demo dataset")
@@ -1038,7 +1203,9 @@ def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "demo")
     if args.dataset != "demo":
         raise SystemExit(f"demo.py makes the demo only (--dataset demo), got --dataset {args.dataset}")
-    return {"data": run_data, "generator": run_generator, "report": run_report}[args.command](args)
+    commands = {"data": run_data, "generator": run_generator, "report": run_report,
+                "ablation-report": run_ablation_report}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -185,3 +185,42 @@ def test_paper_tables_from_stage_manifests(tmp_path):
     assert "real + synthetic" not in text
     assert tables["classifiers"]["real"]["sketch_top1"] == 20.5
     assert tables["lira_auc"] == {"real": {"online": 0.7}, "synthetic": {"online": 0.55}}
+
+
+def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
+    """Tab. 2 / Fig. 2 rows are mean ± sample std over the seeds found; a difference no larger than the seed spread
+    is reported as not resolved; unfinished classifiers are ignored; the plot is written."""
+    abl = tmp_path / "ablation"
+
+    def classifier(prefix, seed, top1):
+        common.write_json(abl / f"{prefix}_s{seed}" / "manifest.json", {"metrics": {"top1": top1, "top5": 99.0}})
+
+    for seed, top1 in enumerate([30.0, 32.0, 34.0]):
+        classifier("cls_all", seed, top1)  # mean 32, std 2
+    for seed, top1 in enumerate([10.0, 11.0, 12.0]):
+        classifier("cls_none", seed, top1)  # -22: resolved
+    for seed, top1 in enumerate([31.0, 33.0]):
+        classifier("cls_no_mmd", seed, top1)  # 0 difference: not resolved
+    for seed, top1 in enumerate([29.0, 29.5, 30.5]):
+        classifier("cls_no_vg", seed, top1)  # -2.3: above the larger std (2.0) but not twice its stderr (2.47)
+    classifier("cls_lp", 0, 20.0)  # one seed: never resolved
+    for seed, top1 in enumerate([40.0, 41.0, 42.0]):
+        classifier("cls_real", seed, top1)
+        classifier("cls_x2", seed, top1 - 5)
+    (abl / "cls_x4_s0").mkdir(parents=True)  # started, no manifest: not a result yet
+
+    tables = demo.main(["ablation-report", "--runs-dir", str(tmp_path)])
+    report = (abl / "report.md").read_text()
+    assert tables["tab2"]["all three"]["mean"] == 32.0 and tables["tab2"]["all three"]["std"] == 2.0
+    assert "| none | 11.0 ± 1.0 (n=3) | 10.0, 11.0, 12.0 | -21.0 |" in report
+    assert "| latent prior + visual guidance (no MMD) | 32.0 ± 1.4 (n=2) | 31.0, 33.0 | +0.0, within seed spread" \
+        in report
+    assert "| latent prior only | 20.0 ± 0.0 (n=1) | 20.0 | -12.0, within seed spread: not resolved |" in report
+    assert "| latent prior + MMD (no visual guidance) | 29.7 ± 0.8 (n=3) | 29.0, 29.5, 30.5 | -2.3, within seed " \
+        "spread: not resolved |" in report
+    assert "no latent prior" not in report  # rows without any finished classifier are left out
+    assert set(tables["fig2"]["synthetic"]) == {1, 2} and tables["fig2"]["real"]["mean"] == 41.0
+    assert "Largest synthetic set (x2) vs real: -5.0." in report  # 36 ± 1 vs 41 ± 1: resolved
+    assert "x1 -> x2: +4.0." in report and "| real (the line) | 41.0 ± 1.0 (n=3) |" in report
+    assert json.loads((abl / "ablation.json").read_text())["tab2"]["none"]["n"] == 3
+    assert common.load_image(abl / "scaling.png").size[0] > 100

@@ -47,3 +47,26 @@ def test_real_mode_skips_the_generator_and_accelerate_launcher():
     assert stages(lines) == ["train_cls", "eval_ood"]
     assert all("accelerate launch --config_file configs/accelerate/8gpu.yaml" in line for line in lines)
     assert (ROOT / "configs/accelerate/8gpu.yaml").is_file()
+
+
+def test_demo_ablation_switches_each_component_and_covers_every_report_row():
+    import demo
+
+    out = subprocess.run(["make", "-n", "--no-print-directory", "demo-ablation"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.replace("\\\n", " ")
+    synth = {m.group(1): m.group(0) for m in re.finditer(r'synthesize\.py[^"]*--output-dir runs/demo/ablation/(\w+)',
+                                                         out)}
+    assert "--lora-dir none --strength 1.0" in synth["synth_none"]  # no finetune, no latent prior
+    assert "--lora-dir none" in synth["synth_lp"] and "--strength" not in synth["synth_lp"]
+    assert "--lora-dir" not in synth["synth_no_lp"] and "--strength 1.0" in synth["synth_no_lp"]  # config's LoRA
+    assert "--lora-dir runs/demo/ablation/ft_no_vg" in synth["synth_no_vg"]
+    assert "--lora-dir runs/demo/ablation/ft_no_mmd" in synth["synth_no_mmd"]
+    assert "--scale 4 --reuse-from runs/demo/synth_x1 runs/demo/ablation/synth_x2" in synth["synth_x4"]
+    assert re.search(r"finetune\.py[^\"]*--vg-mode none --output-dir runs/demo/ablation/ft_no_vg", out)
+    assert re.search(r"finetune\.py[^\"]*--mmd-weight 0 --output-dir runs/demo/ablation/ft_no_mmd", out)
+    # every row and scale of the report has a classifier set, seeds 0-4 by default
+    sets = dict(job.split(":", 1) for job in re.search(r"for job in (.*?); do", out).group(1).split())
+    wanted = {prefix.removeprefix("cls_") for *_, prefix in demo.ABLATION_ROWS}
+    wanted |= {prefix.removeprefix("cls_") for _, prefix in demo.ABLATION_SCALES} | {"real"}
+    assert set(sets) == wanted and sets["all"] == "runs/demo/synth_x1" and sets["real"] == "real"
+    assert "for seed in 0 1 2 3 4" in out and "--output-dir runs/demo/ablation/cls_${job%%:*}_s$seed" in out
