@@ -1047,10 +1047,10 @@ def ablation_tables(abl: Path) -> tuple[list[str], dict]:
             stats[name] = {"mean": mean, "std": std, "n": len(runs), "seeds": runs}
     tick = {True: "✓", False: ""}
     lines = ["## Tab. 2 analogue: which of latent prior, visual guidance and MMD matter", "",
-             "Synthetic-only classifiers (x1), test top-1 (%) as mean ± sample std over classifier seeds. The seeds vary "
-             "the classifier only (initialisation, data order, augmentation); each row's finetune and synthesis ran "
-             "once, so the spread understates the run-to-run variance. A difference is called resolved only when it exceeds "
-             "both the larger seed std and twice its standard error.", "",
+             "Synthetic-only classifiers (x1), test top-1 (%) as mean ± sample std over classifier seeds. The seeds "
+             "vary the classifier only (initialisation, data order, augmentation); each row's finetune and synthesis "
+             "ran once, so the spread understates the run-to-run variance. A difference is called resolved only when "
+             "it exceeds both the larger seed std and twice its standard error.", "",
              "| latent prior | visual guidance | MMD | finetuned | row | test top-1 | per seed | vs all three |",
              "|---|---|---|---|---|---|---|---|"]
     ref = stats.get("all three")
