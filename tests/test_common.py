@@ -248,7 +248,8 @@ def test_stanford_cars_reader(tmp_path):
 
     base = tmp_path / "stanford_cars"
     names = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
-    for split, files in (("train", [("00001.jpg", 2), ("00002.jpg", 1)]), ("test", [("00001.jpg", 1), ("00002.jpg", 2)])):
+    splits = (("train", [("00001.jpg", 2), ("00002.jpg", 1)]), ("test", [("00001.jpg", 1), ("00002.jpg", 2)]))
+    for split, files in splits:
         for f, _ in files:
             jpeg(base / f"cars_{split}" / f)
         annos = np.array([(f, c) for f, c in files], dtype=[("fname", "O"), ("class", "O")])
