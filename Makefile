@@ -156,7 +156,7 @@ demo: $(STAMP)
 	$(call timed,mia_lira,$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira --shard 0/2 & pid=$$!; \
 		$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira --shard 1/2 && wait $$pid && \
 		$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira)
-	$(call timed,report,$(DEMO_PY) demo.py report $(DEMO_CFG))
+	$(call timed,report,$(DEMO_PY) demo_report.py report $(DEMO_CFG))
 	@echo "[demo] done: $(DEMO)/report.md, $(DEMO)/summary.json"
 
 # Paper Tab. 2 and Fig. 2 in miniature: the demo chain with latent prior (strength 0.75 vs 1.0 = text-to-image),
@@ -192,7 +192,7 @@ demo-ablation: $(STAMP)
 		for job in $(ABL_SETS); do for seed in $(ABL_SEEDS); do \
 		echo "$(DEMO_PY) train_cls.py $(DEMO_CFG) --seed $$seed --train-dirs $${job#*:} \
 		--output-dir $(ABL)/cls_$${job%%:*}_s$$seed"; done; done | $(PAR2))
-	$(call timed,report,$(DEMO_PY) demo.py ablation-report $(DEMO_CFG))
+	$(call timed,report,$(DEMO_PY) demo_report.py ablation-report $(DEMO_CFG))
 	@echo "[demo] done: $(ABL)/report.md, $(ABL)/scaling.png"
 
 # ------------------------------------------------------------------------------------------------------- benchmarks

@@ -196,6 +196,16 @@ def save_image(image: Image.Image, path: str | os.PathLike, **save_kwargs) -> No
         image.save(tmp, format=fmt, **save_kwargs)
 
 
+def image_grid(rows: list[list[Image.Image]], scale: int = 2) -> Image.Image:
+    """Rows of equal-sized images on a white canvas, enlarged `scale` times (nearest: pixels stay visible)."""
+    size = rows[0][0].width
+    grid = Image.new("RGB", (size * max(len(r) for r in rows), size * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, img in enumerate(row):
+            grid.paste(img, (x * size, y * size))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+
+
 class ImageReadError(OSError):
     """An image that is missing, truncated or not an image."""
 

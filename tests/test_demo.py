@@ -9,6 +9,7 @@ import torch
 
 import common
 import demo
+import demo_report
 
 TINY_DATA = ["--train-per-class", "2", "--test-per-class", "2", "--ood-per-class", "1"]
 TINY_GENERATOR = ["--pretrain-images", "16", "--held-out-images", "10", "--vae-steps", "2", "--vae-batch-size", "4",
@@ -157,7 +158,7 @@ def test_report_skips_missing_stages(demo_data, tmp_path):
     common.RunDir(synth, {"scale": 1}).start()
     common.RunDir(synth, {"scale": 1}).finish({"images": len(rows)})
 
-    summary = demo.main(["report", "--runs", str(runs), "--data-root", str(demo_data)])
+    summary = demo_report.main(["report", "--runs", str(runs), "--data-root", str(demo_data)])
     assert summary["headline"]["cls_real.top1"] == 0.5
     assert summary["stages"]["cls_real"]["elapsed_s"] == 12.0
     assert {"finetune", "eval_ood", "mia_lira", "generator"} <= set(summary["missing_stages"])
@@ -178,7 +179,7 @@ def test_paper_tables_from_stage_manifests(tmp_path):
     manifest("cls_synth_x1", {"top1": 25.0, "top5": 60.0})  # its eval has not run: shifted cells stay empty
     attack = {"auc": 0.7, "balanced_accuracy": 0.6, "tpr_at_0.01_fpr": 0.05, "num_nonmembers": 100}
     manifest("mia_lira", {"real": {"online": attack}, "synthetic": {"online": {**attack, "auc": 0.55}}})
-    lines, tables = demo.paper_tables(tmp_path)
+    lines, tables = demo_report.paper_tables(tmp_path)
     text = "\n".join(lines)
     assert "| real | 40.0 | 80.0 | 30.0 | 20.5 |" in text  # sets sorted: rendition, sketch
     assert "| synthetic x1 | 25.0 | 60.0 | – | – |" in text
@@ -209,7 +210,7 @@ def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
         classifier("cls_x2", seed, top1 - 5)
     (abl / "cls_x4_s0").mkdir(parents=True)  # started, no manifest: not a result yet
 
-    tables = demo.main(["ablation-report", "--runs-dir", str(tmp_path)])
+    tables = demo_report.main(["ablation-report", "--runs-dir", str(tmp_path)])
     report = (abl / "report.md").read_text()
     assert tables["tab2"]["all three"]["mean"] == 32.0 and tables["tab2"]["all three"]["std"] == 2.0
     assert "| none | 11.0 ± 1.0 (n=3) | 10.0, 11.0, 12.0 | -21.0 |" in report

@@ -50,7 +50,7 @@ def test_real_mode_skips_the_generator_and_accelerate_launcher():
 
 
 def test_demo_ablation_switches_each_component_and_covers_every_report_row():
-    import demo
+    import demo_report
 
     out = subprocess.run(["make", "-n", "--no-print-directory", "demo-ablation"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.replace("\\\n", " ")
@@ -66,7 +66,7 @@ def test_demo_ablation_switches_each_component_and_covers_every_report_row():
     assert re.search(r"finetune\.py[^\"]*--mmd-weight 0 --output-dir runs/demo/ablation/ft_no_mmd", out)
     # every row and scale of the report has a classifier set, seeds 0-4 by default
     sets = dict(job.split(":", 1) for job in re.search(r"for job in (.*?); do", out).group(1).split())
-    wanted = {prefix.removeprefix("cls_") for *_, prefix in demo.ABLATION_ROWS}
-    wanted |= {prefix.removeprefix("cls_") for _, prefix in demo.ABLATION_SCALES} | {"real"}
+    wanted = {prefix.removeprefix("cls_") for *_, prefix in demo_report.ABLATION_ROWS}
+    wanted |= {prefix.removeprefix("cls_") for _, prefix in demo_report.ABLATION_SCALES} | {"real"}
     assert set(sets) == wanted and sets["all"] == "runs/demo/synth_x1" and sets["real"] == "real"
     assert "for seed in 0 1 2 3 4" in out and "--output-dir runs/demo/ablation/cls_${job%%:*}_s$seed" in out

@@ -1,0 +1,373 @@
+"""The demo's reports: the paper's tables in miniature (`make demo`), its ablation and scaling (`make demo-ablation`).
+
+Not a paper stage: it only reads the manifest.json every stage writes last, so a stage that has not run is skipped.
+
+    python demo_report.py report --config configs/demo.yaml            # -> runs/demo/{report.md,summary.json,
+                                                                      #    real_vs_synthetic.png}
+    python demo_report.py ablation-report --config configs/demo.yaml   # -> runs/demo/ablation/{report.md,
+                                                                      #    ablation.json,scaling.png}
+
+* report: every stage's manifest under runs/demo/ (generator, finetune, synth_x*, cls_*, ood*, mia*, sscd*) ->
+  summary.json (headline figures, per-stage metrics and elapsed time), report.md with the Tab. 1 / Tab. 4 / privacy
+  analogues (one seed per figure), and real_vs_synthetic.png (real train images beside the synthetic images made
+  from them).
+* ablation-report: the classifiers `make demo-ablation` trained under runs/demo/ablation/ (cls_<row>_s<seed>) -> the
+  Tab. 2 analogue (latent prior / visual guidance / MMD on and off) and the Fig. 2 analogue (synthetic-only top-1 at
+  x1, x2, x4 against the real line) as mean ± spread over seeds, every difference smaller than the seed spread marked
+  as not resolved, plus scaling.png.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common import (atomic_write, image_grid, load_dataset, load_image, load_synthetic, parse_args, read_json,
+                    save_image, write_json)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report command: collect every stage's manifest under runs/demo/ (stages that have not run are skipped).
+
+# (stage, folder pattern under the runs dir), in pipeline order.
+REPORT_STAGES = (("data", "data"), ("generator", "generator"), ("caption", "captions*"), ("finetune", "finetune*"),
+                 ("synthesize", "synth_x*"), ("train_cls", "cls_*"), ("eval_ood", "ood*"), ("mia_lira", "mia*"),
+                 ("sscd_sim", "sscd*"))
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict:
+    """Nested metrics -> {"a.b": scalar}; lists and other non-scalars are left out of tables."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = value
+    return flat
+
+
+def stage_elapsed(folder: Path, manifest: dict) -> float | None:
+    """Elapsed seconds: the stage's own figure if it records one, else manifest time minus start time."""
+    for source in (manifest.get("metrics", {}), manifest):
+        for key in ("elapsed_s", "wall_time_s", "time_s"):
+            if isinstance(source.get(key), (int, float)):
+                return float(source[key])
+    started = folder / "run_config.json"
+    return round((folder / "manifest.json").stat().st_mtime - started.stat().st_mtime, 1) if started.is_file() else None
+
+
+def collect_runs(runs: Path) -> tuple[dict, list[str]]:
+    found, missing = {}, []
+    for stage, pattern in REPORT_STAGES:
+        folders = sorted(p for p in runs.glob(pattern) if (p / "manifest.json").is_file() and ".old-" not in p.name)
+        if not folders:
+            missing.append(stage)
+        for folder in folders:
+            manifest = read_json(folder / "manifest.json")
+            found[folder.name] = {"stage": stage, "metrics": flatten(manifest.get("metrics", {})),
+                                  "elapsed_s": stage_elapsed(folder, manifest)}
+    return found, missing
+
+
+def real_vs_synthetic_grid(data_root: Path, synth_dir: Path, per_class: int = 4) -> Image.Image:
+    """Per class: `per_class` real train images, then the synthetic image made from each (its latent prior)."""
+    real, synth = load_dataset("demo", data_root, "train"), load_synthetic(synth_dir)
+    from_source = {}
+    for sample in synth.samples:
+        from_source.setdefault(sample.label, []).append(sample)
+    rows = []
+    for label in range(len(real.classes)):
+        reals = [s for s in real.samples if s.label == label][:per_class]
+        fakes = from_source.get(label, [])[:per_class]
+        rows.append([load_image(real.root / s.path) for s in reals] + [load_image(synth.root / s.path) for s in fakes])
+    return image_grid(rows, scale=3)
+
+
+def headline(stages: dict) -> dict:
+    """The figures a reader looks for first: classifier top-1 per training set, OOD top-1, privacy AUC, PSNR."""
+    picks = {}
+    for name, info in stages.items():
+        for key, value in info["metrics"].items():
+            last = key.split(".")[-1]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    last in ("top1", "auc", "vae_psnr_db", "denoise_class_acc", "synth_over_real", "replication_rate")
+                    or last.endswith("_top1") or last.endswith("_auc")):
+                picks[f"{name}.{key}"] = value
+    return picks
+
+
+def _manifest_metrics(folder: Path) -> dict | None:
+    path = folder / "manifest.json"
+    return read_json(path)["metrics"] if path.is_file() else None
+
+
+TRAINING_SETS = (("real", "cls_real"), ("synthetic x1", "cls_synth_x1"), ("real + synthetic x1", "cls_mix_x1"))
+
+
+def paper_tables(runs: Path) -> tuple[list[str], dict]:
+    """The paper's tables in miniature (one seed each): Tab. 1 (test top-1 by training set), Tab. 4 (the shifted
+    sets), §4.5 privacy (LiRA AUC per arm, SSCD similarity). Rows whose stage has not run are left out."""
+    lines, tables = [], {"seeds_per_figure": 1}
+    rows = [(name, _manifest_metrics(runs / d), _manifest_metrics(runs / f"ood_{d}")) for name, d in TRAINING_SETS]
+    rows = [r for r in rows if r[1] is not None]
+    if rows:
+        sets = sorted({k.split("/")[0] for _, _, ood in rows if ood for k in ood if k != "test/top1"} - {"test"})
+        lines += ["## Paper tables in miniature (1 seed per figure)", "",
+                  "Tab. 1 / Tab. 4 analogue: top-1 (%) on the real test split and on the shifted sets.", "",
+                  "| training data | test top-1 | test top-5 | " + " | ".join(f"{x} top-1" for x in sets) + " |",
+                  "|---|---|---|" + "---|" * len(sets)]
+        for name, cls, ood in rows:
+            shifted = [f"{ood[f'{x}/top1']:.1f}" if ood and f"{x}/top1" in ood else "–" for x in sets]
+            lines.append(f"| {name} | {cls['top1']:.1f} | {cls['top5']:.1f} | " + " | ".join(shifted) + " |")
+            tables.setdefault("classifiers", {})[name] = {"test_top1": cls["top1"], "test_top5": cls["top5"],
+                                                          **{f"{x}_top1": (ood or {}).get(f"{x}/top1") for x in sets}}
+        lines.append("")
+    mia = _manifest_metrics(runs / "mia_lira")
+    if mia:
+        lines += ["LiRA membership inference (reduced: see configs/demo.yaml), per arm:", "",
+                  "| arm | attack | AUC | balanced acc. | TPR @ 1% FPR | non-members |", "|---|---|---|---|---|---|"]
+        for arm, attacks in mia.items():
+            for attack, m in attacks.items():
+                lines.append(f"| {arm} | {attack} | {m['auc']:.3f} | {m['balanced_accuracy']:.3f} | "
+                             f"{m['tpr_at_0.01_fpr']:.3f} | {m['num_nonmembers']} |")
+        tables["lira_auc"] = {arm: {a: m["auc"] for a, m in attacks.items()} for arm, attacks in mia.items()}
+        lines.append("")
+    sscd = _manifest_metrics(runs / "sscd_synth_x1")
+    if sscd:
+        kind = "STAND-IN descriptor, not SSCD" if sscd["descriptor"].get("standin") else "SSCD"
+        lines += [f"Copy detection ({kind}): top-1 similarity of each query to the real training set.", "",
+                  "| queries | mean | p95 | replication rate (> threshold) |", "|---|---|---|---|"]
+        for name in ("synthetic_vs_real", "real_vs_real_background"):
+            m = sscd[name]
+            lines.append(f"| {name} | {m['mean']:.3f} | {m['p95']:.3f} | {m['replication_rate']:.3f} |")
+        tables["copy_detection"] = {n: sscd[n] for n in ("synthetic_vs_real", "real_vs_real_background")}
+        lines.append("")
+    return lines, tables
+
+
+def run_report(args) -> dict:
+    runs = Path(args.out or args.runs_dir)
+    if not runs.is_dir():
+        raise FileNotFoundError(f"no runs folder {runs}: run the demo stages first (make demo)")
+    stages, missing = collect_runs(runs)
+    summary = {"runs_dir": str(runs), "headline": headline(stages), "stages": stages, "missing_stages": missing,
+               "total_elapsed_s": round(sum(s["elapsed_s"] or 0 for s in stages.values()), 1)}
+    table_lines, summary["tables"] = paper_tables(runs)
+    lines = ["# Real-Fake demo report", "",
+             f"Runs folder: `{runs}`. Stages without a run here: {', '.join(missing) or 'none'} (the demo skips "
+             f"captioning: it prompts with class names, as the paper does for its fine-grained sets).", "",
+             *table_lines,
+             "## Headline", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in summary["headline"].items()]
+    lines += ["", "## Time per stage", "", "| folder | stage | elapsed (s) |", "|---|---|---|"]
+    lines += [f"| {name} | {s['stage']} | {s['elapsed_s'] if s['elapsed_s'] is not None else '?'} |"
+              for name, s in stages.items()]
+    lines += [f"| total | | {summary['total_elapsed_s']} |"]
+    for name, info in stages.items():
+        lines += ["", f"## {name} ({info['stage']})", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in info["metrics"].items()]
+    synth_dirs = sorted(p for p in runs.glob("synth_x*") if (p / "manifest.jsonl").is_file() and ".old-" not in p.name)
+    data_root = Path(args.data_root)
+    if synth_dirs and (data_root / "train").is_dir():
+        save_image(real_vs_synthetic_grid(data_root, synth_dirs[0]), runs / "real_vs_synthetic.png")
+        lines += ["", "## Real vs synthetic", "", f"Left: real train images; right: {synth_dirs[0].name} images.", "",
+                  "![real vs synthetic](real_vs_synthetic.png)"]
+    for png in ("samples_text2image.png", "samples_img2img.png", "vae_reconstructions.png"):
+        if (runs / "generator" / png).is_file():
+            lines += ["", f"![generator {png}](generator/{png})"]
+    write_json(runs / "summary.json", summary)
+    with atomic_write(runs / "report.md") as f:
+        f.write("\n".join(lines) + "\n")
+    for name, s in stages.items():
+        print(f"{name:>20s}: {s['elapsed_s'] if s['elapsed_s'] is not None else '?'} s")
+    print(f"report: {runs / 'report.md'}; summary: {runs / 'summary.json'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The ablation report (make demo-ablation): paper Tab. 2 and Fig. 2 in miniature, over several classifier seeds.
+
+# Tab. 2 rows: (name, latent prior, visual guidance, MMD, finetuned, classifier folder prefix under runs/demo/ablation).
+ABLATION_ROWS = (
+    ("none", False, False, False, False, "cls_none"),
+    ("latent prior only", True, False, False, False, "cls_lp"),
+    ("visual guidance + MMD (no latent prior)", False, True, True, True, "cls_no_lp"),
+    ("latent prior + MMD (no visual guidance)", True, False, True, True, "cls_no_vg"),
+    ("latent prior + visual guidance (no MMD)", True, True, False, True, "cls_no_mmd"),
+    ("all three", True, True, True, True, "cls_all"),
+)
+# Fig. 2: synthetic-only classifiers at each scale (x1 is the "all three" row), and the real-data line.
+ABLATION_SCALES = ((1, "cls_all"), (2, "cls_x2"), (4, "cls_x4"))
+ABLATION_REAL = "cls_real"
+
+
+def seed_runs(abl: Path, prefix: str) -> dict[int, float]:
+    """Test top-1 of every finished classifier <prefix>_s<seed>, by seed."""
+    found = {}
+    for folder in sorted(abl.glob(f"{prefix}_s*")):
+        seed = folder.name[len(prefix) + 2:]
+        metrics = _manifest_metrics(folder)
+        if seed.isdigit() and metrics is not None:
+            found[int(seed)] = float(metrics["top1"])
+    return found
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def fmt_seeds(stats: dict) -> str:
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f} (n={stats['n']})"
+
+
+def resolved(a: dict, b: dict) -> bool:
+    """A difference counts only when both rows have >= 2 seeds and it exceeds both the larger seed spread and twice
+    its own standard error (sqrt(s_a^2/n_a + s_b^2/n_b)); anything less is reported as not resolved."""
+    if min(a["n"], b["n"]) < 2:
+        return False
+    diff = abs(a["mean"] - b["mean"])
+    stderr = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return diff > max(a["std"], b["std"]) and diff > 2 * stderr
+
+
+def ablation_tables(abl: Path) -> tuple[list[str], dict]:
+    stats = {}
+    for name, *_, prefix in ABLATION_ROWS:
+        runs = seed_runs(abl, prefix)
+        if runs:
+            mean, std = mean_spread(list(runs.values()))
+            stats[name] = {"mean": mean, "std": std, "n": len(runs), "seeds": runs}
+    tick = {True: "✓", False: ""}
+    lines = ["## Tab. 2 analogue: which of latent prior, visual guidance and MMD matter", "",
+             "Synthetic-only classifiers (x1), test top-1 (%) as mean ± sample std over classifier seeds. The seeds "
+             "vary the classifier only (initialisation, data order, augmentation); each row's finetune and synthesis "
+             "ran once, so the spread understates the run-to-run variance. A difference is called resolved only when "
+             "it exceeds both the larger seed std and twice its standard error.", "",
+             "| latent prior | visual guidance | MMD | finetuned | row | test top-1 | per seed | vs all three |",
+             "|---|---|---|---|---|---|---|---|"]
+    ref = stats.get("all three")
+    for name, lp, vg, mmd, ft, _ in ABLATION_ROWS:
+        if name not in stats:
+            continue
+        row = stats[name]
+        if ref is None or name == "all three":
+            verdict = "–"
+        elif resolved(row, ref):
+            verdict = f"{row['mean'] - ref['mean']:+.1f}"
+        else:
+            verdict = f"{row['mean'] - ref['mean']:+.1f}, within seed spread: not resolved"
+        seeds = ", ".join(f"{v:.1f}" for _, v in sorted(row["seeds"].items()))
+        lines.append(f"| {tick[lp]} | {tick[vg]} | {tick[mmd]} | {tick[ft]} | {name} | {fmt_seeds(row)} | {seeds} | "
+                     f"{verdict} |")
+    scales = {}
+    for scale, prefix in ABLATION_SCALES:
+        runs = seed_runs(abl, prefix)
+        if runs:
+            mean, std = mean_spread(list(runs.values()))
+            scales[scale] = {"mean": mean, "std": std, "n": len(runs), "seeds": runs}
+    real_runs = seed_runs(abl, ABLATION_REAL)
+    real = None
+    if real_runs:
+        mean, std = mean_spread(list(real_runs.values()))
+        real = {"mean": mean, "std": std, "n": len(real_runs), "seeds": real_runs}
+    lines += ["", "## Fig. 2 analogue: synthetic-only accuracy as the synthetic set grows", "",
+              "All three components on; xN = N synthetic images per real training image (xN extends x1 with more "
+              "copies: same seeds), classifier trained for the same epochs on each set.", "",
+              "| training data | test top-1 | per seed |", "|---|---|---|"]
+    for scale, row in scales.items():
+        lines.append(f"| synthetic x{scale} | {fmt_seeds(row)} | "
+                     f"{', '.join(f'{v:.1f}' for _, v in sorted(row['seeds'].items()))} |")
+    if real:
+        lines.append(f"| real (the line) | {fmt_seeds(real)} | "
+                     f"{', '.join(f'{v:.1f}' for _, v in sorted(real['seeds'].items()))} |")
+    ordered = [scales[k] for k in sorted(scales)]
+    if len(ordered) >= 2:
+        steps = [resolved(a, b) for a, b in zip(ordered, ordered[1:])]
+        lines += ["", "Between neighbouring scales: " + "; ".join(
+            f"x{a} -> x{b}: {scales[b]['mean'] - scales[a]['mean']:+.1f}"
+            + ("" if ok else " (within seed spread: not resolved)")
+            for (a, b), ok in zip(zip(sorted(scales), sorted(scales)[1:]), steps)) + "."]
+    if scales and real:
+        top = max(scales)
+        gap = scales[top]["mean"] - real["mean"]
+        lines += ["", f"Largest synthetic set (x{top}) vs real: {gap:+.1f}"
+                  + ("." if resolved(scales[top], real) else " (within seed spread: not resolved).")]
+    return lines, {"tab2": stats, "fig2": {"synthetic": scales, "real": real}}
+
+
+def scaling_plot(fig2: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = sorted(fig2["synthetic"])
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    if scales:
+        rows = [fig2["synthetic"][k] for k in scales]
+        ax.errorbar(scales, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o", capsize=3,
+                    label=f"synthetic only (n={min(r['n'] for r in rows)} seeds)")
+    real = fig2["real"]
+    if real:
+        ax.axhline(real["mean"], color="k", linestyle="--", label=f"real x1 (n={real['n']})")
+        ax.axhspan(real["mean"] - real["std"], real["mean"] + real["std"], color="k", alpha=0.1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(scales or [1], [f"x{k}" for k in (scales or [1])])
+    ax.set_xlabel("synthetic images per real image")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("demo: Fig. 2 analogue")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def run_ablation_report(args) -> dict:
+    abl = Path(args.out or Path(args.runs_dir) / "ablation")
+    if not abl.is_dir():
+        raise FileNotFoundError(f"no ablation runs under {abl}: run `make demo-ablation`")
+    lines, tables = ablation_tables(abl)
+    if not tables["tab2"] and not tables["fig2"]["synthetic"]:
+        raise FileNotFoundError(f"no finished ablation classifier under {abl} (cls_*_s<seed>/manifest.json)")
+    scaling_plot(tables["fig2"], abl / "scaling.png")
+    lines = ["# Real-Fake demo: ablation and scaling", "", f"Runs folder: `{abl}`.", "", *lines, "",
+             "![synthetic-only top-1 vs scale](scaling.png)"]
+    write_json(abl / "ablation.json", tables)
+    with atomic_write(abl / "report.md") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["report", "ablation-report"], help="which report (see above)")
+    p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml: its shared keys); CLI overrides")
+    p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
+    p.add_argument("--data-root", "--data", dest="data_root", default="runs/demo/data", help="the demo dataset")
+    p.add_argument("--runs-dir", "--runs", dest="runs_dir", default="runs/demo", help="the demo's runs folder")
+    p.add_argument("--output-dir", "--out", dest="out", default=None,
+                   help="where to read and write (default: report: <runs>; ablation-report: <runs>/ablation)")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parse_args(get_parser(), argv, "demo_report")
+    return {"report": run_report, "ablation-report": run_ablation_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
