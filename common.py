@@ -462,7 +462,8 @@ def imagenet_class_names() -> dict[str, str]:
 def read_imagefolder(root: str | os.PathLike, classes: Sequence[str] | None = None,
                      class_names: Sequence[str] | None = None, name: str = "imagefolder",
                      split: str = "") -> DatasetIndex:
-    """`root/<class>/<image>`. Class order is `classes` if given (a wnid list, a class_names.txt), else sorted folders."""
+    """`root/<class>/<image>`. Class order is `classes` if given (a wnid list, a class_names.txt), else sorted
+    folders."""
     root = _require_dir(Path(root), f"{name} {split}".strip())
     if classes is None:
         listed = root / "classes.txt"
@@ -495,7 +496,8 @@ def read_cub(root, split: str) -> DatasetIndex:
     images, labels, is_train = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
     classes = [v for _, v in sorted(table("classes.txt").items(), key=lambda kv: int(kv[0]))]
     want = "1" if split == "train" else "0"
-    samples = [Sample(f"images/{images[i]}", int(labels[i]) - 1) for i in sorted(images, key=int) if is_train[i] == want]
+    samples = [Sample(f"images/{images[i]}", int(labels[i]) - 1)
+               for i in sorted(images, key=int) if is_train[i] == want]
     names = [c.split(".", 1)[-1].replace("_", " ") for c in classes]
     return DatasetIndex("cub", base, split, samples, classes, names)
 
@@ -534,7 +536,8 @@ ROOT_KEYS = {"in10": "imagenet_root", "in100": "imagenet_root", "in1k": "imagene
 
 
 def data_location(key: str, paths_file: str | os.PathLike = PROJECT_DIR / "configs" / "paths.yaml") -> str | None:
-    """A data location by key (e.g. 'imagenet_root'): the environment variable IMAGENET_ROOT, else configs/paths.yaml."""
+    """A data location by key (e.g. 'imagenet_root'): the environment variable IMAGENET_ROOT, else
+    configs/paths.yaml."""
     if os.environ.get(key.upper()):
         return os.environ[key.upper()]
     paths = yaml.safe_load(Path(paths_file).read_text()) if Path(paths_file).is_file() else None
@@ -633,7 +636,8 @@ def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-def predicted_clean_latents(noisy: torch.Tensor, eps_pred: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+def predicted_clean_latents(noisy: torch.Tensor, eps_pred: torch.Tensor,
+                            alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
     """ẑ0 = (z_t − √(1−ᾱ_t) ε̂) / √ᾱ_t, the clean latent implied by an ε prediction."""
     a = alphas_cumprod_t.float().view(-1, *([1] * (noisy.dim() - 1)))
     return (noisy.float() - (1 - a).sqrt() * eps_pred.float()) / a.sqrt()

@@ -19,7 +19,8 @@ Outputs: <output-dir>/ (default runs/<dataset>/cls_<name>, name = real | <synth 
                                  timm.data.create_transform(**c["eval_transform"]); labels follow c["classes"].
 
 Commands (the Tab. 8 recipe comes from the dataset's YAML section; any flag overrides it):
-  one GPU : python train_cls.py --config configs/in10.yaml --data-root /data/imagenet --train-dirs real runs/in10/synth_x1
+  one GPU : python train_cls.py --config configs/in10.yaml --data-root /data/imagenet
+                --train-dirs real runs/in10/synth_x1
   8 GPUs  : accelerate launch --multi_gpu --num_processes 8 train_cls.py --config configs/in10.yaml ...
             (the global --batch-size is kept for any world size: gradient accumulation makes up the difference)
   CPU     : python train_cls.py --config configs/demo.yaml --train-dirs real
@@ -46,8 +47,8 @@ import numpy as np
 import torch
 
 from common import (
-    RunDir, config_dict, fingerprint, get_logger, item_seed, latest_checkpoint, load_dataset, load_image, load_synthetic,
-    progress, read_jsonl, save_checkpoint, seed_everything, write_json, write_jsonl,
+    RunDir, config_dict, fingerprint, get_logger, item_seed, latest_checkpoint, load_dataset, load_image,
+    load_synthetic, progress, read_jsonl, save_checkpoint, seed_everything, write_json, write_jsonl,
 )
 
 # What the authors' release ran for IN-10 (timm 0.9.2 defaults the paper's Tab. 8 does not list).
@@ -73,7 +74,8 @@ def get_parser() -> argparse.ArgumentParser:
                       help="'latest': continue an interrupted run from its last checkpoint; 'never': start over")
     data.add_argument("--epochs-per-job", type=int, default=None,
                       help="stop after this many epochs (for time-limited jobs: re-submit the same command to go on)")
-    model = p.add_argument_group("model (Tab. 8: ResNet-50; scratch for IN/EuroSAT, ImageNet weights for CUB/Cars/Pets)")
+    model = p.add_argument_group("model (Tab. 8: ResNet-50; scratch for IN/EuroSAT, ImageNet weights for "
+                                 "CUB/Cars/Pets)")
     model.add_argument("--model", default="resnet50", help="any timm model name")
     model.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
     model.add_argument("--pretrained-file", default=None, help="local weights file for --pretrained (offline)")
@@ -175,7 +177,8 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
         else:
             index = load_synthetic(source)
         if sorted(index.classes) != sorted(test_classes):
-            extra, missing = sorted(set(index.classes) - set(test_classes)), sorted(set(test_classes) - set(index.classes))
+            extra = sorted(set(index.classes) - set(test_classes))
+            missing = sorted(set(test_classes) - set(index.classes))
             raise ValueError(f"training source {source} has other classes than the {args.dataset} test split: "
                              f"not in the test split {extra[:5]}, missing {missing[:5]}. Synthesize from the same "
                              f"dataset (same class list) or pick the matching --dataset.")
@@ -232,7 +235,8 @@ class EpochBatches:
 
     def __iter__(self):
         for epoch in self.epochs:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(item_seed(self.seed, "order", epoch)))
+            gen = torch.Generator().manual_seed(item_seed(self.seed, "order", epoch))
+            order = torch.randperm(self.n, generator=gen)
             for s in range(self.steps):
                 local = order[s * self.batch:(s + 1) * self.batch][self.rank::self.world].tolist()
                 micro = len(local) // self.accum
@@ -285,7 +289,8 @@ def build_transforms(args, eval_cfg: dict):
     from timm.data import create_transform
 
     train = create_transform(eval_cfg["input_size"], is_training=True, scale=tuple(args.scale), hflip=args.hflip,
-                             color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation,
+                             color_jitter=args.color_jitter, auto_augment=args.aa,
+                             interpolation=args.train_interpolation,
                              mean=eval_cfg["mean"], std=eval_cfg["std"])
     return train, create_transform(**eval_cfg, is_training=False)
 
