@@ -57,10 +57,18 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     try:
         if action.nargs in ("*", "+") or isinstance(action.nargs, int):
             items = value if isinstance(value, list) else [value]
-            return [convert(v) if isinstance(v, str) or action.type else v for v in items]
-        return convert(value) if isinstance(value, str) or action.type else value
+            result = [convert(v) if isinstance(v, str) or action.type else v for v in items]
+        else:
+            result = convert(value) if isinstance(value, str) or action.type else value
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: key '{key}' has a bad value {value!r}: {err}") from err
+    # argparse checks choices on the command line only; a YAML value would pass unchecked.
+    if action.choices is not None:
+        bad = [v for v in (result if isinstance(result, list) else [result]) if v not in action.choices]
+        if bad:
+            hint = " (YAML reads yes/no/on/off as booleans: quote the value, e.g. 'no')" if isinstance(value, bool) else ""
+            raise ConfigError(f"{source}: key '{key}' must be one of {list(action.choices)}, got {value!r}{hint}")
+    return result
 
 
 def load_yaml_section(path: str | os.PathLike, stage: str) -> dict:

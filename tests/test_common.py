@@ -71,6 +71,18 @@ def test_config_bad_value_is_an_error(tmp_path):
         common.parse_args(stage_parser(), ["--config", cfg], "train_cls")
 
 
+def test_config_value_outside_choices_is_an_error(tmp_path):
+    """argparse checks choices on the command line only; a YAML value is checked too, with a hint for YAML's
+    yes/no/on/off booleans."""
+    parser = stage_parser()
+    parser.add_argument("--precision", choices=["auto", "no", "fp16"], default="auto")
+    ok = write_yaml(tmp_path, "train_cls:\n  precision: fp16\n")
+    assert common.parse_args(parser, ["--config", ok], "train_cls").precision == "fp16"
+    for text, match in (("precision: fp8", "one of"), ("precision: no", "quote the value")):
+        with pytest.raises(common.ConfigError, match=match):
+            common.parse_args(parser, ["--config", write_yaml(tmp_path, f"train_cls:\n  {text}\n")], "train_cls")
+
+
 def test_shipped_configs_parse():
     for path in sorted(Path(common.PROJECT_DIR / "configs").glob("*.yaml")):
         if path.name == "paths.yaml":  # data locations, not a stage config

@@ -301,6 +301,10 @@ def test_compile_auto_is_gpu_only(tiny_sd, tiny_dataset, tmp_path):
     still means on."""
     parser = synthesize.get_parser()
     assert parser.parse_args([]).compile == "auto" and parser.parse_args(["--compile"]).compile == "on"
+    for yaml_value, mode in (("true", "on"), ("off", "off"), ("auto", "auto")):  # YAML reads on/off as booleans
+        cfg = tmp_path / f"compile_{yaml_value}.yaml"
+        cfg.write_text(f"synthesize:\n  compile: {yaml_value}\n")
+        assert synthesize.parse_args(synthesize.get_parser(), ["--config", str(cfg)], "synthesize").compile == mode
     args = parser.parse_args(args_for(tiny_sd, tiny_dataset, tmp_path))
     pipe = synthesize.load_pipeline(args, torch.device("cpu"), torch.float32)
     synthesize.maybe_compile(pipe, args)
