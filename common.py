@@ -66,7 +66,8 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     if action.choices is not None:
         bad = [v for v in (result if isinstance(result, list) else [result]) if v not in action.choices]
         if bad:
-            hint = " (YAML reads yes/no/on/off as booleans: quote the value, e.g. 'no')" if isinstance(value, bool) else ""
+            hint = (" (YAML reads yes/no/on/off as booleans: quote the value, e.g. 'no')"
+                    if isinstance(value, bool) else "")
             raise ConfigError(f"{source}: key '{key}' must be one of {list(action.choices)}, got {value!r}{hint}")
     return result
 
