@@ -207,25 +207,18 @@ ABLATION_SCALES = ((1, "cls_all"), (2, "cls_x2"), (4, "cls_x4"))
 ABLATION_REAL = "cls_real"
 
 
-def seed_runs(abl: Path, prefix: str) -> dict[int, float]:
-    """Test top-1 of every finished classifier <prefix>_s<seed>, by seed."""
-    found = {}
+def seed_stats(abl: Path, prefix: str) -> dict | None:
+    """Test top-1 of every finished classifier <prefix>_s<seed>: per seed, mean, sample std (0 for one seed), n."""
+    seeds = {}
     for folder in sorted(abl.glob(f"{prefix}_s*")):
-        seed = folder.name[len(prefix) + 2:]
-        metrics = _manifest_metrics(folder)
+        seed, metrics = folder.name[len(prefix) + 2:], _manifest_metrics(folder)
         if seed.isdigit() and metrics is not None:
-            found[int(seed)] = float(metrics["top1"])
-    return found
-
-
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single seed)."""
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
-def fmt_seeds(stats: dict) -> str:
-    return f"{stats['mean']:.1f} ± {stats['std']:.1f} (n={stats['n']})"
+            seeds[int(seed)] = float(metrics["top1"])
+    if not seeds:
+        return None
+    values = np.asarray(list(seeds.values()), dtype=float)
+    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(values.mean()), "std": std, "n": len(values), "seeds": seeds}
 
 
 def resolved(a: dict, b: dict) -> bool:
@@ -238,14 +231,23 @@ def resolved(a: dict, b: dict) -> bool:
     return diff > max(a["std"], b["std"]) and diff > 2 * stderr
 
 
-def ablation_tables(abl: Path) -> tuple[list[str], dict]:
-    stats = {}
-    for name, *_, prefix in ABLATION_ROWS:
-        runs = seed_runs(abl, prefix)
-        if runs:
-            mean, std = mean_spread(list(runs.values()))
-            stats[name] = {"mean": mean, "std": std, "n": len(runs), "seeds": runs}
-    tick = {True: "✓", False: ""}
+def figure(stats: dict) -> str:
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f} (n={stats['n']})"
+
+
+def per_seed(stats: dict) -> str:
+    return ", ".join(f"{v:.1f}" for _, v in sorted(stats["seeds"].items()))
+
+
+def difference(row: dict, ref: dict) -> str:
+    """row − ref, flagged when the seed spread does not resolve it."""
+    return f"{row['mean'] - ref['mean']:+.1f}" + ("" if resolved(row, ref) else " (within seed spread: not resolved)")
+
+
+def tab2_lines(abl: Path) -> tuple[list[str], dict]:
+    stats = {name: seed_stats(abl, prefix) for name, *_, prefix in ABLATION_ROWS}
+    stats = {name: row for name, row in stats.items() if row is not None}
+    ref, tick = stats.get("all three"), {True: "✓", False: ""}
     lines = ["## Tab. 2 analogue: which of latent prior, visual guidance and MMD matter", "",
              "Synthetic-only classifiers (x1), test top-1 (%) as mean ± sample std over classifier seeds. The seeds "
              "vary the classifier only (initialisation, data order, augmentation); each row's finetune and synthesis "
@@ -253,54 +255,39 @@ def ablation_tables(abl: Path) -> tuple[list[str], dict]:
              "it exceeds both the larger seed std and twice its standard error.", "",
              "| latent prior | visual guidance | MMD | finetuned | row | test top-1 | per seed | vs all three |",
              "|---|---|---|---|---|---|---|---|"]
-    ref = stats.get("all three")
     for name, lp, vg, mmd, ft, _ in ABLATION_ROWS:
-        if name not in stats:
-            continue
-        row = stats[name]
-        if ref is None or name == "all three":
-            verdict = "–"
-        elif resolved(row, ref):
-            verdict = f"{row['mean'] - ref['mean']:+.1f}"
-        else:
-            verdict = f"{row['mean'] - ref['mean']:+.1f}, within seed spread: not resolved"
-        seeds = ", ".join(f"{v:.1f}" for _, v in sorted(row["seeds"].items()))
-        lines.append(f"| {tick[lp]} | {tick[vg]} | {tick[mmd]} | {tick[ft]} | {name} | {fmt_seeds(row)} | {seeds} | "
-                     f"{verdict} |")
-    scales = {}
-    for scale, prefix in ABLATION_SCALES:
-        runs = seed_runs(abl, prefix)
-        if runs:
-            mean, std = mean_spread(list(runs.values()))
-            scales[scale] = {"mean": mean, "std": std, "n": len(runs), "seeds": runs}
-    real_runs = seed_runs(abl, ABLATION_REAL)
-    real = None
-    if real_runs:
-        mean, std = mean_spread(list(real_runs.values()))
-        real = {"mean": mean, "std": std, "n": len(real_runs), "seeds": real_runs}
-    lines += ["", "## Fig. 2 analogue: synthetic-only accuracy as the synthetic set grows", "",
-              "All three components on; xN = N synthetic images per real training image (xN extends x1 with more "
-              "copies: same seeds), classifier trained for the same epochs on each set.", "",
-              "| training data | test top-1 | per seed |", "|---|---|---|"]
-    for scale, row in scales.items():
-        lines.append(f"| synthetic x{scale} | {fmt_seeds(row)} | "
-                     f"{', '.join(f'{v:.1f}' for _, v in sorted(row['seeds'].items()))} |")
+        if name in stats:
+            row = stats[name]
+            versus = "–" if ref is None or name == "all three" else difference(row, ref)
+            lines.append(f"| {tick[lp]} | {tick[vg]} | {tick[mmd]} | {tick[ft]} | {name} | {figure(row)} | "
+                         f"{per_seed(row)} | {versus} |")
+    return lines, stats
+
+
+def fig2_lines(abl: Path) -> tuple[list[str], dict]:
+    scales = {scale: seed_stats(abl, prefix) for scale, prefix in ABLATION_SCALES}
+    scales = {scale: row for scale, row in scales.items() if row is not None}
+    real = seed_stats(abl, ABLATION_REAL)
+    lines = ["## Fig. 2 analogue: synthetic-only accuracy as the synthetic set grows", "",
+             "All three components on; xN = N synthetic images per real training image (xN extends x1 with more "
+             "copies: same seeds), classifier trained for the same epochs on each set.", "",
+             "| training data | test top-1 | per seed |", "|---|---|---|"]
+    lines += [f"| synthetic x{scale} | {figure(row)} | {per_seed(row)} |" for scale, row in scales.items()]
     if real:
-        lines.append(f"| real (the line) | {fmt_seeds(real)} | "
-                     f"{', '.join(f'{v:.1f}' for _, v in sorted(real['seeds'].items()))} |")
-    ordered = [scales[k] for k in sorted(scales)]
-    if len(ordered) >= 2:
-        steps = [resolved(a, b) for a, b in zip(ordered, ordered[1:])]
+        lines.append(f"| real (the line) | {figure(real)} | {per_seed(real)} |")
+    order = sorted(scales)
+    if len(order) >= 2:
         lines += ["", "Between neighbouring scales: " + "; ".join(
-            f"x{a} -> x{b}: {scales[b]['mean'] - scales[a]['mean']:+.1f}"
-            + ("" if ok else " (within seed spread: not resolved)")
-            for (a, b), ok in zip(zip(sorted(scales), sorted(scales)[1:]), steps)) + "."]
+            f"x{a} -> x{b}: {difference(scales[b], scales[a])}" for a, b in zip(order, order[1:])) + "."]
     if scales and real:
-        top = max(scales)
-        gap = scales[top]["mean"] - real["mean"]
-        lines += ["", f"Largest synthetic set (x{top}) vs real: {gap:+.1f}"
-                  + ("." if resolved(scales[top], real) else " (within seed spread: not resolved).")]
-    return lines, {"tab2": stats, "fig2": {"synthetic": scales, "real": real}}
+        lines += ["", f"Largest synthetic set (x{order[-1]}) vs real: {difference(scales[order[-1]], real)}."]
+    return lines, {"synthetic": scales, "real": real}
+
+
+def ablation_tables(abl: Path) -> tuple[list[str], dict]:
+    tab2, stats = tab2_lines(abl)
+    fig2, scaling = fig2_lines(abl)
+    return tab2 + [""] + fig2, {"tab2": stats, "fig2": scaling}
 
 
 def scaling_plot(fig2: dict, path: Path) -> None:

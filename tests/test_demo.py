@@ -214,11 +214,11 @@ def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
     report = (abl / "report.md").read_text()
     assert tables["tab2"]["all three"]["mean"] == 32.0 and tables["tab2"]["all three"]["std"] == 2.0
     assert "| none | 11.0 ± 1.0 (n=3) | 10.0, 11.0, 12.0 | -21.0 |" in report
-    assert "| latent prior + visual guidance (no MMD) | 32.0 ± 1.4 (n=2) | 31.0, 33.0 | +0.0, within seed spread" \
+    assert "| latent prior + visual guidance (no MMD) | 32.0 ± 1.4 (n=2) | 31.0, 33.0 | +0.0 (within seed spread" \
         in report
-    assert "| latent prior only | 20.0 ± 0.0 (n=1) | 20.0 | -12.0, within seed spread: not resolved |" in report
-    assert "| latent prior + MMD (no visual guidance) | 29.7 ± 0.8 (n=3) | 29.0, 29.5, 30.5 | -2.3, within seed " \
-        "spread: not resolved |" in report
+    assert "| latent prior only | 20.0 ± 0.0 (n=1) | 20.0 | -12.0 (within seed spread: not resolved) |" in report
+    assert "| latent prior + MMD (no visual guidance) | 29.7 ± 0.8 (n=3) | 29.0, 29.5, 30.5 | -2.3 (within seed " \
+        "spread: not resolved) |" in report
     assert "no latent prior" not in report  # rows without any finished classifier are left out
     assert set(tables["fig2"]["synthetic"]) == {1, 2} and tables["fig2"]["real"]["mean"] == 41.0
     assert "Largest synthetic set (x2) vs real: -5.0." in report  # 36 ± 1 vs 41 ± 1: resolved
