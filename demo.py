@@ -9,6 +9,7 @@ Commands (each cached through common.RunDir: a second call with the same setting
 
     python demo.py data --config configs/demo.yaml          # -> runs/demo/data/{train,test,sketch,rendition}/
     python demo.py generator --config configs/demo.yaml     # -> runs/demo/generator/{sd,clip_vision}/ (one-time)
+    python demo.py skeleton --config configs/demo.yaml      # -> runs/demo/skeleton/ (untrained, in seconds)
 
 * data: ten shape classes (CLASSES, one word each) at 32 px: random colour, size, position, rotation and stretch
   on a textured background with small distractors ("photo" style: train/, test/), plus two shifted test sets with
@@ -24,6 +25,9 @@ Commands (each cached through common.RunDir: a second call with the same setting
   how much the prompt moves the noise prediction, a diffusion-classifier accuracy, text-to-image and img2img grids,
   and a small CNN trained on real demo images vs on their img2img versions (synthesize.py's settings). The stages
   then use runs/demo/generator/sd as --pretrained-model and runs/demo/generator/clip_vision as --vg-encoder.
+* skeleton: the generator's pipeline as built, untrained (random weights, real tokenizer and scheduler configs).
+  What the GPU benchmarks need (`make bench-gpu`: they swap in SD1.5-shaped random weights and keep the tokenizer
+  and scheduler), without the generator's CPU pretraining.
 The reports (the paper's tables in miniature, the ablation) are demo_report.py.
 
 CPU only (there is nothing here a GPU would change the demo's numbers by); on a CPU shared with other jobs, set
@@ -713,6 +717,21 @@ def run_data(args) -> dict:
     return metrics
 
 
+def run_skeleton(args) -> dict:
+    out = Path(args.out or Path(args.runs_dir) / "skeleton")
+    keys = ("seed", "image_size", "unet_channels", "text_time_embedding", "vae_channels")
+    run = RunDir(out, {k: getattr(args, k) for k in keys}, args.overwrite)
+    if run.start() == "done":
+        print(f"{out}: untrained demo pipeline already built (manifest.json); nothing to do")
+        return run.manifest()["metrics"]
+    build_generator(out, CLASSES + PROMPT_WORDS, args.image_size, args.seed, unet_channels=args.unet_channels,
+                    text_time_embedding=args.text_time_embedding, vae_channels=args.vae_channels)
+    metrics = {"pipeline": str(out), "trained": False}
+    run.finish(metrics)
+    print(f"untrained demo pipeline in {out} (random weights: for benchmarks only)")
+    return metrics
+
+
 def run_generator(args) -> dict:
     from diffusers import DDPMScheduler, StableDiffusionImg2ImgPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -818,13 +837,14 @@ def run_generator(args) -> dict:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["data", "generator"], help="what to make (see above)")
+    p.add_argument("command", choices=["data", "generator", "skeleton"], help="what to make (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml, section `demo`); CLI overrides")
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
     p.add_argument("--data-root", "--data", dest="data_root", default="runs/demo/data", help="the demo dataset")
     p.add_argument("--runs-dir", "--runs", dest="runs_dir", default="runs/demo", help="the demo's runs folder")
     p.add_argument("--output-dir", "--out", dest="out", default=None,
-                   help="where to write (default: data: --data-root; generator: <runs>/generator)")
+                   help="where to write (default: data: --data-root; generator: <runs>/generator; "
+                        "skeleton: <runs>/skeleton)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="move an existing output with another config aside")
     d = p.add_argument_group("data")
@@ -866,7 +886,7 @@ def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "demo")
     if args.dataset != "demo":
         raise SystemExit(f"demo.py makes the demo only (--dataset demo), got --dataset {args.dataset}")
-    return {"data": run_data, "generator": run_generator}[args.command](args)
+    return {"data": run_data, "generator": run_generator, "skeleton": run_skeleton}[args.command](args)
 
 
 if __name__ == "__main__":

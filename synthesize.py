@@ -17,8 +17,9 @@ Commands (in10; the defaults are the paper's settings):
   job array:   python synthesize.py ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT   (each job may itself
                be an `accelerate launch`; the last shard to finish writes manifest.jsonl / manifest.json)
   CPU (demo):  python synthesize.py --config configs/demo.yaml      (several CPU processes: torchrun --nproc_per_node 2)
-  benchmark:   python synthesize.py --config configs/demo.yaml --steps 30 --benchmark 48  (-> runs/demo/bench_synth)
-               (GPU: add --benchmark-model sd15-random --resolution 512 for an SD1.5-shaped random-weight model)
+  benchmark:   python synthesize.py --config configs/demo.yaml --steps 30 --benchmark 48 --compile on
+               (-> runs/demo/bench_synth; GPU: add --benchmark-model sd15-random --resolution 512
+               --pretrained-model runs/demo/skeleton for an SD1.5-shaped random-weight model; see `make bench-gpu`)
 
 Safe to kill at any time: every image is written atomically and a re-run skips the valid ones. A different config in
 the same output dir is an error (use --overwrite to move the old run aside).
@@ -47,8 +48,8 @@ from common import (DATASETS, PROMPT_STYLES, ImageReadError, RunDir, add_visual_
 
 # Flags that change speed or bookkeeping, never an image: left out of the run's config so a resume may change them.
 SPEED_ONLY = ("batch_size", "decode_batch", "num_workers", "write_workers", "compile", "shard", "skip_bad",
-              "verify_existing", "reuse_from", "benchmark", "benchmark_model", "baseline_batch", "output_dir",
-              "data_root", "runs_dir")
+              "verify_existing", "reuse_from", "benchmark", "benchmark_model", "baseline_batch", "benchmark_rounds",
+              "output_dir", "data_root", "runs_dir")
 
 
 def compile_mode(value) -> str:
@@ -107,7 +108,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
     p.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"), type=compile_mode,
                    help="torch.compile the UNet and the VAE decoder; auto = on a GPU only (H100, SD1.5 shapes: "
-                        "6.1 -> 8.4 img/s after ~1 min of compiling; on the CPU it did not pay)")
+                        "6.1 -> 8.4 img/s after ~1 min of compiling; on the demo's CPU model ~1.3x steady state, "
+                        "but ~100 s of compiling, more than the demo's whole synthesis)")
     p.add_argument("--reuse-from", nargs="*", default=[], metavar="DIR",
                    help="other synthesize.py outputs of the same config at another --scale: their images of the same "
                         "(source, copy) are identical by construction (same seed), so they are hard-linked, not redone")
@@ -117,6 +119,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark-model", choices=("pretrained", "sd15-random"), default="pretrained",
                    help="sd15-random: SD1.5-shaped UNet/VAE/text encoder with random weights (no download)")
     p.add_argument("--baseline-batch", type=int, default=24, help="the release's batch size (benchmark)")
+    p.add_argument("--benchmark-rounds", type=int, default=3,
+                   help="timed rounds per loop, the two loops alternating (benchmark)")
     return p
 
 
@@ -551,16 +555,18 @@ def sd15_random(pipe, dtype):
     from peft import LoraConfig
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(dtype)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512).to(dtype)
     tok = pipe.tokenizer
-    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
-        vocab_size=max(49408, len(tok)), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).to(dtype)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.random.fork_rng(devices=[]):  # seeded: the baseline's and our pipeline get the same weights
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(dtype)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512).to(dtype)
+        text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
+            vocab_size=max(49408, len(tok)), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, projection_dim=768, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).to(dtype)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     return StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                           scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
@@ -634,8 +640,12 @@ def timed(fn, unet, device):
 
 
 def benchmark(args) -> dict:
-    """Images/s of both loops on the first N jobs, their ratio and the UNet share of wall time; one untimed warm-up
-    batch each (allocation, lazy init, compilation)."""
+    """Images/s of both loops on the first N jobs, their ratio and the UNet share of wall time.
+
+    Both pipelines stay loaded and the loops alternate for --benchmark-rounds rounds (baseline first in even rounds,
+    ours first in odd ones), so load that comes and goes on a shared machine falls on both alike; figures are totals
+    over the rounds. One untimed warm-up batch each first (allocation, lazy init, compilation: its time is reported).
+    """
     from accelerate import PartialState
 
     device = PartialState(cpu=not torch.cuda.is_available()).device
@@ -649,35 +659,46 @@ def benchmark(args) -> dict:
     jobs = [int(j) for j in plan.jobs[:args.benchmark]]
     dtype = resolve_dtype(args.dtype, device)
     log = get_logger(out_dir)
-    results = {}
-    # Baseline first, on the unfused LoRA; then the same weights fused for our loop.
-    pipe = load_pipeline(args, device, dtype, fuse=False)
-    install_token_mask(pipe, placement, plan.tokens is not None)
-    for name in ("baseline", "ours"):
-        target = out_dir / name
-        shutil.rmtree(target, ignore_errors=True)
-        if name == "ours" and uses_lora(args):
-            pipe.fuse_lora(lora_scale=args.lora_scale)
-            pipe.unload_lora_weights()
-        if name == "ours":
-            maybe_compile(pipe, args)
-        if name == "baseline":
-            run = lambda js, d: baseline_loop(pipe, plan, js, d, args, placement, device)  # noqa: E731
-        else:
-            run = lambda js, d: run_loop(pipe, plan, js, d, args, placement, device, is_main=False)  # noqa: E731
-        run(jobs[:args.batch_size if name == "ours" else args.baseline_batch], out_dir / f"warmup_{name}")
-        wall, unet_s = timed(lambda: run(jobs, target), pipe.unet, device)
-        results[name] = {"images_per_s": len(jobs) / wall, "unet_share": unet_s / wall, "wall_s": wall}
-        log.info(f"{name:8s}: {len(jobs)} images in {wall:.2f}s = {len(jobs) / wall:.3f} img/s, "
-                 f"UNet {100 * unet_s / wall:.1f}% of wall time")
+    # The same weights twice: the baseline keeps the LoRA unfused (as the release), ours fuses and maybe compiles it.
+    pipes = {"baseline": load_pipeline(args, device, dtype, fuse=False), "ours": load_pipeline(args, device, dtype)}
+    for pipe in pipes.values():
+        install_token_mask(pipe, placement, plan.tokens is not None)
+    maybe_compile(pipes["ours"], args)
+    loops = {"baseline": lambda js, d: baseline_loop(pipes["baseline"], plan, js, d, args, placement, device),
+             "ours": lambda js, d: run_loop(pipes["ours"], plan, js, d, args, placement, device, is_main=False)}
+    warmup_s = {}
+    for name, loop in loops.items():
+        start = time.perf_counter()
+        loop(jobs[:args.batch_size if name == "ours" else args.baseline_batch], out_dir / f"warmup_{name}")
+        warmup_s[name] = time.perf_counter() - start
+    totals = {name: {"wall_s": 0.0, "unet_s": 0.0} for name in loops}
+    round_speedups = []
+    for r in range(args.benchmark_rounds):
+        walls = {}
+        for name in (("baseline", "ours") if r % 2 == 0 else ("ours", "baseline")):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            walls[name], unet_s = timed(lambda: loops[name](jobs, out_dir / name), pipes[name].unet, device)
+            totals[name]["wall_s"] += walls[name]
+            totals[name]["unet_s"] += unet_s
+        round_speedups.append(walls["baseline"] / walls["ours"])
+        log.info(f"round {r + 1}/{args.benchmark_rounds}: baseline {len(jobs) / walls['baseline']:.3f} img/s, "
+                 f"ours {len(jobs) / walls['ours']:.3f} img/s ({round_speedups[-1]:.2f}x)")
+    images = len(jobs) * args.benchmark_rounds
+    results = {name: {"images_per_s": images / t["wall_s"], "unet_share": t["unet_s"] / t["wall_s"]}
+               for name, t in totals.items()}
+    for name, res in results.items():
+        log.info(f"{name:8s}: {images} images in {totals[name]['wall_s']:.2f}s = {res['images_per_s']:.3f} img/s, "
+                 f"UNet {100 * res['unet_share']:.1f}% of wall time (warm-up {warmup_s[name]:.1f}s, untimed)")
     ratio = results["ours"]["images_per_s"] / results["baseline"]["images_per_s"]
-    log.info(f"speed-up ours / baseline: {ratio:.2f}x on {device} ({args.benchmark_model}, {args.resolution}px, "
-             f"{args.steps} steps x strength {args.strength}, batch {args.batch_size} vs {args.baseline_batch})")
+    log.info(f"speed-up ours / baseline: {ratio:.2f}x (rounds {min(round_speedups):.2f}-{max(round_speedups):.2f}x) "
+             f"on {device} ({args.benchmark_model}, {args.resolution}px, {args.steps} steps x strength "
+             f"{args.strength}, batch {args.batch_size} vs {args.baseline_batch}, compile {args.compile})")
     metrics = {"ours_images_per_s": results["ours"]["images_per_s"],
                "baseline_images_per_s": results["baseline"]["images_per_s"], "speedup": ratio,
-               "ours_unet_share": results["ours"]["unet_share"],
-               "baseline_unet_share": results["baseline"]["unet_share"],
-               "images": len(jobs), "device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
+               "round_speedups": round_speedups, "ours_unet_share": results["ours"]["unet_share"],
+               "baseline_unet_share": results["baseline"]["unet_share"], "warmup_s": warmup_s,
+               "images": len(jobs), "rounds": args.benchmark_rounds,
+               "device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
                "config": {k: v for k, v in config_dict(args).items() if k != "shard"}}
     write_json(out_dir / "benchmark.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k != "config"}))

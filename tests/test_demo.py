@@ -74,6 +74,20 @@ def test_tokenizer_gives_one_token_per_class_word(tmp_path):
     assert len(tokenizer("zebra").input_ids) > 3
 
 
+def test_skeleton_is_an_untrained_loadable_pipeline_and_cached(tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    out = tmp_path / "skeleton"
+    assert demo.main(["skeleton", "--out", str(out)])["trained"] is False
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    ids = pipe.tokenizer(common.build_prompt(demo.CLASSES[0])).input_ids
+    assert pipe.tokenizer.convert_ids_to_tokens(ids)[2:4] == ["of</w>", f"{demo.CLASSES[0]}</w>"]
+    assert list(pipe.unet.config.block_out_channels) == [32, 64] and not (out / "phases.json").exists()
+    stamp = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    demo.main(["skeleton", "--out", str(out)])  # complete with the same settings: nothing is rebuilt
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+
+
 def test_psnr_matches_its_definition():
     a, b = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.1)
     assert demo.psnr(a, b) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.01)).item(), rel=1e-5)

@@ -228,10 +228,13 @@ def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
 
 def test_benchmark_reports_both_loops(tiny_sd, tiny_dataset, tiny_lora, tmp_path):
     m = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "bench", "--benchmark", "6", "--batch-size", "6",
-                                 "--baseline-batch", "6", lora=tiny_lora))
-    assert m["images"] == 6 and m["ours_images_per_s"] > 0 and m["baseline_images_per_s"] > 0
+                                 "--baseline-batch", "6", "--benchmark-rounds", "2", lora=tiny_lora))
+    assert m["images"] == 6 and m["rounds"] == 2 and m["ours_images_per_s"] > 0 and m["baseline_images_per_s"] > 0
     assert 0 < m["ours_unet_share"] <= 1 and 0 < m["baseline_unet_share"] <= 1
     assert m["speedup"] == pytest.approx(m["ours_images_per_s"] / m["baseline_images_per_s"])
+    # The overall ratio is of the totals, so it lies between the rounds' own ratios.
+    assert len(m["round_speedups"]) == 2
+    assert min(m["round_speedups"]) - 1e-9 <= m["speedup"] <= max(m["round_speedups"]) + 1e-9
     assert len(list((tmp_path / "bench" / "ours").rglob("*.jpg"))) == 6
     assert len(list((tmp_path / "bench" / "baseline").rglob("*.jpg"))) == 6
 
