@@ -33,6 +33,7 @@ Commands:
   one GPU:     python finetune.py --config configs/in10.yaml --data-root /data/imagenet \
                    --captions runs/in10/captions/captions.jsonl
   multi-GPU:   accelerate launch --num_processes 8 finetune.py --config configs/in10.yaml --data-root ... --captions ...
+  4 GPUs:      accelerate launch --num_processes 4 finetune.py ... --gradient-accumulation-steps 2 (paper's 64 per step)
   multi-node:  accelerate launch --num_machines 2 --machine_rank $RANK --main_process_ip $HOST --num_processes 16 \
                    finetune.py ...
   CPU (demo):  python finetune.py --config configs/demo.yaml --vg-encoder runs/demo/generator/clip_vision
@@ -94,6 +95,8 @@ def get_parser() -> argparse.ArgumentParser:
     a("--adam-epsilon", type=float, default=1e-8)
     a("--max-grad-norm", type=float, default=1.0)
     a("--train-batch-size", type=int, default=8, help="per process (paper: 8 per GPU x 8 GPUs)")
+    a("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step: keeps the "
+      "paper's 64-image step on fewer GPUs (e.g. 2 on 4 GPUs); the MMD term stays per micro-batch, as per GPU")
     a("--num-train-epochs", type=int, default=100, help="release: 100 (the paper's table cell is garbled)")
     a("--max-train-steps", type=int, default=None, help="stop after this many steps (overrides the epoch count)")
     a("--snr-gamma", type=float, default=5.0, help="min-SNR-γ weighting (release: 5); 0 = plain ε-MSE")
@@ -466,11 +469,14 @@ def main(argv=None) -> dict:
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps)
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
     config = common.config_dict(args, exclude=("output_dir", "runs_dir", "num_workers", "checkpointing_steps",
                                                "checkpoints_total_limit", "benchmark", "benchmark_steps"))
     config["world_size"] = accelerator.num_processes  # the per-process batch defines the MMD batch
+    if args.gradient_accumulation_steps == 1:  # a later option: absent at its default, so older runs keep their config
+        del config["gradient_accumulation_steps"]
     index, prompts = load_training_set(args)  # bad inputs fail here, before the run directory is touched
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=accelerator.is_main_process)
     if run.start() == "done":
@@ -497,47 +503,54 @@ def main(argv=None) -> dict:
         projection = accelerator.prepare(projection)
     register_checkpoint_hooks(accelerator, UNet2DConditionModel)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = len(epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, 0))
-    total = args.max_train_steps or steps_per_epoch * args.num_train_epochs
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
+    # Steps are optimizer steps of `accum` micro-batches each; the data order and the noise are indexed by micro-batch.
+    micro_per_epoch = len(epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, 0))
+    total = args.max_train_steps or math.ceil(micro_per_epoch * args.num_train_epochs / accum)
     ckpt_dir = out_dir / "checkpoints"
     latest, step = common.latest_checkpoint(ckpt_dir) if args.resume == "latest" else (None, 0)
     if latest is not None:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} (step {step})")
     n_train = sum(p.numel() for p in params)
-    log.info(f"{len(index)} images, {len(index.classes)} classes, {world} process(es) x batch {args.train_batch_size}, "
-             f"{steps_per_epoch} steps/epoch, {total} steps, {n_train} trainable parameters, vg={args.vg_mode}, "
+    log.info(f"{len(index)} images, {len(index.classes)} classes, {world} process(es) x batch {args.train_batch_size}"
+             f" x {accum} accumulated = {world * args.train_batch_size * accum} per step, {micro_per_epoch / accum:g} "
+             f"steps/epoch, {total} steps, {n_train} trainable parameters, vg={args.vg_mode}, "
              f"mmd={args.mmd_form} λ={args.mmd_weight}")
 
     models = (tokenizer, text_encoder, vae, scheduler, unet, projection)
     bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
-    t0, seen, history = time.time(), 0, []
+    trained = [m for m in (unet, projection) if m is not None]
+    t0, seen, history, micro = time.time(), 0, [], step * accum
     while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
+        epoch, skip = divmod(micro, micro_per_epoch)
         batches = epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, epoch)[skip:]
-        batches = batches[: total - step]
+        batches = batches[: total * accum - micro]
         loader = torch.utils.data.DataLoader(TrainImages(index, args, epoch, cache is not None), batch_sampler=batches,
                                              num_workers=args.num_workers, collate_fn=collate)
         for batch in loader:
-            # Per-step noise from (seed, step, rank): a resumed run draws exactly what an uninterrupted one would.
-            gen = torch.Generator(accelerator.device).manual_seed(common.item_seed(args.seed, "finetune-step", step,
+            # Per-micro-batch noise from (seed, micro-batch, rank): a resumed run draws what an uninterrupted one would.
+            gen = torch.Generator(accelerator.device).manual_seed(common.item_seed(args.seed, "finetune-step", micro,
                                                                                    rank))
-            with accelerator.autocast():
-                loss, logs = training_step(batch, models, embeds, prompts, labels, args, cache, gen)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, seen = step + 1, seen + len(batch[0]) * world
+            with accelerator.accumulate(*trained):  # the prepared optimizer steps only on the accum-th micro-batch
+                with accelerator.autocast():
+                    loss, logs = training_step(batch, models, embeds, prompts, labels, args, cache, gen)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro, seen = micro + 1, seen + len(batch[0]) * world
             history.append({k: v.item() for k, v in accelerator.reduce(logs, reduction="mean").items()})
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if step % args.checkpointing_steps == 0 or step == total:
                 common.save_checkpoint(accelerator, ckpt_dir, step, args.checkpoints_total_limit)
         if accelerator.is_main_process:
-            recent = history[-steps_per_epoch:] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
+            recent = history[-micro_per_epoch:] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
             row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -545,10 +558,11 @@ def main(argv=None) -> dict:
     elapsed = time.time() - t0
     accelerator.wait_for_everyone()
 
-    metrics = {"steps": step, "epochs": math.ceil(step / steps_per_epoch), "train_images": len(index),
+    metrics = {"steps": step, "micro_batches": micro, "epochs": math.ceil(micro / micro_per_epoch),
+               "train_images": len(index),
                "trainable_params": n_train, "samples_per_s": seen / elapsed if seen else None,
-               "final_loss": float(np.mean([h["loss"] for h in history[-steps_per_epoch:]])) if history else None,
-               "final_mmd": float(np.mean([h["mmd"] for h in history[-steps_per_epoch:]])) if history else None}
+               "final_loss": float(np.mean([h["loss"] for h in history[-micro_per_epoch:]])) if history else None,
+               "final_mmd": float(np.mean([h["mmd"] for h in history[-micro_per_epoch:]])) if history else None}
     if accelerator.is_main_process:
         save_outputs(out_dir, accelerator.unwrap_model(unet), accelerator.unwrap_model(projection)
                      if projection is not None else None, embeds, vg_info)
