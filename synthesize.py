@@ -279,7 +279,7 @@ def condition(pipe, prompts, tokens, placement, neg_text, device):
 
 @torch.no_grad()
 def generate(pipe, pixels, seeds, prompts, tokens, args, placement, device) -> torch.Tensor:
-    """One pipeline call for a batch of mixed classes -> uint8 images [B, H, W, 3] on the CPU.
+    """One pipeline call for a batch of mixed classes -> uint8 images [B, H, W, 3], still on `device`.
 
     Seeded CPU generators make the initial noise identical on any hardware and in any batch; the latent prior is
     encoded here in chunks (the pipeline would encode one image at a time) and handed to the pipeline as latents.
@@ -301,7 +301,26 @@ def generate(pipe, pixels, seeds, prompts, tokens, args, placement, device) -> t
     for part in latents.split(chunk):
         decoded = vae.decode(part / vae.config.scaling_factor + shift, return_dict=False)[0]
         images.append(((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
-    return torch.cat(images).cpu()
+    return torch.cat(images)
+
+
+def to_host(images: torch.Tensor):
+    """Start the copy of a batch to the CPU without waiting for it: on a GPU the decode and the copy are still queued
+    when the next batch's UNet work is, so the GPU never idles while this process waits on a sync. Returns the host
+    tensor and the event the writer must wait on before reading it (None on the CPU, where it is ready)."""
+    if images.device.type != "cuda":
+        return images, None
+    host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+    host.copy_(images, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def save_when_ready(ready, image: torch.Tensor, path: Path, **save_kwargs) -> None:
+    if ready is not None:
+        ready.synchronize()
+    save_image(Image.fromarray(image.numpy()), path, **save_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -426,11 +445,11 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
                 rows = [plan.source_copy(j)[0] for j in batch]
                 tokens = plan.tokens[torch.tensor(rows)] if plan.tokens is not None else None
                 pix = pixels if len(keep) == len(errors) else pixels[keep]  # keep pinned memory when all are good
-                images = generate(pipe, pix.to(device, non_blocking=True), [plan.seed(j) for j in batch],
-                                  [plan.prompts[s] for s in rows], tokens, args, placement, device)
-                for j, img in zip(batch, images.numpy()):
-                    pending.append(writer.submit(save_image, Image.fromarray(img), out_dir / plan.file(j),
-                                                 **save_kwargs))
+                images, ready = to_host(generate(pipe, pix.to(device, non_blocking=True),
+                                                 [plan.seed(j) for j in batch], [plan.prompts[s] for s in rows],
+                                                 tokens, args, placement, device))
+                for j, img in zip(batch, images):
+                    pending.append(writer.submit(save_when_ready, ready, img, out_dir / plan.file(j), **save_kwargs))
             # Bound the queue (memory) and surface write errors early.
             while len(pending) > 4 * args.batch_size:
                 pending.pop(0).result()

@@ -226,6 +226,21 @@ def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
     assert prompts["red_circle/red_circle_001.png"] == "photo of red circle"
 
 
+def test_to_host_hands_over_the_same_pixels(tmp_path):
+    """The writer gets exactly the generated pixels: at once on the CPU; on a GPU after the queued copy has landed."""
+    images = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
+    host, ready = synthesize.to_host(images)
+    assert host is images and ready is None
+    synthesize.save_when_ready(ready, host[1], tmp_path / "a.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), images[1].numpy())
+    if torch.cuda.is_available():
+        host, ready = synthesize.to_host(images.cuda())
+        assert host.device.type == "cpu" and host.is_pinned() and ready is not None
+        synthesize.save_when_ready(ready, host[2], tmp_path / "b.png")
+        assert torch.equal(host, images)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), images[2].numpy())
+
+
 def test_benchmark_reports_both_loops(tiny_sd, tiny_dataset, tiny_lora, tmp_path):
     m = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "bench", "--benchmark", "6", "--batch-size", "6",
                                  "--baseline-batch", "6", "--benchmark-rounds", "2", lora=tiny_lora))
