@@ -469,7 +469,8 @@ def main(argv=None) -> dict:
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+    # cpu=True without CUDA: several CPU processes under torchrun then form one gloo group (else each trains alone).
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
     config = common.config_dict(args, exclude=("output_dir", "runs_dir", "num_workers", "checkpointing_steps",
