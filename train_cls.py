@@ -22,7 +22,8 @@ Commands (the Tab. 8 recipe comes from the dataset's YAML section; any flag over
   one GPU : python train_cls.py --config configs/in10.yaml --data-root /data/imagenet
                 --train-dirs real runs/in10/synth_x1
   8 GPUs  : accelerate launch --multi_gpu --num_processes 8 train_cls.py --config configs/in10.yaml ...
-            (the global --batch-size is kept for any world size: gradient accumulation makes up the difference)
+            (the global --batch-size is kept for any world size: gradient accumulation makes up the difference,
+            on the same micro-batches, so 1 GPU accumulating learns what 8 GPUs learn)
   CPU     : python train_cls.py --config configs/demo.yaml --train-dirs real
   speed   : python train_cls.py --benchmark --model resnet50 --fake-data 4096 --fake-size 400   (make bench-train)
 
@@ -221,8 +222,10 @@ def fake_jpegs(n: int, size: int, seed: int) -> list[bytes]:
 class EpochBatches:
     """Micro-batches of (epoch, index) keys for this process, epoch after epoch, for one long-lived DataLoader.
 
-    Each step takes the next `batch` images of a per-epoch permutation seeded by (seed, epoch); process r gets every
-    world-th of them, split into `accum` micro-batches. The last incomplete global batch is dropped (as timm does).
+    Each step takes the next `batch` images of a per-epoch permutation seeded by (seed, epoch) and cuts them into
+    world × accum micro-batches; process r runs micro-batches r·accum ... r·accum + accum − 1. So any split of one
+    global batch (8 GPUs, or 1 GPU accumulating 8) trains on the same micro-batches: same BatchNorm statistics, and
+    seeded by `global_micro`, the same mixup draws. The last incomplete global batch is dropped (as timm does).
     """
 
     def __init__(self, n, batch, seed, start_epoch, end_epoch, rank, world, accum, max_steps=None):
@@ -237,11 +240,17 @@ class EpochBatches:
         for epoch in self.epochs:
             gen = torch.Generator().manual_seed(item_seed(self.seed, "order", epoch))
             order = torch.randperm(self.n, generator=gen)
+            micro = self.batch // (self.world * self.accum)
             for s in range(self.steps):
-                local = order[s * self.batch:(s + 1) * self.batch][self.rank::self.world].tolist()
-                micro = len(local) // self.accum
+                step = order[s * self.batch:(s + 1) * self.batch].tolist()
                 for a in range(self.accum):
-                    yield [(epoch, i) for i in local[a * micro:(a + 1) * micro]]
+                    c = self.rank * self.accum + a
+                    yield [(epoch, i) for i in step[c * micro:(c + 1) * micro]]
+
+
+def global_micro(m: int, rank: int, world: int, accum: int) -> int:
+    """Process `rank`'s m-th micro-batch of an epoch, numbered as in EpochBatches for all processes together."""
+    return (m // accum) * world * accum + rank * accum + m % accum
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -340,8 +349,10 @@ def train_steps(model, batches_iter, n_micro, accum, optimizer, scheduler, crite
         x = x.to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
         y = y.to(device, non_blocking=True)
-        # mixup (numpy RNG) and drop-path (torch RNG) seeded per micro-batch: identical after a resume
-        s = item_seed(args.seed, "step", epoch, m, accelerator.process_index)
+        # mixup (numpy RNG) and drop-path (torch RNG) seeded per micro-batch of the global batch: identical after a
+        # resume and for any world size x accumulation split
+        s = item_seed(args.seed, "step", epoch, global_micro(m, accelerator.process_index, accelerator.num_processes,
+                                                             accum))
         torch.manual_seed(s)
         np.random.seed(s % (1 << 32))
         if mixup is not None:
@@ -396,7 +407,7 @@ def main(argv=None) -> dict:
     parser = get_parser()
     args = parse_args_with_recipe(parser, argv)
     amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(mixed_precision=amp)
+    accelerator = Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     out = Path(args.output_dir or Path(args.runs_dir) / (args.dataset or "fake") /
                (f"bench_train_{args.model}" if args.benchmark else f"cls_{args.name or default_name(args.train_dirs)}"))

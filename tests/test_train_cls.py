@@ -54,10 +54,44 @@ def test_epoch_batches_are_the_same_global_batches_for_any_world_size():
     one = global_steps(1, 1)
     assert len(one) == 2 * (30 // 12)  # 2 epochs, last incomplete batch dropped
     assert global_steps(2, 3) == one and global_steps(3, 2) == one
+
+    # Finer: the same micro-batches, numbered alike by global_micro, for any world x accum split of the batch.
+    def micro_batches(world, accum):
+        return {(e, train_cls.global_micro(m % (len(mbs) // 2), r, world, accum)): sorted(i for _, i in mb)
+                for r in range(world)
+                for mbs in [list(train_cls.EpochBatches(30, 12, 7, 1, 3, r, world, accum))]
+                for m, mb in enumerate(mbs) for e in {k[0] for k in mb}}
+
+    assert micro_batches(1, 6) == micro_batches(2, 3) == micro_batches(3, 2) == micro_batches(6, 1)
+    assert len(micro_batches(1, 6)) == 2 * 2 * 6  # epochs x steps x micro-batches of 2
     # within an epoch no image repeats; epochs are shuffled differently
     first = [i for step in one[:2] for _, i in step]
     assert len(set(first)) == 24 and {e for step in one[2:] for e, _ in step} == {2}
     assert sorted(i for _, i in one[0]) != sorted(i for _, i in one[2])
+
+
+def test_two_processes_learn_what_one_process_accumulating_learns(tmp_path, tiny_dataset):
+    """Batch 8 as 1 process x 2 micro-batches of 4, or as torchrun's 2 CPU processes x 1: the same micro-batches and
+    mixup/cutmix draws, so the same learned weights up to float summation order (~1e-8 here; the strided split this
+    replaced, same global batches but other micro-batches, differed by 4e-2). BatchNorm running statistics are per
+    process (no SyncBN), so they are left out."""
+    import os
+    import subprocess
+    import sys
+
+    args = TINY + ["--data-root", str(tiny_dataset), "--epochs", "2", "--seed", "3", "--batch-size", "8",
+                   "--eval-every", "2", "--mixup", "0.2", "--cutmix", "1.0"]
+    train_cls.main(args + ["--output-dir", str(tmp_path / "one")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(Path(train_cls.__file__)), *args, "--output-dir", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    learned = [k for k in one if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(learned) > 10
+    for k in learned:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
 
 
 def test_train_sources_are_relabelled_by_class_id(tmp_path, tiny_dataset):
