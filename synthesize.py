@@ -47,9 +47,9 @@ from common import (DATASETS, PROMPT_STYLES, ImageReadError, RunDir, add_visual_
                     parse_shard, progress, read_json, save_image, write_json, write_jsonl)
 
 # Flags that change speed or bookkeeping, never an image: left out of the run's config so a resume may change them.
-SPEED_ONLY = ("batch_size", "decode_batch", "num_workers", "write_workers", "compile", "shard", "skip_bad",
-              "verify_existing", "reuse_from", "benchmark", "benchmark_model", "baseline_batch", "benchmark_rounds",
-              "output_dir", "data_root", "runs_dir")
+SPEED_ONLY = ("batch_size", "decode_batch", "num_workers", "write_workers", "compile", "compile_mode", "shard",
+              "skip_bad", "verify_existing", "reuse_from", "benchmark", "benchmark_model", "baseline_batch",
+              "benchmark_rounds", "output_dir", "data_root", "runs_dir")
 
 
 def compile_mode(value) -> str:
@@ -110,6 +110,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="torch.compile the UNet and the VAE decoder; auto = on a GPU only (H100, SD1.5 shapes: "
                         "6.1 -> 8.4 img/s after ~1 min of compiling; on the demo's CPU model ~1.3x steady state, "
                         "but ~100 s of compiling, more than the demo's whole synthesis)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
+                   help="torch.compile's mode when compiling (default: the one measured above; the others autotune "
+                        "kernels or capture CUDA graphs: longer compiles, not measured here)")
     p.add_argument("--reuse-from", nargs="*", default=[], metavar="DIR",
                    help="other synthesize.py outputs of the same config at another --scale: their images of the same "
                         "(source, copy) are identical by construction (same seed), so they are hard-linked, not redone")
@@ -558,8 +562,9 @@ def main(argv=None) -> dict:
 
 def maybe_compile(pipe, args) -> None:
     if args.compile == "on" or (args.compile == "auto" and pipe.device.type == "cuda"):
-        pipe.unet = torch.compile(pipe.unet)
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        pipe.unet = torch.compile(pipe.unet, mode=mode)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
