@@ -51,6 +51,7 @@ help:
 	@echo "  make test                 test suite (offline, CPU)"
 	@echo "  make bench                all benchmarks (bench-finetune, bench-synth, bench-train)"
 	@echo "  make bench-gpu            the three at paper scale on a GPU (SD1.5-shaped random weights, ResNet-50)"
+	@echo "                            (bench-synth / bench-gpu: ARGS=\"...\" adds synthesize.py flags, e.g. --compile off)"
 	@echo "  make <dataset>            caption -> finetune -> synthesize xSCALE -> train_cls (MODE) -> eval"
 	@echo "                            datasets: in10 in100 in1k cub cars pets eurosat"
 	@echo "  make <dataset>-all        the same for MODE=real, synth and mix"
