@@ -70,3 +70,17 @@ def test_demo_ablation_switches_each_component_and_covers_every_report_row():
     wanted |= {prefix.removeprefix("cls_") for _, prefix in demo_report.ABLATION_SCALES} | {"real"}
     assert set(sets) == wanted and sets["all"] == "runs/demo/synth_x1" and sets["real"] == "real"
     assert "for seed in 0 1 2 3 4" in out and "--output-dir runs/demo/ablation/cls_${job%%:*}_s$seed" in out
+
+
+def test_benchmarks_time_what_they_say():
+    """bench-synth times ours compiled over alternating rounds (ARGS appended last, so it can switch compile off);
+    bench-gpu builds only the untrained skeleton, never the CPU-pretrained demo generator, and points the SD1.5-shaped
+    benchmark at it."""
+    synth = [line for line in dry_run("bench-synth", "ARGS=--compile off") if "synthesize.py" in line]
+    assert len(synth) == 1 and "--benchmark-rounds" in synth[0] and synth[0].index("--compile on") < synth[0].index(
+        "--compile off")
+    gpu = dry_run("-o", ".venv/.installed", "bench-gpu")
+    assert any("demo.py skeleton" in line for line in gpu) and not any("demo.py generator" in line for line in gpu)
+    synth = [line for line in gpu if "synthesize.py" in line]
+    assert len(synth) == 1 and "--benchmark-model sd15-random" in synth[0]
+    assert "--pretrained-model runs/demo/skeleton" in synth[0]
