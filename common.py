@@ -47,6 +47,15 @@ class ConfigError(ValueError):
     """A config file or key that does not exist or does not fit the stage."""
 
 
+def positive_int(text) -> int:
+    """argparse type for counts that must be at least 1 (batch sizes, accumulation, rounds); YAML values pass through
+    it too (see _coerce), so a 0 in a config is an error naming the key instead of a ZeroDivisionError later."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Convert a YAML value with the argparse action's own `type`, so `1e-4` (a string to YAML) becomes a float."""
     if value is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):

@@ -94,9 +94,10 @@ def get_parser() -> argparse.ArgumentParser:
     a("--adam-beta2", type=float, default=0.999)
     a("--adam-epsilon", type=float, default=1e-8)
     a("--max-grad-norm", type=float, default=1.0)
-    a("--train-batch-size", type=int, default=8, help="per process (paper: 8 per GPU x 8 GPUs)")
-    a("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step: keeps the "
-      "paper's 64-image step on fewer GPUs (e.g. 2 on 4 GPUs); the MMD term stays per micro-batch, as per GPU")
+    a("--train-batch-size", type=common.positive_int, default=8, help="per process (paper: 8 per GPU x 8 GPUs)")
+    a("--gradient-accumulation-steps", type=common.positive_int, default=1, help="micro-batches per optimizer "
+      "step: keeps the paper's 64-image step on fewer GPUs (e.g. 2 on 4 GPUs); the MMD term stays per micro-batch, "
+      "as per GPU")
     a("--num-train-epochs", type=int, default=100, help="release: 100 (the paper's table cell is garbled)")
     a("--max-train-steps", type=int, default=None, help="stop after this many steps (overrides the epoch count)")
     a("--snr-gamma", type=float, default=5.0, help="min-SNR-γ weighting (release: 5); 0 = plain ε-MSE")

@@ -44,7 +44,7 @@ from PIL import Image
 from common import (DATASETS, PROMPT_STYLES, ImageReadError, RunDir, add_visual_tokens, atomic_path, build_prompt,
                     captions_for, config_dict, encode_latent_prior, fingerprint, get_logger, hash_file, item_seed,
                     load_captions, load_dataset, load_image, load_init_image, local_items, negative_prompt, parse_args,
-                    parse_shard, progress, read_json, save_image, write_json, write_jsonl)
+                    parse_shard, positive_int, progress, read_json, save_image, write_json, write_jsonl)
 
 # Flags that change speed or bookkeeping, never an image: left out of the run's config so a resume may change them.
 SPEED_ONLY = ("batch_size", "decode_batch", "num_workers", "write_workers", "compile", "compile_mode", "shard",
@@ -102,8 +102,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="how a re-run checks images already on disk: quick = complete file (JPEG/PNG trailer + "
                         "header), full = decode every pixel")
     # Speed only (never change an image beyond float noise).
-    p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call, classes mixed")
-    p.add_argument("--decode-batch", type=int, default=16, help="VAE encode/decode chunk (bounds memory)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per pipeline call, classes mixed")
+    p.add_argument("--decode-batch", type=positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers reading and resizing sources")
     p.add_argument("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
     p.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"), type=compile_mode,
@@ -123,7 +123,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark-model", choices=("pretrained", "sd15-random"), default="pretrained",
                    help="sd15-random: SD1.5-shaped UNet/VAE/text encoder with random weights (no download)")
     p.add_argument("--baseline-batch", type=int, default=24, help="the release's batch size (benchmark)")
-    p.add_argument("--benchmark-rounds", type=int, default=3,
+    p.add_argument("--benchmark-rounds", type=positive_int, default=3,
                    help="timed rounds per loop, the two loops alternating (benchmark)")
     return p
 

@@ -83,6 +83,17 @@ def test_config_value_outside_choices_is_an_error(tmp_path):
             common.parse_args(parser, ["--config", write_yaml(tmp_path, f"train_cls:\n  {text}\n")], "train_cls")
 
 
+def test_counts_must_be_positive_on_the_command_line_and_in_yaml(tmp_path):
+    parser = stage_parser()
+    parser.add_argument("--rounds", type=common.positive_int, default=3)
+    assert common.parse_args(parser, ["--rounds", "2"], "train_cls").rounds == 2
+    with pytest.raises(SystemExit):  # argparse: "invalid positive_int value: '0'"
+        common.parse_args(parser, ["--rounds", "0"], "train_cls")
+    for text in ("rounds: 0", "rounds: -2", "rounds: two"):
+        with pytest.raises(common.ConfigError, match="rounds"):
+            common.parse_args(parser, ["--config", write_yaml(tmp_path, f"train_cls:\n  {text}\n")], "train_cls")
+
+
 def test_shipped_configs_parse():
     for path in sorted(Path(common.PROJECT_DIR / "configs").glob("*.yaml")):
         if path.name == "paths.yaml":  # data locations, not a stage config
