@@ -315,8 +315,8 @@ def test_larger_scale_reuses_smaller_scale_images(tiny_sd, tiny_dataset, tmp_pat
 
 
 def test_compile_auto_is_gpu_only(tiny_sd, tiny_dataset, tmp_path, monkeypatch):
-    """--compile auto leaves a CPU pipeline eager; --compile (on) wraps the UNet and VAE decoder; a bare --compile
-    still means on."""
+    """--compile auto leaves a CPU pipeline eager; --compile (on) wraps the UNet and the VAE decoder and encoder; a bare
+    --compile still means on."""
     parser = synthesize.get_parser()
     assert parser.parse_args([]).compile == "auto" and parser.parse_args(["--compile"]).compile == "on"
     for yaml_value, mode in (("true", "on"), ("off", "off"), ("auto", "auto")):  # YAML reads on/off as booleans
@@ -331,13 +331,14 @@ def test_compile_auto_is_gpu_only(tiny_sd, tiny_dataset, tmp_path, monkeypatch):
     synthesize.maybe_compile(pipe, args)
     assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(pipe.vae.decoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(pipe.vae.encoder, torch._dynamo.eval_frame.OptimizedModule)
     # --compile-mode reaches torch.compile ("default" = torch.compile's own default, mode=None)
     modes = []
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
     for name, expected in (("max-autotune", "max-autotune"), ("default", None)):
         args.compile_mode = name
         synthesize.maybe_compile(pipe, args)
-        assert modes[-2:] == [expected, expected]
+        assert modes[-3:] == [expected] * 3
 
 
 def test_lora_dir_none_means_the_plain_model():
