@@ -49,7 +49,7 @@ import torch
 
 from common import (
     RunDir, config_dict, fingerprint, get_logger, item_seed, latest_checkpoint, load_dataset, load_image,
-    load_synthetic, progress, read_jsonl, save_checkpoint, seed_everything, write_json, write_jsonl,
+    load_synthetic, positive_int, progress, read_jsonl, save_checkpoint, seed_everything, write_json, write_jsonl,
 )
 
 # What the authors' release ran for IN-10 (timm 0.9.2 defaults the paper's Tab. 8 does not list).
@@ -89,9 +89,9 @@ def get_parser() -> argparse.ArgumentParser:
     optim = p.add_argument_group("optimisation (Tab. 8)")
     optim.add_argument("--recipe", choices=["paper", "release"], default="paper",
                        help="'release': Nesterov, 5 warmup epochs, label smoothing 0.1, colour jitter 0.4")
-    optim.add_argument("--epochs", type=int, default=200)
-    optim.add_argument("--batch-size", type=int, default=1024, help="GLOBAL batch (Tab. 8: 128 x 8 GPUs)")
-    optim.add_argument("--max-device-batch", type=int, default=128, help="largest micro-batch per process")
+    optim.add_argument("--epochs", type=positive_int, default=200)
+    optim.add_argument("--batch-size", type=positive_int, default=1024, help="GLOBAL batch (Tab. 8: 128 x 8 GPUs)")
+    optim.add_argument("--max-device-batch", type=positive_int, default=128, help="largest micro-batch per process")
     optim.add_argument("--opt", default="momentum", help="timm optimizer: momentum (SGD, paper), sgd (Nesterov), lamb")
     optim.add_argument("--lr", type=float, default=0.1)
     optim.add_argument("--momentum", type=float, default=0.9)
