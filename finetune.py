@@ -561,8 +561,8 @@ def main(argv=None) -> dict:
     accelerator.wait_for_everyone()
 
     metrics = {"steps": step, "micro_batches": micro, "epochs": math.ceil(micro / micro_per_epoch),
-               "train_images": len(index),
-               "trainable_params": n_train, "samples_per_s": seen / elapsed if seen else None,
+               "train_images": len(index), "trainable_params": n_train,
+               "samples_per_s": seen / elapsed if seen else None,
                "final_loss": float(np.mean([h["loss"] for h in history[-micro_per_epoch:]])) if history else None,
                "final_mmd": float(np.mean([h["mmd"] for h in history[-micro_per_epoch:]])) if history else None}
     if accelerator.is_main_process:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -52,7 +53,7 @@ SPEED_ONLY = ("batch_size", "decode_batch", "num_workers", "write_workers", "com
               "benchmark_rounds", "output_dir", "data_root", "runs_dir")
 
 
-def compile_mode(value) -> str:
+def auto_on_off(value) -> str:
     """auto / on / off; YAML's booleans (`compile: true`, and `on`/`off`, which YAML reads as booleans) map too."""
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -106,7 +107,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batch", type=positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers reading and resizing sources")
     p.add_argument("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
-    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"), type=compile_mode,
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"), type=auto_on_off,
                    help="torch.compile the UNet and the VAE decoder and encoder; auto = on a GPU only (H100, SD1.5 "
                         "shapes, UNet + decoder compiled: 6.1 -> 8.4 img/s after ~1 min of compiling; on the demo's "
                         "CPU model ~1.3x steady state, but ~100 s of compiling, more than the demo's whole synthesis)")
@@ -236,7 +237,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(args, device, dtype, fuse: bool = True):
-    """SD img2img + UniPC + the LoRA fused at --lora-scale (plain Linear layers again: no per-step LoRA matmuls)."""
+    """SD img2img + UniPC + the LoRA, fused unless `fuse=False` (the benchmark's baseline, as the release)."""
     from diffusers import StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler
 
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(args.pretrained_model, revision=args.revision,
@@ -247,14 +248,19 @@ def load_pipeline(args, device, dtype, fuse: bool = True):
         pipe = sd15_random(pipe, dtype)  # carries a random rank-4 LoRA, like a finetune.py output
     elif args.lora_dir:
         pipe.load_lora_weights(args.lora_dir, weight_name="pytorch_lora_weights.safetensors")
-    if uses_lora(args):
-        if fuse:
-            pipe.fuse_lora(lora_scale=args.lora_scale)
-            pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    if fuse:
+        fuse_lora(pipe, args)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)  # all modules resident: never CPU offload (the release offloads on every call)
     # No channels_last: on an H100 it made the eager SD1.5 UNet 12% slower and the compiled one no faster.
     return pipe
+
+
+def fuse_lora(pipe, args) -> None:
+    """Fold the LoRA into the UNet weights at --lora-scale: plain Linear layers again, no per-step LoRA matmuls."""
+    if uses_lora(args):
+        pipe.fuse_lora(lora_scale=args.lora_scale)
+        pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
 
 
 def uses_lora(args) -> bool:
@@ -309,9 +315,9 @@ def generate(pipe, pixels, seeds, prompts, tokens, args, placement, device) -> t
 
 
 def to_host(images: torch.Tensor):
-    """Start the copy of a batch to the CPU without waiting for it: on a GPU the decode and the copy are still queued
-    when the next batch's UNet work is, so the GPU never idles while this process waits on a sync. Returns the host
-    tensor and the event the writer must wait on before reading it (None on the CPU, where it is ready)."""
+    """Start the copy of a batch to the CPU without waiting for it: on a GPU the process goes on to queue the next
+    batch's inputs while the decode and the copy run, instead of waiting for them. Returns the host tensor and the
+    event the writer must wait on before reading it (None on the CPU, where it is ready)."""
     if images.device.type != "cuda":
         return images, None
     host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
@@ -581,17 +587,15 @@ def sd15_random(pipe, dtype):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = pipe.tokenizer
-    with torch.random.fork_rng(devices=[]):  # seeded: the baseline's and our pipeline get the same weights
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(dtype)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=512).to(dtype)
-        text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
-            vocab_size=max(49408, len(tok)), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, projection_dim=768, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).to(dtype)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(dtype)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512).to(dtype)
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
+        vocab_size=max(49408, len(tok)), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).to(dtype)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     return StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                           scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
@@ -684,8 +688,12 @@ def benchmark(args) -> dict:
     jobs = [int(j) for j in plan.jobs[:args.benchmark]]
     dtype = resolve_dtype(args.dtype, device)
     log = get_logger(out_dir)
-    # The same weights twice: the baseline keeps the LoRA unfused (as the release), ours fuses and maybe compiles it.
-    pipes = {"baseline": load_pipeline(args, device, dtype, fuse=False), "ours": load_pipeline(args, device, dtype)}
+    # One load (or one random SD1.5 build), two copies: the baseline keeps the LoRA unfused, as the release; ours fuses
+    # it and maybe compiles. A copy, so both time the same weights.
+    baseline = load_pipeline(args, device, dtype, fuse=False)
+    ours = copy.deepcopy(baseline)
+    fuse_lora(ours, args)
+    pipes = {"baseline": baseline, "ours": ours}
     for pipe in pipes.values():
         install_token_mask(pipe, placement, plan.tokens is not None)
     maybe_compile(pipes["ours"], args)
