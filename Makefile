@@ -51,7 +51,7 @@ help:
 	@echo "  make test                 test suite (offline, CPU)"
 	@echo "  make bench                all benchmarks (bench-finetune, bench-synth, bench-train)"
 	@echo "  make bench-gpu            the three at paper scale on a GPU (SD1.5-shaped random weights, ResNet-50)"
-	@echo "                            (bench-synth / bench-gpu: ARGS=\"...\" adds synthesize.py flags, e.g. --compile off)"
+	@echo "                            (bench-synth / bench-gpu: ARGS=\"...\" adds bench.py synth flags, e.g. --compile off)"
 	@echo "  make <dataset>            caption -> finetune -> synthesize xSCALE -> train_cls (MODE) -> eval"
 	@echo "                            datasets: in10 in100 in1k cub cars pets eurosat"
 	@echo "  make <dataset>-all        the same for MODE=real, synth and mix"
@@ -201,8 +201,8 @@ bench: bench-finetune bench-synth bench-train
 
 bench-finetune: $(STAMP)
 	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py generator $(DEMO_CFG)
-	$(DEMO_PY) finetune.py --benchmark --pretrained-model $(DEMO)/generator/sd --resolution 32 \
-		--train-batch-size 16 --benchmark-steps 10
+	$(DEMO_PY) bench.py finetune --pretrained-model $(DEMO)/generator/sd --resolution 32 --train-batch-size 16 \
+		--steps 10
 
 # Steady-state throughput of a long run, so ours is compiled (as on a GPU by default; on the CPU `--compile auto`
 # leaves it off because a ~100 s cold compile costs more than the demo's whole synthesis); the warm-up, compilation
@@ -210,7 +210,7 @@ bench-finetune: $(STAMP)
 bench-synth: $(STAMP)
 	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py generator $(DEMO_CFG)
 	$(DEMO_PY) finetune.py $(DEMO_CFG) --output-dir $(DEMO)/finetune
-	$(DEMO_PY) synthesize.py --config configs/demo.yaml --steps 30 --benchmark 48 --benchmark-rounds 5 --compile on \
+	$(DEMO_PY) bench.py synth --config configs/demo.yaml --steps 30 --images 48 --rounds 5 --compile on \
 		--output-dir $(DEMO)/bench_synth $(ARGS)
 
 # On a GPU node: the same three benchmarks at paper scale (SD1.5-shaped random weights, 512 px; ResNet-50 at 224 px
@@ -219,11 +219,11 @@ bench-synth: $(STAMP)
 # run's benchmark.json.
 bench-gpu: $(STAMP)
 	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py skeleton $(DEMO_CFG)
-	$(GPU_PY) synthesize.py --config configs/demo.yaml --benchmark-model sd15-random --resolution 512 --steps 30 \
-		--pretrained-model $(DEMO)/skeleton --benchmark 128 --benchmark-rounds 2 --batch-size 32 --decode-batch 16 \
+	$(GPU_PY) bench.py synth --config configs/demo.yaml --weights sd15-random --resolution 512 --steps 30 \
+		--pretrained-model $(DEMO)/skeleton --images 128 --rounds 2 --batch-size 32 --decode-batch 16 \
 		--num-workers 8 --write-workers 8 --output-dir $(DEMO)/bench_synth_gpu $(ARGS)
-	$(GPU_PY) finetune.py --benchmark --resolution 512 --train-batch-size 8 --benchmark-steps 20
-	$(GPU_PY) finetune.py --benchmark --resolution 512 --train-batch-size 32 --benchmark-steps 10
+	$(GPU_PY) bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 8 --steps 20
+	$(GPU_PY) bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 32 --steps 10
 	$(GPU_PY) train_cls.py --benchmark --model resnet50 --fake-data 12288 --fake-size 400 --input-size 224 \
 		--batch-size 256 --max-device-batch 256 --workers 14 --aa rand-m7-mstd0.5 --mixup 0.2 --cutmix 1.0 \
 		--bce-loss --benchmark-steps 40 --output-dir $(DEMO)/bench_train_gpu

@@ -37,8 +37,7 @@ Commands:
   multi-node:  accelerate launch --num_machines 2 --machine_rank $RANK --main_process_ip $HOST --num_processes 16 \
                    finetune.py ...
   CPU (demo):  python finetune.py --config configs/demo.yaml --vg-encoder runs/demo/generator/clip_vision
-  benchmark:   python finetune.py --benchmark [--pretrained-model DIR]   (samples/s and peak memory; SD1.5-shaped random
-               UNet when CUDA is present)
+  benchmark:   python bench.py finetune [--pretrained-model DIR | --weights sd15-random]   (samples/s, peak memory)
 """
 
 from __future__ import annotations
@@ -125,8 +124,6 @@ def get_parser() -> argparse.ArgumentParser:
     a("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs")
     a("--checkpointing-steps", type=int, default=500, help="release: 500")
     a("--checkpoints-total-limit", type=int, default=3, help="keep the last K checkpoints (release: all)")
-    a("--benchmark", action="store_true", help="time training steps on random data; print samples/s, peak memory")
-    a("--benchmark-steps", type=int, default=5, help="timed steps of --benchmark (after 2 warm-up steps)")
     return p
 
 
@@ -465,8 +462,6 @@ def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet_width:
 
 def main(argv=None) -> dict:
     args = resolve_args(common.parse_args(get_parser(), argv, "finetune"))
-    if args.benchmark:
-        return benchmark(args)
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
@@ -475,7 +470,7 @@ def main(argv=None) -> dict:
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
     config = common.config_dict(args, exclude=("output_dir", "runs_dir", "num_workers", "checkpointing_steps",
-                                               "checkpoints_total_limit", "benchmark", "benchmark_steps"))
+                                               "checkpoints_total_limit"))
     config["world_size"] = accelerator.num_processes  # the per-process batch defines the MMD batch
     if args.gradient_accumulation_steps == 1:  # a later option: absent at its default, so older runs keep their config
         del config["gradient_accumulation_steps"]
@@ -576,92 +571,6 @@ def main(argv=None) -> dict:
         log.info(f"wrote {out_dir}: {metrics}")
     accelerator.wait_for_everyone()
     return metrics
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# --benchmark: the same training step on random data. SD1.5-shaped random weights (configs of the hub model, no
-# download) when CUDA is present and --pretrained-model is the default hub id; otherwise the given local pipeline.
-
-
-class RandomTokenizer:
-    """Stands in for CLIP's tokenizer when the random SD1.5 text encoder has no vocabulary files."""
-
-    model_max_length = 77
-
-    def __call__(self, prompts, **_):
-        return argparse.Namespace(input_ids=torch.randint(0, 49408, (len(prompts), self.model_max_length)))
-
-
-def random_sd15(args, device, weight_dtype):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD 1.x's blocks
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    for model in (text, vae):
-        model.requires_grad_(False).to(device, weight_dtype)
-    return RandomTokenizer(), text.eval(), vae.eval(), scheduler, add_lora(unet, args, device, weight_dtype)
-
-
-def benchmark(args) -> dict:
-    """Training samples/s and peak memory of one process (prints one JSON line); writes nothing."""
-    import resource
-
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    device = accelerator.device
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    sd15 = device.type == "cuda" and args.pretrained_model == PAPER_MODEL and not Path(PAPER_MODEL).is_dir()
-    if device.type != "cuda" and args.pretrained_model == PAPER_MODEL:
-        raise ValueError("--benchmark on CPU needs a small local pipeline: --pretrained-model runs/demo/generator/sd "
-                         "--resolution 32")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    common.seed_everything(args.seed)
-    comps = random_sd15(args, device, dtype) if sd15 else load_components(args, device, dtype)
-    unet = comps[-1]
-    width, b = unet.config.cross_attention_dim, args.train_batch_size
-    tokens = torch.randn(b, width, device=device) if args.vg_mode != "none" else None
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    models = (*comps[:-1], unet, None)
-    batch = (list(range(b)), [False] * b, torch.randn(b, 3, args.resolution, args.resolution).clamp(-1, 1))
-    prompts, labels = ["photo of a benchmark image"] * b, list(range(b))
-    gen = torch.Generator(device).manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(2 + args.benchmark_steps):
-        if i == 2:  # after warm-up (allocator, kernels, lazy init)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        with accelerator.autocast():
-            loss, _ = training_step(batch, models, tokens, prompts, labels, args, None, gen)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    result = {"model": "sd15-random" if sd15 else str(args.pretrained_model), "device": str(device),
-              "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-              "mixed_precision": accelerator.mixed_precision, "resolution": args.resolution, "batch_size": b,
-              "cache_latents": False, "gradient_checkpointing": args.gradient_checkpointing,
-              "samples_per_s": b * args.benchmark_steps / elapsed, "peak_memory_gb": peak / 2**30,
-              "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
-              "threads": torch.get_num_threads()}
-    print(json.dumps(result))
-    return result
 
 
 if __name__ == "__main__":

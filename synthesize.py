@@ -17,9 +17,8 @@ Commands (in10; the defaults are the paper's settings):
   job array:   python synthesize.py ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT   (each job may itself
                be an `accelerate launch`; the last shard to finish writes manifest.jsonl / manifest.json)
   CPU (demo):  python synthesize.py --config configs/demo.yaml      (several CPU processes: torchrun --nproc_per_node 2)
-  benchmark:   python synthesize.py --config configs/demo.yaml --steps 30 --benchmark 48 --compile on
-               (-> runs/demo/bench_synth; GPU: add --benchmark-model sd15-random --resolution 512
-               --pretrained-model runs/demo/skeleton for an SD1.5-shaped random-weight model; see `make bench-gpu`)
+  benchmark:   python bench.py synth --config configs/demo.yaml --steps 30 --images 48 --compile on   (bench.py
+               times this script's loop against a release-style baseline; `make bench-synth`, `make bench-gpu`)
 
 Safe to kill at any time: every image is written atomically and a re-run skips the valid ones. A different config in
 the same output dir is an error (use --overwrite to move the old run aside).
@@ -29,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import json
 import math
 import os
 import shutil
@@ -49,8 +46,7 @@ from common import (DATASETS, PROMPT_STYLES, ImageReadError, RunDir, add_visual_
 
 # Flags that change speed or bookkeeping, never an image: left out of the run's config so a resume may change them.
 SPEED_ONLY = ("batch_size", "decode_batch", "num_workers", "write_workers", "compile", "compile_mode", "shard",
-              "skip_bad", "verify_existing", "reuse_from", "benchmark", "benchmark_model", "baseline_batch",
-              "benchmark_rounds", "output_dir", "data_root", "runs_dir")
+              "skip_bad", "verify_existing", "reuse_from", "output_dir", "data_root", "runs_dir")
 
 
 def auto_on_off(value) -> str:
@@ -119,13 +115,6 @@ def get_parser() -> argparse.ArgumentParser:
                    help="other synthesize.py outputs of the same config at another --scale: their images of the same "
                         "(source, copy) are identical by construction (same seed), so they are hard-linked, not redone")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part, for job arrays")
-    p.add_argument("--benchmark", type=int, default=0, metavar="N",
-                   help="time our loop against the release-style baseline on N images, print images/s, exit")
-    p.add_argument("--benchmark-model", choices=("pretrained", "sd15-random"), default="pretrained",
-                   help="sd15-random: SD1.5-shaped UNet/VAE/text encoder with random weights (no download)")
-    p.add_argument("--baseline-batch", type=int, default=24, help="the release's batch size (benchmark)")
-    p.add_argument("--benchmark-rounds", type=positive_int, default=3,
-                   help="timed rounds per loop, the two loops alternating (benchmark)")
     return p
 
 
@@ -244,27 +233,20 @@ def load_pipeline(args, device, dtype, fuse: bool = True):
                                                           dtype=dtype, safety_checker=None,
                                                           feature_extractor=None, requires_safety_checker=False)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)  # release: UniPC with defaults
-    if args.benchmark and args.benchmark_model == "sd15-random":
-        pipe = sd15_random(pipe, dtype)  # carries a random rank-4 LoRA, like a finetune.py output
-    elif args.lora_dir:
+    if args.lora_dir:
         pipe.load_lora_weights(args.lora_dir, weight_name="pytorch_lora_weights.safetensors")
-    if fuse:
-        fuse_lora(pipe, args)
+        if fuse:
+            fuse_lora(pipe, args.lora_scale)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)  # all modules resident: never CPU offload (the release offloads on every call)
     # No channels_last: on an H100 it made the eager SD1.5 UNet 12% slower and the compiled one no faster.
     return pipe
 
 
-def fuse_lora(pipe, args) -> None:
+def fuse_lora(pipe, scale: float) -> None:
     """Fold the LoRA into the UNet weights at --lora-scale: plain Linear layers again, no per-step LoRA matmuls."""
-    if uses_lora(args):
-        pipe.fuse_lora(lora_scale=args.lora_scale)
-        pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
-
-
-def uses_lora(args) -> bool:
-    return bool(args.lora_dir) or bool(args.benchmark and args.benchmark_model == "sd15-random")
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
 
 
 def install_token_mask(pipe, placement: str, uses_tokens: bool) -> None:
@@ -522,8 +504,6 @@ def prepare(args):
 
 def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "synthesize")
-    if args.benchmark:
-        return benchmark(args)
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: lets torchrun spread CPU processes
@@ -572,170 +552,6 @@ def maybe_compile(pipe, args) -> None:
         pipe.unet = torch.compile(pipe.unet, mode=mode)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode)
         pipe.vae.encoder = torch.compile(pipe.vae.encoder, mode=mode)  # the latent prior; compiled lazily, if used
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Benchmark (make bench-synth): our loop vs the release's loop (minus its bugs) on the same model and inputs.
-
-
-def sd15_random(pipe, dtype):
-    """The same pipeline rebuilt with SD1.5-shaped UNet / VAE / text encoder with random weights and a rank-4 LoRA on
-    the UNet attention (speed only; the tokenizer and scheduler are kept, so --pretrained-model can be the tiny demo
-    generator). Rebuilt, not patched, so the pipeline's VAE scale factor and image processor match the new VAE."""
-    from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-    from peft import LoraConfig
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tok = pipe.tokenizer
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(dtype)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512).to(dtype)
-    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
-        vocab_size=max(49408, len(tok)), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).to(dtype)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    return StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
-                                          scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
-
-
-class UnetTimer:
-    """Wall time inside UNet forward calls (CUDA events on GPU, so the timer itself adds no synchronisation)."""
-
-    def __init__(self, unet, device):
-        self.cuda, self.pairs, self.total = device.type == "cuda", [], 0.0
-        self.handles = [unet.register_forward_pre_hook(lambda *_: self._mark(True)),
-                        unet.register_forward_hook(lambda *_: self._mark(False))]
-
-    def _mark(self, begin):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.pairs.append(event)
-        elif begin:
-            self._t0 = time.perf_counter()
-        else:
-            self.total += time.perf_counter() - self._t0
-
-    def seconds(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return self.total + sum(a.elapsed_time(b) for a, b in zip(self.pairs[::2], self.pairs[1::2])) / 1000
-        return self.total
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def baseline_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device) -> int:
-    """The release's generation loop without its bugs: batches of 24 in dataset order, split into one pipeline call
-    per class, init images opened and squash-resized with PIL in the main process, the LoRA applied unfused via
-    cross_attention_kwargs, the pipeline's own VAE encode/decode, images saved one by one."""
-    for start in range(0, len(jobs), args.baseline_batch):
-        batch = jobs[start:start + args.baseline_batch]
-        for label in sorted({plan.index.samples[plan.source_copy(j)[0]].label for j in batch}):
-            group = [j for j in batch if plan.index.samples[plan.source_copy(j)[0]].label == label]
-            rows = [plan.source_copy(j)[0] for j in group]
-            images = [load_image(plan.index.abspath(s)).resize((args.resolution,) * 2) for s in rows]
-            tokens = plan.tokens[torch.tensor(rows)] if plan.tokens is not None else None
-            cond, neg = condition(pipe, [plan.prompts[s] for s in rows], tokens, placement,
-                                  negative_prompt(args.prompt_style), device)
-            out = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, image=images, strength=args.strength,
-                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       generator=[torch.Generator("cpu").manual_seed(plan.seed(j)) for j in group],
-                       cross_attention_kwargs={"scale": args.lora_scale} if uses_lora(args) else None).images
-            for j, img in zip(group, out):
-                path = out_dir / plan.file(j)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                img.save(path, quality=args.jpeg_quality)
-    return len(jobs)
-
-
-def timed(fn, unet, device):
-    timer = UnetTimer(unet, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    unet_s = timer.seconds()
-    timer.remove()
-    return wall, unet_s
-
-
-def benchmark(args) -> dict:
-    """Images/s of both loops on the first N jobs, their ratio and the UNet share of wall time.
-
-    Both pipelines stay loaded and the loops alternate for --benchmark-rounds rounds (baseline first in even rounds,
-    ours first in odd ones), so load that comes and goes on a shared machine falls on both alike; figures are totals
-    over the rounds. One untimed warm-up batch each first (allocation, lazy init, compilation: its time is reported).
-    """
-    from accelerate import PartialState
-
-    device = PartialState(cpu=not torch.cuda.is_available()).device
-    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "bench_synth")
-    if args.benchmark_model == "sd15-random":
-        args.lora_dir = None  # the random model brings its own LoRA; a demo LoRA and its tokens have another width
-    plan, placement = prepare(args)
-    if args.benchmark_model == "sd15-random" and args.vg_mode != "none":
-        # Random per-image visual tokens of SD1.5's width: the real path (appended token + masked cross-attention).
-        plan.tokens = torch.randn(len(plan.index), 768, generator=torch.Generator().manual_seed(args.seed))
-    jobs = [int(j) for j in plan.jobs[:args.benchmark]]
-    dtype = resolve_dtype(args.dtype, device)
-    log = get_logger(out_dir)
-    # One load (or one random SD1.5 build), two copies: the baseline keeps the LoRA unfused, as the release; ours fuses
-    # it and maybe compiles. A copy, so both time the same weights.
-    baseline = load_pipeline(args, device, dtype, fuse=False)
-    ours = copy.deepcopy(baseline)
-    fuse_lora(ours, args)
-    pipes = {"baseline": baseline, "ours": ours}
-    for pipe in pipes.values():
-        install_token_mask(pipe, placement, plan.tokens is not None)
-    maybe_compile(pipes["ours"], args)
-    loops = {"baseline": lambda js, d: baseline_loop(pipes["baseline"], plan, js, d, args, placement, device),
-             "ours": lambda js, d: run_loop(pipes["ours"], plan, js, d, args, placement, device, is_main=False)}
-    warmup_s = {}
-    for name, loop in loops.items():
-        start = time.perf_counter()
-        loop(jobs[:args.batch_size if name == "ours" else args.baseline_batch], out_dir / f"warmup_{name}")
-        warmup_s[name] = time.perf_counter() - start
-    totals = {name: {"wall_s": 0.0, "unet_s": 0.0} for name in loops}
-    round_speedups = []
-    for r in range(args.benchmark_rounds):
-        walls = {}
-        for name in (("baseline", "ours") if r % 2 == 0 else ("ours", "baseline")):
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-            walls[name], unet_s = timed(lambda: loops[name](jobs, out_dir / name), pipes[name].unet, device)
-            totals[name]["wall_s"] += walls[name]
-            totals[name]["unet_s"] += unet_s
-        round_speedups.append(walls["baseline"] / walls["ours"])
-        log.info(f"round {r + 1}/{args.benchmark_rounds}: baseline {len(jobs) / walls['baseline']:.3f} img/s, "
-                 f"ours {len(jobs) / walls['ours']:.3f} img/s ({round_speedups[-1]:.2f}x)")
-    images = len(jobs) * args.benchmark_rounds
-    results = {name: {"images_per_s": images / t["wall_s"], "unet_share": t["unet_s"] / t["wall_s"]}
-               for name, t in totals.items()}
-    for name, res in results.items():
-        log.info(f"{name:8s}: {images} images in {totals[name]['wall_s']:.2f}s = {res['images_per_s']:.3f} img/s, "
-                 f"UNet {100 * res['unet_share']:.1f}% of wall time (warm-up {warmup_s[name]:.1f}s, untimed)")
-    ratio = results["ours"]["images_per_s"] / results["baseline"]["images_per_s"]
-    log.info(f"speed-up ours / baseline: {ratio:.2f}x (rounds {min(round_speedups):.2f}-{max(round_speedups):.2f}x) "
-             f"on {device} ({args.benchmark_model}, {args.resolution}px, {args.steps} steps x strength "
-             f"{args.strength}, batch {args.batch_size} vs {args.baseline_batch}, compile {args.compile})")
-    metrics = {"ours_images_per_s": results["ours"]["images_per_s"],
-               "baseline_images_per_s": results["baseline"]["images_per_s"], "speedup": ratio,
-               "round_speedups": round_speedups, "ours_unet_share": results["ours"]["unet_share"],
-               "baseline_unet_share": results["baseline"]["unet_share"], "warmup_s": warmup_s,
-               "images": len(jobs), "rounds": args.benchmark_rounds,
-               "device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
-               "config": {k: v for k, v in config_dict(args).items() if k != "shard"}}
-    write_json(out_dir / "benchmark.json", metrics)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
-    return metrics
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import json  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import demo  # noqa: E402
@@ -69,4 +72,28 @@ def tiny_clip_vision(tmp_path_factory) -> Path:
     """A tiny CLIPVisionModelWithProjection (+ processor) whose projection width equals tiny_sd's text width."""
     out = tmp_path_factory.mktemp("tiny_clip_vision")
     demo.build_image_encoder(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_sd, tmp_path_factory) -> Path:
+    """A finetune.py-like output: a peft LoRA with non-zero weights in the diffusers format + class-mean tokens."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = tmp_path_factory.mktemp("tiny_lora")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(1)
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero (a no-op LoRA); make it matter
+            param.data.normal_(0, 0.2)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    save_file({"tokens": torch.randn(3, 64)}, str(out / "visual_guidance.safetensors"))
+    (out / "visual_guidance.json").write_text(json.dumps({
+        "mode": "class-mean", "placement": "append", "classes": ["red_circle", "green_square", "blue_triangle"],
+        "encoder": "tiny", "images_per_class": 4}))
     return out

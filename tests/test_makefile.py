@@ -76,11 +76,13 @@ def test_benchmarks_time_what_they_say():
     """bench-synth times ours compiled over alternating rounds (ARGS appended last, so it can switch compile off);
     bench-gpu builds only the untrained skeleton, never the CPU-pretrained demo generator, and points the SD1.5-shaped
     benchmark at it."""
-    synth = [line for line in dry_run("bench-synth", "ARGS=--compile off") if "synthesize.py" in line]
-    assert len(synth) == 1 and "--benchmark-rounds" in synth[0] and synth[0].index("--compile on") < synth[0].index(
+    synth = [line for line in dry_run("bench-synth", "ARGS=--compile off") if "bench.py synth" in line]
+    assert len(synth) == 1 and "--rounds" in synth[0] and synth[0].index("--compile on") < synth[0].index(
         "--compile off")
     gpu = dry_run("-o", ".venv/.installed", "bench-gpu")
     assert any("demo.py skeleton" in line for line in gpu) and not any("demo.py generator" in line for line in gpu)
-    synth = [line for line in gpu if "synthesize.py" in line]
-    assert len(synth) == 1 and "--benchmark-model sd15-random" in synth[0]
+    synth = [line for line in gpu if "bench.py synth" in line]
+    assert len(synth) == 1 and "--weights sd15-random" in synth[0]
     assert "--pretrained-model runs/demo/skeleton" in synth[0]
+    tunes = [line for line in gpu if "bench.py finetune" in line]
+    assert len(tunes) == 2 and all("--weights sd15-random" in line for line in tunes)

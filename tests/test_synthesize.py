@@ -17,30 +17,6 @@ FAST = ["--steps", "4", "--strength", "0.5", "--num-workers", "0", "--write-work
         "--compile", "off"]
 
 
-@pytest.fixture(scope="session")
-def tiny_lora(tiny_sd, tmp_path_factory) -> Path:
-    """A finetune.py-like output: a peft LoRA with non-zero weights in the diffusers format + class-mean tokens."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    out = tmp_path_factory.mktemp("tiny_lora")
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    torch.manual_seed(1)
-    for name, param in unet.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero (a no-op LoRA); make it matter
-            param.data.normal_(0, 0.2)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
-    save_file({"tokens": torch.randn(3, 64)}, str(out / "visual_guidance.safetensors"))
-    (out / "visual_guidance.json").write_text(json.dumps({
-        "mode": "class-mean", "placement": "append", "classes": ["red_circle", "green_square", "blue_triangle"],
-        "encoder": "tiny", "images_per_class": 4}))
-    return out
-
-
 def args_for(tiny_sd, tiny_dataset, out, *extra, lora=None):
     base = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--pretrained-model", str(tiny_sd),
             "--output-dir", str(out), "--seed", "0", *FAST]
@@ -158,7 +134,7 @@ def test_visual_token_in_conditional_branch_only(tiny_sd, tiny_lora):
     exactly the UNet output of the plain 77-token negative embeddings."""
     from types import SimpleNamespace
 
-    args = SimpleNamespace(pretrained_model=str(tiny_sd), revision=None, benchmark=0, lora_dir=None, lora_scale=0.5)
+    args = SimpleNamespace(pretrained_model=str(tiny_sd), revision=None, lora_dir=None, lora_scale=0.5)
     pipe = synthesize.load_pipeline(args, torch.device("cpu"), torch.float32)
     tokens = torch.randn(2, 64)
     cond, neg = synthesize.condition(pipe, ["photo of red circle"] * 2, tokens, "append", "blurry", "cpu")
@@ -184,8 +160,7 @@ def test_lora_fused_at_scale(tiny_sd, tiny_lora):
     """Fusing at --lora-scale 0.5 equals the unfused LoRA at cross-attention scale 0.5, and differs from scale 1."""
     from types import SimpleNamespace
 
-    args = SimpleNamespace(pretrained_model=str(tiny_sd), revision=None, benchmark=0, lora_dir=str(tiny_lora),
-                           lora_scale=0.5)
+    args = SimpleNamespace(pretrained_model=str(tiny_sd), revision=None, lora_dir=str(tiny_lora), lora_scale=0.5)
     fused = synthesize.load_pipeline(args, torch.device("cpu"), torch.float32)
     unfused = synthesize.load_pipeline(args, torch.device("cpu"), torch.float32, fuse=False)
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor(300), torch.randn(1, 77, 64)
@@ -239,19 +214,6 @@ def test_to_host_hands_over_the_same_pixels(tmp_path):
         synthesize.save_when_ready(ready, host[2], tmp_path / "b.png")
         assert torch.equal(host, images)
         assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), images[2].numpy())
-
-
-def test_benchmark_reports_both_loops(tiny_sd, tiny_dataset, tiny_lora, tmp_path):
-    m = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "bench", "--benchmark", "6", "--batch-size", "6",
-                                 "--baseline-batch", "6", "--benchmark-rounds", "2", lora=tiny_lora))
-    assert m["images"] == 6 and m["rounds"] == 2 and m["ours_images_per_s"] > 0 and m["baseline_images_per_s"] > 0
-    assert 0 < m["ours_unet_share"] <= 1 and 0 < m["baseline_unet_share"] <= 1
-    assert m["speedup"] == pytest.approx(m["ours_images_per_s"] / m["baseline_images_per_s"])
-    # The overall ratio is of the totals, so it lies between the rounds' own ratios.
-    assert len(m["round_speedups"]) == 2
-    assert min(m["round_speedups"]) - 1e-9 <= m["speedup"] <= max(m["round_speedups"]) + 1e-9
-    assert len(list((tmp_path / "bench" / "ours").rglob("*.jpg"))) == 6
-    assert len(list((tmp_path / "bench" / "baseline").rglob("*.jpg"))) == 6
 
 
 @pytest.mark.parametrize("name", ["in10", "in100", "in1k", "cub", "cars", "pets", "eurosat", "demo"])

@@ -1,0 +1,357 @@
+"""Speed benchmarks of the two diffusion stages: figures printed and saved, never asserted (`make bench`).
+
+  synth     images/s of synthesize.py's generation loop and, on the same model and inputs, of a baseline loop that
+            does what the authors' release does minus its bugs (one pipeline call per class group, batch 24, the LoRA
+            unfused, init images squash-resized with PIL in the main process, images saved one by one), their ratio,
+            and the share of wall time spent inside UNet forward calls. Both pipelines stay loaded and the two loops
+            alternate over --rounds rounds, so load that comes and goes on a shared machine falls on both alike.
+            Output: <output-dir>/benchmark.json (default runs/<dataset>/bench_synth) and one JSON line on stdout.
+  finetune  training samples/s and peak memory of finetune.py's training step on random data (one JSON line).
+
+`--weights sd15-random` swaps in SD1.5-shaped UNet / VAE / text encoder with random weights built from config (no
+download), for GPU figures at the paper's scale; `pretrained` (default) times --pretrained-model's own weights.
+train_cls.py keeps its own `--benchmark`: it times main()'s data loader, which is not separable from main().
+
+Unlike the stage scripts, this file imports two of them: it times their own functions, so the figures are those of
+the code that runs. The stage scripts never import it.
+
+Commands:
+  CPU (make bench-synth):    python bench.py synth --config configs/demo.yaml --steps 30 --images 48 --rounds 5 \
+                                 --compile on
+  GPU (make bench-gpu):      python bench.py synth --config configs/demo.yaml --weights sd15-random --resolution 512 \
+                                 --pretrained-model runs/demo/skeleton --images 128 --rounds 2
+  CPU (make bench-finetune): python bench.py finetune --pretrained-model runs/demo/generator/sd --resolution 32 \
+                                 --train-batch-size 16 --steps 10
+  GPU:                       python bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 8
+Every synthesize.py / finetune.py flag is accepted after the benchmark's name (`python bench.py synth --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import common
+import finetune
+import synthesize
+
+WEIGHTS = ("pretrained", "sd15-random")
+
+
+def sd15_random(tokenizer=None):
+    """UNet, VAE and text encoder shaped like Stable Diffusion 1.5's, with random weights (fp32, CPU).
+
+    The token ids come from `tokenizer` when given (the synthesis benchmark keeps the pipeline's tokenizer)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the other defaults are SD 1.x's blocks
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    ids = {}
+    if tokenizer is not None:
+        ids = {"vocab_size": max(49408, len(tokenizer)), "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", **ids))
+    return unet, vae, text_encoder
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# synth
+
+
+def synth_parser() -> argparse.ArgumentParser:
+    p = synthesize.get_parser()
+    p.prog, p.description = "bench.py synth", "Time synthesize.py's loop against a release-style baseline loop."
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--images", type=common.positive_int, default=48,
+                   help="images per loop and round (default %(default)s)")
+    g.add_argument("--rounds", type=common.positive_int, default=3,
+                   help="timed rounds per loop, the loops alternating (default %(default)s)")
+    g.add_argument("--baseline-batch", type=common.positive_int, default=24,
+                   help="the baseline's batch size (release: %(default)s)")
+    g.add_argument("--weights", choices=WEIGHTS, default="pretrained",
+                   help="sd15-random: SD1.5-shaped random weights with a random rank-4 LoRA (keeps --pretrained-"
+                        "model's tokenizer and scheduler)")
+    return p
+
+
+def random_sd15_pipeline(pipe, dtype):
+    """The same pipeline rebuilt around SD1.5-shaped random models and a rank-4 LoRA on the UNet attention, like a
+    finetune.py output. Rebuilt, not patched, so the VAE scale factor and image processor match the new VAE."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from peft import LoraConfig
+
+    unet, vae, text_encoder = sd15_random(pipe.tokenizer)
+    # init_lora_weights=False: random A and B, so the LoRA changes the output like a trained one (peft's default
+    # zero B would make it a no-op).
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=finetune.LORA_TARGETS.split(",")))
+    return StableDiffusionImg2ImgPipeline(vae=vae.to(dtype), text_encoder=text_encoder.to(dtype),
+                                          tokenizer=pipe.tokenizer, unet=unet.to(dtype), scheduler=pipe.scheduler,
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+class UnetTimer:
+    """Wall time inside UNet forward calls (CUDA events on GPU, so the timer itself adds no synchronisation)."""
+
+    def __init__(self, unet, device):
+        self.cuda, self.pairs, self.total = device.type == "cuda", [], 0.0
+        self.handles = [unet.register_forward_pre_hook(lambda *_: self._mark(True)),
+                        unet.register_forward_hook(lambda *_: self._mark(False))]
+
+    def _mark(self, begin):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.pairs.append(event)
+        elif begin:
+            self._t0 = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return self.total + sum(a.elapsed_time(b) for a, b in zip(self.pairs[::2], self.pairs[1::2])) / 1000
+        return self.total
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def baseline_loop(pipe, plan, jobs, out_dir: Path, args, placement, device, lora: bool) -> int:
+    """The release's generation loop without its bugs: batches of 24 in dataset order, split into one pipeline call
+    per class, init images opened and squash-resized with PIL in the main process, the LoRA applied unfused via
+    cross_attention_kwargs, the pipeline's own VAE encode/decode, images saved one by one."""
+    label_of = {j: plan.index.samples[plan.source_copy(j)[0]].label for j in jobs}
+    for start in range(0, len(jobs), args.baseline_batch):
+        batch = jobs[start:start + args.baseline_batch]
+        for label in sorted({label_of[j] for j in batch}):
+            group = [j for j in batch if label_of[j] == label]
+            rows = [plan.source_copy(j)[0] for j in group]
+            images = [common.load_image(plan.index.abspath(s)).resize((args.resolution,) * 2) for s in rows]
+            tokens = plan.tokens[torch.tensor(rows)] if plan.tokens is not None else None
+            cond, neg = synthesize.condition(pipe, [plan.prompts[s] for s in rows], tokens, placement,
+                                             common.negative_prompt(args.prompt_style), device)
+            out = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, image=images, strength=args.strength,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                       generator=[torch.Generator("cpu").manual_seed(plan.seed(j)) for j in group],
+                       cross_attention_kwargs={"scale": args.lora_scale} if lora else None).images
+            for j, img in zip(group, out):
+                path = out_dir / plan.file(j)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img.save(path, quality=args.jpeg_quality)
+    return len(jobs)
+
+
+def timed(fn, unet, device) -> tuple[float, float]:
+    """(wall seconds, seconds inside the UNet) of one call of fn."""
+    timer = UnetTimer(unet, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    unet_s = timer.seconds()
+    timer.remove()
+    return wall, unet_s
+
+
+def synth_pipelines(args, plan, placement, device):
+    """(baseline, ours) from one load: the baseline keeps the LoRA unfused, as the release; ours fuses it and maybe
+    compiles. One a copy of the other, so both time the same weights."""
+    dtype = synthesize.resolve_dtype(args.dtype, device)
+    baseline = synthesize.load_pipeline(args, device, dtype, fuse=False)
+    if args.weights == "sd15-random":
+        baseline = random_sd15_pipeline(baseline, dtype).to(device)
+    ours = copy.deepcopy(baseline)
+    if args.lora:
+        synthesize.fuse_lora(ours, args.lora_scale)
+    for pipe in (baseline, ours):
+        pipe.set_progress_bar_config(disable=True)
+        synthesize.install_token_mask(pipe, placement, plan.tokens is not None)
+    synthesize.maybe_compile(ours, args)
+    return baseline, ours
+
+
+def bench_synth(argv) -> dict:
+    """Images/s of both loops on the first --images jobs, their ratio and the UNet share of wall time (totals over the
+    rounds; baseline first in even rounds, ours first in odd ones). One untimed warm-up batch each first (allocation,
+    lazy init, compilation: its time is reported)."""
+    from accelerate import PartialState
+
+    args = common.parse_args(synth_parser(), argv, "synthesize")
+    device = PartialState(cpu=not torch.cuda.is_available()).device
+    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "bench_synth")
+    if args.weights == "sd15-random":
+        args.lora_dir = None  # the random model brings its own LoRA; a demo LoRA and its tokens have another width
+    args.lora = bool(args.lora_dir) or args.weights == "sd15-random"
+    plan, placement = synthesize.prepare(args)
+    if args.weights == "sd15-random" and args.vg_mode != "none":
+        # Random per-image visual tokens of SD1.5's width: the real path (appended token + masked cross-attention).
+        plan.tokens = torch.randn(len(plan.index), 768, generator=torch.Generator().manual_seed(args.seed))
+    jobs = [int(j) for j in plan.jobs[:args.images]]
+    log = common.get_logger(out_dir)
+    pipes = dict(zip(("baseline", "ours"), synth_pipelines(args, plan, placement, device)))
+    loops = {"baseline": lambda js, d: baseline_loop(pipes["baseline"], plan, js, d, args, placement, device,
+                                                     args.lora),
+             "ours": lambda js, d: synthesize.run_loop(pipes["ours"], plan, js, d, args, placement, device, False)}
+    warmup_s = {}
+    for name, loop in loops.items():
+        start = time.perf_counter()
+        loop(jobs[:args.batch_size if name == "ours" else args.baseline_batch], out_dir / f"warmup_{name}")
+        warmup_s[name] = time.perf_counter() - start
+    totals = {name: {"wall_s": 0.0, "unet_s": 0.0} for name in loops}
+    round_speedups = []
+    for r in range(args.rounds):
+        walls = {}
+        for name in (("baseline", "ours") if r % 2 == 0 else ("ours", "baseline")):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            walls[name], unet_s = timed(lambda: loops[name](jobs, out_dir / name), pipes[name].unet, device)
+            totals[name]["wall_s"] += walls[name]
+            totals[name]["unet_s"] += unet_s
+        round_speedups.append(walls["baseline"] / walls["ours"])
+        log.info(f"round {r + 1}/{args.rounds}: baseline {len(jobs) / walls['baseline']:.3f} img/s, "
+                 f"ours {len(jobs) / walls['ours']:.3f} img/s ({round_speedups[-1]:.2f}x)")
+    return report_synth(args, totals, warmup_s, round_speedups, len(jobs), device, out_dir, log)
+
+
+def report_synth(args, totals, warmup_s, round_speedups, n_jobs, device, out_dir, log) -> dict:
+    images = n_jobs * args.rounds
+    results = {name: {"images_per_s": images / t["wall_s"], "unet_share": t["unet_s"] / t["wall_s"]}
+               for name, t in totals.items()}
+    for name, res in results.items():
+        log.info(f"{name:8s}: {images} images in {totals[name]['wall_s']:.2f}s = {res['images_per_s']:.3f} img/s, "
+                 f"UNet {100 * res['unet_share']:.1f}% of wall time (warm-up {warmup_s[name]:.1f}s, untimed)")
+    ratio = results["ours"]["images_per_s"] / results["baseline"]["images_per_s"]
+    log.info(f"speed-up ours / baseline: {ratio:.2f}x (rounds {min(round_speedups):.2f}-{max(round_speedups):.2f}x) "
+             f"on {device} ({args.weights}, {args.resolution}px, {args.steps} steps x strength {args.strength}, "
+             f"batch {args.batch_size} vs {args.baseline_batch}, compile {args.compile})")
+    metrics = {"ours_images_per_s": results["ours"]["images_per_s"],
+               "baseline_images_per_s": results["baseline"]["images_per_s"], "speedup": ratio,
+               "round_speedups": round_speedups, "ours_unet_share": results["ours"]["unet_share"],
+               "baseline_unet_share": results["baseline"]["unet_share"], "warmup_s": warmup_s,
+               "images": n_jobs, "rounds": args.rounds,
+               "device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
+               "config": {k: v for k, v in common.config_dict(args).items() if k != "shard"}}
+    common.write_json(out_dir / "benchmark.json", metrics)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# finetune
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    p = finetune.get_parser()
+    p.prog, p.description = "bench.py finetune", "Time finetune.py's training step on random data."
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--steps", type=common.positive_int, default=5,
+                   help="timed steps, after 2 warm-up steps (default %(default)s)")
+    g.add_argument("--weights", choices=WEIGHTS, default="pretrained",
+                   help="sd15-random: SD1.5-shaped random weights (no download; random token ids)")
+    return p
+
+
+class RandomTokenizer:
+    """Stands in for CLIP's tokenizer when the random SD1.5 text encoder has no vocabulary files."""
+
+    model_max_length = 77
+
+    def __call__(self, prompts, **_):
+        return argparse.Namespace(input_ids=torch.randint(0, 49408, (len(prompts), self.model_max_length)))
+
+
+def finetune_models(args, device, dtype):
+    """finetune.py's (tokenizer, text encoder, VAE, scheduler, UNet with LoRA), loaded or SD1.5-shaped random."""
+    if args.weights == "pretrained":
+        return finetune.load_components(args, device, dtype)
+    from diffusers import DDPMScheduler
+
+    unet, vae, text_encoder = sd15_random()
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # SD 1.5's
+    for model in (text_encoder, vae):
+        model.requires_grad_(False).to(device, dtype)
+    return RandomTokenizer(), text_encoder.eval(), vae.eval(), scheduler, finetune.add_lora(unet, args, device, dtype)
+
+
+def bench_finetune(argv) -> dict:
+    """Training samples/s and peak memory of one process (prints one JSON line); writes nothing."""
+    from accelerate import Accelerator
+
+    args = finetune.resolve_args(common.parse_args(finetune_parser(), argv, "finetune"))
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    device = accelerator.device
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    common.seed_everything(args.seed)
+    comps = finetune_models(args, device, dtype)
+    unet = comps[-1]
+    width, b = unet.config.cross_attention_dim, args.train_batch_size
+    tokens = torch.randn(b, width, device=device) if args.vg_mode != "none" else None
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    models = (*comps[:-1], unet, None)
+    batch = (list(range(b)), [False] * b, torch.randn(b, 3, args.resolution, args.resolution).clamp(-1, 1))
+    prompts, labels = ["photo of a benchmark image"] * b, list(range(b))
+    gen = torch.Generator(device).manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(2 + args.steps):
+        if i == 2:  # after warm-up (allocator, kernels, lazy init)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with accelerator.autocast():
+            loss, _ = finetune.training_step(batch, models, tokens, prompts, labels, args, None, gen)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result = {"model": args.weights if args.weights == "sd15-random" else str(args.pretrained_model),
+              "device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+              "mixed_precision": accelerator.mixed_precision, "resolution": args.resolution, "batch_size": b,
+              "cache_latents": False, "gradient_checkpointing": args.gradient_checkpointing,
+              "samples_per_s": b * args.steps / elapsed, "peak_memory_gb": peak / 2**30,
+              "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+              "threads": torch.get_num_threads()}
+    print(json.dumps(result))
+    return result
+
+
+BENCHMARKS = {"synth": bench_synth, "finetune": bench_finetune}
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in BENCHMARKS:
+        raise SystemExit(f"usage: python bench.py {{{','.join(BENCHMARKS)}}} [flags]   "
+                         f"(python bench.py synth --help lists the flags)\n\n{__doc__}")
+    return BENCHMARKS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
