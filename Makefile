@@ -49,6 +49,7 @@ help:
 	@echo "  make demo                 whole pipeline on the embedded demo (offline, CPU, minutes)"
 	@echo "  make demo-ablation        paper Tab. 2 / Fig. 2 analogues on the demo (ABL_SEEDS=\"0 1 2 3 4\")"
 	@echo "  make test                 test suite (offline, CPU)"
+	@echo "  make lint                 ruff format --check + ruff check (ruff.toml)"
 	@echo "  make bench                all benchmarks (bench-finetune, bench-synth, bench-train)"
 	@echo "  make bench-gpu            the three at paper scale on a GPU (SD1.5-shaped random weights, ResNet-50)"
 	@echo "                            (bench-synth / bench-gpu: ARGS=\"...\" adds bench.py synth flags, e.g. --compile off)"
@@ -78,7 +79,12 @@ venv: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q tests
 
-.PHONY: help venv test bench bench-finetune bench-synth bench-train bench-gpu demo demo-ablation mia sscd \
+# The house style's formatter and linter (ruff.toml); `$(VENV)/bin/ruff format .` applies the formatting.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+.PHONY: help venv test lint bench bench-finetune bench-synth bench-train bench-gpu demo demo-ablation mia sscd \
         in10 in100 in1k cub cars pets eurosat in10-all in100-all in1k-all cub-all cars-all pets-all eurosat-all
 
 # ------------------------------------------------------------------------------------------------------- paper chain

@@ -54,16 +54,34 @@ def sd15_random(tokenizer=None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the other defaults are SD 1.x's blocks
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512,
+    )
     ids = {}
     if tokenizer is not None:
-        ids = {"vocab_size": max(49408, len(tokenizer)), "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", **ids))
+        ids = {
+            "vocab_size": max(49408, len(tokenizer)),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(  # CLIP ViT-L/14's text tower
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            **ids,
+        )
+    )
     return unet, vae, text_encoder
 
 
@@ -75,15 +93,28 @@ def synth_parser() -> argparse.ArgumentParser:
     p = synthesize.get_parser()
     p.prog, p.description = "bench.py synth", "Time synthesize.py's loop against a release-style baseline loop."
     g = p.add_argument_group("benchmark")
-    g.add_argument("--images", type=common.positive_int, default=48,
-                   help="images per loop and round (default %(default)s)")
-    g.add_argument("--rounds", type=common.positive_int, default=3,
-                   help="timed rounds per loop, the loops alternating (default %(default)s)")
-    g.add_argument("--baseline-batch", type=common.positive_int, default=24,
-                   help="the baseline's batch size (release: %(default)s)")
-    g.add_argument("--weights", choices=WEIGHTS, default="pretrained",
-                   help="sd15-random: SD1.5-shaped random weights with a random rank-4 LoRA (keeps --pretrained-"
-                        "model's tokenizer and scheduler)")
+    g.add_argument(
+        "--images", type=common.positive_int, default=48, help="images per loop and round (default %(default)s)"
+    )
+    g.add_argument(
+        "--rounds",
+        type=common.positive_int,
+        default=3,
+        help="timed rounds per loop, the loops alternating (default %(default)s)",
+    )
+    g.add_argument(
+        "--baseline-batch",
+        type=common.positive_int,
+        default=24,
+        help="the baseline's batch size (release: %(default)s)",
+    )
+    g.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="pretrained",
+        help="sd15-random: SD1.5-shaped random weights with a random rank-4 LoRA (keeps --pretrained-"
+        "model's tokenizer and scheduler)",
+    )
     return p
 
 
@@ -96,11 +127,19 @@ def random_sd15_pipeline(pipe, dtype):
     unet, vae, text_encoder = sd15_random(pipe.tokenizer)
     # init_lora_weights=False: random A and B, so the LoRA changes the output like a trained one (peft's default
     # zero B would make it a no-op).
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                target_modules=finetune.LORA_TARGETS.split(",")))
-    return StableDiffusionImg2ImgPipeline(vae=vae.to(dtype), text_encoder=text_encoder.to(dtype),
-                                          tokenizer=pipe.tokenizer, unet=unet.to(dtype), scheduler=pipe.scheduler,
-                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=finetune.LORA_TARGETS.split(","))
+    )
+    return StableDiffusionImg2ImgPipeline(
+        vae=vae.to(dtype),
+        text_encoder=text_encoder.to(dtype),
+        tokenizer=pipe.tokenizer,
+        unet=unet.to(dtype),
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 class UnetTimer:
@@ -108,8 +147,10 @@ class UnetTimer:
 
     def __init__(self, unet, device):
         self.cuda, self.pairs, self.total = device.type == "cuda", [], 0.0
-        self.handles = [unet.register_forward_pre_hook(lambda *_: self._mark(True)),
-                        unet.register_forward_hook(lambda *_: self._mark(False))]
+        self.handles = [
+            unet.register_forward_pre_hook(lambda *_: self._mark(True)),
+            unet.register_forward_hook(lambda *_: self._mark(False)),
+        ]
 
     def _mark(self, begin):
         if self.cuda:
@@ -138,18 +179,30 @@ def baseline_loop(pipe, plan, jobs, out_dir: Path, args, placement, device, lora
     cross_attention_kwargs, the pipeline's own VAE encode/decode, images saved one by one."""
     label_of = {j: plan.index.samples[plan.source_copy(j)[0]].label for j in jobs}
     for start in range(0, len(jobs), args.baseline_batch):
-        batch = jobs[start:start + args.baseline_batch]
+        batch = jobs[start : start + args.baseline_batch]
         for label in sorted({label_of[j] for j in batch}):
             group = [j for j in batch if label_of[j] == label]
             rows = [plan.source_copy(j)[0] for j in group]
             images = [common.load_image(plan.index.abspath(s)).resize((args.resolution,) * 2) for s in rows]
             tokens = plan.tokens[torch.tensor(rows)] if plan.tokens is not None else None
-            cond, neg = synthesize.condition(pipe, [plan.prompts[s] for s in rows], tokens, placement,
-                                             common.negative_prompt(args.prompt_style), device)
-            out = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, image=images, strength=args.strength,
-                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       generator=[torch.Generator("cpu").manual_seed(plan.seed(j)) for j in group],
-                       cross_attention_kwargs={"scale": args.lora_scale} if lora else None).images
+            cond, neg = synthesize.condition(
+                pipe,
+                [plan.prompts[s] for s in rows],
+                tokens,
+                placement,
+                common.negative_prompt(args.prompt_style),
+                device,
+            )
+            out = pipe(
+                prompt_embeds=cond,
+                negative_prompt_embeds=neg,
+                image=images,
+                strength=args.strength,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(plan.seed(j)) for j in group],
+                cross_attention_kwargs={"scale": args.lora_scale} if lora else None,
+            ).images
             for j, img in zip(group, out):
                 path = out_dir / plan.file(j)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,50 +258,65 @@ def bench_synth(argv) -> dict:
     if args.weights == "sd15-random" and args.vg_mode != "none":
         # Random per-image visual tokens of SD1.5's width: the real path (appended token + masked cross-attention).
         plan.tokens = torch.randn(len(plan.index), 768, generator=torch.Generator().manual_seed(args.seed))
-    jobs = [int(j) for j in plan.jobs[:args.images]]
+    jobs = [int(j) for j in plan.jobs[: args.images]]
     log = common.get_logger(out_dir)
     pipes = dict(zip(("baseline", "ours"), synth_pipelines(args, plan, placement, device)))
-    loops = {"baseline": lambda js, d: baseline_loop(pipes["baseline"], plan, js, d, args, placement, device,
-                                                     args.lora),
-             "ours": lambda js, d: synthesize.run_loop(pipes["ours"], plan, js, d, args, placement, device, False)}
+    loops = {
+        "baseline": lambda js, d: baseline_loop(pipes["baseline"], plan, js, d, args, placement, device, args.lora),
+        "ours": lambda js, d: synthesize.run_loop(pipes["ours"], plan, js, d, args, placement, device, False),
+    }
     warmup_s = {}
     for name, loop in loops.items():
         start = time.perf_counter()
-        loop(jobs[:args.batch_size if name == "ours" else args.baseline_batch], out_dir / f"warmup_{name}")
+        loop(jobs[: args.batch_size if name == "ours" else args.baseline_batch], out_dir / f"warmup_{name}")
         warmup_s[name] = time.perf_counter() - start
     totals = {name: {"wall_s": 0.0, "unet_s": 0.0} for name in loops}
     round_speedups = []
     for r in range(args.rounds):
         walls = {}
-        for name in (("baseline", "ours") if r % 2 == 0 else ("ours", "baseline")):
+        for name in ("baseline", "ours") if r % 2 == 0 else ("ours", "baseline"):
             shutil.rmtree(out_dir / name, ignore_errors=True)
             walls[name], unet_s = timed(lambda: loops[name](jobs, out_dir / name), pipes[name].unet, device)
             totals[name]["wall_s"] += walls[name]
             totals[name]["unet_s"] += unet_s
         round_speedups.append(walls["baseline"] / walls["ours"])
-        log.info(f"round {r + 1}/{args.rounds}: baseline {len(jobs) / walls['baseline']:.3f} img/s, "
-                 f"ours {len(jobs) / walls['ours']:.3f} img/s ({round_speedups[-1]:.2f}x)")
+        log.info(
+            f"round {r + 1}/{args.rounds}: baseline {len(jobs) / walls['baseline']:.3f} img/s, "
+            f"ours {len(jobs) / walls['ours']:.3f} img/s ({round_speedups[-1]:.2f}x)"
+        )
     return report_synth(args, totals, warmup_s, round_speedups, len(jobs), device, out_dir, log)
 
 
 def report_synth(args, totals, warmup_s, round_speedups, n_jobs, device, out_dir, log) -> dict:
     images = n_jobs * args.rounds
-    results = {name: {"images_per_s": images / t["wall_s"], "unet_share": t["unet_s"] / t["wall_s"]}
-               for name, t in totals.items()}
+    results = {
+        name: {"images_per_s": images / t["wall_s"], "unet_share": t["unet_s"] / t["wall_s"]}
+        for name, t in totals.items()
+    }
     for name, res in results.items():
-        log.info(f"{name:8s}: {images} images in {totals[name]['wall_s']:.2f}s = {res['images_per_s']:.3f} img/s, "
-                 f"UNet {100 * res['unet_share']:.1f}% of wall time (warm-up {warmup_s[name]:.1f}s, untimed)")
+        log.info(
+            f"{name:8s}: {images} images in {totals[name]['wall_s']:.2f}s = {res['images_per_s']:.3f} img/s, "
+            f"UNet {100 * res['unet_share']:.1f}% of wall time (warm-up {warmup_s[name]:.1f}s, untimed)"
+        )
     ratio = results["ours"]["images_per_s"] / results["baseline"]["images_per_s"]
-    log.info(f"speed-up ours / baseline: {ratio:.2f}x (rounds {min(round_speedups):.2f}-{max(round_speedups):.2f}x) "
-             f"on {device} ({args.weights}, {args.resolution}px, {args.steps} steps x strength {args.strength}, "
-             f"batch {args.batch_size} vs {args.baseline_batch}, compile {args.compile})")
-    metrics = {"ours_images_per_s": results["ours"]["images_per_s"],
-               "baseline_images_per_s": results["baseline"]["images_per_s"], "speedup": ratio,
-               "round_speedups": round_speedups, "ours_unet_share": results["ours"]["unet_share"],
-               "baseline_unet_share": results["baseline"]["unet_share"], "warmup_s": warmup_s,
-               "images": n_jobs, "rounds": args.rounds,
-               "device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
-               "config": {k: v for k, v in common.config_dict(args).items() if k != "shard"}}
+    log.info(
+        f"speed-up ours / baseline: {ratio:.2f}x (rounds {min(round_speedups):.2f}-{max(round_speedups):.2f}x) "
+        f"on {device} ({args.weights}, {args.resolution}px, {args.steps} steps x strength {args.strength}, "
+        f"batch {args.batch_size} vs {args.baseline_batch}, compile {args.compile})"
+    )
+    metrics = {
+        "ours_images_per_s": results["ours"]["images_per_s"],
+        "baseline_images_per_s": results["baseline"]["images_per_s"],
+        "speedup": ratio,
+        "round_speedups": round_speedups,
+        "ours_unet_share": results["ours"]["unet_share"],
+        "baseline_unet_share": results["baseline"]["unet_share"],
+        "warmup_s": warmup_s,
+        "images": n_jobs,
+        "rounds": args.rounds,
+        "device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
+        "config": {k: v for k, v in common.config_dict(args).items() if k != "shard"},
+    }
     common.write_json(out_dir / "benchmark.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
     return metrics
@@ -262,10 +330,15 @@ def finetune_parser() -> argparse.ArgumentParser:
     p = finetune.get_parser()
     p.prog, p.description = "bench.py finetune", "Time finetune.py's training step on random data."
     g = p.add_argument_group("benchmark")
-    g.add_argument("--steps", type=common.positive_int, default=5,
-                   help="timed steps, after 2 warm-up steps (default %(default)s)")
-    g.add_argument("--weights", choices=WEIGHTS, default="pretrained",
-                   help="sd15-random: SD1.5-shaped random weights (no download; random token ids)")
+    g.add_argument(
+        "--steps", type=common.positive_int, default=5, help="timed steps, after 2 warm-up steps (default %(default)s)"
+    )
+    g.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="pretrained",
+        help="sd15-random: SD1.5-shaped random weights (no download; random token ids)",
+    )
     return p
 
 
@@ -329,15 +402,25 @@ def bench_finetune(argv) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    result = {"model": args.weights if args.weights == "sd15-random" else str(args.pretrained_model),
-              "device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-              "mixed_precision": accelerator.mixed_precision, "resolution": args.resolution, "batch_size": b,
-              "cache_latents": False, "gradient_checkpointing": args.gradient_checkpointing,
-              "samples_per_s": b * args.steps / elapsed, "peak_memory_gb": peak / 2**30,
-              "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
-              "threads": torch.get_num_threads()}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    result = {
+        "model": args.weights if args.weights == "sd15-random" else str(args.pretrained_model),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "mixed_precision": accelerator.mixed_precision,
+        "resolution": args.resolution,
+        "batch_size": b,
+        "cache_latents": False,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "samples_per_s": b * args.steps / elapsed,
+        "peak_memory_gb": peak / 2**30,
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        "threads": torch.get_num_threads(),
+    }
     print(json.dumps(result))
     return result
 
@@ -348,8 +431,10 @@ BENCHMARKS = {"synth": bench_synth, "finetune": bench_finetune}
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in BENCHMARKS:
-        raise SystemExit(f"usage: python bench.py {{{','.join(BENCHMARKS)}}} [flags]   "
-                         f"(python bench.py synth --help lists the flags)\n\n{__doc__}")
+        raise SystemExit(
+            f"usage: python bench.py {{{','.join(BENCHMARKS)}}} [flags]   "
+            f"(python bench.py synth --help lists the flags)\n\n{__doc__}"
+        )
     return BENCHMARKS[argv[0]](argv[1:])
 
 

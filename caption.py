@@ -47,8 +47,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
     p.add_argument("--model", default=PAPER_MODEL, help="BLIP-2 hub id or local directory (transformers layout)")
     p.add_argument("--revision", default=None, help="hub revision of --model")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
-                   help="auto = fp16 on GPU (CiP), fp32 on CPU (CPU half precision is slow or unsupported)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        help="auto = fp16 on GPU (CiP), fp32 on CPU (CPU half precision is slow or unsupported)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=16, help="CiP: max_length 16 (paper: short captions)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")
     p.add_argument("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")
@@ -102,8 +106,10 @@ def load_blip2(args, device: torch.device):
         processor = AutoProcessor.from_pretrained(args.model, revision=args.revision)
         model = Blip2ForConditionalGeneration.from_pretrained(args.model, revision=args.revision, dtype=dtype)
     except OSError as err:
-        raise OSError(f"cannot load BLIP-2 from '{args.model}': {err}. Pass --model with a hub id (online, or in the "
-                      f"HF cache when HF_HUB_OFFLINE=1) or a local directory saved with save_pretrained.") from err
+        raise OSError(
+            f"cannot load BLIP-2 from '{args.model}': {err}. Pass --model with a hub id (online, or in the "
+            f"HF cache when HF_HUB_OFFLINE=1) or a local directory saved with save_pretrained."
+        ) from err
     return processor, model.to(device).eval(), dtype
 
 
@@ -122,8 +128,12 @@ def run_part(index, todo, part_file: Path, args, device, is_main: bool, log) -> 
     if not todo:
         return 0
     processor, model, dtype = load_blip2(args, device)
-    loader = torch.utils.data.DataLoader(ImageList(index, todo), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, collate_fn=lambda b: list(zip(*b)))
+    loader = torch.utils.data.DataLoader(
+        ImageList(index, todo),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=lambda b: list(zip(*b)),
+    )
     repair_tail(part_file)
     part_file.parent.mkdir(parents=True, exist_ok=True)
     with open(part_file, "a") as out:
@@ -160,8 +170,9 @@ def main(argv=None) -> dict:
     mine = common.shard_items(todo, state.process_index, state.num_processes)
     job, jobs = args.shard
     part_file = parts / f"part-{job}of{jobs}-{state.process_index}of{state.num_processes}.jsonl"
-    log.info(f"{len(index)} images, {len(done)} already captioned; this job: {len(todo)} to do, "
-             f"this process: {len(mine)}")
+    log.info(
+        f"{len(index)} images, {len(done)} already captioned; this job: {len(todo)} to do, this process: {len(mine)}"
+    )
     new = run_part(index, mine, part_file, args, state.device, state.is_main_process, log)
     state.wait_for_everyone()
 
@@ -175,8 +186,12 @@ def main(argv=None) -> dict:
         return {**metrics, "missing": len(missing)}
     common.write_jsonl(out_dir / "captions.jsonl", ({"path": s.path, "caption": done[s.path]} for s in index.samples))
     lengths = [len(done[s.path].split()) for s in index.samples]
-    metrics = {"images": len(index), "captioned_now": new, "empty_captions": sum(n == 0 for n in lengths),
-               "mean_words": sum(lengths) / max(len(lengths), 1)}
+    metrics = {
+        "images": len(index),
+        "captioned_now": new,
+        "empty_captions": sum(n == 0 for n in lengths),
+        "mean_words": sum(lengths) / max(len(lengths), 1),
+    }
     run.finish(metrics, inputs={"model": common.fingerprint(args.model, args.revision), "data_root": str(index.root)})
     log.info(f"wrote {out_dir / 'captions.jsonl'}: {metrics}")
     return metrics

@@ -75,8 +75,9 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     if action.choices is not None:
         bad = [v for v in (result if isinstance(result, list) else [result]) if v not in action.choices]
         if bad:
-            hint = (" (YAML reads yes/no/on/off as booleans: quote the value, e.g. 'no')"
-                    if isinstance(value, bool) else "")
+            hint = (
+                " (YAML reads yes/no/on/off as booleans: quote the value, e.g. 'no')" if isinstance(value, bool) else ""
+            )
             raise ConfigError(f"{source}: key '{key}' must be one of {list(action.choices)}, got {value!r}{hint}")
     return result
 
@@ -91,8 +92,10 @@ def load_yaml_section(path: str | os.PathLike, stage: str) -> dict:
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     unknown = sorted(set(data) - SHARED_KEYS - STAGES)
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; shared keys are {sorted(SHARED_KEYS)} and "
-                          f"stage sections are {sorted(STAGES)}")
+        raise ConfigError(
+            f"{path}: unknown top-level key(s) {unknown}; shared keys are {sorted(SHARED_KEYS)} and "
+            f"stage sections are {sorted(STAGES)}"
+        )
     section = data.get(stage) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: section '{stage}' must be a mapping")
@@ -118,8 +121,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stag
             dest = key.replace("-", "_")
             if dest not in actions:
                 if key in yaml_cfg["section"]:
-                    raise ConfigError(f"{first.config}: unknown key '{key}' in section '{stage}' "
-                                      f"(run `python {stage}.py --help` for the options)")
+                    raise ConfigError(
+                        f"{first.config}: unknown key '{key}' in section '{stage}' "
+                        f"(run `python {stage}.py --help` for the options)"
+                    )
                 continue  # a shared key another stage uses
             defaults[dest] = _coerce(actions[dest], key, value, str(first.config))
         parser.set_defaults(**defaults)
@@ -272,6 +277,7 @@ def fingerprint(source: str | os.PathLike | None, revision: str | None = None) -
 
 def environment_info() -> dict:
     """What produced a result: code version, Python and library versions, device."""
+
     def version(mod):
         try:
             return __import__(mod).__version__
@@ -279,17 +285,34 @@ def environment_info() -> dict:
             return None
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=PROJECT_DIR,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {
-        "git_commit": commit, "git_dirty": dirty, "python": platform.python_version(), "platform": platform.platform(),
-        "argv": sys.argv, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        **{name: version(name) for name in ("torch", "torchvision", "diffusers", "transformers", "peft", "timm",
-                                            "accelerate", "numpy")},
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **{
+            name: version(name)
+            for name in ("torch", "torchvision", "diffusers", "transformers", "peft", "timm", "accelerate", "numpy")
+        },
     }
 
 
@@ -331,8 +354,10 @@ class RunDir:
             changed = sorted(k for k in set(previous) | set(self.config) if previous.get(k) != self.config.get(k))
             if not self.overwrite:
                 details = ", ".join(f"{k}: {previous.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:8])
-                raise ConfigMismatchError(f"{self.path} holds a run with a different config (changed: {details}). "
-                                          f"Use another output directory, or --overwrite to move the old run aside.")
+                raise ConfigMismatchError(
+                    f"{self.path} holds a run with a different config (changed: {details}). "
+                    f"Use another output directory, or --overwrite to move the old run aside."
+                )
             if self.is_main:
                 os.replace(self.path, self.path.with_name(f"{self.path.name}.old-{config_hash(previous)}"))
             previous = None
@@ -344,8 +369,14 @@ class RunDir:
         return "resume" if previous is not None else "fresh"
 
     def finish(self, metrics: dict, inputs: dict | None = None, extra: dict | None = None) -> dict:
-        manifest = {"config": self.config, "config_hash": self.hash, "inputs": inputs or {},
-                    "environment": environment_info(), "metrics": metrics, **(extra or {})}
+        manifest = {
+            "config": self.config,
+            "config_hash": self.hash,
+            "inputs": inputs or {},
+            "environment": environment_info(),
+            "metrics": metrics,
+            **(extra or {}),
+        }
         if self.is_main:
             write_json(self.manifest_path, manifest)
         return manifest
@@ -386,8 +417,9 @@ def shard_items(items: Sequence, index: int, count: int) -> list:
     return list(items[index::count])
 
 
-def local_items(items: Sequence, job_shard: tuple[int, int] = (0, 1), process_index: int = 0,
-                num_processes: int = 1) -> list:
+def local_items(
+    items: Sequence, job_shard: tuple[int, int] = (0, 1), process_index: int = 0, num_processes: int = 1
+) -> list:
     """This process's items: first the job's shard (`--shard i/n`), then this process's part of it."""
     return shard_items(shard_items(items, *job_shard), process_index, num_processes)
 
@@ -477,9 +509,13 @@ def imagenet_class_names() -> dict[str, str]:
     return dict(zip(read_lines(DATA_DIR / "imagenet1k_wnids.txt"), read_lines(DATA_DIR / "imagenet1k_classnames.txt")))
 
 
-def read_imagefolder(root: str | os.PathLike, classes: Sequence[str] | None = None,
-                     class_names: Sequence[str] | None = None, name: str = "imagefolder",
-                     split: str = "") -> DatasetIndex:
+def read_imagefolder(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    name: str = "imagefolder",
+    split: str = "",
+) -> DatasetIndex:
     """`root/<class>/<image>`. Class order is `classes` if given (a wnid list, a class_names.txt), else sorted
     folders."""
     root = _require_dir(Path(root), f"{name} {split}".strip())
@@ -488,10 +524,12 @@ def read_imagefolder(root: str | os.PathLike, classes: Sequence[str] | None = No
         classes = read_lines(listed) if listed.is_file() else sorted(p.name for p in root.iterdir() if p.is_dir())
     missing = [c for c in classes if not (root / c).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{name} {split}: class folder(s) missing under {root}: {missing[:5]}"
-                                f"{' ...' if len(missing) > 5 else ''}")
-    samples = [Sample(str(p.relative_to(root)), label) for label, c in enumerate(classes)
-               for p in _list_images(root / c)]
+        raise FileNotFoundError(
+            f"{name} {split}: class folder(s) missing under {root}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
+    samples = [
+        Sample(str(p.relative_to(root)), label) for label, c in enumerate(classes) for p in _list_images(root / c)
+    ]
     if class_names is None:
         names_file = root / "class_names.txt"
         class_names = read_lines(names_file) if names_file.is_file() else [c.replace("_", " ") for c in classes]
@@ -514,8 +552,9 @@ def read_cub(root, split: str) -> DatasetIndex:
     images, labels, is_train = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
     classes = [v for _, v in sorted(table("classes.txt").items(), key=lambda kv: int(kv[0]))]
     want = "1" if split == "train" else "0"
-    samples = [Sample(f"images/{images[i]}", int(labels[i]) - 1)
-               for i in sorted(images, key=int) if is_train[i] == want]
+    samples = [
+        Sample(f"images/{images[i]}", int(labels[i]) - 1) for i in sorted(images, key=int) if is_train[i] == want
+    ]
     names = [c.split(".", 1)[-1].replace("_", " ") for c in classes]
     return DatasetIndex("cub", base, split, samples, classes, names)
 
@@ -549,8 +588,15 @@ def read_eurosat(root, split: str, seed: int = EUROSAT_SPLIT_SEED) -> DatasetInd
 
 DATASETS = ("in10", "in100", "in1k", "cub", "cars", "pets", "eurosat", "imagefolder", "demo")
 WNID_LISTS = {"in10": "imagenette_wnids.txt", "in100": "imagenet100_wnids.txt", "in1k": "imagenet1k_wnids.txt"}
-ROOT_KEYS = {"in10": "imagenet_root", "in100": "imagenet_root", "in1k": "imagenet_root", "cub": "cub_root",
-             "cars": "cars_root", "pets": "pets_root", "eurosat": "eurosat_root"}
+ROOT_KEYS = {
+    "in10": "imagenet_root",
+    "in100": "imagenet_root",
+    "in1k": "imagenet_root",
+    "cub": "cub_root",
+    "cars": "cars_root",
+    "pets": "pets_root",
+    "eurosat": "eurosat_root",
+}
 
 
 def data_location(key: str, paths_file: str | os.PathLike = PROJECT_DIR / "configs" / "paths.yaml") -> str | None:
@@ -634,8 +680,10 @@ def captions_for(index: DatasetIndex, captions: dict[str, str], allow_missing: b
     found = [captions.get(s.path) for s in index.samples]
     missing = [s.path for s, c in zip(index.samples, found) if c is None]
     if missing and not allow_missing:
-        raise KeyError(f"{len(missing)} image(s) have no caption, e.g. {missing[:3]}; re-run caption.py "
-                       f"(it resumes) or pass --allow-missing-captions to prompt them without one")
+        raise KeyError(
+            f"{len(missing)} image(s) have no caption, e.g. {missing[:3]}; re-run caption.py "
+            f"(it resumes) or pass --allow-missing-captions to prompt them without one"
+        )
     return found
 
 
@@ -654,8 +702,9 @@ def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-def predicted_clean_latents(noisy: torch.Tensor, eps_pred: torch.Tensor,
-                            alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+def predicted_clean_latents(
+    noisy: torch.Tensor, eps_pred: torch.Tensor, alphas_cumprod_t: torch.Tensor
+) -> torch.Tensor:
     """ẑ0 = (z_t − √(1−ᾱ_t) ε̂) / √ᾱ_t, the clean latent implied by an ε prediction."""
     a = alphas_cumprod_t.float().view(-1, *([1] * (noisy.dim() - 1)))
     return (noisy.float() - (1 - a).sqrt() * eps_pred.float()) / a.sqrt()
@@ -687,8 +736,10 @@ def add_visual_tokens(text_embeds: torch.Tensor, tokens: torch.Tensor, placement
     an extra token) or [B, 77, D] with the last slot overwritten (release)."""
     tokens = tokens.to(text_embeds.dtype).unsqueeze(1)
     if tokens.shape[-1] != text_embeds.shape[-1]:
-        raise ValueError(f"visual token width {tokens.shape[-1]} != text embedding width {text_embeds.shape[-1]}; "
-                         f"the finetune output must include the projection for this encoder")
+        raise ValueError(
+            f"visual token width {tokens.shape[-1]} != text embedding width {text_embeds.shape[-1]}; "
+            f"the finetune output must include the projection for this encoder"
+        )
     if placement == "append":
         return torch.cat([text_embeds, tokens], dim=1)
     if placement == "replace-last":
@@ -719,8 +770,9 @@ def encode_latent_prior(vae, pixels: torch.Tensor, generators: Sequence[torch.Ge
     so an image's result depends only on its own seed (paper §3.3: the real image is the latent prior).
     """
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g, device=g.device, dtype=torch.float32)
-                         for g in generators]).to(posterior.mean.device, posterior.mean.dtype)
+    noise = torch.stack(
+        [torch.randn(posterior.mean.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    ).to(posterior.mean.device, posterior.mean.dtype)
     latents = posterior.mean + posterior.std * noise
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
@@ -783,8 +835,9 @@ def load_classifier(run_dir: str | os.PathLike, device: torch.device | str = "cp
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a complete train_cls.py run (no manifest.json); finish training")
     info = read_json(manifest_path)["classifier"]
-    model = timm.create_model(info["model"], num_classes=info["num_classes"], pretrained=False,
-                              **info.get("model_kwargs", {}))
+    model = timm.create_model(
+        info["model"], num_classes=info["num_classes"], pretrained=False, **info.get("model_kwargs", {})
+    )
     model.load_state_dict(load_file(str(Path(run_dir) / info["weights"])))
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in info["eval_transform"].items()}
     return model.to(device).eval(), create_transform(**kwargs, is_training=False), info

@@ -33,6 +33,7 @@ The reports (the paper's tables in miniature, the ablation) are demo_report.py.
 CPU only (there is nothing here a GPU would change the demo's numbers by); on a CPU shared with other jobs, set
 OMP_NUM_THREADS=1: two OpenMP threads on an oversubscribed machine ran the UNet 4x slower than one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (RunDir, atomic_write, build_prompt, fingerprint, get_logger, image_grid, item_seed, load_dataset,
-                    load_image, negative_prompt, parse_args, progress, read_json, save_image, seed_everything,
-                    write_json)
+from common import (
+    RunDir,
+    atomic_write,
+    build_prompt,
+    fingerprint,
+    get_logger,
+    image_grid,
+    item_seed,
+    load_dataset,
+    load_image,
+    negative_prompt,
+    parse_args,
+    progress,
+    read_json,
+    save_image,
+    seed_everything,
+    write_json,
+)
 
 # The tiny generator's shape. Latents are 4 x (size/2) x (size/2) (one VAE downsampling), cross-attention width 64.
 TEXT_WIDTH = 64
@@ -111,9 +127,15 @@ def save_tokenizer(out_dir: Path, words: Iterable[str]):
     return tokenizer
 
 
-def build_generator(out_dir: str | Path, words: Iterable[str], image_size: int = 32, seed: int = 0,
-                    unet_channels: Iterable[int] = (32, 64), vae_channels: Iterable[int] = (32, 64),
-                    text_time_embedding: bool = False):
+def build_generator(
+    out_dir: str | Path,
+    words: Iterable[str],
+    image_size: int = 32,
+    seed: int = 0,
+    unet_channels: Iterable[int] = (32, 64),
+    vae_channels: Iterable[int] = (32, 64),
+    text_time_embedding: bool = False,
+):
     """Build an untrained tiny SD-1.x pipeline and save it in the diffusers layout (model_index.json, unet/, vae/,
     text_encoder/, tokenizer/, scheduler/). Returns the StableDiffusionImg2ImgPipeline.
     `vae_channels` and `unet_channels` set the widths per level (one more VAE level = one more 2x downsampling).
@@ -126,10 +148,20 @@ def build_generator(out_dir: str | Path, words: Iterable[str], image_size: int =
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = save_tokenizer(out_dir / "tokenizer", words)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=4 * TEXT_WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=TEXT_WIDTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     # CLIP initialises word embeddings with std 0.02, as small as the position embeddings: the encoded prompts of the
     # ten classes then differed by ~3% of their norm, even after joint pretraining, and the UNet could not tell the
     # classes apart. Unit-variance word embeddings make the class word dominate the condition from the start.
@@ -138,32 +170,58 @@ def build_generator(out_dir: str | Path, words: Iterable[str], image_size: int =
     # would leave 4 x 4 latents, too coarse for shapes).
     vae_channels = tuple(vae_channels)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, norm_num_groups=8,
-        block_out_channels=vae_channels, layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=image_size,
+        norm_num_groups=8,
+        block_out_channels=vae_channels,
+        layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels))
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+    )
     # Cross-attention at every resolution: a prototype with attention only at the lowest one never learned the
     # class conditioning (issue #2).
     # (32, 64) channels: 1.1M parameters, ~4x cheaper than (64, 128) on a CPU, the difference between a pretraining
     # that fits the demo's budget and one that does not.
     unet_channels = tuple(unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=unet_channels,
         down_block_types=("CrossAttnDownBlock2D",) * len(unet_channels),
         up_block_types=("CrossAttnUpBlock2D",) * len(unet_channels),
-        cross_attention_dim=TEXT_WIDTH, norm_num_groups=8,
+        cross_attention_dim=TEXT_WIDTH,
+        norm_num_groups=8,
         # diffusers reads `attention_head_dim` as the number of heads: 16-wide heads; 4-wide ones ran 2x slower on CPU
         attention_head_dim=tuple(max(1, c // 16) for c in unet_channels),
         # A global condition path: with cross-attention alone, 600 steps x 64 images (10 CPU-minutes) left the noise
         # prediction blind to the prompt (|ε(c) − ε(∅)| / |ε(∅)| = 0.014, diffusion-classifier accuracy at chance).
-        **(dict(addition_embed_type="text", addition_embed_type_num_heads=4) if text_time_embedding else {}))
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=4) if text_time_embedding else {}),
+    )
     # SD 1.5's noise schedule and default scheduler, so the stage scripts see the same configs as on the hub model.
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                          image_encoder=None, requires_safety_checker=False)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out_dir)
     return pipe
 
@@ -174,11 +232,20 @@ def build_image_encoder(out_dir: str | Path, projection_dim: int = TEXT_WIDTH, i
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=image_size,
-        patch_size=8, projection_dim=projection_dim))
-    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
-                                                                                  "width": image_size})
+    model = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+            projection_dim=projection_dim,
+        )
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return model, processor
@@ -190,8 +257,19 @@ def build_image_encoder(out_dir: str | Path, projection_dim: int = TEXT_WIDTH, i
 # One short word per class, so the word-level vocabulary gives each class exactly one token in "photo of <class>".
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "arrow", "moon")
 # Prompt words the stages use (common.build_prompt / negative_prompt, both styles): whole-word tokens too.
-PROMPT_WORDS = ("photo", "of", "best", "quality", "distorted", "unrealistic", "blurry", "out", "frame", "cropped",
-                "deformed")
+PROMPT_WORDS = (
+    "photo",
+    "of",
+    "best",
+    "quality",
+    "distorted",
+    "unrealistic",
+    "blurry",
+    "out",
+    "frame",
+    "cropped",
+    "deformed",
+)
 SPLITS = ("train", "test", "sketch", "rendition")  # sketch and rendition are the demo's OOD sets
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-downsampled: anti-aliased edges
 
@@ -219,13 +297,37 @@ def shape_polygons(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(filled polygons, holes) in unit coordinates (radius ~1, centred at 0)."""
     arm = 0.33
     polys = {
-        "circle": [_circle()], "square": [_regular(4)], "triangle": [_regular(3)], "star": [_regular(5, 0.45)],
-        "cross": [np.array([(-arm, -1), (arm, -1), (arm, -arm), (1, -arm), (1, arm), (arm, arm), (arm, 1), (-arm, 1),
-                            (-arm, arm), (-1, arm), (-1, -arm), (-arm, -arm)], float) * 0.9],
-        "ring": [_circle()], "diamond": [np.array([(0, -1), (0.55, 0), (0, 1), (-0.55, 0)], float)],
-        "hexagon": [_regular(6)], "moon": [_moon()],
-        "arrow": [np.array([(-1, -0.25), (0.15, -0.25), (0.15, -0.65), (1, 0), (0.15, 0.65), (0.15, 0.25),
-                            (-1, 0.25)], float)],
+        "circle": [_circle()],
+        "square": [_regular(4)],
+        "triangle": [_regular(3)],
+        "star": [_regular(5, 0.45)],
+        "cross": [
+            np.array(
+                [
+                    (-arm, -1),
+                    (arm, -1),
+                    (arm, -arm),
+                    (1, -arm),
+                    (1, arm),
+                    (arm, arm),
+                    (arm, 1),
+                    (-arm, 1),
+                    (-arm, arm),
+                    (-1, arm),
+                    (-1, -arm),
+                    (-arm, -arm),
+                ],
+                float,
+            )
+            * 0.9
+        ],
+        "ring": [_circle()],
+        "diamond": [np.array([(0, -1), (0.55, 0), (0, 1), (-0.55, 0)], float)],
+        "hexagon": [_regular(6)],
+        "moon": [_moon()],
+        "arrow": [
+            np.array([(-1, -0.25), (0.15, -0.25), (0.15, -0.65), (1, 0), (0.15, 0.65), (0.15, 0.25), (-1, 0.25)], float)
+        ],
     }[name]
     holes = [_circle(r=0.55)] if name == "ring" else []
     return polys, holes
@@ -246,7 +348,7 @@ def _texture(rng: np.random.Generator, size: int, kind: str | None = None, freqs
         mix = np.zeros((size, size))
     elif kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
-        mix = (np.cos(angle) * xx + np.sin(angle) * yy)
+        mix = np.cos(angle) * xx + np.sin(angle) * yy
         mix = (mix - mix.min()) / (np.ptp(mix) + 1e-6)
     elif kind == "stripes":
         angle, freq = rng.uniform(0, np.pi), rng.uniform(*freqs)
@@ -263,8 +365,14 @@ def _texture(rng: np.random.Generator, size: int, kind: str | None = None, freqs
     return c1 * (1 - mix[..., None]) + c2 * mix[..., None]
 
 
-def _shape_mask(rng: np.random.Generator, name: str, size: int, scale: tuple[float, float], outline: float = 0.0,
-                max_turn: float = 25.0):
+def _shape_mask(
+    rng: np.random.Generator,
+    name: str,
+    size: int,
+    scale: tuple[float, float],
+    outline: float = 0.0,
+    max_turn: float = 25.0,
+):
     """Rasterise a randomly scaled, stretched, rotated and placed shape into an anti-aliased [size, size] alpha."""
     from PIL import ImageDraw
 
@@ -275,6 +383,7 @@ def _shape_mask(rng: np.random.Generator, name: str, size: int, scale: tuple[flo
     margin = radius * 0.8
     centre = rng.uniform(margin, size - margin, 2)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+
     def to_px(p):
         return [tuple(v) for v in ((p * [stretch, 1 / stretch]) @ rot.T * radius + centre) * SUPERSAMPLE]
 
@@ -401,19 +510,21 @@ def batches(count: int, batch_size: int, steps: int, seed: int):
     for _ in range(steps):
         if at + batch_size > count:
             perm, at = torch.randperm(count, generator=gen), 0
-        yield perm[at:at + batch_size]
+        yield perm[at : at + batch_size]
         at += batch_size
 
 
 def cosine_lr(optimizer, steps: int, warmup: int):
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(warmup, steps // 5),
-                                           num_training_steps=steps)
+    return get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=min(warmup, steps // 5), num_training_steps=steps
+    )
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int,
-              log=None) -> list[float]:
+def train_vae(
+    vae, images: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int, log=None
+) -> list[float]:
     """Reconstruction (MSE) + a small KL term, as SD's VAE minus the perceptual and GAN losses a CPU cannot afford."""
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -439,7 +550,7 @@ def encode_all(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.
     """Posterior mean and std of every image (unscaled): the UNet then trains on cached latents, far cheaper."""
     means, stds = [], []
     for i in range(0, len(images), batch_size):
-        post = vae.encode(to_unit(images[i:i + batch_size])).latent_dist
+        post = vae.encode(to_unit(images[i : i + batch_size])).latent_dist
         means.append(post.mean)
         stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
@@ -448,8 +559,9 @@ def encode_all(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.
 def prompt_table(tokenizer, uncond_prompts: list[str]) -> tuple[torch.Tensor, int]:
     """Token ids of the class prompts ("photo of <class>", common.build_prompt) followed by the unconditional ones."""
     prompts = [build_prompt(name) for name in CLASSES] + uncond_prompts
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return ids, len(CLASSES)
 
 
@@ -473,9 +585,26 @@ def diffusion_loss(unet, scheduler, latents, cond, timesteps, noise, snr_gamma: 
     return loss
 
 
-def train_unet(unet, text_encoder, scheduler, mean, std, scale: float, labels, token_ids, n_uncond: int, steps: int,
-               batch_size: int, lr: float, text_lr: float, p_uncond: float, snr_gamma: float, seed: int,
-               ema_decay: float = 0.0, log=None) -> list[float]:
+def train_unet(
+    unet,
+    text_encoder,
+    scheduler,
+    mean,
+    std,
+    scale: float,
+    labels,
+    token_ids,
+    n_uncond: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    text_lr: float,
+    p_uncond: float,
+    snr_gamma: float,
+    seed: int,
+    ema_decay: float = 0.0,
+    log=None,
+) -> list[float]:
     """Text-conditioned denoising on cached latents, UNet and text encoder jointly (the text encoder is frozen in
     every later stage, as SD's is). Prompts are encoded once per step as a table and gathered per sample."""
     from diffusers.training_utils import EMAModel
@@ -514,14 +643,25 @@ def train_unet(unet, text_encoder, scheduler, mean, std, scale: float, labels, t
     return losses
 
 
-def train_image_encoder(vision, processor, text_encoder, token_ids, images, labels, steps: int, batch_size: int,
-                        lr: float, seed: int, log=None) -> list[float]:
+def train_image_encoder(
+    vision,
+    processor,
+    text_encoder,
+    token_ids,
+    images,
+    labels,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log=None,
+) -> list[float]:
     """CLIP's contrastive objective against the (now frozen) text encoder's class-prompt embeddings, so the projected
     image embedding (the visual-guidance token) carries what the image shows."""
     with torch.no_grad():
         # Centred across classes: the class prompts share "photo of", and their raw pooled embeddings were so alike
         # that the contrastive loss stayed at ln(10) (uniform) in a first run.
-        pooled = text_encoder(token_ids[:len(CLASSES)]).pooler_output
+        pooled = text_encoder(token_ids[: len(CLASSES)]).pooler_output
         text = torch.nn.functional.normalize(pooled - pooled.mean(0), dim=-1)
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
@@ -548,8 +688,9 @@ def train_image_encoder(vision, processor, text_encoder, token_ids, images, labe
 
 
 @torch.no_grad()
-def conditioning_check(unet, text_encoder, scheduler, latents, labels, token_ids, seed: int,
-                       timesteps=(250, 500, 750)) -> dict:
+def conditioning_check(
+    unet, text_encoder, scheduler, latents, labels, token_ids, seed: int, timesteps=(250, 500, 750)
+) -> dict:
     """How much the prompt changes the noise prediction, and whether the model knows which prompt fits an image.
 
     rel_diff = mean |ε(right prompt) − ε(empty prompt)| / mean |ε(empty)| (0 means the UNet ignores the text, the
@@ -571,8 +712,11 @@ def conditioning_check(unet, text_encoder, scheduler, latents, labels, token_ids
         wrong = preds[torch.arange(n), (labels + 1) % len(CLASSES)]
         diffs.append(((right - uncond).abs().mean() / uncond.abs().mean()).item())
         wrong_diffs.append(((right - wrong).abs().mean() / uncond.abs().mean()).item())
-    return {"cond_uncond_rel_diff": float(np.mean(diffs)), "cond_wrong_rel_diff": float(np.mean(wrong_diffs)),
-            "denoise_class_acc": correct / (n * len(timesteps))}
+    return {
+        "cond_uncond_rel_diff": float(np.mean(diffs)),
+        "cond_wrong_rel_diff": float(np.mean(wrong_diffs)),
+        "denoise_class_acc": correct / (n * len(timesteps)),
+    }
 
 
 def load_sampler(sd_dir: Path, kind: str = "img2img"):
@@ -592,27 +736,48 @@ def text_to_image_grid(sd_dir: Path, per_class: int, steps: int, guidance: float
     rows = []
     for label, name in enumerate(CLASSES):
         gens = [torch.Generator().manual_seed(item_seed(seed, "demo-t2i", label, k)) for k in range(per_class)]
-        out = pipe([build_prompt(name)] * per_class, negative_prompt=[negative_prompt()] * per_class,
-                   num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+        out = pipe(
+            [build_prompt(name)] * per_class,
+            negative_prompt=[negative_prompt()] * per_class,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+        ).images
         rows.append(out)
     return image_grid(rows)
 
 
-def sample_img2img(pipe, sources: list[Image.Image], labels: list[int], ids: list[str], strength: float, steps: int,
-                   guidance: float, seed: int, batch_size: int = 50) -> list[Image.Image]:
+def sample_img2img(
+    pipe,
+    sources: list[Image.Image],
+    labels: list[int],
+    ids: list[str],
+    strength: float,
+    steps: int,
+    guidance: float,
+    seed: int,
+    batch_size: int = 50,
+) -> list[Image.Image]:
     """Latent-prior synthesis as synthesize.py does it: each real image, noised to `strength`, seeds its own sample."""
     out = []
     for i in progress(range(0, len(sources), batch_size), desc="img2img"):
         sl = slice(i, i + batch_size)
         gens = [torch.Generator().manual_seed(item_seed(seed, "demo-measure", image_id)) for image_id in ids[sl]]
-        out += pipe([build_prompt(CLASSES[y]) for y in labels[sl]], image=sources[sl], strength=strength,
-                    num_inference_steps=steps, guidance_scale=guidance, negative_prompt=[negative_prompt()] * len(gens),
-                    generator=gens).images
+        out += pipe(
+            [build_prompt(CLASSES[y]) for y in labels[sl]],
+            image=sources[sl],
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            negative_prompt=[negative_prompt()] * len(gens),
+            generator=gens,
+        ).images
     return out
 
 
 def small_cnn(num_classes: int) -> torch.nn.Module:
     """A 4-conv classifier for 32 px images: trains in seconds on a CPU."""
+
     def block(cin, cout):
         return [torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]
 
@@ -621,8 +786,15 @@ def small_cnn(num_classes: int) -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
-def classifier_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                        epochs: int, seed: int, batch_size: int = 64) -> float:
+def classifier_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    epochs: int,
+    seed: int,
+    batch_size: int = 64,
+) -> float:
     """Train small_cnn on uint8 images (random shifts + flips) and return its test top-1."""
     torch.manual_seed(seed)
     model = small_cnn(len(CLASSES))
@@ -634,7 +806,7 @@ def classifier_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: to
     for idx in batches(len(train_x), min(batch_size, len(train_x)), steps, seed):
         x = torch.nn.functional.pad(to_unit(train_x[idx]), (4, 4, 4, 4), mode="reflect")
         dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
-        x = x[:, :, dy:dy + train_x.shape[2], dx:dx + train_x.shape[3]]
+        x = x[:, :, dy : dy + train_x.shape[2], dx : dx + train_x.shape[3]]
         if torch.rand(1, generator=gen).item() < 0.5:
             x = x.flip(3)
         loss = torch.nn.functional.cross_entropy(model(x), train_y[idx])
@@ -644,7 +816,7 @@ def classifier_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: to
         sched.step()
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(to_unit(test_x[i:i + 256])).argmax(1) for i in range(0, len(test_x), 256)])
+        pred = torch.cat([model(to_unit(test_x[i : i + 256])).argmax(1) for i in range(0, len(test_x), 256)])
     return (pred == test_y).float().mean().item()
 
 
@@ -652,26 +824,43 @@ def as_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2).contiguous()
 
 
-def measure_synthetic(sd_dir: Path, data_root: Path, per_class: int, strength: float, steps: int, guidance: float,
-                      epochs: int, seed: int, log) -> tuple[dict, Image.Image]:
+def measure_synthetic(
+    sd_dir: Path,
+    data_root: Path,
+    per_class: int,
+    strength: float,
+    steps: int,
+    guidance: float,
+    epochs: int,
+    seed: int,
+    log,
+) -> tuple[dict, Image.Image]:
     """Real-only vs synthetic-only: the same small CNN trained on `per_class` real demo train images per class, or
     on their img2img versions from the pretrained generator (no finetuning yet), tested on the real test split."""
     train, test = load_dataset("demo", data_root, "train"), load_dataset("demo", data_root, "test")
-    picked = [i for label in range(len(CLASSES)) for i in [j for j, s in enumerate(train.samples)
-                                                            if s.label == label][:per_class]]
+    picked = [
+        i
+        for label in range(len(CLASSES))
+        for i in [j for j, s in enumerate(train.samples) if s.label == label][:per_class]
+    ]
     real = [load_image(train.abspath(i)) for i in picked]
     labels = [train.samples[i].label for i in picked]
-    synth = sample_img2img(load_sampler(sd_dir), real, labels, [train.image_id(i) for i in picked], strength, steps,
-                           guidance, seed)
+    synth = sample_img2img(
+        load_sampler(sd_dir), real, labels, [train.image_id(i) for i in picked], strength, steps, guidance, seed
+    )
     test_x = as_tensor([load_image(test.abspath(i)) for i in range(len(test))])
     test_y = torch.tensor([s.label for s in test.samples])
     y = torch.tensor(labels)
-    metrics = {"real_top1": classifier_accuracy(as_tensor(real), y, test_x, test_y, epochs, seed),
-               "synth_top1": classifier_accuracy(as_tensor(synth), y, test_x, test_y, epochs, seed),
-               "images_per_class": per_class}
+    metrics = {
+        "real_top1": classifier_accuracy(as_tensor(real), y, test_x, test_y, epochs, seed),
+        "synth_top1": classifier_accuracy(as_tensor(synth), y, test_x, test_y, epochs, seed),
+        "images_per_class": per_class,
+    }
     metrics["synth_over_real"] = metrics["synth_top1"] / max(metrics["real_top1"], 1e-9)
-    log.info(f"small CNN, {per_class}/class: real {metrics['real_top1']:.3f}, img2img-synthetic "
-             f"{metrics['synth_top1']:.3f} (ratio {metrics['synth_over_real']:.2f}; chance {1 / len(CLASSES):.2f})")
+    log.info(
+        f"small CNN, {per_class}/class: real {metrics['real_top1']:.3f}, img2img-synthetic "
+        f"{metrics['synth_top1']:.3f} (ratio {metrics['synth_over_real']:.2f}; chance {1 / len(CLASSES):.2f})"
+    )
     shown = [range(c * per_class, c * per_class + min(per_class, 4)) for c in range(len(CLASSES))]
     rows = [[real[i] for i in cols] + [synth[i] for i in cols] for cols in shown]
     return metrics, image_grid(rows)
@@ -681,12 +870,34 @@ def measure_synthetic(sd_dir: Path, data_root: Path, per_class: int, strength: f
 # The generator command: build, pretrain (phase by phase, resumable), check, cache.
 
 DATA_KEYS = ("seed", "image_size", "train_per_class", "test_per_class", "ood_per_class")
-GENERATOR_KEYS = ("seed", "image_size", "unet_channels", "text_time_embedding", "vae_channels", "pretrain_images",
-                  "held_out_images",
-                  "vae_steps", "vae_batch_size", "vae_lr", "kl_weight", "unet_steps", "unet_batch_size", "unet_lr",
-                  "text_lr",
-                  "p_uncond", "snr_gamma", "ema_decay", "clip_steps", "clip_lr", "grid_per_class",
-                  "measure_per_class", "measure_strength", "measure_steps", "measure_guidance", "cls_epochs")
+GENERATOR_KEYS = (
+    "seed",
+    "image_size",
+    "unet_channels",
+    "text_time_embedding",
+    "vae_channels",
+    "pretrain_images",
+    "held_out_images",
+    "vae_steps",
+    "vae_batch_size",
+    "vae_lr",
+    "kl_weight",
+    "unet_steps",
+    "unet_batch_size",
+    "unet_lr",
+    "text_lr",
+    "p_uncond",
+    "snr_gamma",
+    "ema_decay",
+    "clip_steps",
+    "clip_lr",
+    "grid_per_class",
+    "measure_per_class",
+    "measure_strength",
+    "measure_steps",
+    "measure_guidance",
+    "cls_epochs",
+)
 
 
 def save_component(model, path: Path) -> None:
@@ -708,8 +919,12 @@ def run_data(args) -> dict:
         print(f"{out}: demo data already made (manifest.json); nothing to do")
         return run.manifest()["metrics"]
     start = time.time()
-    per_split = {"train": args.train_per_class, "test": args.test_per_class, "sketch": args.ood_per_class,
-                 "rendition": args.ood_per_class}
+    per_split = {
+        "train": args.train_per_class,
+        "test": args.test_per_class,
+        "sketch": args.ood_per_class,
+        "rendition": args.ood_per_class,
+    }
     counts = {split: make_split(out, args.seed, split, n, args.image_size) for split, n in per_split.items()}
     metrics = {"images": counts, "classes": len(CLASSES), "elapsed_s": round(time.time() - start, 1)}
     run.finish(metrics)
@@ -724,8 +939,15 @@ def run_skeleton(args) -> dict:
     if run.start() == "done":
         print(f"{out}: untrained demo pipeline already built (manifest.json); nothing to do")
         return run.manifest()["metrics"]
-    build_generator(out, CLASSES + PROMPT_WORDS, args.image_size, args.seed, unet_channels=args.unet_channels,
-                    text_time_embedding=args.text_time_embedding, vae_channels=args.vae_channels)
+    build_generator(
+        out,
+        CLASSES + PROMPT_WORDS,
+        args.image_size,
+        args.seed,
+        unet_channels=args.unet_channels,
+        text_time_embedding=args.text_time_embedding,
+        vae_channels=args.vae_channels,
+    )
     metrics = {"pipeline": str(out), "trained": False}
     run.finish(metrics)
     print(f"untrained demo pipeline in {out} (random weights: for benchmarks only)")
@@ -749,8 +971,8 @@ def run_generator(args) -> dict:
     start = time.time()
     # The last `held_out_images` are kept out of training, for PSNR and the conditioning check.
     images, labels = pretraining_images(args.seed, args.pretrain_images + args.held_out_images, args.image_size)
-    train_x, train_y = images[:args.pretrain_images], labels[:args.pretrain_images]
-    held_x, held_y = images[args.pretrain_images:], labels[args.pretrain_images:]
+    train_x, train_y = images[: args.pretrain_images], labels[: args.pretrain_images]
+    held_x, held_y = images[args.pretrain_images :], labels[args.pretrain_images :]
     log.info(f"{len(train_x)} pretraining images drawn in {time.time() - start:.1f} s")
 
     def done(name: str, t0: float, **metrics):
@@ -760,9 +982,15 @@ def run_generator(args) -> dict:
 
     if "build" not in phases:
         t0 = time.time()
-        build_generator(sd_dir, CLASSES + PROMPT_WORDS, args.image_size, args.seed, unet_channels=args.unet_channels,
-                        text_time_embedding=args.text_time_embedding,
-                        vae_channels=args.vae_channels)
+        build_generator(
+            sd_dir,
+            CLASSES + PROMPT_WORDS,
+            args.image_size,
+            args.seed,
+            unet_channels=args.unet_channels,
+            text_time_embedding=args.text_time_embedding,
+            vae_channels=args.vae_channels,
+        )
         build_image_encoder(clip_dir, TEXT_WIDTH, args.image_size, args.seed)
         done("build", t0)
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
@@ -771,8 +999,9 @@ def run_generator(args) -> dict:
 
     if "vae" not in phases:
         t0 = time.time()
-        losses = train_vae(vae, train_x, args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, args.seed,
-                           log)
+        losses = train_vae(
+            vae, train_x, args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, args.seed, log
+        )
         mean, _ = encode_all(vae, train_x[:2000])
         vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215 gives
         save_component(vae, sd_dir / "vae")
@@ -784,9 +1013,26 @@ def run_generator(args) -> dict:
     if "unet" not in phases:
         t0 = time.time()
         mean, std = encode_all(vae, train_x)
-        losses = train_unet(unet, text_encoder, scheduler, mean, std, scale, train_y, token_ids, len(uncond),
-                            args.unet_steps, args.unet_batch_size, args.unet_lr, args.text_lr, args.p_uncond,
-                            args.snr_gamma, args.seed, args.ema_decay, log)
+        losses = train_unet(
+            unet,
+            text_encoder,
+            scheduler,
+            mean,
+            std,
+            scale,
+            train_y,
+            token_ids,
+            len(uncond),
+            args.unet_steps,
+            args.unet_batch_size,
+            args.unet_lr,
+            args.text_lr,
+            args.p_uncond,
+            args.snr_gamma,
+            args.seed,
+            args.ema_decay,
+            log,
+        )
         save_component(unet, sd_dir / "unet")
         save_component(text_encoder, sd_dir / "text_encoder")
         done("unet", t0, loss_first=float(np.mean(losses[:20])), loss_last=float(np.mean(losses[-20:])))
@@ -795,8 +1041,19 @@ def run_generator(args) -> dict:
         t0 = time.time()
         vision = CLIPVisionModelWithProjection.from_pretrained(clip_dir)
         processor = CLIPImageProcessor.from_pretrained(clip_dir)
-        losses = train_image_encoder(vision, processor, text_encoder, token_ids, train_x, train_y, args.clip_steps,
-                                     64, args.clip_lr, args.seed, log)
+        losses = train_image_encoder(
+            vision,
+            processor,
+            text_encoder,
+            token_ids,
+            train_x,
+            train_y,
+            args.clip_steps,
+            64,
+            args.clip_lr,
+            args.seed,
+            log,
+        )
         save_component(vision, clip_dir)
         processor.save_pretrained(clip_dir)
         done("clip_vision", t0, loss_first=float(np.mean(losses[:10])), loss_last=float(np.mean(losses[-10:])))
@@ -806,19 +1063,37 @@ def run_generator(args) -> dict:
         recon = vae.decode(vae.encode(to_unit(held_x)).latent_dist.mode()).sample
         held_latents = encode_all(vae, held_x)[0] * scale
     to_pil = lambda im: Image.fromarray(((im.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).byte().numpy())  # noqa: E731
-    save_image(image_grid([[to_pil(im) for im in pair[:10]] for pair in (to_unit(held_x), recon)]),
-               out / "vae_reconstructions.png")  # top row: held-out originals, bottom: reconstructions
-    metrics = {"vae_psnr_db": psnr(recon, to_unit(held_x)), "phases": phases,
-               **conditioning_check(unet, text_encoder, scheduler, held_latents, held_y, token_ids, args.seed)}
-    log.info(f"VAE PSNR {metrics['vae_psnr_db']:.2f} dB; prompt effect |cond-uncond|/|uncond| "
-             f"{metrics['cond_uncond_rel_diff']:.3f}; denoising classifier {metrics['denoise_class_acc']:.3f}")
+    save_image(
+        image_grid([[to_pil(im) for im in pair[:10]] for pair in (to_unit(held_x), recon)]),
+        out / "vae_reconstructions.png",
+    )  # top row: held-out originals, bottom: reconstructions
+    metrics = {
+        "vae_psnr_db": psnr(recon, to_unit(held_x)),
+        "phases": phases,
+        **conditioning_check(unet, text_encoder, scheduler, held_latents, held_y, token_ids, args.seed),
+    }
+    log.info(
+        f"VAE PSNR {metrics['vae_psnr_db']:.2f} dB; prompt effect |cond-uncond|/|uncond| "
+        f"{metrics['cond_uncond_rel_diff']:.3f}; denoising classifier {metrics['denoise_class_acc']:.3f}"
+    )
     if args.grid_per_class:
-        save_image(text_to_image_grid(sd_dir, args.grid_per_class, args.measure_steps, args.measure_guidance,
-                                      args.seed), out / "samples_text2image.png")
+        save_image(
+            text_to_image_grid(sd_dir, args.grid_per_class, args.measure_steps, args.measure_guidance, args.seed),
+            out / "samples_text2image.png",
+        )
     inputs = {}
     if args.measure_per_class and Path(args.data_root, "train").is_dir():
-        measured, grid = measure_synthetic(sd_dir, Path(args.data_root), args.measure_per_class, args.measure_strength,
-                                           args.measure_steps, args.measure_guidance, args.cls_epochs, args.seed, log)
+        measured, grid = measure_synthetic(
+            sd_dir,
+            Path(args.data_root),
+            args.measure_per_class,
+            args.measure_strength,
+            args.measure_steps,
+            args.measure_guidance,
+            args.cls_epochs,
+            args.seed,
+            log,
+        )
         metrics["img2img_classifier"] = measured
         save_image(grid, out / "samples_img2img.png")
         inputs["data_root"] = fingerprint(Path(args.data_root) / "train")
@@ -842,9 +1117,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
     p.add_argument("--data-root", "--data", dest="data_root", default="runs/demo/data", help="the demo dataset")
     p.add_argument("--runs-dir", "--runs", dest="runs_dir", default="runs/demo", help="the demo's runs folder")
-    p.add_argument("--output-dir", "--out", dest="out", default=None,
-                   help="where to write (default: data: --data-root; generator: <runs>/generator; "
-                        "skeleton: <runs>/skeleton)")
+    p.add_argument(
+        "--output-dir",
+        "--out",
+        dest="out",
+        default=None,
+        help="where to write (default: data: --data-root; generator: <runs>/generator; skeleton: <runs>/skeleton)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="move an existing output with another config aside")
     d = p.add_argument_group("data")
@@ -854,8 +1133,12 @@ def get_parser() -> argparse.ArgumentParser:
     d.add_argument("--ood-per-class", type=int, default=20, help="images per class in sketch/ and rendition/")
     g = p.add_argument_group("generator (sizes and steps measured to fit ~15 min on 2 CPU cores)")
     g.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64])
-    g.add_argument("--text-time-embedding", action=argparse.BooleanOptionalAction, default=True,
-                   help="add the pooled condition to the UNet's time embedding (diffusers addition_embed_type='text')")
+    g.add_argument(
+        "--text-time-embedding",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the pooled condition to the UNet's time embedding (diffusers addition_embed_type='text')",
+    )
     g.add_argument("--vae-channels", type=int, nargs="+", default=[32, 64])
     g.add_argument("--pretrain-images", type=int, default=5000, help="procedural 'web' images (own seeds)")
     g.add_argument("--held-out-images", type=int, default=50, help="more 'web' images, for PSNR and checks")

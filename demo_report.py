@@ -16,6 +16,7 @@ Not a paper stage: it only reads the manifest.json every stage writes last, so a
   x1, x2, x4 against the real line) as mean ± spread over seeds, every difference smaller than the seed spread marked
   as not resolved, plus scaling.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,17 +27,34 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import (atomic_write, image_grid, load_dataset, load_image, load_synthetic, parse_args, read_json,
-                    save_image, write_json)
+from common import (
+    atomic_write,
+    image_grid,
+    load_dataset,
+    load_image,
+    load_synthetic,
+    parse_args,
+    read_json,
+    save_image,
+    write_json,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The report command: collect every stage's manifest under runs/demo/ (stages that have not run are skipped).
 
 # (stage, folder pattern under the runs dir), in pipeline order.
-REPORT_STAGES = (("data", "data"), ("generator", "generator"), ("caption", "captions*"), ("finetune", "finetune*"),
-                 ("synthesize", "synth_x*"), ("train_cls", "cls_*"), ("eval_ood", "ood*"), ("mia_lira", "mia*"),
-                 ("sscd_sim", "sscd*"))
+REPORT_STAGES = (
+    ("data", "data"),
+    ("generator", "generator"),
+    ("caption", "captions*"),
+    ("finetune", "finetune*"),
+    ("synthesize", "synth_x*"),
+    ("train_cls", "cls_*"),
+    ("eval_ood", "ood*"),
+    ("mia_lira", "mia*"),
+    ("sscd_sim", "sscd*"),
+)
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict:
@@ -69,8 +87,11 @@ def collect_runs(runs: Path) -> tuple[dict, list[str]]:
             missing.append(stage)
         for folder in folders:
             manifest = read_json(folder / "manifest.json")
-            found[folder.name] = {"stage": stage, "metrics": flatten(manifest.get("metrics", {})),
-                                  "elapsed_s": stage_elapsed(folder, manifest)}
+            found[folder.name] = {
+                "stage": stage,
+                "metrics": flatten(manifest.get("metrics", {})),
+                "elapsed_s": stage_elapsed(folder, manifest),
+            }
     return found, missing
 
 
@@ -94,9 +115,15 @@ def headline(stages: dict) -> dict:
     for name, info in stages.items():
         for key, value in info["metrics"].items():
             last = key.split(".")[-1]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and (
                     last in ("top1", "auc", "vae_psnr_db", "denoise_class_acc", "synth_over_real", "replication_rate")
-                    or last.endswith("_top1") or last.endswith("_auc")):
+                    or last.endswith("_top1")
+                    or last.endswith("_auc")
+                )
+            ):
                 picks[f"{name}.{key}"] = value
     return picks
 
@@ -117,31 +144,48 @@ def paper_tables(runs: Path) -> tuple[list[str], dict]:
     rows = [r for r in rows if r[1] is not None]
     if rows:
         sets = sorted({k.split("/")[0] for _, _, ood in rows if ood for k in ood if k != "test/top1"} - {"test"})
-        lines += ["## Paper tables in miniature (1 seed per figure)", "",
-                  "Tab. 1 / Tab. 4 analogue: top-1 (%) on the real test split and on the shifted sets.", "",
-                  "| training data | test top-1 | test top-5 | " + " | ".join(f"{x} top-1" for x in sets) + " |",
-                  "|---|---|---|" + "---|" * len(sets)]
+        lines += [
+            "## Paper tables in miniature (1 seed per figure)",
+            "",
+            "Tab. 1 / Tab. 4 analogue: top-1 (%) on the real test split and on the shifted sets.",
+            "",
+            "| training data | test top-1 | test top-5 | " + " | ".join(f"{x} top-1" for x in sets) + " |",
+            "|---|---|---|" + "---|" * len(sets),
+        ]
         for name, cls, ood in rows:
             shifted = [f"{ood[f'{x}/top1']:.1f}" if ood and f"{x}/top1" in ood else "–" for x in sets]
             lines.append(f"| {name} | {cls['top1']:.1f} | {cls['top5']:.1f} | " + " | ".join(shifted) + " |")
-            tables.setdefault("classifiers", {})[name] = {"test_top1": cls["top1"], "test_top5": cls["top5"],
-                                                          **{f"{x}_top1": (ood or {}).get(f"{x}/top1") for x in sets}}
+            tables.setdefault("classifiers", {})[name] = {
+                "test_top1": cls["top1"],
+                "test_top5": cls["top5"],
+                **{f"{x}_top1": (ood or {}).get(f"{x}/top1") for x in sets},
+            }
         lines.append("")
     mia = _manifest_metrics(runs / "mia_lira")
     if mia:
-        lines += ["LiRA membership inference (reduced: see configs/demo.yaml), per arm:", "",
-                  "| arm | attack | AUC | balanced acc. | TPR @ 1% FPR | non-members |", "|---|---|---|---|---|---|"]
+        lines += [
+            "LiRA membership inference (reduced: see configs/demo.yaml), per arm:",
+            "",
+            "| arm | attack | AUC | balanced acc. | TPR @ 1% FPR | non-members |",
+            "|---|---|---|---|---|---|",
+        ]
         for arm, attacks in mia.items():
             for attack, m in attacks.items():
-                lines.append(f"| {arm} | {attack} | {m['auc']:.3f} | {m['balanced_accuracy']:.3f} | "
-                             f"{m['tpr_at_0.01_fpr']:.3f} | {m['num_nonmembers']} |")
+                lines.append(
+                    f"| {arm} | {attack} | {m['auc']:.3f} | {m['balanced_accuracy']:.3f} | "
+                    f"{m['tpr_at_0.01_fpr']:.3f} | {m['num_nonmembers']} |"
+                )
         tables["lira_auc"] = {arm: {a: m["auc"] for a, m in attacks.items()} for arm, attacks in mia.items()}
         lines.append("")
     sscd = _manifest_metrics(runs / "sscd_synth_x1")
     if sscd:
         kind = "STAND-IN descriptor, not SSCD" if sscd["descriptor"].get("standin") else "SSCD"
-        lines += [f"Copy detection ({kind}): top-1 similarity of each query to the real training set.", "",
-                  "| queries | mean | p95 | replication rate (> threshold) |", "|---|---|---|---|"]
+        lines += [
+            f"Copy detection ({kind}): top-1 similarity of each query to the real training set.",
+            "",
+            "| queries | mean | p95 | replication rate (> threshold) |",
+            "|---|---|---|---|",
+        ]
         for name in ("synthetic_vs_real", "real_vs_real_background"):
             m = sscd[name]
             lines.append(f"| {name} | {m['mean']:.3f} | {m['p95']:.3f} | {m['replication_rate']:.3f} |")
@@ -155,29 +199,50 @@ def run_report(args) -> dict:
     if not runs.is_dir():
         raise FileNotFoundError(f"no runs folder {runs}: run the demo stages first (make demo)")
     stages, missing = collect_runs(runs)
-    summary = {"runs_dir": str(runs), "headline": headline(stages), "stages": stages, "missing_stages": missing,
-               "total_elapsed_s": round(sum(s["elapsed_s"] or 0 for s in stages.values()), 1)}
+    summary = {
+        "runs_dir": str(runs),
+        "headline": headline(stages),
+        "stages": stages,
+        "missing_stages": missing,
+        "total_elapsed_s": round(sum(s["elapsed_s"] or 0 for s in stages.values()), 1),
+    }
     table_lines, summary["tables"] = paper_tables(runs)
-    lines = ["# Real-Fake demo report", "",
-             f"Runs folder: `{runs}`. Stages without a run here: {', '.join(missing) or 'none'} (the demo skips "
-             f"captioning: it prompts with class names, as the paper does for its fine-grained sets).", "",
-             *table_lines,
-             "## Headline", "", "| figure | value |", "|---|---|"]
+    lines = [
+        "# Real-Fake demo report",
+        "",
+        f"Runs folder: `{runs}`. Stages without a run here: {', '.join(missing) or 'none'} (the demo skips "
+        f"captioning: it prompts with class names, as the paper does for its fine-grained sets).",
+        "",
+        *table_lines,
+        "## Headline",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.4g} |" for k, v in summary["headline"].items()]
     lines += ["", "## Time per stage", "", "| folder | stage | elapsed (s) |", "|---|---|---|"]
-    lines += [f"| {name} | {s['stage']} | {s['elapsed_s'] if s['elapsed_s'] is not None else '?'} |"
-              for name, s in stages.items()]
+    lines += [
+        f"| {name} | {s['stage']} | {s['elapsed_s'] if s['elapsed_s'] is not None else '?'} |"
+        for name, s in stages.items()
+    ]
     lines += [f"| total | | {summary['total_elapsed_s']} |"]
     for name, info in stages.items():
         lines += ["", f"## {name} ({info['stage']})", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in info["metrics"].items()]
+        lines += [
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in info["metrics"].items()
+        ]
     synth_dirs = sorted(p for p in runs.glob("synth_x*") if (p / "manifest.jsonl").is_file() and ".old-" not in p.name)
     data_root = Path(args.data_root)
     if synth_dirs and (data_root / "train").is_dir():
         save_image(real_vs_synthetic_grid(data_root, synth_dirs[0]), runs / "real_vs_synthetic.png")
-        lines += ["", "## Real vs synthetic", "", f"Left: real train images; right: {synth_dirs[0].name} images.", "",
-                  "![real vs synthetic](real_vs_synthetic.png)"]
+        lines += [
+            "",
+            "## Real vs synthetic",
+            "",
+            f"Left: real train images; right: {synth_dirs[0].name} images.",
+            "",
+            "![real vs synthetic](real_vs_synthetic.png)",
+        ]
     for png in ("samples_text2image.png", "samples_img2img.png", "vae_reconstructions.png"):
         if (runs / "generator" / png).is_file():
             lines += ["", f"![generator {png}](generator/{png})"]
@@ -211,7 +276,7 @@ def seed_stats(abl: Path, prefix: str) -> dict | None:
     """Test top-1 of every finished classifier <prefix>_s<seed>: per seed, mean, sample std (0 for one seed), n."""
     seeds = {}
     for folder in sorted(abl.glob(f"{prefix}_s*")):
-        seed, metrics = folder.name[len(prefix) + 2:], _manifest_metrics(folder)
+        seed, metrics = folder.name[len(prefix) + 2 :], _manifest_metrics(folder)
         if seed.isdigit() and metrics is not None:
             seeds[int(seed)] = float(metrics["top1"])
     if not seeds:
@@ -248,19 +313,25 @@ def tab2_lines(abl: Path) -> tuple[list[str], dict]:
     stats = {name: seed_stats(abl, prefix) for name, *_, prefix in ABLATION_ROWS}
     stats = {name: row for name, row in stats.items() if row is not None}
     ref, tick = stats.get("all three"), {True: "✓", False: ""}
-    lines = ["## Tab. 2 analogue: which of latent prior, visual guidance and MMD matter", "",
-             "Synthetic-only classifiers (x1), test top-1 (%) as mean ± sample std over classifier seeds. The seeds "
-             "vary the classifier only (initialisation, data order, augmentation); each row's finetune and synthesis "
-             "ran once, so the spread understates the run-to-run variance. A difference is called resolved only when "
-             "it exceeds both the larger seed std and twice its standard error.", "",
-             "| latent prior | visual guidance | MMD | finetuned | row | test top-1 | per seed | vs all three |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Tab. 2 analogue: which of latent prior, visual guidance and MMD matter",
+        "",
+        "Synthetic-only classifiers (x1), test top-1 (%) as mean ± sample std over classifier seeds. The seeds "
+        "vary the classifier only (initialisation, data order, augmentation); each row's finetune and synthesis "
+        "ran once, so the spread understates the run-to-run variance. A difference is called resolved only when "
+        "it exceeds both the larger seed std and twice its standard error.",
+        "",
+        "| latent prior | visual guidance | MMD | finetuned | row | test top-1 | per seed | vs all three |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, lp, vg, mmd, ft, _ in ABLATION_ROWS:
         if name in stats:
             row = stats[name]
             versus = "–" if ref is None or name == "all three" else difference(row, ref)
-            lines.append(f"| {tick[lp]} | {tick[vg]} | {tick[mmd]} | {tick[ft]} | {name} | {figure(row)} | "
-                         f"{per_seed(row)} | {versus} |")
+            lines.append(
+                f"| {tick[lp]} | {tick[vg]} | {tick[mmd]} | {tick[ft]} | {name} | {figure(row)} | "
+                f"{per_seed(row)} | {versus} |"
+            )
     return lines, stats
 
 
@@ -268,17 +339,26 @@ def fig2_lines(abl: Path) -> tuple[list[str], dict]:
     scales = {scale: seed_stats(abl, prefix) for scale, prefix in ABLATION_SCALES}
     scales = {scale: row for scale, row in scales.items() if row is not None}
     real = seed_stats(abl, ABLATION_REAL)
-    lines = ["## Fig. 2 analogue: synthetic-only accuracy as the synthetic set grows", "",
-             "All three components on; xN = N synthetic images per real training image (xN extends x1 with more "
-             "copies: same seeds), classifier trained for the same epochs on each set.", "",
-             "| training data | test top-1 | per seed |", "|---|---|---|"]
+    lines = [
+        "## Fig. 2 analogue: synthetic-only accuracy as the synthetic set grows",
+        "",
+        "All three components on; xN = N synthetic images per real training image (xN extends x1 with more "
+        "copies: same seeds), classifier trained for the same epochs on each set.",
+        "",
+        "| training data | test top-1 | per seed |",
+        "|---|---|---|",
+    ]
     lines += [f"| synthetic x{scale} | {figure(row)} | {per_seed(row)} |" for scale, row in scales.items()]
     if real:
         lines.append(f"| real (the line) | {figure(real)} | {per_seed(real)} |")
     order = sorted(scales)
     if len(order) >= 2:
-        lines += ["", "Between neighbouring scales: " + "; ".join(
-            f"x{a} -> x{b}: {difference(scales[b], scales[a])}" for a, b in zip(order, order[1:])) + "."]
+        lines += [
+            "",
+            "Between neighbouring scales: "
+            + "; ".join(f"x{a} -> x{b}: {difference(scales[b], scales[a])}" for a, b in zip(order, order[1:]))
+            + ".",
+        ]
     if scales and real:
         lines += ["", f"Largest synthetic set (x{order[-1]}) vs real: {difference(scales[order[-1]], real)}."]
     return lines, {"synthetic": scales, "real": real}
@@ -300,8 +380,14 @@ def scaling_plot(fig2: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
     if scales:
         rows = [fig2["synthetic"][k] for k in scales]
-        ax.errorbar(scales, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o", capsize=3,
-                    label=f"synthetic only (n={min(r['n'] for r in rows)} seeds)")
+        ax.errorbar(
+            scales,
+            [r["mean"] for r in rows],
+            yerr=[r["std"] for r in rows],
+            marker="o",
+            capsize=3,
+            label=f"synthetic only (n={min(r['n'] for r in rows)} seeds)",
+        )
     real = fig2["real"]
     if real:
         ax.axhline(real["mean"], color="k", linestyle="--", label=f"real x1 (n={real['n']})")
@@ -326,8 +412,15 @@ def run_ablation_report(args) -> dict:
     if not tables["tab2"] and not tables["fig2"]["synthetic"]:
         raise FileNotFoundError(f"no finished ablation classifier under {abl} (cls_*_s<seed>/manifest.json)")
     scaling_plot(tables["fig2"], abl / "scaling.png")
-    lines = ["# Real-Fake demo: ablation and scaling", "", f"Runs folder: `{abl}`.", "", *lines, "",
-             "![synthetic-only top-1 vs scale](scaling.png)"]
+    lines = [
+        "# Real-Fake demo: ablation and scaling",
+        "",
+        f"Runs folder: `{abl}`.",
+        "",
+        *lines,
+        "",
+        "![synthetic-only top-1 vs scale](scaling.png)",
+    ]
     write_json(abl / "ablation.json", tables)
     with atomic_write(abl / "report.md") as f:
         f.write("\n".join(lines) + "\n")
@@ -346,8 +439,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
     p.add_argument("--data-root", "--data", dest="data_root", default="runs/demo/data", help="the demo dataset")
     p.add_argument("--runs-dir", "--runs", dest="runs_dir", default="runs/demo", help="the demo's runs folder")
-    p.add_argument("--output-dir", "--out", dest="out", default=None,
-                   help="where to read and write (default: report: <runs>; ablation-report: <runs>/ablation)")
+    p.add_argument(
+        "--output-dir",
+        "--out",
+        dest="out",
+        default=None,
+        help="where to read and write (default: report: <runs>; ablation-report: <runs>/ablation)",
+    )
     return p
 
 

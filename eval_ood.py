@@ -39,14 +39,31 @@ from pathlib import Path
 import torch
 
 from common import (
-    DATA_DIR, IMAGE_EXTENSIONS, ImageFiles, RunDir, atomic_path, atomic_write, config_dict, fingerprint, get_logger,
-    data_location, load_classifier, load_dataset, parse_args, progress, read_lines, write_json,
+    DATA_DIR,
+    IMAGE_EXTENSIONS,
+    ImageFiles,
+    RunDir,
+    atomic_path,
+    atomic_write,
+    config_dict,
+    fingerprint,
+    get_logger,
+    data_location,
+    load_classifier,
+    load_dataset,
+    parse_args,
+    progress,
+    read_lines,
+    write_json,
 )
 
 WNID = re.compile(r"^n\d{8}$")
 IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet index order)
-    "imagenet-v2": "imagenet1k_wnids.txt", "imagenet-sketch": "imagenet1k_wnids.txt",
-    "imagenet-val": "imagenet1k_wnids.txt", "imagenet-r": "imagenet_r_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt",
+    "imagenet-v2": "imagenet1k_wnids.txt",
+    "imagenet-sketch": "imagenet1k_wnids.txt",
+    "imagenet-val": "imagenet1k_wnids.txt",
+    "imagenet-r": "imagenet_r_wnids.txt",
+    "imagenet-a": "imagenet_a_wnids.txt",
 }
 
 
@@ -54,13 +71,20 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
     p.add_argument("--classifier", default=None, help="a train_cls.py output directory (required)")
-    p.add_argument("--sets", nargs="+", default=["test"],
-                   help="dataset split names, and/or ImageNet OOD sets as KIND=PATH or a bare KIND whose path is "
-                        "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS))
+    p.add_argument(
+        "--sets",
+        nargs="+",
+        default=["test"],
+        help="dataset split names, and/or ImageNet OOD sets as KIND=PATH or a bare KIND whose path is "
+        "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS),
+    )
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
         env = kind.replace("-", "_").upper() + "_ROOT"
-        p.add_argument(f"--{kind}", default=None, help=f"root of {kind} (used when --sets names '{kind}'; "
-                                                      f"default ${env} or configs/paths.yaml)")
+        p.add_argument(
+            f"--{kind}",
+            default=None,
+            help=f"root of {kind} (used when --sets names '{kind}'; default ${env} or configs/paths.yaml)",
+        )
     p.add_argument("--dataset", default=None, help="dataset of the split names in --sets")
     p.add_argument("--data-root", default=None)
     p.add_argument("--runs-dir", default="runs")
@@ -68,8 +92,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
     p.add_argument("--batch-size", type=int, default=256, help="per process")
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--amp", choices=["auto", "no", "fp16", "bf16"], default="auto",
-                   help="autocast for the forward pass; auto = bf16 on a GPU, none on CPU")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "no", "fp16", "bf16"],
+        default="auto",
+        help="autocast for the forward pass; auto = bf16 on a GPU, none on CPU",
+    )
     return p
 
 
@@ -90,8 +118,10 @@ def parse_set(spec: str, args=None) -> tuple[str, str | None, str | None]:
         return spec, None, None
     kind, path = spec.split("=", 1)
     if kind not in IMAGENET_SETS:
-        raise ValueError(f"--sets {spec}: unknown set kind '{kind}'; use a split name of the dataset or one of "
-                         f"{sorted(IMAGENET_SETS)} as KIND=PATH")
+        raise ValueError(
+            f"--sets {spec}: unknown set kind '{kind}'; use a split name of the dataset or one of "
+            f"{sorted(IMAGENET_SETS)} as KIND=PATH"
+        )
     return kind, kind, path
 
 
@@ -140,8 +170,12 @@ def read_set(spec: str, args) -> tuple[str, list[Path], list[str], list[str]]:
     if args.dataset is None or args.data_root is None:
         raise ValueError(f"--sets {spec}: a split name needs --dataset and --data-root (or a --config)")
     index = load_dataset(args.dataset, args.data_root, spec)
-    return name, [index.abspath(i) for i in range(len(index))], [index.classes[s.label] for s in index.samples], \
-        list(index.classes)
+    return (
+        name,
+        [index.abspath(i) for i in range(len(index))],
+        [index.classes[s.label] for s in index.samples],
+        list(index.classes),
+    )
 
 
 def shared_classes(model_classes: list[str], space: list[str]) -> tuple[list[int], dict[str, int]]:
@@ -168,11 +202,21 @@ def score_set(logits: torch.Tensor, ids: list[str], model_classes: list[str], sp
     targets = torch.tensor([target_of[ids[i]] for i in rows])
     acc = topk_accuracy(logits[rows][:, keep], targets)
     masked = len(keep) < len(model_classes) or len(keep) < len(set(space))
-    note = (f"scored on {len(keep)} classes shared by the classifier ({len(model_classes)}) and the set "
-            f"({len(set(space))}); {len(ids) - len(rows)} images of other classes skipped; top-k over those "
-            f"{len(keep)} logits only" if masked else "full label space, no mask")
-    return {"images": len(rows), "classes_scored": len(keep), "logit_mask": masked, "note": note,
-            "top5_k": min(5, len(keep)), **acc}
+    note = (
+        f"scored on {len(keep)} classes shared by the classifier ({len(model_classes)}) and the set "
+        f"({len(set(space))}); {len(ids) - len(rows)} images of other classes skipped; top-k over those "
+        f"{len(keep)} logits only"
+        if masked
+        else "full label space, no mask"
+    )
+    return {
+        "images": len(rows),
+        "classes_scored": len(keep),
+        "logit_mask": masked,
+        "note": note,
+        "top5_k": min(5, len(keep)),
+        **acc,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,9 +226,13 @@ def score_set(logits: torch.Tensor, ids: list[str], model_classes: list[str], sp
 @torch.no_grad()
 def compute_logits(model, paths, transform, state, args, desc: str) -> torch.Tensor:
     """Logits of this process's strided share of `paths` (float32, all the classifier's classes)."""
-    mine = paths[state.process_index::state.num_processes]
-    loader = torch.utils.data.DataLoader(ImageFiles(mine, transform), batch_size=args.batch_size,
-                                         num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    mine = paths[state.process_index :: state.num_processes]
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(mine, transform),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        pin_memory=torch.cuda.is_available(),
+    )
     amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     out = []
@@ -248,12 +296,18 @@ def set_logits(name, paths, model, transform, info, weights_hash, state, args, o
 
 
 def markdown_table(results: dict, classifier: str) -> str:
-    lines = [f"OOD evaluation of `{classifier}` (top-k over the classes shared by classifier and set)", "",
-             "| set | images | classes scored | logit mask | top-1 | top-5 |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"OOD evaluation of `{classifier}` (top-k over the classes shared by classifier and set)",
+        "",
+        "| set | images | classes scored | logit mask | top-1 | top-5 |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         top5 = f"{r['top5']:.2f}" + ("" if r["top5_k"] == 5 else f" (top-{r['top5_k']})")
-        lines.append(f"| {name} | {r['images']} | {r['classes_scored']} | {'yes' if r['logit_mask'] else 'no'} | "
-                     f"{r['top1']:.2f} | {top5} |")
+        lines.append(
+            f"| {name} | {r['images']} | {r['classes_scored']} | {'yes' if r['logit_mask'] else 'no'} | "
+            f"{r['top1']:.2f} | {top5} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -289,15 +343,17 @@ def main(argv=None) -> dict:
             raise ValueError(f"--sets {spec}: no images found")
         logits = set_logits(name, paths, model, transform, info, weights_hash, state, args, out, log)
         results[name] = score_set(logits, ids, info["classes"], space)
-        log.info(f"{name}: top1 {results[name]['top1']:.2f} top5 {results[name]['top5']:.2f} "
-                 f"({results[name]['note']})")
+        log.info(f"{name}: top1 {results[name]['top1']:.2f} top5 {results[name]['top5']:.2f} ({results[name]['note']})")
     metrics = {f"{n}/{k}": r[k] for n, r in results.items() for k in ("top1", "top5")}
     if state.is_main_process:
         write_json(out / "results.json", results)
         with atomic_write(out / "results.md") as f:
             f.write(markdown_table(results, str(classifier)))
-    run.finish(metrics, inputs={"classifier": str(classifier), "classifier_weights": weights_hash},
-               extra={"sets": list(args.sets), "skipped": skipped, "results": results})
+    run.finish(
+        metrics,
+        inputs={"classifier": str(classifier), "classifier_weights": weights_hash},
+        extra={"sets": list(args.sets), "skipped": skipped, "results": results},
+    )
     return metrics
 
 

@@ -72,8 +72,12 @@ def get_parser() -> argparse.ArgumentParser:
     a("--output-dir", default=None, help="default runs/<dataset>/finetune")
     a("--runs-dir", default="runs", help="root of the default output directories")
     a("--overwrite", action="store_true", help="move a run with another config aside and start over")
-    a("--resume", default="latest", choices=["latest", "none"], help="resume an interrupted run from its latest "
-      "checkpoint (default), or restart it from step 0")
+    a(
+        "--resume",
+        default="latest",
+        choices=["latest", "none"],
+        help="resume an interrupted run from its latest checkpoint (default), or restart it from step 0",
+    )
     # data and prompts (paper §3.2)
     a("--captions", default=None, help="captions.jsonl from caption.py; without it prompts are 'photo of {class}'")
     a("--allow-missing-captions", action="store_true", help="prompt images without a caption by class name only")
@@ -94,33 +98,68 @@ def get_parser() -> argparse.ArgumentParser:
     a("--adam-epsilon", type=float, default=1e-8)
     a("--max-grad-norm", type=float, default=1.0)
     a("--train-batch-size", type=common.positive_int, default=8, help="per process (paper: 8 per GPU x 8 GPUs)")
-    a("--gradient-accumulation-steps", type=common.positive_int, default=1, help="micro-batches per optimizer "
-      "step: keeps the paper's 64-image step on fewer GPUs (e.g. 2 on 4 GPUs); the MMD term stays per micro-batch, "
-      "as per GPU")
+    a(
+        "--gradient-accumulation-steps",
+        type=common.positive_int,
+        default=1,
+        help="micro-batches per optimizer "
+        "step: keeps the paper's 64-image step on fewer GPUs (e.g. 2 on 4 GPUs); the MMD term stays per micro-batch, "
+        "as per GPU",
+    )
     a("--num-train-epochs", type=int, default=100, help="release: 100 (the paper's table cell is garbled)")
     a("--max-train-steps", type=int, default=None, help="stop after this many steps (overrides the epoch count)")
     a("--snr-gamma", type=float, default=5.0, help="min-SNR-γ weighting (release: 5); 0 = plain ε-MSE")
     # distribution matching (paper §3.1)
-    a("--mmd-form", default="paper", choices=["paper", "release"],
-      help="paper: ‖mean z0 − mean ẑ0‖²/D (Eq. 7); release: min-SNR-weighted batch sum of ε residuals")
-    a("--mmd-weight", type=float, default=None, help="λ; default 0.01 (paper form, converted from the release's "
-      "0.003 at batch 8: see the module docstring) or 0.003 (release form); 0 turns the term off")
+    a(
+        "--mmd-form",
+        default="paper",
+        choices=["paper", "release"],
+        help="paper: ‖mean z0 − mean ẑ0‖²/D (Eq. 7); release: min-SNR-weighted batch sum of ε residuals",
+    )
+    a(
+        "--mmd-weight",
+        type=float,
+        default=None,
+        help="λ; default 0.01 (paper form, converted from the release's "
+        "0.003 at batch 8: see the module docstring) or 0.003 (release form); 0 turns the term off",
+    )
     # visual guidance (paper §3.2)
-    a("--vg-mode", default="class-mean", choices=["class-mean", "per-image", "none"],
-      help="class-mean (paper) | per-image (release: each image's own embedding) | none")
-    a("--vg-placement", default="append", choices=list(common.VG_PLACEMENTS),
-      help="append a 78th token (paper) | replace-last: overwrite text slot 77 (release)")
+    a(
+        "--vg-mode",
+        default="class-mean",
+        choices=["class-mean", "per-image", "none"],
+        help="class-mean (paper) | per-image (release: each image's own embedding) | none",
+    )
+    a(
+        "--vg-placement",
+        default="append",
+        choices=list(common.VG_PLACEMENTS),
+        help="append a 78th token (paper) | replace-last: overwrite text slot 77 (release)",
+    )
     a("--vg-encoder", default=PAPER_ENCODER, help="CLIP image encoder (hub id or local dir)")
-    a("--vg-images-per-class", type=int, default=64, help="K random training images per class for the class mean "
-      "(paper: 'randomly sampled images', count not given; 64 keeps the mean's standard error at 1/8 of the spread)")
+    a(
+        "--vg-images-per-class",
+        type=int,
+        default=64,
+        help="K random training images per class for the class mean "
+        "(paper: 'randomly sampled images', count not given; 64 keeps the mean's standard error at 1/8 of the spread)",
+    )
     # engineering
-    a("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"], help="auto: fp16 on GPU "
-      "(release), fp32 on CPU; LoRA weights stay fp32")
+    a(
+        "--mixed-precision",
+        default="auto",
+        choices=["auto", "no", "fp16", "bf16"],
+        help="auto: fp16 on GPU (release), fp32 on CPU; LoRA weights stay fp32",
+    )
     a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (less memory)")
-    a("--cache-latents", action="store_true", help="encode VAE latents (center crop, both flips) and text "
-      "embeddings once (files under <output-dir>/cache) and reuse them every epoch; replaces the random crop by a "
-      "center crop; held in host memory: ~128 KB per image + 118 KB per distinct prompt at 512 px (fine for "
-      "IN-10/IN-100, too much for IN-1K)")
+    a(
+        "--cache-latents",
+        action="store_true",
+        help="encode VAE latents (center crop, both flips) and text "
+        "embeddings once (files under <output-dir>/cache) and reuse them every epoch; replaces the random crop by a "
+        "center crop; held in host memory: ~128 KB per image + 118 KB per distinct prompt at 512 px (fine for "
+        "IN-10/IN-100, too much for IN-1K)",
+    )
     a("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs")
     a("--checkpointing-steps", type=int, default=500, help="release: 500")
     a("--checkpoints-total-limit", type=int, default=3, help="keep the last K checkpoints (release: all)")
@@ -139,8 +178,11 @@ def resize_crop(img, size: int, rng: np.random.Generator | None, flip: bool) -> 
     scale = size / min(img.size)
     w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
     img = img.resize((w, h), Image.BILINEAR)
-    left, top = ((int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))) if rng is not None
-                 else ((w - size) // 2, (h - size) // 2))
+    left, top = (
+        (int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1)))
+        if rng is not None
+        else ((w - size) // 2, (h - size) // 2)
+    )
     img = img.crop((left, top, left + size, top + size))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
     return x.flip(-1) if flip else x
@@ -171,7 +213,7 @@ def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epo
     perm = torch.randperm(n, generator=gen).tolist()
     perm += perm[: (-n) % world]
     step = batch_size * world
-    return [perm[s: s + step][rank::world] for s in range(0, len(perm), step)]
+    return [perm[s : s + step][rank::world] for s in range(0, len(perm), step)]
 
 
 def collate(items):
@@ -196,12 +238,16 @@ def load_components(args, device, weight_dtype):
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=rev)
         scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", revision=rev)
     except (OSError, ValueError) as err:
-        raise OSError(f"cannot load an SD 1.x pipeline from '{src}': {err}. Pass --pretrained-model with a hub id "
-                      f"(cached when HF_HUB_OFFLINE=1) or a directory in the diffusers layout (model_index.json, "
-                      f"unet/, vae/, text_encoder/, tokenizer/, scheduler/).") from err
+        raise OSError(
+            f"cannot load an SD 1.x pipeline from '{src}': {err}. Pass --pretrained-model with a hub id "
+            f"(cached when HF_HUB_OFFLINE=1) or a directory in the diffusers layout (model_index.json, "
+            f"unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+        ) from err
     if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"{src} predicts {scheduler.config.prediction_type}; the MMD term (ẑ0 from ε̂) needs an "
-                         f"ε-prediction model such as SD 1.5")
+        raise ValueError(
+            f"{src} predicts {scheduler.config.prediction_type}; the MMD term (ẑ0 from ε̂) needs an "
+            f"ε-prediction model such as SD 1.5"
+        )
     for model in (text_encoder, vae):
         model.requires_grad_(False).to(device, weight_dtype)
     return tokenizer, text_encoder.eval(), vae.eval(), scheduler, add_lora(unet, args, device, weight_dtype)
@@ -213,8 +259,14 @@ def add_lora(unet, args, device, weight_dtype):
     from peft import LoraConfig
 
     unet.requires_grad_(False).to(device, weight_dtype)
-    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                target_modules=args.lora_targets.split(",")))
+    unet.add_adapter(
+        LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=args.lora_targets.split(","),
+        )
+    )
     cast_training_params(unet, torch.float32)  # trainable LoRA weights in fp32 under fp16/bf16 autocast
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -222,8 +274,9 @@ def add_lora(unet, args, device, weight_dtype):
 
 
 def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
@@ -236,11 +289,13 @@ def clip_embeddings(encoder_id: str, paths: list[Path], device, is_main: bool) -
         processor = CLIPImageProcessor.from_pretrained(encoder_id)
         model = CLIPVisionModelWithProjection.from_pretrained(encoder_id).to(device).eval()
     except OSError as err:
-        raise OSError(f"cannot load the CLIP image encoder '{encoder_id}': {err}. Pass --vg-encoder (hub id or "
-                      f"local dir), or --vg-mode none") from err
+        raise OSError(
+            f"cannot load the CLIP image encoder '{encoder_id}': {err}. Pass --vg-encoder (hub id or "
+            f"local dir), or --vg-mode none"
+        ) from err
     out = []
     for start in common.progress(range(0, len(paths), 32), is_main, desc="clip embeddings"):
-        images = [common.load_image(p) for p in paths[start: start + 32]]
+        images = [common.load_image(p) for p in paths[start : start + 32]]
         pixels = processor(images=images, return_tensors="pt").pixel_values.to(device)
         out.append(model(pixel_values=pixels).image_embeds.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -249,8 +304,13 @@ def clip_embeddings(encoder_id: str, paths: list[Path], device, is_main: bool) -
 def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, dict]:
     """Raw encoder embeddings and their description: per class the mean of K seeded random training images (paper
     §3.2), or every image's own embedding (release). Which images are sampled depends only on seed and image ids."""
-    info = {"mode": args.vg_mode, "placement": args.vg_placement, "classes": index.classes, "encoder": args.vg_encoder,
-            "images_per_class": args.vg_images_per_class}
+    info = {
+        "mode": args.vg_mode,
+        "placement": args.vg_placement,
+        "classes": index.classes,
+        "encoder": args.vg_encoder,
+        "images_per_class": args.vg_images_per_class,
+    }
     if args.vg_mode == "per-image":
         info["image_paths"] = [s.path for s in index.samples]
         return clip_embeddings(args.vg_encoder, [index.abspath(i) for i in range(len(index))], device, is_main), info
@@ -264,7 +324,7 @@ def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, d
     embeds = clip_embeddings(args.vg_encoder, [index.abspath(r) for r in flat], device, is_main)
     means, start = [], 0
     for rows in chosen:  # a class without training images (a small subset) gets a zero token
-        means.append(embeds[start: start + len(rows)].mean(0) if rows else torch.zeros(embeds.shape[-1]))
+        means.append(embeds[start : start + len(rows)].mean(0) if rows else torch.zeros(embeds.shape[-1]))
         start += len(rows)
     info["sampled_paths"] = [[index.samples[r].path for r in rows] for rows in chosen]
     return torch.stack(means), info
@@ -284,28 +344,38 @@ def build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator,
     if not path.is_file():
         rows, texts = list(range(len(index)))[rank::world], unique[rank::world]
         mean, std = [], []
-        for start in common.progress(range(0, len(rows), args.train_batch_size), accelerator.is_main_process,
-                                     desc="cache latents"):
-            batch = rows[start: start + args.train_batch_size]
+        for start in common.progress(
+            range(0, len(rows), args.train_batch_size), accelerator.is_main_process, desc="cache latents"
+        ):
+            batch = rows[start : start + args.train_batch_size]
             views = [resize_crop(common.load_image(index.abspath(r)), args.resolution, None, False) for r in batch]
             pixels = torch.stack(views + [v.flip(-1) for v in views]).to(vae.device, vae.dtype)
             dist = vae.encode(pixels).latent_dist
             n = len(batch)  # [n, 2 flips, C, h, w]
             mean.append(torch.stack([dist.mean[:n], dist.mean[n:]], 1).half().cpu())
             std.append(torch.stack([dist.std[:n], dist.std[n:]], 1).half().cpu())
-        text = [encode_text(tokenizer, text_encoder, texts[i: i + 64]).half().cpu() for i in range(0, len(texts), 64)]
+        text = [encode_text(tokenizer, text_encoder, texts[i : i + 64]).half().cpu() for i in range(0, len(texts), 64)]
         with common.atomic_path(path) as tmp:
-            save_file({"rows": torch.tensor(rows, dtype=torch.long), "mean": torch.cat(mean), "std": torch.cat(std),
-                       "text": torch.cat(text) if text else torch.zeros(0)}, str(tmp))
+            save_file(
+                {
+                    "rows": torch.tensor(rows, dtype=torch.long),
+                    "mean": torch.cat(mean),
+                    "std": torch.cat(std),
+                    "text": torch.cat(text) if text else torch.zeros(0),
+                },
+                str(tmp),
+            )
     accelerator.wait_for_everyone()
     cache = {}
     for r in range(world):
         part = load_file(str(out_dir / "cache" / f"shard-{r}of{world}.safetensors"))
         if not cache:
             n = len(index)
-            cache = {"mean": torch.empty(n, *part["mean"].shape[1:], dtype=torch.half),
-                     "std": torch.empty(n, *part["std"].shape[1:], dtype=torch.half),
-                     "text": torch.empty(len(unique), *part["text"].shape[1:], dtype=torch.half)}
+            cache = {
+                "mean": torch.empty(n, *part["mean"].shape[1:], dtype=torch.half),
+                "std": torch.empty(n, *part["std"].shape[1:], dtype=torch.half),
+                "text": torch.empty(len(unique), *part["text"].shape[1:], dtype=torch.half),
+            }
         cache["mean"][part["rows"]], cache["std"][part["rows"]] = part["mean"], part["std"]
         if len(part["text"]):
             cache["text"][r::world] = part["text"]
@@ -466,11 +536,15 @@ def main(argv=None) -> dict:
     from diffusers import UNet2DConditionModel
 
     # cpu=True without CUDA: several CPU processes under torchrun then form one gloo group (else each trains alone).
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    )
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
-    config = common.config_dict(args, exclude=("output_dir", "runs_dir", "num_workers", "checkpointing_steps",
-                                               "checkpoints_total_limit"))
+    config = common.config_dict(
+        args, exclude=("output_dir", "runs_dir", "num_workers", "checkpointing_steps", "checkpoints_total_limit")
+    )
     config["world_size"] = accelerator.num_processes  # the per-process batch defines the MMD batch
     if args.gradient_accumulation_steps == 1:  # a later option: absent at its default, so older runs keep their config
         del config["gradient_accumulation_steps"]
@@ -487,14 +561,23 @@ def main(argv=None) -> dict:
     labels = [s.label for s in index.samples]
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     tokenizer, text_encoder, vae, scheduler, unet = load_components(args, accelerator.device, weight_dtype)
-    embeds, projection, vg_info = prepare_visual_guidance(index, args, accelerator, out_dir,
-                                                          unet.config.cross_attention_dim)
-    cache = (build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator, out_dir)
-             if args.cache_latents else None)
+    embeds, projection, vg_info = prepare_visual_guidance(
+        index, args, accelerator, out_dir, unet.config.cross_attention_dim
+    )
+    cache = (
+        build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator, out_dir)
+        if args.cache_latents
+        else None
+    )
 
     params = [p for p in unet.parameters() if p.requires_grad] + (list(projection.parameters()) if projection else [])
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if projection is not None:
         projection = accelerator.prepare(projection)
@@ -510,10 +593,12 @@ def main(argv=None) -> dict:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} (step {step})")
     n_train = sum(p.numel() for p in params)
-    log.info(f"{len(index)} images, {len(index.classes)} classes, {world} process(es) x batch {args.train_batch_size}"
-             f" x {accum} accumulated = {world * args.train_batch_size * accum} per step, {micro_per_epoch / accum:g} "
-             f"steps/epoch, {total} steps, {n_train} trainable parameters, vg={args.vg_mode}, "
-             f"mmd={args.mmd_form} λ={args.mmd_weight}")
+    log.info(
+        f"{len(index)} images, {len(index.classes)} classes, {world} process(es) x batch {args.train_batch_size}"
+        f" x {accum} accumulated = {world * args.train_batch_size * accum} per step, {micro_per_epoch / accum:g} "
+        f"steps/epoch, {total} steps, {n_train} trainable parameters, vg={args.vg_mode}, "
+        f"mmd={args.mmd_form} λ={args.mmd_weight}"
+    )
 
     models = (tokenizer, text_encoder, vae, scheduler, unet, projection)
     bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
@@ -523,12 +608,17 @@ def main(argv=None) -> dict:
         epoch, skip = divmod(micro, micro_per_epoch)
         batches = epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, epoch)[skip:]
         batches = batches[: total * accum - micro]
-        loader = torch.utils.data.DataLoader(TrainImages(index, args, epoch, cache is not None), batch_sampler=batches,
-                                             num_workers=args.num_workers, collate_fn=collate)
+        loader = torch.utils.data.DataLoader(
+            TrainImages(index, args, epoch, cache is not None),
+            batch_sampler=batches,
+            num_workers=args.num_workers,
+            collate_fn=collate,
+        )
         for batch in loader:
             # Per-micro-batch noise from (seed, micro-batch, rank): a resumed run draws what an uninterrupted one would.
-            gen = torch.Generator(accelerator.device).manual_seed(common.item_seed(args.seed, "finetune-step", micro,
-                                                                                   rank))
+            gen = torch.Generator(accelerator.device).manual_seed(
+                common.item_seed(args.seed, "finetune-step", micro, rank)
+            )
             with accelerator.accumulate(*trained):  # the prepared optimizer steps only on the accum-th micro-batch
                 with accelerator.autocast():
                     loss, logs = training_step(batch, models, embeds, prompts, labels, args, cache, gen)
@@ -555,18 +645,31 @@ def main(argv=None) -> dict:
     elapsed = time.time() - t0
     accelerator.wait_for_everyone()
 
-    metrics = {"steps": step, "micro_batches": micro, "epochs": math.ceil(micro / micro_per_epoch),
-               "train_images": len(index), "trainable_params": n_train,
-               "samples_per_s": seen / elapsed if seen else None,
-               "final_loss": float(np.mean([h["loss"] for h in history[-micro_per_epoch:]])) if history else None,
-               "final_mmd": float(np.mean([h["mmd"] for h in history[-micro_per_epoch:]])) if history else None}
+    metrics = {
+        "steps": step,
+        "micro_batches": micro,
+        "epochs": math.ceil(micro / micro_per_epoch),
+        "train_images": len(index),
+        "trainable_params": n_train,
+        "samples_per_s": seen / elapsed if seen else None,
+        "final_loss": float(np.mean([h["loss"] for h in history[-micro_per_epoch:]])) if history else None,
+        "final_mmd": float(np.mean([h["mmd"] for h in history[-micro_per_epoch:]])) if history else None,
+    }
     if accelerator.is_main_process:
-        save_outputs(out_dir, accelerator.unwrap_model(unet), accelerator.unwrap_model(projection)
-                     if projection is not None else None, embeds, vg_info)
-        inputs = {"pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
-                  "captions": common.fingerprint(args.captions), "subset_mask": common.fingerprint(args.subset_mask),
-                  "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
-                  "lora": common.hash_file(out_dir / "pytorch_lora_weights.safetensors")}
+        save_outputs(
+            out_dir,
+            accelerator.unwrap_model(unet),
+            accelerator.unwrap_model(projection) if projection is not None else None,
+            embeds,
+            vg_info,
+        )
+        inputs = {
+            "pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
+            "captions": common.fingerprint(args.captions),
+            "subset_mask": common.fingerprint(args.subset_mask),
+            "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
+            "lora": common.hash_file(out_dir / "pytorch_lora_weights.safetensors"),
+        }
         run.finish(metrics, inputs=inputs)
         log.info(f"wrote {out_dir}: {metrics}")
     accelerator.wait_for_everyone()

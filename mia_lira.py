@@ -44,8 +44,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (PROJECT_DIR, RunDir, atomic_path, atomic_write, config_dict, config_hash, get_logger, item_seed,
-                    load_classifier, load_dataset, load_image, parse_args, parse_shard, progress, write_json)
+from common import (
+    PROJECT_DIR,
+    RunDir,
+    atomic_path,
+    atomic_write,
+    config_dict,
+    config_hash,
+    get_logger,
+    item_seed,
+    load_classifier,
+    load_dataset,
+    load_image,
+    parse_args,
+    parse_shard,
+    progress,
+    write_json,
+)
 
 ARMS = ("synthetic", "real")
 ATTACKS = ("online", "online_fixed_variance", "offline", "offline_fixed_variance", "global_threshold")
@@ -72,19 +87,34 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-args", default="", help="extra flags for every finetune.py call (one string)")
     p.add_argument("--synthesize-args", default="", help="extra flags for every synthesize.py call (one string)")
     p.add_argument("--train-cls-args", default="", help="extra flags for every train_cls.py call (one string)")
-    p.add_argument("--launcher", default="", help="command prefix for the stage scripts, e.g. 'accelerate launch "
-                                                    "--num_processes 8' (default: this python)")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="'i/n': train only shadows i, i+n, ... (job "
-                                                                     "arrays); attacks run once all scores exist")
-    p.add_argument("--scores-from", default=None, help="attack-only mode: a previous mia_lira output dir whose "
-                                                       "keep.npy and scores_<arm>.npy are reused (nothing is trained)")
+    p.add_argument(
+        "--launcher",
+        default="",
+        help="command prefix for the stage scripts, e.g. 'accelerate launch --num_processes 8' (default: this python)",
+    )
+    p.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=(0, 1),
+        help="'i/n': train only shadows i, i+n, ... (job arrays); attacks run once all scores exist",
+    )
+    p.add_argument(
+        "--scores-from",
+        default=None,
+        help="attack-only mode: a previous mia_lira output dir whose "
+        "keep.npy and scores_<arm>.npy are reused (nothing is trained)",
+    )
     # Queries (Carlini et al. §5: deterministic augmentations; reference code: identity + mirror).
     p.add_argument("--batch-size", type=int, default=256, help="query batch size (does not change results)")
     p.add_argument("--num-workers", type=int, default=4, help="query data-loader workers")
     # Attacks.
-    p.add_argument("--offline-test", default="one-sided", choices=("one-sided", "two-sided"),
-                   help="offline LiRA test: one-sided Gaussian CDF, Λ = Pr[Z < φ], Z ~ N(μ_out, σ_out²) (paper,\n"
-                        "Carlini et al. Alg. 1; default) or two-sided −log N(φ; μ_out, σ_out²) (reference plot.py)")
+    p.add_argument(
+        "--offline-test",
+        default="one-sided",
+        choices=("one-sided", "two-sided"),
+        help="offline LiRA test: one-sided Gaussian CDF, Λ = Pr[Z < φ], Z ~ N(μ_out, σ_out²) (paper,\n"
+        "Carlini et al. Alg. 1; default) or two-sided −log N(φ; μ_out, σ_out²) (reference plot.py)",
+    )
     p.add_argument("--num-targets", type=int, default=0, help="leave-one-out targets to rotate over (0 = all M)")
     return p
 
@@ -97,8 +127,10 @@ def make_keep_matrix(image_ids: list[str], num_models: int, seed: int) -> np.nda
     """[M, N] bool, each column with exactly M/2 True: image j is IN for the first M/2 models of a permutation seeded
     by (seed, image id), so the matrix is a pure function of the seed and the ids, not of file order."""
     if num_models < 4 or num_models % 2:
-        raise ValueError(f"--num-shadows must be even and >= 4 (leave-one-out needs an IN and an OUT shadow per "
-                         f"image), got {num_models}")
+        raise ValueError(
+            f"--num-shadows must be even and >= 4 (leave-one-out needs an IN and an OUT shadow per "
+            f"image), got {num_models}"
+        )
     keep = np.zeros((num_models, len(image_ids)), dtype=bool)
     for j, image_id in enumerate(image_ids):
         perm = np.random.default_rng(item_seed(seed, "lira-keep", image_id)).permutation(num_models)
@@ -135,8 +167,9 @@ def _split_stats(scores: np.ndarray, keep: np.ndarray):
     return stats, s_in, s_out
 
 
-def lira_attacks(shadow_scores: np.ndarray, shadow_keep: np.ndarray, target_scores: np.ndarray,
-                 offline_test: str = "one-sided") -> dict[str, np.ndarray]:
+def lira_attacks(
+    shadow_scores: np.ndarray, shadow_keep: np.ndarray, target_scores: np.ndarray, offline_test: str = "one-sided"
+) -> dict[str, np.ndarray]:
     """Membership scores of one target model's queries, higher = more likely a member, for every attack.
 
     shadow_scores [S, N, A] φ of the shadows, shadow_keep [S, N], target_scores [N, A]. Each example needs at least
@@ -185,8 +218,12 @@ def roc_metrics(labels: np.ndarray, scores: np.ndarray, fprs=FPRS) -> dict:
     and the number of non-members behind each figure (TPR@0.1% with 5k non-members rests on < 5 false positives)."""
     fpr, tpr = roc_curve(labels, scores)
     n_neg = int((~np.asarray(labels, dtype=bool)).sum())
-    result = {"auc": float(np.trapezoid(tpr, fpr)), "balanced_accuracy": float(np.max(1 - (fpr + 1 - tpr) / 2)),
-              "num_members": int(len(labels) - n_neg), "num_nonmembers": n_neg}
+    result = {
+        "auc": float(np.trapezoid(tpr, fpr)),
+        "balanced_accuracy": float(np.max(1 - (fpr + 1 - tpr) / 2)),
+        "num_members": int(len(labels) - n_neg),
+        "num_nonmembers": n_neg,
+    }
     for level in fprs:
         result[f"tpr_at_{level:g}_fpr"] = float(tpr[fpr < level].max())
         result[f"false_positives_at_{level:g}_fpr"] = int(np.ceil(level * n_neg) - 1)  # most FPs allowed below it
@@ -209,8 +246,12 @@ def evaluate_attacks(scores: np.ndarray, keep: np.ndarray, targets, offline_test
     for name in ATTACKS:
         labels = np.concatenate([y for y, _ in pooled[name]])
         preds = np.concatenate([p for _, p in pooled[name]])
-        results[name] = {**roc_metrics(labels, preds), "auc_per_target_mean": float(np.mean(per_target[name])),
-                         "auc_per_target_std": float(np.std(per_target[name])), "num_targets": len(targets)}
+        results[name] = {
+            **roc_metrics(labels, preds),
+            "auc_per_target_mean": float(np.mean(per_target[name])),
+            "auc_per_target_std": float(np.std(per_target[name])),
+            "num_targets": len(targets),
+        }
         curves[name] = (labels, preds)
     return results, curves
 
@@ -235,8 +276,16 @@ def stage_command(args, script: str, out_dir: Path, seed: int, mask: Path | None
     cmd = [*launcher, str(PROJECT_DIR / script)]
     if args.stage_config:
         cmd += ["--config", str(args.stage_config)]
-    cmd += ["--dataset", args.dataset, "--data-root", str(args.data_root), "--seed", str(seed), "--output-dir",
-            str(out_dir)]
+    cmd += [
+        "--dataset",
+        args.dataset,
+        "--data-root",
+        str(args.data_root),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(out_dir),
+    ]
     return cmd + (["--subset-mask", str(mask)] if mask is not None else []) + extra
 
 
@@ -249,17 +298,45 @@ def shadow_stages(args, arm: str, shadow: int, shadow_dir: Path, mask: Path) -> 
     seed, split = shadow_seed(args.seed, shadow), shlex.split
     cls_dir = shadow_dir / "cls"
     if arm == "real":
-        return [(cls_dir, stage_command(args, "train_cls.py", cls_dir, seed, mask,
-                                        [CLS_TRAIN_DIRS, "real", *split(args.train_cls_args)]))]
+        return [
+            (
+                cls_dir,
+                stage_command(
+                    args, "train_cls.py", cls_dir, seed, mask, [CLS_TRAIN_DIRS, "real", *split(args.train_cls_args)]
+                ),
+            )
+        ]
     ft_dir, synth_dir = shadow_dir / "finetune", shadow_dir / "synth"
     generator = optional("--pretrained-model", args.pretrained_model) + optional("--captions", args.captions)
     return [
-        (ft_dir, stage_command(args, "finetune.py", ft_dir, seed, mask, [
-            *generator, *optional("--vg-encoder", args.vg_encoder), *split(args.finetune_args)])),
-        (synth_dir, stage_command(args, "synthesize.py", synth_dir, seed, mask, [
-            *generator, SYNTH_FINETUNE_DIR, str(ft_dir), SYNTH_SCALE, "1", *split(args.synthesize_args)])),
-        (cls_dir, stage_command(args, "train_cls.py", cls_dir, seed, None, [
-            CLS_TRAIN_DIRS, str(synth_dir), *split(args.train_cls_args)])),
+        (
+            ft_dir,
+            stage_command(
+                args,
+                "finetune.py",
+                ft_dir,
+                seed,
+                mask,
+                [*generator, *optional("--vg-encoder", args.vg_encoder), *split(args.finetune_args)],
+            ),
+        ),
+        (
+            synth_dir,
+            stage_command(
+                args,
+                "synthesize.py",
+                synth_dir,
+                seed,
+                mask,
+                [*generator, SYNTH_FINETUNE_DIR, str(ft_dir), SYNTH_SCALE, "1", *split(args.synthesize_args)],
+            ),
+        ),
+        (
+            cls_dir,
+            stage_command(
+                args, "train_cls.py", cls_dir, seed, None, [CLS_TRAIN_DIRS, str(synth_dir), *split(args.train_cls_args)]
+            ),
+        ),
     ]
 
 
@@ -269,8 +346,10 @@ def run_shadow(args, arm: str, shadow: int, shadow_dir: Path, mask: Path, log) -
             continue  # finished earlier: resuming the experiment skips it
         log.info("%s shadow %d: %s", arm, shadow, shlex.join(cmd))
         if subprocess.run(cmd, cwd=PROJECT_DIR).returncode != 0:
-            raise RuntimeError(f"{arm} shadow {shadow} failed in `{shlex.join(cmd)}` (its log is in {out_dir}); fix "
-                               f"the cause and re-run mia_lira.py: finished stages and shadows are skipped")
+            raise RuntimeError(
+                f"{arm} shadow {shadow} failed in `{shlex.join(cmd)}` (its log is in {out_dir}); fix "
+                f"the cause and re-run mia_lira.py: finished stages and shadows are skipped"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -281,8 +360,10 @@ def load_shadow_classifier(cls_dir: Path, classes: list[str], device: torch.devi
     """A shadow classifier (eval mode) and its eval transform, after checking its label order matches the dataset's."""
     model, transform, info = load_classifier(cls_dir, device)
     if list(info["classes"]) != list(classes):  # φ needs the true label's logit: the label orders must agree
-        raise ValueError(f"{cls_dir}: classifier classes {info['classes'][:5]}... differ from the dataset's "
-                         f"{classes[:5]}...; the shadow was trained on another label order")
+        raise ValueError(
+            f"{cls_dir}: classifier classes {info['classes'][:5]}... differ from the dataset's "
+            f"{classes[:5]}...; the shadow was trained on another label order"
+        )
     return model, transform
 
 
@@ -300,8 +381,9 @@ class QueryImages(torch.utils.data.Dataset):
 @torch.no_grad()
 def query_scores(model, transform, index, args, device, desc: str) -> np.ndarray:
     """[N, 2] float64 φ for the identity and the mirrored view of every image, in index order."""
-    loader = torch.utils.data.DataLoader(QueryImages(index, transform), batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.num_workers)
+    loader = torch.utils.data.DataLoader(
+        QueryImages(index, transform), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers
+    )
     scores = []
     for x, y in progress(loader, desc=desc, leave=False):
         x = x.to(device)
@@ -334,8 +416,10 @@ def prepare_keep(out: Path, index, args) -> np.ndarray:
     """keep.npy + one --subset-mask file per shadow; an existing keep.npy must match (it defines every shadow)."""
     keep = make_keep_matrix([index.image_id(i) for i in range(len(index))], args.num_shadows, args.seed)
     if (out / "keep.npy").is_file() and not np.array_equal(np.load(out / "keep.npy"), keep):
-        raise RuntimeError(f"{out}/keep.npy differs from the one this config defines (did the dataset change?); "
-                           f"use another --output-dir or --overwrite")
+        raise RuntimeError(
+            f"{out}/keep.npy differs from the one this config defines (did the dataset change?); "
+            f"use another --output-dir or --overwrite"
+        )
     save_npy(out / "keep.npy", keep)
     for s, row in enumerate(keep):
         save_npy(out / "masks" / f"shadow_{s:02d}.npy", row)
@@ -360,14 +444,19 @@ def collect_scores(args, out: Path, arm: str, index, log) -> np.ndarray | None:
 
 
 def write_report(out: Path, results: dict, curves: dict, offline_test: str) -> None:
-    lines = [f"LiRA membership inference (offline test: {offline_test}; pooled leave-one-out targets)", "",
-             "| arm | attack | AUC | bal. acc. | TPR@0.1%FPR | TPR@1%FPR | non-members | targets |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"LiRA membership inference (offline test: {offline_test}; pooled leave-one-out targets)",
+        "",
+        "| arm | attack | AUC | bal. acc. | TPR@0.1%FPR | TPR@1%FPR | non-members | targets |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for arm, attacks in results.items():
         for name, m in attacks.items():
-            lines.append(f"| {arm} | {name} | {m['auc']:.4f} | {m['balanced_accuracy']:.4f} | "
-                         f"{m['tpr_at_0.001_fpr']:.4f} | {m['tpr_at_0.01_fpr']:.4f} | {m['num_nonmembers']} | "
-                         f"{m['num_targets']} |")
+            lines.append(
+                f"| {arm} | {name} | {m['auc']:.4f} | {m['balanced_accuracy']:.4f} | "
+                f"{m['tpr_at_0.001_fpr']:.4f} | {m['tpr_at_0.01_fpr']:.4f} | {m['num_nonmembers']} | "
+                f"{m['num_targets']} |"
+            )
     with atomic_write(out / "results.md") as f:
         f.write("\n".join(lines) + "\n")
     write_json(out / "results.json", results)
@@ -423,8 +512,11 @@ def main(argv=None) -> dict:
             save_npy(out / f"scores_{arm}.npy", arm_scores)
 
     if len(keep) < 8:
-        log.warning("%d shadows: per-example σ rests on %d sample(s) per side; read the fixed-variance rows",
-                    len(keep), len(keep) // 2 - 1)
+        log.warning(
+            "%d shadows: per-example σ rests on %d sample(s) per side; read the fixed-variance rows",
+            len(keep),
+            len(keep) // 2 - 1,
+        )
     targets = range(len(keep)) if args.num_targets <= 0 else range(min(args.num_targets, len(keep)))
     results, curves = {}, {}
     for arm, arm_scores in scores.items():
@@ -432,9 +524,16 @@ def main(argv=None) -> dict:
             raise ValueError(f"scores_{arm} has shape {arm_scores.shape}, keep.npy {keep.shape}: not one experiment")
         results[arm], curves[arm] = evaluate_attacks(arm_scores, keep, list(targets), args.offline_test)
         for name, m in results[arm].items():
-            log.info("%-9s %-23s AUC %.4f  bal.acc %.4f  TPR@0.1%%FPR %.4f  TPR@1%%FPR %.4f  (%d non-members)", arm,
-                     name, m["auc"], m["balanced_accuracy"], m["tpr_at_0.001_fpr"], m["tpr_at_0.01_fpr"],
-                     m["num_nonmembers"])
+            log.info(
+                "%-9s %-23s AUC %.4f  bal.acc %.4f  TPR@0.1%%FPR %.4f  TPR@1%%FPR %.4f  (%d non-members)",
+                arm,
+                name,
+                m["auc"],
+                m["balanced_accuracy"],
+                m["tpr_at_0.001_fpr"],
+                m["tpr_at_0.01_fpr"],
+                m["num_nonmembers"],
+            )
     write_report(out, results, curves, args.offline_test)
     inputs = {"scores_from": args.scores_from, "num_images": int(keep.shape[1])}
     return run.finish(results, inputs)["metrics"]

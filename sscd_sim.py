@@ -39,8 +39,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (ImageFiles, RunDir, atomic_path, config_dict, fingerprint, get_logger, item_seed, load_dataset,
-                    load_image, load_synthetic, parse_args, progress, read_imagefolder, write_json, write_jsonl)
+from common import (
+    ImageFiles,
+    RunDir,
+    atomic_path,
+    config_dict,
+    fingerprint,
+    get_logger,
+    item_seed,
+    load_dataset,
+    load_image,
+    load_synthetic,
+    parse_args,
+    progress,
+    read_imagefolder,
+    write_json,
+    write_jsonl,
+)
 
 STANDIN_TAG = "realfake_standin.txt"  # extra file inside a stand-in TorchScript archive
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD README
@@ -55,27 +70,49 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default runs/<dataset>/sscd_<synthetic dir name>")
     p.add_argument("--overwrite", action="store_true", help="move an output dir with another config aside and rerun")
     p.add_argument("--runs-dir", default="runs", help="root of the default output dirs")
-    p.add_argument("--synthetic-dir", default=None, help="synthesize.py output (or any ImageFolder) to check "
-                                                         "(default runs/<dataset>/synth_x1)")
+    p.add_argument(
+        "--synthetic-dir",
+        default=None,
+        help="synthesize.py output (or any ImageFolder) to check (default runs/<dataset>/synth_x1)",
+    )
     # Paper App. G.4: sscd_disc_large descriptors, inner product, top-5 retrieved, top-3 shown.
-    p.add_argument("--model", default="sscd_disc_large.torchscript.pt",
-                   help="SSCD TorchScript file (paper: sscd_disc_large). Get it from https://dl.fbaipublicfiles.com/\n"
-                        "sscd-copy-detection/sscd_disc_large.torchscript.pt; TorchScript runs code: trusted files only")
-    p.add_argument("--resize", default="short-edge", choices=("short-edge", "square"),
-                   help="SSCD README preprocessing: short edge to --size, aspect kept (default), or square --size")
+    p.add_argument(
+        "--model",
+        default="sscd_disc_large.torchscript.pt",
+        help="SSCD TorchScript file (paper: sscd_disc_large). Get it from https://dl.fbaipublicfiles.com/\n"
+        "sscd-copy-detection/sscd_disc_large.torchscript.pt; TorchScript runs code: trusted files only",
+    )
+    p.add_argument(
+        "--resize",
+        default="short-edge",
+        choices=("short-edge", "square"),
+        help="SSCD README preprocessing: short edge to --size, aspect kept (default), or square --size",
+    )
     p.add_argument("--size", type=int, default=288, help="288 for short-edge (SSCD README), 320 for square")
     p.add_argument("--top-k", type=int, default=5, help="real matches kept per synthetic image (paper: 5)")
     p.add_argument("--num-show", type=int, default=3, help="most similar pairs in top_matches.png (paper Fig. 4: 3)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="replication: top-1 similarity above this (Somepalli et al. 2023: 0.5)")
-    p.add_argument("--background-queries", type=int, default=0,
-                   help="real images queried for the real-vs-real background (0 = all; else a seeded subset)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="replication: top-1 similarity above this (Somepalli et al. 2023: 0.5)",
+    )
+    p.add_argument(
+        "--background-queries",
+        type=int,
+        default=0,
+        help="real images queried for the real-vs-real background (0 = all; else a seeded subset)",
+    )
     p.add_argument("--cache-dir", default=None, help="descriptor cache (default runs/<dataset>/sscd_cache)")
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch size (does not change results)")
     p.add_argument("--chunk-size", type=int, default=65536, help="reference descriptors per similarity block (memory)")
     p.add_argument("--num-workers", type=int, default=4, help="data-loader workers")
-    p.add_argument("--make-standin", default=None, metavar="PATH",
-                   help="write the stand-in TorchScript descriptor to PATH and exit (offline tests, demo)")
+    p.add_argument(
+        "--make-standin",
+        default=None,
+        metavar="PATH",
+        help="write the stand-in TorchScript descriptor to PATH and exit (offline tests, demo)",
+    )
     return p
 
 
@@ -105,8 +142,9 @@ def save_standin(path: str | Path, dims: int = 256, seed: int = 0) -> Path:
     note = "realfake stand-in descriptor (pooled pixel layout + random projection), NOT SSCD"
     with warnings.catch_warnings(), atomic_path(path) as tmp:  # TorchScript: the format SSCD ships (see above)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(StandinDescriptor(dims=dims, seed=seed).eval()), str(tmp),
-                       _extra_files={STANDIN_TAG: note})
+        torch.jit.save(
+            torch.jit.script(StandinDescriptor(dims=dims, seed=seed).eval()), str(tmp), _extra_files={STANDIN_TAG: note}
+        )
     return Path(path)
 
 
@@ -114,17 +152,23 @@ def load_descriptor(path: str | Path, device: torch.device):
     """torch.jit.load the descriptor model; returns (model, info) with info['standin'] set for the stand-in."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"descriptor model {path} not found: download sscd_disc_large.torchscript.pt from "
-                                f"https://dl.fbaipublicfiles.com/sscd-copy-detection/ (only trusted TorchScript "
-                                f"files: loading one runs its code) and pass --model, or build the offline stand-in "
-                                f"with --make-standin PATH")
+        raise FileNotFoundError(
+            f"descriptor model {path} not found: download sscd_disc_large.torchscript.pt from "
+            f"https://dl.fbaipublicfiles.com/sscd-copy-detection/ (only trusted TorchScript "
+            f"files: loading one runs its code) and pass --model, or build the offline stand-in "
+            f"with --make-standin PATH"
+        )
     extra = {STANDIN_TAG: ""}
     with warnings.catch_warnings():  # torch deprecates TorchScript, but SSCD's only code-free format is TorchScript
         warnings.simplefilter("ignore", FutureWarning)
         model = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
     standin = bool(extra[STANDIN_TAG])
-    info = {"path": str(path), "sha256_16": fingerprint(path), "standin": standin,
-            "note": extra[STANDIN_TAG].decode() if standin else "SSCD TorchScript descriptor"}
+    info = {
+        "path": str(path),
+        "sha256_16": fingerprint(path),
+        "standin": standin,
+        "note": extra[STANDIN_TAG].decode() if standin else "SSCD TorchScript descriptor",
+    }
     return model, info
 
 
@@ -136,8 +180,9 @@ def make_transform(resize: str, size: int):
     from torchvision import transforms
 
     shape = size if resize == "short-edge" else [size, size]
-    return transforms.Compose([transforms.Resize(shape), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(
+        [transforms.Resize(shape), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
 def cache_key(path: Path) -> str:
@@ -169,8 +214,12 @@ def embed(model, paths: list[Path], cache: EmbeddingCache, args, device, desc: s
     """[N, D] descriptors of `paths` (cached ones reused); returns them and how many were computed now."""
     keys = [cache_key(p) for p in paths]
     todo = [i for i, k in enumerate(keys) if k not in cache.rows]
-    loader = torch.utils.data.DataLoader(ImageFiles([paths[i] for i in todo], make_transform(args.resize, args.size)),
-                                         batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(
+        ImageFiles([paths[i] for i in todo], make_transform(args.resize, args.size)),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=list,
+    )
     new_keys, new_emb = [], []
     for batch in progress(loader, desc=desc, total=len(loader)):
         # Short-edge resizing keeps aspect ratios, so shapes differ: run the model once per shape in the batch.
@@ -195,21 +244,22 @@ def embed(model, paths: list[Path], cache: EmbeddingCache, args, device, desc: s
 
 
 @torch.no_grad()
-def topk_search(queries: torch.Tensor, refs: torch.Tensor, k: int, chunk: int, device,
-                self_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_search(
+    queries: torch.Tensor, refs: torch.Tensor, k: int, chunk: int, device, self_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k inner products of every query over all references, in blocks of `chunk` references (and queries), so
     memory stays bounded for a million-image training set. `self_index[q]` (or −1) is a reference to skip for query q
     (the query itself, for the real-vs-real background)."""
     k = min(k, len(refs) - (self_index is not None))
     best_v, best_i = [], []
     for q0 in range(0, len(queries), chunk):
-        q = queries[q0:q0 + chunk].to(device)
+        q = queries[q0 : q0 + chunk].to(device)
         vals = torch.full((len(q), k), -float("inf"), device=device)
         idx = torch.zeros((len(q), k), dtype=torch.long, device=device)
         for r0 in range(0, len(refs), chunk):
-            sims = q @ refs[r0:r0 + chunk].to(device).T
+            sims = q @ refs[r0 : r0 + chunk].to(device).T
             if self_index is not None:
-                own = self_index[q0:q0 + chunk].to(device) - r0
+                own = self_index[q0 : q0 + chunk].to(device) - r0
                 rows = torch.nonzero((own >= 0) & (own < sims.shape[1])).squeeze(1)
                 sims[rows, own[rows]] = -float("inf")
             cand_i = torch.arange(r0, r0 + sims.shape[1], device=device).expand_as(sims)
@@ -222,9 +272,16 @@ def topk_search(queries: torch.Tensor, refs: torch.Tensor, k: int, chunk: int, d
 
 def top1_stats(top1: torch.Tensor, threshold: float) -> dict:
     x = top1.double().numpy()
-    return {"count": int(len(x)), "mean": float(x.mean()), "std": float(x.std()), "p50": float(np.percentile(x, 50)),
-            "p95": float(np.percentile(x, 95)), "max": float(x.max()),
-            "replication_rate": float((x > threshold).mean()), "num_replications": int((x > threshold).sum())}
+    return {
+        "count": int(len(x)),
+        "mean": float(x.mean()),
+        "std": float(x.std()),
+        "p50": float(np.percentile(x, 50)),
+        "p95": float(np.percentile(x, 95)),
+        "max": float(x.max()),
+        "replication_rate": float((x > threshold).mean()),
+        "num_replications": int((x > threshold).sum()),
+    }
 
 
 def load_generated(folder: str | Path):
@@ -290,11 +347,13 @@ def main(argv=None) -> dict:
     runs = Path(args.runs_dir) / args.dataset
     synthetic_dir = Path(args.synthetic_dir or runs / "synth_x1")  # the paper's x1 set by default
     if not synthetic_dir.is_dir():
-        raise FileNotFoundError(f"synthetic set {synthetic_dir} does not exist: run synthesize.py first or pass "
-                                f"--synthetic-dir")
+        raise FileNotFoundError(
+            f"synthetic set {synthetic_dir} does not exist: run synthesize.py first or pass --synthetic-dir"
+        )
     out = Path(args.output_dir or runs / f"sscd_{synthetic_dir.name}")
-    config = config_dict(args, exclude=("batch_size", "chunk_size", "num_workers", "cache_dir", "runs_dir",
-                                        "output_dir", "make_standin"))
+    config = config_dict(
+        args, exclude=("batch_size", "chunk_size", "num_workers", "cache_dir", "runs_dir", "output_dir", "make_standin")
+    )
     run = RunDir(out, config, args.overwrite)
     if run.start() == "done":
         return run.manifest()["metrics"]
@@ -303,42 +362,77 @@ def main(argv=None) -> dict:
 
     model, descriptor = load_descriptor(args.model, device)
     if descriptor["standin"]:
-        log.warning("descriptor %s is the project's STAND-IN, not SSCD: results measure pixel-layout near-duplicates",
-                    args.model)
+        log.warning(
+            "descriptor %s is the project's STAND-IN, not SSCD: results measure pixel-layout near-duplicates",
+            args.model,
+        )
     real = load_dataset(args.dataset, args.data_root, "train")
     synth = load_generated(synthetic_dir)
     preprocessing = f"{args.resize}-{args.size}"
     cache = EmbeddingCache(Path(args.cache_dir or runs / "sscd_cache") / f"{descriptor['sha256_16']}_{preprocessing}")
     real_emb, new_real = embed(model, [real.abspath(i) for i in range(len(real))], cache, args, device, "embed real")
     syn_emb, new_syn = embed(model, [synth.abspath(i) for i in range(len(synth))], cache, args, device, "embed synth")
-    log.info("descriptors: %d real (%d new), %d synthetic (%d new), dim %d", len(real), new_real, len(synth), new_syn,
-             real_emb.shape[1])
+    log.info(
+        "descriptors: %d real (%d new), %d synthetic (%d new), dim %d",
+        len(real),
+        new_real,
+        len(synth),
+        new_syn,
+        real_emb.shape[1],
+    )
 
     vals, idx = topk_search(syn_emb, real_emb, args.top_k, args.chunk_size, device)
     queries = background_queries(real, args)
     bg_vals, _ = topk_search(real_emb[queries], real_emb, 1, args.chunk_size, device, self_index=queries)
 
-    rows = [{"file": synth.samples[i].path, "label": synth.samples[i].label,
-             "matches": [{"path": real.samples[j].path, "label": real.samples[j].label, "similarity": float(v)}
-                         for v, j in zip(vals[i].tolist(), idx[i].tolist())]} for i in range(len(synth))]
+    rows = [
+        {
+            "file": synth.samples[i].path,
+            "label": synth.samples[i].label,
+            "matches": [
+                {"path": real.samples[j].path, "label": real.samples[j].label, "similarity": float(v)}
+                for v, j in zip(vals[i].tolist(), idx[i].tolist())
+            ],
+        }
+        for i in range(len(synth))
+    ]
     write_jsonl(out / "matches.jsonl", rows)
     label = "stand-in descriptor, NOT SSCD" if descriptor["standin"] else "SSCD"
     shown = vals[:, 0].argsort(descending=True)[: args.num_show].tolist()
-    pairs = [{"synthetic_path": str(synth.abspath(i)), "real_path": str(real.abspath(idx[i, 0].item())),
-              "similarity": float(vals[i, 0])} for i in shown]
-    metrics = {"synthetic_vs_real": top1_stats(vals[:, 0], args.threshold),
-               "real_vs_real_background": top1_stats(bg_vals[:, 0], args.threshold),
-               "threshold": args.threshold, "num_real": len(real), "num_synthetic": len(synth),
-               "descriptor": descriptor, "preprocessing": preprocessing, "top_matches": pairs,
-               "num_embedded": {"real": new_real, "synthetic": new_syn}}
+    pairs = [
+        {
+            "synthetic_path": str(synth.abspath(i)),
+            "real_path": str(real.abspath(idx[i, 0].item())),
+            "similarity": float(vals[i, 0]),
+        }
+        for i in shown
+    ]
+    metrics = {
+        "synthetic_vs_real": top1_stats(vals[:, 0], args.threshold),
+        "real_vs_real_background": top1_stats(bg_vals[:, 0], args.threshold),
+        "threshold": args.threshold,
+        "num_real": len(real),
+        "num_synthetic": len(synth),
+        "descriptor": descriptor,
+        "preprocessing": preprocessing,
+        "top_matches": pairs,
+        "num_embedded": {"real": new_real, "synthetic": new_syn},
+    }
     write_json(out / "results.json", metrics)
     plot_histogram(out / "histogram.png", vals[:, 0], bg_vals[:, 0], args.threshold, label)
     if pairs:
         plot_top_matches(out / "top_matches.png", pairs, label)
     for name in ("synthetic_vs_real", "real_vs_real_background"):
         m = metrics[name]
-        log.info("%-24s top-1 mean %.4f  p95 %.4f  replication rate (> %g) %.4f  [%s]", name, m["mean"], m["p95"],
-                 args.threshold, m["replication_rate"], label)
+        log.info(
+            "%-24s top-1 mean %.4f  p95 %.4f  replication rate (> %g) %.4f  [%s]",
+            name,
+            m["mean"],
+            m["p95"],
+            args.threshold,
+            m["replication_rate"],
+            label,
+        )
     inputs = {"synthetic_dir": str(synthetic_dir), "model": descriptor["sha256_16"]}
     return run.finish(metrics, inputs)["metrics"]
 

@@ -39,14 +39,53 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (DATASETS, PROMPT_STYLES, ImageReadError, RunDir, add_visual_tokens, atomic_path, build_prompt,
-                    captions_for, config_dict, encode_latent_prior, fingerprint, get_logger, hash_file, item_seed,
-                    load_captions, load_dataset, load_image, load_init_image, local_items, negative_prompt, parse_args,
-                    parse_shard, positive_int, progress, read_json, save_image, write_json, write_jsonl)
+from common import (
+    DATASETS,
+    PROMPT_STYLES,
+    ImageReadError,
+    RunDir,
+    add_visual_tokens,
+    atomic_path,
+    build_prompt,
+    captions_for,
+    config_dict,
+    encode_latent_prior,
+    fingerprint,
+    get_logger,
+    hash_file,
+    item_seed,
+    load_captions,
+    load_dataset,
+    load_image,
+    load_init_image,
+    local_items,
+    negative_prompt,
+    parse_args,
+    parse_shard,
+    positive_int,
+    progress,
+    read_json,
+    save_image,
+    write_json,
+    write_jsonl,
+)
 
 # Flags that change speed or bookkeeping, never an image: left out of the run's config so a resume may change them.
-SPEED_ONLY = ("batch_size", "decode_batch", "num_workers", "write_workers", "compile", "compile_mode", "shard",
-              "skip_bad", "verify_existing", "reuse_from", "output_dir", "data_root", "runs_dir")
+SPEED_ONLY = (
+    "batch_size",
+    "decode_batch",
+    "num_workers",
+    "write_workers",
+    "compile",
+    "compile_mode",
+    "shard",
+    "skip_bad",
+    "verify_existing",
+    "reuse_from",
+    "output_dir",
+    "data_root",
+    "runs_dir",
+)
 
 
 def auto_on_off(value) -> str:
@@ -70,50 +109,96 @@ def get_parser() -> argparse.ArgumentParser:
     # Generator (paper App. E Tab. 6; LoRA scale from the release, the paper is silent).
     p.add_argument("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
     p.add_argument("--revision", default=None)
-    p.add_argument("--lora-dir", default=None, type=lambda v: None if v in ("", "none") else v,
-                   help="finetune.py output dir; absent or 'none' = the plain pretrained model (ablation)")
+    p.add_argument(
+        "--lora-dir",
+        default=None,
+        type=lambda v: None if v in ("", "none") else v,
+        help="finetune.py output dir; absent or 'none' = the plain pretrained model (ablation)",
+    )
     p.add_argument("--lora-scale", type=float, default=0.5, help="release: cross_attention_scale 0.5 (fused)")
-    p.add_argument("--vg-mode", choices=("auto", "none"), default="auto",
-                   help="auto: the visual-guidance tokens of --lora-dir as trained; none: text only (ablation)")
+    p.add_argument(
+        "--vg-mode",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: the visual-guidance tokens of --lora-dir as trained; none: text only (ablation)",
+    )
     p.add_argument("--steps", type=int, default=30, help="UniPC steps (paper: 30; with strength 0.75, 22 run)")
-    p.add_argument("--strength", type=float, default=0.75,
-                   help="latent-prior noise level (paper: 0.75); 1.0 = text-to-image, sources are not read")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.75,
+        help="latent-prior noise level (paper: 0.75); 1.0 = text-to-image, sources are not read",
+    )
     p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale (paper: 2.0)")
     p.add_argument("--resolution", type=int, default=512, help="paper: 512")
-    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                   help="auto: fp16 on GPU (release), fp32 on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="auto: fp16 on GPU (release), fp32 on CPU",
+    )
     # Prompts (paper §3.2; release form as an option).
     p.add_argument("--captions", default=None, help="captions.jsonl from caption.py (ImageNet sets)")
     p.add_argument("--allow-missing-captions", action="store_true", help="prompt uncaptioned images without one")
-    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="paper",
-                   help="paper: 'photo of {c}, {caption}', negative 'distorted, unrealistic, blurry, out of frame';\n"
-                        "release: adds ', best quality' and the negative words 'cropped, deformed'")
+    p.add_argument(
+        "--prompt-style",
+        choices=PROMPT_STYLES,
+        default="paper",
+        help="paper: 'photo of {c}, {caption}', negative 'distorted, unrealistic, blurry, out of frame';\n"
+        "release: adds ', best quality' and the negative words 'cropped, deformed'",
+    )
     # Output set.
-    p.add_argument("--scale", type=float, default=1.0, help="outputs per real image; fractional: a seeded subset "
-                                                            "gets one more (e.g. 2.5)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="outputs per real image; fractional: a seeded subset gets one more (e.g. 2.5)",
+    )
     p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
     p.add_argument("--jpeg-quality", type=int, default=95, help="release: PIL default 75")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable source images (counted in the manifest) "
-                                                           "instead of failing")
-    p.add_argument("--verify-existing", choices=("quick", "full"), default="quick",
-                   help="how a re-run checks images already on disk: quick = complete file (JPEG/PNG trailer + "
-                        "header), full = decode every pixel")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable source images (counted in the manifest) instead of failing",
+    )
+    p.add_argument(
+        "--verify-existing",
+        choices=("quick", "full"),
+        default="quick",
+        help="how a re-run checks images already on disk: quick = complete file (JPEG/PNG trailer + "
+        "header), full = decode every pixel",
+    )
     # Speed only (never change an image beyond float noise).
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per pipeline call, classes mixed")
     p.add_argument("--decode-batch", type=positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers reading and resizing sources")
     p.add_argument("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
-    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"), type=auto_on_off,
-                   help="torch.compile the UNet and the VAE decoder and encoder; auto = on a GPU only (H100, SD1.5 "
-                        "shapes, UNet + decoder compiled: 6.1 -> 8.4 img/s after ~1 min of compiling; on the demo's "
-                        "CPU model ~1.3x steady state, but ~100 s of compiling, more than the demo's whole synthesis)")
-    p.add_argument("--compile-mode", default="default",
-                   choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
-                   help="torch.compile's mode when compiling (default: the one measured above; the others autotune "
-                        "kernels or capture CUDA graphs: longer compiles, not measured here)")
-    p.add_argument("--reuse-from", nargs="*", default=[], metavar="DIR",
-                   help="other synthesize.py outputs of the same config at another --scale: their images of the same "
-                        "(source, copy) are identical by construction (same seed), so they are hard-linked, not redone")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        type=auto_on_off,
+        help="torch.compile the UNet and the VAE decoder and encoder; auto = on a GPU only (H100, SD1.5 "
+        "shapes, UNet + decoder compiled: 6.1 -> 8.4 img/s after ~1 min of compiling; on the demo's "
+        "CPU model ~1.3x steady state, but ~100 s of compiling, more than the demo's whole synthesis)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
+        help="torch.compile's mode when compiling (default: the one measured above; the others autotune "
+        "kernels or capture CUDA graphs: longer compiles, not measured here)",
+    )
+    p.add_argument(
+        "--reuse-from",
+        nargs="*",
+        default=[],
+        metavar="DIR",
+        help="other synthesize.py outputs of the same config at another --scale: their images of the same "
+        "(source, copy) are identical by construction (same seed), so they are hard-linked, not redone",
+    )
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part, for job arrays")
     return p
 
@@ -129,18 +214,23 @@ class Plan:
     def __init__(self, args, index, captions, tokens):
         self.args, self.index, self.tokens = args, index, tokens
         n = len(index)
-        self.prompts = [build_prompt(index.class_names[smp.label], cap, args.prompt_style)
-                        for smp, cap in zip(index.samples, captions)]
+        self.prompts = [
+            build_prompt(index.class_names[smp.label], cap, args.prompt_style)
+            for smp, cap in zip(index.samples, captions)
+        ]
         full, frac = int(math.floor(args.scale)), args.scale - math.floor(args.scale)
         # Fractional scale: the round(frac·n) sources with the smallest seeded hash get one more copy (exact count).
-        extra = sorted(range(n), key=lambda s: item_seed(args.seed, "extra-copy", index.image_id(s)))[:round(frac * n)]
-        self.jobs = np.concatenate([np.arange(full * n, dtype=np.int64),
-                                    full * n + np.array(sorted(extra), dtype=np.int64)])
+        extra = sorted(range(n), key=lambda s: item_seed(args.seed, "extra-copy", index.image_id(s)))[: round(frac * n)]
+        self.jobs = np.concatenate(
+            [np.arange(full * n, dtype=np.int64), full * n + np.array(sorted(extra), dtype=np.int64)]
+        )
         self.stems = [Path(smp.path).stem for smp in index.samples]
         names = {(smp.label, stem) for smp, stem in zip(index.samples, self.stems)}
         if len(names) != n:
-            raise ValueError("two source images of one class share a file stem, so their outputs would collide; "
-                             "rename them (outputs are <class>/<stem>_<k>)")
+            raise ValueError(
+                "two source images of one class share a file stem, so their outputs would collide; "
+                "rename them (outputs are <class>/<stem>_<k>)"
+            )
 
     def source_copy(self, job: int) -> tuple[int, int]:
         n = len(self.index)
@@ -157,12 +247,24 @@ class Plan:
     def row(self, job: int, model_hash: str | None, lora_hash: str | None) -> dict:
         s, k = self.source_copy(job)
         a, label = self.args, self.index.samples[s].label
-        return {"file": self.file(job), "label": label, "class_id": self.index.classes[label],
-                "class_name": self.index.class_names[label], "source": self.index.samples[s].path, "copy": k,
-                "prompt": self.prompts[s], "seed": self.seed(job), "strength": a.strength, "steps": a.steps,
-                "guidance": a.guidance_scale, "lora_scale": a.lora_scale if a.lora_dir else None,
-                "resolution": a.resolution, "model": a.pretrained_model, "model_hash": model_hash,
-                "lora_hash": lora_hash}
+        return {
+            "file": self.file(job),
+            "label": label,
+            "class_id": self.index.classes[label],
+            "class_name": self.index.class_names[label],
+            "source": self.index.samples[s].path,
+            "copy": k,
+            "prompt": self.prompts[s],
+            "seed": self.seed(job),
+            "strength": a.strength,
+            "steps": a.steps,
+            "guidance": a.guidance_scale,
+            "lora_scale": a.lora_scale if a.lora_dir else None,
+            "resolution": a.resolution,
+            "model": a.pretrained_model,
+            "model_hash": model_hash,
+            "lora_hash": lora_hash,
+        }
 
 
 def load_visual_tokens(lora_dir, index, vg_mode: str):
@@ -171,8 +273,9 @@ def load_visual_tokens(lora_dir, index, vg_mode: str):
         return None, "append"
     meta_path, tensor_path = Path(lora_dir) / "visual_guidance.json", Path(lora_dir) / "visual_guidance.safetensors"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} missing: --lora-dir must be a finetune.py output "
-                                f"(or pass --vg-mode none)")
+        raise FileNotFoundError(
+            f"{meta_path} missing: --lora-dir must be a finetune.py output (or pass --vg-mode none)"
+        )
     meta = read_json(meta_path)
     if meta["mode"] == "none":
         return None, meta.get("placement", "append")
@@ -181,15 +284,18 @@ def load_visual_tokens(lora_dir, index, vg_mode: str):
     table = load_file(str(tensor_path))["tokens"]
     if meta["mode"] == "class-mean":
         if list(meta["classes"]) != list(index.classes):
-            raise ValueError(f"{meta_path}: classes {meta['classes'][:5]}... differ from the dataset's "
-                             f"{index.classes[:5]}...; synthesize with the dataset the LoRA was trained on")
+            raise ValueError(
+                f"{meta_path}: classes {meta['classes'][:5]}... differ from the dataset's "
+                f"{index.classes[:5]}...; synthesize with the dataset the LoRA was trained on"
+            )
         rows = [smp.label for smp in index.samples]
     elif meta["mode"] == "per-image":
         where = {p: i for i, p in enumerate(meta["image_paths"])}
         missing = [smp.path for smp in index.samples if smp.path not in where]
         if missing:
-            raise KeyError(f"{len(missing)} source image(s) have no per-image token in {tensor_path}, "
-                           f"e.g. {missing[:3]}")
+            raise KeyError(
+                f"{len(missing)} source image(s) have no per-image token in {tensor_path}, e.g. {missing[:3]}"
+            )
         rows = [where[smp.path] for smp in index.samples]
     else:
         raise ValueError(f"{meta_path}: unknown visual-guidance mode {meta['mode']!r}")
@@ -229,9 +335,14 @@ def load_pipeline(args, device, dtype, fuse: bool = True):
     """SD img2img + UniPC + the LoRA, fused unless `fuse=False` (the benchmark's baseline, as the release)."""
     from diffusers import StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler
 
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(args.pretrained_model, revision=args.revision,
-                                                          dtype=dtype, safety_checker=None,
-                                                          feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+        args.pretrained_model,
+        revision=args.revision,
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)  # release: UniPC with defaults
     if args.lora_dir:
         pipe.load_lora_weights(args.lora_dir, weight_name="pytorch_lora_weights.safetensors")
@@ -252,8 +363,9 @@ def fuse_lora(pipe, scale: float) -> None:
 def install_token_mask(pipe, placement: str, uses_tokens: bool) -> None:
     if not (uses_tokens and placement == "append"):
         return
-    processors = {name: IgnoreZeroTokens(proc) if ".attn2." in name else proc
-                  for name, proc in pipe.unet.attn_processors.items()}
+    processors = {
+        name: IgnoreZeroTokens(proc) if ".attn2." in name else proc for name, proc in pipe.unet.attn_processors.items()
+    }
     pipe.unet.set_attn_processor(processors)
 
 
@@ -282,12 +394,24 @@ def generate(pipe, pixels, seeds, prompts, tokens, args, placement, device) -> t
         size = args.resolution // pipe.vae_scale_factor
         init = torch.zeros(len(seeds), vae.config.latent_channels, size, size, device=device, dtype=pipe.unet.dtype)
     else:
-        init = torch.cat([encode_latent_prior(vae, pixels[i:i + chunk], generators[i:i + chunk])
-                          for i in range(0, len(seeds), chunk)])
+        init = torch.cat(
+            [
+                encode_latent_prior(vae, pixels[i : i + chunk], generators[i : i + chunk])
+                for i in range(0, len(seeds), chunk)
+            ]
+        )
     cond, neg = condition(pipe, prompts, tokens, placement, negative_prompt(args.prompt_style), device)
-    latents = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, image=init, strength=args.strength,
-                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generators,
-                   output_type="latent", return_dict=False)[0]
+    latents = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=neg,
+        image=init,
+        strength=args.strength,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        generator=generators,
+        output_type="latent",
+        return_dict=False,
+    )[0]
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     images = []
     for part in latents.split(chunk):
@@ -418,9 +542,12 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
     """Generate `jobs` into out_dir: workers read sources while the model runs, a thread pool writes the results."""
     index = plan.index
     paths = [index.abspath(plan.source_copy(j)[0]) for j in jobs]
-    loader = torch.utils.data.DataLoader(Sources(paths, args.resolution, args.strength < 1.0),
-                                         batch_size=args.batch_size, num_workers=args.num_workers,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        Sources(paths, args.resolution, args.strength < 1.0),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     save_kwargs = {"quality": args.jpeg_quality} if args.image_format == "jpg" else {}
     bad, pending, done, start = [], [], 0, time.perf_counter()
     bar = progress(total=len(jobs), is_main=is_main, unit="img", desc="synthesize")
@@ -437,9 +564,18 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
                 rows = [plan.source_copy(j)[0] for j in batch]
                 tokens = plan.tokens[torch.tensor(rows)] if plan.tokens is not None else None
                 pix = pixels if len(keep) == len(errors) else pixels[keep]  # keep pinned memory when all are good
-                images, ready = to_host(generate(pipe, pix.to(device, non_blocking=True),
-                                                 [plan.seed(j) for j in batch], [plan.prompts[s] for s in rows],
-                                                 tokens, args, placement, device))
+                images, ready = to_host(
+                    generate(
+                        pipe,
+                        pix.to(device, non_blocking=True),
+                        [plan.seed(j) for j in batch],
+                        [plan.prompts[s] for s in rows],
+                        tokens,
+                        args,
+                        placement,
+                        device,
+                    )
+                )
                 for j, img in zip(batch, images):
                     pending.append(writer.submit(save_when_ready, ready, img, out_dir / plan.file(j), **save_kwargs))
             # Bound the queue (memory) and surface write errors early.
@@ -460,8 +596,11 @@ def finalize(plan: Plan, out_dir: Path, run: RunDir, args, lora_hash) -> dict | 
     bad = {}
     for part in sorted((out_dir / "bad_sources").glob("*.json")):
         bad.update({b["source"]: b["error"] for b in read_json(part)})
-    missing = [j for j in plan.jobs if plan.file(j) not in present
-               and plan.index.samples[plan.source_copy(j)[0]].path not in bad]
+    missing = [
+        j
+        for j in plan.jobs
+        if plan.file(j) not in present and plan.index.samples[plan.source_copy(j)[0]].path not in bad
+    ]
     if missing:
         return None
     model_hash = fingerprint(args.pretrained_model, args.revision)
@@ -470,10 +609,17 @@ def finalize(plan: Plan, out_dir: Path, run: RunDir, args, lora_hash) -> dict | 
     for stale in out_dir.glob("*/.*"):  # temp files of killed writers: no writer is left once all images exist
         stale.unlink(missing_ok=True)
     bad_images = len(plan.jobs) - len(kept)
-    metrics = {"images": len(kept), "sources": len(plan.index), "scale": args.scale, "bad_sources": len(bad),
-               "bad_images": bad_images}
-    run.finish(metrics, inputs={"pretrained_model": model_hash, "lora": lora_hash, "data_root": args.data_root,
-                                "bad_sources": bad})
+    metrics = {
+        "images": len(kept),
+        "sources": len(plan.index),
+        "scale": args.scale,
+        "bad_sources": len(bad),
+        "bad_images": bad_images,
+    }
+    run.finish(
+        metrics,
+        inputs={"pretrained_model": model_hash, "lora": lora_hash, "data_root": args.data_root, "bad_sources": bad},
+    )
     return metrics
 
 
@@ -481,8 +627,10 @@ def lora_fingerprint(lora_dir) -> str | None:
     """Hash of the files synthesis uses (not the checkpoints/), so a retrained LoRA is a different config."""
     if lora_dir is None:
         return None
-    files = [Path(lora_dir) / f for f in ("pytorch_lora_weights.safetensors", "visual_guidance.safetensors",
-                                          "visual_guidance.json")]
+    files = [
+        Path(lora_dir) / f
+        for f in ("pytorch_lora_weights.safetensors", "visual_guidance.safetensors", "visual_guidance.json")
+    ]
     if not files[0].is_file():
         raise FileNotFoundError(f"{files[0]} missing: --lora-dir must be a finetune.py output dir")
     return "-".join(hash_file(f)[:8] for f in files if f.is_file())
@@ -523,11 +671,15 @@ def main(argv=None) -> dict:
         write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
     mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
     if args.reuse_from:
-        log.info(f"reused {reuse_images(plan, mine, out_dir, config, args.reuse_from, args.verify_existing, log)} "
-                 f"images from --reuse-from")
+        log.info(
+            f"reused {reuse_images(plan, mine, out_dir, config, args.reuse_from, args.verify_existing, log)} "
+            f"images from --reuse-from"
+        )
     todo = todo_jobs(plan, mine, out_dir, args.verify_existing, args.write_workers)
-    log.info(f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
-             f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate")
+    log.info(
+        f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
+        f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate"
+    )
     device = state.device
     stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
     if todo:
@@ -539,11 +691,18 @@ def main(argv=None) -> dict:
     write_json(out_dir / "bad_sources" / f"{tag}.json", stats["bad_sources"])
     state.wait_for_everyone()
     metrics = finalize(plan, out_dir, run, args, lora_hash) if state.is_main_process else None
-    log.info(f"done: generated {stats['generated']} images in {stats['seconds']:.1f}s "
-             f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} bad sources; "
-             + ("set complete: manifest.json written" if metrics else "other shards still running or incomplete"))
-    return {**(metrics or {}), "complete": metrics is not None, "generated": stats["generated"],
-            "images_per_s": stats["images_per_s"], "expected": len(plan.jobs)}
+    log.info(
+        f"done: generated {stats['generated']} images in {stats['seconds']:.1f}s "
+        f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} bad sources; "
+        + ("set complete: manifest.json written" if metrics else "other shards still running or incomplete")
+    )
+    return {
+        **(metrics or {}),
+        "complete": metrics is not None,
+        "generated": stats["generated"],
+        "images_per_s": stats["images_per_s"],
+        "expected": len(plan.jobs),
+    }
 
 
 def maybe_compile(pipe, args) -> None:

@@ -48,8 +48,22 @@ import numpy as np
 import torch
 
 from common import (
-    RunDir, config_dict, fingerprint, get_logger, item_seed, latest_checkpoint, load_dataset, load_image,
-    load_synthetic, positive_int, progress, read_jsonl, save_checkpoint, seed_everything, write_json, write_jsonl,
+    RunDir,
+    config_dict,
+    fingerprint,
+    get_logger,
+    item_seed,
+    latest_checkpoint,
+    load_dataset,
+    load_image,
+    load_synthetic,
+    positive_int,
+    progress,
+    read_jsonl,
+    save_checkpoint,
+    seed_everything,
+    write_json,
+    write_jsonl,
 )
 
 # What the authors' release ran for IN-10 (timm 0.9.2 defaults the paper's Tab. 8 does not list).
@@ -63,32 +77,54 @@ def get_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default=None, help="dataset name for common.load_dataset (in10, cub, demo, ...)")
     data.add_argument("--data-root", default=None, help="root of the real dataset")
     data.add_argument("--test-split", default="test", help="real test split (ImageNet sets read 'val' for any test)")
-    data.add_argument("--train-dirs", nargs="+", default=["real"],
-                      help="training sources: 'real' (the dataset's train split) and/or synthesize.py output dirs")
+    data.add_argument(
+        "--train-dirs",
+        nargs="+",
+        default=["real"],
+        help="training sources: 'real' (the dataset's train split) and/or synthesize.py output dirs",
+    )
     data.add_argument("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
     data.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
     data.add_argument("--runs-dir", default="runs")
     data.add_argument("--output-dir", default=None, help="default: <runs-dir>/<dataset>/cls_<name>")
     data.add_argument("--seed", type=int, default=42, help="release train.py seed (paper silent)")
     data.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
-    data.add_argument("--resume", choices=["latest", "never"], default="latest",
-                      help="'latest': continue an interrupted run from its last checkpoint; 'never': start over")
-    data.add_argument("--epochs-per-job", type=int, default=None,
-                      help="stop after this many epochs (for time-limited jobs: re-submit the same command to go on)")
-    model = p.add_argument_group("model (Tab. 8: ResNet-50; scratch for IN/EuroSAT, ImageNet weights for "
-                                 "CUB/Cars/Pets)")
+    data.add_argument(
+        "--resume",
+        choices=["latest", "never"],
+        default="latest",
+        help="'latest': continue an interrupted run from its last checkpoint; 'never': start over",
+    )
+    data.add_argument(
+        "--epochs-per-job",
+        type=int,
+        default=None,
+        help="stop after this many epochs (for time-limited jobs: re-submit the same command to go on)",
+    )
+    model = p.add_argument_group(
+        "model (Tab. 8: ResNet-50; scratch for IN/EuroSAT, ImageNet weights for CUB/Cars/Pets)"
+    )
     model.add_argument("--model", default="resnet50", help="any timm model name")
     model.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
     model.add_argument("--pretrained-file", default=None, help="local weights file for --pretrained (offline)")
-    model.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="extra timm.create_model arguments, e.g. output_stride=8 (recorded in the manifest)")
+    model.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model arguments, e.g. output_stride=8 (recorded in the manifest)",
+    )
     model.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth (Tab. 8: 0.05 for IN-1K)")
     model.add_argument("--input-size", type=int, default=224, help="train = test resolution (Tab. 8: 224 or 448)")
     model.add_argument("--crop-pct", type=float, default=None, help="eval crop fraction (default: the model's, 0.95)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     optim = p.add_argument_group("optimisation (Tab. 8)")
-    optim.add_argument("--recipe", choices=["paper", "release"], default="paper",
-                       help="'release': Nesterov, 5 warmup epochs, label smoothing 0.1, colour jitter 0.4")
+    optim.add_argument(
+        "--recipe",
+        choices=["paper", "release"],
+        default="paper",
+        help="'release': Nesterov, 5 warmup epochs, label smoothing 0.1, colour jitter 0.4",
+    )
     optim.add_argument("--epochs", type=positive_int, default=200)
     optim.add_argument("--batch-size", type=positive_int, default=1024, help="GLOBAL batch (Tab. 8: 128 x 8 GPUs)")
     optim.add_argument("--max-device-batch", type=positive_int, default=128, help="largest micro-batch per process")
@@ -113,8 +149,12 @@ def get_parser() -> argparse.ArgumentParser:
     aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (IN-1K: 1.0)")
     aug.add_argument("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
     system = p.add_argument_group("system")
-    system.add_argument("--amp", choices=["auto", "no", "fp16", "bf16"], default="auto",
-                        help="mixed precision; auto = bf16 on a GPU, none on CPU")
+    system.add_argument(
+        "--amp",
+        choices=["auto", "no", "fp16", "bf16"],
+        default="auto",
+        help="mixed precision; auto = bf16 on a GPU, none on CPU",
+    )
     system.add_argument("--workers", type=int, default=8, help="data-loader processes per training process")
     system.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
     system.add_argument("--keep-checkpoints", type=int, default=1)
@@ -127,8 +167,19 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 # Options that do not change the trained model: left out of the config hash so they can change between resumes.
-NOT_IN_CONFIG = ("workers", "keep_checkpoints", "epochs_per_job", "eval_every", "benchmark", "benchmark_steps",
-                 "benchmark_warmup", "fake_data", "fake_size", "runs_dir", "name")
+NOT_IN_CONFIG = (
+    "workers",
+    "keep_checkpoints",
+    "epochs_per_job",
+    "eval_every",
+    "benchmark",
+    "benchmark_steps",
+    "benchmark_warmup",
+    "fake_data",
+    "fake_size",
+    "runs_dir",
+    "name",
+)
 
 
 def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -180,15 +231,19 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
         if sorted(index.classes) != sorted(test_classes):
             extra = sorted(set(index.classes) - set(test_classes))
             missing = sorted(set(test_classes) - set(index.classes))
-            raise ValueError(f"training source {source} has other classes than the {args.dataset} test split: "
-                             f"not in the test split {extra[:5]}, missing {missing[:5]}. Synthesize from the same "
-                             f"dataset (same class list) or pick the matching --dataset.")
+            raise ValueError(
+                f"training source {source} has other classes than the {args.dataset} test split: "
+                f"not in the test split {extra[:5]}, missing {missing[:5]}. Synthesize from the same "
+                f"dataset (same class list) or pick the matching --dataset."
+            )
         # A source may list the same classes in another order: map by class id, never by position or folder sort.
         remap = [test_classes.index(c) for c in index.classes]
         paths += [str(index.abspath(i)) for i in range(len(index))]
         labels += [remap[s.label] for s in index.samples]
-        inputs[source] = {"images": len(index), "fingerprint": None if is_real else fingerprint(Path(source) /
-                                                                                                "manifest.jsonl")}
+        inputs[source] = {
+            "images": len(index),
+            "fingerprint": None if is_real else fingerprint(Path(source) / "manifest.jsonl"),
+        }
     if args.subset_mask and not any(is_real_source(s, args.data_root) for s in args.train_dirs):
         raise ValueError("--subset-mask selects images of the real train split, but --train-dirs has no 'real'")
     return paths, labels, inputs
@@ -201,8 +256,10 @@ def is_real_source(source: str, data_root) -> bool:
 def load_mask(path: str, n: int) -> np.ndarray:
     mask = np.load(path)
     if mask.dtype != bool or mask.ndim != 1 or len(mask) != n:
-        raise ValueError(f"--subset-mask {path}: need a 1-D bool array with one entry per train image ({n}), got "
-                         f"dtype {mask.dtype}, shape {mask.shape}")
+        raise ValueError(
+            f"--subset-mask {path}: need a 1-D bool array with one entry per train image ({n}), got "
+            f"dtype {mask.dtype}, shape {mask.shape}"
+        )
     return mask
 
 
@@ -242,10 +299,10 @@ class EpochBatches:
             order = torch.randperm(self.n, generator=gen)
             micro = self.batch // (self.world * self.accum)
             for s in range(self.steps):
-                step = order[s * self.batch:(s + 1) * self.batch].tolist()
+                step = order[s * self.batch : (s + 1) * self.batch].tolist()
                 for a in range(self.accum):
                     c = self.rank * self.accum + a
-                    yield [(epoch, i) for i in step[c * micro:(c + 1) * micro]]
+                    yield [(epoch, i) for i in step[c * micro : (c + 1) * micro]]
 
 
 def global_micro(m: int, rank: int, world: int, accum: int) -> int:
@@ -277,8 +334,10 @@ def build_model(args, num_classes: int):
         return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
         if args.pretrained and not args.pretrained_file:
-            raise RuntimeError(f"could not fetch ImageNet weights for {args.model} ({err}); when offline, pass "
-                               f"--pretrained-file PATH (a timm .safetensors/.pth checkpoint)") from err
+            raise RuntimeError(
+                f"could not fetch ImageNet weights for {args.model} ({err}); when offline, pass "
+                f"--pretrained-file PATH (a timm .safetensors/.pth checkpoint)"
+            ) from err
         raise
 
 
@@ -297,10 +356,17 @@ def eval_transform_cfg(args, model) -> dict:
 def build_transforms(args, eval_cfg: dict):
     from timm.data import create_transform
 
-    train = create_transform(eval_cfg["input_size"], is_training=True, scale=tuple(args.scale), hflip=args.hflip,
-                             color_jitter=args.color_jitter, auto_augment=args.aa,
-                             interpolation=args.train_interpolation,
-                             mean=eval_cfg["mean"], std=eval_cfg["std"])
+    train = create_transform(
+        eval_cfg["input_size"],
+        is_training=True,
+        scale=tuple(args.scale),
+        hflip=args.hflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        interpolation=args.train_interpolation,
+        mean=eval_cfg["mean"],
+        std=eval_cfg["std"],
+    )
     return train, create_transform(**eval_cfg, is_training=False)
 
 
@@ -311,8 +377,9 @@ def build_loss(args, num_classes: int):
 
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                      num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing, num_classes=num_classes
+        )
         return mixup, (BinaryCrossEntropy(smoothing=0.0) if args.bce_loss else SoftTargetCrossEntropy())
     if args.bce_loss:
         return None, BinaryCrossEntropy(smoothing=args.smoothing)
@@ -335,8 +402,21 @@ def accumulation_steps(batch: int, world: int, max_device: int) -> int:
 # Train and evaluate
 
 
-def train_steps(model, batches_iter, n_micro, accum, optimizer, scheduler, criterion, mixup, accelerator, args,
-                epoch, num_updates, is_main):
+def train_steps(
+    model,
+    batches_iter,
+    n_micro,
+    accum,
+    optimizer,
+    scheduler,
+    criterion,
+    mixup,
+    accelerator,
+    args,
+    epoch,
+    num_updates,
+    is_main,
+):
     """Run `n_micro` micro-batches (n_micro / accum optimizer steps). Returns loss, images, seconds, data-wait s."""
     model.train()
     device, total_loss, images, wait = accelerator.device, 0.0, 0, 0.0
@@ -351,8 +431,9 @@ def train_steps(model, batches_iter, n_micro, accum, optimizer, scheduler, crite
         y = y.to(device, non_blocking=True)
         # mixup (numpy RNG) and drop-path (torch RNG) seeded per micro-batch of the global batch: identical after a
         # resume and for any world size x accumulation split
-        s = item_seed(args.seed, "step", epoch, global_micro(m, accelerator.process_index, accelerator.num_processes,
-                                                             accum))
+        s = item_seed(
+            args.seed, "step", epoch, global_micro(m, accelerator.process_index, accelerator.num_processes, accum)
+        )
         torch.manual_seed(s)
         np.random.seed(s % (1 << 32))
         if mixup is not None:
@@ -371,8 +452,12 @@ def train_steps(model, batches_iter, n_micro, accum, optimizer, scheduler, crite
         images += len(x)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return {"loss": total_loss / max(images, 1), "images": images, "seconds": time.perf_counter() - start,
-            "data_wait": wait}, num_updates
+    return {
+        "loss": total_loss / max(images, 1),
+        "images": images,
+        "seconds": time.perf_counter() - start,
+        "data_wait": wait,
+    }, num_updates
 
 
 @torch.no_grad()
@@ -389,8 +474,9 @@ def evaluate(model, index, transform, accelerator, args) -> dict:
             logits = model(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
         hit = top == y[:, None]
-        counts += torch.tensor([hit[:, 0].sum(), hit.any(1).sum(), len(y)], dtype=torch.float64,
-                               device=accelerator.device)
+        counts += torch.tensor(
+            [hit[:, 0].sum(), hit.any(1).sum(), len(y)], dtype=torch.float64, device=accelerator.device
+        )
     counts = accelerator.reduce(counts, reduction="sum")
     return {"top1": 100.0 * counts[0].item() / counts[2].item(), "top5": 100.0 * counts[1].item() / counts[2].item()}
 
@@ -409,8 +495,12 @@ def main(argv=None) -> dict:
     amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     accelerator = Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
     is_main, world = accelerator.is_main_process, accelerator.num_processes
-    out = Path(args.output_dir or Path(args.runs_dir) / (args.dataset or "fake") /
-               (f"bench_train_{args.model}" if args.benchmark else f"cls_{args.name or default_name(args.train_dirs)}"))
+    out = Path(
+        args.output_dir
+        or Path(args.runs_dir)
+        / (args.dataset or "fake")
+        / (f"bench_train_{args.model}" if args.benchmark else f"cls_{args.name or default_name(args.train_dirs)}")
+    )
     seed_everything(args.seed)
 
     # Data: class order from the real test split; every training source is relabelled to it.
@@ -439,25 +529,46 @@ def main(argv=None) -> dict:
 
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
+    optimizer = create_optimizer_v2(
+        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+    )
     accum = accumulation_steps(args.batch_size, world, args.max_device_batch)
     steps_per_epoch = len(labels) // args.batch_size
-    scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
-                                       decay_milestones=args.decay_milestones, decay_rate=args.decay_rate,
-                                       warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
-                                       updates_per_epoch=steps_per_epoch)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=args.sched,
+        num_epochs=args.epochs,
+        decay_milestones=args.decay_milestones,
+        decay_rate=args.decay_rate,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+        updates_per_epoch=steps_per_epoch,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     mixup, criterion = build_loss(args, len(classes))
-    train_set = ImageList(paths, labels, train_tf, args.seed, fake_jpegs(args.fake_data, args.fake_size, args.seed)
-                          if args.fake_data else None)
+    train_set = ImageList(
+        paths,
+        labels,
+        train_tf,
+        args.seed,
+        fake_jpegs(args.fake_data, args.fake_size, args.seed) if args.fake_data else None,
+    )
 
     def loader(start, end, max_steps=None):
-        batches = EpochBatches(len(labels), args.batch_size, args.seed, start, end, accelerator.process_index, world,
-                               accum, max_steps)
-        return batches, iter(torch.utils.data.DataLoader(
-            train_set, batch_sampler=batches, num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers > 0 else None))
+        batches = EpochBatches(
+            len(labels), args.batch_size, args.seed, start, end, accelerator.process_index, world, accum, max_steps
+        )
+        return batches, iter(
+            torch.utils.data.DataLoader(
+                train_set,
+                batch_sampler=batches,
+                num_workers=args.workers,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=args.workers > 0,
+                prefetch_factor=4 if args.workers > 0 else None,
+            )
+        )
 
     if args.benchmark:
         return benchmark(args, model, loader, accum, optimizer, scheduler, criterion, mixup, accelerator, out, log)
@@ -465,8 +576,11 @@ def main(argv=None) -> dict:
     # Resume: model, optimizer and scaler from the last checkpoint; the schedule and the data are functions of epoch.
     ckpt_dir = out / "checkpoints"
     latest, start_epoch = latest_checkpoint(ckpt_dir) if args.resume == "latest" else (None, 0)
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] <= start_epoch] \
-        if latest and (out / "metrics.jsonl").is_file() else []
+    rows = (
+        [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] <= start_epoch]
+        if latest and (out / "metrics.jsonl").is_file()
+        else []
+    )
     if latest:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} ({start_epoch} epochs done)")
@@ -474,19 +588,38 @@ def main(argv=None) -> dict:
     scheduler.step(start_epoch)
     scheduler.step_update(num_updates)
     end_epoch = args.epochs if args.epochs_per_job is None else min(args.epochs, start_epoch + args.epochs_per_job)
-    log.info(f"{len(labels)} train images from {args.train_dirs}, {len(classes)} classes, batch {args.batch_size} = "
-             f"{world} processes x {accum} micro-batches of {args.batch_size // world // accum}; epochs "
-             f"{start_epoch}->{end_epoch} of {args.epochs}")
+    log.info(
+        f"{len(labels)} train images from {args.train_dirs}, {len(classes)} classes, batch {args.batch_size} = "
+        f"{world} processes x {accum} micro-batches of {args.batch_size // world // accum}; epochs "
+        f"{start_epoch}->{end_epoch} of {args.epochs}"
+    )
     batches, it = loader(start_epoch, end_epoch)
     metrics = {}
     for epoch in range(start_epoch, end_epoch):
         lr = optimizer.param_groups[0]["lr"]  # the epoch's lr (timm applies milestone m from epoch index m - 1)
-        stats, num_updates = train_steps(model, it, batches.steps * accum, accum, optimizer, scheduler, criterion,
-                                         mixup, accelerator, args, epoch, num_updates, is_main)
+        stats, num_updates = train_steps(
+            model,
+            it,
+            batches.steps * accum,
+            accum,
+            optimizer,
+            scheduler,
+            criterion,
+            mixup,
+            accelerator,
+            args,
+            epoch,
+            num_updates,
+            is_main,
+        )
         scheduler.step(epoch + 1)
-        row = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": lr,
-               "img_per_s": stats["images"] * world / stats["seconds"],
-               "data_wait_frac": stats["data_wait"] / stats["seconds"]}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": stats["loss"],
+            "lr": lr,
+            "img_per_s": stats["images"] * world / stats["seconds"],
+            "data_wait_frac": stats["data_wait"] / stats["seconds"],
+        }
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             metrics = evaluate(model, test_index, eval_tf, accelerator, args)
             row.update(metrics)
@@ -501,8 +634,7 @@ def main(argv=None) -> dict:
     if not metrics:  # interrupted after the last checkpoint: the final evaluation is all that is left
         metrics = evaluate(model, test_index, eval_tf, accelerator, args)
     inputs["test_split"] = {"split": args.test_split, "images": len(test_index)}
-    return finish(run, accelerator.unwrap_model(model), args, classes, class_names, eval_cfg, metrics, inputs,
-                  is_main)
+    return finish(run, accelerator.unwrap_model(model), args, classes, class_names, eval_cfg, metrics, inputs, is_main)
 
 
 def parse_args_with_recipe(parser, argv):
@@ -526,9 +658,15 @@ def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is
         with atomic_path(run.path / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         write_json(run.path / "classes.json", {"classes": classes, "class_names": class_names})
-    classifier = {"model": args.model, "num_classes": len(classes), "model_kwargs": model_kwargs(args),
-                  "weights": "model.safetensors",
-                  "eval_transform": eval_cfg, "classes": classes, "class_names": class_names}
+    classifier = {
+        "model": args.model,
+        "num_classes": len(classes),
+        "model_kwargs": model_kwargs(args),
+        "weights": "model.safetensors",
+        "eval_transform": eval_cfg,
+        "classes": classes,
+        "class_names": class_names,
+    }
     metrics = {**metrics, "epochs": args.epochs}
     run.finish(metrics, inputs=inputs, extra={"classifier": classifier})
     return metrics
@@ -539,17 +677,51 @@ def benchmark(args, model, loader, accum, optimizer, scheduler, criterion, mixup
     warm, steps = args.benchmark_warmup, args.benchmark_steps
     batches, it = loader(0, 1, max_steps=warm + steps)
     if batches.steps < warm + steps:
-        raise ValueError(f"--benchmark needs {(warm + steps) * args.batch_size} images, have "
-                         f"{batches.n}; use --fake-data N or fewer --benchmark-steps")
-    train_steps(model, it, warm * accum, accum, optimizer, scheduler, criterion, mixup, accelerator, args, 0, 0,
-                accelerator.is_main_process)
-    stats, _ = train_steps(model, it, steps * accum, accum, optimizer, scheduler, criterion, mixup, accelerator, args,
-                           0, 0, accelerator.is_main_process)
-    result = {"model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
-              "processes": accelerator.num_processes, "workers": args.workers, "amp": accelerator.mixed_precision,
-              "img_per_s": stats["images"] * accelerator.num_processes / stats["seconds"],
-              "data_wait_frac": stats["data_wait"] / stats["seconds"],
-              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+        raise ValueError(
+            f"--benchmark needs {(warm + steps) * args.batch_size} images, have "
+            f"{batches.n}; use --fake-data N or fewer --benchmark-steps"
+        )
+    train_steps(
+        model,
+        it,
+        warm * accum,
+        accum,
+        optimizer,
+        scheduler,
+        criterion,
+        mixup,
+        accelerator,
+        args,
+        0,
+        0,
+        accelerator.is_main_process,
+    )
+    stats, _ = train_steps(
+        model,
+        it,
+        steps * accum,
+        accum,
+        optimizer,
+        scheduler,
+        criterion,
+        mixup,
+        accelerator,
+        args,
+        0,
+        0,
+        accelerator.is_main_process,
+    )
+    result = {
+        "model": args.model,
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "processes": accelerator.num_processes,
+        "workers": args.workers,
+        "amp": accelerator.mixed_precision,
+        "img_per_s": stats["images"] * accelerator.num_processes / stats["seconds"],
+        "data_wait_frac": stats["data_wait"] / stats["seconds"],
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
     if accelerator.is_main_process:
         write_json(out / "benchmark.json", result)
     log.info(f"benchmark: {result}")

@@ -93,7 +93,15 @@ def tiny_lora(tiny_sd, tmp_path_factory) -> Path:
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
     save_file({"tokens": torch.randn(3, 64)}, str(out / "visual_guidance.safetensors"))
-    (out / "visual_guidance.json").write_text(json.dumps({
-        "mode": "class-mean", "placement": "append", "classes": ["red_circle", "green_square", "blue_triangle"],
-        "encoder": "tiny", "images_per_class": 4}))
+    (out / "visual_guidance.json").write_text(
+        json.dumps(
+            {
+                "mode": "class-mean",
+                "placement": "append",
+                "classes": ["red_circle", "green_square", "blue_triangle"],
+                "encoder": "tiny",
+                "images_per_class": 4,
+            }
+        )
+    )
     return out

@@ -7,18 +7,60 @@ import bench
 import common
 import synthesize
 
-FAST = ["--steps", "4", "--strength", "0.5", "--num-workers", "0", "--write-workers", "2", "--resolution", "32",
-        "--compile", "off"]
+FAST = [
+    "--steps",
+    "4",
+    "--strength",
+    "0.5",
+    "--num-workers",
+    "0",
+    "--write-workers",
+    "2",
+    "--resolution",
+    "32",
+    "--compile",
+    "off",
+]
 
 
 def synth_argv(tiny_sd, tiny_dataset, out, *extra):
-    return ["--dataset", "demo", "--data-root", str(tiny_dataset), "--pretrained-model", str(tiny_sd),
-            "--output-dir", str(out), "--seed", "0", *FAST, *[str(e) for e in extra]]
+    return [
+        "--dataset",
+        "demo",
+        "--data-root",
+        str(tiny_dataset),
+        "--pretrained-model",
+        str(tiny_sd),
+        "--output-dir",
+        str(out),
+        "--seed",
+        "0",
+        *FAST,
+        *[str(e) for e in extra],
+    ]
 
 
 def test_synth_reports_both_loops(tiny_sd, tiny_dataset, tiny_lora, tmp_path):
-    m = bench.main(["synth", *synth_argv(tiny_sd, tiny_dataset, tmp_path, "--lora-dir", tiny_lora, "--images", 6,
-                                         "--batch-size", 6, "--baseline-batch", 6, "--rounds", 2)])
+    m = bench.main(
+        [
+            "synth",
+            *synth_argv(
+                tiny_sd,
+                tiny_dataset,
+                tmp_path,
+                "--lora-dir",
+                tiny_lora,
+                "--images",
+                6,
+                "--batch-size",
+                6,
+                "--baseline-batch",
+                6,
+                "--rounds",
+                2,
+            ),
+        ]
+    )
     assert m["images"] == 6 and m["rounds"] == 2 and m["ours_images_per_s"] > 0 and m["baseline_images_per_s"] > 0
     assert 0 < m["ours_unet_share"] <= 1 and 0 < m["baseline_unet_share"] <= 1
     assert m["speedup"] == pytest.approx(m["ours_images_per_s"] / m["baseline_images_per_s"])
@@ -48,13 +90,18 @@ def test_synth_random_weights_time_one_model_fused_and_unfused(tiny_sd, tiny_dat
 
     def tiny_random(tokenizer=None):
         torch.manual_seed(3)
-        return (UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tiny_sd, subfolder="unet")),
-                AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sd, subfolder="vae")),
-                CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder"))
+        return (
+            UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tiny_sd, subfolder="unet")),
+            AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sd, subfolder="vae")),
+            CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder"),
+        )
 
     monkeypatch.setattr(bench, "sd15_random", tiny_random)
-    args = common.parse_args(bench.synth_parser(), synth_argv(tiny_sd, tiny_dataset, tmp_path, "--weights",
-                                                              "sd15-random", "--vg-mode", "none"), "synthesize")
+    args = common.parse_args(
+        bench.synth_parser(),
+        synth_argv(tiny_sd, tiny_dataset, tmp_path, "--weights", "sd15-random", "--vg-mode", "none"),
+        "synthesize",
+    )
     args.lora = True
     plan, placement = synthesize.prepare(args)
     baseline, ours = bench.synth_pipelines(args, plan, placement, torch.device("cpu"))
@@ -70,8 +117,22 @@ def test_synth_random_weights_time_one_model_fused_and_unfused(tiny_sd, tiny_dat
 
 
 def test_finetune_reports_throughput(tiny_sd):
-    result = bench.main(["finetune", "--pretrained-model", str(tiny_sd), "--resolution", "32", "--train-batch-size",
-                         "2", "--steps", "1", "--vg-encoder", "unused", "--gradient-checkpointing"])
+    result = bench.main(
+        [
+            "finetune",
+            "--pretrained-model",
+            str(tiny_sd),
+            "--resolution",
+            "32",
+            "--train-batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--vg-encoder",
+            "unused",
+            "--gradient-checkpointing",
+        ]
+    )
     assert result["samples_per_s"] > 0 and result["peak_memory_gb"] > 0 and result["gradient_checkpointing"]
     assert result["batch_size"] == 2 and result["model"] == str(tiny_sd)
 

@@ -13,27 +13,62 @@ import common
 def tiny_blip2(out: Path) -> Path:
     """A random tiny BLIP-2 (ViT + Q-Former + OPT) with an offline-trained byte-level BPE tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
-                              OPTConfig, PreTrainedTokenizerFast)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        OPTConfig,
+        PreTrainedTokenizerFast,
+    )
 
     torch.manual_seed(0)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["a photo of a red circle", "a green square on a table", "a blue triangle"],
-                            vocab_size=300, min_frequency=1, special_tokens=["<pad>", "</s>", "<unk>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="</s>", eos_token="</s>",
-                                  unk_token="<unk>", pad_token="<pad>")
-    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
-                               num_query_tokens=4)
+    bpe.train_from_iterator(
+        ["a photo of a red circle", "a green square on a table", "a blue triangle"],
+        vocab_size=300,
+        min_frequency=1,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok, num_query_tokens=4
+    )
     vocab = len(tok)
     config = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                            encoder_hidden_size=32, vocab_size=vocab),
-        text_config=OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
-                              word_embed_proj_dim=32, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).to_dict(),
-        num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            vocab_size=vocab,
+        ),
+        text_config=OPTConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=1,
+            ffn_dim=64,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ).to_dict(),
+        num_query_tokens=4,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
     model = Blip2ForConditionalGeneration(config)
     # A random model tends to emit special tokens (skipped when decoding): forbid them so captions are non-empty.
     model.generation_config.min_new_tokens = 3
@@ -49,8 +84,23 @@ def blip2(tmp_path_factory):
 
 
 def run(tiny_dataset, blip2, out, *extra):
-    return caption.main(["--dataset", "demo", "--data-root", str(tiny_dataset), "--model", str(blip2),
-                         "--output-dir", str(out), "--batch-size", "5", "--num-workers", "0", *extra])
+    return caption.main(
+        [
+            "--dataset",
+            "demo",
+            "--data-root",
+            str(tiny_dataset),
+            "--model",
+            str(blip2),
+            "--output-dir",
+            str(out),
+            "--batch-size",
+            "5",
+            "--num-workers",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def direct_captions(blip2, index):
@@ -77,8 +127,9 @@ def test_captions_cover_dataset_and_match_direct_generation(tiny_dataset, blip2,
     assert {r["path"]: r["caption"] for r in rows} == expected
     assert sum(bool(r["caption"]) for r in rows) >= 3  # real text came out (a random model also emits spaces)
     # the consumer side reads it back
-    assert common.captions_for(index, common.load_captions(tmp_path / "cap" / "captions.jsonl")) == \
-        [expected[s.path] for s in index.samples]
+    assert common.captions_for(index, common.load_captions(tmp_path / "cap" / "captions.jsonl")) == [
+        expected[s.path] for s in index.samples
+    ]
     # a complete run is a no-op: the file is not rewritten
     mtime = (tmp_path / "cap" / "captions.jsonl").stat().st_mtime_ns
     assert run(tiny_dataset, blip2, tmp_path / "cap") == common.read_json(tmp_path / "cap" / "manifest.json")["metrics"]

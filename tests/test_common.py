@@ -34,8 +34,11 @@ def write_yaml(tmp_path, text):
 
 
 def test_config_precedence_defaults_yaml_cli(tmp_path):
-    cfg = write_yaml(tmp_path, "seed: 7\nunused_by_this_stage: 1\ntrain_cls:\n  lr: 1e-4\n  epochs: 3\n  amp: true\n"
-                               "finetune:\n  other_stage_key: 5\n".replace("unused_by_this_stage: 1\n", ""))
+    cfg = write_yaml(
+        tmp_path,
+        "seed: 7\nunused_by_this_stage: 1\ntrain_cls:\n  lr: 1e-4\n  epochs: 3\n  amp: true\n"
+        "finetune:\n  other_stage_key: 5\n".replace("unused_by_this_stage: 1\n", ""),
+    )
     args = common.parse_args(stage_parser(), ["--config", cfg, "--epochs", "9"], "train_cls")
     assert args.lr == pytest.approx(1e-4) and isinstance(args.lr, float)  # YAML '1e-4' is a string: converted
     assert args.epochs == 9  # CLI beats YAML
@@ -259,8 +262,10 @@ def test_cub_reader(tmp_path):
     (base / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in images))
     (base / "classes.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
     train, test = common.load_dataset("cub", tmp_path, "train"), common.load_dataset("cub", tmp_path, "test")
-    assert [(s.path, s.label) for s in train.samples] == [(f"images/{classes[0]}/a.jpg", 0),
-                                                          (f"images/{classes[1]}/c.jpg", 1)]
+    assert [(s.path, s.label) for s in train.samples] == [
+        (f"images/{classes[0]}/a.jpg", 0),
+        (f"images/{classes[1]}/c.jpg", 1),
+    ]
     assert [s.label for s in test.samples] == [0]
     assert train.class_names == ["Black footed Albatross", "Laysan Albatross"]
     assert train.abspath(0).is_file()
@@ -282,8 +287,10 @@ def test_stanford_cars_reader(tmp_path):
     savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(names, dtype=object)})
     train = common.load_dataset("cars", tmp_path, "train")
     assert train.classes == names
-    assert [(s.path, s.label) for s in train.samples] == [("stanford_cars/cars_train/00001.jpg", 1),
-                                                          ("stanford_cars/cars_train/00002.jpg", 0)]
+    assert [(s.path, s.label) for s in train.samples] == [
+        ("stanford_cars/cars_train/00001.jpg", 1),
+        ("stanford_cars/cars_train/00002.jpg", 0),
+    ]
     assert [s.label for s in common.load_dataset("cars", tmp_path, "test").samples] == [0, 1]
 
 
@@ -297,8 +304,10 @@ def test_oxford_pets_reader(tmp_path):
         (base / "annotations" / f"{split}.txt").write_text("".join(f"{n} {c} {s} 1\n" for n, c, s in items))
     train = common.load_dataset("pets", tmp_path, "train")
     assert train.classes == ["Abyssinian", "American Bulldog"]
-    assert [(s.path, s.label) for s in train.samples] == [("oxford-iiit-pet/images/Abyssinian_1.jpg", 0),
-                                                          ("oxford-iiit-pet/images/american_bulldog_2.jpg", 1)]
+    assert [(s.path, s.label) for s in train.samples] == [
+        ("oxford-iiit-pet/images/Abyssinian_1.jpg", 0),
+        ("oxford-iiit-pet/images/american_bulldog_2.jpg", 1),
+    ]
     assert [s.label for s in common.load_dataset("pets", tmp_path, "test").samples] == [0]
 
 
@@ -332,8 +341,9 @@ def test_imagefolder_and_demo_readers(tmp_path):
 
 def test_load_synthetic_reads_labels_from_manifest(tmp_path):
     common.write_json(tmp_path / "classes.json", {"classes": ["b", "a"], "class_names": ["B", "A"]})
-    common.write_jsonl(tmp_path / "manifest.jsonl", [{"file": "a/x_0.jpg", "label": 1}, {"file": "b/y_0.jpg",
-                                                                                          "label": 0}])
+    common.write_jsonl(
+        tmp_path / "manifest.jsonl", [{"file": "a/x_0.jpg", "label": 1}, {"file": "b/y_0.jpg", "label": 0}]
+    )
     index = common.load_synthetic(tmp_path)
     assert index.classes == ["b", "a"] and [s.label for s in index.samples] == [1, 0]
     with pytest.raises(FileNotFoundError, match="synthesize.py"):
@@ -349,8 +359,9 @@ def test_prompts_and_captions(tmp_path):
     assert common.build_prompt("tench", None, "release") == "photo of tench, best quality"
     assert common.negative_prompt() == "distorted, unrealistic, blurry, out of frame"
     assert common.negative_prompt("release").endswith("cropped, deformed")
-    index = common.DatasetIndex("x", tmp_path, "train", [common.Sample("a/1.jpg", 0), common.Sample("a/2.jpg", 0)],
-                                ["a"], ["a"])
+    index = common.DatasetIndex(
+        "x", tmp_path, "train", [common.Sample("a/1.jpg", 0), common.Sample("a/2.jpg", 0)], ["a"], ["a"]
+    )
     common.write_jsonl(tmp_path / "c.jsonl", [{"path": "a/1.jpg", "caption": "one"}])
     caps = common.load_captions(tmp_path / "c.jsonl")
     with pytest.raises(KeyError, match="a/2.jpg"):
@@ -398,8 +409,11 @@ def test_visual_tokens_append_and_replace():
     appended = common.add_visual_tokens(text, tok, "append")
     assert appended.shape == (2, 78, 8) and torch.equal(appended[:, 77], tok) and torch.equal(appended[:, :77], text)
     replaced = common.add_visual_tokens(text, tok, "replace-last")
-    assert replaced.shape == (2, 77, 8) and torch.equal(replaced[:, 76], tok) and torch.equal(replaced[:, :76],
-                                                                                                 text[:, :76])
+    assert (
+        replaced.shape == (2, 77, 8)
+        and torch.equal(replaced[:, 76], tok)
+        and torch.equal(replaced[:, :76], text[:, :76])
+    )
     with pytest.raises(ValueError, match="width"):
         common.add_visual_tokens(text, torch.randn(2, 4))
 
@@ -425,8 +439,9 @@ def test_encode_latent_prior_is_per_image_deterministic(tiny_sd):
     single = common.encode_latent_prior(vae, pixels[1:2], [torch.Generator().manual_seed(6)])
     assert batch.shape == (3, 4, 16, 16)
     assert torch.allclose(batch[1:2], single, atol=1e-5)
-    assert not torch.allclose(batch, common.encode_latent_prior(vae, pixels, [torch.Generator().manual_seed(s)
-                                                                              for s in (8, 9, 10)]))
+    assert not torch.allclose(
+        batch, common.encode_latent_prior(vae, pixels, [torch.Generator().manual_seed(s) for s in (8, 9, 10)])
+    )
 
 
 def test_dataset_root_from_env_then_paths_file(tmp_path, monkeypatch):

@@ -12,9 +12,30 @@ import demo
 import demo_report
 
 TINY_DATA = ["--train-per-class", "2", "--test-per-class", "2", "--ood-per-class", "1"]
-TINY_GENERATOR = ["--pretrain-images", "16", "--held-out-images", "10", "--vae-steps", "2", "--vae-batch-size", "4",
-                  "--unet-steps", "2", "--unet-batch-size", "4", "--clip-steps", "2", "--grid-per-class", "1",
-                  "--measure-per-class", "1", "--measure-steps", "4", "--cls-epochs", "1"]
+TINY_GENERATOR = [
+    "--pretrain-images",
+    "16",
+    "--held-out-images",
+    "10",
+    "--vae-steps",
+    "2",
+    "--vae-batch-size",
+    "4",
+    "--unet-steps",
+    "2",
+    "--unet-batch-size",
+    "4",
+    "--clip-steps",
+    "2",
+    "--grid-per-class",
+    "1",
+    "--measure-per-class",
+    "1",
+    "--measure-steps",
+    "4",
+    "--cls-epochs",
+    "1",
+]
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -51,8 +72,9 @@ def test_data_rerun_is_a_noop_and_changed_config_fails(demo_data):
     demo.main(["data", "--out", str(demo_data), *TINY_DATA])
     assert (demo_data / "manifest.json").stat().st_mtime_ns == before
     with pytest.raises(common.ConfigMismatchError, match="train_per_class"):
-        demo.main(["data", "--out", str(demo_data), "--train-per-class", "3", "--test-per-class", "2",
-                   "--ood-per-class", "1"])
+        demo.main(
+            ["data", "--out", str(demo_data), "--train-per-class", "3", "--test-per-class", "2", "--ood-per-class", "1"]
+        )
 
 
 def test_image_depends_only_on_its_ids():
@@ -68,8 +90,13 @@ def test_tokenizer_gives_one_token_per_class_word(tmp_path):
     tokenizer = demo.save_tokenizer(tmp_path, demo.CLASSES + demo.PROMPT_WORDS)
     for name in demo.CLASSES:
         ids = tokenizer(common.build_prompt(name)).input_ids
-        assert tokenizer.convert_ids_to_tokens(ids) == ["<|startoftext|>", "photo</w>", "of</w>", f"{name}</w>",
-                                                        "<|endoftext|>"]
+        assert tokenizer.convert_ids_to_tokens(ids) == [
+            "<|startoftext|>",
+            "photo</w>",
+            "of</w>",
+            f"{name}</w>",
+            "<|endoftext|>",
+        ]
     # A word outside the vocabulary still tokenizes, character by character.
     assert len(tokenizer("zebra").input_ids) > 3
 
@@ -121,8 +148,24 @@ def test_pretraining_reduces_the_losses(tmp_path):
             return demo.diffusion_loss(pipe.unet, scheduler, mean, cond, t, noise, None).mean().item()
 
     before = unet_loss()
-    demo.train_unet(pipe.unet, pipe.text_encoder, scheduler, mean, std, 1.0, labels, ids, 1, steps=12, batch_size=8,
-                    lr=2e-3, text_lr=1e-3, p_uncond=0.1, snr_gamma=5.0, seed=0)
+    demo.train_unet(
+        pipe.unet,
+        pipe.text_encoder,
+        scheduler,
+        mean,
+        std,
+        1.0,
+        labels,
+        ids,
+        1,
+        steps=12,
+        batch_size=8,
+        lr=2e-3,
+        text_lr=1e-3,
+        p_uncond=0.1,
+        snr_gamma=5.0,
+        seed=0,
+    )
     assert unet_loss() < 0.9 * before
 
 
@@ -142,8 +185,15 @@ def test_generator_round_trip_and_cache(demo_data, tmp_path):
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(out / "sd", safety_checker=None)
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained VAE's latent spread
     image = common.load_image(next((demo_data / "train" / "circle").glob("*.png")))
-    result = pipe("photo of circle", image=image, strength=0.75, num_inference_steps=4, guidance_scale=2.0,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    result = pipe(
+        "photo of circle",
+        image=image,
+        strength=0.75,
+        num_inference_steps=4,
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert result.shape == (1, 32, 32, 3)
     vision = CLIPVisionModelWithProjection.from_pretrained(out / "clip_vision")
     width = pipe.unet.config.cross_attention_dim  # the visual-guidance token needs no projection
@@ -185,6 +235,7 @@ def test_report_skips_missing_stages(demo_data, tmp_path):
 
 def test_paper_tables_from_stage_manifests(tmp_path):
     """Tab. 1 / Tab. 4 rows come from the classifier and eval manifests; privacy rows from mia_lira's."""
+
     def manifest(name, metrics):
         common.write_json(tmp_path / name / "manifest.json", {"metrics": metrics})
 
@@ -228,11 +279,14 @@ def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
     report = (abl / "report.md").read_text()
     assert tables["tab2"]["all three"]["mean"] == 32.0 and tables["tab2"]["all three"]["std"] == 2.0
     assert "| none | 11.0 ± 1.0 (n=3) | 10.0, 11.0, 12.0 | -21.0 |" in report
-    assert "| latent prior + visual guidance (no MMD) | 32.0 ± 1.4 (n=2) | 31.0, 33.0 | +0.0 (within seed spread" \
-        in report
+    assert (
+        "| latent prior + visual guidance (no MMD) | 32.0 ± 1.4 (n=2) | 31.0, 33.0 | +0.0 (within seed spread" in report
+    )
     assert "| latent prior only | 20.0 ± 0.0 (n=1) | 20.0 | -12.0 (within seed spread: not resolved) |" in report
-    assert "| latent prior + MMD (no visual guidance) | 29.7 ± 0.8 (n=3) | 29.0, 29.5, 30.5 | -2.3 (within seed " \
+    assert (
+        "| latent prior + MMD (no visual guidance) | 29.7 ± 0.8 (n=3) | 29.0, 29.5, 30.5 | -2.3 (within seed "
         "spread: not resolved) |" in report
+    )
     assert "no latent prior" not in report  # rows without any finished classifier are left out
     assert set(tables["fig2"]["synthetic"]) == {1, 2} and tables["fig2"]["real"]["mean"] == 41.0
     assert "Largest synthetic set (x2) vs real: -5.0." in report  # 36 ± 1 vs 41 ± 1: resolved

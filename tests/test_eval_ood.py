@@ -16,8 +16,14 @@ from conftest import make_imagefolder
 IN1K = read_lines(DATA_DIR / "imagenet1k_wnids.txt")
 IN_R = read_lines(DATA_DIR / "imagenet_r_wnids.txt")
 IN_A = read_lines(DATA_DIR / "imagenet_a_wnids.txt")
-EVAL_TF = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
-           "crop_pct": 0.95, "crop_mode": "center"}
+EVAL_TF = {
+    "input_size": [3, 32, 32],
+    "interpolation": "bilinear",
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "crop_pct": 0.95,
+    "crop_mode": "center",
+}
 
 
 def put_images(folder: Path, n: int, seed: int) -> None:
@@ -35,9 +41,15 @@ def make_classifier(root: Path, classes: list[str]) -> Path:
     model = timm.create_model("test_resnet", num_classes=len(classes), output_stride=8)
     root.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
-    info = {"model": "test_resnet", "num_classes": len(classes), "model_kwargs": {"output_stride": 8},
-            "weights": "model.safetensors",
-            "eval_transform": EVAL_TF, "classes": classes, "class_names": classes}
+    info = {
+        "model": "test_resnet",
+        "num_classes": len(classes),
+        "model_kwargs": {"output_stride": 8},
+        "weights": "model.safetensors",
+        "eval_transform": EVAL_TF,
+        "classes": classes,
+        "class_names": classes,
+    }
     (root / "manifest.json").write_text(json.dumps({"config": {}, "metrics": {}, "classifier": info}))
     return root
 
@@ -73,8 +85,9 @@ def test_imagenet_v2_integer_folders_are_class_indices_not_strings(tmp_path):
         put_images(root / str(c), 2, seed=c)
     paths, ids, space = eval_ood.read_imagenet_set("imagenet-v2", str(root))
     assert space == IN1K
-    assert [(Path(p).parent.name, w) for p, w in zip(paths, ids)] == \
-        [(str(c), IN1K[c]) for c in sorted((2, 10, 100, 999), key=str) for _ in range(2)]
+    assert [(Path(p).parent.name, w) for p, w in zip(paths, ids)] == [
+        (str(c), IN1K[c]) for c in sorted((2, 10, 100, 999), key=str) for _ in range(2)
+    ]
     # a copy with wnid-named folders reads the same labels
     wnid_root = tmp_path / "v2_wnids"
     for c in (2, 10):
@@ -140,8 +153,18 @@ def test_end_to_end_imagenet_layouts_and_cache(tmp_path):
     for j, w in enumerate([IN_R[3], IN_R[150], IN_R[9]]):
         put_images(r / w, 2, seed=10 + j)
     out = tmp_path / "ood"
-    argv = ["--classifier", str(run), "--output-dir", str(out), "--workers", "0", "--amp", "no", "--sets",
-            f"imagenet-v2={v2}"]
+    argv = [
+        "--classifier",
+        str(run),
+        "--output-dir",
+        str(out),
+        "--workers",
+        "0",
+        "--amp",
+        "no",
+        "--sets",
+        f"imagenet-v2={v2}",
+    ]
     metrics = eval_ood.main(argv)
     paths, ids, space = eval_ood.read_imagenet_set("imagenet-v2", str(v2))
     top1, top5, n = reference_accuracy(run, paths, ids, space)
@@ -168,9 +191,25 @@ def test_dataset_splits_for_the_demo(tmp_path, tiny_dataset):
     make_imagefolder(root / "test", classes, 2, seed=1)
     make_imagefolder(root / "sketch", classes, 3, seed=4)
     run = make_classifier(tmp_path / "cls_real", classes)
-    metrics = eval_ood.main(["--classifier", str(run), "--dataset", "demo", "--data-root", str(root),
-                             "--output-dir", str(tmp_path / "ood"), "--workers", "0", "--amp", "no",
-                             "--sets", "test", "sketch"])
+    metrics = eval_ood.main(
+        [
+            "--classifier",
+            str(run),
+            "--dataset",
+            "demo",
+            "--data-root",
+            str(root),
+            "--output-dir",
+            str(tmp_path / "ood"),
+            "--workers",
+            "0",
+            "--amp",
+            "no",
+            "--sets",
+            "test",
+            "sketch",
+        ]
+    )
     for split, n in (("test", 6), ("sketch", 9)):
         files = [p for c in classes for p in sorted((root / split / c).iterdir())]
         top1, top5, count = reference_accuracy(run, files, [p.parent.name for p in files], classes)

@@ -18,10 +18,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, *extra):
-    return ["--dataset", "demo", "--data-root", str(tiny_dataset), "--pretrained-model", str(tiny_sd),
-            "--vg-encoder", str(tiny_clip_vision), "--output-dir", str(out), "--resolution", "32",
-            "--train-batch-size", "4", "--num-workers", "0", "--vg-images-per-class", "2", "--seed", "0",
-            "--mixed-precision", "no", "--no-allow-tf32", *extra]  # on a GPU too: the checks recompute in fp32
+    return [
+        "--dataset",
+        "demo",
+        "--data-root",
+        str(tiny_dataset),
+        "--pretrained-model",
+        str(tiny_sd),
+        "--vg-encoder",
+        str(tiny_clip_vision),
+        "--output-dir",
+        str(out),
+        "--resolution",
+        "32",
+        "--train-batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--vg-images-per-class",
+        "2",
+        "--seed",
+        "0",
+        "--mixed-precision",
+        "no",
+        "--no-allow-tf32",
+        *extra,
+    ]  # on a GPU too: the checks recompute in fp32
 
 
 def unet_output(pipe):
@@ -37,8 +59,9 @@ def test_outputs_lora_loads_and_class_tokens(tiny_dataset, tiny_sd, tiny_clip_vi
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     out = tmp_path / "ft"
-    metrics = finetune.main(base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "3",
-                                      "--learning-rate", "1e-2"))
+    metrics = finetune.main(
+        base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "3", "--learning-rate", "1e-2")
+    )
     assert metrics["steps"] == 3 and metrics["train_images"] == 12 and metrics["final_mmd"] > 0
     manifest = common.read_json(out / "manifest.json")
     assert manifest["config"]["mmd_weight"] == 0.01 and manifest["config"]["vg_mode"] == "class-mean"
@@ -60,8 +83,9 @@ def test_outputs_lora_loads_and_class_tokens(tiny_dataset, tiny_sd, tiny_clip_vi
     processor = CLIPImageProcessor.from_pretrained(tiny_clip_vision)
     for label, paths in enumerate(sampled):
         assert len(paths) == 2 and all(p.startswith(index.classes[label] + "/") for p in paths)
-        pixels = processor(images=[common.load_image(tiny_dataset / "train" / p) for p in paths],
-                           return_tensors="pt").pixel_values
+        pixels = processor(
+            images=[common.load_image(tiny_dataset / "train" / p) for p in paths], return_tensors="pt"
+        ).pixel_values
         with torch.no_grad():
             expected = model(pixel_values=pixels).image_embeds.mean(0)
         torch.testing.assert_close(tokens[label], expected, rtol=1e-4, atol=1e-5)
@@ -71,8 +95,18 @@ def test_outputs_lora_loads_and_class_tokens(tiny_dataset, tiny_sd, tiny_clip_vi
 
 def test_resume_matches_uninterrupted_run_and_rerun_is_noop(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
     out = tmp_path / "ft"
-    args = base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "4", "--checkpointing-steps",
-                     "2", "--learning-rate", "1e-2")
+    args = base_args(
+        tiny_dataset,
+        tiny_sd,
+        tiny_clip_vision,
+        out,
+        "--max-train-steps",
+        "4",
+        "--checkpointing-steps",
+        "2",
+        "--learning-rate",
+        "1e-2",
+    )
     finetune.main(args)
     straight = load_file(out / "pytorch_lora_weights.safetensors")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
@@ -108,8 +142,22 @@ def test_gradient_accumulation_resumes_on_micro_batch_boundaries(tiny_dataset, t
     """2 optimizer steps of 3 micro-batches of 2 images: 6 micro-batches; interrupted after step 1, the resumed run
     continues at micro-batch 3 (data order and noise are indexed by micro-batch) and ends where the straight one did."""
     out = tmp_path / "ft"
-    args = base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "2", "--checkpointing-steps",
-                     "1", "--learning-rate", "1e-2", "--train-batch-size", "2", "--gradient-accumulation-steps", "3")
+    args = base_args(
+        tiny_dataset,
+        tiny_sd,
+        tiny_clip_vision,
+        out,
+        "--max-train-steps",
+        "2",
+        "--checkpointing-steps",
+        "1",
+        "--learning-rate",
+        "1e-2",
+        "--train-batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "3",
+    )
     metrics = finetune.main(args)
     assert metrics["steps"] == 2 and metrics["micro_batches"] == 6 and metrics["epochs"] == 1  # 12 images
     assert common.read_json(out / "manifest.json")["config"]["gradient_accumulation_steps"] == 3
@@ -128,8 +176,20 @@ def test_gradient_accumulation_resumes_on_micro_batch_boundaries(tiny_dataset, t
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], **tol)
     # Accumulating is not the same as stepping on each micro-batch.
-    plain = finetune.main(base_args(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "plain", "--max-train-steps",
-                                    "2", "--learning-rate", "1e-2", "--train-batch-size", "2"))
+    plain = finetune.main(
+        base_args(
+            tiny_dataset,
+            tiny_sd,
+            tiny_clip_vision,
+            tmp_path / "plain",
+            "--max-train-steps",
+            "2",
+            "--learning-rate",
+            "1e-2",
+            "--train-batch-size",
+            "2",
+        )
+    )
     assert plain["micro_batches"] == 2
     assert "gradient_accumulation_steps" not in common.read_json(tmp_path / "plain" / "manifest.json")["config"]
 
@@ -141,9 +201,23 @@ def test_release_options_projection_and_cache(tiny_dataset, tiny_sd, tmp_path):
     narrow = tmp_path / "clip32"
     demo.build_image_encoder(narrow, projection_dim=32)
     out = tmp_path / "ft"
-    metrics = finetune.main(base_args(tiny_dataset, tiny_sd, narrow, out, "--max-train-steps", "2", "--vg-mode",
-                                      "per-image", "--vg-placement", "replace-last", "--mmd-form", "release",
-                                      "--cache-latents"))
+    metrics = finetune.main(
+        base_args(
+            tiny_dataset,
+            tiny_sd,
+            narrow,
+            out,
+            "--max-train-steps",
+            "2",
+            "--vg-mode",
+            "per-image",
+            "--vg-placement",
+            "replace-last",
+            "--mmd-form",
+            "release",
+            "--cache-latents",
+        )
+    )
     assert common.read_json(out / "manifest.json")["config"]["mmd_weight"] == 0.003
     assert metrics["final_mmd"] > 0
     info = common.read_json(out / "visual_guidance.json")
@@ -163,8 +237,20 @@ def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_pat
     index = common.load_dataset("demo", tiny_dataset, "train")
     caps = tmp_path / "captions.jsonl"
     common.write_jsonl(caps, [{"path": s.path, "caption": "a thing"} for s in index.samples[1:]])
-    args = base_args(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "a", "--captions", str(caps),
-                     "--max-train-steps", "1", "--vg-mode", "none", "--mmd-weight", "0")
+    args = base_args(
+        tiny_dataset,
+        tiny_sd,
+        tiny_clip_vision,
+        tmp_path / "a",
+        "--captions",
+        str(caps),
+        "--max-train-steps",
+        "1",
+        "--vg-mode",
+        "none",
+        "--mmd-weight",
+        "0",
+    )
     with pytest.raises(KeyError, match=index.samples[0].path):
         finetune.main(args)
     # the same run with --allow-missing-captions trains; --mmd-weight 0 leaves the plain min-SNR diffusion loss
@@ -174,8 +260,11 @@ def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_pat
     assert not (tmp_path / "a" / "visual_guidance.safetensors").exists()
     np.save(tmp_path / "mask.npy", np.ones(5, dtype=bool))
     with pytest.raises(ValueError, match="subset mask has 5 entries"):
-        finetune.main(base_args(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "b", "--subset-mask",
-                                str(tmp_path / "mask.npy")))
+        finetune.main(
+            base_args(
+                tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "b", "--subset-mask", str(tmp_path / "mask.npy")
+            )
+        )
     with pytest.raises(OSError, match="diffusers layout"):
         finetune.main(base_args(tiny_dataset, tmp_path / "nope", tiny_clip_vision, tmp_path / "c"))
 
@@ -192,9 +281,22 @@ def test_epoch_batches_partition_and_seeded_order():
 
 def test_accelerate_launch(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
     out = tmp_path / "ft"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
-           *base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "finetune.py"),
+        *base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "1"),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -206,9 +308,30 @@ def test_two_cpu_processes_accumulate_and_resume_as_one_group(tiny_dataset, tiny
     """torchrun with 2 CPU processes (gloo): DDP with accumulation (no gradient sync on the first micro-batch), the
     per-rank data split, rank-0 checkpoints; resuming from step 1 ends bitwise where the uninterrupted run did."""
     out = tmp_path / "ft"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "finetune.py"),
-           *base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "2", "--checkpointing-steps",
-                      "1", "--learning-rate", "1e-2", "--train-batch-size", "2", "--gradient-accumulation-steps", "2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "finetune.py"),
+        *base_args(
+            tiny_dataset,
+            tiny_sd,
+            tiny_clip_vision,
+            out,
+            "--max-train-steps",
+            "2",
+            "--checkpointing-steps",
+            "1",
+            "--learning-rate",
+            "1e-2",
+            "--train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "2",
+        ),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU on a GPU too
 
     def launch():

@@ -12,8 +12,9 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 
 def dry_run(*args: str) -> list[str]:
-    out = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.replace("\\\n", " ")  # join continued recipe lines
+    out = subprocess.run(
+        ["make", "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.replace("\\\n", " ")  # join continued recipe lines
     return [line for line in out.splitlines() if re.search(r"\b\w+\.py\b", line)]
 
 
@@ -52,10 +53,12 @@ def test_real_mode_skips_the_generator_and_accelerate_launcher():
 def test_demo_ablation_switches_each_component_and_covers_every_report_row():
     import demo_report
 
-    out = subprocess.run(["make", "-n", "--no-print-directory", "demo-ablation"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.replace("\\\n", " ")
-    synth = {m.group(1): m.group(0) for m in re.finditer(r'synthesize\.py[^"]*--output-dir runs/demo/ablation/(\w+)',
-                                                         out)}
+    out = subprocess.run(
+        ["make", "-n", "--no-print-directory", "demo-ablation"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.replace("\\\n", " ")
+    synth = {
+        m.group(1): m.group(0) for m in re.finditer(r'synthesize\.py[^"]*--output-dir runs/demo/ablation/(\w+)', out)
+    }
     assert "--lora-dir none --strength 1.0" in synth["synth_none"]  # no finetune, no latent prior
     assert "--lora-dir none" in synth["synth_lp"] and "--strength" not in synth["synth_lp"]
     assert "--lora-dir" not in synth["synth_no_lp"] and "--strength 1.0" in synth["synth_no_lp"]  # config's LoRA
@@ -77,8 +80,9 @@ def test_benchmarks_time_what_they_say():
     bench-gpu builds only the untrained skeleton, never the CPU-pretrained demo generator, and points the SD1.5-shaped
     benchmark at it."""
     synth = [line for line in dry_run("bench-synth", "ARGS=--compile off") if "bench.py synth" in line]
-    assert len(synth) == 1 and "--rounds" in synth[0] and synth[0].index("--compile on") < synth[0].index(
-        "--compile off")
+    assert (
+        len(synth) == 1 and "--rounds" in synth[0] and synth[0].index("--compile on") < synth[0].index("--compile off")
+    )
     gpu = dry_run("-o", ".venv/.installed", "bench-gpu")
     assert any("demo.py skeleton" in line for line in gpu) and not any("demo.py generator" in line for line in gpu)
     synth = [line for line in gpu if "bench.py synth" in line]

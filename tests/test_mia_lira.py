@@ -182,7 +182,7 @@ def test_attack_only_mode_writes_the_report(tmp_path):
 
 # -------------------------------------------------------------------------------------- orchestration (stand-in stages)
 
-FAKE_STAGE = '''
+FAKE_STAGE = """
 import json, os, shutil, sys
 from pathlib import Path
 argv = sys.argv[1:]
@@ -199,7 +199,7 @@ if Path(sys.argv[0]).name == "train_cls.py":  # a classifier as train_cls.py des
     manifest["classifier"] = {"model": "resnet18", "num_classes": 3, "weights": "model.safetensors",
                               "eval_transform": transform, "classes": json.loads(os.environ["FAKE_STAGE_CLASSES"])}
 (out / "manifest.json").write_text(json.dumps(manifest))
-'''
+"""
 
 
 @pytest.fixture()
@@ -227,8 +227,22 @@ def read_calls(log: Path):
 
 def test_shadow_pipelines_run_resume_and_score(tmp_path, tiny_dataset, fake_stages):
     out = tmp_path / "lira"
-    argv = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--output-dir", str(out), "--num-shadows", "4",
-            "--num-workers", "0", "--pretrained-model", "gen/sd", "--train-cls-args", "--epochs 1"]
+    argv = [
+        "--dataset",
+        "demo",
+        "--data-root",
+        str(tiny_dataset),
+        "--output-dir",
+        str(out),
+        "--num-shadows",
+        "4",
+        "--num-workers",
+        "0",
+        "--pretrained-model",
+        "gen/sd",
+        "--train-cls-args",
+        "--epochs 1",
+    ]
     metrics = mia_lira.main(argv)
     calls = read_calls(fake_stages)
     assert [c[0] for c in calls] == ["finetune.py", "synthesize.py", "train_cls.py"] * 4 + ["train_cls.py"] * 4
@@ -266,8 +280,20 @@ def test_shadow_pipelines_run_resume_and_score(tmp_path, tiny_dataset, fake_stag
 
 def test_sharded_jobs_wait_for_each_other(tmp_path, tiny_dataset, fake_stages):
     out = tmp_path / "lira"
-    base = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--output-dir", str(out), "--num-shadows", "4",
-            "--num-workers", "0", "--arms", "real"]
+    base = [
+        "--dataset",
+        "demo",
+        "--data-root",
+        str(tiny_dataset),
+        "--output-dir",
+        str(out),
+        "--num-shadows",
+        "4",
+        "--num-workers",
+        "0",
+        "--arms",
+        "real",
+    ]
     assert mia_lira.main(base + ["--shard", "0/2"]) == {"status": "partial"}
     assert len(read_calls(fake_stages)) == 2 and not (out / "manifest.json").exists()
     metrics = mia_lira.main(base + ["--shard", "1/2"])
@@ -276,8 +302,18 @@ def test_sharded_jobs_wait_for_each_other(tmp_path, tiny_dataset, fake_stages):
 
 def test_failed_stage_names_the_command(tmp_path, tiny_dataset, fake_stages):
     (mia_lira.PROJECT_DIR / "train_cls.py").write_text("import sys; sys.exit(3)")
-    argv = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--output-dir", str(tmp_path / "lira"),
-            "--num-shadows", "4", "--arms", "real"]
+    argv = [
+        "--dataset",
+        "demo",
+        "--data-root",
+        str(tiny_dataset),
+        "--output-dir",
+        str(tmp_path / "lira"),
+        "--num-shadows",
+        "4",
+        "--arms",
+        "real",
+    ]
     with pytest.raises(RuntimeError, match=r"real shadow 0 failed in `.*train_cls.py"):
         mia_lira.main(argv)
 

@@ -77,9 +77,24 @@ def test_copy_is_found_and_unrelated_images_are_not(tmp_path, tiny_dataset, stan
     copied = real.samples[5].path
     synth = make_synthetic_dir(tmp_path / "synth", tiny_dataset, copied)
     out, cache = tmp_path / "sscd", tmp_path / "cache"
-    argv = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--synthetic-dir", str(synth), "--model",
-            str(standin), "--output-dir", str(out), "--cache-dir", str(cache), "--num-workers", "0",
-            "--chunk-size", "5"]
+    argv = [
+        "--dataset",
+        "demo",
+        "--data-root",
+        str(tiny_dataset),
+        "--synthetic-dir",
+        str(synth),
+        "--model",
+        str(standin),
+        "--output-dir",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--num-workers",
+        "0",
+        "--chunk-size",
+        "5",
+    ]
     metrics = sscd_sim.main(argv)
     rows = {r["file"]: r for r in map(json.loads, (out / "matches.jsonl").read_text().splitlines())}
     top = rows["0/copy_0.png"]["matches"]
@@ -102,7 +117,18 @@ def test_copy_is_found_and_unrelated_images_are_not(tmp_path, tiny_dataset, stan
     Image.fromarray(np.zeros((32, 32, 3), np.uint8) + 90).save(synth / "0" / "new.png")
     with open(synth / "manifest.jsonl", "a") as f:
         f.write(json.dumps({"file": "0/new.png", "label": 0}) + "\n")
-    again = sscd_sim.main([*argv[:-6], "--output-dir", str(tmp_path / "sscd2"), "--cache-dir", str(cache),
-                           "--num-workers", "0", "--threshold", "0.99"])
+    again = sscd_sim.main(
+        [
+            *argv[:-6],
+            "--output-dir",
+            str(tmp_path / "sscd2"),
+            "--cache-dir",
+            str(cache),
+            "--num-workers",
+            "0",
+            "--threshold",
+            "0.99",
+        ]
+    )
     assert again["num_embedded"] == {"real": 0, "synthetic": 1}
     assert again["synthetic_vs_real"]["count"] == 5 and again["synthetic_vs_real"]["num_replications"] == 1

@@ -13,13 +13,36 @@ import synthesize
 from common import ConfigMismatchError, ImageReadError, add_visual_tokens, item_seed, load_synthetic, read_jsonl
 
 # --compile off: on a GPU, auto would compile the tiny UNet again in every test for no gain.
-FAST = ["--steps", "4", "--strength", "0.5", "--num-workers", "0", "--write-workers", "2", "--resolution", "32",
-        "--compile", "off"]
+FAST = [
+    "--steps",
+    "4",
+    "--strength",
+    "0.5",
+    "--num-workers",
+    "0",
+    "--write-workers",
+    "2",
+    "--resolution",
+    "32",
+    "--compile",
+    "off",
+]
 
 
 def args_for(tiny_sd, tiny_dataset, out, *extra, lora=None):
-    base = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--pretrained-model", str(tiny_sd),
-            "--output-dir", str(out), "--seed", "0", *FAST]
+    base = [
+        "--dataset",
+        "demo",
+        "--data-root",
+        str(tiny_dataset),
+        "--pretrained-model",
+        str(tiny_sd),
+        "--output-dir",
+        str(out),
+        "--seed",
+        "0",
+        *FAST,
+    ]
     return base + (["--lora-dir", str(lora)] if lora else []) + [str(e) for e in extra]
 
 
@@ -30,8 +53,14 @@ def pixels(path) -> np.ndarray:
 def test_paper_defaults_and_22_steps(tiny_sd, tiny_dataset, tiny_lora, tmp_path, monkeypatch):
     """30 UniPC steps at strength 0.75 run 22 UNet calls, each on the CFG pair (2 x batch); manifest rows complete."""
     defaults = synthesize.get_parser().parse_args([])
-    assert (defaults.steps, defaults.strength, defaults.guidance_scale, defaults.lora_scale, defaults.resolution,
-            defaults.jpeg_quality) == (30, 0.75, 2.0, 0.5, 512, 95)
+    assert (
+        defaults.steps,
+        defaults.strength,
+        defaults.guidance_scale,
+        defaults.lora_scale,
+        defaults.resolution,
+        defaults.jpeg_quality,
+    ) == (30, 0.75, 2.0, 0.5, 512, 95)
     calls = []
     real = synthesize.load_pipeline
 
@@ -45,8 +74,11 @@ def test_paper_defaults_and_22_steps(tiny_sd, tiny_dataset, tiny_lora, tmp_path,
     subset = tmp_path / "mask.npy"
     np.save(subset, np.array([True, False, False, False] * 3))  # one source per class
     out = tmp_path / "syn"
-    metrics = synthesize.main(args_for(tiny_sd, tiny_dataset, out, "--steps", "30", "--strength", "0.75",
-                                       "--subset-mask", subset, lora=tiny_lora))
+    metrics = synthesize.main(
+        args_for(
+            tiny_sd, tiny_dataset, out, "--steps", "30", "--strength", "0.75", "--subset-mask", subset, lora=tiny_lora
+        )
+    )
     assert calls == [6] * 22  # one call: 3 mixed-class images, cond + uncond
     assert metrics["complete"] and metrics["images"] == 3
     rows = read_jsonl(out / "manifest.jsonl")
@@ -78,8 +110,11 @@ def test_same_image_alone_batched_or_sharded(tiny_sd, tiny_dataset, tiny_lora, t
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # on a GPU: full-precision convolutions too
     # fp32 pins the check to what the issue promises (CPU, or a GPU in full precision): in fp16 (or with TF32
     # convolutions) on a GPU the kernels chosen per batch size differ by more than 2/255 after 22 steps.
-    runs = {"alone": ["--batch-size", "1", "--dtype", "fp32"], "batch8": ["--batch-size", "8", "--dtype", "fp32"],
-            "shard": ["--shard", "2/3", "--dtype", "fp32"]}
+    runs = {
+        "alone": ["--batch-size", "1", "--dtype", "fp32"],
+        "batch8": ["--batch-size", "8", "--dtype", "fp32"],
+        "shard": ["--shard", "2/3", "--dtype", "fp32"],
+    }
     for name, extra in runs.items():
         synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / name, *extra, lora=tiny_lora))
     shard_files = sorted(p.relative_to(tmp_path / "shard") for p in (tmp_path / "shard").rglob("*.jpg"))
@@ -96,15 +131,17 @@ def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_pat
     """Scale 1.5: 18 images; three shards make exactly the set of one clean run; the last shard writes the manifest;
     a killed run (some outputs deleted, one truncated, one temp file left) resumes to the same set."""
     clean = tmp_path / "clean"
-    m = synthesize.main(args_for(tiny_sd, tiny_dataset, clean, "--scale", "1.5", "--image-format", "png",
-                                 "--batch-size", "5"))
+    m = synthesize.main(
+        args_for(tiny_sd, tiny_dataset, clean, "--scale", "1.5", "--image-format", "png", "--batch-size", "5")
+    )
     assert m["images"] == 18 and m["complete"]
     files = sorted(str(p.relative_to(clean)) for p in clean.rglob("*.png"))
     assert len(files) == 18 and sum(f.endswith("_1.png") for f in files) == 6
     sharded = tmp_path / "sharded"
     for i in range(3):
-        m = synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png",
-                                     "--shard", f"{i}/3"))
+        m = synthesize.main(
+            args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png", "--shard", f"{i}/3")
+        )
         assert m["complete"] == (i == 2)
     assert sorted(str(p.relative_to(sharded)) for p in sharded.rglob("*.png")) == files
     assert read_jsonl(sharded / "manifest.jsonl") == read_jsonl(clean / "manifest.jsonl")
@@ -122,11 +159,14 @@ def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_pat
     for f in files:
         assert np.abs(pixels(sharded / f) - pixels(clean / f)).max() <= 2
     # Complete + same config: a no-op; another config: refused.
-    assert synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png"))[
-        "images"] == 18
+    assert (
+        synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png"))["images"]
+        == 18
+    )
     with pytest.raises(ConfigMismatchError, match="guidance_scale"):
-        synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png",
-                                 "--guidance-scale", "3"))
+        synthesize.main(
+            args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png", "--guidance-scale", "3")
+        )
 
 
 def test_visual_token_in_conditional_branch_only(tiny_sd, tiny_lora):
@@ -186,16 +226,17 @@ def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
         synthesize.main(args_for(tiny_sd, root, tmp_path / "a"))
     m = synthesize.main(args_for(tiny_sd, root, tmp_path / "b", "--skip-bad"))
     assert m["complete"] and m["images"] == 11 and m["bad_sources"] == 1
-    assert "green_square/green_square_001.png" in json.loads((tmp_path / "b" / "manifest.json").read_text())[
-        "inputs"]["bad_sources"]
+    assert (
+        "green_square/green_square_001.png"
+        in json.loads((tmp_path / "b" / "manifest.json").read_text())["inputs"]["bad_sources"]
+    )
     m = synthesize.main(args_for(tiny_sd, root, tmp_path / "c", "--strength", "1.0"))
     assert m["images"] == 12
     captions = tmp_path / "captions.jsonl"
     captions.write_text(json.dumps({"path": "red_circle/red_circle_000.png", "caption": "a red disk"}) + "\n")
     with pytest.raises(KeyError, match="caption"):
         synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "d", "--captions", captions))
-    synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "e", "--captions", captions,
-                             "--allow-missing-captions"))
+    synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "e", "--captions", captions, "--allow-missing-captions"))
     prompts = {r["source"]: r["prompt"] for r in read_jsonl(tmp_path / "e" / "manifest.jsonl")}
     assert prompts["red_circle/red_circle_000.png"] == "photo of red circle, a red disk"
     assert prompts["red_circle/red_circle_001.png"] == "photo of red circle"
@@ -221,8 +262,9 @@ def test_config_sections_parse(name):
     """Every shipped config's synthesize section names real options; the real sets keep the paper's settings."""
     from common import PROJECT_DIR, parse_args
 
-    args = parse_args(synthesize.get_parser(), ["--config", str(PROJECT_DIR / "configs" / f"{name}.yaml")],
-                      "synthesize")
+    args = parse_args(
+        synthesize.get_parser(), ["--config", str(PROJECT_DIR / "configs" / f"{name}.yaml")], "synthesize"
+    )
     assert args.dataset == name and args.lora_dir == f"runs/{name}/finetune"
     if name != "demo":
         assert (args.steps, args.strength, args.guidance_scale, args.resolution) == (30, 0.75, 2.0, 512)
@@ -241,17 +283,27 @@ def test_per_image_tokens_replace_last(tiny_sd, tiny_dataset, tiny_lora, tmp_pat
     index = load_dataset("demo", tiny_dataset, "train")
     table = torch.randn(len(index), 64)
     save_file({"tokens": table}, str(lora / "visual_guidance.safetensors"))
-    (lora / "visual_guidance.json").write_text(json.dumps({
-        "mode": "per-image", "placement": "replace-last", "classes": index.classes,
-        "image_paths": [s.path for s in reversed(index.samples)], "encoder": "tiny", "images_per_class": 1}))
+    (lora / "visual_guidance.json").write_text(
+        json.dumps(
+            {
+                "mode": "per-image",
+                "placement": "replace-last",
+                "classes": index.classes,
+                "image_paths": [s.path for s in reversed(index.samples)],
+                "encoder": "tiny",
+                "images_per_class": 1,
+            }
+        )
+    )
     seen = []
     real = synthesize.condition
     monkeypatch.setattr(synthesize, "condition", lambda *a: seen.append((a[2], real(*a))) or seen[-1][1])
     mask = tmp_path / "mask.npy"
     np.save(mask, np.array([i == 5 for i in range(len(index))]))
-    synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "out", "--subset-mask", mask, "--dtype", "fp32",
-                             lora=lora))
-    (tokens, (cond, neg)), = seen
+    synthesize.main(
+        args_for(tiny_sd, tiny_dataset, tmp_path / "out", "--subset-mask", mask, "--dtype", "fp32", lora=lora)
+    )
+    ((tokens, (cond, neg)),) = seen
     assert cond.shape == neg.shape == (1, 77, 64)
     expected = table[len(index) - 1 - 5]
     assert torch.equal(tokens[0].cpu(), expected) and torch.equal(cond[0, 76].cpu(), expected)
@@ -262,8 +314,9 @@ def test_larger_scale_reuses_smaller_scale_images(tiny_sd, tiny_dataset, tmp_pat
     the result equals a clean x2 run. A run of another config is not reused."""
     x1, x2, clean = tmp_path / "x1", tmp_path / "x2", tmp_path / "clean"
     synthesize.main(args_for(tiny_sd, tiny_dataset, x1, "--scale", "1", "--image-format", "png"))
-    m = synthesize.main(args_for(tiny_sd, tiny_dataset, x2, "--scale", "2", "--image-format", "png",
-                                 "--reuse-from", x1))
+    m = synthesize.main(
+        args_for(tiny_sd, tiny_dataset, x2, "--scale", "2", "--image-format", "png", "--reuse-from", x1)
+    )
     assert m["generated"] == 12 and m["images"] == 24
     assert os.path.samefile(x1 / "red_circle" / "red_circle_000_0.png", x2 / "red_circle" / "red_circle_000_0.png")
     synthesize.main(args_for(tiny_sd, tiny_dataset, clean, "--scale", "2", "--image-format", "png"))
@@ -271,8 +324,21 @@ def test_larger_scale_reuses_smaller_scale_images(tiny_sd, tiny_dataset, tmp_pat
     for f in (p.relative_to(clean) for p in clean.rglob("*.png")):
         assert np.abs(pixels(x2 / f) - pixels(clean / f)).max() <= 2
     other = tmp_path / "other"
-    m = synthesize.main(args_for(tiny_sd, tiny_dataset, other, "--scale", "2", "--image-format", "png",
-                                 "--guidance-scale", "3", "--reuse-from", x1))
+    m = synthesize.main(
+        args_for(
+            tiny_sd,
+            tiny_dataset,
+            other,
+            "--scale",
+            "2",
+            "--image-format",
+            "png",
+            "--guidance-scale",
+            "3",
+            "--reuse-from",
+            x1,
+        )
+    )
     assert m["generated"] == 24
 
 

@@ -12,15 +12,36 @@ import train_cls
 from common import ConfigMismatchError, load_dataset, read_jsonl, write_json, write_jsonl
 from conftest import TINY_CLASSES, make_imagefolder
 
-TINY = ["--dataset", "demo", "--model", "test_resnet", "--input-size", "32", "--batch-size", "4",
-        "--max-device-batch", "4", "--lr", "0.05", "--decay-milestones", "2", "--workers", "0", "--amp", "no"]
+TINY = [
+    "--dataset",
+    "demo",
+    "--model",
+    "test_resnet",
+    "--input-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--max-device-batch",
+    "4",
+    "--lr",
+    "0.05",
+    "--decay-milestones",
+    "2",
+    "--workers",
+    "0",
+    "--amp",
+    "no",
+]
 
 
 def make_synthetic(root: Path, classes, per_class: int, seed: int) -> Path:
     """A synthesize.py-layout dir whose classes.json lists the classes in an order unlike folder sort order."""
     make_imagefolder(root, classes, per_class, seed=seed)
-    rows = [{"file": f"{c}/{f.name}", "label": label, "class_id": c, "source": "x", "seed": 0}
-            for label, c in enumerate(classes) for f in sorted((root / c).iterdir())]
+    rows = [
+        {"file": f"{c}/{f.name}", "label": label, "class_id": c, "source": "x", "seed": 0}
+        for label, c in enumerate(classes)
+        for f in sorted((root / c).iterdir())
+    ]
     write_jsonl(root / "manifest.jsonl", rows)
     write_json(root / "classes.json", {"classes": list(classes), "class_names": list(classes)})
     return root
@@ -36,8 +57,10 @@ def test_release_recipe_changes_only_options_left_at_paper_values():
     assert (paper.opt, paper.warmup_epochs, paper.color_jitter, paper.smoothing) == ("momentum", 0, 0.0, 0.0)
 
 
-@pytest.mark.parametrize("batch,world,max_dev,expected", [(1024, 8, 128, 1), (1024, 4, 128, 2), (1024, 1, 128, 8),
-                                                          (12, 1, 5, 3), (12, 2, 4, 2)])
+@pytest.mark.parametrize(
+    "batch,world,max_dev,expected",
+    [(1024, 8, 128, 1), (1024, 4, 128, 2), (1024, 1, 128, 8), (12, 1, 5, 3), (12, 2, 4, 2)],
+)
 def test_accumulation_keeps_the_global_batch(batch, world, max_dev, expected):
     accum = train_cls.accumulation_steps(batch, world, max_dev)
     assert accum == expected
@@ -48,8 +71,10 @@ def test_epoch_batches_are_the_same_global_batches_for_any_world_size():
     def global_steps(world, accum):
         per_rank = [list(train_cls.EpochBatches(30, 12, 7, 1, 3, r, world, accum)) for r in range(world)]
         steps = len(per_rank[0]) // accum
-        return [sorted(k for r in range(world) for mb in per_rank[r][s * accum:(s + 1) * accum] for k in mb)
-                for s in range(steps)]
+        return [
+            sorted(k for r in range(world) for mb in per_rank[r][s * accum : (s + 1) * accum] for k in mb)
+            for s in range(steps)
+        ]
 
     one = global_steps(1, 1)
     assert len(one) == 2 * (30 // 12)  # 2 epochs, last incomplete batch dropped
@@ -57,10 +82,13 @@ def test_epoch_batches_are_the_same_global_batches_for_any_world_size():
 
     # Finer: the same micro-batches, numbered alike by global_micro, for any world x accum split of the batch.
     def micro_batches(world, accum):
-        return {(e, train_cls.global_micro(m % (len(mbs) // 2), r, world, accum)): sorted(i for _, i in mb)
-                for r in range(world)
-                for mbs in [list(train_cls.EpochBatches(30, 12, 7, 1, 3, r, world, accum))]
-                for m, mb in enumerate(mbs) for e in {k[0] for k in mb}}
+        return {
+            (e, train_cls.global_micro(m % (len(mbs) // 2), r, world, accum)): sorted(i for _, i in mb)
+            for r in range(world)
+            for mbs in [list(train_cls.EpochBatches(30, 12, 7, 1, 3, r, world, accum))]
+            for m, mb in enumerate(mbs)
+            for e in {k[0] for k in mb}
+        }
 
     assert micro_batches(1, 6) == micro_batches(2, 3) == micro_batches(3, 2) == micro_batches(6, 1)
     assert len(micro_batches(1, 6)) == 2 * 2 * 6  # epochs x steps x micro-batches of 2
@@ -79,13 +107,41 @@ def test_two_processes_learn_what_one_process_accumulating_learns(tmp_path, tiny
     import subprocess
     import sys
 
-    args = TINY + ["--data-root", str(tiny_dataset), "--epochs", "2", "--seed", "3", "--batch-size", "8",
-                   "--eval-every", "2", "--mixup", "0.2", "--cutmix", "1.0"]
+    args = TINY + [
+        "--data-root",
+        str(tiny_dataset),
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "2",
+        "--mixup",
+        "0.2",
+        "--cutmix",
+        "1.0",
+    ]
     train_cls.main(args + ["--output-dir", str(tmp_path / "one")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(Path(train_cls.__file__)), *args, "--output-dir", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(Path(train_cls.__file__)),
+            *args,
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     learned = [k for k in one if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
@@ -97,8 +153,9 @@ def test_two_processes_learn_what_one_process_accumulating_learns(tmp_path, tiny
 def test_train_sources_are_relabelled_by_class_id(tmp_path, tiny_dataset):
     shuffled = [TINY_CLASSES[2], TINY_CLASSES[0], TINY_CLASSES[1]]
     synth = make_synthetic(tmp_path / "synth", shuffled, 2, seed=5)
-    args = train_cls.get_parser().parse_args(TINY + ["--data-root", str(tiny_dataset), "--train-dirs", "real",
-                                                     str(synth)])
+    args = train_cls.get_parser().parse_args(
+        TINY + ["--data-root", str(tiny_dataset), "--train-dirs", "real", str(synth)]
+    )
     paths, labels, _ = train_cls.load_train_sources(args, TINY_CLASSES)
     real = load_dataset("demo", tiny_dataset, "train")
     assert len(paths) == len(real) + 6
@@ -116,8 +173,9 @@ def test_subset_mask_selects_real_images(tmp_path, tiny_dataset):
     mask = np.zeros(len(real), bool)
     mask[[0, 5, 6, 11]] = True
     np.save(tmp_path / "keep.npy", mask)
-    args = train_cls.get_parser().parse_args(TINY + ["--data-root", str(tiny_dataset), "--subset-mask",
-                                                     str(tmp_path / "keep.npy")])
+    args = train_cls.get_parser().parse_args(
+        TINY + ["--data-root", str(tiny_dataset), "--subset-mask", str(tmp_path / "keep.npy")]
+    )
     paths, labels, _ = train_cls.load_train_sources(args, TINY_CLASSES)
     assert paths == [str(real.abspath(i)) for i in (0, 5, 6, 11)]
     assert labels == [real.samples[i].label for i in (0, 5, 6, 11)]
@@ -165,14 +223,18 @@ def test_resume_equals_uninterrupted_and_outputs_are_self_describing(tmp_path, t
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     info = manifest["classifier"]
     assert info["classes"] == TINY_CLASSES and info["eval_transform"]["input_size"] == [3, 32, 32]
-    model = timm.create_model(info["model"], pretrained=True, num_classes=info["num_classes"],
-                              pretrained_cfg_overlay={"file": str(tmp_path / "a" / info["weights"]),
-                                                      "num_classes": info["num_classes"]}).eval()
+    model = timm.create_model(
+        info["model"],
+        pretrained=True,
+        num_classes=info["num_classes"],
+        pretrained_cfg_overlay={"file": str(tmp_path / "a" / info["weights"]), "num_classes": info["num_classes"]},
+    ).eval()
     assert all(torch.equal(model.state_dict()[k], a[k]) for k in a)
     transform = create_transform(**info["eval_transform"])
     test = load_dataset("demo", tiny_dataset, "test")
-    x = torch.stack([transform(__import__("PIL.Image").Image.open(test.abspath(i)).convert("RGB"))
-                     for i in range(len(test))])
+    x = torch.stack(
+        [transform(__import__("PIL.Image").Image.open(test.abspath(i)).convert("RGB")) for i in range(len(test))]
+    )
     with torch.no_grad():
         logits = model(x)
     y = torch.tensor([s.label for s in test.samples])
@@ -187,8 +249,9 @@ def test_pretrained_file_loads_backbone_and_resets_head(tmp_path):
 
     source = timm.create_model("test_resnet", num_classes=1000)
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "in1k.safetensors")
-    args = train_cls.get_parser().parse_args(["--model", "test_resnet", "--pretrained", "--pretrained-file",
-                                              str(tmp_path / "in1k.safetensors")])
+    args = train_cls.get_parser().parse_args(
+        ["--model", "test_resnet", "--pretrained", "--pretrained-file", str(tmp_path / "in1k.safetensors")]
+    )
     model = train_cls.build_model(args, 3)
     head = model.get_classifier()
     assert head.out_features == 3
@@ -198,8 +261,30 @@ def test_pretrained_file_loads_backbone_and_resets_head(tmp_path):
 
 
 def test_benchmark_reports_speed_on_fake_data(tmp_path):
-    result = train_cls.main(["--benchmark", "--fake-data", "24", "--fake-size", "40", "--model", "test_resnet",
-                             "--input-size", "32", "--batch-size", "4", "--workers", "0", "--amp", "no",
-                             "--benchmark-steps", "3", "--benchmark-warmup", "1", "--output-dir", str(tmp_path)])
+    result = train_cls.main(
+        [
+            "--benchmark",
+            "--fake-data",
+            "24",
+            "--fake-size",
+            "40",
+            "--model",
+            "test_resnet",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--amp",
+            "no",
+            "--benchmark-steps",
+            "3",
+            "--benchmark-warmup",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert result["img_per_s"] > 0 and 0 < result["data_wait_frac"] < 1
     assert json.loads((tmp_path / "benchmark.json").read_text())["img_per_s"] == result["img_per_s"]
