@@ -954,6 +954,52 @@ def run_skeleton(args) -> dict:
     return metrics
 
 
+def measure_generator(args, out: Path, sd_dir: Path, pipe, scheduler, token_ids, held_x, held_y, log):
+    """(metrics, input fingerprints) of the pretrained generator: VAE PSNR and reconstructions, the prompt's effect,
+    a denoising classifier on held-out images, sample grids and the img2img classifier check."""
+    vae, unet, text_encoder, scale = pipe.vae, pipe.unet, pipe.text_encoder, pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(to_unit(held_x)).latent_dist.mode()).sample
+        held_latents = encode_all(vae, held_x)[0] * scale
+    to_pil = lambda im: Image.fromarray(((im.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).byte().numpy())  # noqa: E731
+    save_image(
+        image_grid([[to_pil(im) for im in pair[:10]] for pair in (to_unit(held_x), recon)]),
+        out / "vae_reconstructions.png",
+    )  # top row: held-out originals, bottom: reconstructions
+    metrics = {
+        "vae_psnr_db": psnr(recon, to_unit(held_x)),
+        **conditioning_check(unet, text_encoder, scheduler, held_latents, held_y, token_ids, args.seed),
+    }
+    log.info(
+        f"VAE PSNR {metrics['vae_psnr_db']:.2f} dB; prompt effect |cond-uncond|/|uncond| "
+        f"{metrics['cond_uncond_rel_diff']:.3f}; denoising classifier {metrics['denoise_class_acc']:.3f}"
+    )
+    if args.grid_per_class:
+        save_image(
+            text_to_image_grid(sd_dir, args.grid_per_class, args.measure_steps, args.measure_guidance, args.seed),
+            out / "samples_text2image.png",
+        )
+    inputs = {}
+    if args.measure_per_class and Path(args.data_root, "train").is_dir():
+        measured, grid = measure_synthetic(
+            sd_dir,
+            Path(args.data_root),
+            args.measure_per_class,
+            args.measure_strength,
+            args.measure_steps,
+            args.measure_guidance,
+            args.cls_epochs,
+            args.seed,
+            log,
+        )
+        metrics["img2img_classifier"] = measured
+        save_image(grid, out / "samples_img2img.png")
+        inputs["data_root"] = fingerprint(Path(args.data_root) / "train")
+    elif args.measure_per_class:
+        log.info(f"no demo data under {args.data_root}: skipping the classifier measurement (run `demo.py data`)")
+    return metrics, inputs
+
+
 def run_generator(args) -> dict:
     from diffusers import DDPMScheduler, StableDiffusionImg2ImgPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -1059,46 +1105,8 @@ def run_generator(args) -> dict:
         done("clip_vision", t0, loss_first=float(np.mean(losses[:10])), loss_last=float(np.mean(losses[-10:])))
 
     t0 = time.time()
-    with torch.no_grad():
-        recon = vae.decode(vae.encode(to_unit(held_x)).latent_dist.mode()).sample
-        held_latents = encode_all(vae, held_x)[0] * scale
-    to_pil = lambda im: Image.fromarray(((im.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).byte().numpy())  # noqa: E731
-    save_image(
-        image_grid([[to_pil(im) for im in pair[:10]] for pair in (to_unit(held_x), recon)]),
-        out / "vae_reconstructions.png",
-    )  # top row: held-out originals, bottom: reconstructions
-    metrics = {
-        "vae_psnr_db": psnr(recon, to_unit(held_x)),
-        "phases": phases,
-        **conditioning_check(unet, text_encoder, scheduler, held_latents, held_y, token_ids, args.seed),
-    }
-    log.info(
-        f"VAE PSNR {metrics['vae_psnr_db']:.2f} dB; prompt effect |cond-uncond|/|uncond| "
-        f"{metrics['cond_uncond_rel_diff']:.3f}; denoising classifier {metrics['denoise_class_acc']:.3f}"
-    )
-    if args.grid_per_class:
-        save_image(
-            text_to_image_grid(sd_dir, args.grid_per_class, args.measure_steps, args.measure_guidance, args.seed),
-            out / "samples_text2image.png",
-        )
-    inputs = {}
-    if args.measure_per_class and Path(args.data_root, "train").is_dir():
-        measured, grid = measure_synthetic(
-            sd_dir,
-            Path(args.data_root),
-            args.measure_per_class,
-            args.measure_strength,
-            args.measure_steps,
-            args.measure_guidance,
-            args.cls_epochs,
-            args.seed,
-            log,
-        )
-        metrics["img2img_classifier"] = measured
-        save_image(grid, out / "samples_img2img.png")
-        inputs["data_root"] = fingerprint(Path(args.data_root) / "train")
-    elif args.measure_per_class:
-        log.info(f"no demo data under {args.data_root}: skipping the classifier measurement (run `demo.py data`)")
+    metrics, inputs = measure_generator(args, out, sd_dir, pipe, scheduler, token_ids, held_x, held_y, log)
+    metrics["phases"] = phases
     metrics["quality_elapsed_s"] = round(time.time() - t0, 1)
     metrics["elapsed_s"] = round(sum(p["elapsed_s"] for p in phases.values()) + metrics["quality_elapsed_s"], 1)
     run.finish(metrics, inputs)

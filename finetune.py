@@ -530,79 +530,26 @@ def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet_width:
     return embeds.to(accelerator.device), projection, info
 
 
-def main(argv=None) -> dict:
-    args = resolve_args(common.parse_args(get_parser(), argv, "finetune"))
-    from accelerate import Accelerator
-    from diffusers import UNet2DConditionModel
-
-    # cpu=True without CUDA: several CPU processes under torchrun then form one gloo group (else each trains alone).
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-    )
-    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
+def run_config(args, world_size: int) -> dict:
+    """The config that identifies the run (bookkeeping flags left out)."""
     config = common.config_dict(
         args, exclude=("output_dir", "runs_dir", "num_workers", "checkpointing_steps", "checkpoints_total_limit")
     )
-    config["world_size"] = accelerator.num_processes  # the per-process batch defines the MMD batch
+    config["world_size"] = world_size  # the per-process batch defines the MMD batch
     if args.gradient_accumulation_steps == 1:  # a later option: absent at its default, so older runs keep their config
         del config["gradient_accumulation_steps"]
-    index, prompts = load_training_set(args)  # bad inputs fail here, before the run directory is touched
-    run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=accelerator.is_main_process)
-    if run.start() == "done":
-        return run.manifest()["metrics"]
-    accelerator.wait_for_everyone()
-    log = common.get_logger(out_dir, accelerator.is_main_process)
-    if torch.cuda.is_available():  # both ways: PyTorch's default leaves cuDNN convolutions in TF32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    common.seed_everything(args.seed)  # LoRA and projection init
+    return config
 
-    labels = [s.label for s in index.samples]
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    tokenizer, text_encoder, vae, scheduler, unet = load_components(args, accelerator.device, weight_dtype)
-    embeds, projection, vg_info = prepare_visual_guidance(
-        index, args, accelerator, out_dir, unet.config.cross_attention_dim
-    )
-    cache = (
-        build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator, out_dir)
-        if args.cache_latents
-        else None
-    )
 
-    params = [p for p in unet.parameters() if p.requires_grad] + (list(projection.parameters()) if projection else [])
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    if projection is not None:
-        projection = accelerator.prepare(projection)
-    register_checkpoint_hooks(accelerator, UNet2DConditionModel)
-
+def train(accelerator, args, index, prompts, models, embeds, cache, params, optimizer, step, total, out_dir) -> dict:
+    """Optimizer steps `step`..`total`, each of --gradient-accumulation-steps micro-batches; a checkpoint every
+    --checkpointing-steps and one metrics.jsonl row per epoch. Returns what the final metrics need."""
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
-    # Steps are optimizer steps of `accum` micro-batches each; the data order and the noise are indexed by micro-batch.
     micro_per_epoch = len(epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, 0))
-    total = args.max_train_steps or math.ceil(micro_per_epoch * args.num_train_epochs / accum)
-    ckpt_dir = out_dir / "checkpoints"
-    latest, step = common.latest_checkpoint(ckpt_dir) if args.resume == "latest" else (None, 0)
-    if latest is not None:
-        accelerator.load_state(str(latest))
-        log.info(f"resumed from {latest} (step {step})")
-    n_train = sum(p.numel() for p in params)
-    log.info(
-        f"{len(index)} images, {len(index.classes)} classes, {world} process(es) x batch {args.train_batch_size}"
-        f" x {accum} accumulated = {world * args.train_batch_size * accum} per step, {micro_per_epoch / accum:g} "
-        f"steps/epoch, {total} steps, {n_train} trainable parameters, vg={args.vg_mode}, "
-        f"mmd={args.mmd_form} λ={args.mmd_weight}"
-    )
-
-    models = (tokenizer, text_encoder, vae, scheduler, unet, projection)
-    bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
+    labels = [s.label for s in index.samples]
+    unet, projection = models[4], models[5]
     trained = [m for m in (unet, projection) if m is not None]
+    bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
     t0, seen, history, micro = time.time(), 0, [], step * accum
     while step < total:
         epoch, skip = divmod(micro, micro_per_epoch)
@@ -635,34 +582,96 @@ def main(argv=None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if step % args.checkpointing_steps == 0 or step == total:
-                common.save_checkpoint(accelerator, ckpt_dir, step, args.checkpoints_total_limit)
+                common.save_checkpoint(accelerator, out_dir / "checkpoints", step, args.checkpoints_total_limit)
         if accelerator.is_main_process:
             recent = history[-micro_per_epoch:] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
             row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
     bar.close()
-    elapsed = time.time() - t0
-    accelerator.wait_for_everyone()
-
-    metrics = {
+    last = history[-micro_per_epoch:]
+    return {
         "steps": step,
         "micro_batches": micro,
         "epochs": math.ceil(micro / micro_per_epoch),
-        "train_images": len(index),
-        "trainable_params": n_train,
-        "samples_per_s": seen / elapsed if seen else None,
-        "final_loss": float(np.mean([h["loss"] for h in history[-micro_per_epoch:]])) if history else None,
-        "final_mmd": float(np.mean([h["mmd"] for h in history[-micro_per_epoch:]])) if history else None,
+        "samples_per_s": seen / (time.time() - t0) if seen else None,
+        "final_loss": float(np.mean([h["loss"] for h in last])) if last else None,
+        "final_mmd": float(np.mean([h["mmd"] for h in last])) if last else None,
     }
+
+
+def main(argv=None) -> dict:
+    args = resolve_args(common.parse_args(get_parser(), argv, "finetune"))
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    # cpu=True without CUDA: several CPU processes under torchrun then form one gloo group (else each trains alone).
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    )
+    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
+    index, prompts = load_training_set(args)  # bad inputs fail here, before the run directory is touched
+    config = run_config(args, accelerator.num_processes)
+    run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=accelerator.is_main_process)
+    if run.start() == "done":
+        return run.manifest()["metrics"]
+    accelerator.wait_for_everyone()
+    log = common.get_logger(out_dir, accelerator.is_main_process)
+    if torch.cuda.is_available():  # both ways: PyTorch's default leaves cuDNN convolutions in TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    common.seed_everything(args.seed)  # LoRA and projection init
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    tokenizer, text_encoder, vae, scheduler, unet = load_components(args, accelerator.device, weight_dtype)
+    embeds, projection, vg_info = prepare_visual_guidance(
+        index, args, accelerator, out_dir, unet.config.cross_attention_dim
+    )
+    cache = (
+        build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator, out_dir)
+        if args.cache_latents
+        else None
+    )
+
+    params = [p for p in unet.parameters() if p.requires_grad] + (list(projection.parameters()) if projection else [])
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if projection is not None:
+        projection = accelerator.prepare(projection)
+    register_checkpoint_hooks(accelerator, UNet2DConditionModel)
+
+    world, accum = accelerator.num_processes, args.gradient_accumulation_steps
+    # Steps are optimizer steps of `accum` micro-batches each; the data order and the noise are indexed by micro-batch.
+    micro_per_epoch = len(
+        epoch_batches(len(index), args.train_batch_size, world, accelerator.process_index, args.seed, 0)
+    )
+    total = args.max_train_steps or math.ceil(micro_per_epoch * args.num_train_epochs / accum)
+    latest, step = common.latest_checkpoint(out_dir / "checkpoints") if args.resume == "latest" else (None, 0)
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        log.info(f"resumed from {latest} (step {step})")
+    n_train = sum(p.numel() for p in params)
+    log.info(
+        f"{len(index)} images, {len(index.classes)} classes, {world} process(es) x batch {args.train_batch_size}"
+        f" x {accum} accumulated = {world * args.train_batch_size * accum} per step, {micro_per_epoch / accum:g} "
+        f"steps/epoch, {total} steps, {n_train} trainable parameters, vg={args.vg_mode}, "
+        f"mmd={args.mmd_form} λ={args.mmd_weight}"
+    )
+    models = (tokenizer, text_encoder, vae, scheduler, unet, projection)
+    stats = train(accelerator, args, index, prompts, models, embeds, cache, params, optimizer, step, total, out_dir)
+    accelerator.wait_for_everyone()
+
+    metrics = {**stats, "train_images": len(index), "trainable_params": n_train}
     if accelerator.is_main_process:
-        save_outputs(
-            out_dir,
-            accelerator.unwrap_model(unet),
-            accelerator.unwrap_model(projection) if projection is not None else None,
-            embeds,
-            vg_info,
-        )
+        unwrapped_projection = accelerator.unwrap_model(projection) if projection is not None else None
+        save_outputs(out_dir, accelerator.unwrap_model(unet), unwrapped_projection, embeds, vg_info)
         inputs = {
             "pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
             "captions": common.fingerprint(args.captions),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import math
 import random
@@ -485,10 +486,69 @@ def default_name(train_dirs: list[str]) -> str:
     return "+".join("real" if d == "real" else Path(d).name for d in train_dirs)
 
 
-def main(argv=None) -> dict:
-    from accelerate import Accelerator
+def epoch_loader(train_set, args, rank: int, world: int, accum: int, start: int, end: int, max_steps=None):
+    """(batch sampler, iterator) over epochs start..end: one DataLoader for them all, so workers persist."""
+    batches = EpochBatches(len(train_set), args.batch_size, args.seed, start, end, rank, world, accum, max_steps)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_sampler=batches,
+        num_workers=args.workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.workers > 0,
+        prefetch_factor=4 if args.workers > 0 else None,
+    )
+    return batches, iter(loader)
+
+
+def load_data(args):
+    """(test index, classes, class names, train paths, train labels, input fingerprints). The class order is the real
+    test split's; every training source is relabelled to it. --fake-data: random in-memory images, 10 classes."""
+    if args.fake_data:
+        names = [str(c) for c in range(10)]
+        return None, names, names, [None] * args.fake_data, [i % 10 for i in range(args.fake_data)], {}
+    test_index = load_dataset(args.dataset, args.data_root, args.test_split)
+    paths, labels, inputs = load_train_sources(args, test_index.classes)
+    return test_index, test_index.classes, test_index.class_names, paths, labels, inputs
+
+
+def build_optimizer(args, model, steps_per_epoch: int):
+    """timm's optimizer and scheduler (per-update warmup, per-epoch decay) from the recipe's flags."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
+
+    optimizer = create_optimizer_v2(
+        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+    )
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=args.sched,
+        num_epochs=args.epochs,
+        decay_milestones=args.decay_milestones,
+        decay_rate=args.decay_rate,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return optimizer, scheduler
+
+
+def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
+    """(epochs done, their metrics rows). Model, optimizer and scaler come from the last checkpoint; the schedule
+    and the data are functions of the epoch, so they are set, not restored."""
+    latest, start_epoch = latest_checkpoint(out / "checkpoints") if args.resume == "latest" else (None, 0)
+    rows = []
+    if latest:
+        accelerator.load_state(str(latest))
+        log.info(f"resumed from {latest} ({start_epoch} epochs done)")
+        if (out / "metrics.jsonl").is_file():
+            rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] <= start_epoch]
+    scheduler.step(start_epoch)
+    return start_epoch, rows
+
+
+def main(argv=None) -> dict:
+    from accelerate import Accelerator
 
     parser = get_parser()
     args = parse_args_with_recipe(parser, argv)
@@ -503,14 +563,7 @@ def main(argv=None) -> dict:
     )
     seed_everything(args.seed)
 
-    # Data: class order from the real test split; every training source is relabelled to it.
-    if args.fake_data:
-        test_index, paths, labels, inputs = None, [None] * args.fake_data, [i % 10 for i in range(args.fake_data)], {}
-        classes, class_names = [str(c) for c in range(10)], [str(c) for c in range(10)]
-    else:
-        test_index = load_dataset(args.dataset, args.data_root, args.test_split)
-        classes, class_names = test_index.classes, test_index.class_names
-        paths, labels, inputs = load_train_sources(args, classes)
+    test_index, classes, class_names, paths, labels, inputs = load_data(args)
     model = build_model(args, len(classes))
     eval_cfg = eval_transform_cfg(args, model)
     train_tf, eval_tf = build_transforms(args, eval_cfg)
@@ -529,22 +582,9 @@ def main(argv=None) -> dict:
 
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(
-        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
-    )
     accum = accumulation_steps(args.batch_size, world, args.max_device_batch)
     steps_per_epoch = len(labels) // args.batch_size
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=args.sched,
-        num_epochs=args.epochs,
-        decay_milestones=args.decay_milestones,
-        decay_rate=args.decay_rate,
-        warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr,
-        min_lr=args.min_lr,
-        updates_per_epoch=steps_per_epoch,
-    )
+    optimizer, scheduler = build_optimizer(args, model, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     mixup, criterion = build_loss(args, len(classes))
     train_set = ImageList(
@@ -555,37 +595,14 @@ def main(argv=None) -> dict:
         fake_jpegs(args.fake_data, args.fake_size, args.seed) if args.fake_data else None,
     )
 
-    def loader(start, end, max_steps=None):
-        batches = EpochBatches(
-            len(labels), args.batch_size, args.seed, start, end, accelerator.process_index, world, accum, max_steps
-        )
-        return batches, iter(
-            torch.utils.data.DataLoader(
-                train_set,
-                batch_sampler=batches,
-                num_workers=args.workers,
-                pin_memory=torch.cuda.is_available(),
-                persistent_workers=args.workers > 0,
-                prefetch_factor=4 if args.workers > 0 else None,
-            )
-        )
+    loader = functools.partial(epoch_loader, train_set, args, accelerator.process_index, world, accum)
 
     if args.benchmark:
         return benchmark(args, model, loader, accum, optimizer, scheduler, criterion, mixup, accelerator, out, log)
 
-    # Resume: model, optimizer and scaler from the last checkpoint; the schedule and the data are functions of epoch.
     ckpt_dir = out / "checkpoints"
-    latest, start_epoch = latest_checkpoint(ckpt_dir) if args.resume == "latest" else (None, 0)
-    rows = (
-        [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] <= start_epoch]
-        if latest and (out / "metrics.jsonl").is_file()
-        else []
-    )
-    if latest:
-        accelerator.load_state(str(latest))
-        log.info(f"resumed from {latest} ({start_epoch} epochs done)")
+    start_epoch, rows = resume(accelerator, scheduler, args, out, log)
     num_updates = start_epoch * steps_per_epoch
-    scheduler.step(start_epoch)
     scheduler.step_update(num_updates)
     end_epoch = args.epochs if args.epochs_per_job is None else min(args.epochs, start_epoch + args.epochs_per_job)
     log.info(
