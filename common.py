@@ -243,14 +243,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: {err}") from err
 
 
-def is_valid_image(path: str | os.PathLike) -> bool:
-    try:
-        load_image(path)
-        return True
-    except ImageReadError:
-        return False
-
-
 def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
