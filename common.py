@@ -702,16 +702,26 @@ def predicted_clean_latents(
     return (noisy.float() - (1 - a).sqrt() * eps_pred.float()) / a.sqrt()
 
 
-def mmd_loss(z0: torch.Tensor, z0_pred: torch.Tensor) -> torch.Tensor:
+def mmd_loss(z0: torch.Tensor, z0_pred: torch.Tensor, across_processes: bool = False) -> torch.Tensor:
     """Linear-kernel MMD² between the batch of clean latents and the batch of predicted clean latents (paper Eq. 5-7).
 
     With the identity feature map φ(z) = z, MMD²(P, Q) = ‖E_P[z] − E_Q[z]‖² (App. C, Eq. 17-20), estimated on the
     batch as ‖mean_i z0_i − mean_i ẑ0_i‖², here averaged over the D latent dimensions so its scale does not depend on
     the resolution. Since z0 − ẑ0 = √((1−ᾱ)/ᾱ) (ε̂ − ε) = (ε̂ − ε)/√SNR_t, this is the batch-mean residual weighted by
     1/√SNR_t; unlike the per-sample diffusion loss, it only penalises errors that do not cancel across the batch.
+
+    across_processes: the batch is every process's batch together. The residual sums are all-reduced with autograd
+    (torch.distributed.nn), so every process holds the same loss; its backward sums the world's identical gradients,
+    which DDP's gradient averaging then divides back: the parameters get exactly the gradient of the global term.
     """
-    diff = z0.float().mean(dim=0) - z0_pred.float().mean(dim=0)
-    return diff.pow(2).mean()
+    residual_sum, count = (z0.float() - z0_pred.float()).sum(dim=0), z0.shape[0]
+    if across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.nn.functional import all_reduce
+
+        residual_sum = all_reduce(residual_sum)
+        count = torch.tensor(float(count), device=residual_sum.device)
+        torch.distributed.all_reduce(count)  # a tensor, not .item(): no host sync in the training step
+    return (residual_sum / count).pow(2).mean()
 
 
 def mmd_loss_release(eps_pred: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

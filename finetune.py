@@ -16,6 +16,9 @@ Default λ for the paper form: the release's term is λ_r (1/D)‖Σ_i w_i r_i�
 λ (1/D)‖mean_i r_i/√SNR_i‖². For independent residuals of equal variance their expected sizes are λ_r·B·E[w²] and
 λ·E[1/SNR]/B, so λ = λ_r·B²·E[w²]/E[1/SNR] = 0.003·64·0.893/20.3 ≈ 0.0084 at the release's B = 8 with SD's
 schedule (t uniform on 0..999); we round to 0.01. Note the paper term is dominated by noisy timesteps (1/SNR ≤ 213).
+The batch of the MMD is the release's per-GPU one (per process), as the paper does not say; `--mmd-batch global`
+takes it over all processes of a step instead, whose expected size then falls as 1/B with the global B (64 on the
+paper's 8 GPUs), so the conversion above, made at B = 8, would call for a λ about 8x larger there.
 
 Inputs:  a dataset (`--dataset`, `--data-root`), optional captions.jsonl (`--captions`, from caption.py), an SD 1.x
          pipeline in the diffusers layout (`--pretrained-model` hub id or local dir), a CLIP image encoder
@@ -103,8 +106,8 @@ def get_parser() -> argparse.ArgumentParser:
         type=common.positive_int,
         default=1,
         help="micro-batches per optimizer "
-        "step: keeps the paper's 64-image step on fewer GPUs (e.g. 2 on 4 GPUs); the MMD term stays per micro-batch, "
-        "as per GPU",
+        "step: keeps the paper's 64-image step on fewer GPUs (e.g. 2 on 4 GPUs); the MMD term stays per micro-batch "
+        "(as it was per GPU; --mmd-batch global: per step across processes)",
     )
     a("--num-train-epochs", type=int, default=100, help="release: 100 (the paper's table cell is garbled)")
     a("--max-train-steps", type=int, default=None, help="stop after this many steps (overrides the epoch count)")
@@ -115,6 +118,14 @@ def get_parser() -> argparse.ArgumentParser:
         default="paper",
         choices=["paper", "release"],
         help="paper: ‖mean z0 − mean ẑ0‖²/D (Eq. 7); release: min-SNR-weighted batch sum of ε residuals",
+    )
+    a(
+        "--mmd-batch",
+        default="process",
+        choices=["process", "global"],
+        help="the batch the paper-form MMD is taken over: process = each process's micro-batch (the release's "
+        "per-GPU batch; the paper is silent), global = all processes' micro-batches of a step together (all-reduced, "
+        "exact gradients under DDP)",
     )
     a(
         "--mmd-weight",
@@ -420,7 +431,8 @@ def training_step(batch, models, tokens, prompts, labels, args, cache, gen) -> t
     if args.mmd_weight > 0:
         if args.mmd_form == "paper":  # Eq. 7: MMD between z0 and ẑ0 = (z_t − √(1−ᾱ) ε̂)/√ᾱ over this batch
             a = scheduler.alphas_cumprod.to(device)[t]
-            mmd = common.mmd_loss(latents, common.predicted_clean_latents(noisy, pred, a))
+            z0_pred = common.predicted_clean_latents(noisy, pred, a)
+            mmd = common.mmd_loss(latents, z0_pred, across_processes=args.mmd_batch == "global")
         else:
             mmd = common.mmd_loss_release(pred, noise, w)
     loss = diffusion + args.mmd_weight * mmd
@@ -490,6 +502,8 @@ def resolve_args(args):
         args.mmd_weight = MMD_WEIGHTS[args.mmd_form]
     if args.mixed_precision == "auto":
         args.mixed_precision = "fp16" if torch.cuda.is_available() else "no"
+    if args.mmd_form == "release" and args.mmd_batch == "global":
+        raise ValueError("--mmd-batch global is for the paper form: the release's term is a per-GPU batch sum")
     if args.mmd_form == "release" and args.mmd_weight > 0 and args.snr_gamma <= 0:
         raise ValueError("--mmd-form release weights residuals by min-SNR: it needs --snr-gamma > 0 (release: 5)")
     return args
@@ -536,8 +550,10 @@ def run_config(args, world_size: int) -> dict:
         args, exclude=("output_dir", "runs_dir", "num_workers", "checkpointing_steps", "checkpoints_total_limit")
     )
     config["world_size"] = world_size  # the per-process batch defines the MMD batch
-    if args.gradient_accumulation_steps == 1:  # a later option: absent at its default, so older runs keep their config
-        del config["gradient_accumulation_steps"]
+    # Options added later are left out at their defaults, so runs made before them keep their config.
+    for key, default in (("gradient_accumulation_steps", 1), ("mmd_batch", "process")):
+        if config[key] == default:
+            del config[key]
     return config
 
 

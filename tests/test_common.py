@@ -389,6 +389,41 @@ def test_mmd_matches_its_definition_and_eps_identity():
     assert common.mmd_loss(z0, z0).item() == 0.0
 
 
+def _global_mmd_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One DDP-like process: its rows of the batch, the global MMD, backward, then DDP's gradient average."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    z0, x, theta = _global_mmd_problem()
+    rows = [slice(0, 3), slice(3, 7)][rank]  # unequal shares: the count is all-reduced too
+    loss = common.mmd_loss(z0[rows], x[rows] * theta.view(1, -1, 1, 1), across_processes=True)
+    loss.backward()
+    grad = theta.grad.clone()
+    torch.distributed.all_reduce(grad)
+    torch.save({"loss": loss.detach(), "grad": grad / world}, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _global_mmd_problem():
+    g = torch.Generator().manual_seed(3)
+    z0, x = torch.randn(7, 4, 5, 5, generator=g), torch.randn(7, 4, 5, 5, generator=g)
+    return z0, x, torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 1.5]))
+
+
+def test_mmd_across_processes_equals_one_batch(tmp_path):
+    """Two gloo processes holding 3 and 4 rows: each gets the full batch's MMD, and its gradient, once averaged over
+    processes as DDP does, is the full batch's gradient."""
+    torch.multiprocessing.spawn(_global_mmd_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    z0, x, theta = _global_mmd_problem()
+    full = common.mmd_loss(z0, x * theta.view(1, -1, 1, 1))
+    full.backward()
+    assert common.mmd_loss(z0, x * theta.view(1, -1, 1, 1), across_processes=True).item() == full.item()  # 1 proc
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], full.detach(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(got["grad"], theta.grad, rtol=1e-5, atol=1e-7)
+    per_process = common.mmd_loss(z0[:3], x[:3] * theta.view(1, -1, 1, 1))
+    assert abs(per_process.item() - full.item()) > 1e-3  # the two batches' terms differ, so the check above bites
+
+
 def test_mmd_release_form_is_weighted_batch_sum():
     eps, eps_hat = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
     w = torch.tensor([1.0, 0.5, 0.2, 1.0])

@@ -191,7 +191,8 @@ def test_gradient_accumulation_resumes_on_micro_batch_boundaries(tiny_dataset, t
         )
     )
     assert plain["micro_batches"] == 2
-    assert "gradient_accumulation_steps" not in common.read_json(tmp_path / "plain" / "manifest.json")["config"]
+    plain_config = common.read_json(tmp_path / "plain" / "manifest.json")["config"]
+    assert "gradient_accumulation_steps" not in plain_config and "mmd_batch" not in plain_config  # later options
 
 
 def test_release_options_projection_and_cache(tiny_dataset, tiny_sd, tmp_path):
@@ -265,6 +266,19 @@ def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_pat
                 tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "b", "--subset-mask", str(tmp_path / "mask.npy")
             )
         )
+    with pytest.raises(ValueError, match="--mmd-batch global is for the paper form"):
+        finetune.main(
+            base_args(
+                tiny_dataset,
+                tiny_sd,
+                tiny_clip_vision,
+                tmp_path / "d",
+                "--mmd-form",
+                "release",
+                "--mmd-batch",
+                "global",
+            )
+        )
     with pytest.raises(OSError, match="diffusers layout"):
         finetune.main(base_args(tiny_dataset, tmp_path / "nope", tiny_clip_vision, tmp_path / "c"))
 
@@ -306,7 +320,8 @@ def test_accelerate_launch(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
 
 def test_two_cpu_processes_accumulate_and_resume_as_one_group(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
     """torchrun with 2 CPU processes (gloo): DDP with accumulation (no gradient sync on the first micro-batch), the
-    per-rank data split, rank-0 checkpoints; resuming from step 1 ends bitwise where the uninterrupted run did."""
+    MMD all-reduced over both processes' micro-batches, the per-rank data split, rank-0 checkpoints; resuming from
+    step 1 ends bitwise where the uninterrupted run did."""
     out = tmp_path / "ft"
     cmd = [
         sys.executable,
@@ -330,6 +345,8 @@ def test_two_cpu_processes_accumulate_and_resume_as_one_group(tiny_dataset, tiny
             "2",
             "--gradient-accumulation-steps",
             "2",
+            "--mmd-batch",
+            "global",
         ),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU on a GPU too
@@ -341,6 +358,7 @@ def test_two_cpu_processes_accumulate_and_resume_as_one_group(tiny_dataset, tiny
 
     manifest, straight = launch()
     assert manifest["config"]["world_size"] == 2 and manifest["metrics"]["micro_batches"] == 4
+    assert manifest["config"]["mmd_batch"] == "global" and manifest["metrics"]["final_mmd"] > 0
     for name in ("manifest.json", "pytorch_lora_weights.safetensors"):
         (out / name).unlink()
     import shutil
