@@ -43,6 +43,7 @@ import io
 import math
 import random
 import time
+from typing import Any, NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -403,22 +404,22 @@ def accumulation_steps(batch: int, world: int, max_device: int) -> int:
 # Train and evaluate
 
 
-def train_steps(
-    model,
-    batches_iter,
-    n_micro,
-    accum,
-    optimizer,
-    scheduler,
-    criterion,
-    mixup,
-    accelerator,
-    args,
-    epoch,
-    num_updates,
-    is_main,
-):
+class Training(NamedTuple):
+    """What a training step needs, prepared by accelerate; `accum` micro-batches make one optimizer step."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    criterion: torch.nn.Module
+    mixup: Any
+    accelerator: Any
+    accum: int
+
+
+def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_updates: int):
     """Run `n_micro` micro-batches (n_micro / accum optimizer steps). Returns loss, images, seconds, data-wait s."""
+    model, optimizer, scheduler, criterion, mixup, accelerator, accum = t
+    is_main = accelerator.is_main_process
     model.train()
     device, total_loss, images, wait = accelerator.device, 0.0, 0, 0.0
     start = time.perf_counter()
@@ -587,6 +588,7 @@ def main(argv=None) -> dict:
     optimizer, scheduler = build_optimizer(args, model, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     mixup, criterion = build_loss(args, len(classes))
+    training = Training(model, optimizer, scheduler, criterion, mixup, accelerator, accum)
     train_set = ImageList(
         paths,
         labels,
@@ -598,7 +600,7 @@ def main(argv=None) -> dict:
     loader = functools.partial(epoch_loader, train_set, args, accelerator.process_index, world, accum)
 
     if args.benchmark:
-        return benchmark(args, model, loader, accum, optimizer, scheduler, criterion, mixup, accelerator, out, log)
+        return benchmark(args, training, loader, out, log)
 
     ckpt_dir = out / "checkpoints"
     start_epoch, rows = resume(accelerator, scheduler, args, out, log)
@@ -614,21 +616,7 @@ def main(argv=None) -> dict:
     metrics = {}
     for epoch in range(start_epoch, end_epoch):
         lr = optimizer.param_groups[0]["lr"]  # the epoch's lr (timm applies milestone m from epoch index m - 1)
-        stats, num_updates = train_steps(
-            model,
-            it,
-            batches.steps * accum,
-            accum,
-            optimizer,
-            scheduler,
-            criterion,
-            mixup,
-            accelerator,
-            args,
-            epoch,
-            num_updates,
-            is_main,
-        )
+        stats, num_updates = train_steps(training, it, batches.steps * accum, args, epoch, num_updates)
         scheduler.step(epoch + 1)
         row = {
             "epoch": epoch + 1,
@@ -689,7 +677,7 @@ def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is
     return metrics
 
 
-def benchmark(args, model, loader, accum, optimizer, scheduler, criterion, mixup, accelerator, out, log) -> dict:
+def benchmark(args, training: Training, loader, out, log) -> dict:
     """Images/s and the fraction of step time spent waiting for the data loader, after a few warm-up steps."""
     warm, steps = args.benchmark_warmup, args.benchmark_steps
     batches, it = loader(0, 1, max_steps=warm + steps)
@@ -698,36 +686,9 @@ def benchmark(args, model, loader, accum, optimizer, scheduler, criterion, mixup
             f"--benchmark needs {(warm + steps) * args.batch_size} images, have "
             f"{batches.n}; use --fake-data N or fewer --benchmark-steps"
         )
-    train_steps(
-        model,
-        it,
-        warm * accum,
-        accum,
-        optimizer,
-        scheduler,
-        criterion,
-        mixup,
-        accelerator,
-        args,
-        0,
-        0,
-        accelerator.is_main_process,
-    )
-    stats, _ = train_steps(
-        model,
-        it,
-        steps * accum,
-        accum,
-        optimizer,
-        scheduler,
-        criterion,
-        mixup,
-        accelerator,
-        args,
-        0,
-        0,
-        accelerator.is_main_process,
-    )
+    train_steps(training, it, warm * training.accum, args, 0, 0)
+    stats, _ = train_steps(training, it, steps * training.accum, args, 0, 0)
+    accelerator = training.accelerator
     result = {
         "model": args.model,
         "input_size": args.input_size,

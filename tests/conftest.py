@@ -105,3 +105,14 @@ def tiny_lora(tiny_sd, tmp_path_factory) -> Path:
         )
     )
     return out
+
+
+# synthesize.py / bench.py synth arguments for the tiny pipeline. --compile off: on a GPU, auto would compile the
+# tiny UNet again in every test for no gain.
+FAST = "--steps 4 --strength 0.5 --num-workers 0 --write-workers 2 --resolution 32 --compile off".split()
+
+
+def args_for(tiny_sd, tiny_dataset, out, *extra, lora=None) -> list[str]:
+    base = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--pretrained-model", str(tiny_sd)]
+    base += ["--output-dir", str(out), "--seed", "0", *FAST]
+    return base + (["--lora-dir", str(lora)] if lora else []) + [str(e) for e in extra]

@@ -6,45 +6,14 @@ import torch
 import bench
 import common
 import synthesize
-
-FAST = [
-    "--steps",
-    "4",
-    "--strength",
-    "0.5",
-    "--num-workers",
-    "0",
-    "--write-workers",
-    "2",
-    "--resolution",
-    "32",
-    "--compile",
-    "off",
-]
-
-
-def synth_argv(tiny_sd, tiny_dataset, out, *extra):
-    return [
-        "--dataset",
-        "demo",
-        "--data-root",
-        str(tiny_dataset),
-        "--pretrained-model",
-        str(tiny_sd),
-        "--output-dir",
-        str(out),
-        "--seed",
-        "0",
-        *FAST,
-        *[str(e) for e in extra],
-    ]
+from conftest import args_for
 
 
 def test_synth_reports_both_loops(tiny_sd, tiny_dataset, tiny_lora, tmp_path):
     m = bench.main(
         [
             "synth",
-            *synth_argv(
+            *args_for(
                 tiny_sd,
                 tiny_dataset,
                 tmp_path,
@@ -99,7 +68,7 @@ def test_synth_random_weights_time_one_model_fused_and_unfused(tiny_sd, tiny_dat
     monkeypatch.setattr(bench, "sd15_random", tiny_random)
     args = common.parse_args(
         bench.synth_parser(),
-        synth_argv(tiny_sd, tiny_dataset, tmp_path, "--weights", "sd15-random", "--vg-mode", "none"),
+        args_for(tiny_sd, tiny_dataset, tmp_path, "--weights", "sd15-random", "--vg-mode", "none"),
         "synthesize",
     )
     args.lora = True

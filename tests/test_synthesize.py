@@ -10,40 +10,8 @@ import torch
 from PIL import Image
 
 import synthesize
+from conftest import args_for
 from common import ConfigMismatchError, ImageReadError, add_visual_tokens, item_seed, load_synthetic, read_jsonl
-
-# --compile off: on a GPU, auto would compile the tiny UNet again in every test for no gain.
-FAST = [
-    "--steps",
-    "4",
-    "--strength",
-    "0.5",
-    "--num-workers",
-    "0",
-    "--write-workers",
-    "2",
-    "--resolution",
-    "32",
-    "--compile",
-    "off",
-]
-
-
-def args_for(tiny_sd, tiny_dataset, out, *extra, lora=None):
-    base = [
-        "--dataset",
-        "demo",
-        "--data-root",
-        str(tiny_dataset),
-        "--pretrained-model",
-        str(tiny_sd),
-        "--output-dir",
-        str(out),
-        "--seed",
-        "0",
-        *FAST,
-    ]
-    return base + (["--lora-dir", str(lora)] if lora else []) + [str(e) for e in extra]
 
 
 def pixels(path) -> np.ndarray:
