@@ -68,7 +68,7 @@ def test_synth_random_weights_time_one_model_fused_and_unfused(tiny_sd, tiny_dat
     monkeypatch.setattr(bench, "sd15_random", tiny_random)
     args = common.parse_args(
         bench.synth_parser(),
-        args_for(tiny_sd, tiny_dataset, tmp_path, "--weights", "sd15-random", "--vg-mode", "none"),
+        args_for(tiny_sd, tiny_dataset, tmp_path, *"--weights sd15-random --vg-mode none".split()),
         "synthesize",
     )
     args.lora = True
@@ -91,15 +91,7 @@ def test_finetune_reports_throughput(tiny_sd):
             "finetune",
             "--pretrained-model",
             str(tiny_sd),
-            "--resolution",
-            "32",
-            "--train-batch-size",
-            "2",
-            "--steps",
-            "1",
-            "--vg-encoder",
-            "unused",
-            "--gradient-checkpointing",
+            *("--resolution 32 --train-batch-size 2 --steps 1 --vg-encoder unused --gradient-checkpointing").split(),
         ]
     )
     assert result["samples_per_s"] > 0 and result["peak_memory_gb"] > 0 and result["gradient_checkpointing"]

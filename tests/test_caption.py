@@ -94,10 +94,7 @@ def run(tiny_dataset, blip2, out, *extra):
             str(blip2),
             "--output-dir",
             str(out),
-            "--batch-size",
-            "5",
-            "--num-workers",
-            "0",
+            *"--batch-size 5 --num-workers 0".split(),
             *extra,
         ]
     )

@@ -11,31 +11,12 @@ import common
 import demo
 import demo_report
 
-TINY_DATA = ["--train-per-class", "2", "--test-per-class", "2", "--ood-per-class", "1"]
-TINY_GENERATOR = [
-    "--pretrain-images",
-    "16",
-    "--held-out-images",
-    "10",
-    "--vae-steps",
-    "2",
-    "--vae-batch-size",
-    "4",
-    "--unet-steps",
-    "2",
-    "--unet-batch-size",
-    "4",
-    "--clip-steps",
-    "2",
-    "--grid-per-class",
-    "1",
-    "--measure-per-class",
-    "1",
-    "--measure-steps",
-    "4",
-    "--cls-epochs",
-    "1",
-]
+TINY_DATA = "--train-per-class 2 --test-per-class 2 --ood-per-class 1".split()
+TINY_GENERATOR = (
+    "--pretrain-images 16 --held-out-images 10 --vae-steps 2 --vae-batch-size 4 "
+    "--unet-steps 2 --unet-batch-size 4 --clip-steps 2 --grid-per-class 1 "
+    "--measure-per-class 1 --measure-steps 4 --cls-epochs 1"
+).split()
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -73,7 +54,7 @@ def test_data_rerun_is_a_noop_and_changed_config_fails(demo_data):
     assert (demo_data / "manifest.json").stat().st_mtime_ns == before
     with pytest.raises(common.ConfigMismatchError, match="train_per_class"):
         demo.main(
-            ["data", "--out", str(demo_data), "--train-per-class", "3", "--test-per-class", "2", "--ood-per-class", "1"]
+            ["data", "--out", str(demo_data), *"--train-per-class 3 --test-per-class 2 --ood-per-class 1".split()]
         )
 
 

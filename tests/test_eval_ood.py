@@ -158,11 +158,7 @@ def test_end_to_end_imagenet_layouts_and_cache(tmp_path):
         str(run),
         "--output-dir",
         str(out),
-        "--workers",
-        "0",
-        "--amp",
-        "no",
-        "--sets",
+        *"--workers 0 --amp no --sets".split(),
         f"imagenet-v2={v2}",
     ]
     metrics = eval_ood.main(argv)
@@ -201,13 +197,7 @@ def test_dataset_splits_for_the_demo(tmp_path, tiny_dataset):
             str(root),
             "--output-dir",
             str(tmp_path / "ood"),
-            "--workers",
-            "0",
-            "--amp",
-            "no",
-            "--sets",
-            "test",
-            "sketch",
+            *"--workers 0 --amp no --sets test sketch".split(),
         ]
     )
     for split, n in (("test", 6), ("sketch", 9)):

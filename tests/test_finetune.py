@@ -29,19 +29,10 @@ def base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, *extra):
         str(tiny_clip_vision),
         "--output-dir",
         str(out),
-        "--resolution",
-        "32",
-        "--train-batch-size",
-        "4",
-        "--num-workers",
-        "0",
-        "--vg-images-per-class",
-        "2",
-        "--seed",
-        "0",
-        "--mixed-precision",
-        "no",
-        "--no-allow-tf32",
+        *(
+            "--resolution 32 --train-batch-size 4 --num-workers 0 --vg-images-per-class 2 "
+            "--seed 0 --mixed-precision no --no-allow-tf32"
+        ).split(),
         *extra,
     ]  # on a GPU too: the checks recompute in fp32
 
@@ -60,7 +51,7 @@ def test_outputs_lora_loads_and_class_tokens(tiny_dataset, tiny_sd, tiny_clip_vi
 
     out = tmp_path / "ft"
     metrics = finetune.main(
-        base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "3", "--learning-rate", "1e-2")
+        base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, *"--max-train-steps 3 --learning-rate 1e-2".split())
     )
     assert metrics["steps"] == 3 and metrics["train_images"] == 12 and metrics["final_mmd"] > 0
     manifest = common.read_json(out / "manifest.json")
@@ -100,12 +91,7 @@ def test_resume_matches_uninterrupted_run_and_rerun_is_noop(tiny_dataset, tiny_s
         tiny_sd,
         tiny_clip_vision,
         out,
-        "--max-train-steps",
-        "4",
-        "--checkpointing-steps",
-        "2",
-        "--learning-rate",
-        "1e-2",
+        *"--max-train-steps 4 --checkpointing-steps 2 --learning-rate 1e-2".split(),
     )
     finetune.main(args)
     straight = load_file(out / "pytorch_lora_weights.safetensors")
@@ -147,16 +133,10 @@ def test_gradient_accumulation_resumes_on_micro_batch_boundaries(tiny_dataset, t
         tiny_sd,
         tiny_clip_vision,
         out,
-        "--max-train-steps",
-        "2",
-        "--checkpointing-steps",
-        "1",
-        "--learning-rate",
-        "1e-2",
-        "--train-batch-size",
-        "2",
-        "--gradient-accumulation-steps",
-        "3",
+        *(
+            "--max-train-steps 2 --checkpointing-steps 1 --learning-rate 1e-2 "
+            "--train-batch-size 2 --gradient-accumulation-steps 3"
+        ).split(),
     )
     metrics = finetune.main(args)
     assert metrics["steps"] == 2 and metrics["micro_batches"] == 6 and metrics["epochs"] == 1  # 12 images
@@ -182,12 +162,7 @@ def test_gradient_accumulation_resumes_on_micro_batch_boundaries(tiny_dataset, t
             tiny_sd,
             tiny_clip_vision,
             tmp_path / "plain",
-            "--max-train-steps",
-            "2",
-            "--learning-rate",
-            "1e-2",
-            "--train-batch-size",
-            "2",
+            *"--max-train-steps 2 --learning-rate 1e-2 --train-batch-size 2".split(),
         )
     )
     assert plain["micro_batches"] == 2
@@ -208,15 +183,9 @@ def test_release_options_projection_and_cache(tiny_dataset, tiny_sd, tmp_path):
             tiny_sd,
             narrow,
             out,
-            "--max-train-steps",
-            "2",
-            "--vg-mode",
-            "per-image",
-            "--vg-placement",
-            "replace-last",
-            "--mmd-form",
-            "release",
-            "--cache-latents",
+            *(
+                "--max-train-steps 2 --vg-mode per-image --vg-placement replace-last --mmd-form release --cache-latents"
+            ).split(),
         )
     )
     assert common.read_json(out / "manifest.json")["config"]["mmd_weight"] == 0.003
@@ -245,12 +214,7 @@ def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_pat
         tmp_path / "a",
         "--captions",
         str(caps),
-        "--max-train-steps",
-        "1",
-        "--vg-mode",
-        "none",
-        "--mmd-weight",
-        "0",
+        *"--max-train-steps 1 --vg-mode none --mmd-weight 0".split(),
     )
     with pytest.raises(KeyError, match=index.samples[0].path):
         finetune.main(args)
@@ -273,10 +237,7 @@ def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_pat
                 tiny_sd,
                 tiny_clip_vision,
                 tmp_path / "d",
-                "--mmd-form",
-                "release",
-                "--mmd-batch",
-                "global",
+                *"--mmd-form release --mmd-batch global".split(),
             )
         )
     with pytest.raises(OSError, match="diffusers layout"):
@@ -299,15 +260,7 @@ def test_accelerate_launch(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *("--num_processes 1 --cpu --num_machines 1 --mixed_precision no --dynamo_backend no").split(),
         str(ROOT / "finetune.py"),
         *base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "1"),
     ]
@@ -335,18 +288,10 @@ def test_two_cpu_processes_accumulate_and_resume_as_one_group(tiny_dataset, tiny
             tiny_sd,
             tiny_clip_vision,
             out,
-            "--max-train-steps",
-            "2",
-            "--checkpointing-steps",
-            "1",
-            "--learning-rate",
-            "1e-2",
-            "--train-batch-size",
-            "2",
-            "--gradient-accumulation-steps",
-            "2",
-            "--mmd-batch",
-            "global",
+            *(
+                "--max-train-steps 2 --checkpointing-steps 1 --learning-rate 1e-2 "
+                "--train-batch-size 2 --gradient-accumulation-steps 2 --mmd-batch global"
+            ).split(),
         ),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU on a GPU too

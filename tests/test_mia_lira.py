@@ -168,7 +168,7 @@ def test_attack_only_mode_writes_the_report(tmp_path):
     np.save(src / "scores_real.npy", real)
     np.save(src / "scores_synthetic.npy", synthetic)
     out = tmp_path / "attack"
-    argv = ["--dataset", "demo", "--num-shadows", "8", "--scores-from", str(src), "--output-dir", str(out)]
+    argv = [*"--dataset demo --num-shadows 8 --scores-from".split(), str(src), "--output-dir", str(out)]
     metrics = mia_lira.main(argv)
     assert metrics["real"]["online_fixed_variance"]["auc"] > 0.75
     assert all(abs(m["auc"] - 0.5) < 0.04 for m in metrics["synthetic"].values())
@@ -234,13 +234,7 @@ def test_shadow_pipelines_run_resume_and_score(tmp_path, tiny_dataset, fake_stag
         str(tiny_dataset),
         "--output-dir",
         str(out),
-        "--num-shadows",
-        "4",
-        "--num-workers",
-        "0",
-        "--pretrained-model",
-        "gen/sd",
-        "--train-cls-args",
+        *"--num-shadows 4 --num-workers 0 --pretrained-model gen/sd --train-cls-args".split(),
         "--epochs 1",
     ]
     metrics = mia_lira.main(argv)
@@ -287,12 +281,7 @@ def test_sharded_jobs_wait_for_each_other(tmp_path, tiny_dataset, fake_stages):
         str(tiny_dataset),
         "--output-dir",
         str(out),
-        "--num-shadows",
-        "4",
-        "--num-workers",
-        "0",
-        "--arms",
-        "real",
+        *"--num-shadows 4 --num-workers 0 --arms real".split(),
     ]
     assert mia_lira.main(base + ["--shard", "0/2"]) == {"status": "partial"}
     assert len(read_calls(fake_stages)) == 2 and not (out / "manifest.json").exists()
@@ -309,10 +298,7 @@ def test_failed_stage_names_the_command(tmp_path, tiny_dataset, fake_stages):
         str(tiny_dataset),
         "--output-dir",
         str(tmp_path / "lira"),
-        "--num-shadows",
-        "4",
-        "--arms",
-        "real",
+        *"--num-shadows 4 --arms real".split(),
     ]
     with pytest.raises(RuntimeError, match=r"real shadow 0 failed in `.*train_cls.py"):
         mia_lira.main(argv)

@@ -90,10 +90,7 @@ def test_copy_is_found_and_unrelated_images_are_not(tmp_path, tiny_dataset, stan
         str(out),
         "--cache-dir",
         str(cache),
-        "--num-workers",
-        "0",
-        "--chunk-size",
-        "5",
+        *"--num-workers 0 --chunk-size 5".split(),
     ]
     metrics = sscd_sim.main(argv)
     rows = {r["file"]: r for r in map(json.loads, (out / "matches.jsonl").read_text().splitlines())}
@@ -124,10 +121,7 @@ def test_copy_is_found_and_unrelated_images_are_not(tmp_path, tiny_dataset, stan
             str(tmp_path / "sscd2"),
             "--cache-dir",
             str(cache),
-            "--num-workers",
-            "0",
-            "--threshold",
-            "0.99",
+            *"--num-workers 0 --threshold 0.99".split(),
         ]
     )
     assert again["num_embedded"] == {"real": 0, "synthetic": 1}

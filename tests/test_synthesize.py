@@ -44,7 +44,7 @@ def test_paper_defaults_and_22_steps(tiny_sd, tiny_dataset, tiny_lora, tmp_path,
     out = tmp_path / "syn"
     metrics = synthesize.main(
         args_for(
-            tiny_sd, tiny_dataset, out, "--steps", "30", "--strength", "0.75", "--subset-mask", subset, lora=tiny_lora
+            tiny_sd, tiny_dataset, out, *"--steps 30 --strength 0.75 --subset-mask".split(), subset, lora=tiny_lora
         )
     )
     assert calls == [6] * 22  # one call: 3 mixed-class images, cond + uncond
@@ -79,9 +79,9 @@ def test_same_image_alone_batched_or_sharded(tiny_sd, tiny_dataset, tiny_lora, t
     # fp32 pins the check to what the issue promises (CPU, or a GPU in full precision): in fp16 (or with TF32
     # convolutions) on a GPU the kernels chosen per batch size differ by more than 2/255 after 22 steps.
     runs = {
-        "alone": ["--batch-size", "1", "--dtype", "fp32"],
-        "batch8": ["--batch-size", "8", "--dtype", "fp32"],
-        "shard": ["--shard", "2/3", "--dtype", "fp32"],
+        "alone": "--batch-size 1 --dtype fp32".split(),
+        "batch8": "--batch-size 8 --dtype fp32".split(),
+        "shard": "--shard 2/3 --dtype fp32".split(),
     }
     for name, extra in runs.items():
         synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / name, *extra, lora=tiny_lora))
@@ -100,7 +100,7 @@ def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_pat
     a killed run (some outputs deleted, one truncated, one temp file left) resumes to the same set."""
     clean = tmp_path / "clean"
     m = synthesize.main(
-        args_for(tiny_sd, tiny_dataset, clean, "--scale", "1.5", "--image-format", "png", "--batch-size", "5")
+        args_for(tiny_sd, tiny_dataset, clean, *"--scale 1.5 --image-format png --batch-size 5".split())
     )
     assert m["images"] == 18 and m["complete"]
     files = sorted(str(p.relative_to(clean)) for p in clean.rglob("*.png"))
@@ -108,7 +108,7 @@ def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_pat
     sharded = tmp_path / "sharded"
     for i in range(3):
         m = synthesize.main(
-            args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png", "--shard", f"{i}/3")
+            args_for(tiny_sd, tiny_dataset, sharded, *"--scale 1.5 --image-format png --shard".split(), f"{i}/3")
         )
         assert m["complete"] == (i == 2)
     assert sorted(str(p.relative_to(sharded)) for p in sharded.rglob("*.png")) == files
@@ -120,7 +120,7 @@ def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_pat
     (sharded / files[5]).write_bytes(data[: len(data) // 2])
     (sharded / files[6]).with_name(".x.png.tmp.png").write_bytes(b"junk")
     os.remove(sharded / "manifest.json")
-    m = synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png"))
+    m = synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, *"--scale 1.5 --image-format png".split()))
     assert m["generated"] == 3 and m["complete"]
     assert sorted(str(p.relative_to(sharded)) for p in sharded.rglob("*.png")) == files
     assert not list(sharded.glob("*/.*"))
@@ -128,12 +128,12 @@ def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_pat
         assert np.abs(pixels(sharded / f) - pixels(clean / f)).max() <= 2
     # Complete + same config: a no-op; another config: refused.
     assert (
-        synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png"))["images"]
+        synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, *"--scale 1.5 --image-format png".split()))["images"]
         == 18
     )
     with pytest.raises(ConfigMismatchError, match="guidance_scale"):
         synthesize.main(
-            args_for(tiny_sd, tiny_dataset, sharded, "--scale", "1.5", "--image-format", "png", "--guidance-scale", "3")
+            args_for(tiny_sd, tiny_dataset, sharded, *"--scale 1.5 --image-format png --guidance-scale 3".split())
         )
 
 
@@ -281,30 +281,18 @@ def test_larger_scale_reuses_smaller_scale_images(tiny_sd, tiny_dataset, tmp_pat
     """x1 is a prefix of x2 (same seeds): with --reuse-from, x2 links x1's 12 images and generates only 12 more, and
     the result equals a clean x2 run. A run of another config is not reused."""
     x1, x2, clean = tmp_path / "x1", tmp_path / "x2", tmp_path / "clean"
-    synthesize.main(args_for(tiny_sd, tiny_dataset, x1, "--scale", "1", "--image-format", "png"))
-    m = synthesize.main(
-        args_for(tiny_sd, tiny_dataset, x2, "--scale", "2", "--image-format", "png", "--reuse-from", x1)
-    )
+    synthesize.main(args_for(tiny_sd, tiny_dataset, x1, *"--scale 1 --image-format png".split()))
+    m = synthesize.main(args_for(tiny_sd, tiny_dataset, x2, *"--scale 2 --image-format png --reuse-from".split(), x1))
     assert m["generated"] == 12 and m["images"] == 24
     assert os.path.samefile(x1 / "red_circle" / "red_circle_000_0.png", x2 / "red_circle" / "red_circle_000_0.png")
-    synthesize.main(args_for(tiny_sd, tiny_dataset, clean, "--scale", "2", "--image-format", "png"))
+    synthesize.main(args_for(tiny_sd, tiny_dataset, clean, *"--scale 2 --image-format png".split()))
     assert read_jsonl(x2 / "manifest.jsonl") == read_jsonl(clean / "manifest.jsonl")
     for f in (p.relative_to(clean) for p in clean.rglob("*.png")):
         assert np.abs(pixels(x2 / f) - pixels(clean / f)).max() <= 2
     other = tmp_path / "other"
     m = synthesize.main(
         args_for(
-            tiny_sd,
-            tiny_dataset,
-            other,
-            "--scale",
-            "2",
-            "--image-format",
-            "png",
-            "--guidance-scale",
-            "3",
-            "--reuse-from",
-            x1,
+            tiny_sd, tiny_dataset, other, *"--scale 2 --image-format png --guidance-scale 3 --reuse-from".split(), x1
         )
     )
     assert m["generated"] == 24

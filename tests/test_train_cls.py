@@ -12,26 +12,10 @@ import train_cls
 from common import ConfigMismatchError, load_dataset, read_jsonl, write_json, write_jsonl
 from conftest import TINY_CLASSES, make_imagefolder
 
-TINY = [
-    "--dataset",
-    "demo",
-    "--model",
-    "test_resnet",
-    "--input-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--max-device-batch",
-    "4",
-    "--lr",
-    "0.05",
-    "--decay-milestones",
-    "2",
-    "--workers",
-    "0",
-    "--amp",
-    "no",
-]
+TINY = (
+    "--dataset demo --model test_resnet --input-size 32 --batch-size 4 "
+    "--max-device-batch 4 --lr 0.05 --decay-milestones 2 --workers 0 --amp no"
+).split()
 
 
 def make_synthetic(root: Path, classes, per_class: int, seed: int) -> Path:
@@ -49,7 +33,7 @@ def make_synthetic(root: Path, classes, per_class: int, seed: int) -> Path:
 
 def test_release_recipe_changes_only_options_left_at_paper_values():
     parser = train_cls.get_parser()
-    args = parser.parse_args(["--recipe", "release", "--smoothing", "0.3"])
+    args = parser.parse_args("--recipe release --smoothing 0.3".split())
     train_cls.apply_recipe(args, parser)
     assert (args.opt, args.warmup_epochs, args.color_jitter, args.smoothing) == ("sgd", 5, 0.4, 0.3)
     paper = parser.parse_args([])
@@ -110,18 +94,7 @@ def test_two_processes_learn_what_one_process_accumulating_learns(tmp_path, tiny
     args = TINY + [
         "--data-root",
         str(tiny_dataset),
-        "--epochs",
-        "2",
-        "--seed",
-        "3",
-        "--batch-size",
-        "8",
-        "--eval-every",
-        "2",
-        "--mixup",
-        "0.2",
-        "--cutmix",
-        "1.0",
+        *"--epochs 2 --seed 3 --batch-size 8 --eval-every 2 --mixup 0.2 --cutmix 1.0".split(),
     ]
     train_cls.main(args + ["--output-dir", str(tmp_path / "one")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -186,7 +159,7 @@ def test_subset_mask_selects_real_images(tmp_path, tiny_dataset):
 
 
 def test_resume_equals_uninterrupted_and_outputs_are_self_describing(tmp_path, tiny_dataset):
-    common = TINY + ["--data-root", str(tiny_dataset), "--epochs", "3", "--seed", "3"]
+    common = TINY + ["--data-root", str(tiny_dataset), *"--epochs 3 --seed 3".split()]
     straight = train_cls.main(common + ["--output-dir", str(tmp_path / "a")])
     # 2 epochs, "job ends", then the same command resumes for the last epoch
     part = train_cls.main(common + ["--output-dir", str(tmp_path / "b"), "--epochs-per-job", "2"])
@@ -250,7 +223,7 @@ def test_pretrained_file_loads_backbone_and_resets_head(tmp_path):
     source = timm.create_model("test_resnet", num_classes=1000)
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "in1k.safetensors")
     args = train_cls.get_parser().parse_args(
-        ["--model", "test_resnet", "--pretrained", "--pretrained-file", str(tmp_path / "in1k.safetensors")]
+        [*"--model test_resnet --pretrained --pretrained-file".split(), str(tmp_path / "in1k.safetensors")]
     )
     model = train_cls.build_model(args, 3)
     head = model.get_classifier()
@@ -263,26 +236,11 @@ def test_pretrained_file_loads_backbone_and_resets_head(tmp_path):
 def test_benchmark_reports_speed_on_fake_data(tmp_path):
     result = train_cls.main(
         [
-            "--benchmark",
-            "--fake-data",
-            "24",
-            "--fake-size",
-            "40",
-            "--model",
-            "test_resnet",
-            "--input-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--workers",
-            "0",
-            "--amp",
-            "no",
-            "--benchmark-steps",
-            "3",
-            "--benchmark-warmup",
-            "1",
-            "--output-dir",
+            *(
+                "--benchmark --fake-data 24 --fake-size 40 --model test_resnet --input-size "
+                "32 --batch-size 4 --workers 0 --amp no --benchmark-steps 3 "
+                "--benchmark-warmup 1 --output-dir"
+            ).split(),
             str(tmp_path),
         ]
     )
