@@ -1069,15 +1069,15 @@ def run_generator(args) -> dict:
             train_y,
             token_ids,
             len(uncond),
-            args.unet_steps,
-            args.unet_batch_size,
-            args.unet_lr,
-            args.text_lr,
-            args.p_uncond,
-            args.snr_gamma,
-            args.seed,
-            args.ema_decay,
-            log,
+            steps=args.unet_steps,
+            batch_size=args.unet_batch_size,
+            lr=args.unet_lr,
+            text_lr=args.text_lr,
+            p_uncond=args.p_uncond,
+            snr_gamma=args.snr_gamma,
+            seed=args.seed,
+            ema_decay=args.ema_decay,
+            log=log,
         )
         save_component(unet, sd_dir / "unet")
         save_component(text_encoder, sd_dir / "text_encoder")
@@ -1094,11 +1094,11 @@ def run_generator(args) -> dict:
             token_ids,
             train_x,
             train_y,
-            args.clip_steps,
-            64,
-            args.clip_lr,
-            args.seed,
-            log,
+            steps=args.clip_steps,
+            batch_size=64,
+            lr=args.clip_lr,
+            seed=args.seed,
+            log=log,
         )
         save_component(vision, clip_dir)
         processor.save_pretrained(clip_dir)
