@@ -93,15 +93,8 @@ def synth_parser() -> argparse.ArgumentParser:
     p = synthesize.get_parser()
     p.prog, p.description = "bench.py synth", "Time synthesize.py's loop against a release-style baseline loop."
     g = p.add_argument_group("benchmark")
-    g.add_argument(
-        "--images", type=common.positive_int, default=48, help="images per loop and round (default %(default)s)"
-    )
-    g.add_argument(
-        "--rounds",
-        type=common.positive_int,
-        default=3,
-        help="timed rounds per loop, the loops alternating (default %(default)s)",
-    )
+    g.add_argument("--images", type=common.positive_int, default=48, help="images per loop and round")
+    g.add_argument("--rounds", type=common.positive_int, default=3, help="timed rounds per loop, the loops alternating")
     g.add_argument(
         "--baseline-batch",
         type=common.positive_int,
@@ -330,9 +323,7 @@ def finetune_parser() -> argparse.ArgumentParser:
     p = finetune.get_parser()
     p.prog, p.description = "bench.py finetune", "Time finetune.py's training step on random data."
     g = p.add_argument_group("benchmark")
-    g.add_argument(
-        "--steps", type=common.positive_int, default=5, help="timed steps, after 2 warm-up steps (default %(default)s)"
-    )
+    g.add_argument("--steps", type=common.positive_int, default=5, help="timed steps, after 2 warm-up steps")
     g.add_argument(
         "--weights",
         choices=WEIGHTS,

@@ -36,7 +36,7 @@ PAPER_MODEL = "Salesforce/blip2-opt-2.7b"  # paper §3.2 via CiP (LeavesLei/Capt
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override it")
     p.add_argument("--dataset", default="in10", help=f"one of {common.DATASETS}")
     p.add_argument("--data-root", default=None, help="dataset root (see README for each dataset's layout)")

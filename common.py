@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -41,6 +42,14 @@ DATA_DIR = PROJECT_DIR / "data"  # class lists copied from ImageNet (see data/RE
 # file can drive the whole pipeline; any other top-level key must be a stage section.
 SHARED_KEYS = {"dataset", "data_root", "seed", "captions", "pretrained_model", "revision", "runs_dir", "test_split"}
 STAGES = {"caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim", "demo"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` shows the module docstring as written and every option's default; option help is wrapped to the
+    terminal, keeping the line breaks it was written with."""
+
+    def _split_lines(self, text, width):
+        return [line for part in text.splitlines() for line in (textwrap.wrap(part, width) or [""])]
 
 
 class ConfigError(ValueError):

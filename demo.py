@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 
 from common import (
+    HelpFormatter,
     RunDir,
     atomic_write,
     build_prompt,
@@ -1119,7 +1120,7 @@ def run_generator(args) -> dict:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("command", choices=["data", "generator", "skeleton"], help="what to make (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml, section `demo`); CLI overrides")
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")

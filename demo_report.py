@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from common import (
+    HelpFormatter,
     atomic_write,
     image_grid,
     load_dataset,
@@ -38,7 +39,6 @@ from common import (
     save_image,
     write_json,
 )
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The report command: collect every stage's manifest under runs/demo/ (stages that have not run are skipped).
@@ -433,7 +433,7 @@ def run_ablation_report(args) -> dict:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("command", choices=["report", "ablation-report"], help="which report (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml: its shared keys); CLI overrides")
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")

@@ -41,14 +41,15 @@ import torch
 from common import (
     DATA_DIR,
     IMAGE_EXTENSIONS,
+    HelpFormatter,
     ImageFiles,
     RunDir,
     atomic_path,
     atomic_write,
     config_dict,
+    data_location,
     fingerprint,
     get_logger,
-    data_location,
     load_classifier,
     load_dataset,
     parse_args,
@@ -68,7 +69,7 @@ IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet 
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
     p.add_argument("--classifier", default=None, help="a train_cls.py output directory (required)")
     p.add_argument(

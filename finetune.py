@@ -66,7 +66,7 @@ MMD_WEIGHTS = {"paper": 0.01, "release": 0.003}  # paper form: converted from th
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     a = p.add_argument
     a("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override it")
     a("--dataset", default="in10", help=f"one of {common.DATASETS}")

@@ -46,6 +46,7 @@ import torch
 
 from common import (
     PROJECT_DIR,
+    HelpFormatter,
     RunDir,
     atomic_path,
     atomic_write,
@@ -69,7 +70,7 @@ SIGMA_FLOOR = 1e-6  # a shadow set with identical scores has σ = 0 and an infin
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
     p.add_argument("--dataset", default="in10", help="dataset name (paper §4.5: ImageNette / in10)")
     p.add_argument("--data-root", default=None, help="dataset root (see README)")

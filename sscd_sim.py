@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from common import (
+    HelpFormatter,
     ImageFiles,
     RunDir,
     atomic_path,
@@ -62,7 +63,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SS
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
     p.add_argument("--dataset", default="in10", help="dataset of the real training images")
     p.add_argument("--data-root", default=None, help="dataset root (see README)")

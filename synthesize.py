@@ -42,6 +42,7 @@ from PIL import Image
 from common import (
     DATASETS,
     PROMPT_STYLES,
+    HelpFormatter,
     ImageReadError,
     RunDir,
     add_visual_tokens,
@@ -96,7 +97,7 @@ def auto_on_off(value) -> str:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
     p.add_argument("--dataset", default="imagefolder", choices=DATASETS)
     p.add_argument("--data-root", default=None)

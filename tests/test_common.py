@@ -496,3 +496,18 @@ def test_latest_checkpoint_is_numeric_and_ignores_partial_saves(tmp_path):
     for name in ("checkpoint-9", "checkpoint-10", ".tmp-checkpoint-11", "checkpoint-x"):
         (tmp_path / name).mkdir()
     assert common.latest_checkpoint(tmp_path) == (tmp_path / "checkpoint-10", 10)  # not the string-sorted "9"
+
+
+def test_help_shows_defaults_and_keeps_written_line_breaks(monkeypatch):
+    import synthesize
+
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps to the terminal width
+    lines = synthesize.get_parser().format_help().splitlines()
+    assert any(line.strip() == "images per pipeline call, classes mixed (default: 32)" for line in lines)
+    # --prompt-style's help has an explicit line break: the release form starts its own line
+    assert any(line.strip().startswith("release: adds ', best quality'") for line in lines)
+    # the module docstring, with its commands, as written
+    assert (
+        "  one GPU:     python synthesize.py --config configs/in10.yaml --lora-dir runs/in10/finetune --scale 1"
+        in lines
+    )
