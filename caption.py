@@ -148,11 +148,13 @@ def run_part(index, todo, part_file: Path, args, device, is_main: bool, log) -> 
 def main(argv=None) -> dict:
     args = common.parse_args(get_parser(), argv, "caption")
     from accelerate import PartialState
+    from transformers import AutoConfig
 
     state = PartialState()
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "captions")
     config = common.config_dict(args, exclude=("output_dir", "runs_dir", "batch_size", "num_workers", "shard"))
     index = common.load_dataset(args.dataset, args.data_root, args.split)  # fails before touching out_dir
+    common.check_pretrained(AutoConfig.from_pretrained, args.model, args.revision, "BLIP-2")
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)
     status = run.start()
     if status == "done":

@@ -260,6 +260,20 @@ def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_pretrained(load_config, source, revision: str | None = None, what: str = "a model", **kwargs) -> None:
+    """Fail with the fix when a pretrained model cannot be found, before the stage touches its run directory (a
+    wrong path would otherwise leave a run config that the corrected command then conflicts with). `load_config` is
+    the library's own config reader (e.g. `DiffusionPipeline.load_config`, `AutoConfig.from_pretrained`): it reads
+    one small file, from the directory or the hub cache."""
+    try:
+        load_config(str(source), revision=revision, **kwargs)
+    except (OSError, ValueError) as err:  # a missing file, no network, or a malformed hub id
+        raise OSError(
+            f"cannot load {what} from '{source}': {str(err).rstrip('.')}. Pass a hub id (online, or in the HF cache "
+            f"when HF_HUB_OFFLINE=1) or a local directory saved with save_pretrained."
+        ) from err
+
+
 def fingerprint(source: str | os.PathLike | None, revision: str | None = None) -> str | None:
     """A short content hash of a file or directory (names + bytes); a hub id is recorded as `id@revision`."""
     if source is None:

@@ -509,6 +509,17 @@ def resolve_args(args):
     return args
 
 
+def check_inputs(args) -> None:
+    """The pretrained pipeline and the image encoder exist (read their configs only), before the run dir is made."""
+    from diffusers import DiffusionPipeline
+    from transformers import AutoConfig
+
+    layout = "an SD 1.x pipeline (diffusers layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...)"
+    common.check_pretrained(DiffusionPipeline.load_config, args.pretrained_model, args.revision, layout)
+    if args.vg_mode != "none":
+        common.check_pretrained(AutoConfig.from_pretrained, args.vg_encoder, None, "the CLIP image encoder")
+
+
 def load_training_set(args):
     index = common.load_dataset(args.dataset, args.data_root, "train")
     if args.subset_mask:
@@ -629,6 +640,7 @@ def main(argv=None) -> dict:
     )
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
     index, prompts = load_training_set(args)  # bad inputs fail here, before the run directory is touched
+    check_inputs(args)
     config = run_config(args, accelerator.num_processes)
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=accelerator.is_main_process)
     if run.start() == "done":

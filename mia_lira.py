@@ -124,14 +124,18 @@ def get_parser() -> argparse.ArgumentParser:
 # LiRA math: pure functions on arrays, tested on synthetic Gaussian scores (tests/test_mia_lira.py).
 
 
-def make_keep_matrix(image_ids: list[str], num_models: int, seed: int) -> np.ndarray:
-    """[M, N] bool, each column with exactly M/2 True: image j is IN for the first M/2 models of a permutation seeded
-    by (seed, image id), so the matrix is a pure function of the seed and the ids, not of file order."""
+def check_num_shadows(num_models: int) -> None:
     if num_models < 4 or num_models % 2:
         raise ValueError(
             f"--num-shadows must be even and >= 4 (leave-one-out needs an IN and an OUT shadow per "
             f"image), got {num_models}"
         )
+
+
+def make_keep_matrix(image_ids: list[str], num_models: int, seed: int) -> np.ndarray:
+    """[M, N] bool, each column with exactly M/2 True: image j is IN for the first M/2 models of a permutation seeded
+    by (seed, image id), so the matrix is a pure function of the seed and the ids, not of file order."""
+    check_num_shadows(num_models)
     keep = np.zeros((num_models, len(image_ids)), dtype=bool)
     for j, image_id in enumerate(image_ids):
         perm = np.random.default_rng(item_seed(seed, "lira-keep", image_id)).permutation(num_models)
@@ -489,6 +493,13 @@ def main(argv=None) -> dict:
     args.stage_config = args.stage_config or args.config
     config = config_dict(args, exclude=("batch_size", "num_workers", "launcher", "shard", "runs_dir", "output_dir"))
     config["stage_config_hash"] = stage_config_hash(args.stage_config) if not args.scores_from else None
+    # Bad inputs fail here, before the run directory is touched (a left run config would make the corrected
+    # command a config mismatch).
+    if args.scores_from and not (Path(args.scores_from) / "keep.npy").is_file():
+        raise FileNotFoundError(f"--scores-from {args.scores_from}: no keep.npy there (not a mia_lira.py output)")
+    if not args.scores_from:
+        check_num_shadows(args.num_shadows)
+        load_dataset(args.dataset, args.data_root, "train")
     run = RunDir(out, config, args.overwrite)
     if run.start() == "done":
         return run.manifest()["metrics"]

@@ -149,8 +149,7 @@ def save_standin(path: str | Path, dims: int = 256, seed: int = 0) -> Path:
     return Path(path)
 
 
-def load_descriptor(path: str | Path, device: torch.device):
-    """torch.jit.load the descriptor model; returns (model, info) with info['standin'] set for the stand-in."""
+def require_descriptor_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -159,6 +158,12 @@ def load_descriptor(path: str | Path, device: torch.device):
             f"files: loading one runs its code) and pass --model, or build the offline stand-in "
             f"with --make-standin PATH"
         )
+    return path
+
+
+def load_descriptor(path: str | Path, device: torch.device):
+    """torch.jit.load the descriptor model; returns (model, info) with info['standin'] set for the stand-in."""
+    path = require_descriptor_file(path)
     extra = {STANDIN_TAG: ""}
     with warnings.catch_warnings():  # torch deprecates TorchScript, but SSCD's only code-free format is TorchScript
         warnings.simplefilter("ignore", FutureWarning)
@@ -355,6 +360,11 @@ def main(argv=None) -> dict:
     config = config_dict(
         args, exclude=("batch_size", "chunk_size", "num_workers", "cache_dir", "runs_dir", "output_dir", "make_standin")
     )
+    # Bad inputs fail here, before the run directory is touched (a left run config would make the corrected
+    # command a config mismatch).
+    require_descriptor_file(args.model)
+    real = load_dataset(args.dataset, args.data_root, "train")
+    synth = load_generated(synthetic_dir)
     run = RunDir(out, config, args.overwrite)
     if run.start() == "done":
         return run.manifest()["metrics"]
@@ -367,8 +377,6 @@ def main(argv=None) -> dict:
             "descriptor %s is the project's STAND-IN, not SSCD: results measure pixel-layout near-duplicates",
             args.model,
         )
-    real = load_dataset(args.dataset, args.data_root, "train")
-    synth = load_generated(synthetic_dir)
     preprocessing = f"{args.resize}-{args.size}"
     cache = EmbeddingCache(Path(args.cache_dir or runs / "sscd_cache") / f"{descriptor['sha256_16']}_{preprocessing}")
     real_emb, new_real = embed(model, [real.abspath(i) for i in range(len(real))], cache, args, device, "embed real")

@@ -49,6 +49,7 @@ from common import (
     atomic_path,
     build_prompt,
     captions_for,
+    check_pretrained,
     config_dict,
     encode_latent_prior,
     fingerprint,
@@ -71,6 +72,7 @@ from common import (
     write_jsonl,
 )
 
+SD_LAYOUT = "a Stable Diffusion pipeline (diffusers layout: model_index.json, unet/, vae/, text_encoder/, ...)"
 # Flags that change speed or bookkeeping, never an image: left out of the run's config so a resume may change them.
 SPEED_ONLY = (
     "batch_size",
@@ -654,10 +656,15 @@ def prepare(args):
 def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "synthesize")
     from accelerate import PartialState
+    from diffusers import StableDiffusionImg2ImgPipeline
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: lets torchrun spread CPU processes
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"synth_x{args.scale:g}")
+    # Bad inputs (model, LoRA, dataset, captions, tokens) fail here, before the run directory is touched: a run config
+    # left by a failed start would make the corrected command a config mismatch.
+    check_pretrained(StableDiffusionImg2ImgPipeline.load_config, args.pretrained_model, args.revision, SD_LAYOUT)
     lora_hash = lora_fingerprint(args.lora_dir)
+    plan, placement = prepare(args)
     config = {**config_dict(args, exclude=SPEED_ONLY), "lora_hash": lora_hash}
     run = RunDir(out_dir, config, args.overwrite, state.is_main_process)
     status = run.start() if state.is_main_process else None
@@ -667,7 +674,6 @@ def main(argv=None) -> dict:
     if status == "done":
         log.info(f"{out_dir} is complete with this config; nothing to do")
         return {**run.manifest()["metrics"], "complete": True, "generated": 0}
-    plan, placement = prepare(args)
     if state.is_main_process:
         write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
     mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)

@@ -167,3 +167,4 @@ def test_job_shards_merge_only_when_complete(tiny_dataset, blip2, tmp_path):
 def test_bad_model_path_is_a_clear_error(tiny_dataset, tmp_path):
     with pytest.raises(OSError, match="cannot load BLIP-2"):
         run(tiny_dataset, tmp_path / "nope", tmp_path / "cap")
+    assert not (tmp_path / "cap").exists()  # checked before the run dir: the corrected command starts clean

@@ -242,6 +242,9 @@ def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_pat
         )
     with pytest.raises(OSError, match="diffusers layout"):
         finetune.main(base_args(tiny_dataset, tmp_path / "nope", tiny_clip_vision, tmp_path / "c"))
+    with pytest.raises(OSError, match="cannot load the CLIP image encoder"):
+        finetune.main(base_args(tiny_dataset, tiny_sd, tmp_path / "nope", tmp_path / "c"))
+    assert not (tmp_path / "c").exists()  # both checked before the run dir: the corrected command starts clean
 
 
 def test_epoch_batches_partition_and_seeded_order():

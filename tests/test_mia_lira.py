@@ -180,6 +180,20 @@ def test_attack_only_mode_writes_the_report(tmp_path):
     assert mia_lira.main(argv) == metrics  # complete: a no-op
 
 
+def test_bad_inputs_fail_before_the_run_dir(tmp_path, tiny_dataset):
+    """Wrong --num-shadows, --data-root or --scores-from fail before the output dir exists (no config left behind
+    for the corrected command to conflict with)."""
+    out = tmp_path / "mia"
+    base = ["--dataset", "demo", "--output-dir", str(out)]
+    with pytest.raises(ValueError, match="even and >= 4"):
+        mia_lira.main([*base, "--data-root", str(tiny_dataset), "--num-shadows", "3"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        mia_lira.main([*base, "--data-root", str(tmp_path / "no_data"), "--num-shadows", "4"])
+    with pytest.raises(FileNotFoundError, match="keep.npy"):
+        mia_lira.main([*base, "--scores-from", str(tmp_path)])
+    assert not out.exists()
+
+
 # -------------------------------------------------------------------------------------- orchestration (stand-in stages)
 
 FAKE_STAGE = """

@@ -126,3 +126,34 @@ def test_copy_is_found_and_unrelated_images_are_not(tmp_path, tiny_dataset, stan
     )
     assert again["num_embedded"] == {"real": 0, "synthetic": 1}
     assert again["synthetic_vs_real"]["count"] == 5 and again["synthetic_vs_real"]["num_replications"] == 1
+
+
+def test_bad_inputs_fail_before_the_run_dir(tmp_path, tiny_dataset, standin):
+    """A wrong --model or --data-root fails with the fix and leaves no run config behind, so the corrected command
+    runs in the same output dir (a left config would be a mismatch needing --overwrite)."""
+    real = load_dataset("demo", tiny_dataset, "train")
+    synth = make_synthetic_dir(tmp_path / "synth", tiny_dataset, real.samples[0].path)
+    out = tmp_path / "sscd"
+
+    def argv(model, data_root):
+        return [
+            *"--dataset demo --num-workers 0".split(),
+            "--data-root",
+            str(data_root),
+            "--synthetic-dir",
+            str(synth),
+            "--model",
+            str(model),
+            "--output-dir",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+
+    with pytest.raises(FileNotFoundError, match="trusted"):
+        sscd_sim.main(argv(tmp_path / "missing.pt", tiny_dataset))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sscd_sim.main(argv(standin, tmp_path / "no_data"))
+    assert not out.exists()
+    sscd_sim.main(argv(standin, tiny_dataset))  # the corrected command, same output dir: no config mismatch
+    assert (out / "manifest.json").is_file()

@@ -183,7 +183,8 @@ def test_lora_fused_at_scale(tiny_sd, tiny_lora):
 
 def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
     """An unreadable source fails naming the file, or is skipped and counted with --skip-bad; a missing caption fails
-    unless --allow-missing-captions; text-to-image (strength 1) never reads the sources."""
+    unless --allow-missing-captions, and so does a wrong model path, both before the output dir is made; text-to-image
+    (strength 1) never reads the sources."""
     import shutil
 
     root = tmp_path / "data"
@@ -204,8 +205,11 @@ def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
     captions.write_text(json.dumps({"path": "red_circle/red_circle_000.png", "caption": "a red disk"}) + "\n")
     with pytest.raises(KeyError, match="caption"):
         synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "d", "--captions", captions))
-    synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "e", "--captions", captions, "--allow-missing-captions"))
-    prompts = {r["source"]: r["prompt"] for r in read_jsonl(tmp_path / "e" / "manifest.jsonl")}
+    with pytest.raises(OSError, match="cannot load a Stable Diffusion pipeline .* from '.*nope'"):
+        synthesize.main(args_for(tmp_path / "nope", tiny_dataset, tmp_path / "d", "--captions", captions))
+    assert not (tmp_path / "d").exists()  # inputs are checked before the run dir: the corrected command starts clean
+    synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "d", "--captions", captions, "--allow-missing-captions"))
+    prompts = {r["source"]: r["prompt"] for r in read_jsonl(tmp_path / "d" / "manifest.jsonl")}
     assert prompts["red_circle/red_circle_000.png"] == "photo of red circle, a red disk"
     assert prompts["red_circle/red_circle_001.png"] == "photo of red circle"
 
