@@ -155,12 +155,26 @@ def config_hash(config: dict) -> str:
 # file under the final name.
 
 
+def file_mode() -> int:
+    """The mode a plain open() would give a new file under the process umask (0o644 under the usual 022). mkstemp
+    makes its temp files 0o600, which the rename would carry over: synthetic images, weights and manifests readable
+    by their owner alone on a shared cluster."""
+    try:
+        with open("/proc/self/status") as status:  # Linux: reads the umask without changing it (thread-safe)
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """Open a temp file next to `path` for writing; rename it over `path` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -182,6 +196,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode())  # after the library's write, in case it replaced the file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

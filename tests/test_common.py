@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,24 @@ def test_atomic_path_and_save_image(tmp_path):
         with common.atomic_path(tmp_path / "b.png"):
             raise ValueError("crash before rename")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask):
+    """Outputs must be as readable as any file the user creates (a synthetic set shared on a cluster)."""
+    old = os.umask(umask)
+    try:
+        common.write_json(tmp_path / "m.json", {"a": 1})
+        common.save_image(Image.new("RGB", (4, 4)), tmp_path / "x.jpg")
+        with common.atomic_path(tmp_path / "w.bin") as tmp:
+            tmp.write_bytes(b"weights")
+        (tmp_path / "plain.txt").write_text("made by open()")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected  # what the umask gives a plain file
+    for name in ("m.json", "x.jpg", "w.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
 
 
 def test_load_image_errors_name_the_file(tmp_path):
