@@ -740,6 +740,24 @@ def predicted_clean_latents(
     return (noisy.float() - (1 - a).sqrt() * eps_pred.float()) / a.sqrt()
 
 
+class SumOverProcesses(torch.autograd.Function):
+    """all_reduce(SUM) that autograd can differentiate: every process's loss depends on every process's input, so the
+    gradient that reaches each input is the sum of all processes' gradients of the result (torch.distributed.nn's
+    all_reduce did this, and is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
 def mmd_loss(z0: torch.Tensor, z0_pred: torch.Tensor, across_processes: bool = False) -> torch.Tensor:
     """Linear-kernel MMD² between the batch of clean latents and the batch of predicted clean latents (paper Eq. 5-7).
 
@@ -749,14 +767,12 @@ def mmd_loss(z0: torch.Tensor, z0_pred: torch.Tensor, across_processes: bool = F
     1/√SNR_t; unlike the per-sample diffusion loss, it only penalises errors that do not cancel across the batch.
 
     across_processes: the batch is every process's batch together. The residual sums are all-reduced with autograd
-    (torch.distributed.nn), so every process holds the same loss; its backward sums the world's identical gradients,
+    (SumOverProcesses), so every process holds the same loss; its backward sums the world's identical gradients,
     which DDP's gradient averaging then divides back: the parameters get exactly the gradient of the global term.
     """
     residual_sum, count = (z0.float() - z0_pred.float()).sum(dim=0), z0.shape[0]
     if across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
-        from torch.distributed.nn.functional import all_reduce
-
-        residual_sum = all_reduce(residual_sum)
+        residual_sum = SumOverProcesses.apply(residual_sum)
         count = torch.tensor(float(count), device=residual_sum.device)
         torch.distributed.all_reduce(count)  # a tensor, not .item(): no host sync in the training step
     return (residual_sum / count).pow(2).mean()

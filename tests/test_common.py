@@ -418,6 +418,7 @@ def _global_mmd_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
     grad = theta.grad.clone()
     torch.distributed.all_reduce(grad)
     torch.save({"loss": loss.detach(), "grad": grad / world}, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.barrier()  # neither process tears gloo down while the other still talks to it
     torch.distributed.destroy_process_group()
 
 
