@@ -871,12 +871,10 @@ def measure_synthetic(
 # The generator command: build, pretrain (phase by phase, resumable), check, cache.
 
 DATA_KEYS = ("seed", "image_size", "train_per_class", "test_per_class", "ood_per_class")
+# The untrained pipeline's shape (the skeleton's config); the generator's config adds its pretraining.
+PIPELINE_KEYS = ("seed", "image_size", "unet_channels", "text_time_embedding", "vae_channels")
 GENERATOR_KEYS = (
-    "seed",
-    "image_size",
-    "unet_channels",
-    "text_time_embedding",
-    "vae_channels",
+    *PIPELINE_KEYS,
     "pretrain_images",
     "held_out_images",
     "vae_steps",
@@ -899,6 +897,20 @@ GENERATOR_KEYS = (
     "measure_guidance",
     "cls_epochs",
 )
+
+
+def build_demo_pipeline(out_dir: Path, args):
+    """The demo's untrained pipeline from the CLI's shape flags (PIPELINE_KEYS): the skeleton, and the generator's
+    starting point."""
+    return build_generator(
+        out_dir,
+        CLASSES + PROMPT_WORDS,
+        args.image_size,
+        args.seed,
+        unet_channels=args.unet_channels,
+        text_time_embedding=args.text_time_embedding,
+        vae_channels=args.vae_channels,
+    )
 
 
 def save_component(model, path: Path) -> None:
@@ -935,20 +947,11 @@ def run_data(args) -> dict:
 
 def run_skeleton(args) -> dict:
     out = Path(args.out or Path(args.runs_dir) / "skeleton")
-    keys = ("seed", "image_size", "unet_channels", "text_time_embedding", "vae_channels")
-    run = RunDir(out, {k: getattr(args, k) for k in keys}, args.overwrite)
+    run = RunDir(out, {k: getattr(args, k) for k in PIPELINE_KEYS}, args.overwrite)
     if run.start() == "done":
         print(f"{out}: untrained demo pipeline already built (manifest.json); nothing to do")
         return run.manifest()["metrics"]
-    build_generator(
-        out,
-        CLASSES + PROMPT_WORDS,
-        args.image_size,
-        args.seed,
-        unet_channels=args.unet_channels,
-        text_time_embedding=args.text_time_embedding,
-        vae_channels=args.vae_channels,
-    )
+    build_demo_pipeline(out, args)
     metrics = {"pipeline": str(out), "trained": False}
     run.finish(metrics)
     print(f"untrained demo pipeline in {out} (random weights: for benchmarks only)")
@@ -1029,15 +1032,7 @@ def run_generator(args) -> dict:
 
     if "build" not in phases:
         t0 = time.time()
-        build_generator(
-            sd_dir,
-            CLASSES + PROMPT_WORDS,
-            args.image_size,
-            args.seed,
-            unet_channels=args.unet_channels,
-            text_time_embedding=args.text_time_embedding,
-            vae_channels=args.vae_channels,
-        )
+        build_demo_pipeline(sd_dir, args)
         build_image_encoder(clip_dir, TEXT_WIDTH, args.image_size, args.seed)
         done("build", t0)
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
