@@ -157,8 +157,8 @@ def config_hash(config: dict) -> str:
 
 def file_mode() -> int:
     """The mode a plain open() would give a new file under the process umask (0o644 under the usual 022). mkstemp
-    makes its temp files 0o600, which the rename would carry over: synthetic images, weights and manifests readable
-    by their owner alone on a shared cluster."""
+    and safetensors make their files 0o600, which a rename carries over: synthetic images, weights and manifests
+    readable by their owner alone on a shared cluster."""
     try:
         with open("/proc/self/status") as status:  # Linux: reads the umask without changing it (thread-safe)
             umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
@@ -166,6 +166,15 @@ def file_mode() -> int:
         umask = os.umask(0o022)
         os.umask(umask)
     return 0o666 & ~umask
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a file, or every file under a directory, the umask's mode: for what libraries write themselves
+    (save_pretrained, accelerate's save_state), since safetensors creates its files 0600 too."""
+    path, mode = Path(path), file_mode()
+    for f in [path] if path.is_file() else path.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
 
 
 @contextlib.contextmanager
@@ -196,7 +205,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, file_mode())  # after the library's write, in case it replaced the file
+        make_readable(tmp)  # after the library's write: it may have replaced the file, or written it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -866,6 +875,7 @@ def save_checkpoint(accelerator, ckpt_dir: str | os.PathLike, n: int, keep: int)
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        make_readable(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         older = sorted((int(p.name[11:]), p) for p in ckpt_dir.glob("checkpoint-*") if p.name[11:].isdigit())

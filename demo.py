@@ -60,6 +60,7 @@ from common import (
     item_seed,
     load_dataset,
     load_image,
+    make_readable,
     negative_prompt,
     parse_args,
     progress,
@@ -224,6 +225,7 @@ def build_generator(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir)
+    make_readable(out_dir)
     return pipe
 
 
@@ -249,6 +251,7 @@ def build_image_encoder(out_dir: str | Path, projection_dim: int = TEXT_WIDTH, i
     )
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    make_readable(out_dir)
     return model, processor
 
 
@@ -920,6 +923,7 @@ def save_component(model, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    make_readable(tmp)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)

@@ -481,7 +481,7 @@ def save_outputs(out_dir: Path, unet, projection, embeds, vg_info) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
-    os.chmod(tmp / "pytorch_lora_weights.safetensors", common.file_mode())  # safetensors writes it 0600
+    common.make_readable(tmp)
     os.replace(tmp / "pytorch_lora_weights.safetensors", out_dir / "pytorch_lora_weights.safetensors")
     shutil.rmtree(tmp)
     if embeds is not None:

@@ -159,6 +159,8 @@ def test_generator_round_trip_and_cache(demo_data, tmp_path):
     for key in ("vae_psnr_db", "cond_uncond_rel_diff", "denoise_class_acc"):
         assert isinstance(metrics[key], float)
     assert set(metrics["img2img_classifier"]) >= {"real_top1", "synth_top1", "synth_over_real"}
+    weights = list(out.rglob("*.safetensors"))  # written by save_pretrained (safetensors: 0600 unless fixed)
+    assert len(weights) >= 4 and all(w.stat().st_mode & 0o777 == common.file_mode() for w in weights)
     for png in ("samples_text2image.png", "samples_img2img.png", "vae_reconstructions.png"):
         assert common.load_image(out / png).size[0] > 0
 
