@@ -352,7 +352,10 @@ def finetune_models(args, device, dtype):
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # SD 1.5's
     for model in (text_encoder, vae):
         model.requires_grad_(False).to(device, dtype)
-    return RandomTokenizer(), text_encoder.eval(), vae.eval(), scheduler, finetune.add_lora(unet, args, device, dtype)
+    unet = (
+        unet if unet.dtype == dtype else unet.to(dtype=dtype)
+    )  # finetune.add_lora expects the UNet in the weight dtype, as load_components loads it
+    return RandomTokenizer(), text_encoder.eval(), vae.eval(), scheduler, finetune.add_lora(unet, args, device)
 
 
 def bench_finetune(argv) -> dict:

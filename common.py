@@ -284,11 +284,23 @@ def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
+def looks_like_local_path(source) -> bool:
+    """A model source meant as a path, not a hub id: absolute, relative with ./ or ../, or more than one '/'."""
+    text = str(source)
+    return text.startswith(("/", "./", "../", "~")) or text.count("/") > 1
+
+
 def check_pretrained(load_config, source, revision: str | None = None, what: str = "a model", **kwargs) -> None:
     """Fail with the fix when a pretrained model cannot be found, before the stage touches its run directory (a
     wrong path would otherwise leave a run config that the corrected command then conflicts with). `load_config` is
     the library's own config reader (e.g. `DiffusionPipeline.load_config`, `AutoConfig.from_pretrained`): it reads
     one small file, from the directory or the hub cache."""
+    if looks_like_local_path(source) and not Path(source).exists():
+        # The hub client would report a malformed repo id, which hides the real mistake.
+        raise FileNotFoundError(
+            f"cannot load {what}: the directory '{source}' does not exist (resolved from {Path.cwd()}: "
+            f"{Path(source).resolve()}). Pass an existing directory saved with save_pretrained, or a hub id."
+        )
     try:
         load_config(str(source), revision=revision, **kwargs)
     except (OSError, ValueError) as err:  # a missing file, no network, or a malformed hub id

@@ -244,9 +244,10 @@ def load_components(args, device, weight_dtype):
     src, rev = args.pretrained_model, args.revision
     try:
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=rev)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=rev)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", revision=rev)
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=rev)
+        # Loaded in their dtype rather than cast with .to(dtype), which diffusers warns about on every run.
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=rev, dtype=weight_dtype)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", revision=rev, torch_dtype=weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=rev, torch_dtype=weight_dtype)
         scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", revision=rev)
     except (OSError, ValueError) as err:
         raise OSError(
@@ -260,16 +261,16 @@ def load_components(args, device, weight_dtype):
             f"ε-prediction model such as SD 1.5"
         )
     for model in (text_encoder, vae):
-        model.requires_grad_(False).to(device, weight_dtype)
-    return tokenizer, text_encoder.eval(), vae.eval(), scheduler, add_lora(unet, args, device, weight_dtype)
+        model.requires_grad_(False).to(device)
+    return tokenizer, text_encoder.eval(), vae.eval(), scheduler, add_lora(unet, args, device)
 
 
-def add_lora(unet, args, device, weight_dtype):
+def add_lora(unet, args, device):
     """Freeze the UNet and add peft LoRA adapters (Gaussian init of A, zero B: the model starts unchanged)."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    unet.requires_grad_(False).to(device, weight_dtype)
+    unet.requires_grad_(False).to(device)
     unet.add_adapter(
         LoraConfig(
             r=args.lora_rank,
@@ -298,7 +299,8 @@ def clip_embeddings(encoder_id: str, paths: list[Path], device, is_main: bool) -
 
     try:
         processor = CLIPImageProcessor.from_pretrained(encoder_id)
-        model = CLIPVisionModelWithProjection.from_pretrained(encoder_id).to(device).eval()
+        # fp32 whatever the file stores (transformers would keep fp16 weights in fp16): computed once per run.
+        model = CLIPVisionModelWithProjection.from_pretrained(encoder_id, dtype=torch.float32).to(device).eval()
     except OSError as err:
         raise OSError(
             f"cannot load the CLIP image encoder '{encoder_id}': {err}. Pass --vg-encoder (hub id or "
@@ -325,6 +327,12 @@ def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, d
     if args.vg_mode == "per-image":
         info["image_paths"] = [s.path for s in index.samples]
         return clip_embeddings(args.vg_encoder, [index.abspath(i) for i in range(len(index))], device, is_main), info
+    empty = [cls for label, cls in enumerate(index.classes) if not any(s.label == label for s in index.samples)]
+    if empty:  # synthesis would mask a zero token out of cross-attention while training attended to it
+        raise ValueError(
+            f"--vg-mode {args.vg_mode}: no training images for class(es) {', '.join(empty)}, so they have no visual "
+            "token. Add images of them, drop them from the dataset, or pass --vg-mode none."
+        )
     chosen = []
     for label, cls in enumerate(index.classes):
         rows = sorted((r for r, s in enumerate(index.samples) if s.label == label), key=index.image_id)
@@ -334,8 +342,8 @@ def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, d
     flat = [r for rows in chosen for r in rows]
     embeds = clip_embeddings(args.vg_encoder, [index.abspath(r) for r in flat], device, is_main)
     means, start = [], 0
-    for rows in chosen:  # a class without training images (a small subset) gets a zero token
-        means.append(embeds[start : start + len(rows)].mean(0) if rows else torch.zeros(embeds.shape[-1]))
+    for rows in chosen:
+        means.append(embeds[start : start + len(rows)].mean(0))
         start += len(rows)
     info["sampled_paths"] = [[index.samples[r].path for r in rows] for rows in chosen]
     return torch.stack(means), info
@@ -569,6 +577,12 @@ def run_config(args, world_size: int) -> dict:
     return config
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the metrics rows written after the checkpoint a run resumes from: a re-run rewrites them."""
+    if path.is_file():
+        common.write_jsonl(path, [row for row in common.read_jsonl(path) if row["step"] <= step])
+
+
 def train(accelerator, args, index, prompts, models, embeds, cache, params, optimizer, step, total, out_dir) -> dict:
     """Optimizer steps `step`..`total`, each of --gradient-accumulation-steps micro-batches; a checkpoint every
     --checkpointing-steps and one metrics.jsonl row per epoch. Returns what the final metrics need."""
@@ -579,6 +593,8 @@ def train(accelerator, args, index, prompts, models, embeds, cache, params, opti
     trained = [m for m in (unet, projection) if m is not None]
     bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
     t0, seen, history, micro = time.time(), 0, [], step * accum
+    if accelerator.is_main_process:
+        trim_metrics(out_dir / "metrics.jsonl", step)
     while step < total:
         epoch, skip = divmod(micro, micro_per_epoch)
         batches = epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, epoch)[skip:]
@@ -612,8 +628,10 @@ def train(accelerator, args, index, prompts, models, embeds, cache, params, opti
             if step % args.checkpointing_steps == 0 or step == total:
                 common.save_checkpoint(accelerator, out_dir / "checkpoints", step, args.checkpoints_total_limit)
         if accelerator.is_main_process:
-            recent = history[-micro_per_epoch:] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
+            recent = history[-len(batches) :] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
             row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
+            # After a resume mid-epoch the row averages only the micro-batches this process ran: said, not hidden.
+            row["micro_batches"] = len(recent)
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
     bar.close()

@@ -348,7 +348,10 @@ def load_pipeline(args, device, dtype, fuse: bool = True):
     )
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)  # release: UniPC with defaults
     if args.lora_dir:
-        pipe.load_lora_weights(args.lora_dir, weight_name="pytorch_lora_weights.safetensors")
+        # Into the UNet only: finetune.py trains no text-encoder LoRA, and load_lora_weights warns on every run
+        # that it found none.
+        state_dict, alphas = pipe.lora_state_dict(args.lora_dir, weight_name="pytorch_lora_weights.safetensors")
+        pipe.load_lora_into_unet(state_dict, alphas, unet=pipe.unet, adapter_name="realfake", _pipeline=pipe)
         if fuse:
             fuse_lora(pipe, args.lora_scale)
     pipe.set_progress_bar_config(disable=True)
@@ -597,7 +600,7 @@ def finalize(plan: Plan, out_dir: Path, run: RunDir, args, lora_hash) -> dict | 
     """Write manifest.jsonl + manifest.json once every image of every shard is on disk (or a counted bad source)."""
     present = existing_files(out_dir, plan.index.classes)
     bad = {}
-    for part in sorted((out_dir / "bad_sources").glob("*.json")):
+    for part in sorted(out_dir.glob("bad_sources.*.json")):
         bad.update({b["source"]: b["error"] for b in read_json(part)})
     missing = [
         j
@@ -641,8 +644,8 @@ def lora_fingerprint(lora_dir) -> str | None:
 
 def prepare(args):
     """Dataset, captions, tokens and plan, shared by the run and the benchmark."""
-    if not args.scale > 0:
-        raise ValueError(f"--scale must be > 0 (outputs per real image), got {args.scale}")
+    if not (args.scale > 0 and math.isfinite(args.scale)):
+        raise ValueError(f"--scale must be a finite number > 0 (outputs per real image), got {args.scale}")
     index = load_dataset(args.dataset, args.data_root, args.split)
     if args.subset_mask:
         index = index.subset(np.load(args.subset_mask).astype(bool).tolist())
@@ -695,7 +698,8 @@ def main(argv=None) -> dict:
         maybe_compile(pipe, args)
         stats = run_loop(pipe, plan, todo, out_dir, args, placement, device, state.is_main_process)
     tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
-    write_json(out_dir / "bad_sources" / f"{tag}.json", stats["bad_sources"])
+    # A file, not a folder: beside the class folders a folder would read as one more class.
+    write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])
     state.wait_for_everyone()
     metrics = finalize(plan, out_dir, run, args, lora_hash) if state.is_main_process else None
     log.info(

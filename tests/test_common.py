@@ -531,3 +531,14 @@ def test_help_shows_defaults_and_keeps_written_line_breaks(monkeypatch):
         "  one GPU:     python synthesize.py --config configs/in10.yaml --lora-dir runs/in10/finetune --scale 1"
         in lines
     )
+
+
+def test_check_pretrained_names_a_missing_local_directory(tmp_path, monkeypatch):
+    """A relative path that does not exist from here says so; the hub client would call it a malformed repo id."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"'runs/demo/generator/sd' does not exist .*{tmp_path}"):
+        common.check_pretrained(lambda *a, **k: None, "runs/demo/generator/sd", what="the generator")
+    assert common.looks_like_local_path("./sd") and common.looks_like_local_path("/abs/sd")
+    assert not common.looks_like_local_path("runwayml/stable-diffusion-v1-5")
+    (tmp_path / "runs/demo/generator/sd").mkdir(parents=True)
+    common.check_pretrained(lambda *a, **k: None, "runs/demo/generator/sd")  # exists: the library's reader decides

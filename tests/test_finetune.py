@@ -119,6 +119,9 @@ def test_resume_matches_uninterrupted_run_and_rerun_is_noop(tiny_dataset, tiny_s
     tol = {"rtol": 0, "atol": 0} if not torch.cuda.is_available() else {"rtol": 1e-3, "atol": 1e-5}
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], **tol)
+    # the resumed run rewrote the metrics rows after its checkpoint instead of appending a second copy
+    epochs = [row["epoch"] for row in common.read_jsonl(out / "metrics.jsonl")]
+    assert epochs and epochs == sorted(set(epochs))
     # and it did change from the start: 2 steps alone give other weights
     two = load_file(out / "checkpoints" / "checkpoint-2" / "lora_peft.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in two.items())
@@ -231,6 +234,18 @@ def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_pat
         finetune.main(
             base_args(
                 tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "b", "--subset-mask", str(tmp_path / "mask.npy")
+            )
+        )
+    np.save(tmp_path / "no_class0.npy", np.array([s.label != 0 for s in index.samples]))
+    with pytest.raises(ValueError, match=f"no training images for class\\(es\\) {index.classes[0]}"):
+        finetune.main(
+            base_args(
+                tiny_dataset,
+                tiny_sd,
+                tiny_clip_vision,
+                tmp_path / "e",
+                "--subset-mask",
+                str(tmp_path / "no_class0.npy"),
             )
         )
     with pytest.raises(ValueError, match="--mmd-batch global is for the paper form"):

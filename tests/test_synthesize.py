@@ -199,15 +199,21 @@ def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
         "green_square/green_square_001.png"
         in json.loads((tmp_path / "b" / "manifest.json").read_text())["inputs"]["bad_sources"]
     )
+    # Read back as an ImageFolder split, the output has the dataset's classes and nothing more.
+    folders = {p.name for p in (tmp_path / "b").iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert folders <= set(json.loads((tmp_path / "b" / "classes.json").read_text())["classes"])
     m = synthesize.main(args_for(tiny_sd, root, tmp_path / "c", "--strength", "1.0"))
     assert m["images"] == 12
     captions = tmp_path / "captions.jsonl"
     captions.write_text(json.dumps({"path": "red_circle/red_circle_000.png", "caption": "a red disk"}) + "\n")
     with pytest.raises(KeyError, match="caption"):
         synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "d", "--captions", captions))
-    with pytest.raises(OSError, match="cannot load a Stable Diffusion pipeline .* from '.*nope'"):
+    with pytest.raises(OSError, match="cannot load a Stable Diffusion pipeline .*'.*nope' does not exist"):
         synthesize.main(args_for(tmp_path / "nope", tiny_dataset, tmp_path / "d", "--captions", captions))
     assert not (tmp_path / "d").exists()  # inputs are checked before the run dir: the corrected command starts clean
+    for scale in ("inf", "nan", "0"):
+        with pytest.raises(ValueError, match="--scale must be a finite number > 0"):
+            synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "d", "--scale", scale))
     synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "d", "--captions", captions, "--allow-missing-captions"))
     prompts = {r["source"]: r["prompt"] for r in read_jsonl(tmp_path / "d" / "manifest.jsonl")}
     assert prompts["red_circle/red_circle_000.png"] == "photo of red circle, a red disk"
