@@ -541,6 +541,66 @@ class DatasetIndex:
         return dataclasses.replace(self, samples=kept)
 
 
+def split_fingerprint(index: DatasetIndex) -> str:
+    """A short hash of a split's files (relative path, size, mtime): cheap (stat only), and it changes when a file is
+    added, removed, replaced or edited, so it can be part of a run's identity."""
+    digest = hashlib.sha256()
+    for sample in sorted(index.samples, key=lambda s: s.path):
+        stat = (index.root / sample.path).stat()
+        digest.update(f"{sample.path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# Splits up to this many images are fully decoded by check_images (seconds); larger ones get a header check.
+FULL_DECODE_LIMIT = 20_000
+
+
+def _image_problem(path: Path, full_decode: bool) -> str | None:
+    try:
+        with Image.open(path) as img:
+            img.load() if full_decode else img.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | os.PathLike | None = None, log=None):
+    """Check every image of a split before a stage's work starts, and return (the index without bad files, the bad
+    files as {relative path: problem}). A bad file is an error naming every one of them unless `skip_bad`.
+
+    Splits of up to FULL_DECODE_LIMIT images are decoded fully (a truncated JPEG opens fine and fails only when its
+    pixels are read); larger ones get PIL's header check. The result is cached per split fingerprint in `cache_dir`
+    (default $REALFAKE_CACHE or ~/.cache/realfake), so a re-run or the next stage on the same split checks nothing
+    again."""
+    fp = split_fingerprint(index)
+    cache_dir = (
+        Path(cache_dir or os.environ.get("REALFAKE_CACHE", Path.home() / ".cache" / "realfake")) / "image_checks"
+    )
+    cache = cache_dir / f"{index.name}-{index.split}-{fp}.json"
+    if cache.is_file():
+        bad = read_json(cache)
+    else:
+        full = len(index) <= FULL_DECODE_LIMIT
+        desc = f"checking {index.split} images" + ("" if full else " (headers)")
+        bad = {}
+        for sample in progress(index.samples, desc=desc, leave=False):
+            problem = _image_problem(index.root / sample.path, full)
+            if problem:
+                bad[sample.path] = problem
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cache, bad)
+    if bad and not skip_bad:
+        listed = "\n".join(f"  {index.root / path}: {problem}" for path, problem in sorted(bad.items()))
+        raise ImageReadError(
+            f"{len(bad)} unreadable image(s) in {index.name} {index.split}:\n{listed}\n"
+            "Fix or remove them, or pass --skip-bad to leave them out (they are listed in the manifest)."
+        )
+    if bad and log:
+        log.warning(f"--skip-bad: leaving out {len(bad)} unreadable {index.split} image(s): {sorted(bad)[:5]} ...")
+    kept = dataclasses.replace(index, samples=[s for s in index.samples if s.path not in bad]) if bad else index
+    return kept, bad
+
+
 def read_lines(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 

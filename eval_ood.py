@@ -21,7 +21,7 @@ Outputs: <output-dir>/ (default runs/<dataset>/ood_<classifier dir name>)
                                       also with more sets, computes only what is missing
            manifest.json              written last
 Commands:
-  one GPU : python eval_ood.py --config configs/in1k.yaml --classifier runs/in1k/cls_real+synth_x1 --sets val \\
+  one GPU : python eval_ood.py --config configs/in1k.yaml --classifier runs/in1k/cls_mix_x1 --sets val \\
               imagenet-v2=/data/imagenetv2-matched-frequency-format-val imagenet-sketch=/data/sketch \\
               imagenet-r=/data/imagenet-r imagenet-a=/data/imagenet-a
   8 GPUs  : accelerate launch --num_processes 8 eval_ood.py ...   (images split over processes, logits merged)

@@ -85,6 +85,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--captions", default=None, help="captions.jsonl from caption.py; without it prompts are 'photo of {class}'")
     a("--allow-missing-captions", action="store_true", help="prompt images without a caption by class name only")
     a("--subset-mask", default=None, help=".npy bool array, one entry per training image: train on that part only")
+    a("--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)")
     a("--resolution", type=int, default=512, help="release: Resize(512) + RandomCrop(512)")
     a("--random-flip", action=argparse.BooleanOptionalAction, default=True, help="release: random horizontal flip")
     a("--num-workers", type=int, default=4, help="image-decoding workers per process")
@@ -536,8 +537,10 @@ def load_training_set(args):
         if mask.dtype != bool or mask.ndim != 1:
             raise ValueError(f"--subset-mask {args.subset_mask}: need a 1-D bool array, got {mask.dtype} {mask.shape}")
         index = index.subset(mask.tolist())
+    index, bad = common.check_images(index, args.skip_bad)
     if not len(index):
         raise ValueError(f"no training images in {args.dataset} at {args.data_root} (after --subset-mask)")
+    args.skipped_bad = bad
     captions = common.captions_for(index, common.load_captions(args.captions), args.allow_missing_captions)
     prompts = [common.build_prompt(index.class_names[s.label], c) for s, c in zip(index.samples, captions)]
     return index, prompts
@@ -567,7 +570,15 @@ def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet_width:
 def run_config(args, world_size: int) -> dict:
     """The config that identifies the run (bookkeeping flags left out)."""
     config = common.config_dict(
-        args, exclude=("output_dir", "runs_dir", "num_workers", "checkpointing_steps", "checkpoints_total_limit")
+        args,
+        exclude=(
+            "output_dir",
+            "runs_dir",
+            "num_workers",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "skipped_bad",
+        ),
     )
     config["world_size"] = world_size  # the per-process batch defines the MMD batch
     # Options added later are left out at their defaults, so runs made before them keep their config.
@@ -661,6 +672,8 @@ def main(argv=None) -> dict:
     index, prompts = load_training_set(args)  # bad inputs fail here, before the run directory is touched
     check_inputs(args)
     config = run_config(args, accelerator.num_processes)
+    # The training images are part of the run's identity: a changed split is a config mismatch, not a resume.
+    config["train_fingerprint"] = common.split_fingerprint(index)
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=accelerator.is_main_process)
     if run.start() == "done":
         return run.manifest()["metrics"]
@@ -723,6 +736,7 @@ def main(argv=None) -> dict:
             "pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
             "captions": common.fingerprint(args.captions),
             "subset_mask": common.fingerprint(args.subset_mask),
+            "skipped_bad": args.skipped_bad,
             "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
             "lora": common.hash_file(out_dir / "pytorch_lora_weights.safetensors"),
         }

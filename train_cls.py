@@ -52,8 +52,8 @@ import torch
 from common import (
     HelpFormatter,
     RunDir,
+    check_images,
     config_dict,
-    fingerprint,
     get_logger,
     item_seed,
     latest_checkpoint,
@@ -65,6 +65,7 @@ from common import (
     read_jsonl,
     save_checkpoint,
     seed_everything,
+    split_fingerprint,
     write_json,
     write_jsonl,
 )
@@ -87,6 +88,9 @@ def get_parser() -> argparse.ArgumentParser:
         help="training sources: 'real' (the dataset's train split) and/or synthesize.py output dirs",
     )
     data.add_argument("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
+    data.add_argument(
+        "--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)"
+    )
     data.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
     data.add_argument("--runs-dir", default="runs")
     data.add_argument("--output-dir", default=None, help="default: <runs-dir>/<dataset>/cls_<name>")
@@ -231,6 +235,7 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
                 index = index.subset(load_mask(args.subset_mask, len(index)))
         else:
             index = load_synthetic(source)
+        index, bad = check_images(index, args.skip_bad)
         if sorted(index.classes) != sorted(test_classes):
             extra = sorted(set(index.classes) - set(test_classes))
             missing = sorted(set(test_classes) - set(index.classes))
@@ -243,10 +248,7 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
         remap = [test_classes.index(c) for c in index.classes]
         paths += [str(index.abspath(i)) for i in range(len(index))]
         labels += [remap[s.label] for s in index.samples]
-        inputs[source] = {
-            "images": len(index),
-            "fingerprint": None if is_real else fingerprint(Path(source) / "manifest.jsonl"),
-        }
+        inputs[source] = {"images": len(index), "fingerprint": split_fingerprint(index), "skipped_bad": bad}
     if args.subset_mask and not any(is_real_source(s, args.data_root) for s in args.train_dirs):
         raise ValueError("--subset-mask selects images of the real train split, but --train-dirs has no 'real'")
     return paths, labels, inputs
@@ -485,7 +487,12 @@ def evaluate(model, index, transform, accelerator, args) -> dict:
 
 
 def default_name(train_dirs: list[str]) -> str:
-    return "+".join("real" if d == "real" else Path(d).name for d in train_dirs)
+    """The run name the Makefile and README use: real, synth_x<N>, mix_x<N> (real + synth_x<N>), else the folders'
+    names joined by '+'."""
+    names = ["real" if d == "real" else Path(d).name for d in train_dirs]
+    if len(names) == 2 and names[0] == "real" and names[1].startswith("synth_"):
+        return "mix_" + names[1].removeprefix("synth_")
+    return "+".join(names)
 
 
 def epoch_loader(train_set, args, rank: int, world: int, accum: int, start: int, end: int, max_steps=None):
@@ -574,6 +581,8 @@ def main(argv=None) -> dict:
 
     args.num_classes = len(classes)
     config = config_dict(args, exclude=NOT_IN_CONFIG + ("output_dir",))
+    # The training sets' files are part of the run's identity: a changed split is a config mismatch, not a resume.
+    config["train_fingerprints"] = {source: info["fingerprint"] for source, info in inputs.items()}
     run = RunDir(out, config, overwrite=args.overwrite, is_main=is_main)
     if not args.benchmark:
         state = run.start()

@@ -5,11 +5,13 @@ The suite never touches the network: HF_HUB_OFFLINE is set before any Hugging Fa
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("REALFAKE_CACHE", tempfile.mkdtemp(prefix="realfake-cache-"))  # image checks: not in ~/.cache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import json  # noqa: E402

@@ -246,3 +246,46 @@ def test_benchmark_reports_speed_on_fake_data(tmp_path):
     )
     assert result["img_per_s"] > 0 and 0 < result["data_wait_frac"] < 1
     assert json.loads((tmp_path / "benchmark.json").read_text())["img_per_s"] == result["img_per_s"]
+
+
+def test_default_run_names_are_the_makefile_names():
+    assert train_cls.default_name(["real"]) == "real"
+    assert train_cls.default_name(["runs/in10/synth_x2"]) == "synth_x2"
+    assert train_cls.default_name(["real", "runs/in10/synth_x1"]) == "mix_x1"  # README / Makefile: cls_mix_x<N>
+    assert train_cls.default_name(["real", "a", "b"]) == "real+a+b"
+
+
+def test_bad_training_images_stop_the_run_before_it_starts_or_are_skipped(tmp_path):
+    """A truncated and an empty image in train/: an error naming both before any output is written (a run that
+    decodes lazily finished 1 epoch and failed in epoch 2); with --skip-bad they are left out and listed."""
+    from common import ImageReadError
+
+    root = tmp_path / "data"
+    make_imagefolder(root / "train", TINY_CLASSES, 4, seed=0)
+    make_imagefolder(root / "test", TINY_CLASSES, 2, seed=1)
+    good = root / "train" / "red_circle" / "red_circle_000.png"
+    truncated = root / "train" / "red_circle" / "red_circle_001.png"
+    truncated.write_bytes(good.read_bytes()[:200])
+    empty = root / "train" / "green_square" / "green_square_002.png"
+    empty.write_bytes(b"")
+    args = TINY + ["--data-root", str(root), "--epochs", "1"]
+    with pytest.raises(ImageReadError, match="2 unreadable") as err:
+        train_cls.main(args + ["--output-dir", str(tmp_path / "a")])
+    assert "red_circle_001.png" in str(err.value) and "green_square_002.png" in str(err.value)
+    assert not (tmp_path / "a").exists()
+    train_cls.main(args + ["--output-dir", str(tmp_path / "b"), "--skip-bad"])
+    real = json.loads((tmp_path / "b" / "manifest.json").read_text())["inputs"]["real"]
+    assert sorted(real["skipped_bad"]) == ["green_square/green_square_002.png", "red_circle/red_circle_001.png"]
+    assert real["images"] == 10
+
+
+def test_a_changed_training_split_is_a_config_mismatch_not_a_resume(tmp_path):
+    root = tmp_path / "data"
+    make_imagefolder(root / "train", TINY_CLASSES, 4, seed=0)
+    make_imagefolder(root / "test", TINY_CLASSES, 2, seed=1)
+    args = TINY + ["--data-root", str(root), "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    train_cls.main(args)
+    train_cls.main(args)  # unchanged: a no-op
+    make_imagefolder(root / "train", TINY_CLASSES, 5, seed=2)  # one more image per class, the others rewritten
+    with pytest.raises(ConfigMismatchError, match="train_fingerprints"):
+        train_cls.main(args)
