@@ -631,8 +631,7 @@ def read_imagefolder(
     folders."""
     root = _require_dir(Path(root), f"{name} {split}".strip())
     if classes is None:
-        listed = root / "classes.txt"
-        classes = read_lines(listed) if listed.is_file() else sorted(p.name for p in root.iterdir() if p.is_dir())
+        classes = _class_file(root, "classes.txt") or sorted(p.name for p in root.iterdir() if p.is_dir())
     missing = [c for c in classes if not (root / c).is_dir()]
     if missing:
         raise FileNotFoundError(
@@ -642,9 +641,42 @@ def read_imagefolder(
         Sample(str(p.relative_to(root)), label) for label, c in enumerate(classes) for p in _list_images(root / c)
     ]
     if class_names is None:
-        names_file = root / "class_names.txt"
-        class_names = read_lines(names_file) if names_file.is_file() else [c.replace("_", " ") for c in classes]
+        class_names = _class_file(root, "class_names.txt") or [c.replace("_", " ") for c in classes]
     return DatasetIndex(name, root, split, samples, list(classes), list(class_names))
+
+
+def _class_file(split_dir: Path, filename: str) -> list[str] | None:
+    """The lines of `filename` in the split folder or the dataset folder above it (an error if both exist and
+    disagree), or None if neither has it."""
+    found = {p: read_lines(p) for p in (split_dir / filename, split_dir.parent / filename) if p.is_file()}
+    if len({tuple(lines) for lines in found.values()}) > 1:
+        raise ValueError(f"{' and '.join(map(str, found))} disagree: keep one, or make them the same")
+    return next(iter(found.values()), None)
+
+
+HELD_OUT = "held-out"  # the split name that stands for a dataset's held-out split (see held_out_split)
+
+
+def held_out_split(name: str, root: str | os.PathLike | None) -> str:
+    """The held-out split of a dataset: 'val' for the ImageNet sets, 'test' for cub / cars / pets / eurosat, and for an
+    ImageFolder (imagefolder, demo) whichever of val/ and test/ exists, an error if both or neither do."""
+    if name in WNID_LISTS:
+        return "val"
+    if name not in ("imagefolder", "demo"):
+        return "test"
+    root = _require_dir(Path(root if root is not None else dataset_root(name)), name)
+    found = [split for split in ("val", "test") if (root / split).is_dir()]
+    if len(found) != 1:
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise FileNotFoundError(
+            f"{name} at {root}: the held-out split is val/ or test/, and {'both' if found else 'neither'} exist "
+            f"(folders there: {folders}). Keep one, or name the split to use (--test-split / --sets)."
+        )
+    return found[0]
+
+
+def resolve_split(name: str, root, split: str) -> str:
+    return held_out_split(name, root) if split == HELD_OUT else split
 
 
 def read_imagenet_subset(root, split: str, wnids_file: str | os.PathLike, name: str) -> DatasetIndex:

@@ -40,6 +40,7 @@ import torch
 
 from common import (
     DATA_DIR,
+    HELD_OUT,
     IMAGE_EXTENSIONS,
     HelpFormatter,
     ImageFiles,
@@ -51,6 +52,7 @@ from common import (
     fingerprint,
     get_logger,
     load_classifier,
+    resolve_split,
     load_dataset,
     parse_args,
     progress,
@@ -75,8 +77,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sets",
         nargs="+",
-        default=["test"],
-        help="dataset split names, and/or ImageNet OOD sets as KIND=PATH or a bare KIND whose path is "
+        default=[HELD_OUT],
+        help="dataset split names (held-out: val/ or test/, whichever exists), and/or ImageNet OOD sets as "
+        "KIND=PATH or a bare KIND whose path is "
         "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS),
     )
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
@@ -320,6 +323,8 @@ def main(argv=None) -> dict:
     if args.classifier is None:
         parser.error("--classifier DIR (a train_cls.py output) is required")
     classifier = Path(args.classifier)
+    if args.dataset is not None and args.data_root is not None:
+        args.sets = [resolve_split(args.dataset, args.data_root, spec) for spec in args.sets]
     state = PartialState()
     out = Path(args.output_dir or Path(args.runs_dir) / (args.dataset or "ood") / f"ood_{classifier.name}")
     model, transform, info = load_classifier(classifier, state.device)

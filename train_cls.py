@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from common import (
+    HELD_OUT,
     HelpFormatter,
     RunDir,
     check_images,
@@ -63,6 +64,7 @@ from common import (
     positive_int,
     progress,
     read_jsonl,
+    resolve_split,
     save_checkpoint,
     seed_everything,
     split_fingerprint,
@@ -80,7 +82,9 @@ def get_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default=None, help="dataset name for common.load_dataset (in10, cub, demo, ...)")
     data.add_argument("--data-root", default=None, help="root of the real dataset")
-    data.add_argument("--test-split", default="test", help="real test split (ImageNet sets read 'val' for any test)")
+    data.add_argument(
+        "--test-split", default=HELD_OUT, help="real test split; held-out: val/ or test/, whichever exists (README)"
+    )
     data.add_argument(
         "--train-dirs",
         nargs="+",
@@ -515,6 +519,7 @@ def load_data(args):
     if args.fake_data:
         names = [str(c) for c in range(10)]
         return None, names, names, [None] * args.fake_data, [i % 10 for i in range(args.fake_data)], {}
+    args.test_split = resolve_split(args.dataset, args.data_root, args.test_split)
     test_index = load_dataset(args.dataset, args.data_root, args.test_split)
     paths, labels, inputs = load_train_sources(args, test_index.classes)
     return test_index, test_index.classes, test_index.class_names, paths, labels, inputs

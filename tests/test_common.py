@@ -542,3 +542,36 @@ def test_check_pretrained_names_a_missing_local_directory(tmp_path, monkeypatch)
     assert not common.looks_like_local_path("runwayml/stable-diffusion-v1-5")
     (tmp_path / "runs/demo/generator/sd").mkdir(parents=True)
     common.check_pretrained(lambda *a, **k: None, "runs/demo/generator/sd")  # exists: the library's reader decides
+
+
+def test_held_out_split_is_val_or_test_whichever_exists(tmp_path):
+    from conftest import make_imagefolder
+
+    root = tmp_path / "ds"
+    make_imagefolder(root / "train", ["a", "b"], 1)
+    with pytest.raises(FileNotFoundError, match="neither exist .*'train'"):
+        common.held_out_split("imagefolder", root)
+    make_imagefolder(root / "val", ["a", "b"], 1)
+    assert common.resolve_split("imagefolder", root, common.HELD_OUT) == "val"
+    assert common.resolve_split("imagefolder", root, "train") == "train"
+    make_imagefolder(root / "test", ["a", "b"], 1)
+    with pytest.raises(FileNotFoundError, match="both exist"):
+        common.held_out_split("imagefolder", root)
+    assert common.held_out_split("in10", None) == "val" and common.held_out_split("cub", None) == "test"
+
+
+def test_class_files_at_the_dataset_root_or_in_the_split(tmp_path):
+    from conftest import make_imagefolder
+
+    root = tmp_path / "ds"
+    make_imagefolder(root / "train", ["b_cls", "a_cls"], 1)
+    for name in ("classes.txt", "class_names.txt"):
+        (root / "train" / name).replace(root / name)  # only at the root now
+    (root / "class_names.txt").write_text("bee\nant\n")
+    index = common.load_dataset("imagefolder", root, "train")
+    assert index.classes == ["b_cls", "a_cls"] and index.class_names == ["bee", "ant"]  # the file's order, not sorted
+    (root / "train" / "class_names.txt").write_text("bee\nant\n")  # the same in both: fine
+    assert common.load_dataset("imagefolder", root, "train").class_names == ["bee", "ant"]
+    (root / "train" / "class_names.txt").write_text("wasp\nant\n")
+    with pytest.raises(ValueError, match="disagree"):
+        common.load_dataset("imagefolder", root, "train")

@@ -289,3 +289,14 @@ def test_a_changed_training_split_is_a_config_mismatch_not_a_resume(tmp_path):
     make_imagefolder(root / "train", TINY_CLASSES, 5, seed=2)  # one more image per class, the others rewritten
     with pytest.raises(ConfigMismatchError, match="train_fingerprints"):
         train_cls.main(args)
+
+
+def test_an_imagefolder_with_a_val_split_needs_no_split_flags(tmp_path):
+    """The README layout DIR/train + DIR/val: train_cls finds val/ itself (it looked for test/ and failed)."""
+    root = tmp_path / "data"
+    make_imagefolder(root / "train", TINY_CLASSES, 4, seed=0)
+    make_imagefolder(root / "val", TINY_CLASSES, 2, seed=1)
+    args = TINY + ["--dataset", "imagefolder", "--data-root", str(root), "--epochs", "1"]
+    train_cls.main(args + ["--output-dir", str(tmp_path / "run")])
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["inputs"]["test_split"] == {"split": "val", "images": 6}
