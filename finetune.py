@@ -685,6 +685,10 @@ def main(argv=None) -> dict:
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     tokenizer, text_encoder, vae, scheduler, unet = load_components(args, accelerator.device, weight_dtype)
+    source_images = common.describe_images(index, args.resolution)
+    common.note_unusual_images(source_images, args.resolution, log)
+    if fragmented := common.fragmented_class_names(tokenizer, index.class_names):
+        log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
     embeds, projection, vg_info = prepare_visual_guidance(
         index, args, accelerator, out_dir, unet.config.cross_attention_dim
     )
@@ -737,6 +741,7 @@ def main(argv=None) -> dict:
             "captions": common.fingerprint(args.captions),
             "subset_mask": common.fingerprint(args.subset_mask),
             "skipped_bad": args.skipped_bad,
+            "source_images": source_images,
             "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
             "lora": common.hash_file(out_dir / "pytorch_lora_weights.safetensors"),
         }

@@ -67,6 +67,9 @@ from common import (
     positive_int,
     progress,
     read_json,
+    describe_images,
+    fragmented_class_names,
+    note_unusual_images,
     save_image,
     write_json,
     write_jsonl,
@@ -158,6 +161,12 @@ def get_parser() -> argparse.ArgumentParser:
         help="outputs per real image; fractional: a seeded subset gets one more (e.g. 2.5)",
     )
     p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
+    p.add_argument(
+        "--output-mode",
+        choices=("source", "RGB"),
+        default="source",
+        help="source: grayscale datasets get grayscale images (the generator draws RGB), else RGB; RGB: always",
+    )
     p.add_argument("--jpeg-quality", type=int, default=95, help="release: PIL default 75")
     p.add_argument(
         "--skip-bad",
@@ -439,10 +448,10 @@ def to_host(images: torch.Tensor):
     return host, ready
 
 
-def save_when_ready(ready, image: torch.Tensor, path: Path, **save_kwargs) -> None:
+def save_when_ready(ready, image: torch.Tensor, path: Path, mode: str = "RGB", **save_kwargs) -> None:
     if ready is not None:
         ready.synchronize()
-    save_image(Image.fromarray(image.numpy()), path, **save_kwargs)
+    save_image(Image.fromarray(image.numpy()).convert(mode), path, **save_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -555,6 +564,7 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
         pin_memory=device.type == "cuda",
     )
     save_kwargs = {"quality": args.jpeg_quality} if args.image_format == "jpg" else {}
+    save_kwargs["mode"] = args.resolved_output_mode
     bad, pending, done, start = [], [], 0, time.perf_counter()
     bar = progress(total=len(jobs), is_main=is_main, unit="img", desc="synthesize")
     with ThreadPoolExecutor(max(1, args.write_workers)) as writer:
@@ -621,6 +631,8 @@ def finalize(plan: Plan, out_dir: Path, run: RunDir, args, lora_hash) -> dict | 
         "scale": args.scale,
         "bad_sources": len(bad),
         "bad_images": bad_images,
+        "source_images": args.source_images,
+        "output_mode": args.resolved_output_mode,
     }
     run.finish(
         metrics,
@@ -653,6 +665,9 @@ def prepare(args):
         raise ValueError(f"no images in {args.dataset} {args.split} under {args.data_root}")
     captions = captions_for(index, load_captions(args.captions), args.allow_missing_captions)
     tokens, placement = load_visual_tokens(args.lora_dir, index, args.vg_mode)
+    args.source_images = describe_images(index, args.resolution)
+    grayscale = args.output_mode == "source" and args.source_images["grayscale"]
+    args.resolved_output_mode = "L" if grayscale else "RGB"
     return Plan(args, index, captions, tokens), placement
 
 
@@ -668,7 +683,10 @@ def main(argv=None) -> dict:
     check_pretrained(StableDiffusionImg2ImgPipeline.load_config, args.pretrained_model, args.revision, SD_LAYOUT)
     lora_hash = lora_fingerprint(args.lora_dir)
     plan, placement = prepare(args)
-    config = {**config_dict(args, exclude=SPEED_ONLY), "lora_hash": lora_hash}
+    derived = ("output_mode", "source_images", "resolved_output_mode")
+    config = {**config_dict(args, exclude=SPEED_ONLY + derived), "lora_hash": lora_hash}
+    if args.resolved_output_mode != "RGB":  # RGB runs keep the config (and hash) they had before the option
+        config["output_mode"] = args.resolved_output_mode
     run = RunDir(out_dir, config, args.overwrite, state.is_main_process)
     status = run.start() if state.is_main_process else None
     state.wait_for_everyone()
@@ -677,6 +695,9 @@ def main(argv=None) -> dict:
     if status == "done":
         log.info(f"{out_dir} is complete with this config; nothing to do")
         return {**run.manifest()["metrics"], "complete": True, "generated": 0}
+    note_unusual_images(args.source_images, args.resolution, log)
+    if args.resolved_output_mode != "RGB":
+        log.info("grayscale dataset: synthetic images are written in grayscale (--output-mode RGB keeps colour)")
     if state.is_main_process:
         write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
     mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
@@ -694,6 +715,8 @@ def main(argv=None) -> dict:
     stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
     if todo:
         pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
+        if fragmented := fragmented_class_names(pipe.tokenizer, plan.index.class_names):
+            log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
         install_token_mask(pipe, placement, plan.tokens is not None)
         maybe_compile(pipe, args)
         stats = run_loop(pipe, plan, todo, out_dir, args, placement, device, state.is_main_process)

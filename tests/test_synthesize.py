@@ -341,3 +341,25 @@ def test_lora_dir_none_means_the_plain_model():
     assert parser.parse_args(["--lora-dir", "none"]).lora_dir is None
     assert parser.parse_args(["--lora-dir", ""]).lora_dir is None
     assert parser.parse_args(["--lora-dir", "runs/x/finetune"]).lora_dir == "runs/x/finetune"
+
+
+def test_grayscale_small_sources_are_said_and_stay_grayscale(tiny_sd, tmp_path):
+    """28 px grayscale sources: the manifest and the log say their mode and size and the resize, the outputs are
+    grayscale unless --output-mode RGB; a class name the tokenizer splits into letters is named in a warning."""
+    from PIL import Image
+
+    from conftest import make_imagefolder
+
+    root = tmp_path / "gray"
+    make_imagefolder(root / "train", ["red_circle", "green_square"], 2, size=28)
+    for path in (root / "train").rglob("*.png"):
+        Image.open(path).convert("L").save(path)
+    (root / "train" / "class_names.txt").write_text("red circle\ngiraffe\n")
+    m = synthesize.main(args_for(tiny_sd, root, tmp_path / "a"))
+    assert m["output_mode"] == "L" and m["source_images"]["modes"] == {"L": 4}
+    assert m["source_images"]["sizes"] == {"28x28": 4} and m["source_images"]["grayscale"]
+    assert all(Image.open(p).mode == "L" for p in (tmp_path / "a").rglob("*.jpg"))
+    log = (tmp_path / "a" / "log.txt").read_text()
+    assert "sizes {'28x28': 4}" in log and "resized to 32 px" in log and "'giraffe': [" in log
+    m = synthesize.main(args_for(tiny_sd, root, tmp_path / "b", "--output-mode", "RGB"))
+    assert m["output_mode"] == "RGB" and all(Image.open(p).mode == "RGB" for p in (tmp_path / "b").rglob("*.jpg"))
