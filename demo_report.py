@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -79,15 +80,19 @@ def stage_elapsed(folder: Path, manifest: dict) -> float | None:
     return round((folder / "manifest.json").stat().st_mtime - started.stat().st_mtime, 1) if started.is_file() else None
 
 
-def collect_runs(runs: Path) -> tuple[dict, list[str]]:
+def collect_runs(runs: Path, generator_dir: Path | None = None) -> tuple[dict, list[str]]:
+    """Every stage's manifest metrics under `runs`; the generator's from `generator_dir` (the shipped one) when the
+    runs folder has none of its own. Keyed by folder name, the generator always as "generator"."""
     found, missing = {}, []
     for stage, pattern in REPORT_STAGES:
         folders = sorted(p for p in runs.glob(pattern) if (p / "manifest.json").is_file() and ".old-" not in p.name)
+        if stage == "generator" and not folders and generator_dir and (generator_dir / "manifest.json").is_file():
+            folders = [generator_dir]
         if not folders:
             missing.append(stage)
         for folder in folders:
             manifest = read_json(folder / "manifest.json")
-            found[folder.name] = {
+            found["generator" if stage == "generator" else folder.name] = {
                 "stage": stage,
                 "metrics": flatten(manifest.get("metrics", {})),
                 "elapsed_s": stage_elapsed(folder, manifest),
@@ -119,7 +124,17 @@ def headline(stages: dict) -> dict:
                 isinstance(value, (int, float))
                 and not isinstance(value, bool)
                 and (
-                    last in ("top1", "auc", "vae_psnr_db", "denoise_class_acc", "synth_over_real", "replication_rate")
+                    last
+                    in (
+                        "top1",
+                        "auc",
+                        "vae_psnr_db",
+                        "denoise_class_acc",
+                        "t2i_class_acc",
+                        "img2img_class_acc",
+                        "synth_over_real",
+                        "replication_rate",
+                    )
                     or last.endswith("_top1")
                     or last.endswith("_auc")
                 )
@@ -198,7 +213,8 @@ def run_report(args) -> dict:
     runs = Path(args.out or args.runs_dir)
     if not runs.is_dir():
         raise FileNotFoundError(f"no runs folder {runs}: run the demo stages first (make demo)")
-    stages, missing = collect_runs(runs)
+    generator_dir = Path(args.pretrained_model).parent if args.pretrained_model else None
+    stages, missing = collect_runs(runs, generator_dir)
     summary = {
         "runs_dir": str(runs),
         "headline": headline(stages),
@@ -243,9 +259,10 @@ def run_report(args) -> dict:
             "",
             "![real vs synthetic](real_vs_synthetic.png)",
         ]
+    shown = runs / "generator" if (runs / "generator" / "manifest.json").is_file() else generator_dir
     for png in ("samples_text2image.png", "samples_img2img.png", "vae_reconstructions.png"):
-        if (runs / "generator" / png).is_file():
-            lines += ["", f"![generator {png}](generator/{png})"]
+        if shown and (shown / png).is_file():
+            lines += ["", f"![generator {png}]({os.path.relpath(shown / png, runs)})"]
     write_json(runs / "summary.json", summary)
     with atomic_write(runs / "report.md") as f:
         f.write("\n".join(lines) + "\n")
@@ -439,6 +456,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
     p.add_argument("--data-root", "--data", dest="data_root", default="runs/demo/data", help="the demo dataset")
     p.add_argument("--runs-dir", "--runs", dest="runs_dir", default="runs/demo", help="the demo's runs folder")
+    p.add_argument(
+        "--pretrained-model",
+        default=None,
+        help="the generator the stages used (a local folder): the manifest.json beside it gives its quality figures",
+    )
     p.add_argument(
         "--output-dir",
         "--out",

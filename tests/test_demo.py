@@ -1,6 +1,8 @@
 """demo.py: deterministic procedural data, the tiny generator's pretraining and round trip, the report."""
 
+import argparse
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -129,24 +131,18 @@ def test_pretraining_reduces_the_losses(tmp_path):
             return demo.diffusion_loss(pipe.unet, scheduler, mean, cond, t, noise, None).mean().item()
 
     before = unet_loss()
-    demo.train_unet(
-        pipe.unet,
-        pipe.text_encoder,
-        scheduler,
-        mean,
-        std,
-        1.0,
-        labels,
-        ids,
-        1,
-        steps=12,
-        batch_size=8,
-        lr=2e-3,
+    hp = argparse.Namespace(
+        unet_steps=12,
+        unet_batch_size=8,
+        unet_lr=2e-3,
         text_lr=1e-3,
         p_uncond=0.1,
+        high_t_fraction=0.5,
         snr_gamma=5.0,
+        ema_decay=0.0,
         seed=0,
     )
+    demo.train_unet(pipe.unet, pipe.text_encoder, scheduler, (mean, std, 1.0), labels, ids, 1, hp)
     assert unet_loss() < 0.9 * before
 
 
@@ -158,7 +154,10 @@ def test_generator_round_trip_and_cache(demo_data, tmp_path):
     metrics = demo.main(["generator", "--data-root", str(demo_data), "--out", str(out), *TINY_GENERATOR])
     for key in ("vae_psnr_db", "cond_uncond_rel_diff", "denoise_class_acc"):
         assert isinstance(metrics[key], float)
-    assert set(metrics["img2img_classifier"]) >= {"real_top1", "synth_top1", "synth_over_real"}
+    assert set(metrics["img2img_classifier"]) >= {"real_top1", "synth_top1", "synth_over_real", "judge_test_top1"}
+    for key in ("t2i_class_acc", "img2img_class_acc", "image_encoder_ncm_acc", "denoise_class_acc_per_t"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["vae_colour_shift"] >= 0 and metrics["quality_images"] == "demo test split"
     weights = list(out.rglob("*.safetensors"))  # written by save_pretrained (safetensors: 0600 unless fixed)
     assert len(weights) >= 4 and all(w.stat().st_mode & 0o777 == common.file_mode() for w in weights)
     for png in ("samples_text2image.png", "samples_img2img.png", "vae_reconstructions.png"):
@@ -276,3 +275,52 @@ def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
     assert "x1 -> x2: +4.0." in report and "| real (the line) | 41.0 ± 1.0 (n=3) |" in report
     assert json.loads((abl / "ablation.json").read_text())["tab2"]["none"]["n"] == 3
     assert common.load_image(abl / "scaling.png").size[0] > 100
+
+
+class _OracleUNet(torch.nn.Module):
+    """Predicts the noise exactly when the prompt names the latent's true class (class c's latent is the constant c),
+    else as if the latent were the named class's: the ideal class-conditional denoiser."""
+
+    def __init__(self, scheduler, ignore_prompt=False):
+        super().__init__()
+        self.alphas, self.ignore = scheduler.alphas_cumprod, ignore_prompt
+
+    def forward(self, noisy, t, cond):
+        c = torch.zeros(len(noisy)) if self.ignore else cond[:, 0, 0]
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        return types.SimpleNamespace(sample=(noisy - a.sqrt() * c.view(-1, 1, 1, 1)) / (1 - a).sqrt())
+
+
+def test_diffusion_classifier_finds_the_class_only_when_the_prompt_is_used():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    k = len(demo.CLASSES)
+    table = torch.arange(k + 1, dtype=torch.float).view(-1, 1, 1).expand(-1, 3, 4)  # row c: the constant c
+    text_encoder = lambda ids: (table,)  # noqa: E731
+    labels = torch.arange(k).repeat(3)
+    latents = labels.float().view(-1, 1, 1, 1).expand(-1, 4, 2, 2).clone()
+    oracle = demo.conditioning_check(_OracleUNet(scheduler), text_encoder, scheduler, latents, labels, None, 0)
+    assert oracle["denoise_class_acc"] == 1.0 and oracle["denoise_class_acc_per_t"] == 1.0
+    blind = demo.conditioning_check(_OracleUNet(scheduler, True), text_encoder, scheduler, latents, labels, None, 0)
+    assert blind["denoise_class_acc"] == pytest.approx(1 / k) and blind["cond_uncond_rel_diff"] == 0.0
+
+
+def test_mean_colour_shift_sees_a_cast_in_one_channel():
+    images = torch.randint(0, 200, (8, 3, 4, 4), dtype=torch.uint8)
+    cast = images.clone()
+    cast[:, 1] += 30
+    assert demo.mean_colour_shift(images, images) == 0.0
+    assert demo.mean_colour_shift(cast, images) == pytest.approx(30.0)
+
+
+def test_pretraining_images_are_not_demo_images():
+    """The generator's "web" images have their own seeds: none equals a demo train or test image."""
+    web = demo.pretraining_images(0, 200)[0]
+    demo_images = {
+        np.asarray(demo.demo_image(0, split, label, i)).tobytes()
+        for split in ("train", "test")
+        for label in range(len(demo.CLASSES))
+        for i in range(20)
+    }
+    assert not any(im.permute(1, 2, 0).numpy().tobytes() in demo_images for im in web)
