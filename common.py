@@ -41,7 +41,7 @@ DATA_DIR = PROJECT_DIR / "data"  # class lists copied from ImageNet (see data/RE
 # Top-level YAML keys that every stage may read. A stage applies those its parser knows and ignores the rest, so one
 # file can drive the whole pipeline; any other top-level key must be a stage section.
 SHARED_KEYS = {"dataset", "data_root", "seed", "captions", "pretrained_model", "revision", "runs_dir", "test_split"}
-STAGES = {"caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim", "demo"}
+STAGES = {"caption", "finetune", "synthesize", "train_cls", "eval_ood", "eval_gap", "mia_lira", "sscd_sim", "demo"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
