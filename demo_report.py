@@ -53,6 +53,7 @@ REPORT_STAGES = (
     ("synthesize", "synth_x*"),
     ("train_cls", "cls_*"),
     ("eval_ood", "ood*"),
+    ("eval_gap", "gap_*"),
     ("mia_lira", "mia*"),
     ("sscd_sim", "sscd*"),
 )
@@ -120,7 +121,9 @@ def headline(stages: dict) -> dict:
     for name, info in stages.items():
         for key, value in info["metrics"].items():
             last = key.split(".")[-1]
-            if (
+            if info["stage"] == "eval_gap" and last in ("fid", "floor_fid", "precision", "recall", "floor_precision"):
+                picks[f"{name}.{key}"] = value
+            elif (
                 isinstance(value, (int, float))
                 and not isinstance(value, bool)
                 and (
@@ -338,18 +341,39 @@ def tab2_lines(abl: Path) -> tuple[list[str], dict]:
         "ran once, so the spread understates the run-to-run variance. A difference is called resolved only when "
         "it exceeds both the larger seed std and twice its standard error.",
         "",
-        "| latent prior | visual guidance | MMD | finetuned | row | test top-1 | per seed | vs all three |",
-        "|---|---|---|---|---|---|---|---|",
+        "| latent prior | visual guidance | MMD | finetuned | row | test top-1 | per seed | vs all three | gap FID |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, lp, vg, mmd, ft, _ in ABLATION_ROWS:
+    for name, lp, vg, mmd, ft, prefix in ABLATION_ROWS:
         if name in stats:
             row = stats[name]
+            row["gap_fid"] = gap_fid(abl, prefix)
             versus = "–" if ref is None or name == "all three" else difference(row, ref)
+            gap = f"{row['gap_fid']:.3g}" if row["gap_fid"] is not None else "–"
             lines.append(
                 f"| {tick[lp]} | {tick[vg]} | {tick[mmd]} | {tick[ft]} | {name} | {figure(row)} | "
-                f"{per_seed(row)} | {versus} |"
+                f"{per_seed(row)} | {versus} | {gap} |"
             )
+    lines += ["", gap_correlation_line(stats)]
     return lines, stats
+
+
+def gap_fid(abl: Path, cls_prefix: str) -> float | None:
+    """The eval_gap FID of the synthetic set a Tab. 2 row's classifiers trained on (ablation/gap_<row>)."""
+    metrics = _manifest_metrics(abl / ("gap_" + cls_prefix.removeprefix("cls_")))
+    return None if metrics is None else float(metrics["fid"])
+
+
+def gap_correlation_line(stats: dict) -> str:
+    """Spearman's rank correlation between a row's gap FID and its mean synthetic-only top-1, over the rows with
+    both (a smaller gap should mean a better classifier: a negative correlation)."""
+    from scipy.stats import spearmanr
+
+    pairs = [(row["gap_fid"], row["mean"]) for row in stats.values() if row.get("gap_fid") is not None]
+    if len(pairs) < 3:
+        return f"Gap vs accuracy: {len(pairs)} rows with a gap figure, too few for a rank correlation."
+    rho, p = spearmanr(*zip(*pairs))
+    return f"Gap FID vs mean top-1 across the rows: Spearman ρ = {rho:.2f} (n = {len(pairs)} rows, p = {p:.2g})."
 
 
 def fig2_lines(abl: Path) -> tuple[list[str], dict]:

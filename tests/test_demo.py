@@ -256,6 +256,9 @@ def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
         classifier("cls_real", seed, top1)
         classifier("cls_x2", seed, top1 - 5)
     (abl / "cls_x4_s0").mkdir(parents=True)  # started, no manifest: not a result yet
+    gaps = {"all": 10.0, "none": 50.0, "no_mmd": 12.0, "no_vg": 11.0}  # eval_gap FIDs of four rows' sets
+    for row, fid in gaps.items():
+        common.write_json(abl / f"gap_{row}" / "manifest.json", {"metrics": {"fid": fid}})
 
     tables = demo_report.main(["ablation-report", "--runs-dir", str(tmp_path)])
     report = (abl / "report.md").read_text()
@@ -270,6 +273,14 @@ def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
         "spread: not resolved) |" in report
     )
     assert "no latent prior" not in report  # rows without any finished classifier are left out
+    assert (
+        "| 10.0, 11.0, 12.0 | -21.0 | 50 |" in report
+        and "| 20.0 | -12.0 (within seed spread: not resolved) | – |" in report
+    )
+    from scipy.stats import spearmanr
+
+    rho = spearmanr([10.0, 50.0, 12.0, 11.0], [32.0, 11.0, 32.0, (29.0 + 29.5 + 30.5) / 3]).statistic
+    assert f"Spearman ρ = {rho:.2f} (n = 4 rows" in report and rho < 0
     assert set(tables["fig2"]["synthetic"]) == {1, 2} and tables["fig2"]["real"]["mean"] == 41.0
     assert "Largest synthetic set (x2) vs real: -5.0." in report  # 36 ± 1 vs 41 ± 1: resolved
     assert "x1 -> x2: +4.0." in report and "| real (the line) | 41.0 ± 1.0 (n=3) |" in report
