@@ -10,7 +10,8 @@ polynomial kernel, mean and std over random subsets), precision / recall (k-NN m
 density / coverage (Naeem et al. 2020), and the paper's own linear-kernel MMD, ‖mean_real − mean_synth‖² / D
 (common.mmd_loss's form, here on image features).
 
-Features (--features): clip (a CLIPVisionModelWithProjection's image embedding: --clip-model, default the encoder
+Features (--features, cached as float32, every figure computed in float64; the k-NN figures on a seeded sample of
+--prdc-images per set): clip (a CLIPVisionModelWithProjection's image embedding: --clip-model, default the encoder
 visual guidance uses), inception (timm's inception_v3.tv_in1k 2048-d pool features, the space FID is defined on),
 timm:<model name> (any timm model's pooled features), classifier:<train_cls.py run> (that classifier's penultimate
 features). Features are cached per image set and feature space under <output-dir>/../gap_features/, keyed by the set's
@@ -127,13 +128,19 @@ def linear_mmd(x: np.ndarray, y: np.ndarray) -> float:
     return float(diff @ diff / x.shape[1])
 
 
+def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most n rows, a seeded choice: the k-NN figures cost O(N²) distances, so they run on a sample."""
+    return x if len(x) <= n else x[np.random.default_rng(seed).choice(len(x), n, replace=False)]
+
+
 def gap_figures(real: np.ndarray, other: np.ndarray, args) -> dict:
     kid_mean, kid_std = kid(real, other, args.kid_subsets, args.kid_subset_size, args.seed)
+    sampled = (subsample(real, args.prdc_images, args.seed), subsample(other, args.prdc_images, args.seed + 1))
     return {
         "fid": fid(real, other),
         "kid": kid_mean,
         "kid_std": kid_std,
-        **prdc(real, other, args.k),
+        **prdc(*sampled, args.k),
         "linear_mmd": linear_mmd(real, other),
         "images": len(other),
     }
@@ -197,7 +204,7 @@ def embed(paths, extractor, args, device, desc: str) -> np.ndarray:
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, transform), batch_size=args.batch_size, num_workers=args.workers
     )
-    feats = [forward(x.to(device)).double().cpu() for _, x in progress(loader, desc=desc)]
+    feats = [forward(x.to(device)).float().cpu() for _, x in progress(loader, desc=desc)]  # stored as float32
     return torch.cat(feats).numpy() if feats else np.zeros((0, 0))
 
 
@@ -210,12 +217,12 @@ def cached_features(index, extractor, args, device, cache_dir: Path, log) -> tup
     labels = np.array([s.label for s in index.samples])
     if cache.is_file():
         log.info(f"{index.name} {index.split}: features from {cache}")
-        return load_file(cache)["features"], labels
+        return load_file(cache)["features"].astype(np.float64), labels
     feats = embed([index.abspath(i) for i in range(len(index))], extractor, args, device, f"{index.split} features")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
         save_file({"features": feats}, str(tmp))
-    return feats, labels
+    return feats.astype(np.float64), labels  # the figures are computed in float64
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -286,6 +293,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")
     p.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="for --features clip")
     p.add_argument("--k", type=int, default=5, help="nearest neighbours for precision/recall/density/coverage")
+    p.add_argument("--prdc-images", type=int, default=10000, help="per set, for the k-NN figures (Naeem et al.: 10k)")
     p.add_argument("--kid-subsets", type=int, default=50)
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
