@@ -169,6 +169,12 @@ def get_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--jpeg-quality", type=int, default=95, help="release: PIL default 75")
     p.add_argument(
+        "--save-size",
+        type=positive_int,
+        default=None,
+        help="store images resized to this short side after generation (e.g. 256 for a 224 px classifier)",
+    )
+    p.add_argument(
         "--skip-bad",
         action="store_true",
         help="skip unreadable source images (counted in the manifest) instead of failing",
@@ -448,10 +454,16 @@ def to_host(images: torch.Tensor):
     return host, ready
 
 
-def save_when_ready(ready, image: torch.Tensor, path: Path, mode: str = "RGB", **save_kwargs) -> None:
+def save_when_ready(
+    ready, image: torch.Tensor, path: Path, mode: str = "RGB", save_size: int | None = None, **save_kwargs
+) -> None:
     if ready is not None:
         ready.synchronize()
-    save_image(Image.fromarray(image.numpy()).convert(mode), path, **save_kwargs)
+    img = Image.fromarray(image.numpy()).convert(mode)
+    if save_size and min(img.size) > save_size:  # stored smaller than generated: the classifier reads 224 px
+        scale = save_size / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC, reducing_gap=3.0)
+    save_image(img, path, **save_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -564,7 +576,7 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
         pin_memory=device.type == "cuda",
     )
     save_kwargs = {"quality": args.jpeg_quality} if args.image_format == "jpg" else {}
-    save_kwargs["mode"] = args.resolved_output_mode
+    save_kwargs.update(mode=args.resolved_output_mode, save_size=args.save_size)
     bad, pending, done, start = [], [], 0, time.perf_counter()
     bar = progress(total=len(jobs), is_main=is_main, unit="img", desc="synthesize")
     with ThreadPoolExecutor(max(1, args.write_workers)) as writer:
@@ -633,6 +645,7 @@ def finalize(plan: Plan, out_dir: Path, run: RunDir, args, lora_hash) -> dict | 
         "bad_images": bad_images,
         "source_images": args.source_images,
         "output_mode": args.resolved_output_mode,
+        "stored_short_side": args.save_size or args.resolution,
     }
     run.finish(
         metrics,
@@ -687,6 +700,8 @@ def main(argv=None) -> dict:
     config = {**config_dict(args, exclude=SPEED_ONLY + derived), "lora_hash": lora_hash}
     if args.resolved_output_mode != "RGB":  # RGB runs keep the config (and hash) they had before the option
         config["output_mode"] = args.resolved_output_mode
+    if config["save_size"] is None:  # likewise for runs stored at the generated size
+        del config["save_size"]
     run = RunDir(out_dir, config, args.overwrite, state.is_main_process)
     status = run.start() if state.is_main_process else None
     state.wait_for_everyone()

@@ -363,3 +363,17 @@ def test_grayscale_small_sources_are_said_and_stay_grayscale(tiny_sd, tmp_path):
     assert "sizes {'28x28': 4}" in log and "resized to 32 px" in log and "'giraffe': [" in log
     m = synthesize.main(args_for(tiny_sd, root, tmp_path / "b", "--output-mode", "RGB"))
     assert m["output_mode"] == "RGB" and all(Image.open(p).mode == "RGB" for p in (tmp_path / "b").rglob("*.jpg"))
+
+
+def test_save_size_stores_smaller_images_and_is_part_of_the_identity(tiny_sd, tiny_dataset, tmp_path):
+    from PIL import Image
+
+    m = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "a", "--save-size", "16"))
+    assert m["stored_short_side"] == 16
+    assert {Image.open(p).size for p in (tmp_path / "a").rglob("*.jpg")} == {(16, 16)}
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["config"]["save_size"] == 16
+    m = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "b"))
+    assert (
+        m["stored_short_side"] == 32
+        and "save_size" not in json.loads((tmp_path / "b" / "manifest.json").read_text())["config"]
+    )
