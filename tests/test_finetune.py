@@ -1,5 +1,6 @@
 """finetune.py on the tiny SD pipeline and CLIP encoder: outputs, LoRA loading, visual tokens, resume, options."""
 
+import json
 import os
 import subprocess
 import sys
@@ -333,3 +334,19 @@ def test_two_cpu_processes_accumulate_and_resume_as_one_group(tiny_dataset, tiny
     _, resumed = launch()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+def test_unreadable_training_images_stop_finetune_before_it_starts(tiny_sd, tiny_clip_vision, tmp_path):
+    from conftest import TINY_CLASSES, make_imagefolder
+
+    root = tmp_path / "data"
+    make_imagefolder(root / "train", TINY_CLASSES, 3)
+    (root / "train" / TINY_CLASSES[1] / f"{TINY_CLASSES[1]}_000.png").write_bytes(b"")
+    args = base_args(root, tiny_sd, tiny_clip_vision, tmp_path / "ft", "--max-train-steps", "1")
+    with pytest.raises(common.ImageReadError, match=f"(?s)1 unreadable .*{TINY_CLASSES[1]}_000.png"):
+        finetune.main(args)
+    assert not (tmp_path / "ft").exists()
+    metrics = finetune.main(args + ["--skip-bad"])
+    assert metrics["train_images"] == 8
+    skipped = json.loads((tmp_path / "ft" / "manifest.json").read_text())["inputs"]["skipped_bad"]
+    assert list(skipped) == [f"{TINY_CLASSES[1]}/{TINY_CLASSES[1]}_000.png"]
