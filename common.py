@@ -33,7 +33,7 @@ import yaml
 from PIL import Image
 
 PROJECT_DIR = Path(__file__).resolve().parent
-DATA_DIR = PROJECT_DIR / "data"  # class lists copied from ImageNet (see data/README.md)
+DATA_DIR = PROJECT_DIR / "data"  # ImageNet class lists (README, Layout: data/)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config: argparse defaults (the paper's values) < configs/<dataset>.yaml (shared keys, then the stage's section) < CLI
