@@ -377,3 +377,25 @@ def test_save_size_stores_smaller_images_and_is_part_of_the_identity(tiny_sd, ti
         m["stored_short_side"] == 32
         and "save_size" not in json.loads((tmp_path / "b" / "manifest.json").read_text())["config"]
     )
+
+
+def test_changed_sources_are_a_config_mismatch_and_bad_ones_are_all_named(tiny_sd, tmp_path):
+    import shutil
+
+    from common import ConfigMismatchError, ImageReadError
+    from conftest import TINY_CLASSES, make_imagefolder
+
+    root = tmp_path / "data"
+    make_imagefolder(root / "train", TINY_CLASSES, 2)
+    synthesize.main(args_for(tiny_sd, root, tmp_path / "a"))
+    make_imagefolder(root / "train", TINY_CLASSES, 3, seed=4)  # one more image per class
+    with pytest.raises(ConfigMismatchError, match="source_fingerprint"):
+        synthesize.main(args_for(tiny_sd, root, tmp_path / "a"))
+    bad = [root / "train" / c / f"{c}_000.png" for c in TINY_CLASSES[:2]]
+    for path in bad:
+        path.write_bytes(b"")
+    with pytest.raises(ImageReadError, match="2 unreadable") as err:
+        synthesize.main(args_for(tiny_sd, root, tmp_path / "b"))
+    assert all(str(path) in str(err.value) for path in bad)
+    assert not (tmp_path / "b").exists()
+    shutil.rmtree(root)
