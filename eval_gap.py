@@ -69,7 +69,7 @@ def gaussian_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) in float64 (FID's definition). A singular product gets the usual
     small ridge; the imaginary part that sqrtm leaves from rounding is dropped."""
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    covmean = linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():
         ridge = np.eye(len(cov1)) * 1e-6
         covmean = linalg.sqrtm((cov1 + ridge) @ (cov2 + ridge))
