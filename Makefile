@@ -48,6 +48,7 @@ help:
 	@echo "Targets"
 	@echo "  make demo                 whole pipeline on the embedded demo (offline, CPU, minutes)"
 	@echo "  make demo-ablation        paper Tab. 2 / Fig. 2 analogues on the demo (ABL_SEEDS=\"0 1 2 3 4\")"
+	@echo "  make demo-generator       rebuild the shipped demo generator from scratch (about 65 min on a CPU)"
 	@echo "  make test                 test suite (offline, CPU)"
 	@echo "  make lint                 ruff format --check + ruff check (ruff.toml)"
 	@echo "  make bench                all benchmarks (bench-finetune, bench-synth, bench-train)"
@@ -56,6 +57,9 @@ help:
 	@echo "  make <dataset>            caption -> finetune -> synthesize xSCALE -> train_cls (MODE) -> eval"
 	@echo "                            datasets: in10 in100 in1k cub cars pets eurosat"
 	@echo "  make <dataset>-all        the same for MODE=real, synth and mix"
+	@echo "  make imagefolder DATA=DIR your own ImageFolder: the -all chain + report in runs/<DIR name>/"
+	@echo "                            (NAME=..., PRESET=cpu: demo generator | paper: SD 1.5, configs/imagefolder_paper.yaml)"
+	@echo "  make gap DATASET=in10 SCALE=1      distribution gap of synth_x<SCALE> vs real (eval_gap.py; FEATURES=...)"
 	@echo "  make mia DATASET=in10 SHADOWS=16   LiRA membership inference (both arms)"
 	@echo "  make sscd DATASET=in10    SSCD copy detection, synthetic vs real"
 	@echo "  make venv                 create .venv and install requirements.txt (every target does it when needed)"
@@ -84,8 +88,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-.PHONY: help venv test lint bench bench-finetune bench-synth bench-train bench-gpu demo demo-ablation mia sscd \
-        in10 in100 in1k cub cars pets eurosat in10-all in100-all in1k-all cub-all cars-all pets-all eurosat-all
+.PHONY: help venv test lint bench bench-finetune bench-synth bench-train bench-gpu demo demo-ablation demo-generator gap mia sscd \
+        imagefolder in10 in100 in1k cub cars pets eurosat in10-all in100-all in1k-all cub-all cars-all pets-all eurosat-all
 
 # ------------------------------------------------------------------------------------------------------- paper chain
 DATASETS := in10 in100 in1k cub cars pets eurosat
@@ -96,7 +100,9 @@ $(addsuffix -all,$(DATASETS)): $(STAMP)
 	for mode in real synth mix; do $(MAKE) --no-print-directory pipeline DATASET=$(@:-all=) MODE=$$mode || exit 1; done
 
 CLS_DIRS := $(if $(filter real,$(MODE)),$(RUNS)/cls_real,$(foreach s,$(SCALES),$(RUNS)/cls_$(MODE)_x$(s)))
-pipeline: $(patsubst $(RUNS)/%,$(RUNS)/ood_%/manifest.json,$(CLS_DIRS))
+# The distribution gap of every synthetic set of the chain (eval_gap.py: minutes, before the classifier's GPU-days).
+GAP_MANIFESTS := $(if $(filter real,$(MODE)),,$(foreach s,$(SCALES),$(RUNS)/gap_synth_x$(s)/manifest.json))
+pipeline: $(GAP_MANIFESTS) $(patsubst $(RUNS)/%,$(RUNS)/ood_%/manifest.json,$(CLS_DIRS))
 
 $(RUNS)/captions/manifest.json: $(CONFIG) | $(STAMP)
 	$(RUN) caption.py $(STAGE_FLAGS) --output-dir $(@D)
@@ -123,6 +129,29 @@ $(RUNS)/cls_mix_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
 $(RUNS)/ood_%/manifest.json: $(RUNS)/%/manifest.json | $(STAMP)
 	$(RUN) eval_ood.py $(STAGE_FLAGS) --classifier $(<D) --output-dir $(@D)
 
+# Bring your own dataset: the chain for MODE=real, synth and mix, then a report, on DIR/train + DIR/val (or test).
+# PRESET=cpu (configs/imagefolder.yaml, the shipped demo generator) or paper (configs/imagefolder_paper.yaml, SD 1.5).
+PRESET ?= cpu
+NAME   ?= $(notdir $(abspath $(DATA)))
+IMAGEFOLDER_CFG := configs/imagefolder$(if $(filter paper,$(PRESET)),_paper,).yaml
+# All three training modes, unless MODE=... is given on the command line (then that one, as for the paper datasets).
+IMAGEFOLDER_MODES := $(if $(filter command line,$(origin MODE)),$(MODE),real synth mix)
+imagefolder: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make imagefolder DATA=DIR [NAME=name] [PRESET=cpu|paper] [SCALE=1]"; exit 2; }
+	@test -d "$(DATA)/train" || { echo "$(DATA)/train does not exist: the layout is DIR/train/<class>/<images> and \
+	DIR/val/ (or DIR/test/) with the same class folders (README, Bring your own dataset)"; exit 2; }
+	for mode in $(IMAGEFOLDER_MODES); do $(MAKE) --no-print-directory pipeline DATASET=imagefolder MODE=$$mode \
+		CONFIG=$(IMAGEFOLDER_CFG) RUNS=runs/$(NAME) ARGS="--data-root $(abspath $(DATA)) $(ARGS)" || exit 1; done
+	$(PY) demo_report.py report --config $(IMAGEFOLDER_CFG) --runs-dir runs/$(NAME) --data-root $(abspath $(DATA))
+	@echo "done: runs/$(NAME)/report.md, runs/$(NAME)/summary.json"
+
+# The distribution gap of a synthetic set before any classifier trains on it (eval_gap.py; FEATURES=clip|inception|...).
+FEATURES ?=
+gap: $(RUNS)/gap_synth_x$(SCALE)/manifest.json
+
+$(RUNS)/gap_synth_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
+	$(RUN) eval_gap.py $(STAGE_FLAGS) --synthetic-dir $(<D) $(if $(FEATURES),--features $(FEATURES),) --output-dir $(@D)
+
 mia: $(STAMP)
 	$(PY) mia_lira.py --config $(CONFIG) --num-shadows $(SHADOWS) $(OVERWRITE_FLAG) $(ARGS) --output-dir $(RUNS)/mia_lira
 
@@ -148,9 +177,10 @@ PAR2 := xargs -d '\n' -P 2 -I{} bash -c '{} || exit 255'
 demo: $(STAMP)
 	@mkdir -p $(DEMO); : > $(DEMO)/timings.tsv
 	$(call timed,data,$(DEMO_PY) demo.py data $(DEMO_CFG))
-	$(call timed,generator,$(DEMO_PY) demo.py generator $(DEMO_CFG))
 	$(call timed,finetune,$(DEMO_PY) finetune.py $(DEMO_CFG) --output-dir $(DEMO)/finetune)
 	$(call timed,synthesize,$(DEMO_PY) synthesize.py $(DEMO_CFG) --output-dir $(DEMO)/synth_x1)
+	$(call timed,eval_gap,$(DEMO_PY) eval_gap.py $(DEMO_CFG) --synthetic-dir $(DEMO)/synth_x1 \
+		--output-dir $(DEMO)/gap_synth_x1)
 	$(call timed,train_cls real + synth,$(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs real \
 		--output-dir $(DEMO)/cls_real & pid=$$!; $(DEMO_PY) train_cls.py $(DEMO_CFG) --train-dirs $(DEMO)/synth_x1 \
 		--output-dir $(DEMO)/cls_synth_x1 && wait $$pid)
@@ -166,6 +196,13 @@ demo: $(STAMP)
 	$(call timed,report,$(DEMO_PY) demo_report.py report $(DEMO_CFG))
 	@echo "[demo] done: $(DEMO)/report.md, $(DEMO)/summary.json"
 
+# The shipped generator (demo_generator/, which `make demo` starts from) rebuilt from scratch with its recorded
+# recipe (configs/demo.yaml + demo.py's defaults) into GENERATOR_OUT; copy that folder over demo_generator/ to ship it.
+GENERATOR_OUT ?= $(DEMO)/generator
+demo-generator: $(STAMP)
+	$(DEMO_PY) demo.py data $(DEMO_CFG)
+	$(DEMO_PY) demo.py generator $(DEMO_CFG) --output-dir $(GENERATOR_OUT)
+
 # Paper Tab. 2 and Fig. 2 in miniature: the demo chain with latent prior (strength 0.75 vs 1.0 = text-to-image),
 # visual guidance (--vg-mode none) and MMD (--mmd-weight 0) switched off in turn, and synthetic sets at x2 and x4
 # (extending the demo's x1: same seeds); every classifier trained with each seed of ABL_SEEDS. Stages already
@@ -180,8 +217,7 @@ ABL_SETS  := x4:$(ABL)/synth_x4 x2:$(ABL)/synth_x2 none:$(ABL)/synth_none lp:$(A
 demo-ablation: TIMINGS = $(ABL)/timings.tsv
 demo-ablation: $(STAMP)
 	@mkdir -p $(ABL); : > $(ABL)/timings.tsv
-	$(call timed,demo data + generator + finetune + synth x1,$(DEMO_PY) demo.py data $(DEMO_CFG) && \
-		$(DEMO_PY) demo.py generator $(DEMO_CFG) && \
+	$(call timed,demo data + finetune + synth x1,$(DEMO_PY) demo.py data $(DEMO_CFG) && \
 		$(DEMO_PY) finetune.py $(DEMO_CFG) --output-dir $(DEMO)/finetune && \
 		$(ABL_SYN) --output-dir $(DEMO)/synth_x1)
 	$(call timed,finetune without VG / without MMD,printf '%s\n' \
@@ -195,6 +231,8 @@ demo-ablation: $(STAMP)
 		"$(ABL_SYN) --strength 1.0 --output-dir $(ABL)/synth_no_lp" \
 		"$(ABL_SYN) --lora-dir $(ABL)/ft_no_vg --output-dir $(ABL)/synth_no_vg" \
 		"$(ABL_SYN) --lora-dir $(ABL)/ft_no_mmd --output-dir $(ABL)/synth_no_mmd" | $(PAR2))
+	$(call timed,gap of each synthetic set,for job in $(filter-out real:real,$(ABL_SETS)); do \
+		$(DEMO_PY) eval_gap.py $(DEMO_CFG) --synthetic-dir $${job#*:} --output-dir $(ABL)/gap_$${job%%:*} || exit 1; done)
 	$(call timed,classifiers ($(words $(ABL_SETS)) sets x $(words $(ABL_SEEDS)) seeds),\
 		for job in $(ABL_SETS); do for seed in $(ABL_SEEDS); do \
 		echo "$(DEMO_PY) train_cls.py $(DEMO_CFG) --seed $$seed --train-dirs $${job#*:} \
@@ -206,15 +244,15 @@ demo-ablation: $(STAMP)
 bench: bench-finetune bench-synth bench-train
 
 bench-finetune: $(STAMP)
-	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py generator $(DEMO_CFG)
-	$(DEMO_PY) bench.py finetune --pretrained-model $(DEMO)/generator/sd --resolution 32 --train-batch-size 16 \
+	$(DEMO_PY) demo.py data $(DEMO_CFG)
+	$(DEMO_PY) bench.py finetune --pretrained-model demo_generator/sd --resolution 32 --train-batch-size 16 \
 		--steps 10
 
 # Steady-state throughput of a long run, so ours is compiled (as on a GPU by default; on the CPU `--compile auto`
 # leaves it off because a ~100 s cold compile costs more than the demo's whole synthesis); the warm-up, compilation
 # included, is untimed and printed. ARGS="--compile off" times the eager loop.
 bench-synth: $(STAMP)
-	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py generator $(DEMO_CFG)
+	$(DEMO_PY) demo.py data $(DEMO_CFG)
 	$(DEMO_PY) finetune.py $(DEMO_CFG) --output-dir $(DEMO)/finetune
 	$(DEMO_PY) bench.py synth --config configs/demo.yaml --steps 30 --images 48 --rounds 5 --compile on \
 		--output-dir $(DEMO)/bench_synth $(ARGS)

@@ -12,7 +12,7 @@ recipe, code version, file hashes and quality figures): the demo starts from it 
 Commands (each cached through common.RunDir: a second call with the same settings is a no-op):
 
     python demo.py data --config configs/demo.yaml          # -> runs/demo/data/{train,test,sketch,rendition}/
-    python demo.py generator --config configs/demo.yaml     # -> runs/demo/generator/ (about 1.5 h on 2 CPU cores)
+    python demo.py generator --config configs/demo.yaml     # -> runs/demo/generator/ (about 65 min on a CPU)
     python demo.py skeleton --config configs/demo.yaml      # -> runs/demo/skeleton/ (untrained, in seconds)
 
 * data: ten shape classes (CLASSES, one word each) at 32 px: random colour, size, position, rotation and stretch

@@ -24,14 +24,15 @@ def stages(lines):
 
 def test_in1k_scale10_chain_order_and_flags():
     lines = dry_run("in1k", "SCALE=10")
-    assert stages(lines) == ["caption", "finetune", "synthesize", "train_cls", "eval_ood"]
+    assert stages(lines) == ["caption", "finetune", "synthesize", "eval_gap", "train_cls", "eval_ood"]
     assert all("--config configs/in1k.yaml" in line for line in lines)
     synth = lines[2]
     assert "--scale 10" in synth and "--output-dir runs/in1k/synth_x10" in synth
     assert "--lora-dir runs/in1k/finetune" in synth
     assert "--captions runs/in1k/captions/captions.jsonl" in lines[1]
-    assert "--train-dirs runs/in1k/synth_x10" in lines[3] and "--output-dir runs/in1k/cls_synth_x10" in lines[3]
-    assert "--classifier runs/in1k/cls_synth_x10" in lines[4]
+    assert "--synthetic-dir runs/in1k/synth_x10" in lines[3] and "--output-dir runs/in1k/gap_synth_x10" in lines[3]
+    assert "--train-dirs runs/in1k/synth_x10" in lines[4] and "--output-dir runs/in1k/cls_synth_x10" in lines[4]
+    assert "--classifier runs/in1k/cls_synth_x10" in lines[5]
 
 
 def test_cub_sweep_mix_has_no_captions_and_one_chain_per_scale():
@@ -68,7 +69,11 @@ def test_demo_ablation_switches_each_component_and_covers_every_report_row():
     assert re.search(r"finetune\.py[^\"]*--vg-mode none --output-dir runs/demo/ablation/ft_no_vg", out)
     assert re.search(r"finetune\.py[^\"]*--mmd-weight 0 --output-dir runs/demo/ablation/ft_no_mmd", out)
     # every row and scale of the report has a classifier set, seeds 0-4 by default
-    sets = dict(job.split(":", 1) for job in re.search(r"for job in (.*?); do", out).group(1).split())
+    sets = dict(job.split(":", 1) for job in re.search(r"for job in (.*?); do for seed", out).group(1).split())
+    # and every synthetic set (every set but real) gets its eval_gap figure, in the folder the report reads
+    gaps = dict(job.split(":", 1) for job in re.search(r"for job in ([^;]*); do [^;]*eval_gap", out).group(1).split())
+    assert gaps == {k: v for k, v in sets.items() if k != "real"}
+    assert "--output-dir runs/demo/ablation/gap_${job%%:*}" in out
     wanted = {prefix.removeprefix("cls_") for *_, prefix in demo_report.ABLATION_ROWS}
     wanted |= {prefix.removeprefix("cls_") for _, prefix in demo_report.ABLATION_SCALES} | {"real"}
     assert set(sets) == wanted and sets["all"] == "runs/demo/synth_x1" and sets["real"] == "real"
@@ -90,3 +95,25 @@ def test_benchmarks_time_what_they_say():
     assert "--pretrained-model runs/demo/skeleton" in synth[0]
     tunes = [line for line in gpu if "bench.py finetune" in line]
     assert len(tunes) == 2 and all("--weights sd15-random" in line for line in tunes)
+
+
+def test_imagefolder_runs_the_three_modes_and_the_report_in_its_own_runs_folder(tmp_path):
+    data = tmp_path / "flowers"
+    (data / "train").mkdir(parents=True)
+    lines = dry_run("imagefolder", f"DATA={data}")
+    assert all("--config configs/imagefolder.yaml" in line and f"--data-root {data}" in line for line in lines)
+    for run in ("cls_real", "cls_synth_x1", "cls_mix_x1"):
+        assert any(f"--output-dir runs/flowers/{run}" in line for line in lines)
+        assert any(f"--classifier runs/flowers/{run} --output-dir runs/flowers/ood_{run}" in line for line in lines)
+    assert "demo_report.py report" in lines[-1] and "--runs-dir runs/flowers" in lines[-1]
+    only_mix = dry_run("imagefolder", f"DATA={data}", "MODE=mix")
+    assert [line for line in only_mix if "train_cls.py" in line] == [
+        line for line in lines if "train_cls.py" in line and "cls_mix_x1" in line
+    ]
+    named = dry_run("imagefolder", f"DATA={data}", "NAME=f2", "PRESET=paper", "SCALE=2")
+    assert all("configs/imagefolder_paper.yaml" in line for line in named)
+    assert any("--scale 2" in line and "--output-dir runs/f2/synth_x2" in line for line in named)
+    for extra, says in (([], "usage: make imagefolder DATA=DIR"), ([f"DATA={tmp_path}"], "train does not exist")):
+        # Really run (not -n) to the checks, which stop it before any stage; -o: never (re)install the venv here.
+        done = subprocess.run(["make", "-o", ".venv/.installed", "imagefolder", *extra], cwd=ROOT, capture_output=True)
+        assert done.returncode != 0 and says in (done.stdout + done.stderr).decode()
