@@ -322,11 +322,11 @@ def main(argv=None) -> dict:
         "synthetic": split_fingerprint(synthetic)
     }
     run = RunDir(out, config, args.overwrite)
+    start, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = build_extractor(args.features, args, device)  # a wrong model fails here, before the run dir exists
     if run.start() == "done":
         return run.manifest()["metrics"]
     log = get_logger(out)
-    start, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = build_extractor(args.features, args, device)
     cache_dir = out.parent / "gap_features"
     (r, ry), (h, hy), (s, sy) = (
         cached_features(i, extractor, args, device, cache_dir, log) for i in (real, held_out, synthetic)

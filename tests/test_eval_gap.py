@@ -90,3 +90,22 @@ def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_
     write_jsonl(synth / "manifest.jsonl", rows[1:])
     eval_gap.main(argv[:-1] + [str(tmp_path / "gap3")])  # the synthetic set changed: embedded again, reals reused
     assert len(list((tmp_path / "gap_features").iterdir())) == 4
+
+
+def test_a_missing_feature_model_fails_before_the_run_dir_exists(tmp_path):
+    from conftest import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "data" / "train", TINY_CLASSES, 3).parent
+    make_imagefolder(data / "val", TINY_CLASSES, 3)
+    synth = tmp_path / "synth"
+    make_imagefolder(synth, TINY_CLASSES, 3)
+    from common import write_json, write_jsonl
+
+    write_jsonl(
+        synth / "manifest.jsonl", [{"file": f"{c}/{c}_000.png", "label": i} for i, c in enumerate(TINY_CLASSES)]
+    )
+    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
+    argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --features clip:{tmp_path / 'nope'}"
+    with pytest.raises(OSError):
+        eval_gap.main(argv.split() + ["--output-dir", str(tmp_path / "gap")])
+    assert not (tmp_path / "gap").exists()
