@@ -51,7 +51,7 @@ import string
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -887,12 +887,20 @@ def as_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2).contiguous()
 
 
-def split_tensors(data_root: Path, split: str) -> tuple[list[Image.Image], torch.Tensor, torch.Tensor, list[str]]:
-    """A demo split as PIL images, uint8 [N, 3, H, W], labels [N] and image ids."""
+class DemoSplit(NamedTuple):
+    """A demo split in memory, read once for every quality check: PIL images, uint8 [N, 3, H, W], labels, ids."""
+
+    pil: list
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: list[str]
+
+
+def split_tensors(data_root: Path, split: str) -> DemoSplit:
     index = load_dataset("demo", data_root, split)
     images = [load_image(index.abspath(i)) for i in range(len(index))]
     labels = torch.tensor([s.label for s in index.samples])
-    return images, as_tensor(images), labels, [index.image_id(i) for i in range(len(index))]
+    return DemoSplit(images, as_tensor(images), labels, [index.image_id(i) for i in range(len(index))])
 
 
 def mean_colour_shift(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -900,15 +908,17 @@ def mean_colour_shift(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float().mean((0, 2, 3)) - b.float().mean((0, 2, 3))).abs().max().item()
 
 
-def measure_synthetic(sd_dir: Path, data_root: Path, args, log) -> tuple[dict, Image.Image, Image.Image]:
+def measure_synthetic(
+    sd_dir: Path, train: DemoSplit, test: DemoSplit, args, log
+) -> tuple[dict, Image.Image, Image.Image]:
     """Does the pretrained generator (no finetuning yet) draw the class it is asked for?
 
     A judge (small_cnn on every real demo train image) labels text-to-image samples of each prompted class
     (t2i_class_acc) and img2img versions of `measure_per_class` train images per class at synthesize.py's settings
     (img2img_class_acc: the class kept). Then real-only vs synthetic-only: small_cnn trained on those real images or on
     their img2img versions, tested on the real test split. Returns metrics, the img2img grid and the t2i grid."""
-    real, train_x, train_y, ids = split_tensors(data_root, "train")
-    _, test_x, test_y, _ = split_tensors(data_root, "test")
+    real, train_x, train_y, ids = train
+    test_x, test_y = test.x, test.y
     judge = train_small_cnn(train_x, train_y, args.cls_epochs, args.seed)
     per_class = args.measure_per_class
     picked = [i for label in range(len(CLASSES)) for i in (train_y == label).nonzero().flatten()[:per_class].tolist()]
@@ -951,7 +961,7 @@ def measure_synthetic(sd_dir: Path, data_root: Path, args, log) -> tuple[dict, I
 
 
 @torch.no_grad()
-def image_encoder_ncm(clip_dir: Path, data_root: Path) -> float:
+def image_encoder_ncm(clip_dir: Path, train: DemoSplit, test: DemoSplit) -> float:
     """Nearest-class-mean top-1 on the demo test split with the CLIP image encoder's projected embedding (the
     visual-guidance token), class means from the train split: how much of the class the token carries."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -963,13 +973,11 @@ def image_encoder_ncm(clip_dir: Path, data_root: Path) -> float:
         pixels = processor(images=images, return_tensors="pt").pixel_values
         return torch.nn.functional.normalize(vision(pixel_values=pixels).image_embeds, dim=-1)
 
-    train, _, train_y, _ = split_tensors(data_root, "train")
-    test, _, test_y, _ = split_tensors(data_root, "test")
-    train_e = embed(train)
+    train_e = embed(train.pil)
     means = torch.nn.functional.normalize(
-        torch.stack([train_e[train_y == c].mean(0) for c in range(len(CLASSES))]), dim=-1
+        torch.stack([train_e[train.y == c].mean(0) for c in range(len(CLASSES))]), dim=-1
     )
-    return ((embed(test) @ means.T).argmax(1) == test_y).float().mean().item()
+    return ((embed(test.pil) @ means.T).argmax(1) == test.y).float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1087,15 +1095,13 @@ def measure_generator(args, out: Path, sd_dir: Path, clip_dir: Path, pipe, sched
     vae, unet, text_encoder, scale = pipe.vae, pipe.unet, pipe.text_encoder, pipe.vae.config.scaling_factor
     data_root = Path(args.data_root)
     has_data = bool(args.measure_per_class) and (data_root / "test").is_dir()
-    images, labels = split_tensors(data_root, "test")[1:3] if has_data else held
-    with torch.no_grad():
-        recon = torch.cat(
-            [
-                vae.decode(vae.encode(to_unit(images[i : i + 250])).latent_dist.mode()).sample
-                for i in range(0, len(images), 250)
-            ]
-        )
-        latents = encode_all(vae, images)[0] * scale
+    if has_data:
+        train, test = split_tensors(data_root, "train"), split_tensors(data_root, "test")
+    images, labels = (test.x, test.y) if has_data else held
+    with torch.no_grad():  # one encode: the posterior mean is both the reconstruction's input and the latent
+        mean = encode_all(vae, images)[0]
+        recon = torch.cat([vae.decode(mean[i : i + 250]).sample for i in range(0, len(mean), 250)])
+        latents = mean * scale
     to_pil = lambda im: Image.fromarray(((im.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).byte().numpy())  # noqa: E731
     save_image(
         image_grid([[to_pil(im) for im in pair[:10]] for pair in (to_unit(images), recon)]),
@@ -1114,11 +1120,11 @@ def measure_generator(args, out: Path, sd_dir: Path, clip_dir: Path, pipe, sched
     )
     inputs = {}
     if has_data:
-        measured, img2img_grid, t2i_grid = measure_synthetic(sd_dir, data_root, args, log)
+        measured, img2img_grid, t2i_grid = measure_synthetic(sd_dir, train, test, args, log)
         metrics["t2i_class_acc"] = measured.pop("t2i_class_acc")
         metrics["img2img_class_acc"] = measured.pop("img2img_class_acc")
         metrics["img2img_classifier"] = measured
-        metrics["image_encoder_ncm_acc"] = image_encoder_ncm(clip_dir, data_root)
+        metrics["image_encoder_ncm_acc"] = image_encoder_ncm(clip_dir, train, test)
         log.info(f"image encoder nearest-class-mean top-1 {metrics['image_encoder_ncm_acc']:.3f}")
         save_image(img2img_grid, out / "samples_img2img.png")
         save_image(t2i_grid, out / "samples_text2image.png")
