@@ -543,7 +543,10 @@ class DatasetIndex:
 
 def split_fingerprint(index: DatasetIndex) -> str:
     """A short hash of a split's files (relative path, size, mtime): cheap (stat only), and it changes when a file is
-    added, removed, replaced or edited, so it can be part of a run's identity."""
+    added, removed, replaced or edited, so it can be part of a run's identity. A synthesize.py output is identified by
+    its manifest, written once the set is complete: no stat of its (up to 12.8 M) files."""
+    if index.name == "synthetic":
+        return fingerprint(index.root / "manifest.jsonl")
     digest = hashlib.sha256()
     for sample in sorted(index.samples, key=lambda s: s.path):
         stat = (index.root / sample.path).stat()
@@ -566,7 +569,8 @@ def _image_problem(path: Path, full_decode: bool) -> str | None:
 
 def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | os.PathLike | None = None, log=None):
     """Check every image of a split before a stage's work starts, and return (the index without bad files, the bad
-    files as {relative path: problem}). A bad file is an error naming every one of them unless `skip_bad`.
+    files as {relative path: problem}, the split's fingerprint). A bad file is an error naming every one of them
+    unless `skip_bad`.
 
     Splits of up to FULL_DECODE_LIMIT images are decoded fully (a truncated JPEG opens fine and fails only when its
     pixels are read); larger ones get PIL's header check. The result is cached per split fingerprint in `cache_dir`
@@ -598,7 +602,7 @@ def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | o
     if bad and log:
         log.warning(f"--skip-bad: leaving out {len(bad)} unreadable {index.split} image(s): {sorted(bad)[:5]} ...")
     kept = dataclasses.replace(index, samples=[s for s in index.samples if s.path not in bad]) if bad else index
-    return kept, bad
+    return kept, bad, fp
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:

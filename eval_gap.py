@@ -208,12 +208,13 @@ def embed(paths, extractor, args, device, desc: str) -> np.ndarray:
     return torch.cat(feats).numpy() if feats else np.zeros((0, 0))
 
 
-def cached_features(index, extractor, args, device, cache_dir: Path, log) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of an image set, from the cache when the set and the feature space are unchanged."""
+def cached_features(index, fp: str, extractor, args, device, cache_dir: Path, log) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of an image set (fingerprint `fp`), from the cache when the set and the feature space are
+    unchanged."""
     from safetensors.numpy import load_file, save_file
 
     key = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.features)
-    cache = cache_dir / f"{index.name}-{index.split}-{split_fingerprint(index)}-{key}.safetensors"
+    cache = cache_dir / f"{index.name}-{index.split}-{fp}-{key}.safetensors"
     labels = np.array([s.label for s in index.samples])
     if cache.is_file():
         log.info(f"{index.name} {index.split}: features from {cache}")
@@ -318,9 +319,8 @@ def main(argv=None) -> dict:
         raise ValueError(f"{args.synthetic_dir} has other classes (or another order) than {args.dataset} train")
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"gap_{Path(args.synthetic_dir).name}")
     config = config_dict(args, exclude=("batch_size", "workers", "runs_dir", "output_dir", "overwrite"))
-    config["sets"] = {s.split: split_fingerprint(s) for s in (real, held_out)} | {
-        "synthetic": split_fingerprint(synthetic)
-    }
+    sets = {"train": real, held_out_split: held_out, "synthetic": synthetic}
+    config["sets"] = fps = {name: split_fingerprint(index) for name, index in sets.items()}
     run = RunDir(out, config, args.overwrite)
     start, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     extractor = build_extractor(args.features, args, device)  # a wrong model fails here, before the run dir exists
@@ -329,7 +329,7 @@ def main(argv=None) -> dict:
     log = get_logger(out)
     cache_dir = out.parent / "gap_features"
     (r, ry), (h, hy), (s, sy) = (
-        cached_features(i, extractor, args, device, cache_dir, log) for i in (real, held_out, synthetic)
+        cached_features(index, fps[name], extractor, args, device, cache_dir, log) for name, index in sets.items()
     )
     results = {
         "synthetic_dir": str(args.synthetic_dir),

@@ -537,7 +537,7 @@ def load_training_set(args):
         if mask.dtype != bool or mask.ndim != 1:
             raise ValueError(f"--subset-mask {args.subset_mask}: need a 1-D bool array, got {mask.dtype} {mask.shape}")
         index = index.subset(mask.tolist())
-    index, bad = common.check_images(index, args.skip_bad)
+    index, bad, args.train_fingerprint = common.check_images(index, args.skip_bad)
     if not len(index):
         raise ValueError(f"no training images in {args.dataset} at {args.data_root} (after --subset-mask)")
     args.skipped_bad = bad
@@ -569,6 +569,7 @@ def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet_width:
 
 def run_config(args, world_size: int) -> dict:
     """The config that identifies the run (bookkeeping flags left out)."""
+    # train_fingerprint (set by load_training_set) stays in: a changed training split is a mismatch, not a resume.
     config = common.config_dict(
         args,
         exclude=(
@@ -672,8 +673,6 @@ def main(argv=None) -> dict:
     index, prompts = load_training_set(args)  # bad inputs fail here, before the run directory is touched
     check_inputs(args)
     config = run_config(args, accelerator.num_processes)
-    # The training images are part of the run's identity: a changed split is a config mismatch, not a resume.
-    config["train_fingerprint"] = common.split_fingerprint(index)
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=accelerator.is_main_process)
     if run.start() == "done":
         return run.manifest()["metrics"]

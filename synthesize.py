@@ -679,7 +679,9 @@ def prepare(args):
     if len(index) == 0:
         raise ValueError(f"no images in {args.dataset} {args.split} under {args.data_root}")
     if args.strength < 1.0:  # the latent prior reads every source: all bad ones named now, not the first mid-run
-        check_images(index, skip_bad=args.skip_bad)
+        args.source_fingerprint = check_images(index, skip_bad=args.skip_bad)[2]
+    else:
+        args.source_fingerprint = split_fingerprint(index)
     captions = captions_for(index, load_captions(args.captions), args.allow_missing_captions)
     tokens, placement = load_visual_tokens(args.lora_dir, index, args.vg_mode)
     args.source_images = describe_images(index, args.resolution)
@@ -701,9 +703,8 @@ def main(argv=None) -> dict:
     lora_hash = lora_fingerprint(args.lora_dir)
     plan, placement = prepare(args)
     derived = ("output_mode", "source_images", "resolved_output_mode")
+    # source_fingerprint (set by prepare) stays in: a changed source split is a config mismatch, not a resume.
     config = {**config_dict(args, exclude=SPEED_ONLY + derived), "lora_hash": lora_hash}
-    # The source images are part of the identity: a changed split is a config mismatch, not a resume.
-    config["source_fingerprint"] = split_fingerprint(plan.index)
     if args.resolved_output_mode != "RGB":  # RGB runs keep the config (and hash) they had before the option
         config["output_mode"] = args.resolved_output_mode
     if config["save_size"] is None:  # likewise for runs stored at the generated size
