@@ -22,6 +22,9 @@ LAUNCH  ?= python
 GPUS    ?= 1
 OVERWRITE ?=
 ARGS    ?=
+PLAN    ?=
+# Synthetic-set layout: folder (one file per image) or wds (tar shards, for cluster file systems; README, Storage).
+FORMAT  ?=
 
 CONFIG  := configs/$(DATASET).yaml
 RUNS    := runs/$(DATASET)
@@ -34,6 +37,7 @@ else
 RUN := $(LAUNCH)
 endif
 OVERWRITE_FLAG := $(if $(OVERWRITE),--overwrite,)
+FORMAT_FLAG := $(if $(FORMAT),--output-format $(FORMAT),)
 STAGE_FLAGS = --config $(CONFIG) $(OVERWRITE_FLAG) $(ARGS)
 
 # Captions only for the ImageNet sets (paper App. E); the fine-grained sets prompt with the class name alone.
@@ -68,6 +72,8 @@ help:
 	@echo "  MODE=synth|real|mix       classifier training data (paper Tab. 1)"
 	@echo "  LAUNCH=python|accelerate  GPUS=1|8 picks configs/accelerate/<GPUS>gpu.yaml"
 	@echo "  OVERWRITE=1               re-run a stage whose config changed (old run is moved aside)"
+	@echo "  FORMAT=wds                synthetic sets as tar shards (default: folder, one file per image)"
+	@echo "  PLAN=1                    print images, files, TB and GPU-hours of the chain, run nothing"
 	@echo "  ARGS='--flag v'           extra flags for every stage of the chain"
 	@echo "Data locations: configs/paths.yaml or environment variables (IMAGENET_ROOT, CUB_ROOT, ...)."
 
@@ -94,7 +100,11 @@ lint: $(STAMP)
 # ------------------------------------------------------------------------------------------------------- paper chain
 DATASETS := in10 in100 in1k cub cars pets eurosat
 $(DATASETS): $(STAMP)
+ifeq ($(PLAN),)
 	$(MAKE) --no-print-directory pipeline DATASET=$@
+else
+	$(PY) synthesize.py --config configs/$@.yaml --scale $(SCALE) $(FORMAT_FLAG) --plan $(ARGS)
+endif
 
 $(addsuffix -all,$(DATASETS)): $(STAMP)
 	for mode in real synth mix; do $(MAKE) --no-print-directory pipeline DATASET=$(@:-all=) MODE=$$mode || exit 1; done
@@ -113,7 +123,7 @@ $(RUNS)/finetune/manifest.json: $(CONFIG) $(CAPTIONS_DEP) | $(STAMP)
 # Image k of source s has seed item_seed(seed, s, k), so xN is a prefix of xM for N < M: a larger scale hard-links
 # the images of every smaller scale already on disk (--reuse-from) and generates only the missing copies.
 $(RUNS)/synth_x%/manifest.json: $(RUNS)/finetune/manifest.json | $(STAMP)
-	$(RUN) synthesize.py $(STAGE_FLAGS) $(CAPTIONS_FLAG) --lora-dir $(RUNS)/finetune --scale $* \
+	$(RUN) synthesize.py $(STAGE_FLAGS) $(CAPTIONS_FLAG) $(FORMAT_FLAG) --lora-dir $(RUNS)/finetune --scale $* \
 		--reuse-from $(wildcard $(RUNS)/synth_x*) --output-dir $(@D)
 
 $(RUNS)/cls_real/manifest.json: $(CONFIG) | $(STAMP)

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -266,10 +267,10 @@ class ImageReadError(OSError):
     """An image that is missing, truncated or not an image."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike | ShardMember) -> Image.Image:
     """Open an image fully (so truncation is caught here, not later in a worker) and convert it to RGB."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path.read_bytes()) if isinstance(path, ShardMember) else path) as img:
             img.load()
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -511,8 +512,47 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 @dataclasses.dataclass
 class Sample:
-    path: str  # relative to the index root
+    path: str  # relative to the index root (in a tar-shard set: the name the image would have in a folder set)
     label: int
+    shard: str | None = None  # tar-shard sets only: the tar (relative to the root) and the image's bytes in it
+    offset: int = 0
+    size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardMember:
+    """One image inside a tar shard (synthesize.py --output-format wds), read at its recorded offset: random access
+    without unpacking, so a shard set is indexed, shuffled and split across processes exactly as a folder set is."""
+
+    tar: Path
+    offset: int
+    size: int
+    name: str
+
+    def read_bytes(self) -> bytes:
+        data = os.pread(_shard_fd(self.tar), self.size, self.offset)  # pread: no shared file offset across workers
+        if len(data) != self.size:
+            raise ImageReadError(f"cannot read image {self}: {self.tar} ends before byte {self.offset + self.size}")
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.tar}#{self.name}"
+
+
+_SHARD_FDS: dict[Path, int] = {}  # tar -> fd: one open per shard rather than per image (pread is fork-safe)
+
+
+def _shard_fd(tar: Path) -> int:
+    if tar not in _SHARD_FDS and len(_SHARD_FDS) >= 256:
+        for fd in _SHARD_FDS.values():
+            os.close(fd)
+        _SHARD_FDS.clear()
+    if tar not in _SHARD_FDS:
+        try:
+            _SHARD_FDS[tar] = os.open(tar, os.O_RDONLY)
+        except OSError as err:
+            raise ImageReadError(f"cannot open shard {tar}: {err}") from err
+    return _SHARD_FDS[tar]
 
 
 @dataclasses.dataclass
@@ -527,8 +567,12 @@ class DatasetIndex:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def abspath(self, i: int) -> Path:
-        return self.root / self.samples[i].path
+    def abspath(self, i: int) -> Path | ShardMember:
+        """Where image i is: a file, or (tar-shard sets) a member of a tar; load_image reads both."""
+        sample = self.samples[i]
+        if sample.shard is not None:
+            return ShardMember(self.root / sample.shard, sample.offset, sample.size, sample.path)
+        return self.root / sample.path
 
     def image_id(self, i: int) -> str:
         """A stable id for seeds and outputs: the path relative to the root, without extension."""
@@ -789,7 +833,10 @@ def load_synthetic(root: str | os.PathLike) -> DatasetIndex:
     if not info.is_file() or not rows.is_file():
         raise FileNotFoundError(f"{root} is not a synthesize.py output (classes.json / manifest.jsonl missing)")
     meta = read_json(info)
-    samples = [Sample(r["file"], int(r["label"])) for r in read_jsonl(rows)]
+    samples = [
+        Sample(r["file"], int(r["label"]), r.get("shard"), r.get("offset", 0), r.get("size", 0))
+        for r in read_jsonl(rows)
+    ]
     return DatasetIndex("synthetic", root, "train", samples, meta["classes"], meta["class_names"])
 
 

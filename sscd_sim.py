@@ -43,6 +43,7 @@ from common import (
     HelpFormatter,
     ImageFiles,
     RunDir,
+    ShardMember,
     atomic_path,
     config_dict,
     fingerprint,
@@ -191,9 +192,12 @@ def make_transform(resize: str, size: int):
     )
 
 
-def cache_key(path: Path) -> str:
-    stat = path.stat()
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+def cache_key(path: Path | ShardMember) -> str:
+    """A file, or an image in a tar shard (by its tar's identity and its place in it)."""
+    where = path.tar if isinstance(path, ShardMember) else path
+    stat = where.stat()
+    key = f"{where.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{key}|{path.offset}|{path.size}" if isinstance(path, ShardMember) else key
 
 
 class EmbeddingCache:
@@ -317,18 +321,19 @@ def plot_histogram(path: Path, synth: torch.Tensor, background: torch.Tensor, th
     plt.close(fig)
 
 
-def plot_top_matches(path: Path, pairs: list[dict], label: str) -> None:
-    """Paper Fig. 4: the most similar synthetic/real pairs, side by side."""
+def plot_top_matches(path: Path, pairs: list[dict], images: list[tuple], label: str) -> None:
+    """Paper Fig. 4: the most similar synthetic/real pairs (`images`: where each pair's two images are), side by
+    side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(pairs), 2, figsize=(5, 2.6 * len(pairs)), squeeze=False)
-    for row, pair in zip(axes, pairs):
-        for ax, key, title in ((row[0], "synthetic_path", "synthetic"), (row[1], "real_path", "nearest real")):
-            ax.imshow(load_image(pair[key]))
-            ax.set_title(f"{title}" + (f"  sim {pair['similarity']:.3f}" if key == "real_path" else ""), fontsize=8)
+    for row, pair, where in zip(axes, pairs, images):
+        for ax, image, title in zip(row, where, ("synthetic", "nearest real")):
+            ax.imshow(load_image(image))
+            ax.set_title(f"{title}" + (f"  sim {pair['similarity']:.3f}" if ax is row[1] else ""), fontsize=8)
             ax.axis("off")
     fig.suptitle(f"most similar pairs ({label})", fontsize=9)
     fig.tight_layout()
@@ -430,7 +435,8 @@ def main(argv=None) -> dict:
     write_json(out / "results.json", metrics)
     plot_histogram(out / "histogram.png", vals[:, 0], bg_vals[:, 0], args.threshold, label)
     if pairs:
-        plot_top_matches(out / "top_matches.png", pairs, label)
+        images = [(synth.abspath(i), real.abspath(idx[i, 0].item())) for i in shown]
+        plot_top_matches(out / "top_matches.png", pairs, images, label)
     for name in ("synthetic_vs_real", "real_vs_real_background"):
         m = metrics[name]
         log.info(

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import json
 import math
 import os
 import shutil
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,7 +49,9 @@ from common import (
     ImageReadError,
     RunDir,
     add_visual_tokens,
+    ShardMember,
     atomic_path,
+    atomic_write,
     build_prompt,
     captions_for,
     check_pretrained,
@@ -57,6 +62,7 @@ from common import (
     hash_file,
     item_seed,
     load_captions,
+    load_yaml_section,
     load_dataset,
     load_image,
     load_init_image,
@@ -71,7 +77,6 @@ from common import (
     describe_images,
     fragmented_class_names,
     note_unusual_images,
-    save_image,
     split_fingerprint,
     write_json,
     write_jsonl,
@@ -93,6 +98,7 @@ SPEED_ONLY = (
     "output_dir",
     "data_root",
     "runs_dir",
+    "plan",
 )
 
 
@@ -161,6 +167,25 @@ def get_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="outputs per real image; fractional: a seeded subset gets one more (e.g. 2.5)",
+    )
+    p.add_argument(
+        "--output-format",
+        choices=("folder", "wds"),
+        default="folder",
+        help="folder: one file per image in class folders; wds: WebDataset tar shards (shards/NNNNNN.tar: "
+        "<key>.jpg, .cls, .json) with an offset index each, for cluster file systems (few files, big reads)",
+    )
+    p.add_argument(
+        "--shard-samples",
+        type=positive_int,
+        default=5000,
+        help="wds: images per shard (5000 at 512 px q95 is about 0.5 GB; see README, Storage)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print images, files, bytes and GPU-hours of the whole chain (finetune, synthesis, classifier) "
+        "and exit; loads no model",
     )
     p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
     p.add_argument(
@@ -251,6 +276,25 @@ class Plan:
                 "two source images of one class share a file stem, so their outputs would collide; "
                 "rename them (outputs are <class>/<stem>_<k>)"
             )
+        if args.output_format == "wds" and len({(c, stem.replace(".", "_")) for c, stem in names}) != n:
+            raise ValueError(
+                "two source stems of one class differ only by '.' vs '_', so their shard keys would collide; "
+                "rename them or use --output-format folder"
+            )
+
+    def shards(self) -> list[np.ndarray]:
+        """--output-format wds: the jobs of each tar shard, in stored order. A seeded permutation of all jobs cut into
+        --shard-samples pieces: every shard mixes classes and copies (so a streaming reader's shuffle buffer needs
+        no more), and shard b holds the same images whatever the number of processes or jobs."""
+        order = np.random.default_rng(item_seed(self.args.seed, "shard-order")).permutation(self.jobs)
+        size = self.args.shard_samples
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def key(self, job: int) -> str:
+        """A sample's WebDataset key: its folder-layout name without the extension. A key ends at the first dot of
+        its base name, so dots in a source's stem become '_' (a collision is an error when the plan is built)."""
+        s, k = self.source_copy(job)
+        return f"{self.index.classes[self.index.samples[s].label]}/{self.stems[s].replace('.', '_')}_{k}"
 
     def source_copy(self, job: int) -> tuple[int, int]:
         n = len(self.index)
@@ -456,16 +500,102 @@ def to_host(images: torch.Tensor):
     return host, ready
 
 
-def save_when_ready(
-    ready, image: torch.Tensor, path: Path, mode: str = "RGB", save_size: int | None = None, **save_kwargs
-) -> None:
+def encode_when_ready(
+    ready, image: torch.Tensor, fmt: str, mode: str = "RGB", save_size: int | None = None, **save_kwargs
+) -> bytes:
+    """One generated image as the bytes of its file (JPEG or PNG): the same bytes for a folder and a shard."""
     if ready is not None:
         ready.synchronize()
     img = Image.fromarray(image.numpy()).convert(mode)
     if save_size and min(img.size) > save_size:  # stored smaller than generated: the classifier reads 224 px
         scale = save_size / min(img.size)
         img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC, reducing_gap=3.0)
-    save_image(img, path, **save_kwargs)
+    buf = io.BytesIO()
+    img.save(buf, format={"jpg": "JPEG", "png": "PNG"}[fmt], **save_kwargs)
+    return buf.getvalue()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+class FolderSink:
+    """--output-format folder: each image to <class>/<stem>_<k>.<ext>, encoded and written by a writer thread."""
+
+    def __init__(self, plan: Plan, out_dir: Path):
+        self.plan, self.out_dir = plan, out_dir
+
+    def submit(self, writer, job: int, ready, image, save_kwargs: dict):
+        return writer.submit(self._write, self.out_dir / self.plan.file(job), ready, image, save_kwargs)
+
+    def _write(self, path: Path, ready, image, save_kwargs: dict) -> None:
+        write_bytes(path, encode_when_ready(ready, image, self.plan.args.image_format, **save_kwargs))
+
+    def skip(self, job: int) -> None:
+        pass
+
+
+class ShardSink:
+    """--output-format wds: images are held per shard (writer threads encode them) and the shard is written, tar
+    then index, as soon as its last image, or the bad source standing for one, comes in. Generation runs shard
+    after shard, so about one shard is held in memory per process."""
+
+    def __init__(self, plan: Plan, out_dir: Path, shard_jobs: dict, hashes: tuple):
+        self.plan, self.out_dir, self.hashes, self.shard_jobs = plan, out_dir, hashes, shard_jobs
+        self.shard_of = {int(j): b for b, jobs in shard_jobs.items() for j in jobs}
+        self.held = {b: {} for b in shard_jobs}
+
+    def submit(self, writer, job: int, ready, image, save_kwargs: dict):
+        future = writer.submit(encode_when_ready, ready, image, self.plan.args.image_format, **save_kwargs)
+        self.put(job, future.result)
+        return future
+
+    def put(self, job: int, read_bytes) -> None:
+        """`read_bytes`: a callable giving the image's bytes when the shard is written (None: a bad source)."""
+        b = self.shard_of[job]
+        self.held[b][job] = read_bytes
+        if len(self.held[b]) == len(self.shard_jobs[b]):
+            held = self.held.pop(b)
+            samples = [(j, held[j]) for j in map(int, self.shard_jobs[b]) if held[j] is not None]
+            write_shard(self.out_dir, b, self.plan, samples, self.hashes)
+
+    def skip(self, job: int) -> None:
+        self.put(job, None)
+
+
+def shard_name(b: int) -> str:
+    return f"shards/{b:06d}.tar"
+
+
+def write_shard(out_dir: Path, b: int, plan: Plan, samples, hashes) -> None:
+    """Shard b as a WebDataset tar (per sample: <key>.<ext>, <key>.cls with the label, <key>.json with the manifest
+    row), then its index (each image's offset and size in the tar): the index, written last, marks it complete."""
+    ext, rows = plan.args.image_format, []
+    (out_dir / shard_index_name(b)).unlink(missing_ok=True)  # a stale index never vouches for a new tar
+    with atomic_write(out_dir / shard_name(b), "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for job, read_bytes in samples:
+                image = read_bytes()
+                row = plan.row(job, *hashes)
+                key = plan.key(job)
+                for suffix, payload in ((ext, image), ("cls", str(row["label"]).encode()), ("json", json_bytes(row))):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size, info.mode = len(payload), 0o644
+                    tar.addfile(info, io.BytesIO(payload))
+                    if suffix == ext:  # the data of a member ends where tar.offset is now, padded to 512 bytes
+                        offset = tar.offset - -(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                rows.append({**row, "shard": shard_name(b), "key": key, "offset": offset, "size": len(image)})
+        size = f.tell()
+    write_json(out_dir / shard_index_name(b), {"shard": shard_name(b), "bytes": size, "samples": rows})
+
+
+def shard_index_name(b: int) -> str:
+    return f"shards/{b:06d}.json"
+
+
+def json_bytes(row: dict) -> bytes:
+    return json.dumps(row, sort_keys=True).encode()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -522,38 +652,90 @@ def existing_files(out_dir: Path, classes) -> set[str]:
     return found
 
 
+# Config keys that change how a set is stored or how many images it has, never an image.
+LAYOUT_KEYS = ("scale", "output_format", "shard_samples")
+
+
 def same_images(config: dict, other_dir: Path) -> bool:
-    """Another output dir whose images equal ours for equal (source, copy): same config but for the scale."""
+    """Another output dir whose images equal ours for equal (source, copy): same config but for LAYOUT_KEYS."""
     for name in ("manifest.json", "run_config.json"):
         if (other_dir / name).is_file():
             other = read_json(other_dir / name)["config"]
-            return {k: v for k, v in other.items() if k != "scale"} == {k: v for k, v in config.items() if k != "scale"}
+            return {k: v for k, v in other.items() if k not in LAYOUT_KEYS} == {
+                k: v for k, v in config.items() if k not in LAYOUT_KEYS
+            }
     return False
 
 
-def reuse_images(plan: Plan, jobs, out_dir: Path, config: dict, dirs, mode: str, log) -> int:
-    """Hard-link (or copy, across file systems) the images of `jobs` that another scale's run already made."""
-    linked = 0
-    present = existing_files(out_dir, plan.index.classes)
+def shard_complete(out_dir: Path, b: int, mode: str) -> bool:
+    """Shard b is on disk whole: its index (written after the tar) exists and the tar has the size it records;
+    `full` also decodes every image."""
+    try:
+        index = read_json(out_dir / shard_index_name(b))
+        if (out_dir / shard_name(b)).stat().st_size != index["bytes"]:
+            return False
+    except (OSError, ValueError, KeyError):
+        return False
+    if mode == "full":
+        try:
+            for r in index["samples"]:
+                load_image(ShardMember(out_dir / r["shard"], r["offset"], r["size"], r["file"]))
+        except ImageReadError:
+            return False
+    return True
+
+
+def stored_images(run_dir: Path, classes) -> dict:
+    """A synthesize.py output's images by folder-layout name: the files of a folder set, the members of a shard
+    set's complete shards."""
+    if not (run_dir / "shards").is_dir():
+        return {name: run_dir / name for name in existing_files(run_dir, classes)}
+    found = {}
+    for index_file in sorted((run_dir / "shards").glob("*.json")):
+        b = int(index_file.stem)
+        if shard_complete(run_dir, b, "quick"):
+            for r in read_json(index_file)["samples"]:
+                found[r["file"]] = ShardMember(run_dir / r["shard"], r["offset"], r["size"], r["file"])
+    return found
+
+
+def reusable_images(plan: Plan, out_dir: Path, config: dict, dirs, log) -> dict:
+    """Images that other runs of this config (another --scale or --output-format) already made, by name."""
+    found = {}
     for other in (Path(d) for d in dirs):
         if other.resolve() == out_dir.resolve():
             continue
         if not same_images(config, other):
             log.info(f"--reuse-from {other}: skipped (not a synthesize.py run of this config)")
             continue
-        theirs = existing_files(other, plan.index.classes)
-        for j in jobs:
-            name = plan.file(j)
-            if name in present or name not in theirs or not complete_on_disk(other / name, mode):
-                continue
+        for name, where in stored_images(other, plan.index.classes).items():
+            found.setdefault(name, where)
+    return found
+
+
+def usable(where, mode: str) -> bool:
+    return isinstance(where, ShardMember) or complete_on_disk(where, mode)
+
+
+def reuse_into_folder(plan: Plan, jobs, out_dir: Path, found: dict, mode: str) -> int:
+    """Hard-link (or copy, across file systems; or unpack, from shards) the images of `jobs` found elsewhere."""
+    linked = 0
+    present = existing_files(out_dir, plan.index.classes)
+    for j in jobs:
+        name = plan.file(j)
+        where = found.get(name)
+        if name in present or where is None or not usable(where, mode):
+            continue
+        if isinstance(where, ShardMember):
+            write_bytes(out_dir / name, where.read_bytes())
+        else:
             with atomic_path(out_dir / name) as tmp:
                 tmp.unlink()
                 try:
-                    os.link(other / name, tmp)
+                    os.link(where, tmp)
                 except OSError:
-                    shutil.copyfile(other / name, tmp)
-            present.add(name)
-            linked += 1
+                    shutil.copyfile(where, tmp)
+        linked += 1
     return linked
 
 
@@ -567,8 +749,10 @@ def todo_jobs(plan: Plan, jobs, out_dir: Path, mode: str, threads: int) -> list[
     return [int(j) for j in jobs if j not in good]
 
 
-def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_main: bool = True) -> dict:
-    """Generate `jobs` into out_dir: workers read sources while the model runs, a thread pool writes the results."""
+def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_main: bool = True, sink=None) -> dict:
+    """Generate `jobs` into out_dir (as files, or through `sink`: a ShardSink): workers read sources while the model
+    runs, a thread pool encodes and writes the results."""
+    sink = sink or FolderSink(plan, out_dir)
     index = plan.index
     paths = [index.abspath(plan.source_copy(j)[0]) for j in jobs]
     loader = torch.utils.data.DataLoader(
@@ -589,6 +773,7 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
                     raise ImageReadError(f"{err} (fix or remove it, or pass --skip-bad to skip and count it)")
                 if err:
                     bad.append({"source": index.samples[plan.source_copy(jobs[int(idx[n])])[0]].path, "error": err})
+                    sink.skip(jobs[int(idx[n])])
             batch = [jobs[int(idx[n])] for n in keep]
             if batch:
                 rows = [plan.source_copy(j)[0] for j in batch]
@@ -607,7 +792,7 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
                     )
                 )
                 for j, img in zip(batch, images):
-                    pending.append(writer.submit(save_when_ready, ready, img, out_dir / plan.file(j), **save_kwargs))
+                    pending.append(sink.submit(writer, j, ready, img, save_kwargs))
             # Bound the queue (memory) and surface write errors early.
             while len(pending) > 4 * args.batch_size:
                 pending.pop(0).result()
@@ -620,35 +805,53 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
     return {"generated": done, "bad_sources": bad, "seconds": seconds, "images_per_s": done / max(seconds, 1e-9)}
 
 
-def finalize(plan: Plan, out_dir: Path, run: RunDir, args, lora_hash) -> dict | None:
-    """Write manifest.jsonl + manifest.json once every image of every shard is on disk (or a counted bad source)."""
+def stored_rows(plan: Plan, out_dir: Path, hashes: tuple) -> tuple[list[dict], dict] | None:
+    """Manifest rows of every image on disk in plan order, and layout metrics; None while an image (or a shard) is
+    missing that no counted bad source explains."""
+    bad = set()
+    for part in sorted(out_dir.glob("bad_sources.*.json")):
+        bad.update(b["source"] for b in read_json(part))
+    if plan.args.output_format == "wds":
+        count = len(plan.shards())
+        if not all(shard_complete(out_dir, b, "quick") for b in range(count)):
+            return None
+        indexes = [read_json(out_dir / shard_index_name(b)) for b in range(count)]
+        stored = {r["file"]: r for index in indexes for r in index["samples"]}
+        rows = [stored[plan.file(j)] for j in plan.jobs if plan.file(j) in stored]
+        total = sum(index["bytes"] for index in indexes)
+        return rows, {"shards": count, "bytes": total, "bytes_per_image": round(total / max(1, len(rows)))}
     present = existing_files(out_dir, plan.index.classes)
+    source = [plan.index.samples[plan.source_copy(j)[0]].path for j in plan.jobs]
+    if any(plan.file(j) not in present and src not in bad for j, src in zip(plan.jobs, source)):
+        return None
+    return [plan.row(j, *hashes) for j in plan.jobs if plan.file(j) in present], {}
+
+
+def finalize(plan: Plan, out_dir: Path, run: RunDir, args, hashes: tuple) -> dict | None:
+    """Write manifest.jsonl + manifest.json once every image of every shard is on disk (or a counted bad source)."""
+    found = stored_rows(plan, out_dir, hashes)
+    if found is None:
+        return None
+    rows, layout = found
     bad = {}
     for part in sorted(out_dir.glob("bad_sources.*.json")):
         bad.update({b["source"]: b["error"] for b in read_json(part)})
-    missing = [
-        j
-        for j in plan.jobs
-        if plan.file(j) not in present and plan.index.samples[plan.source_copy(j)[0]].path not in bad
-    ]
-    if missing:
-        return None
-    model_hash = fingerprint(args.pretrained_model, args.revision)
-    kept = [j for j in plan.jobs if plan.file(j) in present]
-    write_jsonl(out_dir / "manifest.jsonl", (plan.row(j, model_hash, lora_hash) for j in kept))
+    write_jsonl(out_dir / "manifest.jsonl", rows)
     for stale in out_dir.glob("*/.*"):  # temp files of killed writers: no writer is left once all images exist
         stale.unlink(missing_ok=True)
-    bad_images = len(plan.jobs) - len(kept)
     metrics = {
-        "images": len(kept),
+        "images": len(rows),
         "sources": len(plan.index),
         "scale": args.scale,
         "bad_sources": len(bad),
-        "bad_images": bad_images,
+        "bad_images": len(plan.jobs) - len(rows),
         "source_images": args.source_images,
         "output_mode": args.resolved_output_mode,
         "stored_short_side": args.save_size or args.resolution,
+        "output_format": args.output_format,
+        **layout,
     }
+    model_hash, lora_hash = hashes
     run.finish(
         metrics,
         inputs={"pretrained_model": model_hash, "lora": lora_hash, "data_root": args.data_root, "bad_sources": bad},
@@ -690,8 +893,33 @@ def prepare(args):
     return Plan(args, index, captions, tokens), placement
 
 
+def shard_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, log) -> tuple[list[int], ShardSink]:
+    """--output-format wds: this process's shards that are not complete on disk, their images found in other runs
+    handed to the sink at once, and the jobs left to generate."""
+    args, shards = plan.args, plan.shards()
+    mine = local_items(list(range(len(shards))), args.shard, state.process_index, state.num_processes)
+    todo_shards = [b for b in mine if not shard_complete(out_dir, b, args.verify_existing)]
+    sink = ShardSink(plan, out_dir, {b: shards[b] for b in todo_shards}, hashes)
+    todo, reused = [], 0
+    for j in (int(j) for b in todo_shards for j in shards[b]):
+        where = found.get(plan.file(j))
+        if where is not None and usable(where, args.verify_existing):
+            sink.put(j, where.read_bytes)
+            reused += 1
+        else:
+            todo.append(j)
+    log.info(
+        f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}) in {len(shards)} shards; this "
+        f"process: {len(mine)} shards, {len(mine) - len(todo_shards)} complete on disk, {reused} images reused, "
+        f"{len(todo)} to generate"
+    )
+    return todo, sink
+
+
 def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "synthesize")
+    if args.plan:
+        return print_plan(args)
     from accelerate import PartialState
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -709,6 +937,8 @@ def main(argv=None) -> dict:
         config["output_mode"] = args.resolved_output_mode
     if config["save_size"] is None:  # likewise for runs stored at the generated size
         del config["save_size"]
+    if args.output_format == "folder":  # and for folder sets
+        del config["output_format"], config["shard_samples"]
     run = RunDir(out_dir, config, args.overwrite, state.is_main_process)
     status = run.start() if state.is_main_process else None
     state.wait_for_everyone()
@@ -722,17 +952,19 @@ def main(argv=None) -> dict:
         log.info("grayscale dataset: synthetic images are written in grayscale (--output-mode RGB keeps colour)")
     if state.is_main_process:
         write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
-    mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
-    if args.reuse_from:
+    hashes = (fingerprint(args.pretrained_model, args.revision), lora_hash)
+    found = reusable_images(plan, out_dir, config, args.reuse_from, log) if args.reuse_from else {}
+    if args.output_format == "wds":
+        todo, sink = shard_work(plan, out_dir, found, hashes, state, log)
+    else:
+        mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
+        if found:
+            log.info(f"reused {reuse_into_folder(plan, mine, out_dir, found, args.verify_existing)} images")
+        todo, sink = todo_jobs(plan, mine, out_dir, args.verify_existing, args.write_workers), None
         log.info(
-            f"reused {reuse_images(plan, mine, out_dir, config, args.reuse_from, args.verify_existing, log)} "
-            f"images from --reuse-from"
+            f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
+            f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate"
         )
-    todo = todo_jobs(plan, mine, out_dir, args.verify_existing, args.write_workers)
-    log.info(
-        f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
-        f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate"
-    )
     device = state.device
     stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
     if todo:
@@ -741,12 +973,12 @@ def main(argv=None) -> dict:
             log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
         install_token_mask(pipe, placement, plan.tokens is not None)
         maybe_compile(pipe, args)
-        stats = run_loop(pipe, plan, todo, out_dir, args, placement, device, state.is_main_process)
+        stats = run_loop(pipe, plan, todo, out_dir, args, placement, device, state.is_main_process, sink)
     tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
     # A file, not a folder: beside the class folders a folder would read as one more class.
     write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])
     state.wait_for_everyone()
-    metrics = finalize(plan, out_dir, run, args, lora_hash) if state.is_main_process else None
+    metrics = finalize(plan, out_dir, run, args, hashes) if state.is_main_process else None
     log.info(
         f"done: generated {stats['generated']} images in {stats['seconds']:.1f}s "
         f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} bad sources; "
@@ -758,6 +990,110 @@ def main(argv=None) -> dict:
         "generated": stats["generated"],
         "images_per_s": stats["images_per_s"],
         "expected": len(plan.jobs),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --plan: the chain's size and cost before it runs.
+
+# Mean JPEG bytes of three photos (scikit-learn's china.jpg and flower.jpg, matplotlib's grace_hopper.jpg) center-
+# cropped to 512 px and resized as --save-size does: (short side, quality) -> bytes (README, Storage). Other sizes
+# scale by pixel count from the nearest measured side at the nearest measured quality.
+MEASURED_JPEG_BYTES = {
+    (512, 95): 102_334,
+    (512, 90): 71_806,
+    (320, 95): 44_622,
+    (320, 90): 30_861,
+    (256, 95): 29_780,
+    (256, 90): 20_704,
+}
+# Per-GPU throughput measured on an H100 80GB at the paper's settings (README, Benchmarks); a `make bench-gpu` run's
+# benchmark.json on this machine replaces the synthesis and classifier figures.
+H100_SYNTH_IMAGES_PER_S = 8.42  # 512 px, 30 UniPC steps x strength 0.75, CFG 2, batch 32, compiled
+H100_FINETUNE_SAMPLES_PER_S = 26.3  # LoRA step, 512 px, batch 8, VAE encode on the fly
+H100_RESNET50_IMAGES_PER_S = 3297  # 224 px, bf16, batch 256, 14 loader workers, the IN-1K augmentation
+# Train-split sizes of datasets too big to list on a login node (used only when the split cannot be read here).
+KNOWN_TRAIN_IMAGES = {"in1k": 1_281_167, "cub": 5_994, "cars": 8_144, "pets": 3_680}
+
+
+def stored_bytes(side: int, quality: int, image_format: str) -> int:
+    if image_format != "jpg":  # PNG of a photo: about 3x the q95 JPEG of the same pixels (not measured here)
+        return 3 * stored_bytes(side, 95, "jpg")
+    q = min({q for _, q in MEASURED_JPEG_BYTES}, key=lambda m: abs(m - quality))
+    near = min({s for s, _ in MEASURED_JPEG_BYTES}, key=lambda m: abs(m - side))
+    return round(MEASURED_JPEG_BYTES[(near, q)] * (side / near) ** 2)
+
+
+def measured_rate(path: Path, key: str, default: float) -> tuple[float, str]:
+    """A GPU figure from a `make bench-gpu` benchmark.json when there is one, else the recorded H100 figure."""
+    if path.is_file():
+        result = read_json(path)
+        if result.get("device", "cpu") != "cpu" and result.get(key):
+            return float(result[key]), f"{path} ({result['device']})"
+    return default, "H100 80GB, README Benchmarks"
+
+
+def plan_sources(args) -> tuple[int, str]:
+    try:
+        return len(load_dataset(args.dataset, args.data_root, args.split)), f"{args.dataset} {args.split} split"
+    except (OSError, ValueError) as err:
+        if args.dataset in KNOWN_TRAIN_IMAGES and args.split == "train":
+            return KNOWN_TRAIN_IMAGES[
+                args.dataset
+            ], f"the {args.dataset} train split's size; the split is not readable here"
+        raise ValueError(f"--plan needs the source split to count its images: {err}") from err
+
+
+def print_plan(args) -> dict:
+    """Images, files, bytes and GPU-hours of the chain this config describes; no model is loaded."""
+    n, where = plan_sources(args)
+    images = int(math.floor(args.scale)) * n + round((args.scale - math.floor(args.scale)) * n)
+    side = args.save_size or args.resolution
+    per_image = stored_bytes(side, args.jpeg_quality, args.image_format)
+    files = math.ceil(images / args.shard_samples) * 2 if args.output_format == "wds" else images
+    work = args.steps * min(1.0, args.strength) * (args.resolution / 512) ** 2 / (30 * 0.75)
+    bench = Path(args.runs_dir) / "demo"
+    synth_rate, synth_src = measured_rate(
+        bench / "bench_synth_gpu" / "benchmark.json", "ours_images_per_s", H100_SYNTH_IMAGES_PER_S
+    )
+    cls_rate, cls_src = measured_rate(
+        bench / "bench_train_gpu" / "benchmark.json", "img_per_s", H100_RESNET50_IMAGES_PER_S
+    )
+    stages = [
+        ("synthesize", images * work / synth_rate, f"{images:,} images at {synth_rate:g} img/s/GPU ({synth_src})")
+    ]
+    if args.config:
+        tune = load_yaml_section(args.config, "finetune")["merged"]
+        if "num_train_epochs" in tune:
+            samples = tune["num_train_epochs"] * n
+            stages.insert(
+                0,
+                (
+                    "finetune",
+                    samples / H100_FINETUNE_SAMPLES_PER_S,
+                    f"{tune['num_train_epochs']} epochs x {n:,} images at {H100_FINETUNE_SAMPLES_PER_S} samples/s/GPU",
+                ),
+            )
+        cls = load_yaml_section(args.config, "train_cls")["merged"]
+        if "epochs" in cls:
+            for mode, size in (("real", n), (f"synth_x{args.scale:g}", images), (f"mix_x{args.scale:g}", n + images)):
+                note = f"{cls['epochs']} epochs x {size:,} images at {cls_rate:g} img/s/GPU ({cls_src})"
+                stages.append((f"train_cls {mode}", cls["epochs"] * size / cls_rate, note))
+    print(f"plan: {args.dataset} x{args.scale:g} ({n:,} sources: {where})")
+    print(
+        f"  synthetic set: {images:,} images, {args.output_format} ({files:,} files), short side {side} px, "
+        f"{args.image_format} q{args.jpeg_quality}: about {per_image / 1e3:.0f} kB/image, "
+        f"{images * per_image / 1e12:.2f} TB"
+    )
+    for name, seconds, note in stages:
+        print(f"  {name:22s} {seconds / 3600:10,.0f} GPU-hours   {note}")
+    total = sum(seconds for _, seconds, _ in stages)
+    print(f"  {'total':22s} {total / 3600:10,.0f} GPU-hours   (captioning, evaluation and the gap stage not counted)")
+    return {
+        "images": images,
+        "files": files,
+        "bytes": images * per_image,
+        "gpu_hours": {k: v / 3600 for k, v, _ in stages},
     }
 
 

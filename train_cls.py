@@ -251,7 +251,7 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
             )
         # A source may list the same classes in another order: map by class id, never by position or folder sort.
         remap = [test_classes.index(c) for c in index.classes]
-        paths += [str(index.abspath(i)) for i in range(len(index))]
+        paths += [index.abspath(i) for i in range(len(index))]
         labels += [remap[s.label] for s in index.samples]
         inputs[source] = {"images": len(index), "fingerprint": identity, "skipped_bad": bad}
     if args.subset_mask and not any(is_real_source(s, args.data_root) for s in args.train_dirs):

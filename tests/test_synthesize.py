@@ -225,12 +225,12 @@ def test_to_host_hands_over_the_same_pixels(tmp_path):
     images = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
     host, ready = synthesize.to_host(images)
     assert host is images and ready is None
-    synthesize.save_when_ready(ready, host[1], tmp_path / "a.png")
+    (tmp_path / "a.png").write_bytes(synthesize.encode_when_ready(ready, host[1], "png"))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), images[1].numpy())
     if torch.cuda.is_available():
         host, ready = synthesize.to_host(images.cuda())
         assert host.device.type == "cpu" and host.is_pinned() and ready is not None
-        synthesize.save_when_ready(ready, host[2], tmp_path / "b.png")
+        (tmp_path / "b.png").write_bytes(synthesize.encode_when_ready(ready, host[2], "png"))
         assert torch.equal(host, images)
         assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), images[2].numpy())
 

@@ -150,7 +150,7 @@ def test_subset_mask_selects_real_images(tmp_path, tiny_dataset):
         TINY + ["--data-root", str(tiny_dataset), "--subset-mask", str(tmp_path / "keep.npy")]
     )
     paths, labels, _ = train_cls.load_train_sources(args, TINY_CLASSES)
-    assert paths == [str(real.abspath(i)) for i in (0, 5, 6, 11)]
+    assert paths == [real.abspath(i) for i in (0, 5, 6, 11)]
     assert labels == [real.samples[i].label for i in (0, 5, 6, 11)]
     np.save(tmp_path / "bad.npy", mask[:-1])
     args.subset_mask = str(tmp_path / "bad.npy")
