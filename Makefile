@@ -285,3 +285,4 @@ bench-gpu: $(STAMP)
 bench-train: $(STAMP)
 	$(DEMO_PY) train_cls.py --benchmark --fake-data 640 --fake-size 48 --model test_resnet --input-size 32 \
 		--batch-size 32 --max-device-batch 32 --workers 1 --amp no --benchmark-steps 15
+	$(DEMO_PY) bench.py loader --images 2000 --size 256 --input-size 224 --workers 2 --output-dir $(DEMO)/bench_loader

@@ -7,6 +7,9 @@
             alternate over --rounds rounds, so load that comes and goes on a shared machine falls on both alike.
             Output: <output-dir>/benchmark.json (default runs/<dataset>/bench_synth) and one JSON line on stdout.
   finetune  training samples/s and peak memory of finetune.py's training step on random data (one JSON line).
+  loader    images/s of a classifier's data loader (decode + random crop, seeded shuffled order) over one set of
+            photo-like JPEGs stored by synthesize.py's own writers as files and as tar shards, passes alternating.
+            Output: <output-dir>/benchmark.json (default runs/bench_loader) and one JSON line on stdout.
 
 `--weights sd15-random` swaps in SD1.5-shaped UNet / VAE / text encoder with random weights built from config (no
 download), for GPU figures at the paper's scale; `pretrained` (default) times --pretrained-model's own weights.
@@ -23,6 +26,7 @@ Commands:
   CPU (make bench-finetune): python bench.py finetune --pretrained-model runs/demo/generator/sd --resolution 32 \
                                  --train-batch-size 16 --steps 10
   GPU:                       python bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 8
+  CPU (make bench-train):    python bench.py loader --images 2000 --size 256 --workers 2
 Every synthesize.py / finetune.py flag is accepted after the benchmark's name (`python bench.py synth --help`).
 """
 
@@ -419,7 +423,121 @@ def bench_finetune(argv) -> dict:
     return result
 
 
-BENCHMARKS = {"synth": bench_synth, "finetune": bench_finetune}
+# ----------------------------------------------------------------------------------------------------------------------
+# loader
+
+
+def loader_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench.py loader",
+        description="Images/s of a classifier's data loader on one synthetic set stored as files and as tar shards.",
+        formatter_class=common.HelpFormatter,
+    )
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--size", type=int, default=256, help="stored short side (synthesize.py --save-size)")
+    p.add_argument("--input-size", type=int, default=224, help="the classifier's crop")
+    p.add_argument("--shard-samples", type=int, default=500)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=3, help="timed passes over each set, alternating layouts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default="runs/bench_loader")
+    return p
+
+
+def smooth_jpeg(rng, size: int) -> bytes:
+    """A photo-like image (low-frequency colour fields plus a little grain), so JPEG sizes and decode cost are close to
+    natural images' rather than to noise's."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(coarse).resize((size * 4 // 3, size), Image.BICUBIC)
+    pixels = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, (size, size * 4 // 3, 3))
+    buf = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def make_sets(args, out: Path) -> dict:
+    """The same JPEG bytes as a folder set and as a shard set, written by synthesize.py's own writers."""
+    import numpy as np
+
+    classes = [f"c{k}" for k in range(args.classes)]
+    samples = [
+        common.Sample(f"{classes[i % args.classes]}/img{i:06d}.jpg", i % args.classes) for i in range(args.images)
+    ]
+    index = common.DatasetIndex("bench", out / "sources", "train", samples, classes, classes)
+    rng = np.random.default_rng(args.seed)
+    images = [smooth_jpeg(rng, args.size) for _ in range(args.images)]
+    sets = {}
+    for layout in ("folder", "wds"):
+        opts = synthesize.get_parser().parse_args(
+            ["--output-format", layout, "--shard-samples", str(args.shard_samples), "--seed", str(args.seed)]
+        )
+        plan = synthesize.Plan(opts, index, [None] * len(index), None)
+        root = out / layout
+        shutil.rmtree(root, ignore_errors=True)
+        if layout == "wds":
+            shards = plan.shards()
+            sink = synthesize.ShardSink(plan, root, dict(enumerate(shards)), (None, None))
+            for j in plan.jobs:
+                sink.put(int(j), lambda j=int(j): images[j])
+        else:
+            for j in plan.jobs:
+                synthesize.write_bytes(root / plan.file(int(j)), images[int(j)])
+        rows, _ = synthesize.stored_rows(plan, root, (None, None))
+        common.write_jsonl(root / "manifest.jsonl", rows)
+        common.write_json(root / "classes.json", {"classes": classes, "class_names": classes})
+        sets[layout] = common.load_synthetic(root)
+    return sets
+
+
+def time_pass(index, args, epoch: int) -> float:
+    """Seconds for one shuffled pass (seeded per epoch, as train_cls.py's order) through decode + random crop."""
+    import numpy as np
+    from torchvision import transforms
+
+    tf = transforms.Compose(
+        [transforms.RandomResizedCrop(args.input_size), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]
+    )
+    order = np.random.default_rng(common.item_seed(args.seed, "epoch", epoch)).permutation(len(index)).tolist()
+    data = common.ImageFiles([index.abspath(i) for i in order], tf)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - start
+
+
+def bench_loader(argv) -> dict:
+    args = loader_parser().parse_args(argv)
+    out = Path(args.output_dir)
+    sets = make_sets(args, out)
+    seconds = {layout: [] for layout in sets}
+    for epoch in range(args.epochs):
+        for layout in sorted(sets, reverse=epoch % 2 == 1):  # alternate which layout goes first
+            seconds[layout].append(time_pass(sets[layout], args, epoch))
+    result = {
+        layout: {
+            "images_per_s": args.images * len(t) / sum(t),
+            "pass_images_per_s": [round(args.images / x, 1) for x in t],
+            "files": sum(1 for p in (out / layout).rglob("*") if p.is_file()),
+            "bytes": sum(p.stat().st_size for p in (out / layout).rglob("*") if p.is_file()),
+        }
+        for layout, t in seconds.items()
+    }
+    result["wds_over_folder"] = result["wds"]["images_per_s"] / result["folder"]["images_per_s"]
+    result["config"] = vars(args)
+    common.write_json(out / "benchmark.json", result)
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}))
+    return result
+
+
+BENCHMARKS = {"synth": bench_synth, "finetune": bench_finetune, "loader": bench_loader}
 
 
 def main(argv=None) -> dict:
