@@ -14,9 +14,9 @@ Features (--features, cached as float32, every figure computed in float64; the k
 --prdc-images per set): clip (a CLIPVisionModelWithProjection's image embedding: --clip-model, default the encoder
 visual guidance uses), inception (timm's inception_v3.tv_in1k 2048-d pool features, the space FID is defined on),
 timm:<model name> (any timm model's pooled features), classifier:<train_cls.py run> (that classifier's penultimate
-features). Features are cached per image set and feature space under <output-dir>/../gap_features/, keyed by the set's
-fingerprint (paths, sizes, mtimes): the real splits are embedded once and reused by every synthetic variant, and a
-changed set is embedded again.
+features). Each set's statistics are cached under <output-dir>/../gap_features/, keyed by the set's fingerprint
+(paths, sizes, mtimes; a synthetic set's manifest), the feature space and the sample: the real splits are embedded
+once and reused by every synthetic variant, and a changed set is embedded again. Folder and tar-shard sets alike.
 
 Inputs : --synthetic-dir (a synthesize.py output), --dataset / --data-root (the real train and held-out splits).
 Outputs: <output-dir>/results.json, results.md, per_class.png, precision_recall.png, manifest.json.
@@ -24,19 +24,25 @@ Outputs: <output-dir>/results.json, results.md, per_class.png, precision_recall.
   python eval_gap.py --config configs/demo.yaml --synthetic-dir runs/demo/synth_x1 \\
       --features classifier:runs/demo/cls_real --output-dir runs/demo/gap_synth_x1
 
-Not done yet (issue #16): streaming statistics for sets too large for memory, --shard / accelerate launch, the gap
-stage inside `make <dataset>` and `make demo`, the ablation's gap column.
+Scale: one streaming pass per set (GapStats): FID and the linear MMD over every image from running sums (D² floats),
+KID and the k-NN figures on a seeded overall sample, the per-class figures on a seeded sample of up to
+--per-class-images per class; so IN-1K x10 needs the sums and about classes x 1,000 rows in memory, not 12.8 M rows.
+Each process of `accelerate launch` and each `--shard i/n` job embeds its part of every set, saved every
+--checkpoint-every images (a re-run resumes it); the job that finishes the last part merges them and writes the figures.
+
+  accelerate launch eval_gap.py --config configs/in1k.yaml --synthetic-dir runs/in1k/synth_x10
+  python eval_gap.py ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from scipy import linalg
 
 from common import (
@@ -51,7 +57,9 @@ from common import (
     load_classifier,
     load_dataset,
     load_synthetic,
+    local_items,
     parse_args,
+    parse_shard,
     progress,
     resolve_split,
     split_fingerprint,
@@ -124,8 +132,12 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict:
 
 def linear_mmd(x: np.ndarray, y: np.ndarray) -> float:
     """The paper's linear-kernel MMD² (common.mmd_loss's form): ‖mean x − mean y‖² / D."""
-    diff = x.mean(0) - y.mean(0)
-    return float(diff @ diff / x.shape[1])
+    return linear_mmd_of_means(x.mean(0), y.mean(0))
+
+
+def linear_mmd_of_means(mu_x: np.ndarray, mu_y: np.ndarray) -> float:
+    diff = mu_x - mu_y
+    return float(diff @ diff / len(diff))
 
 
 def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -146,13 +158,125 @@ def gap_figures(real: np.ndarray, other: np.ndarray, args) -> dict:
     }
 
 
-def per_class_figures(real, real_y, other, other_y, classes, args) -> dict:
-    """gap_figures per class; a class with fewer than 3 images on either side is left out (no covariance)."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Streaming statistics: one pass over a set of any size, in bounded memory, shardable and resumable.
+
+
+class GapStats:
+    """What the figures need of one image set, gathered batch by batch: per-class counts and feature sums and the
+    overall sum of outer products (so FID's Gaussian fit and the linear MMD are exact over every image) and the rows
+    of a seeded sample (KID and the k-NN figures overall; every figure per class). Sums add and samples unite, so the
+    parts of processes, jobs and resumed chunks merge exactly. Memory: D² + classes·D floats plus the sample."""
+
+    def __init__(self, num_classes: int):
+        self.count = np.zeros(num_classes, np.int64)
+        self.sums = self.outer = None  # [classes, D], [D, D] float64, sized by the first batch
+        self.rows: dict[int, np.ndarray] = {}  # set position -> float32 features of the sampled images
+        self.done = 0  # how many of this part's positions are in (resume)
+
+    def add(self, positions: np.ndarray, feats: np.ndarray, labels: np.ndarray, keep: set) -> None:
+        x = feats.astype(np.float64)
+        if self.sums is None:
+            self.sums, self.outer = np.zeros((len(self.count), x.shape[1])), np.zeros((x.shape[1],) * 2)
+        np.add.at(self.sums, labels, x)
+        np.add.at(self.count, labels, 1)
+        self.outer += x.T @ x
+        self.rows.update({int(p): f for p, f in zip(positions, feats.astype(np.float32)) if int(p) in keep})
+        self.done += len(positions)
+
+    def merge(self, other: "GapStats") -> "GapStats":
+        if other.sums is not None:
+            if self.sums is None:
+                self.sums, self.outer = np.zeros_like(other.sums), np.zeros_like(other.outer)
+            self.sums += other.sums
+            self.outer += other.outer
+        self.count += other.count
+        self.rows.update(other.rows)
+        self.done += other.done
+        return self
+
+    def gaussian(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance of every image (np.cov's, from the sums)."""
+        n = self.count.sum()
+        mu = self.sums.sum(0) / n
+        return mu, (self.outer - n * np.outer(mu, mu)) / (n - 1)
+
+    def sample(self, positions) -> np.ndarray:
+        return np.stack([self.rows[int(p)] for p in positions]).astype(np.float64)
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        keys = np.array(sorted(self.rows), dtype=np.int64)
+        dim = 0 if self.sums is None else self.sums.shape[1]
+        tensors = {
+            "count": self.count,
+            "sums": self.sums if self.sums is not None else np.zeros((len(self.count), 0)),
+            "outer": self.outer if self.outer is not None else np.zeros((0, 0)),
+            "row_positions": keys,
+            "rows": np.stack([self.rows[k] for k in keys]) if len(keys) else np.zeros((0, dim), np.float32),
+            "done": np.array([self.done], dtype=np.int64),
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
+
+    @classmethod
+    def load(cls, path: Path) -> "GapStats":
+        from safetensors.numpy import load_file
+
+        t = load_file(str(path))
+        stats = cls(len(t["count"]))
+        stats.count, stats.done = t["count"], int(t["done"][0])
+        if t["sums"].shape[1]:
+            stats.sums, stats.outer = t["sums"], t["outer"]
+        stats.rows = {int(p): r for p, r in zip(t["row_positions"], t["rows"])}
+        return stats
+
+
+def sample_plan(labels: np.ndarray, args) -> tuple[np.ndarray, dict]:
+    """The seeded sample a set keeps: `overall` (max(--prdc-images, --kid-subset-size) images: KID and the k-NN
+    figures) and per class up to --per-class-images (every per-class figure). A pure function of the labels and the
+    seed, so every shard keeps the same sample."""
+    n = len(labels)
+    size = min(n, max(args.prdc_images, args.kid_subset_size))
+    overall = np.sort(np.random.default_rng(args.seed).choice(n, size, replace=False))
+    per_class = {}
+    for label in np.unique(labels):
+        where = np.flatnonzero(labels == label)
+        pick = np.random.default_rng([args.seed, int(label)]).choice(
+            len(where), min(len(where), args.per_class_images), replace=False
+        )
+        per_class[int(label)] = np.sort(where[pick])
+    return overall, per_class
+
+
+def streamed_figures(real: GapStats, real_plan, other: GapStats, other_plan, args) -> dict:
+    """gap_figures with FID and the linear MMD over every image (from the sums), KID and the k-NN figures on the
+    seeded overall samples (the same as gap_figures' when a set is no larger than its sample)."""
+    r, o = real.sample(real_plan[0]), other.sample(other_plan[0])
+    kid_mean, kid_std = kid(r, o, args.kid_subsets, args.kid_subset_size, args.seed)
+    (mu_r, cov_r), (mu_o, cov_o) = real.gaussian(), other.gaussian()
+    sampled = (subsample(r, args.prdc_images, args.seed), subsample(o, args.prdc_images, args.seed + 1))
+    return {
+        "fid": frechet_distance(mu_r, cov_r, mu_o, cov_o),
+        "kid": kid_mean,
+        "kid_std": kid_std,
+        **prdc(*sampled, args.k),
+        "linear_mmd": linear_mmd_of_means(mu_r, mu_o),
+        "images": int(other.count.sum()),
+    }
+
+
+def streamed_per_class(real: GapStats, real_plan, other: GapStats, other_plan, classes, args) -> dict:
+    """gap_figures per class on the per-class samples; a class with fewer than 3 images on either side is left out."""
     out = {}
     for label, name in enumerate(classes):
-        r, o = real[real_y == label], other[other_y == label]
-        if min(len(r), len(o)) >= 3:
-            out[name] = gap_figures(r, o, args)
+        r_pos, o_pos = real_plan[1].get(label, []), other_plan[1].get(label, [])
+        if min(len(r_pos), len(o_pos)) >= 3:
+            out[name] = {
+                **gap_figures(real.sample(r_pos), other.sample(o_pos), args),
+                "images": int(other.count[label]),
+            }
     return out
 
 
@@ -199,31 +323,86 @@ def build_extractor(spec: str, args, device):
 
 
 @torch.no_grad()
-def embed(paths, extractor, args, device, desc: str) -> np.ndarray:
+def embed_part(index, positions, stats: GapStats, keep: set, extractor, args, device, part: Path, desc, is_main):
+    """Embed the images at `positions` not yet in `stats` (a resumed part starts where it stopped), adding them
+    batch by batch; the part is saved every --checkpoint-every images and at the end."""
     forward, transform = extractor
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, transform), batch_size=args.batch_size, num_workers=args.workers
-    )
-    feats = [forward(x.to(device)).float().cpu() for _, x in progress(loader, desc=desc)]  # stored as float32
-    return torch.cat(feats).numpy() if feats else np.zeros((0, 0))
-
-
-def cached_features(index, fp: str, extractor, args, device, cache_dir: Path, log) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of an image set (fingerprint `fp`), from the cache when the set and the feature space are
-    unchanged."""
-    from safetensors.numpy import load_file, save_file
-
-    key = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.features)
-    cache = cache_dir / f"{index.name}-{index.split}-{fp}-{key}.safetensors"
+    todo = positions[stats.done :]
     labels = np.array([s.label for s in index.samples])
-    if cache.is_file():
-        log.info(f"{index.name} {index.split}: features from {cache}")
-        return load_file(cache)["features"].astype(np.float64), labels
-    feats = embed([index.abspath(i) for i in range(len(index))], extractor, args, device, f"{index.split} features")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        save_file({"features": feats}, str(tmp))
-    return feats.astype(np.float64), labels  # the figures are computed in float64
+    loader = torch.utils.data.DataLoader(
+        ImageFiles([index.abspath(int(i)) for i in todo], transform),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+    )
+    since = 0
+    for batch, x in progress(loader, desc=desc, is_main=is_main):
+        where = todo[batch.numpy()]
+        stats.add(where, forward(x.to(device)).float().cpu().numpy(), labels[where], keep)  # features kept float32
+        since += len(where)
+        if since >= args.checkpoint_every:
+            stats.save(part)
+            since = 0
+    stats.save(part)
+
+
+def set_stats(index, name: str, fp: str, extractor, args, state, cache_dir: Path, log) -> tuple:
+    """(GapStats, sample plan) of an image set, or (None, plan) while other shards still embed their parts. Cached
+    per set fingerprint, feature space and sample under cache_dir: the real splits are embedded once for every
+    synthetic variant; this job's part of the set is resumable."""
+    key = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.features)
+    sampling = f"s{args.seed}-o{max(args.prdc_images, args.kid_subset_size)}-c{args.per_class_images}"
+    stem = f"{index.name}-{index.split}-{fp}-{key}-{sampling}"
+    final = cache_dir / f"{stem}.safetensors"
+    labels = np.array([s.label for s in index.samples])
+    plan = sample_plan(labels, args)
+    if final.is_file():
+        log.info(f"{name}: statistics from {final}")
+        return GapStats.load(final), plan
+    keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
+    positions = np.array(local_items(list(range(len(index))), args.shard, state.process_index, state.num_processes))
+    (i, n), (r, w) = args.shard, (state.process_index, state.num_processes)
+    part = cache_dir / f"{stem}.part-{i}of{n}-{r}of{w}.safetensors"
+    stats = GapStats.load(part) if part.is_file() else GapStats(len(index.classes))
+    if stats.done < len(positions):
+        embed_part(
+            index,
+            positions,
+            stats,
+            keep,
+            extractor,
+            args,
+            state.device,
+            part,
+            f"{name} features",
+            state.is_main_process,
+        )
+    state.wait_for_everyone()
+    return merge_parts(cache_dir, stem, final, len(index), log), plan
+
+
+def merge_parts(cache_dir: Path, stem: str, final: Path, size: int, log) -> GapStats | None:
+    """The whole set's statistics once the finished parts (of any jobs and processes) cover it, saved as `final`."""
+    if final.is_file():
+        return GapStats.load(final)
+    parts = sorted(cache_dir.glob(f"{stem}.part-*.safetensors"))
+    merged = None
+    try:
+        for path in parts:
+            merged = GapStats.load(path) if merged is None else merged.merge(GapStats.load(path))
+    except FileNotFoundError:  # another job merged the parts meanwhile
+        return GapStats.load(final)
+    covered = 0 if merged is None else int(merged.count.sum())
+    if covered < size:
+        return None
+    if covered > size:
+        raise RuntimeError(
+            f"the parts {cache_dir}/{stem}.part-* cover {covered} images of a set of {size}: parts from runs with "
+            f"other --shard or process counts are mixed; delete them and run again"
+        )
+    merged.save(final)
+    for path in parts:
+        path.unlink(missing_ok=True)
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -297,9 +476,17 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--prdc-images", type=int, default=10000, help="per set, for the k-NN figures (Naeem et al.: 10k)")
     p.add_argument("--kid-subsets", type=int, default=50)
     p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument(
+        "--per-class-images",
+        type=int,
+        default=1000,
+        help="per set and class, a seeded sample for the per-class figures",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part of every set (job arrays)")
+    p.add_argument("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--output-dir", default=None, help="default <runs-dir>/<dataset>/gap_<synthetic dir name>")
     p.add_argument("--overwrite", action="store_true", help="move an existing run with another config aside")
@@ -318,28 +505,37 @@ def main(argv=None) -> dict:
     if synthetic.classes != real.classes:
         raise ValueError(f"{args.synthetic_dir} has other classes (or another order) than {args.dataset} train")
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"gap_{Path(args.synthetic_dir).name}")
-    config = config_dict(args, exclude=("batch_size", "workers", "runs_dir", "output_dir", "overwrite"))
+    config = config_dict(
+        args, exclude=("batch_size", "workers", "runs_dir", "output_dir", "overwrite", "shard", "checkpoint_every")
+    )
     sets = {"train": real, held_out_split: held_out, "synthetic": synthetic}
     config["sets"] = fps = {name: split_fingerprint(index) for name, index in sets.items()}
-    run = RunDir(out, config, args.overwrite)
-    start, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = build_extractor(args.features, args, device)  # a wrong model fails here, before the run dir exists
-    if run.start() == "done":
+    state = PartialState(cpu=not torch.cuda.is_available())
+    run = RunDir(out, config, args.overwrite, state.is_main_process)
+    start = time.time()
+    extractor = build_extractor(args.features, args, state.device)  # a wrong model fails here, before the run dir
+    status = run.start() if state.is_main_process else None
+    state.wait_for_everyone()
+    if (status or run.start()) == "done":
         return run.manifest()["metrics"]
-    log = get_logger(out)
+    log = get_logger(out, state.is_main_process)
     cache_dir = out.parent / "gap_features"
-    (r, ry), (h, hy), (s, sy) = (
-        cached_features(index, fps[name], extractor, args, device, cache_dir, log) for name, index in sets.items()
-    )
+    gathered = {
+        name: set_stats(index, name, fps[name], extractor, args, state, cache_dir, log) for name, index in sets.items()
+    }
+    if any(stats is None for stats, _ in gathered.values()) or not state.is_main_process:
+        log.info("this part's features are in; the figures come from the job that finishes the last part")
+        return None
+    (r, rp), (h, hp), (s, sp) = gathered.values()
     results = {
         "synthetic_dir": str(args.synthetic_dir),
         "features": args.features,
         "real_split": "train",
         "held_out_split": held_out_split,
-        "synthetic": gap_figures(r, s, args),
-        "floor": gap_figures(r, h, args),
-        "per_class": per_class_figures(r, ry, s, sy, real.classes, args),
-        "per_class_floor": per_class_figures(r, ry, h, hy, real.classes, args),
+        "synthetic": streamed_figures(r, rp, s, sp, args),
+        "floor": streamed_figures(r, rp, h, hp, args),
+        "per_class": streamed_per_class(r, rp, s, sp, real.classes, args),
+        "per_class_floor": streamed_per_class(r, rp, h, hp, real.classes, args),
     }
     excess = {
         n: v["fid"] - results["per_class_floor"].get(n, {}).get("fid", 0.0) for n, v in results["per_class"].items()
@@ -362,4 +558,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

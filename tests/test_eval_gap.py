@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import eval_gap
+from common import write_json, write_jsonl
 from conftest import TINY_CLASSES, make_imagefolder
 
 
@@ -53,14 +54,53 @@ def test_linear_mmd_is_the_papers_form():
     assert eval_gap.linear_mmd(x, y) == pytest.approx(1.0)  # |(1,1)|^2 / 2
 
 
+def streamed(x, y, args, chunks=1):
+    """GapStats of features x (labels y) added in `chunks` batches, and its sample plan."""
+    plan = eval_gap.sample_plan(y, args)
+    keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
+    stats = eval_gap.GapStats(int(y.max()) + 1)
+    for part in np.array_split(np.arange(len(x)), chunks):
+        stats.add(part, x[part], y[part], keep)
+    return stats, plan
+
+
 def test_per_class_figures_split_by_label():
     rng = np.random.default_rng(3)
     real, real_y = rng.normal(size=(40, 2)), np.repeat([0, 1], 20)
     other = real.copy()
     other[20:] += 5.0  # class 1 shifted, class 0 identical
     args = eval_gap.get_parser().parse_args(["--kid-subsets", "2", "--kid-subset-size", "10"])
-    per = eval_gap.per_class_figures(real, real_y, other, real_y, ["a", "b"], args)
+    per = eval_gap.streamed_per_class(*streamed(real, real_y, args), *streamed(other, real_y, args), ["a", "b"], args)
     assert per["a"]["fid"] == pytest.approx(0.0, abs=1e-6) and per["b"]["fid"] > 40
+    assert per["b"]["images"] == 20
+
+
+def test_streamed_figures_equal_the_in_memory_ones_and_parts_merge_exactly(tmp_path):
+    """Below the sample sizes every streamed figure equals gap_figures on the whole arrays; above them FID and the
+    linear MMD stay exact over every image. Parts (shards, resumed chunks) merge to the single pass, via disk too."""
+    rng = np.random.default_rng(4)
+    # float32 values (the sampled rows are kept as float32, as extractors give them)
+    x, xy = rng.normal(size=(300, 6)).astype(np.float32).astype(np.float64), rng.integers(0, 3, 300)
+    z, zy = rng.normal(0.3, 1.1, size=(250, 6)).astype(np.float32).astype(np.float64), rng.integers(0, 3, 250)
+    args = eval_gap.get_parser().parse_args("--kid-subsets 5 --kid-subset-size 50 --prdc-images 400".split())
+    whole = eval_gap.streamed_figures(*streamed(x, xy, args, 7), *streamed(z, zy, args, 3), args)
+    assert whole == pytest.approx(eval_gap.gap_figures(x, z, args), rel=1e-9, abs=1e-12)
+    small = eval_gap.get_parser().parse_args("--kid-subsets 5 --kid-subset-size 20 --prdc-images 40".split())
+    sampled = eval_gap.streamed_figures(*streamed(x, xy, small), *streamed(z, zy, small), small)
+    assert sampled["fid"] == pytest.approx(eval_gap.fid(x, z), rel=1e-9)  # over all 300 / 250, not the 40 kept
+    assert sampled["linear_mmd"] == pytest.approx(eval_gap.linear_mmd(x, z), rel=1e-9)
+    # two parts, saved and loaded, merge into the one-pass statistics
+    one, plan = streamed(x, xy, small)
+    keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
+    parts = []
+    for k, idx in enumerate((np.arange(0, 300, 2), np.arange(1, 300, 2))):
+        part = eval_gap.GapStats(3)
+        part.add(idx, x[idx], xy[idx], keep)
+        part.save(tmp_path / f"p{k}.safetensors")
+        parts.append(eval_gap.GapStats.load(tmp_path / f"p{k}.safetensors"))
+    merged = parts[0].merge(parts[1])
+    assert np.allclose(merged.outer, one.outer) and np.array_equal(merged.count, one.count)
+    assert merged.rows.keys() == one.rows.keys() and merged.done == 300
 
 
 def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_clip_vision):
@@ -82,14 +122,59 @@ def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_
     for name in ("results.md", "per_class.png", "precision_recall.png", "manifest.json"):
         assert (tmp_path / "gap" / name).is_file()
     cached = sorted((tmp_path / "gap_features").iterdir())
-    assert len(cached) == 3
+    assert len(cached) == 3 and not [p for p in cached if ".part-" in p.name]  # parts merged into one file per set
     mtimes = [p.stat().st_mtime_ns for p in cached]
-    eval_gap.main(argv[:-1] + [str(tmp_path / "gap2")])  # another run, same sets: every feature file reused
+    eval_gap.main(argv[:-1] + [str(tmp_path / "gap2")])  # another run, same sets: every statistics file reused
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "gap_features").iterdir())] == mtimes
+    # Two jobs (--shard 0/2, 1/2), into fresh caches: the first leaves its parts and no figures, the second merges
+    # them and writes the same figures as the single job.
+    sharded = tmp_path / "sharded" / "gap"
+    assert eval_gap.main(argv[:-1] + [str(sharded), "--shard", "0/2"]) is None
+    assert not (sharded / "results.json").exists()
+    again = eval_gap.main(argv[:-1] + [str(sharded), "--shard", "1/2"])
+    strip = lambda m: {k: v for k, v in m.items() if k != "elapsed_s"}  # noqa: E731
+    # other batches give float32 features that differ in the last bits, and FID's sqrtm magnifies them a little
+    assert strip(again) == pytest.approx(strip(metrics), rel=1e-4)
     (synth / TINY_CLASSES[0] / rows[0]["file"].split("/")[1]).unlink()
     write_jsonl(synth / "manifest.jsonl", rows[1:])
     eval_gap.main(argv[:-1] + [str(tmp_path / "gap3")])  # the synthetic set changed: embedded again, reals reused
     assert len(list((tmp_path / "gap_features").iterdir())) == 4
+
+
+def test_an_interrupted_part_resumes_where_it_stopped(tmp_path, tiny_clip_vision, monkeypatch):
+    data = tmp_path / "data"
+    make_imagefolder(data / "train", TINY_CLASSES, 6, seed=0)
+    make_imagefolder(data / "val", TINY_CLASSES, 3, seed=1)
+    synth = make_imagefolder(tmp_path / "synth", TINY_CLASSES, 6, seed=2)
+    rows = [{"file": f"{c}/{p.name}", "label": i} for i, c in enumerate(TINY_CLASSES) for p in (synth / c).iterdir()]
+    write_jsonl(synth / "manifest.jsonl", rows)
+    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
+    argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 3 --kid-subset-size 8"
+    argv = argv.split() + ["--features", f"clip:{tiny_clip_vision}", "--batch-size", "4", "--checkpoint-every", "4"]
+    clean = eval_gap.main(argv + ["--output-dir", str(tmp_path / "clean" / "gap")])
+    real_clip = eval_gap.clip_features
+    seen = []
+
+    def dies_after_two_batches(model_id, device):
+        forward, transform = real_clip(model_id, device)
+
+        def counted(x):
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+            seen.append(len(x))
+            return forward(x)
+
+        return counted, transform
+
+    monkeypatch.setattr(eval_gap, "clip_features", dies_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        eval_gap.main(argv + ["--output-dir", str(tmp_path / "killed" / "gap")])
+    monkeypatch.setattr(eval_gap, "clip_features", real_clip)
+    part = [p for p in (tmp_path / "killed" / "gap_features").iterdir() if ".part-" in p.name]
+    assert len(part) == 1 and eval_gap.GapStats.load(part[0]).done == 8  # two batches of 4 kept
+    resumed = eval_gap.main(argv + ["--output-dir", str(tmp_path / "killed" / "gap")])
+    strip = lambda m: {k: v for k, v in m.items() if k != "elapsed_s"}  # noqa: E731
+    assert strip(resumed) == pytest.approx(strip(clean), rel=1e-4)
 
 
 def test_a_missing_feature_model_fails_before_the_run_dir_exists(tmp_path):
