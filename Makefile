@@ -278,11 +278,11 @@ bench-gpu: $(STAMP)
 		--num-workers 8 --write-workers 8 --output-dir $(DEMO)/bench_synth_gpu $(ARGS)
 	$(GPU_PY) bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 8 --steps 20
 	$(GPU_PY) bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 32 --steps 10
-	$(GPU_PY) train_cls.py --benchmark --model resnet50 --fake-data 12288 --fake-size 400 --input-size 224 \
+	$(GPU_PY) bench.py train --model resnet50 --fake-data 12288 --fake-size 400 --input-size 224 \
 		--batch-size 256 --max-device-batch 256 --workers 14 --aa rand-m7-mstd0.5 --mixup 0.2 --cutmix 1.0 \
-		--bce-loss --benchmark-steps 40 --output-dir $(DEMO)/bench_train_gpu
+		--bce-loss --steps 40 --output-dir $(DEMO)/bench_train_gpu
 
 bench-train: $(STAMP)
-	$(DEMO_PY) train_cls.py --benchmark --fake-data 640 --fake-size 48 --model test_resnet --input-size 32 \
-		--batch-size 32 --max-device-batch 32 --workers 1 --amp no --benchmark-steps 15
+	$(DEMO_PY) bench.py train --fake-data 640 --fake-size 48 --model test_resnet --input-size 32 \
+		--batch-size 32 --max-device-batch 32 --workers 1 --amp no --steps 15
 	$(DEMO_PY) bench.py loader --images 2000 --size 256 --input-size 224 --workers 2 --output-dir $(DEMO)/bench_loader

@@ -13,9 +13,10 @@
 
 `--weights sd15-random` swaps in SD1.5-shaped UNet / VAE / text encoder with random weights built from config (no
 download), for GPU figures at the paper's scale; `pretrained` (default) times --pretrained-model's own weights.
-train_cls.py keeps its own `--benchmark`: it times main()'s data loader, which is not separable from main().
+  train     images/s and the share of step time spent waiting for data of train_cls.py's training step (its own model,
+            augmentation, optimizer, loader) on random in-memory JPEGs; <output-dir>/benchmark.json, one JSON line.
 
-Unlike the stage scripts, this file imports two of them: it times their own functions, so the figures are those of
+Unlike the stage scripts, this file imports three of them: it times their own functions, so the figures are those of
 the code that runs. The stage scripts never import it.
 
 Commands:
@@ -26,7 +27,8 @@ Commands:
   CPU (make bench-finetune): python bench.py finetune --pretrained-model runs/demo/generator/sd --resolution 32 \
                                  --train-batch-size 16 --steps 10
   GPU:                       python bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 8
-  CPU (make bench-train):    python bench.py loader --images 2000 --size 256 --workers 2
+  CPU (make bench-train):    python bench.py train --fake-data 640 --fake-size 48 --model test_resnet --input-size 32
+                             python bench.py loader --images 2000 --size 256 --workers 2
 Every synthesize.py / finetune.py flag is accepted after the benchmark's name (`python bench.py synth --help`).
 """
 
@@ -46,6 +48,7 @@ import torch
 import common
 import finetune
 import synthesize
+import train_cls
 
 WEIGHTS = ("pretrained", "sd15-random")
 
@@ -537,7 +540,80 @@ def bench_loader(argv) -> dict:
     return result
 
 
-BENCHMARKS = {"synth": bench_synth, "finetune": bench_finetune, "loader": bench_loader}
+# ----------------------------------------------------------------------------------------------------------------------
+# train
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = train_cls.get_parser()
+    p.prog, p.description = "bench.py train", "Images/s of train_cls.py's training step on random in-memory JPEGs."
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    g.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    g.add_argument("--fake-data", type=int, default=4096, help="random in-memory JPEGs, 10 classes (no dataset)")
+    g.add_argument("--fake-size", type=int, default=400, help="their side")
+    return p
+
+
+def fake_jpegs(n: int, size: int, seed: int) -> list[bytes]:
+    """Random JPEGs held in memory: decode + augmentation are measured without a dataset on disk."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(min(n, 256)):  # 256 distinct images, reused: encoding thousands would dominate a short benchmark
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return [out[i % len(out)] for i in range(n)]
+
+
+def bench_train(argv) -> dict:
+    """train_cls.py's own model, transforms, optimizer, loss, loader and step, timed after a few warm-up steps."""
+    args = train_cls.parse_args_with_recipe(train_parser(), argv, require_data=False)
+    accelerator = train_cls.make_accelerator(args)
+    common.seed_everything(args.seed)
+    model = train_cls.build_model(args, 10)
+    train_tf, _ = train_cls.build_transforms(args, train_cls.eval_transform_cfg(args, model))
+    steps_per_epoch = args.fake_data // args.batch_size
+    training = train_cls.prepare_training(args, accelerator, model, 10, steps_per_epoch)
+    labels = [i % 10 for i in range(args.fake_data)]
+    data = train_cls.ImageList(
+        [None] * len(labels), labels, train_tf, args.seed, fake_jpegs(len(labels), args.fake_size, args.seed)
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches, it = train_cls.epoch_loader(
+        data, args, rank, world, training.accum, 0, 1, max_steps=args.warmup + args.steps
+    )
+    if batches.steps < args.warmup + args.steps:
+        raise ValueError(
+            f"{args.warmup + args.steps} steps need {(args.warmup + args.steps) * args.batch_size} images: "
+            f"raise --fake-data (now {args.fake_data}) or lower --steps"
+        )
+    train_cls.train_steps(training, it, args.warmup * training.accum, args, 0, 0)
+    stats, _ = train_cls.train_steps(training, it, args.steps * training.accum, args, 0, 0)
+    result = {
+        "model": args.model,
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "processes": world,
+        "workers": args.workers,
+        "amp": accelerator.mixed_precision,
+        "img_per_s": stats["images"] * world / stats["seconds"],
+        "data_wait_frac": stats["data_wait"] / stats["seconds"],
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    if accelerator.is_main_process:
+        out = Path(args.output_dir or Path(args.runs_dir) / "fake" / f"bench_train_{args.model}")
+        common.write_json(out / "benchmark.json", result)
+        print(json.dumps(result))
+    return result
+
+
+BENCHMARKS = {"synth": bench_synth, "finetune": bench_finetune, "train": bench_train, "loader": bench_loader}
 
 
 def main(argv=None) -> dict:

@@ -25,7 +25,7 @@ Commands (the Tab. 8 recipe comes from the dataset's YAML section; any flag over
             (the global --batch-size is kept for any world size: gradient accumulation makes up the difference,
             on the same micro-batches, so 1 GPU accumulating learns what 8 GPUs learn)
   CPU     : python train_cls.py --config configs/demo.yaml --train-dirs real
-  speed   : python train_cls.py --benchmark --model resnet50 --fake-data 4096 --fake-size 400   (make bench-train)
+  speed   : python bench.py train --model resnet50 --fake-data 4096 --fake-size 400   (make bench-train)
 
 Recipes: `--recipe paper` (default) is Tab. 8: SGD momentum 0.9, lr 0.1, x0.2 at epochs 50/100/150, wd 5e-4, no
 warmup, no label smoothing, random-resized-crop + flip. `--recipe release` is what the authors' timm 0.9.2 run
@@ -169,28 +169,11 @@ def get_parser() -> argparse.ArgumentParser:
     system.add_argument("--workers", type=int, default=8, help="data-loader processes per training process")
     system.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
     system.add_argument("--keep-checkpoints", type=int, default=1)
-    system.add_argument("--benchmark", action="store_true", help="measure img/s and data-wait fraction, then exit")
-    system.add_argument("--benchmark-steps", type=int, default=30)
-    system.add_argument("--benchmark-warmup", type=int, default=5)
-    system.add_argument("--fake-data", type=int, default=0, help="benchmark on N random in-memory JPEGs (no dataset)")
-    system.add_argument("--fake-size", type=int, default=400, help="side of the --fake-data JPEGs")
     return p
 
 
 # Options that do not change the trained model: left out of the config hash so they can change between resumes.
-NOT_IN_CONFIG = (
-    "workers",
-    "keep_checkpoints",
-    "epochs_per_job",
-    "eval_every",
-    "benchmark",
-    "benchmark_steps",
-    "benchmark_warmup",
-    "fake_data",
-    "fake_size",
-    "runs_dir",
-    "name",
-)
+NOT_IN_CONFIG = ("workers", "keep_checkpoints", "epochs_per_job", "eval_every", "runs_dir", "name")
 
 
 def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -271,19 +254,6 @@ def load_mask(path: str, n: int) -> np.ndarray:
             f"dtype {mask.dtype}, shape {mask.shape}"
         )
     return mask
-
-
-def fake_jpegs(n: int, size: int, seed: int) -> list[bytes]:
-    """Random JPEGs held in memory, so `--benchmark` measures decode + augmentation without a dataset on disk."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(min(n, 256)):  # 256 distinct images, reused: encoding thousands would dominate a short benchmark
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return [out[i % len(out)] for i in range(n)]
 
 
 class EpochBatches:
@@ -516,10 +486,7 @@ def epoch_loader(train_set, args, rank: int, world: int, accum: int, start: int,
 
 def load_data(args):
     """(test index, classes, class names, train paths, train labels, input fingerprints). The class order is the real
-    test split's; every training source is relabelled to it. --fake-data: random in-memory images, 10 classes."""
-    if args.fake_data:
-        names = [str(c) for c in range(10)]
-        return None, names, names, [None] * args.fake_data, [i % 10 for i in range(args.fake_data)], {}
+    test split's; every training source is relabelled to it."""
     args.test_split = resolve_split(args.dataset, args.data_root, args.test_split)
     test_index = load_dataset(args.dataset, args.data_root, args.test_split)
     paths, labels, inputs = load_train_sources(args, test_index.classes)
@@ -563,18 +530,12 @@ def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
 
 
 def main(argv=None) -> dict:
-    from accelerate import Accelerator
-
     parser = get_parser()
     args = parse_args_with_recipe(parser, argv)
-    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
+    accelerator = make_accelerator(args)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     out = Path(
-        args.output_dir
-        or Path(args.runs_dir)
-        / (args.dataset or "fake")
-        / (f"bench_train_{args.model}" if args.benchmark else f"cls_{args.name or default_name(args.train_dirs)}")
+        args.output_dir or Path(args.runs_dir) / args.dataset / f"cls_{args.name or default_name(args.train_dirs)}"
     )
     seed_everything(args.seed)
 
@@ -590,33 +551,16 @@ def main(argv=None) -> dict:
     # The training sets' files are part of the run's identity: a changed split is a config mismatch, not a resume.
     config["train_fingerprints"] = {source: info["fingerprint"] for source, info in inputs.items()}
     run = RunDir(out, config, overwrite=args.overwrite, is_main=is_main)
-    if not args.benchmark:
-        state = run.start()
-        if state == "done":
-            return run.manifest()["metrics"]
-    log = get_logger(None if args.benchmark else out, is_main)
+    if run.start() == "done":
+        return run.manifest()["metrics"]
+    log = get_logger(out, is_main)
     accelerator.wait_for_everyone()
 
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    accum = accumulation_steps(args.batch_size, world, args.max_device_batch)
     steps_per_epoch = len(labels) // args.batch_size
-    optimizer, scheduler = build_optimizer(args, model, steps_per_epoch)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    mixup, criterion = build_loss(args, len(classes))
-    training = Training(model, optimizer, scheduler, criterion, mixup, accelerator, accum)
-    train_set = ImageList(
-        paths,
-        labels,
-        train_tf,
-        args.seed,
-        fake_jpegs(args.fake_data, args.fake_size, args.seed) if args.fake_data else None,
-    )
-
+    training = prepare_training(args, accelerator, model, len(classes), steps_per_epoch)
+    model, optimizer, scheduler, accum = training.model, training.optimizer, training.scheduler, training.accum
+    train_set = ImageList(paths, labels, train_tf, args.seed)
     loader = functools.partial(epoch_loader, train_set, args, accelerator.process_index, world, accum)
-
-    if args.benchmark:
-        return benchmark(args, training, loader, out, log)
 
     ckpt_dir = out / "checkpoints"
     start_epoch, rows = resume(accelerator, scheduler, args, out, log)
@@ -658,12 +602,30 @@ def main(argv=None) -> dict:
     return finish(run, accelerator.unwrap_model(model), args, classes, class_names, eval_cfg, metrics, inputs, is_main)
 
 
-def parse_args_with_recipe(parser, argv):
+def make_accelerator(args):
+    from accelerate import Accelerator
+
+    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    return Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
+
+
+def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch: int) -> Training:
+    """Optimizer, scheduler, loss and mixup for `model`, prepared by accelerate; the micro-batches per step."""
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    accum = accumulation_steps(args.batch_size, accelerator.num_processes, args.max_device_batch)
+    optimizer, scheduler = build_optimizer(args, model, steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    mixup, criterion = build_loss(args, num_classes)
+    return Training(model, optimizer, scheduler, criterion, mixup, accelerator, accum)
+
+
+def parse_args_with_recipe(parser, argv, require_data: bool = True):
     from common import parse_args
 
     args = parse_args(parser, argv, "train_cls")
     apply_recipe(args, parser)
-    if not args.fake_data and (args.dataset is None or args.data_root is None):
+    if require_data and (args.dataset is None or args.data_root is None):
         parser.error("--dataset and --data-root are required (or a --config that sets them)")
     return args
 
@@ -691,35 +653,6 @@ def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is
     metrics = {**metrics, "epochs": args.epochs}
     run.finish(metrics, inputs=inputs, extra={"classifier": classifier})
     return metrics
-
-
-def benchmark(args, training: Training, loader, out, log) -> dict:
-    """Images/s and the fraction of step time spent waiting for the data loader, after a few warm-up steps."""
-    warm, steps = args.benchmark_warmup, args.benchmark_steps
-    batches, it = loader(0, 1, max_steps=warm + steps)
-    if batches.steps < warm + steps:
-        raise ValueError(
-            f"--benchmark needs {(warm + steps) * args.batch_size} images, have "
-            f"{batches.n}; use --fake-data N or fewer --benchmark-steps"
-        )
-    train_steps(training, it, warm * training.accum, args, 0, 0)
-    stats, _ = train_steps(training, it, steps * training.accum, args, 0, 0)
-    accelerator = training.accelerator
-    result = {
-        "model": args.model,
-        "input_size": args.input_size,
-        "batch_size": args.batch_size,
-        "processes": accelerator.num_processes,
-        "workers": args.workers,
-        "amp": accelerator.mixed_precision,
-        "img_per_s": stats["images"] * accelerator.num_processes / stats["seconds"],
-        "data_wait_frac": stats["data_wait"] / stats["seconds"],
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-    if accelerator.is_main_process:
-        write_json(out / "benchmark.json", result)
-    log.info(f"benchmark: {result}")
-    return result
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""bench.py: the synthesis and finetune benchmarks run the stages' own code and report what they measured."""
+"""bench.py: the synthesis, finetune and train benchmarks run the stages' own code and report what they measured."""
 
 import pytest
 import torch
@@ -101,3 +101,14 @@ def test_finetune_reports_throughput(tiny_sd):
 def test_unknown_benchmark_names_the_choices():
     with pytest.raises(SystemExit, match="synth,finetune"):
         bench.main(["synthesize"])
+
+
+def test_train_reports_speed_of_train_cls_step_on_fake_data(tmp_path):
+    """bench.py train times train_cls.py's own step (moved out of the stage; was train_cls.py --benchmark)."""
+    argv = "train --fake-data 24 --fake-size 40 --model test_resnet --input-size 32 --batch-size 4 --workers 0"
+    argv = argv.split() + "--amp no --steps 3 --warmup 1 --output-dir".split() + [str(tmp_path)]
+    result = bench.main(argv)
+    assert result["img_per_s"] > 0 and 0 < result["data_wait_frac"] < 1 and result["model"] == "test_resnet"
+    assert common.read_json(tmp_path / "benchmark.json")["img_per_s"] == result["img_per_s"]
+    with pytest.raises(ValueError, match="--fake-data"):
+        bench.main(argv[:2] + ["8"] + argv[3:])

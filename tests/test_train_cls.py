@@ -233,21 +233,6 @@ def test_pretrained_file_loads_backbone_and_resets_head(tmp_path):
             assert torch.equal(v, source.state_dict()[k]), k
 
 
-def test_benchmark_reports_speed_on_fake_data(tmp_path):
-    result = train_cls.main(
-        [
-            *(
-                "--benchmark --fake-data 24 --fake-size 40 --model test_resnet --input-size "
-                "32 --batch-size 4 --workers 0 --amp no --benchmark-steps 3 "
-                "--benchmark-warmup 1 --output-dir"
-            ).split(),
-            str(tmp_path),
-        ]
-    )
-    assert result["img_per_s"] > 0 and 0 < result["data_wait_frac"] < 1
-    assert json.loads((tmp_path / "benchmark.json").read_text())["img_per_s"] == result["img_per_s"]
-
-
 def test_default_run_names_are_the_makefile_names():
     assert train_cls.default_name(["real"]) == "real"
     assert train_cls.default_name(["runs/in10/synth_x2"]) == "synth_x2"
