@@ -228,7 +228,7 @@ def timed(fn, unet, device) -> tuple[float, float]:
 def synth_pipelines(args, plan, placement, device):
     """(baseline, ours) from one load: the baseline keeps the LoRA unfused, as the release; ours fuses it and maybe
     compiles. One a copy of the other, so both time the same weights."""
-    dtype = synthesize.resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)
     baseline = synthesize.load_pipeline(args, device, dtype, fuse=False)
     if args.weights == "sd15-random":
         baseline = random_sd15_pipeline(baseline, dtype).to(device)
@@ -372,7 +372,7 @@ def bench_finetune(argv) -> dict:
     args = finetune.resolve_args(common.parse_args(finetune_parser(), argv, "finetune"))
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     device = accelerator.device
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    dtype = common.resolve_dtype(accelerator.mixed_precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     common.seed_everything(args.seed)

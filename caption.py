@@ -62,19 +62,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-class ImageList(torch.utils.data.Dataset):
-    """Decoded RGB images of the given dataset positions (PIL; the BLIP-2 processor does the resizing)."""
-
-    def __init__(self, index: common.DatasetIndex, positions: list[int]):
-        self.index, self.positions = index, positions
-
-    def __len__(self):
-        return len(self.positions)
-
-    def __getitem__(self, i):
-        return self.positions[i], common.load_image(self.index.abspath(self.positions[i]))
-
-
 def read_parts(parts_dir: Path) -> dict[str, str]:
     """Captions already written by any process of any earlier attempt (first occurrence wins)."""
     done: dict[str, str] = {}
@@ -92,16 +79,10 @@ def repair_tail(path: Path) -> None:
             path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 def load_blip2(args, device: torch.device):
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)
     try:
         processor = AutoProcessor.from_pretrained(args.model, revision=args.revision)
         model = Blip2ForConditionalGeneration.from_pretrained(args.model, revision=args.revision, dtype=dtype)
@@ -129,7 +110,7 @@ def run_part(index, todo, part_file: Path, args, device, is_main: bool, log) -> 
         return 0
     processor, model, dtype = load_blip2(args, device)
     loader = torch.utils.data.DataLoader(
-        ImageList(index, todo),
+        common.ImageFiles([index.abspath(i) for i in todo], transform=lambda image: image),  # BLIP-2 resizes
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         collate_fn=lambda b: list(zip(*b)),
@@ -137,9 +118,9 @@ def run_part(index, todo, part_file: Path, args, device, is_main: bool, log) -> 
     repair_tail(part_file)
     part_file.parent.mkdir(parents=True, exist_ok=True)
     with open(part_file, "a") as out:
-        for positions, images in common.progress(loader, is_main, desc="caption", unit="batch"):
-            for pos, text in zip(positions, caption_batch(processor, model, list(images), args, dtype)):
-                out.write(json.dumps({"path": index.samples[pos].path, "caption": text}) + "\n")
+        for rows, images in common.progress(loader, is_main, desc="caption", unit="batch"):
+            for row, text in zip(rows, caption_batch(processor, model, list(images), args, dtype)):
+                out.write(json.dumps({"path": index.samples[todo[row]].path, "caption": text}) + "\n")
             out.flush()  # a crash loses at most the current batch
     log.info(f"captioned {len(todo)} images into {part_file.name}")
     return len(todo)

@@ -447,6 +447,28 @@ def item_seed(*ids: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A --dtype value (auto | fp32 | fp16 | bf16, or accelerate's mixed_precision 'no'): auto is fp16 on a GPU (the
+    release's inference dtype), fp32 on the CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES.get(name, torch.float32)
+
+
+def load_subset_mask(path: str | os.PathLike, n: int) -> list[bool]:
+    """A --subset-mask file (LiRA shadows): a 1-D bool .npy with one entry per image of the train split."""
+    mask = np.load(path)
+    if mask.dtype != bool or mask.ndim != 1 or len(mask) != n:
+        raise ValueError(
+            f"--subset-mask {path}: need a 1-D bool array with one entry per train image ({n}), got "
+            f"dtype {mask.dtype}, shape {mask.shape}"
+        )
+    return mask.tolist()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
@@ -659,7 +681,7 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
@@ -686,7 +708,7 @@ def read_imagefolder(
             f"{name} {split}: class folder(s) missing under {root}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     samples = [
-        Sample(str(p.relative_to(root)), label) for label, c in enumerate(classes) for p in _list_images(root / c)
+        Sample(str(p.relative_to(root)), label) for label, c in enumerate(classes) for p in list_images(root / c)
     ]
     if class_names is None:
         class_names = _class_file(root, "class_names.txt") or [c.replace("_", " ") for c in classes]

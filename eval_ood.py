@@ -37,11 +37,12 @@ import re
 from pathlib import Path
 
 import torch
+from timm.utils import accuracy
 
 from common import (
     DATA_DIR,
+    DTYPES,
     HELD_OUT,
-    IMAGE_EXTENSIONS,
     HelpFormatter,
     ImageFiles,
     RunDir,
@@ -51,6 +52,7 @@ from common import (
     data_location,
     fingerprint,
     get_logger,
+    list_images,
     load_classifier,
     resolve_split,
     load_dataset,
@@ -129,10 +131,6 @@ def parse_set(spec: str, args=None) -> tuple[str, str | None, str | None]:
     return kind, kind, path
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-
-
 def class_dirs(root: Path) -> list[Path]:
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(dirs) == 1 and not list_images(dirs[0]) and not WNID.match(dirs[0].name):
@@ -189,12 +187,6 @@ def shared_classes(model_classes: list[str], space: list[str]) -> tuple[list[int
     return keep, {model_classes[j]: pos for pos, j in enumerate(keep)}
 
 
-def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hit = top == targets[:, None]
-    return {f"top{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
-
-
 def score_set(logits: torch.Tensor, ids: list[str], model_classes: list[str], space: list[str]) -> dict:
     """Top-1/top-5 over the shared classes only: images of other classes dropped, other logits masked out."""
     keep, target_of = shared_classes(model_classes, space)
@@ -204,7 +196,8 @@ def score_set(logits: torch.Tensor, ids: list[str], model_classes: list[str], sp
     if not rows:
         raise ValueError("the set has no image of the classifier's classes")
     targets = torch.tensor([target_of[ids[i]] for i in rows])
-    acc = topk_accuracy(logits[rows][:, keep], targets)
+    top1, top5 = accuracy(logits[rows][:, keep], targets, topk=(1, 5))  # timm's; k capped at the classes
+    acc = {"top1": float(top1), "top5": float(top5)}
     masked = len(keep) < len(model_classes) or len(keep) < len(set(space))
     note = (
         f"scored on {len(keep)} classes shared by the classifier ({len(model_classes)}) and the set "
@@ -238,7 +231,7 @@ def compute_logits(model, paths, transform, state, args, desc: str) -> torch.Ten
         pin_memory=torch.cuda.is_available(),
     )
     amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = DTYPES.get(amp)
     out = []
     for _, x in progress(loader, state.is_main_process, desc=desc, leave=False):
         with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):

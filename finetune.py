@@ -533,10 +533,7 @@ def check_inputs(args) -> None:
 def load_training_set(args):
     index = common.load_dataset(args.dataset, args.data_root, "train")
     if args.subset_mask:
-        mask = np.load(args.subset_mask)
-        if mask.dtype != bool or mask.ndim != 1:
-            raise ValueError(f"--subset-mask {args.subset_mask}: need a 1-D bool array, got {mask.dtype} {mask.shape}")
-        index = index.subset(mask.tolist())
+        index = index.subset(common.load_subset_mask(args.subset_mask, len(index)))
     index, bad, args.train_fingerprint = common.check_images(index, args.skip_bad)
     if not len(index):
         raise ValueError(f"no training images in {args.dataset} at {args.data_root} (after --subset-mask)")
@@ -682,7 +679,7 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     common.seed_everything(args.seed)  # LoRA and projection init
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = common.resolve_dtype(accelerator.mixed_precision, accelerator.device)
     tokenizer, text_encoder, vae, scheduler, unet = load_components(args, accelerator.device, weight_dtype)
     source_images = common.describe_images(index, args.resolution)
     common.note_unusual_images(source_images, args.resolution, log)

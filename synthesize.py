@@ -62,7 +62,9 @@ from common import (
     hash_file,
     item_seed,
     load_captions,
+    load_subset_mask,
     load_yaml_section,
+    resolve_dtype,
     load_dataset,
     load_image,
     load_init_image,
@@ -387,12 +389,6 @@ class IgnoreZeroTokens:
             attention_mask = torch.zeros(pad.shape, dtype=hidden_states.dtype, device=hidden_states.device)
             attention_mask = attention_mask.masked_fill(pad, torch.finfo(hidden_states.dtype).min)
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def load_pipeline(args, device, dtype, fuse: bool = True):
@@ -878,7 +874,7 @@ def prepare(args):
         raise ValueError(f"--scale must be a finite number > 0 (outputs per real image), got {args.scale}")
     index = load_dataset(args.dataset, args.data_root, args.split)
     if args.subset_mask:
-        index = index.subset(np.load(args.subset_mask).astype(bool).tolist())
+        index = index.subset(load_subset_mask(args.subset_mask, len(index)))
     if len(index) == 0:
         raise ValueError(f"no images in {args.dataset} {args.split} under {args.data_root}")
     if args.strength < 1.0:  # the latent prior reads every source: all bad ones named now, not the first mid-run

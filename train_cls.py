@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from timm.utils import accuracy
 
 from common import (
     HELD_OUT,
@@ -60,6 +61,7 @@ from common import (
     latest_checkpoint,
     load_dataset,
     load_image,
+    load_subset_mask,
     load_synthetic,
     positive_int,
     progress,
@@ -219,7 +221,7 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
         if is_real:
             index = load_dataset(args.dataset, args.data_root, "train")
             if args.subset_mask:
-                index = index.subset(load_mask(args.subset_mask, len(index)))
+                index = index.subset(load_subset_mask(args.subset_mask, len(index)))
             index, bad, identity = check_images(index, args.skip_bad)
         else:  # synthesize.py wrote each file atomically: no decode of up to 12.8 M files
             index, bad = load_synthetic(source), {}
@@ -244,16 +246,6 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
 
 def is_real_source(source: str, data_root) -> bool:
     return source == "real" or (data_root is not None and Path(source).resolve() == Path(data_root).resolve())
-
-
-def load_mask(path: str, n: int) -> np.ndarray:
-    mask = np.load(path)
-    if mask.dtype != bool or mask.ndim != 1 or len(mask) != n:
-        raise ValueError(
-            f"--subset-mask {path}: need a 1-D bool array with one entry per train image ({n}), got "
-            f"dtype {mask.dtype}, shape {mask.shape}"
-        )
-    return mask
 
 
 class EpochBatches:
@@ -452,10 +444,9 @@ def evaluate(model, index, transform, accelerator, args) -> dict:
         x = x.to(accelerator.device)
         with accelerator.autocast():
             logits = model(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x).float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-        hit = top == y[:, None]
+        top1, top5 = accuracy(logits.cpu(), y, topk=(1, 5))  # timm's, in percent; k capped at the classes
         counts += torch.tensor(
-            [hit[:, 0].sum(), hit.any(1).sum(), len(y)], dtype=torch.float64, device=accelerator.device
+            [top1 * len(y) / 100, top5 * len(y) / 100, len(y)], dtype=torch.float64, device=accelerator.device
         )
     counts = accelerator.reduce(counts, reduction="sum")
     return {"top1": 100.0 * counts[0].item() / counts[2].item(), "top5": 100.0 * counts[1].item() / counts[2].item()}

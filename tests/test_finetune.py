@@ -231,7 +231,7 @@ def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_pat
     assert common.read_json(tmp_path / "a" / "visual_guidance.json")["mode"] == "none"
     assert not (tmp_path / "a" / "visual_guidance.safetensors").exists()
     np.save(tmp_path / "mask.npy", np.ones(5, dtype=bool))
-    with pytest.raises(ValueError, match="subset mask has 5 entries"):
+    with pytest.raises(ValueError, match=r"one entry per train image \(12\), got dtype bool, shape \(5,\)"):
         finetune.main(
             base_args(
                 tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "b", "--subset-mask", str(tmp_path / "mask.npy")
