@@ -989,19 +989,26 @@ def add_visual_tokens(text_embeds: torch.Tensor, tokens: torch.Tensor, placement
     raise ValueError(f"unknown visual-token placement {placement!r}; choose one of {VG_PLACEMENTS}")
 
 
-def load_init_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """Latent-prior input: aspect-preserving resize of the short side to `size`, center crop, scaled to [-1, 1].
-
-    (The release squash-resizes to a square, which distorts every non-square ImageNet photo.)
-    """
-    img = load_image(path)
+def resize_crop(img: Image.Image, size: int, resample, rng: np.random.Generator | None = None, flip: bool = False):
+    """Resize the short side to `size` (aspect kept), crop size x size (random with `rng`, else center), flip;
+    as a [3, size, size] tensor in [-1, 1]."""
     scale = size / min(img.size)
     w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
+    img = img.resize((w, h), resample)
+    left, top = (
+        (int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1)))
+        if rng is not None
+        else ((w - size) // 2, (h - size) // 2)
+    )
     img = img.crop((left, top, left + size, top + size))
-    array = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
-    return array / 127.5 - 1.0
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return x.flip(-1) if flip else x
+
+
+def load_init_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """Latent-prior input: bicubic resize of the short side to `size`, center crop (the release squash-resizes to a
+    square, which distorts every non-square ImageNet photo)."""
+    return resize_crop(load_image(path), size, Image.BICUBIC)
 
 
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}

@@ -184,20 +184,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def resize_crop(img, size: int, rng: np.random.Generator | None, flip: bool) -> torch.Tensor:
-    """Resize the short side to `size` (bilinear, as released), crop size x size (random or center), flip; [-1, 1]."""
+    """The training view: short side to `size` bilinear (as released), random or center crop, flip; [-1, 1]."""
     from PIL import Image
 
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.BILINEAR)
-    left, top = (
-        (int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1)))
-        if rng is not None
-        else ((w - size) // 2, (h - size) // 2)
-    )
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-    return x.flip(-1) if flip else x
+    return common.resize_crop(img, size, Image.BILINEAR, rng, flip)
 
 
 class TrainImages(torch.utils.data.Dataset):
