@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import resource
 import shutil
@@ -43,7 +44,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from accelerate import Accelerator, PartialState
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from PIL import Image
+from torchvision import transforms
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import common
 import finetune
@@ -57,8 +65,6 @@ def sd15_random(tokenizer=None):
     """UNet, VAE and text encoder shaped like Stable Diffusion 1.5's, with random weights (fp32, CPU).
 
     The token ids come from `tokenizer` when given (the synthesis benchmark keeps the pipeline's tokenizer)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the other defaults are SD 1.x's blocks
     vae = AutoencoderKL(
@@ -121,8 +127,6 @@ def synth_parser() -> argparse.ArgumentParser:
 def random_sd15_pipeline(pipe, dtype):
     """The same pipeline rebuilt around SD1.5-shaped random models and a rank-4 LoRA on the UNet attention, like a
     finetune.py output. Rebuilt, not patched, so the VAE scale factor and image processor match the new VAE."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-    from peft import LoraConfig
 
     unet, vae, text_encoder = sd15_random(pipe.tokenizer)
     # init_lora_weights=False: random A and B, so the LoRA changes the output like a trained one (peft's default
@@ -246,7 +250,6 @@ def bench_synth(argv) -> dict:
     """Images/s of both loops on the first --images jobs, their ratio and the UNet share of wall time (totals over the
     rounds; baseline first in even rounds, ours first in odd ones). One untimed warm-up batch each first (allocation,
     lazy init, compilation: its time is reported)."""
-    from accelerate import PartialState
 
     args = common.parse_args(synth_parser(), argv, "synthesize")
     device = PartialState(cpu=not torch.cuda.is_available()).device
@@ -353,7 +356,6 @@ def finetune_models(args, device, dtype):
     """finetune.py's (tokenizer, text encoder, VAE, scheduler, UNet with LoRA), loaded or SD1.5-shaped random."""
     if args.weights == "pretrained":
         return finetune.load_components(args, device, dtype)
-    from diffusers import DDPMScheduler
 
     unet, vae, text_encoder = sd15_random()
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # SD 1.5's
@@ -367,7 +369,6 @@ def finetune_models(args, device, dtype):
 
 def bench_finetune(argv) -> dict:
     """Training samples/s and peak memory of one process (prints one JSON line); writes nothing."""
-    from accelerate import Accelerator
 
     args = finetune.resolve_args(common.parse_args(finetune_parser(), argv, "finetune"))
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
@@ -452,10 +453,6 @@ def loader_parser() -> argparse.ArgumentParser:
 def smooth_jpeg(rng, size: int) -> bytes:
     """A photo-like image (low-frequency colour fields plus a little grain), so JPEG sizes and decode cost are close to
     natural images' rather than to noise's."""
-    import io
-
-    import numpy as np
-    from PIL import Image
 
     coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
     img = Image.fromarray(coarse).resize((size * 4 // 3, size), Image.BICUBIC)
@@ -467,7 +464,6 @@ def smooth_jpeg(rng, size: int) -> bytes:
 
 def make_sets(args, out: Path) -> dict:
     """The same JPEG bytes as a folder set and as a shard set, written by synthesize.py's own writers."""
-    import numpy as np
 
     classes = [f"c{k}" for k in range(args.classes)]
     samples = [
@@ -501,8 +497,6 @@ def make_sets(args, out: Path) -> dict:
 
 def time_pass(index, args, epoch: int) -> float:
     """Seconds for one shuffled pass (seeded per epoch, as train_cls.py's order) through decode + random crop."""
-    import numpy as np
-    from torchvision import transforms
 
     tf = transforms.Compose(
         [transforms.RandomResizedCrop(args.input_size), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]
@@ -557,10 +551,6 @@ def train_parser() -> argparse.ArgumentParser:
 
 def fake_jpegs(n: int, size: int, seed: int) -> list[bytes]:
     """Random JPEGs held in memory: decode + augmentation are measured without a dataset on disk."""
-    import io
-
-    import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     out = []

@@ -29,6 +29,8 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration
 
 import common
 
@@ -80,7 +82,6 @@ def repair_tail(path: Path) -> None:
 
 
 def load_blip2(args, device: torch.device):
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
     dtype = common.resolve_dtype(args.dtype, device)
     try:
@@ -128,8 +129,6 @@ def run_part(index, todo, part_file: Path, args, device, is_main: bool, log) -> 
 
 def main(argv=None) -> dict:
     args = common.parse_args(get_parser(), argv, "caption")
-    from accelerate import PartialState
-    from transformers import AutoConfig
 
     state = PartialState()
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "captions")

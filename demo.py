@@ -44,9 +44,11 @@ OMP_NUM_THREADS=1: two OpenMP threads on an oversubscribed machine ran the UNet 
 from __future__ import annotations
 
 import argparse
+import colorsys
 import json
 import math
 import re
+import shutil
 import string
 import sys
 import time
@@ -55,7 +57,26 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from PIL import Image, ImageDraw
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from common import (
     DATA_DIR,
@@ -72,12 +93,14 @@ from common import (
     load_dataset,
     load_image,
     make_readable,
+    min_snr_weights,
     negative_prompt,
     parse_args,
     progress,
     read_json,
     save_image,
     seed_everything,
+    snr_from_alphas,
     write_json,
 )
 
@@ -129,7 +152,6 @@ def build_bpe_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[st
 
 
 def save_tokenizer(out_dir: Path, words: Iterable[str], max_length: int = 77):
-    from transformers import CLIPTokenizer
 
     vocab, merges = build_bpe_vocab(words)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,8 +178,6 @@ def build_generator(
     `text_time_embedding` adds diffusers' `addition_embed_type="text"`: the attention-pooled condition (text tokens
     and, when appended, the visual token) is added to the timestep embedding of every ResNet block, besides
     cross-attention."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -244,7 +264,6 @@ def build_generator(
 def build_image_encoder(out_dir: str | Path, projection_dim: int = TEXT_WIDTH, image_size: int = 32, seed: int = 0):
     """A tiny CLIPVisionModelWithProjection + CLIPImageProcessor in the transformers layout: the stand-in for
     `openai/clip-vit-large-patch14` (whose 768-d projection equals SD 1.5's cross-attention width)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
     model = CLIPVisionModelWithProjection(
@@ -364,7 +383,6 @@ def shape_polygons(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def _random_colour(rng: np.random.Generator, sat=(0.3, 1.0), val=(0.25, 1.0)) -> np.ndarray:
-    import colorsys
 
     return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(*sat), rng.uniform(*val))) * 255
 
@@ -404,7 +422,6 @@ def _shape_mask(
     max_turn: float = 25.0,
 ):
     """Rasterise a randomly scaled, stretched, rotated and placed shape into an anti-aliased [size, size] alpha."""
-    from PIL import ImageDraw
 
     big = size * SUPERSAMPLE
     radius = rng.uniform(*scale) * size
@@ -430,7 +447,6 @@ def _shape_mask(
 
 def _distractors(rng: np.random.Generator, img: np.ndarray, count: int) -> np.ndarray:
     """Small lines and dots in random colours: clutter the classifier must learn to ignore."""
-    from PIL import ImageDraw
 
     pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
@@ -545,7 +561,6 @@ def batches(count: int, batch_size: int, steps: int, seed: int):
 
 
 def cosine_lr(optimizer, steps: int, warmup: int):
-    from diffusers.optimization import get_cosine_schedule_with_warmup
 
     return get_cosine_schedule_with_warmup(
         optimizer, num_warmup_steps=min(warmup, steps // 5), num_training_steps=steps
@@ -605,7 +620,6 @@ def pick_prompts(labels: torch.Tensor, n_uncond: int, p_uncond: float, gen: torc
 
 def diffusion_loss(unet, scheduler, latents, cond, timesteps, noise, snr_gamma: float | None) -> torch.Tensor:
     """ε-prediction MSE, min-SNR-γ weighted (as finetune.py trains): the per-sample loss, [B]."""
-    from common import min_snr_weights, snr_from_alphas
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, cond).sample
@@ -640,8 +654,6 @@ def train_unet(
     gathered per sample. `hp`: unet_steps, unet_batch_size, unet_lr, text_lr, p_uncond, high_t_fraction, snr_gamma,
     ema_decay, seed. Constant learning rate after a warm-up, EMA weights at the end. With `checkpoint`, the whole
     state is saved every 500 steps and a rerun continues from it, drawing the batches an uninterrupted run would."""
-    from diffusers.optimization import get_constant_schedule_with_warmup
-    from diffusers.training_utils import EMAModel
 
     mean, std, scale = latents
     unet.train()
@@ -783,7 +795,6 @@ def conditioning_check(
 
 def load_sampler(sd_dir: Path, kind: str = "img2img"):
     """The pipeline synthesize.py uses: SD img2img (or text-to-image for the grid) with UniPC."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UniPCMultistepScheduler
 
     cls = StableDiffusionImg2ImgPipeline if kind == "img2img" else StableDiffusionPipeline
     pipe = cls.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False, dtype=torch.float32)
@@ -964,7 +975,6 @@ def measure_synthetic(
 def image_encoder_ncm(clip_dir: Path, train: DemoSplit, test: DemoSplit) -> float:
     """Nearest-class-mean top-1 on the demo test split with the CLIP image encoder's projected embedding (the
     visual-guidance token), class means from the train split: how much of the class the token carries."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     vision = CLIPVisionModelWithProjection.from_pretrained(clip_dir, dtype=torch.float32).eval()
     processor = CLIPImageProcessor.from_pretrained(clip_dir)
@@ -1033,7 +1043,6 @@ def save_component(model, path: Path, load_as_fp32: bool = False) -> None:
 
     `load_as_fp32`: the config of fp16 weights says float32, so a plain from_pretrained loads them in fp32 as it
     loads SD 1.5's hub files (transformers otherwise keeps the stored dtype, diffusers upcasts anyway)."""
-    import shutil
 
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1136,8 +1145,6 @@ def measure_generator(args, out: Path, sd_dir: Path, clip_dir: Path, pipe, sched
 
 
 def run_generator(args) -> dict:
-    from diffusers import DDPMScheduler, StableDiffusionImg2ImgPipeline
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     out = Path(args.out or Path(args.runs_dir) / "generator")
     run = RunDir(out, {k: getattr(args, k) for k in GENERATOR_KEYS}, args.overwrite)

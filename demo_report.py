@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.stats import spearmanr
 
 from common import (
     HelpFormatter,
@@ -367,7 +368,6 @@ def gap_fid(abl: Path, cls_prefix: str) -> float | None:
 def gap_correlation_line(stats: dict) -> str:
     """Spearman's rank correlation between a row's gap FID and its mean synthetic-only top-1, over the rows with
     both (a smaller gap should mean a better classifier: a negative correlation)."""
-    from scipy.stats import spearmanr
 
     pairs = [(row["gap_fid"], row["mean"]) for row in stats.values() if row.get("gap_fid") is not None]
     if len(pairs) < 3:

@@ -41,9 +41,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from accelerate import PartialState
+from safetensors.numpy import load_file, save_file
 from scipy import linalg
+from timm.data import create_transform, resolve_data_config
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from common import (
     HELD_OUT,
@@ -205,7 +209,6 @@ class GapStats:
         return np.stack([self.rows[int(p)] for p in positions]).astype(np.float64)
 
     def save(self, path: Path) -> None:
-        from safetensors.numpy import save_file
 
         keys = np.array(sorted(self.rows), dtype=np.int64)
         dim = 0 if self.sums is None else self.sums.shape[1]
@@ -222,7 +225,6 @@ class GapStats:
 
     @classmethod
     def load(cls, path: Path) -> "GapStats":
-        from safetensors.numpy import load_file
 
         t = load_file(str(path))
         stats = cls(len(t["count"]))
@@ -285,7 +287,6 @@ def streamed_per_class(real: GapStats, real_plan, other: GapStats, other_plan, c
 
 
 def clip_features(model_id: str, device):
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     model = CLIPVisionModelWithProjection.from_pretrained(model_id, dtype=torch.float32).to(device).eval()
     processor = CLIPImageProcessor.from_pretrained(model_id)
@@ -297,8 +298,6 @@ def clip_features(model_id: str, device):
 
 
 def timm_features(name: str, device):
-    import timm
-    from timm.data import create_transform, resolve_data_config
 
     model = timm.create_model(name, pretrained=True, num_classes=0).to(device).eval()  # num_classes=0: pooled features
     return model, create_transform(**resolve_data_config({}, model=model))

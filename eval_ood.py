@@ -37,6 +37,9 @@ import re
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from timm.utils import accuracy
 
 from common import (
@@ -54,11 +57,11 @@ from common import (
     get_logger,
     list_images,
     load_classifier,
-    resolve_split,
     load_dataset,
     parse_args,
     progress,
     read_lines,
+    resolve_split,
     write_json,
 )
 
@@ -245,7 +248,6 @@ def cache_key(weights_hash: str, transform_cfg: dict, rel_paths: list[str]) -> s
 
 
 def cached_logits(cache: Path, key: str, n: int) -> torch.Tensor | None:
-    from safetensors import safe_open
 
     if not cache.is_file():
         return None
@@ -258,7 +260,6 @@ def cached_logits(cache: Path, key: str, n: int) -> torch.Tensor | None:
 
 def set_logits(name, paths, model, transform, info, weights_hash, state, args, out, log) -> torch.Tensor:
     """The set's logits from the cache if the classifier, transform and image list are unchanged, else computed."""
-    from safetensors.torch import save_file
 
     cache = out / "logits" / f"{name}.safetensors"
     rel = [str(p) for p in paths]
@@ -272,7 +273,6 @@ def set_logits(name, paths, model, transform, info, weights_hash, state, args, o
     with atomic_path(parts_dir / f"{state.process_index}.safetensors") as tmp:
         save_file({"logits": part.contiguous()}, str(tmp))
     state.wait_for_everyone()
-    from safetensors.torch import load_file
 
     # undo the strided split: image i was computed by process i % world as its (i // world)-th row
     world = state.num_processes
@@ -309,7 +309,6 @@ def markdown_table(results: dict, classifier: str) -> str:
 
 
 def main(argv=None) -> dict:
-    from accelerate import PartialState
 
     parser = get_parser()
     args = parse_args(parser, argv, "eval_ood")

@@ -56,6 +56,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 import common
 
@@ -185,7 +194,6 @@ def get_parser() -> argparse.ArgumentParser:
 
 def resize_crop(img, size: int, rng: np.random.Generator | None, flip: bool) -> torch.Tensor:
     """The training view: short side to `size` bilinear (as released), random or center crop, flip; [-1, 1]."""
-    from PIL import Image
 
     return common.resize_crop(img, size, Image.BILINEAR, rng, flip)
 
@@ -229,8 +237,6 @@ def collate(items):
 
 def load_components(args, device, weight_dtype):
     """Tokenizer, frozen text encoder and VAE, noise scheduler, and the UNet with peft LoRA adapters (fp32)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     src, rev = args.pretrained_model, args.revision
     try:
@@ -258,8 +264,6 @@ def load_components(args, device, weight_dtype):
 
 def add_lora(unet, args, device):
     """Freeze the UNet and add peft LoRA adapters (Gaussian init of A, zero B: the model starts unchanged)."""
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
 
     unet.requires_grad_(False).to(device)
     unet.add_adapter(
@@ -286,7 +290,6 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def clip_embeddings(encoder_id: str, paths: list[Path], device, is_main: bool) -> torch.Tensor:
     """Projected (unnormalised) CLIP image embeddings [N, D] (release extract_feature.py: get_image_features)."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     try:
         processor = CLIPImageProcessor.from_pretrained(encoder_id)
@@ -348,7 +351,6 @@ def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, d
 def build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator, out_dir: Path) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     path = out_dir / "cache" / f"shard-{rank}of{world}.safetensors"
-    from safetensors.torch import load_file, save_file
 
     unique = sorted(set(prompts))
     if not path.is_file():
@@ -443,8 +445,6 @@ def training_step(batch, models, tokens, prompts, labels, args, cache, gen) -> t
 
 
 def register_checkpoint_hooks(accelerator, unet_cls):
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
         for model in models:
@@ -471,10 +471,6 @@ def register_checkpoint_hooks(accelerator, unet_cls):
 
 def save_outputs(out_dir: Path, unet, projection, embeds, vg_info) -> None:
     """The LoRA in the diffusers format and the visual tokens in the UNet width (what synthesis must use)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     tmp = out_dir / ".tmp-lora"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -511,8 +507,6 @@ def resolve_args(args):
 
 def check_inputs(args) -> None:
     """The pretrained pipeline and the image encoder exist (read their configs only), before the run dir is made."""
-    from diffusers import DiffusionPipeline
-    from transformers import AutoConfig
 
     layout = "an SD 1.x pipeline (diffusers layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...)"
     common.check_pretrained(DiffusionPipeline.load_config, args.pretrained_model, args.revision, layout)
@@ -535,7 +529,6 @@ def load_training_set(args):
 
 def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet_width: int):
     """Embeddings computed once by the main process (saved, so a resumed run reuses the same tokens)."""
-    from safetensors.torch import load_file, save_file
 
     if args.vg_mode == "none":
         return None, None, {"mode": "none", "placement": args.vg_placement, "classes": index.classes}
@@ -647,8 +640,6 @@ def train(accelerator, args, index, prompts, models, embeds, cache, params, opti
 
 def main(argv=None) -> dict:
     args = resolve_args(common.parse_args(get_parser(), argv, "finetune"))
-    from accelerate import Accelerator
-    from diffusers import UNet2DConditionModel
 
     # cpu=True without CUDA: several CPU processes under torchrun then form one gloo group (else each trains alone).
     accelerator = Accelerator(

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from scipy.stats import norm
 
 from common import (
     PROJECT_DIR,
@@ -196,8 +198,6 @@ def lira_attacks(
     }
     for name, sd in (("offline", floor(sd_out)), ("offline_fixed_variance", g_out)):
         if offline_test == "one-sided":  # log Pr[Z < φ]: only unusually *high* confidence points to membership
-            from scipy.stats import norm
-
             out[name] = norm.logcdf(x, mu_out, sd).mean(-1)
         elif offline_test == "two-sided":  # reference plot.py: unlikely under OUT in either direction
             out[name] = -_norm_logpdf(x, mu_out, sd).mean(-1)
@@ -411,7 +411,6 @@ def stage_config_hash(path) -> str | None:
     is a config change here too (a finished shadow is skipped without asking its stage script)."""
     if path is None:
         return None
-    import yaml
 
     data = yaml.safe_load(Path(path).read_text()) or {}
     return config_hash({k: v for k, v in data.items() if k not in ("caption", "eval_ood", "mia_lira", "sscd_sim")})

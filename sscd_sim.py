@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision import transforms
 
 from common import (
     HelpFormatter,
@@ -184,7 +185,6 @@ def load_descriptor(path: str | Path, device: torch.device):
 
 
 def make_transform(resize: str, size: int):
-    from torchvision import transforms
 
     shape = size if resize == "short-edge" else [size, size]
     return transforms.Compose(

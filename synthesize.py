@@ -40,7 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from diffusers import StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler
 from PIL import Image
+from safetensors.torch import load_file
 
 from common import (
     DATASETS,
@@ -48,37 +51,37 @@ from common import (
     HelpFormatter,
     ImageReadError,
     RunDir,
-    add_visual_tokens,
     ShardMember,
+    add_visual_tokens,
     atomic_path,
     atomic_write,
     build_prompt,
     captions_for,
+    check_images,
     check_pretrained,
     config_dict,
+    describe_images,
     encode_latent_prior,
     fingerprint,
+    fragmented_class_names,
     get_logger,
     hash_file,
     item_seed,
     load_captions,
-    load_subset_mask,
-    load_yaml_section,
-    resolve_dtype,
     load_dataset,
     load_image,
     load_init_image,
+    load_subset_mask,
+    load_yaml_section,
     local_items,
     negative_prompt,
+    note_unusual_images,
     parse_args,
     parse_shard,
     positive_int,
     progress,
     read_json,
-    check_images,
-    describe_images,
-    fragmented_class_names,
-    note_unusual_images,
+    resolve_dtype,
     split_fingerprint,
     write_json,
     write_jsonl,
@@ -345,7 +348,6 @@ def load_visual_tokens(lora_dir, index, vg_mode: str):
     meta = read_json(meta_path)
     if meta["mode"] == "none":
         return None, meta.get("placement", "append")
-    from safetensors.torch import load_file
 
     table = load_file(str(tensor_path))["tokens"]
     if meta["mode"] == "class-mean":
@@ -393,7 +395,6 @@ class IgnoreZeroTokens:
 
 def load_pipeline(args, device, dtype, fuse: bool = True):
     """SD img2img + UniPC + the LoRA, fused unless `fuse=False` (the benchmark's baseline, as the release)."""
-    from diffusers import StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler
 
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
         args.pretrained_model,
@@ -916,8 +917,6 @@ def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "synthesize")
     if args.plan:
         return print_plan(args)
-    from accelerate import PartialState
-    from diffusers import StableDiffusionImg2ImgPipeline
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: lets torchrun spread CPU processes
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"synth_x{args.scale:g}")

@@ -47,13 +47,22 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import timm
 import torch
+import yaml
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 
 from common import (
     HELD_OUT,
     HelpFormatter,
     RunDir,
+    atomic_path,
     check_images,
     config_dict,
     get_logger,
@@ -63,6 +72,7 @@ from common import (
     load_image,
     load_subset_mask,
     load_synthetic,
+    parse_args,
     positive_int,
     progress,
     read_jsonl,
@@ -288,7 +298,6 @@ def global_micro(m: int, rank: int, world: int, accum: int) -> int:
 
 def model_kwargs(args) -> dict:
     """--model-kwargs output_stride=8 -> {"output_stride": 8} (values parsed as YAML scalars)."""
-    import yaml
 
     pairs = [kv.split("=", 1) for kv in args.model_kwargs]
     if any(len(kv) != 2 for kv in pairs):
@@ -297,7 +306,6 @@ def model_kwargs(args) -> dict:
 
 
 def build_model(args, num_classes: int):
-    import timm
 
     kwargs = {**model_kwargs(args), "num_classes": num_classes, "drop_path_rate": args.drop_path or None}
     if args.pretrained and args.pretrained_file:
@@ -316,7 +324,6 @@ def build_model(args, num_classes: int):
 def eval_transform_cfg(args, model) -> dict:
     """The eval transform as `timm.data.create_transform` kwargs: the model's defaults at --input-size (recorded in
     the manifest so that eval_ood.py and mia_lira.py see images exactly as the test split did)."""
-    from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
     cfg["input_size"] = (3, args.input_size, args.input_size)
@@ -326,7 +333,6 @@ def eval_transform_cfg(args, model) -> dict:
 
 
 def build_transforms(args, eval_cfg: dict):
-    from timm.data import create_transform
 
     train = create_transform(
         eval_cfg["input_size"],
@@ -344,8 +350,6 @@ def build_transforms(args, eval_cfg: dict):
 
 def build_loss(args, num_classes: int):
     """timm's train.py choice: mixup -> soft targets (BCE or CE); else label smoothing; else plain CE."""
-    from timm.data import Mixup
-    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -486,8 +490,6 @@ def load_data(args):
 
 def build_optimizer(args, model, steps_per_epoch: int):
     """timm's optimizer and scheduler (per-update warmup, per-epoch decay) from the recipe's flags."""
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
     optimizer = create_optimizer_v2(
         model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
@@ -594,7 +596,6 @@ def main(argv=None) -> dict:
 
 
 def make_accelerator(args):
-    from accelerate import Accelerator
 
     amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     return Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
@@ -612,7 +613,6 @@ def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch
 
 
 def parse_args_with_recipe(parser, argv, require_data: bool = True):
-    from common import parse_args
 
     args = parse_args(parser, argv, "train_cls")
     apply_recipe(args, parser)
@@ -623,9 +623,6 @@ def parse_args_with_recipe(parser, argv, require_data: bool = True):
 
 def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is_main) -> dict:
     """Final weights (plain timm state_dict), classes.json and the manifest that makes the run self-describing."""
-    from safetensors.torch import save_file
-
-    from common import atomic_path
 
     if is_main:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

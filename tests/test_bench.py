@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import args_for
 
 import bench
 import common
 import synthesize
-from conftest import args_for
 
 
 def test_synth_reports_both_loops(tiny_sd, tiny_dataset, tiny_lora, tmp_path):

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_imagefolder
 from PIL import Image
 
 import common
-from conftest import make_imagefolder
-
 
 # ---------------------------------------------------------------------------------------------------------- config
 

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_CLASSES, make_imagefolder
 
 import eval_gap
 from common import write_json, write_jsonl
-from conftest import TINY_CLASSES, make_imagefolder
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_of_gaussians_the_closed_form():

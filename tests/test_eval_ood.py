@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_imagefolder
 from PIL import Image
 from safetensors.torch import save_file
 
 import eval_ood
 from common import DATA_DIR, read_lines
-from conftest import make_imagefolder
 
 IN1K = read_lines(DATA_DIR / "imagenet1k_wnids.txt")
 IN_R = read_lines(DATA_DIR / "imagenet_r_wnids.txt")

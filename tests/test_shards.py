@@ -8,13 +8,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import args_for
 from PIL import Image
 from safetensors.torch import load_file
 
 import synthesize
 import train_cls
 from common import ImageReadError, load_image, load_synthetic, read_json, read_jsonl
-from conftest import args_for
 
 WDS = "--scale 1.5 --output-format wds --shard-samples 5".split()  # 18 images of 12 sources: shards of 5, 5, 5, 3
 SHARD_FIELDS = {"shard", "key", "offset", "size"}

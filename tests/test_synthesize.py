@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import args_for
 from PIL import Image
 
 import synthesize
-from conftest import args_for
 from common import ConfigMismatchError, ImageReadError, add_visual_tokens, item_seed, load_synthetic, read_jsonl
 
 
@@ -346,9 +346,8 @@ def test_lora_dir_none_means_the_plain_model():
 def test_grayscale_small_sources_are_said_and_stay_grayscale(tiny_sd, tmp_path):
     """28 px grayscale sources: the manifest and the log say their mode and size and the resize, the outputs are
     grayscale unless --output-mode RGB; a class name the tokenizer splits into letters is named in a warning."""
-    from PIL import Image
-
     from conftest import make_imagefolder
+    from PIL import Image
 
     root = tmp_path / "gray"
     make_imagefolder(root / "train", ["red_circle", "green_square"], 2, size=28)
@@ -382,8 +381,9 @@ def test_save_size_stores_smaller_images_and_is_part_of_the_identity(tiny_sd, ti
 def test_changed_sources_are_a_config_mismatch_and_bad_ones_are_all_named(tiny_sd, tmp_path):
     import shutil
 
-    from common import ConfigMismatchError, ImageReadError
     from conftest import TINY_CLASSES, make_imagefolder
+
+    from common import ConfigMismatchError, ImageReadError
 
     root = tmp_path / "data"
     make_imagefolder(root / "train", TINY_CLASSES, 2)

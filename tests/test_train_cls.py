@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CLASSES, make_imagefolder
 from safetensors.torch import load_file, save_file
 
 import train_cls
 from common import ConfigMismatchError, load_dataset, read_jsonl, write_json, write_jsonl
-from conftest import TINY_CLASSES, make_imagefolder
 
 TINY = (
     "--dataset demo --model test_resnet --input-size 32 --batch-size 4 "
