@@ -353,7 +353,8 @@ class RandomTokenizer:
 
 
 def finetune_models(args, device, dtype):
-    """finetune.py's (tokenizer, text encoder, VAE, scheduler, UNet with LoRA), loaded or SD1.5-shaped random."""
+    """finetune.py's SDModels (tokenizer, text encoder, VAE, scheduler, UNet with LoRA), loaded or SD1.5-shaped
+    random."""
     if args.weights == "pretrained":
         return finetune.load_components(args, device, dtype)
 
@@ -364,7 +365,9 @@ def finetune_models(args, device, dtype):
     unet = (
         unet if unet.dtype == dtype else unet.to(dtype=dtype)
     )  # finetune.add_lora expects the UNet in the weight dtype, as load_components loads it
-    return RandomTokenizer(), text_encoder.eval(), vae.eval(), scheduler, finetune.add_lora(unet, args, device)
+    return finetune.SDModels(
+        RandomTokenizer(), text_encoder.eval(), vae.eval(), scheduler, finetune.add_lora(unet, args, device)
+    )
 
 
 def bench_finetune(argv) -> dict:
@@ -377,16 +380,14 @@ def bench_finetune(argv) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     common.seed_everything(args.seed)
-    comps = finetune_models(args, device, dtype)
-    unet = comps[-1]
-    width, b = unet.config.cross_attention_dim, args.train_batch_size
+    models = finetune_models(args, device, dtype)
+    width, b = models.unet.config.cross_attention_dim, args.train_batch_size
     tokens = torch.randn(b, width, device=device) if args.vg_mode != "none" else None
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for p in models.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    models = (*comps[:-1], unet, None)
+    models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
     batch = (list(range(b)), [False] * b, torch.randn(b, 3, args.resolution, args.resolution).clamp(-1, 1))
-    prompts, labels = ["photo of a benchmark image"] * b, list(range(b))
+    data = finetune.TrainingData(["photo of a benchmark image"] * b, list(range(b)), tokens, None)
     gen = torch.Generator(device).manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -396,7 +397,7 @@ def bench_finetune(argv) -> dict:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         with accelerator.autocast():
-            loss, _ = finetune.training_step(batch, models, tokens, prompts, labels, args, None, gen)
+            loss, _ = finetune.training_step(batch, models, data, args, gen)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()

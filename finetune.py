@@ -46,12 +46,14 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -235,7 +237,34 @@ def collate(items):
 # Models
 
 
-def load_components(args, device, weight_dtype):
+@dataclasses.dataclass
+class SDModels:
+    """The SD components a training step uses; `projection` maps visual tokens to the UNet's width (or None)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: Any
+    unet: torch.nn.Module
+    projection: torch.nn.Module | None = None
+
+    @property
+    def trained(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.projection) if m is not None]
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What a step reads besides the images: prompts and labels per training image, the visual tokens (per class or
+    per image, or None) and the latent / text cache (or None: encoded on the fly)."""
+
+    prompts: list[str]
+    labels: list[int]
+    tokens: torch.Tensor | None
+    cache: dict | None
+
+
+def load_components(args, device, weight_dtype) -> SDModels:
     """Tokenizer, frozen text encoder and VAE, noise scheduler, and the UNet with peft LoRA adapters (fp32)."""
 
     src, rev = args.pretrained_model, args.revision
@@ -259,7 +288,7 @@ def load_components(args, device, weight_dtype):
         )
     for model in (text_encoder, vae):
         model.requires_grad_(False).to(device)
-    return tokenizer, text_encoder.eval(), vae.eval(), scheduler, add_lora(unet, args, device)
+    return SDModels(tokenizer, text_encoder.eval(), vae.eval(), scheduler, add_lora(unet, args, device))
 
 
 def add_lora(unet, args, device):
@@ -399,15 +428,15 @@ def build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator,
 # The objective: min-SNR-weighted ε-MSE + λ · MMD (paper Eq. 7 or the release's variant)
 
 
-def training_step(batch, models, tokens, prompts, labels, args, cache, gen) -> tuple[torch.Tensor, dict]:
+def training_step(batch, models: SDModels, data: TrainingData, args, gen) -> tuple[torch.Tensor, dict]:
     rows, flips, pixels = batch
-    tokenizer, text_encoder, vae, scheduler, unet, projection = models
+    vae, scheduler, cache, prompts = models.vae, models.scheduler, data.cache, data.prompts
     device, dtype = vae.device, vae.dtype
     with torch.no_grad():
         if cache is None:
             dist = vae.encode(pixels.to(device, dtype)).latent_dist
             mean, std = dist.mean, dist.std
-            text = encode_text(tokenizer, text_encoder, [prompts[r] for r in rows])
+            text = encode_text(models.tokenizer, models.text_encoder, [prompts[r] for r in rows])
         else:
             pick = torch.tensor([int(f) for f in flips])
             mean = cache["mean"][rows, pick].to(device, dtype)
@@ -419,11 +448,11 @@ def training_step(batch, models, tokens, prompts, labels, args, cache, gen) -> t
     noise = torch.randn(latents.shape, generator=gen, device=device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=gen, device=device)
     noisy = scheduler.add_noise(latents, noise, t)
-    if tokens is not None:  # paper §3.2: the visual token joins the text condition (appended, or in slot 77)
-        vt = tokens[[labels[r] for r in rows] if args.vg_mode == "class-mean" else rows].to(device)
-        vt = projection(vt) if projection is not None else vt
+    if data.tokens is not None:  # paper §3.2: the visual token joins the text condition (appended, or in slot 77)
+        vt = data.tokens[[data.labels[r] for r in rows] if args.vg_mode == "class-mean" else rows].to(device)
+        vt = models.projection(vt) if models.projection is not None else vt
         text = common.add_visual_tokens(text.float(), vt.float(), args.vg_placement)
-    pred = unet(noisy.to(dtype), t, text.to(dtype)).sample.float()
+    pred = models.unet(noisy.to(dtype), t, text.to(dtype)).sample.float()
 
     snr = common.snr_from_alphas(scheduler.alphas_cumprod, t)
     w = common.min_snr_weights(snr, args.snr_gamma) if args.snr_gamma > 0 else torch.ones_like(snr)
@@ -575,14 +604,13 @@ def trim_metrics(path: Path, step: int) -> None:
         common.write_jsonl(path, [row for row in common.read_jsonl(path) if row["step"] <= step])
 
 
-def train(accelerator, args, index, prompts, models, embeds, cache, params, optimizer, step, total, out_dir) -> dict:
+def train(accelerator, args, index, models: SDModels, data: TrainingData, optimizer, step: int, total: int, out_dir):
     """Optimizer steps `step`..`total`, each of --gradient-accumulation-steps micro-batches; a checkpoint every
     --checkpointing-steps and one metrics.jsonl row per epoch. Returns what the final metrics need."""
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
     micro_per_epoch = len(epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, 0))
-    labels = [s.label for s in index.samples]
-    unet, projection = models[4], models[5]
-    trained = [m for m in (unet, projection) if m is not None]
+    trained = models.trained
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
     bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
     t0, seen, history, micro = time.time(), 0, [], step * accum
     if accelerator.is_main_process:
@@ -592,7 +620,7 @@ def train(accelerator, args, index, prompts, models, embeds, cache, params, opti
         batches = epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, epoch)[skip:]
         batches = batches[: total * accum - micro]
         loader = torch.utils.data.DataLoader(
-            TrainImages(index, args, epoch, cache is not None),
+            TrainImages(index, args, epoch, data.cache is not None),
             batch_sampler=batches,
             num_workers=args.num_workers,
             collate_fn=collate,
@@ -604,7 +632,7 @@ def train(accelerator, args, index, prompts, models, embeds, cache, params, opti
             )
             with accelerator.accumulate(*trained):  # the prepared optimizer steps only on the accum-th micro-batch
                 with accelerator.autocast():
-                    loss, logs = training_step(batch, models, embeds, prompts, labels, args, cache, gen)
+                    loss, logs = training_step(batch, models, data, args, gen)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -661,20 +689,21 @@ def main(argv=None) -> dict:
     common.seed_everything(args.seed)  # LoRA and projection init
 
     weight_dtype = common.resolve_dtype(accelerator.mixed_precision, accelerator.device)
-    tokenizer, text_encoder, vae, scheduler, unet = load_components(args, accelerator.device, weight_dtype)
+    models = load_components(args, accelerator.device, weight_dtype)
     source_images = common.describe_images(index, args.resolution)
     common.note_unusual_images(source_images, args.resolution, log)
-    if fragmented := common.fragmented_class_names(tokenizer, index.class_names):
+    if fragmented := common.fragmented_class_names(models.tokenizer, index.class_names):
         log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
     embeds, projection, vg_info = prepare_visual_guidance(
-        index, args, accelerator, out_dir, unet.config.cross_attention_dim
+        index, args, accelerator, out_dir, models.unet.config.cross_attention_dim
     )
     cache = (
-        build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator, out_dir)
+        build_cache(index, prompts, models.tokenizer, models.text_encoder, models.vae, args, accelerator, out_dir)
         if args.cache_latents
         else None
     )
 
+    unet = models.unet
     params = [p for p in unet.parameters() if p.requires_grad] + (list(projection.parameters()) if projection else [])
     optimizer = torch.optim.AdamW(
         params,
@@ -705,8 +734,9 @@ def main(argv=None) -> dict:
         f"steps/epoch, {total} steps, {n_train} trainable parameters, vg={args.vg_mode}, "
         f"mmd={args.mmd_form} λ={args.mmd_weight}"
     )
-    models = (tokenizer, text_encoder, vae, scheduler, unet, projection)
-    stats = train(accelerator, args, index, prompts, models, embeds, cache, params, optimizer, step, total, out_dir)
+    models.unet, models.projection = unet, projection  # as prepared by accelerate
+    data = TrainingData(prompts, [s.label for s in index.samples], embeds, cache)
+    stats = train(accelerator, args, index, models, data, optimizer, step, total, out_dir)
     accelerator.wait_for_everyone()
 
     metrics = {**stats, "train_images": len(index), "trainable_params": n_train}

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import timm
@@ -378,7 +379,8 @@ def accumulation_steps(batch: int, world: int, max_device: int) -> int:
 # Train and evaluate
 
 
-class Training(NamedTuple):
+@dataclasses.dataclass
+class Training:
     """What a training step needs, prepared by accelerate; `accum` micro-batches make one optimizer step."""
 
     model: torch.nn.Module
@@ -392,7 +394,7 @@ class Training(NamedTuple):
 
 def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_updates: int):
     """Run `n_micro` micro-batches (n_micro / accum optimizer steps). Returns loss, images, seconds, data-wait s."""
-    model, optimizer, scheduler, criterion, mixup, accelerator, accum = t
+    model, optimizer, accelerator, accum = t.model, t.optimizer, t.accelerator, t.accum
     is_main = accelerator.is_main_process
     model.train()
     device, total_loss, images, wait = accelerator.device, 0.0, 0, 0.0
@@ -412,18 +414,18 @@ def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_u
         )
         torch.manual_seed(s)
         np.random.seed(s % (1 << 32))
-        if mixup is not None:
-            x, y = mixup(x, y)
+        if t.mixup is not None:
+            x, y = t.mixup(x, y)
         last = (m + 1) % accum == 0
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            loss = criterion(model(x), y)
+            loss = t.criterion(model(x), y)
         accelerator.backward(loss / accum)
         if last:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
-            scheduler.step_update(num_updates)
+            t.scheduler.step_update(num_updates)
         total_loss += loss.item() * len(x)
         images += len(x)
     if torch.cuda.is_available():
