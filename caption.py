@@ -39,14 +39,8 @@ PAPER_MODEL = "Salesforce/blip2-opt-2.7b"  # paper §3.2 via CiP (LeavesLei/Capt
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override it")
-    p.add_argument("--dataset", default="in10", help=f"one of {common.DATASETS}")
-    p.add_argument("--data-root", default=None, help="dataset root (see README for each dataset's layout)")
+    common.add_run_options(p, "captions", seed_help="unused by greedy decoding; recorded", workers=4)
     p.add_argument("--split", default="train", help="split to caption (the paper captions the training images)")
-    p.add_argument("--seed", type=int, default=42, help="unused by greedy decoding; recorded for completeness")
-    p.add_argument("--output-dir", default=None, help="default runs/<dataset>/captions")
-    p.add_argument("--runs-dir", default="runs", help="root of the default output directories")
-    p.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
     p.add_argument("--model", default=PAPER_MODEL, help="BLIP-2 hub id or local directory (transformers layout)")
     p.add_argument("--revision", default=None, help="hub revision of --model")
     p.add_argument(
@@ -59,7 +53,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")
     p.add_argument("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
-    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
     p.add_argument("--shard", type=common.parse_shard, default=(0, 1), help="'i/n': this job's part (job arrays)")
     return p
 
@@ -113,7 +106,7 @@ def run_part(index, todo, part_file: Path, args, device, is_main: bool, log) -> 
     loader = torch.utils.data.DataLoader(
         common.ImageFiles([index.abspath(i) for i in todo], transform=lambda image: image),  # BLIP-2 resizes
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=args.workers,
         collate_fn=lambda b: list(zip(*b)),
     )
     repair_tail(part_file)
@@ -132,7 +125,7 @@ def main(argv=None) -> dict:
 
     state = PartialState()
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "captions")
-    config = common.config_dict(args, exclude=("output_dir", "runs_dir", "batch_size", "num_workers", "shard"))
+    config = common.config_dict(args, exclude=("output_dir", "runs_dir", "batch_size", "workers", "shard"))
     index = common.load_dataset(args.dataset, args.data_root, args.split)  # fails before touching out_dir
     common.check_pretrained(AutoConfig.from_pretrained, args.model, args.revision, "BLIP-2")
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)

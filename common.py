@@ -114,6 +114,32 @@ def load_yaml_section(path: str | os.PathLike, stage: str) -> dict:
     return {"shared": {k: v for k, v in data.items() if k in SHARED_KEYS}, "section": section, "merged": merged}
 
 
+def add_run_options(
+    parser: argparse.ArgumentParser,
+    output: str,
+    seed: int = 42,
+    seed_help: str = "global seed",
+    workers: int = 0,
+    resume: bool = False,
+) -> None:
+    """The options every stage shares, each with one name and vocabulary: --config, --dataset, --data-root, --seed,
+    --runs-dir, --output-dir (default <runs-dir>/<dataset>/<output>), --overwrite, --workers (alias --num-workers),
+    and for stages with checkpoints --resume."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
+    g.add_argument("--dataset", default=None, choices=DATASETS, help="the real dataset (a --config sets it)")
+    g.add_argument("--data-root", default=None, help="its root (else configs/paths.yaml or the environment, README)")
+    g.add_argument("--seed", type=int, default=seed, help=seed_help)
+    g.add_argument("--runs-dir", default="runs", help="root of the default output directories")
+    g.add_argument("--output-dir", default=None, help=f"default <runs-dir>/<dataset>/{output}")
+    g.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
+    if resume:
+        g.add_argument(
+            "--resume", choices=("latest", "never"), default="latest", help="continue from the last checkpoint"
+        )
+    g.add_argument("--workers", "--num-workers", type=int, default=workers, help="data-loader workers per process")
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stage: str) -> argparse.Namespace:
     """Parse `argv` with precedence argparse defaults < YAML (`--config`) < command line.
 
@@ -126,6 +152,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stag
     if first.config:
         yaml_cfg = load_yaml_section(first.config, stage)
         actions = {a.dest: a for a in parser._actions}
+        for action in parser._actions:  # an option's other names (--num-workers for --workers) work as keys too
+            for name in action.option_strings:
+                actions.setdefault(name.lstrip("-").replace("-", "_"), action)
         defaults = {}
         for key, value in yaml_cfg["merged"].items():
             dest = key.replace("-", "_")
@@ -136,7 +165,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stag
                         f"(run `python {stage}.py --help` for the options)"
                     )
                 continue  # a shared key another stage uses
-            defaults[dest] = _coerce(actions[dest], key, value, str(first.config))
+            defaults[actions[dest].dest] = _coerce(actions[dest], key, value, str(first.config))
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
@@ -834,6 +863,8 @@ def dataset_root(name: str) -> str:
 def load_dataset(name: str, root: str | os.PathLike | None, split: str = "train") -> DatasetIndex:
     """One reader per dataset; `split` is 'train' or a test split ('val'/'test' for the real ones, any folder for
     imagefolder/demo, e.g. the demo's shifted sets)."""
+    if name is None:
+        raise ValueError(f"no dataset given: pass --dataset (one of {DATASETS}) or a --config that sets it")
     root = dataset_root(name) if root is None else root
     if name in WNID_LISTS:
         return read_imagenet_subset(root, "train" if split == "train" else "val", DATA_DIR / WNID_LISTS[name], name)

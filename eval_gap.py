@@ -54,6 +54,7 @@ from common import (
     HelpFormatter,
     ImageFiles,
     RunDir,
+    add_run_options,
     atomic_path,
     atomic_write,
     config_dict,
@@ -464,10 +465,8 @@ def write_plots(out: Path, results: dict) -> None:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml, section eval_gap)")
+    add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help="seed of the samples (KID, k-NN figures)")
     p.add_argument("--synthetic-dir", required=False, default=None, help="a synthesize.py output (required)")
-    p.add_argument("--dataset", default=None, help="the real dataset (common.load_dataset)")
-    p.add_argument("--data-root", default=None, help="root of the real dataset")
     p.add_argument("--test-split", default=HELD_OUT, help="the real held-out split for the floor")
     p.add_argument("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")
     p.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="for --features clip")
@@ -481,14 +480,9 @@ def get_parser() -> argparse.ArgumentParser:
         default=1000,
         help="per set and class, a seeded sample for the per-class figures",
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part of every set (job arrays)")
     p.add_argument("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--output-dir", default=None, help="default <runs-dir>/<dataset>/gap_<synthetic dir name>")
-    p.add_argument("--overwrite", action="store_true", help="move an existing run with another config aside")
     return p
 
 

@@ -49,6 +49,7 @@ from common import (
     HelpFormatter,
     ImageFiles,
     RunDir,
+    add_run_options,
     atomic_path,
     atomic_write,
     config_dict,
@@ -77,7 +78,7 @@ IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
+    add_run_options(p, "ood_<classifier dir name>", workers=8)
     p.add_argument("--classifier", default=None, help="a train_cls.py output directory (required)")
     p.add_argument(
         "--sets",
@@ -94,13 +95,7 @@ def get_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"root of {kind} (used when --sets names '{kind}'; default ${env} or configs/paths.yaml)",
         )
-    p.add_argument("--dataset", default=None, help="dataset of the split names in --sets")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--output-dir", default=None, help="default: <runs-dir>/<dataset>/ood_<classifier dir name>")
-    p.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
     p.add_argument("--batch-size", type=int, default=256, help="per process")
-    p.add_argument("--workers", type=int, default=8)
     p.add_argument(
         "--amp",
         choices=["auto", "no", "fp16", "bf16"],

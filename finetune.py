@@ -79,19 +79,7 @@ MMD_WEIGHTS = {"paper": 0.01, "release": 0.003}  # paper form: converted from th
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     a = p.add_argument
-    a("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override it")
-    a("--dataset", default="in10", help=f"one of {common.DATASETS}")
-    a("--data-root", default=None, help="dataset root")
-    a("--seed", type=int, default=42, help="release train_lora.sh: 42")
-    a("--output-dir", default=None, help="default runs/<dataset>/finetune")
-    a("--runs-dir", default="runs", help="root of the default output directories")
-    a("--overwrite", action="store_true", help="move a run with another config aside and start over")
-    a(
-        "--resume",
-        default="latest",
-        choices=["latest", "none"],
-        help="resume an interrupted run from its latest checkpoint (default), or restart it from step 0",
-    )
+    common.add_run_options(p, "finetune", seed_help="release train_lora.sh: 42", workers=4, resume=True)
     # data and prompts (paper §3.2)
     a("--captions", default=None, help="captions.jsonl from caption.py; without it prompts are 'photo of {class}'")
     a("--allow-missing-captions", action="store_true", help="prompt images without a caption by class name only")
@@ -99,7 +87,6 @@ def get_parser() -> argparse.ArgumentParser:
     a("--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)")
     a("--resolution", type=int, default=512, help="release: Resize(512) + RandomCrop(512)")
     a("--random-flip", action=argparse.BooleanOptionalAction, default=True, help="release: random horizontal flip")
-    a("--num-workers", type=int, default=4, help="image-decoding workers per process")
     # model and LoRA (App. E Tab. 7)
     a("--pretrained-model", default=PAPER_MODEL, help="SD 1.x pipeline: hub id or local diffusers directory")
     a("--revision", default=None, help="hub revision of --pretrained-model")
@@ -581,14 +568,7 @@ def run_config(args, world_size: int) -> dict:
     # train_fingerprint (set by load_training_set) stays in: a changed training split is a mismatch, not a resume.
     config = common.config_dict(
         args,
-        exclude=(
-            "output_dir",
-            "runs_dir",
-            "num_workers",
-            "checkpointing_steps",
-            "checkpoints_total_limit",
-            "skipped_bad",
-        ),
+        exclude=("output_dir", "runs_dir", "workers", "checkpointing_steps", "checkpoints_total_limit", "skipped_bad"),
     )
     config["world_size"] = world_size  # the per-process batch defines the MMD batch
     # Options added later are left out at their defaults, so runs made before them keep their config.
@@ -622,7 +602,7 @@ def train(accelerator, args, index, models: SDModels, data: TrainingData, optimi
         loader = torch.utils.data.DataLoader(
             TrainImages(index, args, epoch, data.cache is not None),
             batch_sampler=batches,
-            num_workers=args.num_workers,
+            num_workers=args.workers,
             collate_fn=collate,
         )
         for batch in loader:

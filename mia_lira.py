@@ -50,6 +50,7 @@ from common import (
     PROJECT_DIR,
     HelpFormatter,
     RunDir,
+    add_run_options,
     atomic_path,
     atomic_write,
     config_dict,
@@ -73,13 +74,7 @@ SIGMA_FLOOR = 1e-6  # a shadow set with identical scores has σ = 0 and an infin
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
-    p.add_argument("--dataset", default="in10", help="dataset name (paper §4.5: ImageNette / in10)")
-    p.add_argument("--data-root", default=None, help="dataset root (see README)")
-    p.add_argument("--seed", type=int, default=0, help="global seed (keep matrix, shadow seeds)")
-    p.add_argument("--output-dir", default=None, help="default runs/<dataset>/mia_lira")
-    p.add_argument("--overwrite", action="store_true", help="move an output dir with another config aside and rerun")
-    p.add_argument("--runs-dir", default="runs", help="root of the default output dirs")
+    add_run_options(p, "mia_lira", seed=0, seed_help="global seed (keep matrix, shadow seeds)", workers=4)
     # The experiment (paper App. G.4: 16 shadows following Carlini et al.; each image IN for exactly half of them).
     p.add_argument("--num-shadows", type=int, default=16, help="M shadow pipelines per arm (paper: 16; even, >= 4)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="which arms to run")
@@ -109,7 +104,6 @@ def get_parser() -> argparse.ArgumentParser:
     )
     # Queries (Carlini et al. §5: deterministic augmentations; reference code: identity + mirror).
     p.add_argument("--batch-size", type=int, default=256, help="query batch size (does not change results)")
-    p.add_argument("--num-workers", type=int, default=4, help="query data-loader workers")
     # Attacks.
     p.add_argument(
         "--offline-test",
@@ -387,7 +381,7 @@ class QueryImages(torch.utils.data.Dataset):
 def query_scores(model, transform, index, args, device, desc: str) -> np.ndarray:
     """[N, 2] float64 φ for the identity and the mirrored view of every image, in index order."""
     loader = torch.utils.data.DataLoader(
-        QueryImages(index, transform), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers
+        QueryImages(index, transform), batch_size=args.batch_size, shuffle=False, num_workers=args.workers
     )
     scores = []
     for x, y in progress(loader, desc=desc, leave=False):
@@ -490,7 +484,7 @@ def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "mia_lira")
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "mia_lira")
     args.stage_config = args.stage_config or args.config
-    config = config_dict(args, exclude=("batch_size", "num_workers", "launcher", "shard", "runs_dir", "output_dir"))
+    config = config_dict(args, exclude=("batch_size", "workers", "launcher", "shard", "runs_dir", "output_dir"))
     config["stage_config_hash"] = stage_config_hash(args.stage_config) if not args.scores_from else None
     # Bad inputs fail here, before the run directory is touched (a left run config would make the corrected
     # command a config mismatch).

@@ -45,6 +45,7 @@ from common import (
     ImageFiles,
     RunDir,
     ShardMember,
+    add_run_options,
     atomic_path,
     config_dict,
     fingerprint,
@@ -66,13 +67,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SS
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
-    p.add_argument("--dataset", default="in10", help="dataset of the real training images")
-    p.add_argument("--data-root", default=None, help="dataset root (see README)")
-    p.add_argument("--seed", type=int, default=0, help="global seed (background subset, dataset splits)")
-    p.add_argument("--output-dir", default=None, help="default runs/<dataset>/sscd_<synthetic dir name>")
-    p.add_argument("--overwrite", action="store_true", help="move an output dir with another config aside and rerun")
-    p.add_argument("--runs-dir", default="runs", help="root of the default output dirs")
+    add_run_options(p, "sscd_<synthetic dir name>", seed=0, seed_help="global seed (background subset)", workers=4)
     p.add_argument(
         "--synthetic-dir",
         default=None,
@@ -109,7 +104,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="descriptor cache (default runs/<dataset>/sscd_cache)")
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch size (does not change results)")
     p.add_argument("--chunk-size", type=int, default=65536, help="reference descriptors per similarity block (memory)")
-    p.add_argument("--num-workers", type=int, default=4, help="data-loader workers")
     p.add_argument(
         "--make-standin",
         default=None,
@@ -227,7 +221,7 @@ def embed(model, paths: list[Path], cache: EmbeddingCache, args, device, desc: s
     loader = torch.utils.data.DataLoader(
         ImageFiles([paths[i] for i in todo], make_transform(args.resize, args.size)),
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=args.workers,
         collate_fn=list,
     )
     new_keys, new_emb = [], []
@@ -363,7 +357,7 @@ def main(argv=None) -> dict:
         )
     out = Path(args.output_dir or runs / f"sscd_{synthetic_dir.name}")
     config = config_dict(
-        args, exclude=("batch_size", "chunk_size", "num_workers", "cache_dir", "runs_dir", "output_dir", "make_standin")
+        args, exclude=("batch_size", "chunk_size", "workers", "cache_dir", "runs_dir", "output_dir", "make_standin")
     )
     # Bad inputs fail here, before the run directory is touched (a left run config would make the corrected
     # command a config mismatch).

@@ -46,12 +46,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from common import (
-    DATASETS,
     PROMPT_STYLES,
     HelpFormatter,
     ImageReadError,
     RunDir,
     ShardMember,
+    add_run_options,
     add_visual_tokens,
     atomic_path,
     atomic_write,
@@ -92,7 +92,7 @@ SD_LAYOUT = "a Stable Diffusion pipeline (diffusers layout: model_index.json, un
 SPEED_ONLY = (
     "batch_size",
     "decode_batch",
-    "num_workers",
+    "workers",
     "write_workers",
     "compile",
     "compile_mode",
@@ -116,15 +116,9 @@ def auto_on_off(value) -> str:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
-    p.add_argument("--dataset", default="imagefolder", choices=DATASETS)
-    p.add_argument("--data-root", default=None)
+    add_run_options(p, "synth_x<scale>", seed_help="global seed (release: 42); image seeds derive from it", workers=4)
     p.add_argument("--split", default="train", help="the real split whose images are the latent priors")
     p.add_argument("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")
-    p.add_argument("--seed", type=int, default=42, help="global seed (release: 42); image seeds derive from it")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--output-dir", default=None, help="default <runs-dir>/<dataset>/synth_x<scale>")
-    p.add_argument("--overwrite", action="store_true", help="move an output dir with another config aside")
     # Generator (paper App. E Tab. 6; LoRA scale from the release, the paper is silent).
     p.add_argument("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
     p.add_argument("--revision", default=None)
@@ -221,7 +215,6 @@ def get_parser() -> argparse.ArgumentParser:
     # Speed only (never change an image beyond float noise).
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per pipeline call, classes mixed")
     p.add_argument("--decode-batch", type=positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers reading and resizing sources")
     p.add_argument("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
     p.add_argument(
         "--compile",
@@ -755,7 +748,7 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
     loader = torch.utils.data.DataLoader(
         Sources(paths, args.resolution, args.strength < 1.0),
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=args.workers,
         pin_memory=device.type == "cuda",
     )
     save_kwargs = {"quality": args.jpeg_quality} if args.image_format == "jpg" else {}

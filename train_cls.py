@@ -63,6 +63,7 @@ from common import (
     HELD_OUT,
     HelpFormatter,
     RunDir,
+    add_run_options,
     atomic_path,
     check_images,
     config_dict,
@@ -91,10 +92,8 @@ RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jit
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
+    add_run_options(p, "cls_<name>", seed_help="release train.py seed (paper silent)", workers=8, resume=True)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default=None, help="dataset name for common.load_dataset (in10, cub, demo, ...)")
-    data.add_argument("--data-root", default=None, help="root of the real dataset")
     data.add_argument(
         "--test-split", default=HELD_OUT, help="real test split; held-out: val/ or test/, whichever exists (README)"
     )
@@ -109,16 +108,6 @@ def get_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)"
     )
     data.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
-    data.add_argument("--runs-dir", default="runs")
-    data.add_argument("--output-dir", default=None, help="default: <runs-dir>/<dataset>/cls_<name>")
-    data.add_argument("--seed", type=int, default=42, help="release train.py seed (paper silent)")
-    data.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
-    data.add_argument(
-        "--resume",
-        choices=["latest", "never"],
-        default="latest",
-        help="'latest': continue an interrupted run from its last checkpoint; 'never': start over",
-    )
     data.add_argument(
         "--epochs-per-job",
         type=int,
@@ -179,7 +168,6 @@ def get_parser() -> argparse.ArgumentParser:
         default="auto",
         help="mixed precision; auto = bf16 on a GPU, none on CPU",
     )
-    system.add_argument("--workers", type=int, default=8, help="data-loader processes per training process")
     system.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
     system.add_argument("--keep-checkpoints", type=int, default=1)
     return p
