@@ -114,136 +114,62 @@ def auto_on_off(value) -> str:
     return {"true": "on", "false": "off"}.get(str(value).lower(), str(value).lower())
 
 
+def none_or_path(value: str) -> str | None:
+    return None if value in ("", "none") else value
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_run_options(p, "synth_x<scale>", seed_help="global seed (release: 42); image seeds derive from it", workers=4)
-    p.add_argument("--split", default="train", help="the real split whose images are the latent priors")
-    p.add_argument("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")
-    # Generator (paper App. E Tab. 6; LoRA scale from the release, the paper is silent).
-    p.add_argument("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
-    p.add_argument("--revision", default=None)
-    p.add_argument(
-        "--lora-dir",
-        default=None,
-        type=lambda v: None if v in ("", "none") else v,
-        help="finetune.py output dir; absent or 'none' = the plain pretrained model (ablation)",
-    )
-    p.add_argument("--lora-scale", type=float, default=0.5, help="release: cross_attention_scale 0.5 (fused)")
-    p.add_argument(
-        "--vg-mode",
-        choices=("auto", "none"),
-        default="auto",
-        help="auto: the visual-guidance tokens of --lora-dir as trained; none: text only (ablation)",
-    )
-    p.add_argument("--steps", type=int, default=30, help="UniPC steps (paper: 30; with strength 0.75, 22 run)")
-    p.add_argument(
-        "--strength",
-        type=float,
-        default=0.75,
-        help="latent-prior noise level (paper: 0.75); 1.0 = text-to-image, sources are not read",
-    )
-    p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale (paper: 2.0)")
-    p.add_argument("--resolution", type=int, default=512, help="paper: 512")
-    p.add_argument(
+    a = p.add_argument_group("sources").add_argument
+    a("--split", default="train", help="the real split whose images are the latent priors")
+    a("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")
+    a("--skip-bad", action="store_true", help="skip unreadable sources (counted in the manifest) instead of failing")
+    a = p.add_argument_group("generator (paper App. E Tab. 6; the LoRA scale from the release)").add_argument
+    a("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or diffusers dir")
+    a("--revision", default=None, help="hub revision of --pretrained-model")
+    a("--lora-dir", default=None, type=none_or_path, help="finetune.py output; none: the plain model (ablation)")
+    a("--lora-scale", type=float, default=0.5, help="release: cross_attention_scale 0.5 (fused)")
+    a("--vg-mode", choices=("auto", "none"), default="auto", help="auto: --lora-dir's visual tokens; none: text only")
+    a("--steps", type=int, default=30, help="UniPC steps (paper: 30; with strength 0.75, 22 run)")
+    a("--strength", type=float, default=0.75, help="latent-prior noise level (paper: 0.75); 1.0 = text-to-image")
+    a("--guidance-scale", type=float, default=2.0, help="CFG scale (paper: 2.0)")
+    a("--resolution", type=int, default=512, help="paper: 512")
+    a(
         "--dtype",
         choices=("auto", "fp32", "fp16", "bf16"),
         default="auto",
-        help="auto: fp16 on GPU (release), fp32 on CPU",
+        help="auto: fp16 on GPU (release), else fp32",
     )
-    # Prompts (paper §3.2; release form as an option).
-    p.add_argument("--captions", default=None, help="captions.jsonl from caption.py (ImageNet sets)")
-    p.add_argument("--allow-missing-captions", action="store_true", help="prompt uncaptioned images without one")
-    p.add_argument(
-        "--prompt-style",
-        choices=PROMPT_STYLES,
-        default="paper",
-        help="paper: 'photo of {c}, {caption}', negative 'distorted, unrealistic, blurry, out of frame';\n"
-        "release: adds ', best quality' and the negative words 'cropped, deformed'",
-    )
-    # Output set.
-    p.add_argument(
-        "--scale",
-        type=float,
-        default=1.0,
-        help="outputs per real image; fractional: a seeded subset gets one more (e.g. 2.5)",
-    )
-    p.add_argument(
-        "--output-format",
-        choices=("folder", "wds"),
-        default="folder",
-        help="folder: one file per image in class folders; wds: WebDataset tar shards (shards/NNNNNN.tar: "
-        "<key>.jpg, .cls, .json) with an offset index each, for cluster file systems (few files, big reads)",
-    )
-    p.add_argument(
-        "--shard-samples",
-        type=positive_int,
-        default=5000,
-        help="wds: images per shard (5000 at 512 px q95 is about 0.5 GB; see README, Storage)",
-    )
-    p.add_argument(
-        "--plan",
-        action="store_true",
-        help="print images, files, bytes and GPU-hours of the whole chain (finetune, synthesis, classifier) "
-        "and exit; loads no model",
-    )
-    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
-    p.add_argument(
-        "--output-mode",
-        choices=("source", "RGB"),
-        default="source",
-        help="source: grayscale datasets get grayscale images (the generator draws RGB), else RGB; RGB: always",
-    )
-    p.add_argument("--jpeg-quality", type=int, default=95, help="release: PIL default 75")
-    p.add_argument(
-        "--save-size",
-        type=positive_int,
-        default=None,
-        help="store images resized to this short side after generation (e.g. 256 for a 224 px classifier)",
-    )
-    p.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="skip unreadable source images (counted in the manifest) instead of failing",
-    )
-    p.add_argument(
-        "--verify-existing",
-        choices=("quick", "full"),
-        default="quick",
-        help="how a re-run checks images already on disk: quick = complete file (JPEG/PNG trailer + "
-        "header), full = decode every pixel",
-    )
-    # Speed only (never change an image beyond float noise).
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per pipeline call, classes mixed")
-    p.add_argument("--decode-batch", type=positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
-    p.add_argument("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="on",
-        default="auto",
-        choices=("auto", "on", "off"),
-        type=auto_on_off,
-        help="torch.compile the UNet and the VAE decoder and encoder; auto = on a GPU only (H100, SD1.5 "
-        "shapes, UNet + decoder compiled: 6.1 -> 8.4 img/s after ~1 min of compiling; on the demo's "
-        "CPU model ~1.3x steady state, but ~100 s of compiling, more than the demo's whole synthesis)",
-    )
-    p.add_argument(
-        "--compile-mode",
-        default="default",
-        choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
-        help="torch.compile's mode when compiling (default: the one measured above; the others autotune "
-        "kernels or capture CUDA graphs: longer compiles, not measured here)",
-    )
-    p.add_argument(
-        "--reuse-from",
-        nargs="*",
-        default=[],
-        metavar="DIR",
-        help="other synthesize.py outputs of the same config at another --scale: their images of the same "
-        "(source, copy) are identical by construction (same seed), so they are hard-linked, not redone",
-    )
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part, for job arrays")
+    a = p.add_argument_group("prompts (paper §3.2; common.build_prompt / negative_prompt)").add_argument
+    a("--captions", default=None, help="captions.jsonl from caption.py (ImageNet sets)")
+    a("--allow-missing-captions", action="store_true", help="prompt uncaptioned images without one")
+    a("--prompt-style", choices=PROMPT_STYLES, default="paper", help="release: adds ', best quality' and two negatives")
+    a = p.add_argument_group("output set (README: Synthesis, Storage)").add_argument
+    a("--scale", type=float, default=1.0, help="outputs per real image; fractional: a seeded subset gets one more")
+    a("--output-format", choices=("folder", "wds"), default="folder", help="files in class folders, or tar shards")
+    a("--shard-samples", type=positive_int, default=5000, help="wds: images per shard (~0.5 GB at 512 px q95)")
+    a("--image-format", choices=("jpg", "png"), default="jpg")
+    a("--jpeg-quality", type=int, default=95, help="release: PIL's default 75")
+    a("--save-size", type=positive_int, default=None, help="store resized to this short side (e.g. 256 for 224 px)")
+    a("--output-mode", choices=("source", "RGB"), default="source", help="source: grayscale sources, grayscale out")
+    a("--verify-existing", choices=("quick", "full"), default="quick", help="re-run check: file trailer, or decode")
+    a("--reuse-from", nargs="*", default=[], metavar="DIR", help="runs of this config at another scale or format")
+    a("--plan", action="store_true", help="print images, files, TB and GPU-hours of the chain, and exit")
+    a = p.add_argument_group("speed only (never change an image beyond float noise)").add_argument
+    a("--batch-size", type=positive_int, default=32, help="images per pipeline call, classes mixed")
+    a("--decode-batch", type=positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
+    a("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
+    a("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"), type=auto_on_off, help=COMPILE)
+    a("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode (only default measured)")
+    a("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part, for job arrays")
     return p
+
+
+# auto = GPU only: on the demo's CPU model compiling gains ~1.3x at steady state but takes ~100 s, more than the
+# demo's whole synthesis.
+COMPILE = "torch.compile UNet + VAE; auto = on a GPU only (H100: 6.1 -> 8.4 img/s; README Benchmarks)"
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
