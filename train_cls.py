@@ -93,51 +93,24 @@ RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jit
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_run_options(p, "cls_<name>", seed_help="release train.py seed (paper silent)", workers=8, resume=True)
-    data = p.add_argument_group("data")
-    data.add_argument(
-        "--test-split", default=HELD_OUT, help="real test split; held-out: val/ or test/, whichever exists (README)"
-    )
-    data.add_argument(
-        "--train-dirs",
-        nargs="+",
-        default=["real"],
-        help="training sources: 'real' (the dataset's train split) and/or synthesize.py output dirs",
-    )
-    data.add_argument("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
-    data.add_argument(
-        "--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)"
-    )
-    data.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
-    data.add_argument(
-        "--epochs-per-job",
-        type=int,
-        default=None,
-        help="stop after this many epochs (for time-limited jobs: re-submit the same command to go on)",
-    )
-    model = p.add_argument_group(
-        "model (Tab. 8: ResNet-50; scratch for IN/EuroSAT, ImageNet weights for CUB/Cars/Pets)"
-    )
+    a = p.add_argument_group("data").add_argument
+    a("--test-split", default=HELD_OUT, help="real test split; held-out: val/ or test/, whichever exists (README)")
+    a("--train-dirs", nargs="+", default=["real"], help="'real' (the train split) and/or synthesize.py outputs")
+    a("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
+    a("--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)")
+    a("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
+    a("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs: re-submit to go on)")
+    model = p.add_argument_group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)")
     model.add_argument("--model", default="resnet50", help="any timm model name")
     model.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
     model.add_argument("--pretrained-file", default=None, help="local weights file for --pretrained (offline)")
-    model.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments, e.g. output_stride=8 (recorded in the manifest)",
-    )
+    model.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="more timm.create_model args")
     model.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth (Tab. 8: 0.05 for IN-1K)")
     model.add_argument("--input-size", type=int, default=224, help="train = test resolution (Tab. 8: 224 or 448)")
     model.add_argument("--crop-pct", type=float, default=None, help="eval crop fraction (default: the model's, 0.95)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     optim = p.add_argument_group("optimisation (Tab. 8)")
-    optim.add_argument(
-        "--recipe",
-        choices=["paper", "release"],
-        default="paper",
-        help="'release': Nesterov, 5 warmup epochs, label smoothing 0.1, colour jitter 0.4",
-    )
+    optim.add_argument("--recipe", choices=["paper", "release"], default="paper", help="release: RELEASE_RECIPE")
     optim.add_argument("--epochs", type=positive_int, default=200)
     optim.add_argument("--batch-size", type=positive_int, default=1024, help="GLOBAL batch (Tab. 8: 128 x 8 GPUs)")
     optim.add_argument("--max-device-batch", type=positive_int, default=128, help="largest micro-batch per process")
@@ -162,12 +135,7 @@ def get_parser() -> argparse.ArgumentParser:
     aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (IN-1K: 1.0)")
     aug.add_argument("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
     system = p.add_argument_group("system")
-    system.add_argument(
-        "--amp",
-        choices=["auto", "no", "fp16", "bf16"],
-        default="auto",
-        help="mixed precision; auto = bf16 on a GPU, none on CPU",
-    )
+    system.add_argument("--amp", choices=["auto", "no", "fp16", "bf16"], default="auto", help="auto: bf16 on a GPU")
     system.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
     system.add_argument("--keep-checkpoints", type=int, default=1)
     return p
