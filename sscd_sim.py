@@ -345,6 +345,39 @@ def background_queries(real, args) -> torch.Tensor:
     return torch.tensor(sorted(order[: args.background_queries]))
 
 
+def write_matches(path: Path, synth, real, vals: torch.Tensor, idx: torch.Tensor) -> None:
+    """One row per synthetic image: its top-k real matches with their similarities."""
+    rows = [
+        {
+            "file": synth.samples[i].path,
+            "label": synth.samples[i].label,
+            "matches": [
+                {"path": real.samples[j].path, "label": real.samples[j].label, "similarity": float(v)}
+                for v, j in zip(vals[i].tolist(), idx[i].tolist())
+            ],
+        }
+        for i in range(len(synth))
+    ]
+    write_jsonl(path, rows)
+
+
+def show_top_matches(out: Path, synth, real, vals, idx, num_show: int, label: str) -> list[dict]:
+    """The `num_show` most similar synthetic/real pairs: listed for results.json and drawn in top_matches.png."""
+    shown = vals[:, 0].argsort(descending=True)[:num_show].tolist()
+    pairs = [
+        {
+            "synthetic_path": str(synth.abspath(i)),
+            "real_path": str(real.abspath(idx[i, 0].item())),
+            "similarity": float(vals[i, 0]),
+        }
+        for i in shown
+    ]
+    if pairs:
+        images = [(synth.abspath(i), real.abspath(idx[i, 0].item())) for i in shown]
+        plot_top_matches(out / "top_matches.png", pairs, images, label)
+    return pairs
+
+
 def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "sscd_sim")
     if args.make_standin:
@@ -372,49 +405,22 @@ def main(argv=None) -> dict:
 
     model, descriptor = load_descriptor(args.model, device)
     if descriptor["standin"]:
-        log.warning(
-            "descriptor %s is the project's STAND-IN, not SSCD: results measure pixel-layout near-duplicates",
-            args.model,
-        )
+        log.warning(f"descriptor {args.model} is the project's STAND-IN, not SSCD: it finds pixel-layout copies")
     preprocessing = f"{args.resize}-{args.size}"
     cache = EmbeddingCache(Path(args.cache_dir or runs / "sscd_cache") / f"{descriptor['sha256_16']}_{preprocessing}")
     real_emb, new_real = embed(model, [real.abspath(i) for i in range(len(real))], cache, args, device, "embed real")
     syn_emb, new_syn = embed(model, [synth.abspath(i) for i in range(len(synth))], cache, args, device, "embed synth")
     log.info(
-        "descriptors: %d real (%d new), %d synthetic (%d new), dim %d",
-        len(real),
-        new_real,
-        len(synth),
-        new_syn,
-        real_emb.shape[1],
+        f"descriptors: {len(real)} real ({new_real} new), {len(synth)} synthetic ({new_syn} new), "
+        f"dim {real_emb.shape[1]}"
     )
 
     vals, idx = topk_search(syn_emb, real_emb, args.top_k, args.chunk_size, device)
     queries = background_queries(real, args)
     bg_vals, _ = topk_search(real_emb[queries], real_emb, 1, args.chunk_size, device, self_index=queries)
 
-    rows = [
-        {
-            "file": synth.samples[i].path,
-            "label": synth.samples[i].label,
-            "matches": [
-                {"path": real.samples[j].path, "label": real.samples[j].label, "similarity": float(v)}
-                for v, j in zip(vals[i].tolist(), idx[i].tolist())
-            ],
-        }
-        for i in range(len(synth))
-    ]
-    write_jsonl(out / "matches.jsonl", rows)
+    write_matches(out / "matches.jsonl", synth, real, vals, idx)
     label = "stand-in descriptor, NOT SSCD" if descriptor["standin"] else "SSCD"
-    shown = vals[:, 0].argsort(descending=True)[: args.num_show].tolist()
-    pairs = [
-        {
-            "synthetic_path": str(synth.abspath(i)),
-            "real_path": str(real.abspath(idx[i, 0].item())),
-            "similarity": float(vals[i, 0]),
-        }
-        for i in shown
-    ]
     metrics = {
         "synthetic_vs_real": top1_stats(vals[:, 0], args.threshold),
         "real_vs_real_background": top1_stats(bg_vals[:, 0], args.threshold),
@@ -423,24 +429,16 @@ def main(argv=None) -> dict:
         "num_synthetic": len(synth),
         "descriptor": descriptor,
         "preprocessing": preprocessing,
-        "top_matches": pairs,
+        "top_matches": show_top_matches(out, synth, real, vals, idx, args.num_show, label),
         "num_embedded": {"real": new_real, "synthetic": new_syn},
     }
     write_json(out / "results.json", metrics)
     plot_histogram(out / "histogram.png", vals[:, 0], bg_vals[:, 0], args.threshold, label)
-    if pairs:
-        images = [(synth.abspath(i), real.abspath(idx[i, 0].item())) for i in shown]
-        plot_top_matches(out / "top_matches.png", pairs, images, label)
     for name in ("synthetic_vs_real", "real_vs_real_background"):
         m = metrics[name]
         log.info(
-            "%-24s top-1 mean %.4f  p95 %.4f  replication rate (> %g) %.4f  [%s]",
-            name,
-            m["mean"],
-            m["p95"],
-            args.threshold,
-            m["replication_rate"],
-            label,
+            f"{name:24s} top-1 mean {m['mean']:.4f}  p95 {m['p95']:.4f}  replication rate (> {args.threshold:g}) "
+            f"{m['replication_rate']:.4f}  [{label}]"
         )
     inputs = {"synthetic_dir": str(synthetic_dir), "model": descriptor["sha256_16"]}
     return run.finish(metrics, inputs)["metrics"]
