@@ -630,8 +630,27 @@ def main(argv=None) -> dict:
         else None
     )
 
-    unet = models.unet
-    params = [p for p in unet.parameters() if p.requires_grad] + (list(projection.parameters()) if projection else [])
+    models.projection = projection
+    optimizer, n_train = prepare_training(accelerator, args, models)
+    total, step = schedule(accelerator, args, len(index), out_dir, log)
+    log.info(
+        f"{len(index)} images, {len(index.classes)} classes, {accelerator.num_processes} process(es) x batch "
+        f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulated, {total} steps, {n_train} "
+        f"trainable parameters, vg={args.vg_mode}, mmd={args.mmd_form} λ={args.mmd_weight}"
+    )
+    data = TrainingData(prompts, [s.label for s in index.samples], embeds, cache)
+    stats = train(accelerator, args, index, models, data, optimizer, step, total, out_dir)
+    accelerator.wait_for_everyone()
+    metrics = {**stats, "train_images": len(index), "trainable_params": n_train}
+    if accelerator.is_main_process:
+        finish(run, accelerator, args, models, (embeds, vg_info), source_images, metrics, log)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def prepare_training(accelerator, args, models: SDModels) -> tuple[Any, int]:
+    """AdamW over the LoRA (and projection) weights, prepared with them by accelerate; the trainable count."""
+    params = [p for m in models.trained for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
         lr=args.learning_rate,
@@ -639,50 +658,44 @@ def main(argv=None) -> dict:
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    if projection is not None:
-        projection = accelerator.prepare(projection)
+    models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
+    if models.projection is not None:
+        models.projection = accelerator.prepare(models.projection)
     register_checkpoint_hooks(accelerator, UNet2DConditionModel)
+    return optimizer, sum(p.numel() for p in params)
 
+
+def schedule(accelerator, args, n_images: int, out_dir: Path, log) -> tuple[int, int]:
+    """(total optimizer steps, the step to start from): a step is `accum` micro-batches; the latest checkpoint is
+    loaded unless --resume never."""
     world, accum = accelerator.num_processes, args.gradient_accumulation_steps
-    # Steps are optimizer steps of `accum` micro-batches each; the data order and the noise are indexed by micro-batch.
     micro_per_epoch = len(
-        epoch_batches(len(index), args.train_batch_size, world, accelerator.process_index, args.seed, 0)
+        epoch_batches(n_images, args.train_batch_size, world, accelerator.process_index, args.seed, 0)
     )
     total = args.max_train_steps or math.ceil(micro_per_epoch * args.num_train_epochs / accum)
     latest, step = common.latest_checkpoint(out_dir / "checkpoints") if args.resume == "latest" else (None, 0)
     if latest is not None:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} (step {step})")
-    n_train = sum(p.numel() for p in params)
-    log.info(
-        f"{len(index)} images, {len(index.classes)} classes, {world} process(es) x batch {args.train_batch_size}"
-        f" x {accum} accumulated = {world * args.train_batch_size * accum} per step, {micro_per_epoch / accum:g} "
-        f"steps/epoch, {total} steps, {n_train} trainable parameters, vg={args.vg_mode}, "
-        f"mmd={args.mmd_form} λ={args.mmd_weight}"
-    )
-    models.unet, models.projection = unet, projection  # as prepared by accelerate
-    data = TrainingData(prompts, [s.label for s in index.samples], embeds, cache)
-    stats = train(accelerator, args, index, models, data, optimizer, step, total, out_dir)
-    accelerator.wait_for_everyone()
+    return total, step
 
-    metrics = {**stats, "train_images": len(index), "trainable_params": n_train}
-    if accelerator.is_main_process:
-        unwrapped_projection = accelerator.unwrap_model(projection) if projection is not None else None
-        save_outputs(out_dir, accelerator.unwrap_model(unet), unwrapped_projection, embeds, vg_info)
-        inputs = {
-            "pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
-            "captions": common.fingerprint(args.captions),
-            "subset_mask": common.fingerprint(args.subset_mask),
-            "skipped_bad": args.skipped_bad,
-            "source_images": source_images,
-            "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
-            "lora": common.hash_file(out_dir / "pytorch_lora_weights.safetensors"),
-        }
-        run.finish(metrics, inputs=inputs)
-        log.info(f"wrote {out_dir}: {metrics}")
-    accelerator.wait_for_everyone()
-    return metrics
+
+def finish(run, accelerator, args, models: SDModels, guidance, source_images, metrics: dict, log) -> None:
+    """The LoRA, the visual tokens and the manifest (main process)."""
+    embeds, vg_info = guidance
+    projection = accelerator.unwrap_model(models.projection) if models.projection is not None else None
+    save_outputs(run.path, accelerator.unwrap_model(models.unet), projection, embeds, vg_info)
+    inputs = {
+        "pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
+        "captions": common.fingerprint(args.captions),
+        "subset_mask": common.fingerprint(args.subset_mask),
+        "skipped_bad": args.skipped_bad,
+        "source_images": source_images,
+        "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
+        "lora": common.hash_file(run.path / "pytorch_lora_weights.safetensors"),
+    }
+    run.finish(metrics, inputs=inputs)
+    log.info(f"wrote {run.path}: {metrics}")
 
 
 if __name__ == "__main__":
