@@ -593,6 +593,56 @@ def train(accelerator, args, index, models: SDModels, data: TrainingData, optimi
     }
 
 
+def prepare_training(accelerator, args, models: SDModels) -> tuple[Any, int]:
+    """AdamW over the LoRA (and projection) weights, prepared with them by accelerate; the trainable count."""
+    params = [p for m in models.trained for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
+    if models.projection is not None:
+        models.projection = accelerator.prepare(models.projection)
+    register_checkpoint_hooks(accelerator, UNet2DConditionModel)
+    return optimizer, sum(p.numel() for p in params)
+
+
+def schedule(accelerator, args, n_images: int, out_dir: Path, log) -> tuple[int, int]:
+    """(total optimizer steps, the step to start from): a step is `accum` micro-batches; the latest checkpoint is
+    loaded unless --resume never."""
+    world, accum = accelerator.num_processes, args.gradient_accumulation_steps
+    micro_per_epoch = len(
+        epoch_batches(n_images, args.train_batch_size, world, accelerator.process_index, args.seed, 0)
+    )
+    total = args.max_train_steps or math.ceil(micro_per_epoch * args.num_train_epochs / accum)
+    latest, step = common.latest_checkpoint(out_dir / "checkpoints") if args.resume == "latest" else (None, 0)
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        log.info(f"resumed from {latest} (step {step})")
+    return total, step
+
+
+def finish(run, accelerator, args, models: SDModels, guidance, source_images, metrics: dict, log) -> None:
+    """The LoRA, the visual tokens and the manifest (main process)."""
+    embeds, vg_info = guidance
+    projection = accelerator.unwrap_model(models.projection) if models.projection is not None else None
+    save_outputs(run.path, accelerator.unwrap_model(models.unet), projection, embeds, vg_info)
+    inputs = {
+        "pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
+        "captions": common.fingerprint(args.captions),
+        "subset_mask": common.fingerprint(args.subset_mask),
+        "skipped_bad": args.skipped_bad,
+        "source_images": source_images,
+        "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
+        "lora": common.hash_file(run.path / "pytorch_lora_weights.safetensors"),
+    }
+    run.finish(metrics, inputs=inputs)
+    log.info(f"wrote {run.path}: {metrics}")
+
+
 def main(argv=None) -> dict:
     args = resolve_args(common.parse_args(get_parser(), argv, "finetune"))
 
@@ -646,56 +696,6 @@ def main(argv=None) -> dict:
         finish(run, accelerator, args, models, (embeds, vg_info), source_images, metrics, log)
     accelerator.wait_for_everyone()
     return metrics
-
-
-def prepare_training(accelerator, args, models: SDModels) -> tuple[Any, int]:
-    """AdamW over the LoRA (and projection) weights, prepared with them by accelerate; the trainable count."""
-    params = [p for m in models.trained for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
-    if models.projection is not None:
-        models.projection = accelerator.prepare(models.projection)
-    register_checkpoint_hooks(accelerator, UNet2DConditionModel)
-    return optimizer, sum(p.numel() for p in params)
-
-
-def schedule(accelerator, args, n_images: int, out_dir: Path, log) -> tuple[int, int]:
-    """(total optimizer steps, the step to start from): a step is `accum` micro-batches; the latest checkpoint is
-    loaded unless --resume never."""
-    world, accum = accelerator.num_processes, args.gradient_accumulation_steps
-    micro_per_epoch = len(
-        epoch_batches(n_images, args.train_batch_size, world, accelerator.process_index, args.seed, 0)
-    )
-    total = args.max_train_steps or math.ceil(micro_per_epoch * args.num_train_epochs / accum)
-    latest, step = common.latest_checkpoint(out_dir / "checkpoints") if args.resume == "latest" else (None, 0)
-    if latest is not None:
-        accelerator.load_state(str(latest))
-        log.info(f"resumed from {latest} (step {step})")
-    return total, step
-
-
-def finish(run, accelerator, args, models: SDModels, guidance, source_images, metrics: dict, log) -> None:
-    """The LoRA, the visual tokens and the manifest (main process)."""
-    embeds, vg_info = guidance
-    projection = accelerator.unwrap_model(models.projection) if models.projection is not None else None
-    save_outputs(run.path, accelerator.unwrap_model(models.unet), projection, embeds, vg_info)
-    inputs = {
-        "pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
-        "captions": common.fingerprint(args.captions),
-        "subset_mask": common.fingerprint(args.subset_mask),
-        "skipped_bad": args.skipped_bad,
-        "source_images": source_images,
-        "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
-        "lora": common.hash_file(run.path / "pytorch_lora_weights.safetensors"),
-    }
-    run.finish(metrics, inputs=inputs)
-    log.info(f"wrote {run.path}: {metrics}")
 
 
 if __name__ == "__main__":

@@ -809,6 +809,35 @@ def prepare(args):
     return Plan(args, index, captions, tokens), placement
 
 
+def run_config(args, lora_hash: str | None) -> dict:
+    """The run's identity: every option that changes an image or the set, with the LoRA's hash. Options added
+    later enter only at non-default values, so older runs keep their hash."""
+    derived = ("output_mode", "source_images", "resolved_output_mode")
+    # source_fingerprint (set by prepare) stays in: a changed source split is a config mismatch, not a resume.
+    config = {**config_dict(args, exclude=SPEED_ONLY + derived), "lora_hash": lora_hash}
+    if args.resolved_output_mode != "RGB":
+        config["output_mode"] = args.resolved_output_mode
+    if config["save_size"] is None:
+        del config["save_size"]
+    if args.output_format == "folder":
+        del config["output_format"], config["shard_samples"]
+    return config
+
+
+def folder_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, log) -> tuple[list[int], None]:
+    """--output-format folder: this process's images missing on disk, after taking those found in other runs."""
+    args = plan.args
+    mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
+    if found:
+        log.info(f"reused {reuse_into_folder(plan, mine, out_dir, found, args.verify_existing)} images")
+    todo = todo_jobs(plan, mine, out_dir, args.verify_existing, args.write_workers)
+    log.info(
+        f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
+        f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate"
+    )
+    return todo, None
+
+
 def shard_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, log) -> tuple[list[int], ShardSink]:
     """--output-format wds: this process's shards that are not complete on disk, their images found in other runs
     handed to the sink at once, and the jobs left to generate."""
@@ -830,81 +859,6 @@ def shard_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, log
         f"{len(todo)} to generate"
     )
     return todo, sink
-
-
-def main(argv=None) -> dict:
-    args = parse_args(get_parser(), argv, "synthesize")
-    if args.plan:
-        return print_plan(args)
-
-    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: lets torchrun spread CPU processes
-    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"synth_x{args.scale:g}")
-    # Bad inputs (model, LoRA, dataset, captions, tokens) fail here, before the run directory is touched: a run config
-    # left by a failed start would make the corrected command a config mismatch.
-    check_pretrained(StableDiffusionImg2ImgPipeline.load_config, args.pretrained_model, args.revision, SD_LAYOUT)
-    lora_hash = lora_fingerprint(args.lora_dir)
-    plan, placement = prepare(args)
-    derived = ("output_mode", "source_images", "resolved_output_mode")
-    # source_fingerprint (set by prepare) stays in: a changed source split is a config mismatch, not a resume.
-    config = {**config_dict(args, exclude=SPEED_ONLY + derived), "lora_hash": lora_hash}
-    if args.resolved_output_mode != "RGB":  # RGB runs keep the config (and hash) they had before the option
-        config["output_mode"] = args.resolved_output_mode
-    if config["save_size"] is None:  # likewise for runs stored at the generated size
-        del config["save_size"]
-    if args.output_format == "folder":  # and for folder sets
-        del config["output_format"], config["shard_samples"]
-    run = RunDir(out_dir, config, args.overwrite, state.is_main_process)
-    status = run.start() if state.is_main_process else None
-    state.wait_for_everyone()
-    status = status or run.start()
-    log = get_logger(out_dir, state.is_main_process)
-    if status == "done":
-        log.info(f"{out_dir} is complete with this config; nothing to do")
-        return {**run.manifest()["metrics"], "complete": True, "generated": 0}
-    note_unusual_images(args.source_images, args.resolution, log)
-    if args.resolved_output_mode != "RGB":
-        log.info("grayscale dataset: synthetic images are written in grayscale (--output-mode RGB keeps colour)")
-    if state.is_main_process:
-        write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
-    hashes = (fingerprint(args.pretrained_model, args.revision), lora_hash)
-    found = reusable_images(plan, out_dir, config, args.reuse_from, log) if args.reuse_from else {}
-    if args.output_format == "wds":
-        todo, sink = shard_work(plan, out_dir, found, hashes, state, log)
-    else:
-        mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
-        if found:
-            log.info(f"reused {reuse_into_folder(plan, mine, out_dir, found, args.verify_existing)} images")
-        todo, sink = todo_jobs(plan, mine, out_dir, args.verify_existing, args.write_workers), None
-        log.info(
-            f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
-            f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate"
-        )
-    device = state.device
-    stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
-    if todo:
-        pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
-        if fragmented := fragmented_class_names(pipe.tokenizer, plan.index.class_names):
-            log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
-        install_token_mask(pipe, placement, plan.tokens is not None)
-        maybe_compile(pipe, args)
-        stats = run_loop(pipe, plan, todo, out_dir, args, placement, device, state.is_main_process, sink)
-    tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
-    # A file, not a folder: beside the class folders a folder would read as one more class.
-    write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])
-    state.wait_for_everyone()
-    metrics = finalize(plan, out_dir, run, args, hashes) if state.is_main_process else None
-    log.info(
-        f"done: generated {stats['generated']} images in {stats['seconds']:.1f}s "
-        f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} bad sources; "
-        + ("set complete: manifest.json written" if metrics else "other shards still running or incomplete")
-    )
-    return {
-        **(metrics or {}),
-        "complete": metrics is not None,
-        "generated": stats["generated"],
-        "images_per_s": stats["images_per_s"],
-        "expected": len(plan.jobs),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1011,12 +965,76 @@ def print_plan(args) -> dict:
     }
 
 
+def ready_pipeline(args, plan: Plan, placement: str, device, log):
+    """The pipeline as the loop runs it: loaded (LoRA fused), token mask installed, compiled where that pays."""
+    pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
+    if fragmented := fragmented_class_names(pipe.tokenizer, plan.index.class_names):
+        log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
+    install_token_mask(pipe, placement, plan.tokens is not None)
+    maybe_compile(pipe, args)
+    return pipe
+
+
 def maybe_compile(pipe, args) -> None:
     if args.compile == "on" or (args.compile == "auto" and pipe.device.type == "cuda"):
         mode = None if args.compile_mode == "default" else args.compile_mode
         pipe.unet = torch.compile(pipe.unet, mode=mode)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode)
         pipe.vae.encoder = torch.compile(pipe.vae.encoder, mode=mode)  # the latent prior; compiled lazily, if used
+
+
+def main(argv=None) -> dict:
+    args = parse_args(get_parser(), argv, "synthesize")
+    if args.plan:
+        return print_plan(args)
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: lets torchrun spread CPU processes
+    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"synth_x{args.scale:g}")
+    # Bad inputs (model, LoRA, dataset, captions, tokens) fail here, before the run directory is touched: a run config
+    # left by a failed start would make the corrected command a config mismatch.
+    check_pretrained(StableDiffusionImg2ImgPipeline.load_config, args.pretrained_model, args.revision, SD_LAYOUT)
+    lora_hash = lora_fingerprint(args.lora_dir)
+    plan, placement = prepare(args)
+    config = run_config(args, lora_hash)
+    run = RunDir(out_dir, config, args.overwrite, state.is_main_process)
+    status = run.start() if state.is_main_process else None
+    state.wait_for_everyone()
+    status = status or run.start()
+    log = get_logger(out_dir, state.is_main_process)
+    if status == "done":
+        log.info(f"{out_dir} is complete with this config; nothing to do")
+        return {**run.manifest()["metrics"], "complete": True, "generated": 0}
+    note_unusual_images(args.source_images, args.resolution, log)
+    if args.resolved_output_mode != "RGB":
+        log.info("grayscale dataset: synthetic images are written in grayscale (--output-mode RGB keeps colour)")
+    if state.is_main_process:
+        write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
+    hashes = (fingerprint(args.pretrained_model, args.revision), lora_hash)
+    found = reusable_images(plan, out_dir, config, args.reuse_from, log) if args.reuse_from else {}
+    work = shard_work if args.output_format == "wds" else folder_work
+    todo, sink = work(plan, out_dir, found, hashes, state, log)
+    device = state.device
+    stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
+    if todo:
+        pipe = ready_pipeline(args, plan, placement, device, log)
+        stats = run_loop(pipe, plan, todo, out_dir, args, placement, device, state.is_main_process, sink)
+    tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
+    # A file, not a folder: beside the class folders a folder would read as one more class.
+    write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])
+    state.wait_for_everyone()
+    metrics = finalize(plan, out_dir, run, args, hashes) if state.is_main_process else None
+    log.info(
+        f"done: generated {stats['generated']} images in {stats['seconds']:.1f}s "
+        f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} bad sources; "
+        + ("set complete: manifest.json written" if metrics else "other shards still running or incomplete")
+    )
+    return {
+        **(metrics or {}),
+        "complete": metrics is not None,
+        "generated": stats["generated"],
+        "images_per_s": stats["images_per_s"],
+        "expected": len(plan.jobs),
+    }
 
 
 if __name__ == "__main__":

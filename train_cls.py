@@ -480,6 +480,54 @@ def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
     return start_epoch, rows
 
 
+def make_accelerator(args):
+
+    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    return Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
+
+
+def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch: int) -> Training:
+    """Optimizer, scheduler, loss and mixup for `model`, prepared by accelerate; the micro-batches per step."""
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    accum = accumulation_steps(args.batch_size, accelerator.num_processes, args.max_device_batch)
+    optimizer, scheduler = build_optimizer(args, model, steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    mixup, criterion = build_loss(args, num_classes)
+    return Training(model, optimizer, scheduler, criterion, mixup, accelerator, accum)
+
+
+def parse_args_with_recipe(parser, argv, require_data: bool = True):
+
+    args = parse_args(parser, argv, "train_cls")
+    apply_recipe(args, parser)
+    if require_data and (args.dataset is None or args.data_root is None):
+        parser.error("--dataset and --data-root are required (or a --config that sets them)")
+    return args
+
+
+def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is_main) -> dict:
+    """Final weights (plain timm state_dict), classes.json and the manifest that makes the run self-describing."""
+
+    if is_main:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(run.path / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        write_json(run.path / "classes.json", {"classes": classes, "class_names": class_names})
+    classifier = {
+        "model": args.model,
+        "num_classes": len(classes),
+        "model_kwargs": model_kwargs(args),
+        "weights": "model.safetensors",
+        "eval_transform": eval_cfg,
+        "classes": classes,
+        "class_names": class_names,
+    }
+    metrics = {**metrics, "epochs": args.epochs}
+    run.finish(metrics, inputs=inputs, extra={"classifier": classifier})
+    return metrics
+
+
 def main(argv=None) -> dict:
     parser = get_parser()
     args = parse_args_with_recipe(parser, argv)
@@ -551,54 +599,6 @@ def main(argv=None) -> dict:
         metrics = evaluate(model, test_index, eval_tf, accelerator, args)
     inputs["test_split"] = {"split": args.test_split, "images": len(test_index)}
     return finish(run, accelerator.unwrap_model(model), args, classes, class_names, eval_cfg, metrics, inputs, is_main)
-
-
-def make_accelerator(args):
-
-    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    return Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
-
-
-def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch: int) -> Training:
-    """Optimizer, scheduler, loss and mixup for `model`, prepared by accelerate; the micro-batches per step."""
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    accum = accumulation_steps(args.batch_size, accelerator.num_processes, args.max_device_batch)
-    optimizer, scheduler = build_optimizer(args, model, steps_per_epoch)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    mixup, criterion = build_loss(args, num_classes)
-    return Training(model, optimizer, scheduler, criterion, mixup, accelerator, accum)
-
-
-def parse_args_with_recipe(parser, argv, require_data: bool = True):
-
-    args = parse_args(parser, argv, "train_cls")
-    apply_recipe(args, parser)
-    if require_data and (args.dataset is None or args.data_root is None):
-        parser.error("--dataset and --data-root are required (or a --config that sets them)")
-    return args
-
-
-def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is_main) -> dict:
-    """Final weights (plain timm state_dict), classes.json and the manifest that makes the run self-describing."""
-
-    if is_main:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        with atomic_path(run.path / "model.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        write_json(run.path / "classes.json", {"classes": classes, "class_names": class_names})
-    classifier = {
-        "model": args.model,
-        "num_classes": len(classes),
-        "model_kwargs": model_kwargs(args),
-        "weights": "model.safetensors",
-        "eval_transform": eval_cfg,
-        "classes": classes,
-        "class_names": class_names,
-    }
-    metrics = {**metrics, "epochs": args.epochs}
-    run.finish(metrics, inputs=inputs, extra={"classifier": classifier})
-    return metrics
 
 
 if __name__ == "__main__":
