@@ -528,6 +528,33 @@ def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is
     return metrics
 
 
+def run_epochs(training: Training, loader, epochs: range, num_updates: int, rows: list, evaluate_test, args, out, log):
+    """Train `epochs`, each followed by its metrics row (and the test figures every --eval-every epochs and at the
+    last) and a checkpoint. Returns the latest test figures ({} if none were taken)."""
+    batches, it = loader
+    accelerator, metrics = training.accelerator, {}
+    for epoch in epochs:
+        lr = training.optimizer.param_groups[0]["lr"]  # the epoch's lr (timm applies milestone m from epoch m - 1)
+        stats, num_updates = train_steps(training, it, batches.steps * training.accum, args, epoch, num_updates)
+        training.scheduler.step(epoch + 1)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": stats["loss"],
+            "lr": lr,
+            "img_per_s": stats["images"] * accelerator.num_processes / stats["seconds"],
+            "data_wait_frac": stats["data_wait"] / stats["seconds"],
+        }
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            metrics = evaluate_test()
+            row.update(metrics)
+        rows.append(row)
+        log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        save_checkpoint(accelerator, out / "checkpoints", epoch + 1, args.keep_checkpoints)
+        if accelerator.is_main_process:
+            write_jsonl(out / "metrics.jsonl", rows)
+    return metrics
+
+
 def main(argv=None) -> dict:
     parser = get_parser()
     args = parse_args_with_recipe(parser, argv)
@@ -557,11 +584,10 @@ def main(argv=None) -> dict:
 
     steps_per_epoch = len(labels) // args.batch_size
     training = prepare_training(args, accelerator, model, len(classes), steps_per_epoch)
-    model, optimizer, scheduler, accum = training.model, training.optimizer, training.scheduler, training.accum
+    model, scheduler, accum = training.model, training.scheduler, training.accum
     train_set = ImageList(paths, labels, train_tf, args.seed)
     loader = functools.partial(epoch_loader, train_set, args, accelerator.process_index, world, accum)
 
-    ckpt_dir = out / "checkpoints"
     start_epoch, rows = resume(accelerator, scheduler, args, out, log)
     num_updates = start_epoch * steps_per_epoch
     scheduler.step_update(num_updates)
@@ -571,32 +597,16 @@ def main(argv=None) -> dict:
         f"{world} processes x {accum} micro-batches of {args.batch_size // world // accum}; epochs "
         f"{start_epoch}->{end_epoch} of {args.epochs}"
     )
-    batches, it = loader(start_epoch, end_epoch)
-    metrics = {}
-    for epoch in range(start_epoch, end_epoch):
-        lr = optimizer.param_groups[0]["lr"]  # the epoch's lr (timm applies milestone m from epoch index m - 1)
-        stats, num_updates = train_steps(training, it, batches.steps * accum, args, epoch, num_updates)
-        scheduler.step(epoch + 1)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": stats["loss"],
-            "lr": lr,
-            "img_per_s": stats["images"] * world / stats["seconds"],
-            "data_wait_frac": stats["data_wait"] / stats["seconds"],
-        }
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            metrics = evaluate(model, test_index, eval_tf, accelerator, args)
-            row.update(metrics)
-        rows.append(row)
-        log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        save_checkpoint(accelerator, ckpt_dir, epoch + 1, args.keep_checkpoints)
-        if is_main:
-            write_jsonl(out / "metrics.jsonl", rows)
+    epochs = range(start_epoch, end_epoch)
+    evaluate_test = functools.partial(evaluate, model, test_index, eval_tf, accelerator, args)
+    metrics = run_epochs(
+        training, loader(start_epoch, end_epoch), epochs, num_updates, rows, evaluate_test, args, out, log
+    )
     if end_epoch < args.epochs:
         log.info(f"stopped after {end_epoch} epochs (--epochs-per-job); run the same command again to continue")
         return {"epochs_done": end_epoch, **metrics}
     if not metrics:  # interrupted after the last checkpoint: the final evaluation is all that is left
-        metrics = evaluate(model, test_index, eval_tf, accelerator, args)
+        metrics = evaluate_test()
     inputs["test_split"] = {"split": args.test_split, "images": len(test_index)}
     return finish(run, accelerator.unwrap_model(model), args, classes, class_names, eval_cfg, metrics, inputs, is_main)
 
