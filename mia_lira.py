@@ -480,6 +480,44 @@ def write_report(out: Path, results: dict, curves: dict, offline_test: str) -> N
     plt.close(fig)
 
 
+def shadow_scores(args, out: Path, log) -> tuple[np.ndarray, dict | None]:
+    """(keep matrix, per-arm scores): from --scores-from, or by running this job's shadows; scores None while
+    other --shard jobs' shadows are unfinished."""
+    if args.scores_from:  # attack-only: reuse a finished experiment's scores
+        src = Path(args.scores_from)
+        return np.load(src / "keep.npy"), {arm: np.load(src / f"scores_{arm}.npy") for arm in args.arms}
+    index = load_dataset(args.dataset, args.data_root, "train")
+    keep = prepare_keep(out, index, args)
+    shard_index, shard_count = args.shard
+    for arm in args.arms:
+        for s in range(shard_index, args.num_shadows, shard_count):
+            mask = out / "masks" / f"shadow_{s:02d}.npy"
+            run_shadow(args, arm, s, out / "shadows" / arm / f"shadow_{s:02d}", mask, log)
+    scores = {arm: collect_scores(args, out, arm, index, log) for arm in args.arms}
+    if any(v is None for v in scores.values()):
+        return keep, None
+    for arm, arm_scores in scores.items():
+        save_npy(out / f"scores_{arm}.npy", arm_scores)
+    return keep, scores
+
+
+def attack(args, keep: np.ndarray, scores: dict, log) -> tuple[dict, dict]:
+    """Every attack on every arm's scores, over the first --num-targets images (all when <= 0)."""
+    targets = range(len(keep)) if args.num_targets <= 0 else range(min(args.num_targets, len(keep)))
+    results, curves = {}, {}
+    for arm, arm_scores in scores.items():
+        if arm_scores.shape[:2] != keep.shape:
+            raise ValueError(f"scores_{arm} has shape {arm_scores.shape}, keep.npy {keep.shape}: not one experiment")
+        results[arm], curves[arm] = evaluate_attacks(arm_scores, keep, list(targets), args.offline_test)
+        for name, m in results[arm].items():
+            log.info(
+                f"{arm:9s} {name:23s} AUC {m['auc']:.4f}  bal.acc {m['balanced_accuracy']:.4f}  TPR@0.1%FPR "
+                f"{m['tpr_at_0.001_fpr']:.4f}  TPR@1%FPR {m['tpr_at_0.01_fpr']:.4f}  "
+                f"({m['num_nonmembers']} non-members)"
+            )
+    return results, curves
+
+
 def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "mia_lira")
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "mia_lira")
@@ -498,47 +536,16 @@ def main(argv=None) -> dict:
         return run.manifest()["metrics"]
     log = get_logger(out)
 
-    if args.scores_from:  # attack-only: reuse a finished experiment's scores
-        src = Path(args.scores_from)
-        keep, scores = np.load(src / "keep.npy"), {arm: np.load(src / f"scores_{arm}.npy") for arm in args.arms}
-    else:
-        index = load_dataset(args.dataset, args.data_root, "train")
-        keep = prepare_keep(out, index, args)
-        shard_index, shard_count = args.shard
-        for arm in args.arms:
-            for s in range(shard_index, args.num_shadows, shard_count):
-                mask = out / "masks" / f"shadow_{s:02d}.npy"
-                run_shadow(args, arm, s, out / "shadows" / arm / f"shadow_{s:02d}", mask, log)
-        scores = {arm: collect_scores(args, out, arm, index, log) for arm in args.arms}
-        if any(v is None for v in scores.values()):
-            log.info("shadows of other --shard jobs are not finished; re-run (any shard) once they are to attack")
-            return {"status": "partial"}
-        for arm, arm_scores in scores.items():
-            save_npy(out / f"scores_{arm}.npy", arm_scores)
-
+    keep, scores = shadow_scores(args, out, log)
+    if scores is None:
+        log.info("shadows of other --shard jobs are not finished; re-run (any shard) once they are to attack")
+        return {"status": "partial"}
     if len(keep) < 8:
         log.warning(
-            "%d shadows: per-example σ rests on %d sample(s) per side; read the fixed-variance rows",
-            len(keep),
-            len(keep) // 2 - 1,
+            f"{len(keep)} shadows: per-example σ rests on {len(keep) // 2 - 1} sample(s) per side; read the "
+            "fixed-variance rows"
         )
-    targets = range(len(keep)) if args.num_targets <= 0 else range(min(args.num_targets, len(keep)))
-    results, curves = {}, {}
-    for arm, arm_scores in scores.items():
-        if arm_scores.shape[:2] != keep.shape:
-            raise ValueError(f"scores_{arm} has shape {arm_scores.shape}, keep.npy {keep.shape}: not one experiment")
-        results[arm], curves[arm] = evaluate_attacks(arm_scores, keep, list(targets), args.offline_test)
-        for name, m in results[arm].items():
-            log.info(
-                "%-9s %-23s AUC %.4f  bal.acc %.4f  TPR@0.1%%FPR %.4f  TPR@1%%FPR %.4f  (%d non-members)",
-                arm,
-                name,
-                m["auc"],
-                m["balanced_accuracy"],
-                m["tpr_at_0.001_fpr"],
-                m["tpr_at_0.01_fpr"],
-                m["num_nonmembers"],
-            )
+    results, curves = attack(args, keep, scores, log)
     write_report(out, results, curves, args.offline_test)
     inputs = {"scores_from": args.scores_from, "num_images": int(keep.shape[1])}
     return run.finish(results, inputs)["metrics"]
