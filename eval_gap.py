@@ -486,6 +486,20 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def all_figures(real, held_out, synthetic, classes, args) -> dict:
+    """Synthetic vs real train and the floor (real held-out vs real train), overall and per class; each argument is
+    a set's (GapStats, sample plan). Names the five classes with the largest excess FID over their floor."""
+    out = {
+        "synthetic": streamed_figures(*real, *synthetic, args),
+        "floor": streamed_figures(*real, *held_out, args),
+        "per_class": streamed_per_class(*real, *synthetic, classes, args),
+        "per_class_floor": streamed_per_class(*real, *held_out, classes, args),
+    }
+    excess = {n: v["fid"] - out["per_class_floor"].get(n, {}).get("fid", 0.0) for n, v in out["per_class"].items()}
+    out["largest_gap_classes"] = sorted(excess, key=excess.get, reverse=True)[:5]
+    return out
+
+
 def main(argv=None) -> dict:
     parser = get_parser()
     args = parse_args(parser, argv, "eval_gap")
@@ -519,21 +533,8 @@ def main(argv=None) -> dict:
     if any(stats is None for stats, _ in gathered.values()) or not state.is_main_process:
         log.info("this part's features are in; the figures come from the job that finishes the last part")
         return None
-    (r, rp), (h, hp), (s, sp) = gathered.values()
-    results = {
-        "synthetic_dir": str(args.synthetic_dir),
-        "features": args.features,
-        "real_split": "train",
-        "held_out_split": held_out_split,
-        "synthetic": streamed_figures(r, rp, s, sp, args),
-        "floor": streamed_figures(r, rp, h, hp, args),
-        "per_class": streamed_per_class(r, rp, s, sp, real.classes, args),
-        "per_class_floor": streamed_per_class(r, rp, h, hp, real.classes, args),
-    }
-    excess = {
-        n: v["fid"] - results["per_class_floor"].get(n, {}).get("fid", 0.0) for n, v in results["per_class"].items()
-    }
-    results["largest_gap_classes"] = sorted(excess, key=excess.get, reverse=True)[:5]
+    results = {"synthetic_dir": str(args.synthetic_dir), "features": args.features, "real_split": "train"}
+    results.update(held_out_split=held_out_split, **all_figures(*gathered.values(), real.classes, args))
     write_json(out / "results.json", results)
     write_markdown(out / "results.md", results)
     write_plots(out, results)
