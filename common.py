@@ -68,8 +68,9 @@ def positive_int(text) -> int:
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Convert a YAML value with the argparse action's own `type`, so `1e-4` (a string to YAML) becomes a float."""
-    if value is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and not isinstance(value, bool):
+    is_flag = action.nargs == 0  # store_true / store_false / BooleanOptionalAction: a YAML boolean
+    if value is None or is_flag:
+        if is_flag and value is not None and not isinstance(value, bool):
             raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
         return value
     convert = action.type or (lambda v: v)
