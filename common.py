@@ -1,11 +1,11 @@
-"""Shared helpers for the Real-Fake stage scripts (a helper lives here only when two stages need it).
+"""What the Real-Fake stage scripts share: first the paper's method pieces that several stages must compute the same
+way (prompts, min-SNR weights, the MMD loss, the visual-guidance token, the latent prior), then the plumbing every
+stage runs on (config, atomic files, run directories, seeds and sharding, logging, dataset readers with one uniform
+index, checkpoints, classifier loading). A few helpers serve one stage only because they belong with those that
+serve several (e.g. a dataset reader).
 
-Sections: config (argparse < YAML < CLI), files written atomically, run directories with a completion
-manifest, seeds and sharding, logging, dataset readers with one uniform index, prompts and captions,
-and the paper's method pieces (MMD loss, visual-guidance token, latent prior).
-
-Heavy libraries (diffusers, transformers, timm, peft) are imported by the stage scripts, never here:
-importing this module costs torch + numpy + PIL + yaml only.
+diffusers, transformers and peft are imported by the stage scripts, never here, and timm, torchvision and tqdm only
+inside the functions that use them: importing this module costs torch + numpy + PIL + yaml only.
 """
 
 from __future__ import annotations
@@ -35,6 +35,230 @@ from PIL import Image
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_DIR / "data"  # ImageNet class lists (README, Layout: data/)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts and captions (paper §3.2, App. E)
+
+PAPER_NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame"
+RELEASE_NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+PROMPT_STYLES = ("paper", "release")
+
+
+def build_prompt(class_name: str, caption: str | None = None, style: str = "paper") -> str:
+    """`photo of {class}, {caption}` (paper); the release appends `, best quality`."""
+    prompt = f"photo of {class_name}, {caption.strip()}" if caption else f"photo of {class_name}"
+    return prompt + ", best quality" if style == "release" else prompt
+
+
+def negative_prompt(style: str = "paper") -> str:
+    return RELEASE_NEGATIVE_PROMPT if style == "release" else PAPER_NEGATIVE_PROMPT
+
+
+def load_captions(path: str | os.PathLike | None) -> dict[str, str]:
+    """captions.jsonl (from caption.py) -> {path relative to the dataset root: caption}."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"captions file {path} does not exist (run caption.py, or pass no --captions)")
+    return {row["path"]: row["caption"] for row in read_jsonl(path)}
+
+
+def captions_for(index: DatasetIndex, captions: dict[str, str], allow_missing: bool = False) -> list[str | None]:
+    """One caption per image of `index` (None without captions); a missing one is an error naming the images."""
+    if not captions:
+        return [None] * len(index)
+    found = [captions.get(s.path) for s in index.samples]
+    missing = [s.path for s, c in zip(index.samples, found) if c is None]
+    if missing and not allow_missing:
+        raise KeyError(
+            f"{len(missing)} image(s) have no caption, e.g. {missing[:3]}; re-run caption.py "
+            f"(it resumes) or pass --allow-missing-captions to prompt them without one"
+        )
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Method: min-SNR weights, distribution matching (MMD, paper §3.1 Eq. 5-7), visual guidance (§3.2), latent prior (§3.3)
+
+
+def snr_from_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = ᾱ_t / (1 − ᾱ_t)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1 - a)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023): w = min(SNR, γ) / SNR."""
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def predicted_clean_latents(
+    noisy: torch.Tensor, eps_pred: torch.Tensor, alphas_cumprod_t: torch.Tensor
+) -> torch.Tensor:
+    """ẑ0 = (z_t − √(1−ᾱ_t) ε̂) / √ᾱ_t, the clean latent implied by an ε prediction."""
+    a = alphas_cumprod_t.float().view(-1, *([1] * (noisy.dim() - 1)))
+    return (noisy.float() - (1 - a).sqrt() * eps_pred.float()) / a.sqrt()
+
+
+class SumOverProcesses(torch.autograd.Function):
+    """all_reduce(SUM) that autograd can differentiate: every process's loss depends on every process's input, so the
+    gradient that reaches each input is the sum of all processes' gradients of the result (torch.distributed.nn's
+    all_reduce did this, and is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+def mmd_loss(z0: torch.Tensor, z0_pred: torch.Tensor, across_processes: bool = False) -> torch.Tensor:
+    """Linear-kernel MMD² between the batch of clean latents and the batch of predicted clean latents (paper Eq. 5-7).
+
+    With the identity feature map φ(z) = z, MMD²(P, Q) = ‖E_P[z] − E_Q[z]‖² (App. C, Eq. 17-20), estimated on the
+    batch as ‖mean_i z0_i − mean_i ẑ0_i‖², here averaged over the D latent dimensions so its scale does not depend on
+    the resolution. Since z0 − ẑ0 = √((1−ᾱ)/ᾱ) (ε̂ − ε) = (ε̂ − ε)/√SNR_t, this is the batch-mean residual weighted by
+    1/√SNR_t; unlike the per-sample diffusion loss, it only penalises errors that do not cancel across the batch.
+
+    across_processes: the batch is every process's batch together. The residual sums are all-reduced with autograd
+    (SumOverProcesses), so every process holds the same loss; its backward sums the world's identical gradients,
+    which DDP's gradient averaging then divides back: the parameters get exactly the gradient of the global term.
+    """
+    residual_sum, count = (z0.float() - z0_pred.float()).sum(dim=0), z0.shape[0]
+    if across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
+        residual_sum = SumOverProcesses.apply(residual_sum)
+        count = torch.tensor(float(count), device=residual_sum.device)
+        torch.distributed.all_reduce(count)  # a tensor, not .item(): no host sync in the training step
+    return (residual_sum / count).pow(2).mean()
+
+
+def mmd_loss_release(eps_pred: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The authors' release: (1/D) ‖Σ_i w_i (ε̂_i − ε_i)‖² with min-SNR weights w_i, a batch *sum* (B² × a mean)."""
+    w = weights.float().view(-1, *([1] * (eps.dim() - 1)))
+    return ((eps_pred.float() * w).sum(0) - (eps.float() * w).sum(0)).pow(2).mean()
+
+
+VG_PLACEMENTS = ("append", "replace-last")
+
+
+def add_visual_tokens(text_embeds: torch.Tensor, tokens: torch.Tensor, placement: str = "append") -> torch.Tensor:
+    """Put one visual-guidance token per sample into the text condition [B, 77, D] -> [B, 78, D] (paper: appended as
+    an extra token) or [B, 77, D] with the last slot overwritten (release)."""
+    tokens = tokens.to(text_embeds.dtype).unsqueeze(1)
+    if tokens.shape[-1] != text_embeds.shape[-1]:
+        raise ValueError(
+            f"visual token width {tokens.shape[-1]} != text embedding width {text_embeds.shape[-1]}; "
+            f"the finetune output must include the projection for this encoder"
+        )
+    if placement == "append":
+        return torch.cat([text_embeds, tokens], dim=1)
+    if placement == "replace-last":
+        return torch.cat([text_embeds[:, :-1], tokens], dim=1)
+    raise ValueError(f"unknown visual-token placement {placement!r}; choose one of {VG_PLACEMENTS}")
+
+
+def resize_crop(img: Image.Image, size: int, resample, rng: np.random.Generator | None = None, flip: bool = False):
+    """Resize the short side to `size` (aspect kept), crop size x size (random with `rng`, else center), flip;
+    as a [3, size, size] tensor in [-1, 1]."""
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), resample)
+    left, top = (
+        (int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1)))
+        if rng is not None
+        else ((w - size) // 2, (h - size) // 2)
+    )
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return x.flip(-1) if flip else x
+
+
+def load_init_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """Latent-prior input: bicubic resize of the short side to `size`, center crop (the release squash-resizes to a
+    square, which distorts every non-square ImageNet photo)."""
+    return resize_crop(load_image(path), size, Image.BICUBIC)
+
+
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def describe_images(index: DatasetIndex, size: int, sample: int = 256) -> dict:
+    """Mode and size of (up to `sample` of) a split's images, read from their headers, and what the stages do with
+    them: every image is read as RGB and resized to `size` px. `grayscale` is true when every sampled image is."""
+    modes, sizes = {}, {}
+    for s in index.samples[:: max(1, len(index) // sample)][:sample]:
+        try:
+            with Image.open(index.root / s.path) as img:
+                mode, wh = img.mode, f"{img.width}x{img.height}"
+        except (OSError, ValueError, SyntaxError):
+            continue  # unreadable: the stage's own bad-image rule (an error or --skip-bad) deals with it
+        modes[mode], sizes[wh] = modes.get(mode, 0) + 1, sizes.get(wh, 0) + 1
+    return {
+        "sampled": sum(modes.values()),
+        "modes": modes,
+        "sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5]),
+        "grayscale": bool(modes) and set(modes) <= GRAYSCALE_MODES,
+        "processed_as": f"RGB, short side resized to {size} px and centre-cropped",
+    }
+
+
+def note_unusual_images(description: dict, size: int, log) -> None:
+    """Say once what happens to images that are not RGB at `size` px (grayscale, smaller or larger)."""
+    others = [m for m in description["modes"] if m != "RGB"]
+    resized = [wh for wh in description["sizes"] if wh != f"{size}x{size}"]
+    if others or resized:
+        log.info(
+            f"source images: modes {description['modes']}, sizes {description['sizes']} (of {description['sampled']} "
+            f"sampled): read as {description['processed_as']}"
+        )
+
+
+def fragmented_class_names(tokenizer, class_names: Sequence[str], max_pieces_per_word: int = 2) -> dict[str, list]:
+    """Class names the tokenizer splits into more than `max_pieces_per_word` pieces per word ("giraffe" -> 7 letters
+    in a tokenizer that never saw it): prompts the generator has no whole word for. {name: pieces}."""
+    found = {}
+    for name in class_names:
+        pieces = tokenizer.tokenize(name)
+        if len(pieces) > max_pieces_per_word * max(1, len(name.split())):
+            found[name] = pieces
+    return found
+
+
+@torch.no_grad()
+def encode_latent_prior(vae, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """VAE-encode init images ([B,3,H,W] in [-1,1]) into scaled latents, one seeded posterior sample per image.
+
+    The img2img pipeline then noises these latents to the requested strength with the same per-image generators,
+    so an image's result depends only on its own seed (paper §3.3: the real image is the latent prior).
+    """
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.stack(
+        [torch.randn(posterior.mean.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    ).to(posterior.mean.device, posterior.mean.dtype)
+    latents = posterior.mean + posterior.std * noise
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(position, transformed RGB image) of each path, for the DataLoaders of the scripts that embed or score images;
+    an unreadable file raises ImageReadError naming it."""
+
+    def __init__(self, paths: Sequence, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return i, self.transform(load_image(self.paths[i]))
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config: argparse defaults (the paper's values) < configs/<dataset>.yaml (shared keys, then the stage's section) < CLI
@@ -892,230 +1116,6 @@ def load_synthetic(root: str | os.PathLike) -> DatasetIndex:
         for r in read_jsonl(rows)
     ]
     return DatasetIndex("synthetic", root, "train", samples, meta["classes"], meta["class_names"])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Prompts and captions (paper §3.2, App. E)
-
-PAPER_NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame"
-RELEASE_NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
-PROMPT_STYLES = ("paper", "release")
-
-
-def build_prompt(class_name: str, caption: str | None = None, style: str = "paper") -> str:
-    """`photo of {class}, {caption}` (paper); the release appends `, best quality`."""
-    prompt = f"photo of {class_name}, {caption.strip()}" if caption else f"photo of {class_name}"
-    return prompt + ", best quality" if style == "release" else prompt
-
-
-def negative_prompt(style: str = "paper") -> str:
-    return RELEASE_NEGATIVE_PROMPT if style == "release" else PAPER_NEGATIVE_PROMPT
-
-
-def load_captions(path: str | os.PathLike | None) -> dict[str, str]:
-    """captions.jsonl (from caption.py) -> {path relative to the dataset root: caption}."""
-    if path is None:
-        return {}
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"captions file {path} does not exist (run caption.py, or pass no --captions)")
-    return {row["path"]: row["caption"] for row in read_jsonl(path)}
-
-
-def captions_for(index: DatasetIndex, captions: dict[str, str], allow_missing: bool = False) -> list[str | None]:
-    """One caption per image of `index` (None without captions); a missing one is an error naming the images."""
-    if not captions:
-        return [None] * len(index)
-    found = [captions.get(s.path) for s in index.samples]
-    missing = [s.path for s, c in zip(index.samples, found) if c is None]
-    if missing and not allow_missing:
-        raise KeyError(
-            f"{len(missing)} image(s) have no caption, e.g. {missing[:3]}; re-run caption.py "
-            f"(it resumes) or pass --allow-missing-captions to prompt them without one"
-        )
-    return found
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Method: min-SNR weights, distribution matching (MMD, paper §3.1 Eq. 5-7), visual guidance (§3.2), latent prior (§3.3)
-
-
-def snr_from_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """SNR(t) = ᾱ_t / (1 − ᾱ_t)."""
-    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return a / (1 - a)
-
-
-def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023): w = min(SNR, γ) / SNR."""
-    return torch.clamp(snr, max=gamma) / snr
-
-
-def predicted_clean_latents(
-    noisy: torch.Tensor, eps_pred: torch.Tensor, alphas_cumprod_t: torch.Tensor
-) -> torch.Tensor:
-    """ẑ0 = (z_t − √(1−ᾱ_t) ε̂) / √ᾱ_t, the clean latent implied by an ε prediction."""
-    a = alphas_cumprod_t.float().view(-1, *([1] * (noisy.dim() - 1)))
-    return (noisy.float() - (1 - a).sqrt() * eps_pred.float()) / a.sqrt()
-
-
-class SumOverProcesses(torch.autograd.Function):
-    """all_reduce(SUM) that autograd can differentiate: every process's loss depends on every process's input, so the
-    gradient that reaches each input is the sum of all processes' gradients of the result (torch.distributed.nn's
-    all_reduce did this, and is deprecated)."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
-        torch.distributed.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad)
-        return grad
-
-
-def mmd_loss(z0: torch.Tensor, z0_pred: torch.Tensor, across_processes: bool = False) -> torch.Tensor:
-    """Linear-kernel MMD² between the batch of clean latents and the batch of predicted clean latents (paper Eq. 5-7).
-
-    With the identity feature map φ(z) = z, MMD²(P, Q) = ‖E_P[z] − E_Q[z]‖² (App. C, Eq. 17-20), estimated on the
-    batch as ‖mean_i z0_i − mean_i ẑ0_i‖², here averaged over the D latent dimensions so its scale does not depend on
-    the resolution. Since z0 − ẑ0 = √((1−ᾱ)/ᾱ) (ε̂ − ε) = (ε̂ − ε)/√SNR_t, this is the batch-mean residual weighted by
-    1/√SNR_t; unlike the per-sample diffusion loss, it only penalises errors that do not cancel across the batch.
-
-    across_processes: the batch is every process's batch together. The residual sums are all-reduced with autograd
-    (SumOverProcesses), so every process holds the same loss; its backward sums the world's identical gradients,
-    which DDP's gradient averaging then divides back: the parameters get exactly the gradient of the global term.
-    """
-    residual_sum, count = (z0.float() - z0_pred.float()).sum(dim=0), z0.shape[0]
-    if across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
-        residual_sum = SumOverProcesses.apply(residual_sum)
-        count = torch.tensor(float(count), device=residual_sum.device)
-        torch.distributed.all_reduce(count)  # a tensor, not .item(): no host sync in the training step
-    return (residual_sum / count).pow(2).mean()
-
-
-def mmd_loss_release(eps_pred: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The authors' release: (1/D) ‖Σ_i w_i (ε̂_i − ε_i)‖² with min-SNR weights w_i, a batch *sum* (B² × a mean)."""
-    w = weights.float().view(-1, *([1] * (eps.dim() - 1)))
-    return ((eps_pred.float() * w).sum(0) - (eps.float() * w).sum(0)).pow(2).mean()
-
-
-VG_PLACEMENTS = ("append", "replace-last")
-
-
-def add_visual_tokens(text_embeds: torch.Tensor, tokens: torch.Tensor, placement: str = "append") -> torch.Tensor:
-    """Put one visual-guidance token per sample into the text condition [B, 77, D] -> [B, 78, D] (paper: appended as
-    an extra token) or [B, 77, D] with the last slot overwritten (release)."""
-    tokens = tokens.to(text_embeds.dtype).unsqueeze(1)
-    if tokens.shape[-1] != text_embeds.shape[-1]:
-        raise ValueError(
-            f"visual token width {tokens.shape[-1]} != text embedding width {text_embeds.shape[-1]}; "
-            f"the finetune output must include the projection for this encoder"
-        )
-    if placement == "append":
-        return torch.cat([text_embeds, tokens], dim=1)
-    if placement == "replace-last":
-        return torch.cat([text_embeds[:, :-1], tokens], dim=1)
-    raise ValueError(f"unknown visual-token placement {placement!r}; choose one of {VG_PLACEMENTS}")
-
-
-def resize_crop(img: Image.Image, size: int, resample, rng: np.random.Generator | None = None, flip: bool = False):
-    """Resize the short side to `size` (aspect kept), crop size x size (random with `rng`, else center), flip;
-    as a [3, size, size] tensor in [-1, 1]."""
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), resample)
-    left, top = (
-        (int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1)))
-        if rng is not None
-        else ((w - size) // 2, (h - size) // 2)
-    )
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-    return x.flip(-1) if flip else x
-
-
-def load_init_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """Latent-prior input: bicubic resize of the short side to `size`, center crop (the release squash-resizes to a
-    square, which distorts every non-square ImageNet photo)."""
-    return resize_crop(load_image(path), size, Image.BICUBIC)
-
-
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-
-
-def describe_images(index: DatasetIndex, size: int, sample: int = 256) -> dict:
-    """Mode and size of (up to `sample` of) a split's images, read from their headers, and what the stages do with
-    them: every image is read as RGB and resized to `size` px. `grayscale` is true when every sampled image is."""
-    modes, sizes = {}, {}
-    for s in index.samples[:: max(1, len(index) // sample)][:sample]:
-        try:
-            with Image.open(index.root / s.path) as img:
-                mode, wh = img.mode, f"{img.width}x{img.height}"
-        except (OSError, ValueError, SyntaxError):
-            continue  # unreadable: the stage's own bad-image rule (an error or --skip-bad) deals with it
-        modes[mode], sizes[wh] = modes.get(mode, 0) + 1, sizes.get(wh, 0) + 1
-    return {
-        "sampled": sum(modes.values()),
-        "modes": modes,
-        "sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5]),
-        "grayscale": bool(modes) and set(modes) <= GRAYSCALE_MODES,
-        "processed_as": f"RGB, short side resized to {size} px and centre-cropped",
-    }
-
-
-def note_unusual_images(description: dict, size: int, log) -> None:
-    """Say once what happens to images that are not RGB at `size` px (grayscale, smaller or larger)."""
-    others = [m for m in description["modes"] if m != "RGB"]
-    resized = [wh for wh in description["sizes"] if wh != f"{size}x{size}"]
-    if others or resized:
-        log.info(
-            f"source images: modes {description['modes']}, sizes {description['sizes']} (of {description['sampled']} "
-            f"sampled): read as {description['processed_as']}"
-        )
-
-
-def fragmented_class_names(tokenizer, class_names: Sequence[str], max_pieces_per_word: int = 2) -> dict[str, list]:
-    """Class names the tokenizer splits into more than `max_pieces_per_word` pieces per word ("giraffe" -> 7 letters
-    in a tokenizer that never saw it): prompts the generator has no whole word for. {name: pieces}."""
-    found = {}
-    for name in class_names:
-        pieces = tokenizer.tokenize(name)
-        if len(pieces) > max_pieces_per_word * max(1, len(name.split())):
-            found[name] = pieces
-    return found
-
-
-@torch.no_grad()
-def encode_latent_prior(vae, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """VAE-encode init images ([B,3,H,W] in [-1,1]) into scaled latents, one seeded posterior sample per image.
-
-    The img2img pipeline then noises these latents to the requested strength with the same per-image generators,
-    so an image's result depends only on its own seed (paper §3.3: the real image is the latent prior).
-    """
-    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    noise = torch.stack(
-        [torch.randn(posterior.mean.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generators]
-    ).to(posterior.mean.device, posterior.mean.dtype)
-    latents = posterior.mean + posterior.std * noise
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """(position, transformed RGB image) of each path, for the DataLoaders of the scripts that embed or score images;
-    an unreadable file raises ImageReadError naming it."""
-
-    def __init__(self, paths: Sequence, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return i, self.transform(load_image(self.paths[i]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
