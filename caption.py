@@ -129,10 +129,8 @@ def main(argv=None) -> dict:
     index = common.load_dataset(args.dataset, args.data_root, args.split)  # fails before touching out_dir
     common.check_pretrained(AutoConfig.from_pretrained, args.model, args.revision, "BLIP-2")
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)
-    status = run.start()
-    if status == "done":
+    if run.begin(state.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
-    state.wait_for_everyone()
     log = common.get_logger(out_dir, state.is_main_process)
 
     # The job's part (--shard) is fixed over the whole dataset, so jobs that start at different times never overlap;

@@ -674,6 +674,14 @@ class RunDir:
             write_json(self.started_path, {"config": self.config, "config_hash": self.hash})
         return "resume" if previous is not None else "fresh"
 
+    def begin(self, wait_for_everyone=None) -> str:
+        """start() for every process of a launch: the main process first (it may move an old run aside and writes
+        the run config), then, after the barrier `wait_for_everyone`, the others, which only read."""
+        status = self.start() if self.is_main else None
+        if wait_for_everyone is not None:
+            wait_for_everyone()
+        return status or self.start()
+
     def finish(self, metrics: dict, inputs: dict | None = None, extra: dict | None = None) -> dict:
         manifest = {
             "config": self.config,

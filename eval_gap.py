@@ -521,9 +521,7 @@ def main(argv=None) -> dict:
     run = RunDir(out, config, args.overwrite, state.is_main_process)
     start = time.time()
     extractor = build_extractor(args.features, args, state.device)  # a wrong model fails here, before the run dir
-    status = run.start() if state.is_main_process else None
-    state.wait_for_everyone()
-    if (status or run.start()) == "done":
+    if run.begin(state.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
     log = get_logger(out, state.is_main_process)
     cache_dir = out.parent / "gap_features"

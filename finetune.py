@@ -657,9 +657,8 @@ def main(argv=None) -> dict:
     check_inputs(args)
     config = run_config(args, accelerator.num_processes)
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=accelerator.is_main_process)
-    if run.start() == "done":
+    if run.begin(accelerator.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
-    accelerator.wait_for_everyone()
     log = common.get_logger(out_dir, accelerator.is_main_process)
     if torch.cuda.is_available():  # both ways: PyTorch's default leaves cuDNN convolutions in TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32

@@ -997,9 +997,7 @@ def main(argv=None) -> dict:
     plan, placement = prepare(args)
     config = run_config(args, lora_hash)
     run = RunDir(out_dir, config, args.overwrite, state.is_main_process)
-    status = run.start() if state.is_main_process else None
-    state.wait_for_everyone()
-    status = status or run.start()
+    status = run.begin(state.wait_for_everyone)
     log = get_logger(out_dir, state.is_main_process)
     if status == "done":
         log.info(f"{out_dir} is complete with this config; nothing to do")

@@ -577,10 +577,9 @@ def main(argv=None) -> dict:
     # The training sets' files are part of the run's identity: a changed split is a config mismatch, not a resume.
     config["train_fingerprints"] = {source: info["fingerprint"] for source, info in inputs.items()}
     run = RunDir(out, config, overwrite=args.overwrite, is_main=is_main)
-    if run.start() == "done":
+    if run.begin(accelerator.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
     log = get_logger(out, is_main)
-    accelerator.wait_for_everyone()
 
     steps_per_epoch = len(labels) // args.batch_size
     training = prepare_training(args, accelerator, model, len(classes), steps_per_epoch)

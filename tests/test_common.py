@@ -574,3 +574,17 @@ def test_class_files_at_the_dataset_root_or_in_the_split(tmp_path):
     (root / "train" / "class_names.txt").write_text("wasp\nant\n")
     with pytest.raises(ValueError, match="disagree"):
         common.load_dataset("imagefolder", root, "train")
+
+
+def test_run_begin_lets_the_main_process_move_an_old_run_aside_before_the_others_read(tmp_path):
+    """With --overwrite and another config, a non-main process that read first would see the old run and raise;
+    begin() runs the main process's start (move aside, write the new config) before the barrier, the rest after."""
+    old = common.RunDir(tmp_path / "run", {"lr": 1})
+    old.start()
+    old.finish({"top1": 1.0})
+    order = []
+    main = common.RunDir(tmp_path / "run", {"lr": 2}, overwrite=True, is_main=True)
+    other = common.RunDir(tmp_path / "run", {"lr": 2}, overwrite=True, is_main=False)
+    assert main.begin(lambda: order.append("barrier")) == "fresh"
+    assert other.begin(lambda: order.append("barrier")) == "resume"  # the new run's config, not the old manifest
+    assert order == ["barrier", "barrier"] and (tmp_path / f"run.old-{common.config_hash({'lr': 1})}").is_dir()
