@@ -52,7 +52,7 @@ help:
 	@echo "Targets"
 	@echo "  make demo                 whole pipeline on the embedded demo (offline, CPU, minutes)"
 	@echo "  make demo-ablation        paper Tab. 2 / Fig. 2 analogues on the demo (ABL_SEEDS=\"0 1 2 3 4\")"
-	@echo "  make demo-generator       rebuild the shipped demo generator from scratch (about 65 min on a CPU)"
+	@echo "  make demo-generator       rebuild the shipped demo generator from scratch (about 95 min on a CPU)"
 	@echo "  make test                 test suite (offline, CPU)"
 	@echo "  make lint                 ruff format --check + ruff check (ruff.toml)"
 	@echo "  make bench                all benchmarks (bench-finetune, bench-synth, bench-train)"

@@ -12,7 +12,7 @@ recipe, code version, file hashes and quality figures): the demo starts from it 
 Commands (each cached through common.RunDir: a second call with the same settings is a no-op):
 
     python demo.py data --config configs/demo.yaml          # -> runs/demo/data/{train,test,sketch,rendition}/
-    python demo.py generator --config configs/demo.yaml     # -> runs/demo/generator/ (about 65 min on a CPU)
+    python demo.py generator --config configs/demo.yaml     # -> runs/demo/generator/ (about 95 min on a CPU)
     python demo.py skeleton --config configs/demo.yaml      # -> runs/demo/skeleton/ (untrained, in seconds)
 
 * data: ten shape classes (CLASSES, one word each) at 32 px: random colour, size, position, rotation and stretch
@@ -1290,7 +1290,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-batch-size", type=int, default=32)
     g.add_argument("--vae-lr", type=float, default=2e-3)
     g.add_argument("--kl-weight", type=float, default=1e-6, help="SD's VAE KL weight")
-    g.add_argument("--unet-steps", type=int, default=8000)
+    g.add_argument("--unet-steps", type=int, default=14000)
     g.add_argument("--unet-batch-size", type=int, default=32)
     g.add_argument("--unet-lr", type=float, default=2e-3)
     g.add_argument("--text-lr", type=float, default=1e-3, help="0 keeps the random text encoder frozen")
@@ -1298,7 +1298,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--high-t-fraction", type=float, default=0.5, help="share of timesteps drawn from t >= 200")
     g.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting, as finetune.py")
     g.add_argument("--ema-decay", type=float, default=0.999, help="0 = no EMA of the UNet weights")
-    g.add_argument("--clip-steps", type=int, default=300)
+    g.add_argument("--clip-steps", type=int, default=2000)
     g.add_argument("--clip-lr", type=float, default=1e-3)
     q = p.add_argument_group("quality checks (synthesis settings = synthesize.py's defaults)")
     q.add_argument("--grid-per-class", type=int, default=6, help="text-to-image samples per class; 0 = no grid")
