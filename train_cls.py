@@ -37,7 +37,6 @@ configs/in1k.yaml.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import io
@@ -350,7 +349,7 @@ class Training:
 
 def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_updates: int):
     """Run `n_micro` micro-batches (n_micro / accum optimizer steps). Returns loss, images, seconds, data-wait s."""
-    model, optimizer, accelerator, accum = t.model, t.optimizer, t.accelerator, t.accum
+    model, optimizer, accelerator = t.model, t.optimizer, t.accelerator
     is_main = accelerator.is_main_process
     model.train()
     device, total_loss, images, wait = accelerator.device, 0.0, 0, 0.0
@@ -366,20 +365,19 @@ def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_u
         # mixup (numpy RNG) and drop-path (torch RNG) seeded per micro-batch of the global batch: identical after a
         # resume and for any world size x accumulation split
         s = item_seed(
-            args.seed, "step", epoch, global_micro(m, accelerator.process_index, accelerator.num_processes, accum)
+            args.seed, "step", epoch, global_micro(m, accelerator.process_index, accelerator.num_processes, t.accum)
         )
         torch.manual_seed(s)
         np.random.seed(s % (1 << 32))
         if t.mixup is not None:
             x, y = t.mixup(x, y)
-        last = (m + 1) % accum == 0
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-        with sync, accelerator.autocast():
-            loss = t.criterion(model(x), y)
-        accelerator.backward(loss / accum)
-        if last:
+        with accelerator.accumulate(model):  # the prepared optimizer steps only on the accum-th micro-batch
+            with accelerator.autocast():
+                loss = t.criterion(model(x), y)
+            accelerator.backward(loss)  # divided by accum inside
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
             num_updates += 1
             t.scheduler.step_update(num_updates)
         total_loss += loss.item() * len(x)
@@ -491,6 +489,7 @@ def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     accum = accumulation_steps(args.batch_size, accelerator.num_processes, args.max_device_batch)
+    accelerator.gradient_accumulation_steps = accum
     optimizer, scheduler = build_optimizer(args, model, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     mixup, criterion = build_loss(args, num_classes)
