@@ -52,8 +52,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="CiP: max_length 16 (paper: short captions)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")
     p.add_argument("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
-    p.add_argument("--shard", type=common.parse_shard, default=(0, 1), help="'i/n': this job's part (job arrays)")
+    speed = common.speed_options(p)
+    speed.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
+    speed.add_argument("--shard", type=common.parse_shard, default=(0, 1), help="'i/n': this job's part (job arrays)")
     return p
 
 
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
 
     state = PartialState()
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "captions")
-    config = common.config_dict(args, exclude=("output_dir", "runs_dir", "batch_size", "workers", "shard"))
+    config = common.config_dict(args)
     index = common.load_dataset(args.dataset, args.data_root, args.split)  # fails before touching out_dir
     common.check_pretrained(AutoConfig.from_pretrained, args.model, args.revision, "BLIP-2")
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)

@@ -339,6 +339,34 @@ def load_yaml_section(path: str | os.PathLike, stage: str) -> dict:
     return {"shared": {k: v for k, v in data.items() if k in SHARED_KEYS}, "section": section, "merged": merged}
 
 
+# The run's identity (its config hash) is every option except those declared in a `not_hashed` group: options that
+# change only how fast a run goes or where it writes, never what it computes. A stage's parser records their names
+# as a default, so `config_dict` needs nothing but the parsed arguments.
+UNHASHED = "unhashed_options"
+
+
+class NotHashedGroup:
+    """An argument group whose options are left out of the config hash (speed, memory, output paths, job split)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, title: str):
+        self.parser, self.group = parser, parser.add_argument_group(title)
+
+    def add_argument(self, *names, **kwargs) -> argparse.Action:
+        action = self.group.add_argument(*names, **kwargs)
+        not_hashed(self.parser, action.dest)
+        return action
+
+
+def not_hashed(parser: argparse.ArgumentParser, *dests: str) -> None:
+    """Leave options declared elsewhere (e.g. a shared one) out of this stage's config hash."""
+    parser.set_defaults(**{UNHASHED: tuple(parser.get_default(UNHASHED) or ()) + dests})
+
+
+def speed_options(parser: argparse.ArgumentParser) -> NotHashedGroup:
+    """The group for a stage's options that do not change its results."""
+    return NotHashedGroup(parser, "speed, memory and outputs (not part of the run's identity)")
+
+
 def add_run_options(
     parser: argparse.ArgumentParser,
     output: str,
@@ -349,20 +377,21 @@ def add_run_options(
 ) -> None:
     """The options every stage shares, each with one name and vocabulary: --config, --dataset, --data-root, --seed,
     --runs-dir, --output-dir (default <runs-dir>/<dataset>/<output>), --overwrite, --workers (alias --num-workers),
-    and for stages with checkpoints --resume."""
+    and for stages with checkpoints --resume. The first four define the run; the others never enter its hash."""
     g = parser.add_argument_group("run")
-    g.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="the real dataset (a --config sets it)")
     g.add_argument("--data-root", default=None, help="its root (else configs/paths.yaml or the environment, README)")
     g.add_argument("--seed", type=int, default=seed, help=seed_help)
-    g.add_argument("--runs-dir", default="runs", help="root of the default output directories")
-    g.add_argument("--output-dir", default=None, help=f"default <runs-dir>/<dataset>/{output}")
-    g.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
+    h = NotHashedGroup(parser, "run files")
+    h.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
+    h.add_argument("--runs-dir", default="runs", help="root of the default output directories")
+    h.add_argument("--output-dir", default=None, help=f"default <runs-dir>/<dataset>/{output}")
+    h.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
     if resume:
-        g.add_argument(
+        h.add_argument(
             "--resume", choices=("latest", "never"), default="latest", help="continue from the last checkpoint"
         )
-    g.add_argument("--workers", "--num-workers", type=int, default=workers, help="data-loader workers per process")
+    h.add_argument("--workers", "--num-workers", type=int, default=workers, help="data-loader workers per process")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stage: str) -> argparse.Namespace:
@@ -396,8 +425,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stag
 
 
 def config_dict(args: argparse.Namespace, exclude: Iterable[str] = ()) -> dict:
-    """The resolved config as a JSON-able dict, without keys that do not change results (paths to logs, flags)."""
-    skip = set(exclude) | {"config", "overwrite", "resume"}
+    """The run's identity: the resolved options as a JSON-able dict, without those of `not_hashed` groups and the
+    `exclude`d keys (values a stage derives and stores beside its options)."""
+    skip = set(exclude) | set(getattr(args, UNHASHED, ())) | {UNHASHED, "config", "overwrite", "resume"}
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in skip}
 
 

@@ -67,6 +67,7 @@ from common import (
     parse_shard,
     progress,
     resolve_split,
+    speed_options,
     split_fingerprint,
     write_json,
 )
@@ -480,9 +481,12 @@ def get_parser() -> argparse.ArgumentParser:
         default=1000,
         help="per set and class, a seeded sample for the per-class figures",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part of every set (job arrays)")
-    p.add_argument("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
+    speed = speed_options(p)
+    speed.add_argument("--batch-size", type=int, default=64)
+    speed.add_argument(
+        "--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part of every set (job arrays)"
+    )
+    speed.add_argument("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
     return p
 
 
@@ -512,9 +516,7 @@ def main(argv=None) -> dict:
     if synthetic.classes != real.classes:
         raise ValueError(f"{args.synthetic_dir} has other classes (or another order) than {args.dataset} train")
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"gap_{Path(args.synthetic_dir).name}")
-    config = config_dict(
-        args, exclude=("batch_size", "workers", "runs_dir", "output_dir", "overwrite", "shard", "checkpoint_every")
-    )
+    config = config_dict(args)
     sets = {"train": real, held_out_split: held_out, "synthetic": synthetic}
     config["sets"] = fps = {name: split_fingerprint(index) for name, index in sets.items()}
     state = PartialState(cpu=not torch.cuda.is_available())

@@ -59,10 +59,12 @@ from common import (
     list_images,
     load_classifier,
     load_dataset,
+    not_hashed,
     parse_args,
     progress,
     read_lines,
     resolve_split,
+    speed_options,
     write_json,
 )
 
@@ -88,6 +90,7 @@ def get_parser() -> argparse.ArgumentParser:
         "KIND=PATH or a bare KIND whose path is "
         "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS),
     )
+    not_hashed(p, "sets")  # adding a set to a finished run reuses the cached logits of the others
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
         env = kind.replace("-", "_").upper() + "_ROOT"
         p.add_argument(
@@ -95,7 +98,7 @@ def get_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"root of {kind} (used when --sets names '{kind}'; default ${env} or configs/paths.yaml)",
         )
-    p.add_argument("--batch-size", type=int, default=256, help="per process")
+    speed_options(p).add_argument("--batch-size", type=int, default=256, help="per process")
     p.add_argument(
         "--amp",
         choices=["auto", "no", "fp16", "bf16"],
@@ -316,8 +319,7 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir or Path(args.runs_dir) / (args.dataset or "ood") / f"ood_{classifier.name}")
     model, transform, info = load_classifier(classifier, state.device)
     weights_hash = fingerprint(classifier / info["weights"])
-    # The set list is not part of the config: adding a set to a finished run reuses the cached logits of the others.
-    config = config_dict(args, exclude=("sets", "batch_size", "workers", "output_dir", "runs_dir"))
+    config = config_dict(args)
     config["classifier_weights"] = weights_hash
     run = RunDir(out, config, overwrite=args.overwrite, is_main=state.is_main_process)
     if run.start() == "done" and set(args.sets) <= set(run.manifest().get("sets", [])):

@@ -118,6 +118,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (less memory)")
     a("--cache-latents", action="store_true", help="encode latents + text once, center crop (README: Finetuning)")
     a("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs")
+    a = common.speed_options(p).add_argument
     a("--checkpointing-steps", type=int, default=500, help="release: 500")
     a("--checkpoints-total-limit", type=int, default=3, help="keep the last K checkpoints (release: all)")
     return p
@@ -513,10 +514,7 @@ def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet_width:
 def run_config(args, world_size: int) -> dict:
     """The config that identifies the run (bookkeeping flags left out)."""
     # train_fingerprint (set by load_training_set) stays in: a changed training split is a mismatch, not a resume.
-    config = common.config_dict(
-        args,
-        exclude=("output_dir", "runs_dir", "workers", "checkpointing_steps", "checkpoints_total_limit", "skipped_bad"),
-    )
+    config = common.config_dict(args, exclude=("skipped_bad",))  # in the manifest instead
     config["world_size"] = world_size  # the per-process batch defines the MMD batch
     # Options added later are left out at their defaults, so runs made before them keep their config.
     for key, default in (("gradient_accumulation_steps", 1), ("mmd_batch", "process")):

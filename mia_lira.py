@@ -63,6 +63,7 @@ from common import (
     parse_args,
     parse_shard,
     progress,
+    speed_options,
     write_json,
 )
 
@@ -86,24 +87,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthesize-args", default="", help="extra flags for every synthesize.py call (one string)")
     p.add_argument("--train-cls-args", default="", help="extra flags for every train_cls.py call (one string)")
     p.add_argument(
-        "--launcher",
-        default="",
-        help="command prefix for the stage scripts, e.g. 'accelerate launch --num_processes 8' (default: this python)",
-    )
-    p.add_argument(
-        "--shard",
-        type=parse_shard,
-        default=(0, 1),
-        help="'i/n': train only shadows i, i+n, ... (job arrays); attacks run once all scores exist",
-    )
-    p.add_argument(
         "--scores-from",
         default=None,
         help="attack-only mode: a previous mia_lira output dir whose "
         "keep.npy and scores_<arm>.npy are reused (nothing is trained)",
     )
-    # Queries (Carlini et al. §5: deterministic augmentations; reference code: identity + mirror).
-    p.add_argument("--batch-size", type=int, default=256, help="query batch size (does not change results)")
     # Attacks.
     p.add_argument(
         "--offline-test",
@@ -113,6 +101,19 @@ def get_parser() -> argparse.ArgumentParser:
         "Carlini et al. Alg. 1; default) or two-sided −log N(φ; μ_out, σ_out²) (reference plot.py)",
     )
     p.add_argument("--num-targets", type=int, default=0, help="leave-one-out targets to rotate over (0 = all M)")
+    speed = speed_options(p)
+    speed.add_argument("--batch-size", type=int, default=256, help="query batch size")
+    speed.add_argument(
+        "--launcher",
+        default="",
+        help="command prefix for the stage scripts, e.g. 'accelerate launch --num_processes 8' (default: this python)",
+    )
+    speed.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=(0, 1),
+        help="'i/n': train only shadows i, i+n, ... (job arrays); attacks run once all scores exist",
+    )
     return p
 
 
@@ -522,7 +523,7 @@ def main(argv=None) -> dict:
     args = parse_args(get_parser(), argv, "mia_lira")
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "mia_lira")
     args.stage_config = args.stage_config or args.config
-    config = config_dict(args, exclude=("batch_size", "workers", "launcher", "shard", "runs_dir", "output_dir"))
+    config = config_dict(args)
     config["stage_config_hash"] = stage_config_hash(args.stage_config) if not args.scores_from else None
     # Bad inputs fail here, before the run directory is touched (a left run config would make the corrected
     # command a config mismatch).

@@ -57,6 +57,7 @@ from common import (
     parse_args,
     progress,
     read_imagefolder,
+    speed_options,
     write_json,
     write_jsonl,
 )
@@ -101,10 +102,11 @@ def get_parser() -> argparse.ArgumentParser:
         default=0,
         help="real images queried for the real-vs-real background (0 = all; else a seeded subset)",
     )
-    p.add_argument("--cache-dir", default=None, help="descriptor cache (default runs/<dataset>/sscd_cache)")
-    p.add_argument("--batch-size", type=int, default=64, help="embedding batch size (does not change results)")
-    p.add_argument("--chunk-size", type=int, default=65536, help="reference descriptors per similarity block (memory)")
-    p.add_argument(
+    speed = speed_options(p)
+    speed.add_argument("--cache-dir", default=None, help="descriptor cache (default runs/<dataset>/sscd_cache)")
+    speed.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
+    speed.add_argument("--chunk-size", type=int, default=65536, help="reference descriptors per similarity block")
+    speed.add_argument(
         "--make-standin",
         default=None,
         metavar="PATH",
@@ -389,9 +391,7 @@ def main(argv=None) -> dict:
             f"synthetic set {synthetic_dir} does not exist: run synthesize.py first or pass --synthetic-dir"
         )
     out = Path(args.output_dir or runs / f"sscd_{synthetic_dir.name}")
-    config = config_dict(
-        args, exclude=("batch_size", "chunk_size", "workers", "cache_dir", "runs_dir", "output_dir", "make_standin")
-    )
+    config = config_dict(args)
     # Bad inputs fail here, before the run directory is touched (a left run config would make the corrected
     # command a config mismatch).
     require_descriptor_file(args.model)

@@ -49,6 +49,7 @@ from common import (
     PROMPT_STYLES,
     HelpFormatter,
     ImageReadError,
+    NotHashedGroup,
     RunDir,
     ShardMember,
     add_run_options,
@@ -75,6 +76,7 @@ from common import (
     load_yaml_section,
     local_items,
     negative_prompt,
+    not_hashed,
     note_unusual_images,
     parse_args,
     parse_shard,
@@ -82,29 +84,13 @@ from common import (
     progress,
     read_json,
     resolve_dtype,
+    speed_options,
     split_fingerprint,
     write_json,
     write_jsonl,
 )
 
 SD_LAYOUT = "a Stable Diffusion pipeline (diffusers layout: model_index.json, unet/, vae/, text_encoder/, ...)"
-# Flags that change speed or bookkeeping, never an image: left out of the run's config so a resume may change them.
-SPEED_ONLY = (
-    "batch_size",
-    "decode_batch",
-    "workers",
-    "write_workers",
-    "compile",
-    "compile_mode",
-    "shard",
-    "skip_bad",
-    "verify_existing",
-    "reuse_from",
-    "output_dir",
-    "data_root",
-    "runs_dir",
-    "plan",
-)
 
 
 def auto_on_off(value) -> str:
@@ -121,10 +107,10 @@ def none_or_path(value: str) -> str | None:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_run_options(p, "synth_x<scale>", seed_help="global seed (release: 42); image seeds derive from it", workers=4)
+    not_hashed(p, "data_root")  # the sources enter the run's identity by their fingerprint instead
     a = p.add_argument_group("sources").add_argument
     a("--split", default="train", help="the real split whose images are the latent priors")
     a("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")
-    a("--skip-bad", action="store_true", help="skip unreadable sources (counted in the manifest) instead of failing")
     a = p.add_argument_group("generator (paper App. E Tab. 6; the LoRA scale from the release)").add_argument
     a("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or diffusers dir")
     a("--revision", default=None, help="hub revision of --pretrained-model")
@@ -153,10 +139,12 @@ def get_parser() -> argparse.ArgumentParser:
     a("--jpeg-quality", type=int, default=95, help="release: PIL's default 75")
     a("--save-size", type=positive_int, default=None, help="store resized to this short side (e.g. 256 for 224 px)")
     a("--output-mode", choices=("source", "RGB"), default="source", help="source: grayscale sources, grayscale out")
+    a = NotHashedGroup(p, "re-runs and checks (not part of the run's identity)").add_argument
     a("--verify-existing", choices=("quick", "full"), default="quick", help="re-run check: file trailer, or decode")
     a("--reuse-from", nargs="*", default=[], metavar="DIR", help="runs of this config at another scale or format")
     a("--plan", action="store_true", help="print images, files, TB and GPU-hours of the chain, and exit")
-    a = p.add_argument_group("speed only (never change an image beyond float noise)").add_argument
+    a("--skip-bad", action="store_true", help="skip unreadable sources (counted in the manifest) instead of failing")
+    a = speed_options(p).add_argument  # never change an image beyond float noise
     a("--batch-size", type=positive_int, default=32, help="images per pipeline call, classes mixed")
     a("--decode-batch", type=positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
     a("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
@@ -814,7 +802,7 @@ def run_config(args, lora_hash: str | None) -> dict:
     later enter only at non-default values, so older runs keep their hash."""
     derived = ("output_mode", "source_images", "resolved_output_mode")
     # source_fingerprint (set by prepare) stays in: a changed source split is a config mismatch, not a resume.
-    config = {**config_dict(args, exclude=SPEED_ONLY + derived), "lora_hash": lora_hash}
+    config = {**config_dict(args, exclude=derived), "lora_hash": lora_hash}
     if args.resolved_output_mode != "RGB":
         config["output_mode"] = args.resolved_output_mode
     if config["save_size"] is None:

@@ -80,6 +80,7 @@ from common import (
     resolve_split,
     save_checkpoint,
     seed_everything,
+    speed_options,
     split_fingerprint,
     write_json,
     write_jsonl,
@@ -97,8 +98,6 @@ def get_parser() -> argparse.ArgumentParser:
     a("--train-dirs", nargs="+", default=["real"], help="'real' (the train split) and/or synthesize.py outputs")
     a("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
     a("--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)")
-    a("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
-    a("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs: re-submit to go on)")
     model = p.add_argument_group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)")
     model.add_argument("--model", default="resnet50", help="any timm model name")
     model.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
@@ -135,13 +134,13 @@ def get_parser() -> argparse.ArgumentParser:
     aug.add_argument("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
     system = p.add_argument_group("system")
     system.add_argument("--amp", choices=["auto", "no", "fp16", "bf16"], default="auto", help="auto: bf16 on a GPU")
-    system.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
-    system.add_argument("--keep-checkpoints", type=int, default=1)
+    # These can change between the jobs of one run (a resume).
+    speed = speed_options(p)
+    speed.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
+    speed.add_argument("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs)")
+    speed.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
+    speed.add_argument("--keep-checkpoints", type=int, default=1)
     return p
-
-
-# Options that do not change the trained model: left out of the config hash so they can change between resumes.
-NOT_IN_CONFIG = ("workers", "keep_checkpoints", "epochs_per_job", "eval_every", "runs_dir", "name")
 
 
 def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -572,7 +571,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"{len(labels)} training images but --batch-size {args.batch_size}: lower the batch size")
 
     args.num_classes = len(classes)
-    config = config_dict(args, exclude=NOT_IN_CONFIG + ("output_dir",))
+    config = config_dict(args)
     # The training sets' files are part of the run's identity: a changed split is a config mismatch, not a resume.
     config["train_fingerprints"] = {source: info["fingerprint"] for source, info in inputs.items()}
     run = RunDir(out, config, overwrite=args.overwrite, is_main=is_main)

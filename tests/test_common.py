@@ -138,6 +138,37 @@ def test_config_dict_drops_flags_and_hash_is_stable():
     assert common.config_hash(d) == common.config_hash(dict(reversed(list(d.items()))))
 
 
+def test_not_hashed_groups_leave_the_run_identity_alone():
+    p = argparse.ArgumentParser()
+    common.add_run_options(p, "out")
+    p.add_argument("--lr", type=float, default=0.1)
+    common.speed_options(p).add_argument("--batch-size", type=int, default=8)
+
+    def hash_of(*argv):
+        return common.config_hash(common.config_dict(p.parse_args(argv)))
+
+    base = hash_of()
+    # where it writes, how many workers, how big a batch: the same run
+    assert hash_of("--batch-size", "64", "--workers", "3", "--output-dir", "/x", "--runs-dir", "/r") == base
+    assert hash_of("--lr", "0.2") != base and hash_of("--seed", "1") != base and hash_of("--data-root", "/d") != base
+    assert set(common.config_dict(p.parse_args([]))) == {"lr", "dataset", "data_root", "seed"}
+
+
+@pytest.mark.parametrize(
+    "stage", ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim", "eval_gap"]
+)
+def test_every_stage_hashes_its_method_options_and_not_its_speed_options(stage):
+    import importlib
+
+    module = importlib.import_module(stage)
+    argv = ["--config", str(common.PROJECT_DIR / "configs/demo.yaml")]
+    config = common.config_dict(common.parse_args(module.get_parser(), argv, stage))
+    assert "seed" in config and "dataset" in config
+    assert not {"workers", "output_dir", "runs_dir", "overwrite", "config", common.UNHASHED} & set(config)
+    assert "shard" not in config  # a job's part of the work
+    assert "batch_size" not in config or stage == "train_cls"  # train_cls's is the global batch: it changes results
+
+
 # ---------------------------------------------------------------------------------------------------------- files
 
 
