@@ -666,7 +666,8 @@ class RunDir:
     `start()` returns "done" (complete with the same config: the caller should return the manifest and do nothing),
     "resume" (an interrupted run with the same config) or "fresh". A different config raises ConfigMismatchError
     naming the changed keys, unless `overwrite=True`, in which case the old run is moved aside as `<dir>.old-<hash>`
-    (never deleted: nothing is lost by a mistyped flag).
+    (never deleted: nothing is lost by a mistyped flag). A run that wrote nothing but its run config and log (it
+    failed on a bad input) is no run: any config starts over it, so a stage may check its inputs before or after.
     """
 
     def __init__(self, path, config: dict, overwrite: bool = False, is_main: bool = True):
@@ -684,8 +685,14 @@ class RunDir:
                 return read_json(candidate)["config"]
         return None
 
+    def _produced_nothing(self) -> bool:
+        """Only the run config and logs: a run that stopped before its first output (a bad input, say)."""
+        return all(p.name in (self.started_path.name, LOG_FILE) for p in self.path.iterdir())
+
     def start(self) -> str:
         previous = self._previous_config()
+        if previous is not None and config_hash(previous) != self.hash and self._produced_nothing():
+            previous = None  # nothing to lose or resume: a corrected command simply starts
         if previous is not None and config_hash(previous) != self.hash:
             changed = sorted(k for k in set(previous) | set(self.config) if previous.get(k) != self.config.get(k))
             if not self.overwrite:
@@ -794,6 +801,9 @@ def local_items(
 # Logging: rank 0 writes to stdout and <out>/log.txt; other ranks only warn.
 
 
+LOG_FILE = "log.txt"
+
+
 def get_logger(out_dir: str | os.PathLike | None, is_main: bool = True, name: str = "realfake") -> logging.Logger:
     logger = logging.getLogger(name)
     logger.handlers.clear()
@@ -805,7 +815,7 @@ def get_logger(out_dir: str | os.PathLike | None, is_main: bool = True, name: st
     logger.addHandler(stream)
     if is_main and out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(Path(out_dir) / "log.txt")
+        file = logging.FileHandler(Path(out_dir) / LOG_FILE)
         file.setFormatter(fmt)
         logger.addHandler(file)
     return logger
@@ -1064,19 +1074,39 @@ def read_cub(root, split: str) -> DatasetIndex:
     return DatasetIndex("cub", base, split, samples, classes, names)
 
 
-def read_torchvision(name: str, root, split: str) -> DatasetIndex:
-    """Stanford Cars and Oxford-IIIT Pet through torchvision's own readers (download=False: files must be there)."""
-    import torchvision.datasets as tvd
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist (the layout torchvision's download makes, README)")
+    return path
 
-    if name == "cars":
-        ds = tvd.StanfordCars(root, split="train" if split == "train" else "test", download=False)
-        files, labels = [p for p, _ in ds._samples], [y for _, y in ds._samples]
-    else:
-        ds = tvd.OxfordIIITPet(root, split="trainval" if split == "train" else "test", download=False)
-        files, labels = ds._images, ds._labels
-    root = Path(root)
-    samples = [Sample(str(Path(f).relative_to(root)), int(y)) for f, y in zip(files, labels)]
-    return DatasetIndex(name, root, split, samples, list(ds.classes), list(ds.classes))
+
+def read_cars(root, split: str) -> DatasetIndex:
+    """Stanford Cars in torchvision's layout: root/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat,
+    cars_train/, cars_test_annos_withlabels.mat, cars_test/}; .mat class ids are 1-based."""
+    from scipy.io import loadmat
+
+    base = Path(root) / "stanford_cars"
+    annos, folder = (
+        (base / "devkit" / "cars_train_annos.mat", "cars_train")
+        if split == "train"
+        else (base / "cars_test_annos_withlabels.mat", "cars_test")
+    )
+    classes = loadmat(_require_file(base / "devkit" / "cars_meta.mat", "cars"), squeeze_me=True)["class_names"]
+    rows = np.atleast_1d(loadmat(_require_file(annos, "cars"), squeeze_me=True)["annotations"])
+    samples = [Sample(f"stanford_cars/{folder}/{r['fname']}", int(r["class"]) - 1) for r in rows]
+    return DatasetIndex("cars", Path(root), split, samples, list(classes), list(classes))
+
+
+def read_pets(root, split: str) -> DatasetIndex:
+    """Oxford-IIIT Pet in torchvision's layout: root/oxford-iiit-pet/{images/<id>.jpg, annotations/<split>.txt} with
+    rows "<id> <class id, 1-based> <species> <breed id>"; class names from the ids, as torchvision names them."""
+    base = Path(root) / "oxford-iiit-pet"
+    table = base / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
+    rows = [line.split()[:2] for line in read_lines(_require_file(table, "pets"))]
+    samples = [Sample(f"oxford-iiit-pet/images/{image_id}.jpg", int(c) - 1) for image_id, c in rows]
+    names = {int(c) - 1: " ".join(w.title() for w in i.rsplit("_", 1)[0].split("_")) for i, c in rows}
+    classes = [names[k] for k in sorted(names)]
+    return DatasetIndex("pets", Path(root), split, samples, classes, classes)
 
 
 EUROSAT_SPLIT_SEED = 0  # part of the dataset's definition, never a run's --seed (LiRA shadows must share one split)
@@ -1133,8 +1163,10 @@ def load_dataset(name: str, root: str | os.PathLike | None, split: str = "train"
         return read_imagenet_subset(root, "train" if split == "train" else "val", DATA_DIR / WNID_LISTS[name], name)
     if name == "cub":
         return read_cub(root, split)
-    if name in ("cars", "pets"):
-        return read_torchvision(name, root, split)
+    if name == "cars":
+        return read_cars(root, split)
+    if name == "pets":
+        return read_pets(root, split)
     if name == "eurosat":
         return read_eurosat(root, split)
     if name in ("imagefolder", "demo"):

@@ -522,7 +522,7 @@ def main(argv=None) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available())
     run = RunDir(out, config, args.overwrite, state.is_main_process)
     start = time.time()
-    extractor = build_extractor(args.features, args, state.device)  # a wrong model fails here, before the run dir
+    extractor = build_extractor(args.features, args, state.device)
     if run.begin(state.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
     log = get_logger(out, state.is_main_process)

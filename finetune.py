@@ -470,7 +470,7 @@ def resolve_args(args):
 
 
 def check_inputs(args) -> None:
-    """The pretrained pipeline and the image encoder exist (read their configs only), before the run dir is made."""
+    """The pretrained pipeline and the image encoder exist (read their configs only)."""
 
     layout = "an SD 1.x pipeline (diffusers layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...)"
     common.check_pretrained(DiffusionPipeline.load_config, args.pretrained_model, args.revision, layout)
@@ -651,7 +651,7 @@ def main(argv=None) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
-    index, prompts = load_training_set(args)  # bad inputs fail here, before the run directory is touched
+    index, prompts = load_training_set(args)
     check_inputs(args)
     config = run_config(args, accelerator.num_processes)
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=accelerator.is_main_process)

@@ -525,8 +525,6 @@ def main(argv=None) -> dict:
     args.stage_config = args.stage_config or args.config
     config = config_dict(args)
     config["stage_config_hash"] = stage_config_hash(args.stage_config) if not args.scores_from else None
-    # Bad inputs fail here, before the run directory is touched (a left run config would make the corrected
-    # command a config mismatch).
     if args.scores_from and not (Path(args.scores_from) / "keep.npy").is_file():
         raise FileNotFoundError(f"--scores-from {args.scores_from}: no keep.npy there (not a mia_lira.py output)")
     if not args.scores_from:

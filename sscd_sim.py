@@ -392,8 +392,6 @@ def main(argv=None) -> dict:
         )
     out = Path(args.output_dir or runs / f"sscd_{synthetic_dir.name}")
     config = config_dict(args)
-    # Bad inputs fail here, before the run directory is touched (a left run config would make the corrected
-    # command a config mismatch).
     require_descriptor_file(args.model)
     real = load_dataset(args.dataset, args.data_root, "train")
     synth = load_generated(synthetic_dir)

@@ -978,8 +978,6 @@ def main(argv=None) -> dict:
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: lets torchrun spread CPU processes
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"synth_x{args.scale:g}")
-    # Bad inputs (model, LoRA, dataset, captions, tokens) fail here, before the run directory is touched: a run config
-    # left by a failed start would make the corrected command a config mismatch.
     check_pretrained(StableDiffusionImg2ImgPipeline.load_config, args.pretrained_model, args.revision, SD_LAYOUT)
     lora_hash = lora_fingerprint(args.lora_dir)
     plan, placement = prepare(args)

@@ -134,7 +134,6 @@ def get_parser() -> argparse.ArgumentParser:
     aug.add_argument("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
     system = p.add_argument_group("system")
     system.add_argument("--amp", choices=["auto", "no", "fp16", "bf16"], default="auto", help="auto: bf16 on a GPU")
-    # These can change between the jobs of one run (a resume).
     speed = speed_options(p)
     speed.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
     speed.add_argument("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs)")

@@ -127,8 +127,18 @@ def test_rundir_fresh_done_resume_mismatch_overwrite(tmp_path):
 
 def test_rundir_interrupted_with_other_config_is_caught(tmp_path):
     common.RunDir(tmp_path / "r", {"a": 1}).start()
+    (tmp_path / "r" / "checkpoint-1").mkdir()  # it got somewhere
     with pytest.raises(common.ConfigMismatchError, match="a"):
         common.RunDir(tmp_path / "r", {"a": 2}).start()
+
+
+def test_rundir_that_produced_nothing_gives_way_to_a_corrected_command(tmp_path):
+    """A run that failed on a bad input left its run config and log only: the corrected command just starts."""
+    common.RunDir(tmp_path / "r", {"data": "typo"}).start()
+    (tmp_path / "r" / common.LOG_FILE).write_text("FileNotFoundError: typo\n")
+    assert common.RunDir(tmp_path / "r", {"data": "right"}).start() == "fresh"
+    assert common.read_json(tmp_path / "r" / "run_config.json")["config"] == {"data": "right"}
+    assert not list(tmp_path.glob("r.old-*"))
 
 
 def test_config_dict_drops_flags_and_hash_is_stable():
