@@ -746,6 +746,12 @@ def item_seed(*ids: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def epoch_order(n: int, *ids: Any) -> list[int]:
+    """A seeded permutation of range(n) per `ids` (seed, stage tag, epoch): every process and every resume draws the
+    same order; how a stage cuts it into batches is the stage's."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(item_seed(*ids))).tolist()
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -156,8 +156,7 @@ class TrainImages(torch.utils.data.Dataset):
 def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
     """This process's batches of one epoch: a seeded permutation, padded to a multiple of the world size (as
     DistributedSampler does), cut into global batches of batch_size x world, each split over the processes."""
-    gen = torch.Generator().manual_seed(common.item_seed(seed, "finetune-order", epoch))
-    perm = torch.randperm(n, generator=gen).tolist()
+    perm = common.epoch_order(n, seed, "finetune-order", epoch)
     perm += perm[: (-n) % world]
     step = batch_size * world
     return [perm[s : s + step][rank::world] for s in range(0, len(perm), step)]

@@ -66,6 +66,7 @@ from common import (
     atomic_path,
     check_images,
     config_dict,
+    epoch_order,
     get_logger,
     item_seed,
     latest_checkpoint,
@@ -231,11 +232,10 @@ class EpochBatches:
 
     def __iter__(self):
         for epoch in self.epochs:
-            gen = torch.Generator().manual_seed(item_seed(self.seed, "order", epoch))
-            order = torch.randperm(self.n, generator=gen)
+            order = epoch_order(self.n, self.seed, "order", epoch)
             micro = self.batch // (self.world * self.accum)
             for s in range(self.steps):
-                step = order[s * self.batch : (s + 1) * self.batch].tolist()
+                step = order[s * self.batch : (s + 1) * self.batch]
                 for a in range(self.accum):
                     c = self.rank * self.accum + a
                     yield [(epoch, i) for i in step[c * micro : (c + 1) * micro]]
