@@ -394,6 +394,14 @@ def add_run_options(
     h.add_argument("--workers", "--num-workers", type=int, default=workers, help="data-loader workers per process")
 
 
+def add_mixed_precision(group, dest: str, auto: str) -> None:
+    """--mixed-precision, alias --amp: autocast in accelerate's vocabulary plus auto, one option for every stage that
+    autocasts (`dest` keeps each stage's config key, so existing runs keep their hash)."""
+    group.add_argument(
+        "--mixed-precision", "--amp", dest=dest, choices=("auto", "no", "fp16", "bf16"), default="auto", help=auto
+    )
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stage: str) -> argparse.Namespace:
     """Parse `argv` with precedence argparse defaults < YAML (`--config`) < command line.
 

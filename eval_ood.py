@@ -49,6 +49,7 @@ from common import (
     HelpFormatter,
     ImageFiles,
     RunDir,
+    add_mixed_precision,
     add_run_options,
     atomic_path,
     atomic_write,
@@ -99,12 +100,7 @@ def get_parser() -> argparse.ArgumentParser:
             help=f"root of {kind} (used when --sets names '{kind}'; default ${env} or configs/paths.yaml)",
         )
     speed_options(p).add_argument("--batch-size", type=int, default=256, help="per process")
-    p.add_argument(
-        "--amp",
-        choices=["auto", "no", "fp16", "bf16"],
-        default="auto",
-        help="autocast for the forward pass; auto = bf16 on a GPU, none on CPU",
-    )
+    add_mixed_precision(p, "amp", "autocast for the forward pass; auto = bf16 on a GPU, none on CPU")
     return p
 
 

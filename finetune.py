@@ -113,8 +113,9 @@ def get_parser() -> argparse.ArgumentParser:
     a("--vg-encoder", default=PAPER_ENCODER, help="CLIP image encoder (hub id or local dir)")
     # The paper samples "random" images, count not given; 64 keeps the mean's standard error at 1/8 of the spread.
     a("--vg-images-per-class", type=int, default=64, help="K random training images per class for the class mean")
-    a = p.add_argument_group("engineering").add_argument
-    a("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"], help="auto: fp16 on GPU (release)")
+    engineering = p.add_argument_group("engineering")
+    common.add_mixed_precision(engineering, "mixed_precision", "auto: fp16 on GPU (release)")
+    a = engineering.add_argument
     a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (less memory)")
     a("--cache-latents", action="store_true", help="encode latents + text once, center crop (README: Finetuning)")
     a("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs")

@@ -62,6 +62,7 @@ from common import (
     HELD_OUT,
     HelpFormatter,
     RunDir,
+    add_mixed_precision,
     add_run_options,
     atomic_path,
     check_images,
@@ -134,7 +135,7 @@ def get_parser() -> argparse.ArgumentParser:
     aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (IN-1K: 1.0)")
     aug.add_argument("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
     system = p.add_argument_group("system")
-    system.add_argument("--amp", choices=["auto", "no", "fp16", "bf16"], default="auto", help="auto: bf16 on a GPU")
+    add_mixed_precision(system, "amp", "auto: bf16 on a GPU")
     speed = speed_options(p)
     speed.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
     speed.add_argument("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs)")
