@@ -318,7 +318,7 @@ def main(argv=None) -> dict:
     config = config_dict(args)
     config["classifier_weights"] = weights_hash
     run = RunDir(out, config, overwrite=args.overwrite, is_main=state.is_main_process)
-    if run.start() == "done" and set(args.sets) <= set(run.manifest().get("sets", [])):
+    if run.begin(state.wait_for_everyone) == "done" and set(args.sets) <= set(run.manifest().get("sets", [])):
         return run.manifest()["metrics"]
     log = get_logger(out, state.is_main_process)
 
