@@ -318,7 +318,7 @@ def report_synth(args, totals, warmup_s, round_speedups, n_jobs, device, out_dir
         "images": n_jobs,
         "rounds": args.rounds,
         "device": str(torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"),
-        "config": {k: v for k, v in common.config_dict(args).items() if k != "shard"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("shard", common.UNHASHED)},  # speed ones too
     }
     common.write_json(out_dir / "benchmark.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
