@@ -362,9 +362,11 @@ def not_hashed(parser: argparse.ArgumentParser, *dests: str) -> None:
     parser.set_defaults(**{UNHASHED: tuple(parser.get_default(UNHASHED) or ()) + dests})
 
 
-def speed_options(parser: argparse.ArgumentParser) -> NotHashedGroup:
-    """The group for a stage's options that do not change its results."""
-    return NotHashedGroup(parser, "speed, memory and outputs (not part of the run's identity)")
+def speed_options(
+    parser: argparse.ArgumentParser, title: str = "speed, memory and outputs (not part of the run's identity)"
+) -> NotHashedGroup:
+    """A group for a stage's options that do not change its results."""
+    return NotHashedGroup(parser, title)
 
 
 def add_run_options(
@@ -377,12 +379,12 @@ def add_run_options(
 ) -> None:
     """The options every stage shares, each with one name and vocabulary: --config, --dataset, --data-root, --seed,
     --runs-dir, --output-dir (default <runs-dir>/<dataset>/<output>), --overwrite, --workers (alias --num-workers),
-    and for stages with checkpoints --resume. The first four define the run; the others never enter its hash."""
+    and for stages with checkpoints --resume. Of these only --dataset, --data-root and --seed enter the run's hash."""
     g = parser.add_argument_group("run")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="the real dataset (a --config sets it)")
     g.add_argument("--data-root", default=None, help="its root (else configs/paths.yaml or the environment, README)")
     g.add_argument("--seed", type=int, default=seed, help=seed_help)
-    h = NotHashedGroup(parser, "run files")
+    h = speed_options(parser, "run files (not part of the run's identity)")
     h.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
     h.add_argument("--runs-dir", default="runs", help="root of the default output directories")
     h.add_argument("--output-dir", default=None, help=f"default <runs-dir>/<dataset>/{output}")
@@ -394,11 +396,11 @@ def add_run_options(
     h.add_argument("--workers", "--num-workers", type=int, default=workers, help="data-loader workers per process")
 
 
-def add_mixed_precision(group, dest: str, auto: str) -> None:
+def add_mixed_precision(group, dest: str, help_text: str) -> None:
     """--mixed-precision, alias --amp: autocast in accelerate's vocabulary plus auto, one option for every stage that
     autocasts (`dest` keeps each stage's config key, so existing runs keep their hash)."""
     group.add_argument(
-        "--mixed-precision", "--amp", dest=dest, choices=("auto", "no", "fp16", "bf16"), default="auto", help=auto
+        "--mixed-precision", "--amp", dest=dest, choices=("auto", "no", "fp16", "bf16"), default="auto", help=help_text
     )
 
 
@@ -435,7 +437,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stag
 def config_dict(args: argparse.Namespace, exclude: Iterable[str] = ()) -> dict:
     """The run's identity: the resolved options as a JSON-able dict, without those of `not_hashed` groups and the
     `exclude`d keys (values a stage derives and stores beside its options)."""
-    skip = set(exclude) | set(getattr(args, UNHASHED, ())) | {UNHASHED, "config", "overwrite", "resume"}
+    skip = set(exclude) | set(getattr(args, UNHASHED, ())) | {UNHASHED}
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -701,7 +703,7 @@ class RunDir:
         previous = self._previous_config()
         if previous is not None and config_hash(previous) != self.hash and self._produced_nothing():
             previous = None  # nothing to lose or resume: a corrected command simply starts
-        if previous is not None and config_hash(previous) != self.hash:
+        elif previous is not None and config_hash(previous) != self.hash:
             changed = sorted(k for k in set(previous) | set(self.config) if previous.get(k) != self.config.get(k))
             if not self.overwrite:
                 details = ", ".join(f"{k}: {previous.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:8])

@@ -49,7 +49,6 @@ from common import (
     PROMPT_STYLES,
     HelpFormatter,
     ImageReadError,
-    NotHashedGroup,
     RunDir,
     ShardMember,
     add_run_options,
@@ -139,7 +138,7 @@ def get_parser() -> argparse.ArgumentParser:
     a("--jpeg-quality", type=int, default=95, help="release: PIL's default 75")
     a("--save-size", type=positive_int, default=None, help="store resized to this short side (e.g. 256 for 224 px)")
     a("--output-mode", choices=("source", "RGB"), default="source", help="source: grayscale sources, grayscale out")
-    a = NotHashedGroup(p, "re-runs and checks (not part of the run's identity)").add_argument
+    a = speed_options(p, "re-runs and checks (not part of the run's identity)").add_argument
     a("--verify-existing", choices=("quick", "full"), default="quick", help="re-run check: file trailer, or decode")
     a("--reuse-from", nargs="*", default=[], metavar="DIR", help="runs of this config at another scale or format")
     a("--plan", action="store_true", help="print images, files, TB and GPU-hours of the chain, and exit")
