@@ -756,10 +756,11 @@ def item_seed(*ids: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def epoch_order(n: int, *ids: Any) -> list[int]:
+def epoch_order(n: int, *ids: Any) -> torch.Tensor:
     """A seeded permutation of range(n) per `ids` (seed, stage tag, epoch): every process and every resume draws the
-    same order; how a stage cuts it into batches is the stage's."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(item_seed(*ids))).tolist()
+    same order; how a stage cuts it into batches is the stage's. A tensor: IN-1K x10's 12.8 M items are 0.1 GB,
+    where a Python list of them is 0.5 GB per process and takes 9 s to build (measured on the CPU)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(item_seed(*ids)))
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -157,7 +157,7 @@ class TrainImages(torch.utils.data.Dataset):
 def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
     """This process's batches of one epoch: a seeded permutation, padded to a multiple of the world size (as
     DistributedSampler does), cut into global batches of batch_size x world, each split over the processes."""
-    perm = common.epoch_order(n, seed, "finetune-order", epoch)
+    perm = common.epoch_order(n, seed, "finetune-order", epoch).tolist()
     perm += perm[: (-n) % world]
     step = batch_size * world
     return [perm[s : s + step][rank::world] for s in range(0, len(perm), step)]

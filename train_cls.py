@@ -236,7 +236,7 @@ class EpochBatches:
             order = epoch_order(self.n, self.seed, "order", epoch)
             micro = self.batch // (self.world * self.accum)
             for s in range(self.steps):
-                step = order[s * self.batch : (s + 1) * self.batch]
+                step = order[s * self.batch : (s + 1) * self.batch].tolist()
                 for a in range(self.accum):
                     c = self.rank * self.accum + a
                     yield [(epoch, i) for i in step[c * micro : (c + 1) * micro]]
