@@ -102,10 +102,10 @@ def sd15_random(tokenizer=None):
 # synth
 
 
-def synth_parser() -> argparse.ArgumentParser:
+def synth_parser() -> common.StageParser:
     p = synthesize.get_parser()
     p.prog, p.description = "bench.py synth", "Time synthesize.py's loop against a release-style baseline loop."
-    g = p.add_argument_group("benchmark")
+    g = p.group("benchmark")
     g.add_argument("--images", type=common.positive_int, default=48, help="images per loop and round")
     g.add_argument("--rounds", type=common.positive_int, default=3, help="timed rounds per loop, the loops alternating")
     g.add_argument(
@@ -329,10 +329,10 @@ def report_synth(args, totals, warmup_s, round_speedups, n_jobs, device, out_dir
 # finetune
 
 
-def finetune_parser() -> argparse.ArgumentParser:
+def finetune_parser() -> common.StageParser:
     p = finetune.get_parser()
     p.prog, p.description = "bench.py finetune", "Time finetune.py's training step on random data."
-    g = p.add_argument_group("benchmark")
+    g = p.group("benchmark")
     g.add_argument("--steps", type=common.positive_int, default=5, help="timed steps, after 2 warm-up steps")
     g.add_argument(
         "--weights",
@@ -432,11 +432,10 @@ def bench_finetune(argv) -> dict:
 # loader
 
 
-def loader_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def loader_parser() -> common.StageParser:
+    p = common.StageParser(
+        "Images/s of a classifier's data loader on one synthetic set stored as files and as tar shards.",
         prog="bench.py loader",
-        description="Images/s of a classifier's data loader on one synthetic set stored as files and as tar shards.",
-        formatter_class=common.HelpFormatter,
     )
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--classes", type=int, default=10)
@@ -539,10 +538,10 @@ def bench_loader(argv) -> dict:
 # train
 
 
-def train_parser() -> argparse.ArgumentParser:
+def train_parser() -> common.StageParser:
     p = train_cls.get_parser()
     p.prog, p.description = "bench.py train", "Images/s of train_cls.py's training step on random in-memory JPEGs."
-    g = p.add_argument_group("benchmark")
+    g = p.group("benchmark")
     g.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     g.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     g.add_argument("--fake-data", type=int, default=4096, help="random in-memory JPEGs, 10 classes (no dataset)")

@@ -24,7 +24,6 @@ Commands:
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -37,8 +36,8 @@ import common
 PAPER_MODEL = "Salesforce/blip2-opt-2.7b"  # paper §3.2 via CiP (LeavesLei/Caption_in_Prompt)
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
     common.add_run_options(p, "captions", seed_help="unused by greedy decoding; recorded", workers=4)
     p.add_argument("--split", default="train", help="split to caption (the paper captions the training images)")
     p.add_argument("--model", default=PAPER_MODEL, help="BLIP-2 hub id or local directory (transformers layout)")
@@ -52,7 +51,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="CiP: max_length 16 (paper: short captions)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")
     p.add_argument("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")
-    speed = common.speed_options(p)
+    speed = p.speed_group()
     speed.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
     speed.add_argument("--shard", type=common.parse_shard, default=(0, 1), help="'i/n': this job's part (job arrays)")
     return p

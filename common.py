@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -270,11 +269,7 @@ STAGES = {"caption", "finetune", "synthesize", "train_cls", "eval_ood", "eval_ga
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """`--help` shows the module docstring as written and every option's default; option help is wrapped to the
-    terminal, keeping the line breaks it was written with."""
-
-    def _split_lines(self, text, width):
-        return [line for part in text.splitlines() for line in (textwrap.wrap(part, width) or [""])]
+    """`--help` shows the module docstring as written and every option's default."""
 
 
 class ConfigError(ValueError):
@@ -339,38 +334,57 @@ def load_yaml_section(path: str | os.PathLike, stage: str) -> dict:
     return {"shared": {k: v for k, v in data.items() if k in SHARED_KEYS}, "section": section, "merged": merged}
 
 
-# The run's identity (its config hash) is every option except those declared in a `not_hashed` group: options that
-# change only how fast a run goes or where it writes, never what it computes. A stage's parser records their names
-# as a default, so `config_dict` needs nothing but the parsed arguments.
+# The run's identity (its config hash) is every option except those of a group made with `hashed=False`: options
+# that change only how fast a run goes or where it writes, never what it computes. The parser records their names as
+# a default, so `config_dict` needs nothing but the parsed arguments.
 UNHASHED = "unhashed_options"
+SPEED_TITLE = "speed, memory and outputs (not part of the run's identity)"
 
 
-class NotHashedGroup:
-    """An argument group whose options are left out of the config hash (speed, memory, output paths, job split)."""
+class StageParser(argparse.ArgumentParser):
+    """A stage's command line. `--help` shows the module docstring and every default; options are added in titled
+    groups (`group`, `speed_group`), and the parser keeps each option under every name it has, so that YAML keys
+    resolve to options (`parse_args`) and the run's identity leaves the speed options out (`config_dict`)."""
 
-    def __init__(self, parser: argparse.ArgumentParser, title: str):
-        self.parser, self.group = parser, parser.add_argument_group(title)
+    def __init__(self, doc: str | None = None, **kwargs):
+        self.options: dict[str, argparse.Action] = {}  # before super(): argparse adds --help in __init__
+        super().__init__(description=doc, formatter_class=HelpFormatter, **kwargs)
 
     def add_argument(self, *names, **kwargs) -> argparse.Action:
-        action = self.group.add_argument(*names, **kwargs)
-        not_hashed(self.parser, action.dest)
+        return self.remember(super().add_argument(*names, **kwargs))
+
+    def group(self, title: str, hashed: bool = True) -> OptionGroup:
+        return OptionGroup(self, self.add_argument_group(title), hashed)
+
+    def speed_group(self, title: str = SPEED_TITLE) -> OptionGroup:
+        """A group for options that do not change the stage's results."""
+        return self.group(title, hashed=False)
+
+    def not_hashed(self, *dests: str) -> None:
+        """Leave options declared elsewhere (e.g. a shared one) out of this stage's config hash."""
+        self.set_defaults(**{UNHASHED: tuple(self.get_default(UNHASHED) or ()) + dests})
+
+    def remember(self, action: argparse.Action, hashed: bool = True) -> argparse.Action:
+        self.options[action.dest] = action
+        for name in action.option_strings:  # an option's other names (--num-workers for --workers) work as keys too
+            self.options.setdefault(name.lstrip("-").replace("-", "_"), action)
+        if not hashed:
+            self.not_hashed(action.dest)
         return action
 
 
-def not_hashed(parser: argparse.ArgumentParser, *dests: str) -> None:
-    """Leave options declared elsewhere (e.g. a shared one) out of this stage's config hash."""
-    parser.set_defaults(**{UNHASHED: tuple(parser.get_default(UNHASHED) or ()) + dests})
+class OptionGroup:
+    """A titled group of a StageParser's options; those of a `hashed=False` group stay out of the config hash."""
 
+    def __init__(self, parser: StageParser, group, hashed: bool):
+        self.parser, self.group, self.hashed = parser, group, hashed
 
-def speed_options(
-    parser: argparse.ArgumentParser, title: str = "speed, memory and outputs (not part of the run's identity)"
-) -> NotHashedGroup:
-    """A group for a stage's options that do not change its results."""
-    return NotHashedGroup(parser, title)
+    def add_argument(self, *names, **kwargs) -> argparse.Action:
+        return self.parser.remember(self.group.add_argument(*names, **kwargs), self.hashed)
 
 
 def add_run_options(
-    parser: argparse.ArgumentParser,
+    parser: StageParser,
     output: str,
     seed: int = 42,
     seed_help: str = "global seed",
@@ -380,11 +394,11 @@ def add_run_options(
     """The options every stage shares, each with one name and vocabulary: --config, --dataset, --data-root, --seed,
     --runs-dir, --output-dir (default <runs-dir>/<dataset>/<output>), --overwrite, --workers (alias --num-workers),
     and for stages with checkpoints --resume. Of these only --dataset, --data-root and --seed enter the run's hash."""
-    g = parser.add_argument_group("run")
+    g = parser.group("run")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="the real dataset (a --config sets it)")
     g.add_argument("--data-root", default=None, help="its root (else configs/paths.yaml or the environment, README)")
     g.add_argument("--seed", type=int, default=seed, help=seed_help)
-    h = speed_options(parser, "run files (not part of the run's identity)")
+    h = parser.speed_group("run files (not part of the run's identity)")
     h.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
     h.add_argument("--runs-dir", default="runs", help="root of the default output directories")
     h.add_argument("--output-dir", default=None, help=f"default <runs-dir>/<dataset>/{output}")
@@ -404,39 +418,38 @@ def add_mixed_precision(group, dest: str, help_text: str) -> None:
     )
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stage: str) -> argparse.Namespace:
+def parse_args(parser: StageParser, argv: Sequence[str] | None, stage: str) -> argparse.Namespace:
     """Parse `argv` with precedence argparse defaults < YAML (`--config`) < command line.
 
     Keys in the stage's YAML section must be options of the stage (dashes or underscores); an unknown one is an
     error naming the key and the file. Shared top-level keys the stage does not know are skipped.
     """
-    if not any(a.dest == "config" for a in parser._actions):
+    if "config" not in parser.options:
         parser.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
     first, _ = parser.parse_known_args(argv)
     if first.config:
         yaml_cfg = load_yaml_section(first.config, stage)
-        actions = {a.dest: a for a in parser._actions}
-        for action in parser._actions:  # an option's other names (--num-workers for --workers) work as keys too
-            for name in action.option_strings:
-                actions.setdefault(name.lstrip("-").replace("-", "_"), action)
         defaults = {}
         for key, value in yaml_cfg["merged"].items():
-            dest = key.replace("-", "_")
-            if dest not in actions:
+            action = parser.options.get(key.replace("-", "_"))
+            if action is None:
                 if key in yaml_cfg["section"]:
                     raise ConfigError(
                         f"{first.config}: unknown key '{key}' in section '{stage}' "
                         f"(run `python {stage}.py --help` for the options)"
                     )
                 continue  # a shared key another stage uses
-            defaults[actions[dest].dest] = _coerce(actions[dest], key, value, str(first.config))
+            defaults[action.dest] = _coerce(action, key, value, str(first.config))
         parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if unknown := set(vars(args)) - set(parser.options) - {UNHASHED}:  # a config key could not reach them
+        raise TypeError(f"options {sorted(unknown)} were added around StageParser.group / add_argument")
+    return args
 
 
 def config_dict(args: argparse.Namespace, exclude: Iterable[str] = ()) -> dict:
-    """The run's identity: the resolved options as a JSON-able dict, without those of `not_hashed` groups and the
-    `exclude`d keys (values a stage derives and stores beside its options)."""
+    """The run's identity: the resolved options as a JSON-able dict, without the speed options
+    (`StageParser.speed_group`) and the `exclude`d keys (values a stage derives and stores beside its options)."""
     skip = set(exclude) | set(getattr(args, UNHASHED, ())) | {UNHASHED}
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in skip}
 

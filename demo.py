@@ -80,8 +80,8 @@ from transformers import (
 
 from common import (
     DATA_DIR,
-    HelpFormatter,
     RunDir,
+    StageParser,
     atomic_path,
     atomic_write,
     build_prompt,
@@ -1248,8 +1248,8 @@ def run_generator(args) -> dict:
 # Command line
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def get_parser() -> StageParser:
+    p = StageParser(__doc__)
     p.add_argument("command", choices=["data", "generator", "skeleton"], help="what to make (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml, section `demo`); CLI overrides")
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
@@ -1264,12 +1264,12 @@ def get_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="move an existing output with another config aside")
-    d = p.add_argument_group("data")
+    d = p.group("data")
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--train-per-class", type=int, default=40)
     d.add_argument("--test-per-class", type=int, default=30)
     d.add_argument("--ood-per-class", type=int, default=20, help="images per class in sketch/ and rendition/")
-    g = p.add_argument_group("generator (sizes and steps measured to fit ~15 min on 2 CPU cores)")
+    g = p.group("generator (sizes and steps measured to fit ~15 min on 2 CPU cores)")
     g.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64])
     g.add_argument(
         "--text-time-embedding",
@@ -1300,7 +1300,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.999, help="0 = no EMA of the UNet weights")
     g.add_argument("--clip-steps", type=int, default=2000)
     g.add_argument("--clip-lr", type=float, default=1e-3)
-    q = p.add_argument_group("quality checks (synthesis settings = synthesize.py's defaults)")
+    q = p.group("quality checks (synthesis settings = synthesize.py's defaults)")
     q.add_argument("--grid-per-class", type=int, default=6, help="text-to-image samples per class; 0 = no grid")
     q.add_argument("--measure-per-class", type=int, default=20, help="real vs img2img classifier; 0 = skip")
     q.add_argument("--measure-strength", type=float, default=0.75)

@@ -19,7 +19,6 @@ Not a paper stage: it only reads the manifest.json every stage writes last, so a
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -30,7 +29,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from common import (
-    HelpFormatter,
+    StageParser,
     atomic_write,
     image_grid,
     load_dataset,
@@ -473,8 +472,8 @@ def run_ablation_report(args) -> dict:
 # Command line
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def get_parser() -> StageParser:
+    p = StageParser(__doc__)
     p.add_argument("command", choices=["report", "ablation-report"], help="which report (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml: its shared keys); CLI overrides")
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")

@@ -36,7 +36,6 @@ Each process of `accelerate launch` and each `--shard i/n` job embeds its part o
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -51,9 +50,9 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from common import (
     HELD_OUT,
-    HelpFormatter,
     ImageFiles,
     RunDir,
+    StageParser,
     add_run_options,
     atomic_path,
     atomic_write,
@@ -67,7 +66,6 @@ from common import (
     parse_shard,
     progress,
     resolve_split,
-    speed_options,
     split_fingerprint,
     write_json,
 )
@@ -464,8 +462,8 @@ def write_plots(out: Path, results: dict) -> None:
 # Command line
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def get_parser() -> StageParser:
+    p = StageParser(__doc__)
     add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help="seed of the samples (KID, k-NN figures)")
     p.add_argument("--synthetic-dir", required=False, default=None, help="a synthesize.py output (required)")
     p.add_argument("--test-split", default=HELD_OUT, help="the real held-out split for the floor")
@@ -481,7 +479,7 @@ def get_parser() -> argparse.ArgumentParser:
         default=1000,
         help="per set and class, a seeded sample for the per-class figures",
     )
-    speed = speed_options(p)
+    speed = p.speed_group()
     speed.add_argument("--batch-size", type=int, default=64)
     speed.add_argument(
         "--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part of every set (job arrays)"

@@ -30,7 +30,6 @@ Commands:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -46,9 +45,9 @@ from common import (
     DATA_DIR,
     DTYPES,
     HELD_OUT,
-    HelpFormatter,
     ImageFiles,
     RunDir,
+    StageParser,
     add_mixed_precision,
     add_run_options,
     atomic_path,
@@ -60,12 +59,10 @@ from common import (
     list_images,
     load_classifier,
     load_dataset,
-    not_hashed,
     parse_args,
     progress,
     read_lines,
     resolve_split,
-    speed_options,
     write_json,
 )
 
@@ -79,8 +76,8 @@ IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet 
 }
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def get_parser() -> StageParser:
+    p = StageParser(__doc__)
     add_run_options(p, "ood_<classifier dir name>", workers=8)
     p.add_argument("--classifier", default=None, help="a train_cls.py output directory (required)")
     p.add_argument(
@@ -91,7 +88,7 @@ def get_parser() -> argparse.ArgumentParser:
         "KIND=PATH or a bare KIND whose path is "
         "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS),
     )
-    not_hashed(p, "sets")  # adding a set to a finished run reuses the cached logits of the others
+    p.not_hashed("sets")  # adding a set to a finished run reuses the cached logits of the others
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
         env = kind.replace("-", "_").upper() + "_ROOT"
         p.add_argument(
@@ -99,7 +96,7 @@ def get_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"root of {kind} (used when --sets names '{kind}'; default ${env} or configs/paths.yaml)",
         )
-    speed_options(p).add_argument("--batch-size", type=int, default=256, help="per process")
+    p.speed_group().add_argument("--batch-size", type=int, default=256, help="per process")
     add_mixed_precision(p, "amp", "autocast for the forward pass; auto = bf16 on a GPU, none on CPU")
     return p
 

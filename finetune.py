@@ -76,22 +76,22 @@ LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # release: LoRA on every UNet attentio
 MMD_WEIGHTS = {"paper": 0.01, "release": 0.003}  # paper form: converted from the release's 0.003 (docstring)
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
     common.add_run_options(p, "finetune", seed_help="release train_lora.sh: 42", workers=4, resume=True)
-    a = p.add_argument_group("data and prompts (paper §3.2)").add_argument
+    a = p.group("data and prompts (paper §3.2)").add_argument
     a("--captions", default=None, help="captions.jsonl from caption.py; without it prompts are 'photo of {class}'")
     a("--allow-missing-captions", action="store_true", help="prompt images without a caption by class name only")
     a("--subset-mask", default=None, help=".npy bool array, one entry per training image: train on that part only")
     a("--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)")
     a("--resolution", type=int, default=512, help="release: Resize(512) + RandomCrop(512)")
     a("--random-flip", action=argparse.BooleanOptionalAction, default=True, help="release: random horizontal flip")
-    a = p.add_argument_group("model and LoRA (paper App. E Tab. 7)").add_argument
+    a = p.group("model and LoRA (paper App. E Tab. 7)").add_argument
     a("--pretrained-model", default=PAPER_MODEL, help="SD 1.x pipeline: hub id or local diffusers directory")
     a("--revision", default=None, help="hub revision of --pretrained-model")
     a("--lora-rank", type=int, default=4, help="release --rank 4 (alpha = rank, i.e. scale 1, as released)")
     a("--lora-targets", default=LORA_TARGETS, help="comma-separated UNet module names that get LoRA")
-    a = p.add_argument_group("optimisation (paper App. E Tab. 7; release train_lora.sh)").add_argument
+    a = p.group("optimisation (paper App. E Tab. 7; release train_lora.sh)").add_argument
     a("--learning-rate", type=float, default=1e-4, help="constant, no scaling by batch size")
     a("--adam-weight-decay", type=float, default=1e-2)
     a("--adam-beta1", type=float, default=0.9)
@@ -103,23 +103,23 @@ def get_parser() -> argparse.ArgumentParser:
     a("--num-train-epochs", type=int, default=100, help="release: 100 (the paper's table cell is garbled)")
     a("--max-train-steps", type=int, default=None, help="stop after this many steps (overrides the epoch count)")
     a("--snr-gamma", type=float, default=5.0, help="min-SNR-γ weighting (release: 5); 0 = plain ε-MSE")
-    a = p.add_argument_group("distribution matching (paper §3.1; the docstring derives λ)").add_argument
+    a = p.group("distribution matching (paper §3.1; the docstring derives λ)").add_argument
     a("--mmd-form", default="paper", choices=["paper", "release"], help="paper: Eq. 7 on z0, ẑ0; release: on ε")
     a("--mmd-batch", default="process", choices=["process", "global"], help="per process (release), or per step")
     a("--mmd-weight", type=float, default=None, help="λ: 0.01 (paper form) or 0.003 (release form); 0 = off")
-    a = p.add_argument_group("visual guidance (paper §3.2)").add_argument
+    a = p.group("visual guidance (paper §3.2)").add_argument
     a("--vg-mode", default="class-mean", choices=["class-mean", "per-image", "none"], help="per-image: release")
     a("--vg-placement", default="append", choices=list(common.VG_PLACEMENTS), help="replace-last: release")
     a("--vg-encoder", default=PAPER_ENCODER, help="CLIP image encoder (hub id or local dir)")
     # The paper samples "random" images, count not given; 64 keeps the mean's standard error at 1/8 of the spread.
     a("--vg-images-per-class", type=int, default=64, help="K random training images per class for the class mean")
-    engineering = p.add_argument_group("engineering")
+    engineering = p.group("engineering")
     common.add_mixed_precision(engineering, "mixed_precision", "auto: fp16 on GPU (release)")
     a = engineering.add_argument
     a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (less memory)")
     a("--cache-latents", action="store_true", help="encode latents + text once, center crop (README: Finetuning)")
     a("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs")
-    a = common.speed_options(p).add_argument
+    a = p.speed_group().add_argument
     a("--checkpointing-steps", type=int, default=500, help="release: 500")
     a("--checkpoints-total-limit", type=int, default=3, help="keep the last K checkpoints (release: all)")
     return p

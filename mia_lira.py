@@ -35,7 +35,6 @@ Commands:
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
 import sys
@@ -48,8 +47,8 @@ from scipy.stats import norm
 
 from common import (
     PROJECT_DIR,
-    HelpFormatter,
     RunDir,
+    StageParser,
     add_run_options,
     atomic_path,
     atomic_write,
@@ -63,7 +62,6 @@ from common import (
     parse_args,
     parse_shard,
     progress,
-    speed_options,
     write_json,
 )
 
@@ -73,8 +71,8 @@ FPRS = (0.001, 0.01)  # paper / Carlini et al. report TPR at 0.1% FPR; 1% is the
 SIGMA_FLOOR = 1e-6  # a shadow set with identical scores has σ = 0 and an infinite likelihood ratio otherwise
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def get_parser() -> StageParser:
+    p = StageParser(__doc__)
     add_run_options(p, "mia_lira", seed=0, seed_help="global seed (keep matrix, shadow seeds)", workers=4)
     # The experiment (paper App. G.4: 16 shadows following Carlini et al.; each image IN for exactly half of them).
     p.add_argument("--num-shadows", type=int, default=16, help="M shadow pipelines per arm (paper: 16; even, >= 4)")
@@ -97,11 +95,11 @@ def get_parser() -> argparse.ArgumentParser:
         "--offline-test",
         default="one-sided",
         choices=("one-sided", "two-sided"),
-        help="offline LiRA test: one-sided Gaussian CDF, Λ = Pr[Z < φ], Z ~ N(μ_out, σ_out²) (paper,\n"
+        help="offline LiRA test: one-sided Gaussian CDF, Λ = Pr[Z < φ], Z ~ N(μ_out, σ_out²) (paper, "
         "Carlini et al. Alg. 1; default) or two-sided −log N(φ; μ_out, σ_out²) (reference plot.py)",
     )
     p.add_argument("--num-targets", type=int, default=0, help="leave-one-out targets to rotate over (0 = all M)")
-    speed = speed_options(p)
+    speed = p.speed_group()
     speed.add_argument("--batch-size", type=int, default=256, help="query batch size")
     speed.add_argument(
         "--launcher",

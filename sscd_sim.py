@@ -32,7 +32,6 @@ Commands:
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
@@ -41,10 +40,10 @@ import torch
 from torchvision import transforms
 
 from common import (
-    HelpFormatter,
     ImageFiles,
     RunDir,
     ShardMember,
+    StageParser,
     add_run_options,
     atomic_path,
     config_dict,
@@ -57,7 +56,6 @@ from common import (
     parse_args,
     progress,
     read_imagefolder,
-    speed_options,
     write_json,
     write_jsonl,
 )
@@ -66,8 +64,8 @@ STANDIN_TAG = "realfake_standin.txt"  # extra file inside a stand-in TorchScript
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD README
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def get_parser() -> StageParser:
+    p = StageParser(__doc__)
     add_run_options(p, "sscd_<synthetic dir name>", seed=0, seed_help="global seed (background subset)", workers=4)
     p.add_argument(
         "--synthetic-dir",
@@ -78,7 +76,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="sscd_disc_large.torchscript.pt",
-        help="SSCD TorchScript file (paper: sscd_disc_large). Get it from https://dl.fbaipublicfiles.com/\n"
+        help="SSCD TorchScript file (paper: sscd_disc_large). Get it from https://dl.fbaipublicfiles.com/"
         "sscd-copy-detection/sscd_disc_large.torchscript.pt; TorchScript runs code: trusted files only",
     )
     p.add_argument(
@@ -102,7 +100,7 @@ def get_parser() -> argparse.ArgumentParser:
         default=0,
         help="real images queried for the real-vs-real background (0 = all; else a seeded subset)",
     )
-    speed = speed_options(p)
+    speed = p.speed_group()
     speed.add_argument("--cache-dir", default=None, help="descriptor cache (default runs/<dataset>/sscd_cache)")
     speed.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
     speed.add_argument("--chunk-size", type=int, default=65536, help="reference descriptors per similarity block")

@@ -26,7 +26,6 @@ the same output dir is an error (use --overwrite to move the old run aside).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -47,10 +46,10 @@ from safetensors.torch import load_file
 
 from common import (
     PROMPT_STYLES,
-    HelpFormatter,
     ImageReadError,
     RunDir,
     ShardMember,
+    StageParser,
     add_run_options,
     add_visual_tokens,
     atomic_path,
@@ -75,7 +74,6 @@ from common import (
     load_yaml_section,
     local_items,
     negative_prompt,
-    not_hashed,
     note_unusual_images,
     parse_args,
     parse_shard,
@@ -83,7 +81,6 @@ from common import (
     progress,
     read_json,
     resolve_dtype,
-    speed_options,
     split_fingerprint,
     write_json,
     write_jsonl,
@@ -103,14 +100,14 @@ def none_or_path(value: str) -> str | None:
     return None if value in ("", "none") else value
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def get_parser() -> StageParser:
+    p = StageParser(__doc__)
     add_run_options(p, "synth_x<scale>", seed_help="global seed (release: 42); image seeds derive from it", workers=4)
-    not_hashed(p, "data_root")  # the sources enter the run's identity by their fingerprint instead
-    a = p.add_argument_group("sources").add_argument
+    p.not_hashed("data_root")  # the sources enter the run's identity by their fingerprint instead
+    a = p.group("sources").add_argument
     a("--split", default="train", help="the real split whose images are the latent priors")
     a("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")
-    a = p.add_argument_group("generator (paper App. E Tab. 6; the LoRA scale from the release)").add_argument
+    a = p.group("generator (paper App. E Tab. 6; the LoRA scale from the release)").add_argument
     a("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or diffusers dir")
     a("--revision", default=None, help="hub revision of --pretrained-model")
     a("--lora-dir", default=None, type=none_or_path, help="finetune.py output; none: the plain model (ablation)")
@@ -126,11 +123,11 @@ def get_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: fp16 on GPU (release), else fp32",
     )
-    a = p.add_argument_group("prompts (paper §3.2; common.build_prompt / negative_prompt)").add_argument
+    a = p.group("prompts (paper §3.2; common.build_prompt / negative_prompt)").add_argument
     a("--captions", default=None, help="captions.jsonl from caption.py (ImageNet sets)")
     a("--allow-missing-captions", action="store_true", help="prompt uncaptioned images without one")
     a("--prompt-style", choices=PROMPT_STYLES, default="paper", help="release: adds ', best quality' and two negatives")
-    a = p.add_argument_group("output set (README: Synthesis, Storage)").add_argument
+    a = p.group("output set (README: Synthesis, Storage)").add_argument
     a("--scale", type=float, default=1.0, help="outputs per real image; fractional: a seeded subset gets one more")
     a("--output-format", choices=("folder", "wds"), default="folder", help="files in class folders, or tar shards")
     a("--shard-samples", type=positive_int, default=5000, help="wds: images per shard (~0.5 GB at 512 px q95)")
@@ -138,12 +135,12 @@ def get_parser() -> argparse.ArgumentParser:
     a("--jpeg-quality", type=int, default=95, help="release: PIL's default 75")
     a("--save-size", type=positive_int, default=None, help="store resized to this short side (e.g. 256 for 224 px)")
     a("--output-mode", choices=("source", "RGB"), default="source", help="source: grayscale sources, grayscale out")
-    a = speed_options(p, "re-runs and checks (not part of the run's identity)").add_argument
+    a = p.speed_group("re-runs and checks (not part of the run's identity)").add_argument
     a("--verify-existing", choices=("quick", "full"), default="quick", help="re-run check: file trailer, or decode")
     a("--reuse-from", nargs="*", default=[], metavar="DIR", help="runs of this config at another scale or format")
     a("--plan", action="store_true", help="print images, files, TB and GPU-hours of the chain, and exit")
     a("--skip-bad", action="store_true", help="skip unreadable sources (counted in the manifest) instead of failing")
-    a = speed_options(p).add_argument  # never change an image beyond float noise
+    a = p.speed_group().add_argument  # never change an image beyond float noise
     a("--batch-size", type=positive_int, default=32, help="images per pipeline call, classes mixed")
     a("--decode-batch", type=positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
     a("--write-workers", type=int, default=4, help="threads encoding and writing outputs")

@@ -60,8 +60,8 @@ from timm.utils import accuracy
 
 from common import (
     HELD_OUT,
-    HelpFormatter,
     RunDir,
+    StageParser,
     add_mixed_precision,
     add_run_options,
     atomic_path,
@@ -82,7 +82,6 @@ from common import (
     resolve_split,
     save_checkpoint,
     seed_everything,
-    speed_options,
     split_fingerprint,
     write_json,
     write_jsonl,
@@ -92,15 +91,15 @@ from common import (
 RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jitter": 0.4}  # timm "sgd" = Nesterov
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def get_parser() -> StageParser:
+    p = StageParser(__doc__)
     add_run_options(p, "cls_<name>", seed_help="release train.py seed (paper silent)", workers=8, resume=True)
-    a = p.add_argument_group("data").add_argument
+    a = p.group("data").add_argument
     a("--test-split", default=HELD_OUT, help="real test split; held-out: val/ or test/, whichever exists (README)")
     a("--train-dirs", nargs="+", default=["real"], help="'real' (the train split) and/or synthesize.py outputs")
     a("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
     a("--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)")
-    model = p.add_argument_group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)")
+    model = p.group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)")
     model.add_argument("--model", default="resnet50", help="any timm model name")
     model.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
     model.add_argument("--pretrained-file", default=None, help="local weights file for --pretrained (offline)")
@@ -109,7 +108,7 @@ def get_parser() -> argparse.ArgumentParser:
     model.add_argument("--input-size", type=int, default=224, help="train = test resolution (Tab. 8: 224 or 448)")
     model.add_argument("--crop-pct", type=float, default=None, help="eval crop fraction (default: the model's, 0.95)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    optim = p.add_argument_group("optimisation (Tab. 8)")
+    optim = p.group("optimisation (Tab. 8)")
     optim.add_argument("--recipe", choices=["paper", "release"], default="paper", help="release: RELEASE_RECIPE")
     optim.add_argument("--epochs", type=positive_int, default=200)
     optim.add_argument("--batch-size", type=positive_int, default=1024, help="GLOBAL batch (Tab. 8: 128 x 8 GPUs)")
@@ -124,7 +123,7 @@ def get_parser() -> argparse.ArgumentParser:
     optim.add_argument("--warmup-epochs", type=int, default=0)
     optim.add_argument("--warmup-lr", type=float, default=1e-5)
     optim.add_argument("--min-lr", type=float, default=0.0)
-    aug = p.add_argument_group("augmentation and loss (Tab. 8; IN-1K adds RandAugment, mixup, cutmix, BCE)")
+    aug = p.group("augmentation and loss (Tab. 8; IN-1K adds RandAugment, mixup, cutmix, BCE)")
     aug.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="random-resized-crop area range")
     aug.add_argument("--hflip", type=float, default=0.5)
     aug.add_argument("--color-jitter", type=float, default=0.0)
@@ -134,9 +133,9 @@ def get_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (IN-1K: 0.2)")
     aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (IN-1K: 1.0)")
     aug.add_argument("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
-    system = p.add_argument_group("system")
+    system = p.group("system")
     add_mixed_precision(system, "amp", "auto: bf16 on a GPU")
-    speed = speed_options(p)
+    speed = p.speed_group()
     speed.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
     speed.add_argument("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs)")
     speed.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
@@ -144,7 +143,7 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def apply_recipe(args: argparse.Namespace, parser: StageParser) -> None:
     """`--recipe release`: the release's values for options the user left at the paper's default."""
     if args.recipe == "release":
         for key, value in RELEASE_RECIPE.items():

@@ -18,7 +18,7 @@ import common
 
 
 def stage_parser():
-    p = argparse.ArgumentParser()
+    p = common.StageParser()
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--milestones", type=int, nargs="+", default=[50, 100, 150])
@@ -150,10 +150,10 @@ def test_config_dict_drops_flags_and_hash_is_stable():
 
 
 def test_not_hashed_groups_leave_the_run_identity_alone():
-    p = argparse.ArgumentParser()
+    p = common.StageParser()
     common.add_run_options(p, "out")
     p.add_argument("--lr", type=float, default=0.1)
-    common.speed_options(p).add_argument("--batch-size", type=int, default=8)
+    p.speed_group().add_argument("--batch-size", type=int, default=8)
 
     def hash_of(*argv):
         return common.config_hash(common.config_dict(p.parse_args(argv)))
@@ -163,6 +163,18 @@ def test_not_hashed_groups_leave_the_run_identity_alone():
     assert hash_of("--batch-size", "64", "--workers", "3", "--output-dir", "/x", "--runs-dir", "/r") == base
     assert hash_of("--lr", "0.2") != base and hash_of("--seed", "1") != base and hash_of("--data-root", "/d") != base
     assert set(common.config_dict(p.parse_args([]))) == {"lr", "dataset", "data_root", "seed"}
+
+
+def test_yaml_keys_reach_options_by_every_name_and_only_through_stage_parser_groups(tmp_path):
+    p = common.StageParser()
+    common.add_run_options(p, "out")
+    p.group("method").add_argument("--lr", type=float, default=0.1)
+    cfg = write_yaml(tmp_path, "train_cls:\n  num-workers: 3\n  lr: '1e-3'\n")
+    args = common.parse_args(p, ["--config", cfg], "train_cls")
+    assert (args.workers, args.lr) == (3, 1e-3)  # an alias as a key, a YAML string through the option's type
+    p.add_argument_group("raw").add_argument("--hidden", default=1)  # argparse's own group: no config key reaches it
+    with pytest.raises(TypeError, match="hidden"):
+        common.parse_args(p, [], "train_cls")
 
 
 @pytest.mark.parametrize(
@@ -557,14 +569,12 @@ def test_latest_checkpoint_is_numeric_and_ignores_partial_saves(tmp_path):
     assert common.latest_checkpoint(tmp_path) == (tmp_path / "checkpoint-10", 10)  # not the string-sorted "9"
 
 
-def test_help_shows_defaults_and_keeps_written_line_breaks(monkeypatch):
+def test_help_shows_defaults_and_the_docstring_as_written(monkeypatch):
     import synthesize
 
     monkeypatch.setenv("COLUMNS", "200")  # argparse wraps to the terminal width
     lines = synthesize.get_parser().format_help().splitlines()
     assert any(line.strip() == "images per pipeline call, classes mixed (default: 32)" for line in lines)
-    # --prompt-style's help has an explicit line break: the release form starts its own line
-    assert any(line.strip().startswith("release: adds ', best quality'") for line in lines)
     # the module docstring, with its commands, as written
     assert (
         "  one GPU:     python synthesize.py --config configs/in10.yaml --lora-dir runs/in10/finetune --scale 1"
