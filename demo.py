@@ -78,31 +78,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from common import (
-    DATA_DIR,
-    RunDir,
-    StageParser,
-    atomic_path,
-    atomic_write,
-    build_prompt,
-    fingerprint,
-    get_logger,
-    hash_file,
-    image_grid,
-    item_seed,
-    load_dataset,
-    load_image,
-    make_readable,
-    min_snr_weights,
-    negative_prompt,
-    parse_args,
-    progress,
-    read_json,
-    save_image,
-    seed_everything,
-    snr_from_alphas,
-    write_json,
-)
+import common
 
 # The tiny generator's shape. Latents are 4 x (size/2) x (size/2) (one VAE downsampling), cross-attention width 64.
 TEXT_WIDTH = 64
@@ -257,7 +233,7 @@ def build_generator(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir)
-    make_readable(out_dir)
+    common.make_readable(out_dir)
     return pipe
 
 
@@ -282,7 +258,7 @@ def build_image_encoder(out_dir: str | Path, projection_dim: int = TEXT_WIDTH, i
     )
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    make_readable(out_dir)
+    common.make_readable(out_dir)
     return model, processor
 
 
@@ -315,7 +291,7 @@ EXTRA_WORDS = (
 
 def vocabulary_words() -> list[str]:
     """The demo's class and prompt words, then every word of the ImageNet-1k class names and EXTRA_WORDS."""
-    imagenet = (DATA_DIR / "imagenet1k_classnames.txt").read_text().lower()
+    imagenet = (common.DATA_DIR / "imagenet1k_classnames.txt").read_text().lower()
     return [*CLASSES, *PROMPT_WORDS, *re.findall(r"[a-z]+", imagenet), *EXTRA_WORDS]
 
 
@@ -505,7 +481,7 @@ def split_style(split: str) -> str:
 
 def demo_image(seed: int, split: str, label: int, index: int, size: int = 32) -> Image.Image:
     """The `index`-th image of class `label` in `split`: depends on nothing else (any image can be redrawn alone)."""
-    rng = np.random.default_rng(item_seed(seed, "demo-data", split, label, index))
+    rng = np.random.default_rng(common.item_seed(seed, "demo-data", split, label, index))
     return draw_shape(rng, CLASSES[label], split_style(split), size)
 
 
@@ -516,10 +492,10 @@ def make_split(root: Path, seed: int, split: str, per_class: int, size: int) -> 
         for i in range(per_class):
             path = out / name / f"{name}_{i:04d}.png"
             if not path.is_file():  # resume an interrupted run image by image
-                save_image(demo_image(seed, split, label, i, size), path)
-    with atomic_write(out / "classes.txt") as f:
+                common.save_image(demo_image(seed, split, label, i, size), path)
+    with common.atomic_write(out / "classes.txt") as f:
         f.write("\n".join(CLASSES) + "\n")
-    with atomic_write(out / "class_names.txt") as f:
+    with common.atomic_write(out / "class_names.txt") as f:
         f.write("\n".join(CLASSES) + "\n")
     return per_class * len(CLASSES)
 
@@ -529,7 +505,7 @@ def pretraining_images(seed: int, count: int, size: int = 32) -> tuple[torch.Ten
     uint8 [count, 3, size, size] and labels [count], classes in turn."""
     images = np.empty((count, size, size, 3), np.uint8)
     for i in range(count):
-        rng = np.random.default_rng(item_seed(seed, "demo-pretrain", i))
+        rng = np.random.default_rng(common.item_seed(seed, "demo-pretrain", i))
         images[i] = np.asarray(draw_shape(rng, CLASSES[i % len(CLASSES)], "web", size))
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.arange(count) % len(CLASSES)
 
@@ -574,7 +550,7 @@ def train_vae(
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched, losses = cosine_lr(opt, steps, 50), []
-    for step, idx in enumerate(progress(batches(len(images), batch_size, steps, seed), total=steps, desc="vae")):
+    for step, idx in enumerate(common.progress(batches(len(images), batch_size, steps, seed), total=steps, desc="vae")):
         x = to_unit(images[idx])
         post = vae.encode(x).latent_dist
         loss = (vae.decode(post.sample()).sample - x).pow(2).mean() + kl_weight * post.kl().mean()
@@ -603,7 +579,7 @@ def encode_all(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.
 
 def prompt_table(tokenizer, uncond_prompts: list[str]) -> tuple[torch.Tensor, int]:
     """Token ids of the class prompts ("photo of <class>", common.build_prompt) followed by the unconditional ones."""
-    prompts = [build_prompt(name) for name in CLASSES] + uncond_prompts
+    prompts = [common.build_prompt(name) for name in CLASSES] + uncond_prompts
     ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
@@ -625,7 +601,7 @@ def diffusion_loss(unet, scheduler, latents, cond, timesteps, noise, snr_gamma: 
     pred = unet(noisy, timesteps, cond).sample
     loss = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
     if snr_gamma:
-        loss = loss * min_snr_weights(snr_from_alphas(scheduler.alphas_cumprod, timesteps), snr_gamma)
+        loss = loss * common.min_snr_weights(common.snr_from_alphas(scheduler.alphas_cumprod, timesteps), snr_gamma)
     return loss
 
 
@@ -678,7 +654,7 @@ def train_unet(
         if log:
             log.info(f"unet: resumed from {checkpoint} at step {first}")
     steps = batches(len(mean), hp.unet_batch_size, hp.unet_steps, hp.seed)
-    for step, idx in enumerate(progress(steps, total=hp.unet_steps, desc="unet")):
+    for step, idx in enumerate(common.progress(steps, total=hp.unet_steps, desc="unet")):
         if step < first:
             continue
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
@@ -703,7 +679,7 @@ def train_unet(
             state.update(sched=sched.state_dict(), gen=gen.get_state(), step=step + 1, losses=losses)
             if ema:
                 state["ema"] = ema.state_dict()
-            with atomic_path(checkpoint) as tmp:
+            with common.atomic_path(checkpoint) as tmp:
                 torch.save(state, tmp)
     if ema:
         ema.copy_to(unet.parameters())
@@ -737,7 +713,7 @@ def train_image_encoder(
     vision.train()
     opt = torch.optim.AdamW(vision.parameters(), lr=lr, weight_decay=1e-2)
     sched, losses = cosine_lr(opt, steps, 20), []
-    for idx in progress(batches(len(images), batch_size, steps, seed), total=steps, desc="clip vision"):
+    for idx in common.progress(batches(len(images), batch_size, steps, seed), total=steps, desc="clip vision"):
         pixels = (images[idx].float() / 255 - mean) / std
         emb = torch.nn.functional.normalize(vision(pixel_values=pixels).image_embeds, dim=-1)
         loss = torch.nn.functional.cross_entropy(emb @ text.T * 20.0, labels[idx])  # CLIP's learned scale ends ~100
@@ -809,10 +785,10 @@ def text_to_image_samples(sd_dir: Path, per_class: int, steps: int, guidance: fl
     pipe = load_sampler(sd_dir, "text2image")
     rows = []
     for label, name in enumerate(CLASSES):
-        gens = [torch.Generator().manual_seed(item_seed(seed, "demo-t2i", label, k)) for k in range(per_class)]
+        gens = [torch.Generator().manual_seed(common.item_seed(seed, "demo-t2i", label, k)) for k in range(per_class)]
         out = pipe(
-            [build_prompt(name)] * per_class,
-            negative_prompt=[negative_prompt()] * per_class,
+            [common.build_prompt(name)] * per_class,
+            negative_prompt=[common.negative_prompt()] * per_class,
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=gens,
@@ -834,16 +810,16 @@ def sample_img2img(
 ) -> list[Image.Image]:
     """Latent-prior synthesis as synthesize.py does it: each real image, noised to `strength`, seeds its own sample."""
     out = []
-    for i in progress(range(0, len(sources), batch_size), desc="img2img"):
+    for i in common.progress(range(0, len(sources), batch_size), desc="img2img"):
         sl = slice(i, i + batch_size)
-        gens = [torch.Generator().manual_seed(item_seed(seed, "demo-measure", image_id)) for image_id in ids[sl]]
+        gens = [torch.Generator().manual_seed(common.item_seed(seed, "demo-measure", image_id)) for image_id in ids[sl]]
         out += pipe(
-            [build_prompt(CLASSES[y]) for y in labels[sl]],
+            [common.build_prompt(CLASSES[y]) for y in labels[sl]],
             image=sources[sl],
             strength=strength,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            negative_prompt=[negative_prompt()] * len(gens),
+            negative_prompt=[common.negative_prompt()] * len(gens),
             generator=gens,
         ).images
     return out
@@ -908,8 +884,8 @@ class DemoSplit(NamedTuple):
 
 
 def split_tensors(data_root: Path, split: str) -> DemoSplit:
-    index = load_dataset("demo", data_root, split)
-    images = [load_image(index.abspath(i)) for i in range(len(index))]
+    index = common.load_dataset("demo", data_root, split)
+    images = [common.load_image(index.abspath(i)) for i in range(len(index))]
     labels = torch.tensor([s.label for s in index.samples])
     return DemoSplit(images, as_tensor(images), labels, [index.image_id(i) for i in range(len(index))])
 
@@ -967,8 +943,8 @@ def measure_synthetic(
         f"{metrics['real_top1']:.3f}, img2img-synthetic {metrics['synth_top1']:.3f} (chance {1 / len(CLASSES):.2f})"
     )
     shown = [range(c * per_class, c * per_class + min(per_class, 4)) for c in range(len(CLASSES))]
-    img2img_grid = image_grid([[real[picked[i]] for i in cols] + [synth[i] for i in cols] for cols in shown])
-    return metrics, img2img_grid, image_grid([row[: args.grid_per_class] for row in t2i])
+    img2img_grid = common.image_grid([[real[picked[i]] for i in cols] + [synth[i] for i in cols] for cols in shown])
+    return metrics, img2img_grid, common.image_grid([row[: args.grid_per_class] for row in t2i])
 
 
 @torch.no_grad()
@@ -1048,9 +1024,9 @@ def save_component(model, path: Path, load_as_fp32: bool = False) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     config_file = tmp / "config.json"
-    if load_as_fp32 and "dtype" in (config := read_json(config_file)):
-        write_json(config_file, {**config, "dtype": "float32"})
-    make_readable(tmp)
+    if load_as_fp32 and "dtype" in (config := common.read_json(config_file)):
+        common.write_json(config_file, {**config, "dtype": "float32"})
+    common.make_readable(tmp)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -1060,12 +1036,12 @@ def weight_hashes(out: Path) -> dict[str, str]:
     """sha256 of every file the stages load (sd/ and clip_vision/), by path relative to `out`: recorded in the
     manifest, so a test can tell that the shipped generator is the one that was measured."""
     files = sorted(p for sub in ("sd", "clip_vision") for p in (out / sub).rglob("*") if p.is_file())
-    return {str(p.relative_to(out)): hash_file(p) for p in files}
+    return {str(p.relative_to(out)): common.hash_file(p) for p in files}
 
 
 def run_data(args) -> dict:
     out = Path(args.out or args.data_root)
-    run = RunDir(out, {k: getattr(args, k) for k in DATA_KEYS}, args.overwrite)
+    run = common.RunDir(out, {k: getattr(args, k) for k in DATA_KEYS}, args.overwrite)
     if run.start() == "done":
         print(f"{out}: demo data already made (manifest.json); nothing to do")
         return run.manifest()["metrics"]
@@ -1085,7 +1061,7 @@ def run_data(args) -> dict:
 
 def run_skeleton(args) -> dict:
     out = Path(args.out or Path(args.runs_dir) / "skeleton")
-    run = RunDir(out, {k: getattr(args, k) for k in PIPELINE_KEYS}, args.overwrite)
+    run = common.RunDir(out, {k: getattr(args, k) for k in PIPELINE_KEYS}, args.overwrite)
     if run.start() == "done":
         print(f"{out}: untrained demo pipeline already built (manifest.json); nothing to do")
         return run.manifest()["metrics"]
@@ -1112,8 +1088,8 @@ def measure_generator(args, out: Path, sd_dir: Path, clip_dir: Path, pipe, sched
         recon = torch.cat([vae.decode(mean[i : i + 250]).sample for i in range(0, len(mean), 250)])
         latents = mean * scale
     to_pil = lambda im: Image.fromarray(((im.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).byte().numpy())  # noqa: E731
-    save_image(
-        image_grid([[to_pil(im) for im in pair[:10]] for pair in (to_unit(images), recon)]),
+    common.save_image(
+        common.image_grid([[to_pil(im) for im in pair[:10]] for pair in (to_unit(images), recon)]),
         out / "vae_reconstructions.png",
     )  # top row: originals, bottom: reconstructions
     metrics = {
@@ -1135,10 +1111,10 @@ def measure_generator(args, out: Path, sd_dir: Path, clip_dir: Path, pipe, sched
         metrics["img2img_classifier"] = measured
         metrics["image_encoder_ncm_acc"] = image_encoder_ncm(clip_dir, train, test)
         log.info(f"image encoder nearest-class-mean top-1 {metrics['image_encoder_ncm_acc']:.3f}")
-        save_image(img2img_grid, out / "samples_img2img.png")
-        save_image(t2i_grid, out / "samples_text2image.png")
-        inputs["data_root"] = fingerprint(data_root / "train")
-        inputs["test_split"] = fingerprint(data_root / "test")
+        common.save_image(img2img_grid, out / "samples_img2img.png")
+        common.save_image(t2i_grid, out / "samples_text2image.png")
+        inputs["data_root"] = common.fingerprint(data_root / "train")
+        inputs["test_split"] = common.fingerprint(data_root / "test")
     elif args.measure_per_class:
         log.info(f"no demo data under {data_root}: skipping the sample checks (run `demo.py data`)")
     return metrics, inputs
@@ -1147,15 +1123,15 @@ def measure_generator(args, out: Path, sd_dir: Path, clip_dir: Path, pipe, sched
 def run_generator(args) -> dict:
 
     out = Path(args.out or Path(args.runs_dir) / "generator")
-    run = RunDir(out, {k: getattr(args, k) for k in GENERATOR_KEYS}, args.overwrite)
+    run = common.RunDir(out, {k: getattr(args, k) for k in GENERATOR_KEYS}, args.overwrite)
     state = run.start()
     if state == "done":
         print(f"{out}: demo generator already pretrained (manifest.json); nothing to do")
         return run.manifest()["metrics"]
-    log = get_logger(out)
+    log = common.get_logger(out)
     sd_dir, clip_dir, phases_file = out / "sd", out / "clip_vision", out / "phases.json"
-    phases = read_json(phases_file) if state == "resume" and phases_file.is_file() else {}
-    seed_everything(args.seed)
+    phases = common.read_json(phases_file) if state == "resume" and phases_file.is_file() else {}
+    common.seed_everything(args.seed)
     start = time.time()
     # The last `held_out_images` are kept out of training, for PSNR and the conditioning check.
     images, labels = pretraining_images(args.seed, args.pretrain_images + args.held_out_images, args.image_size)
@@ -1165,7 +1141,7 @@ def run_generator(args) -> dict:
 
     def done(name: str, t0: float, **metrics):
         phases[name] = {"elapsed_s": round(time.time() - t0, 1), **metrics}
-        write_json(phases_file, phases)
+        common.write_json(phases_file, phases)
         log.info(f"phase {name} done: {phases[name]}")
 
     if "build" not in phases:
@@ -1187,7 +1163,7 @@ def run_generator(args) -> dict:
         save_component(vae, sd_dir / "vae")
         done("vae", t0, loss_first=float(np.mean(losses[:10])), loss_last=float(np.mean(losses[-10:])))
     scale = vae.config.scaling_factor
-    uncond = ["", negative_prompt("paper"), negative_prompt("release")]
+    uncond = ["", common.negative_prompt("paper"), common.negative_prompt("release")]
     token_ids, _ = prompt_table(tokenizer, uncond)
 
     if "unet" not in phases:
@@ -1248,8 +1224,8 @@ def run_generator(args) -> dict:
 # Command line
 
 
-def get_parser() -> StageParser:
-    p = StageParser(__doc__)
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
     p.add_argument("command", choices=["data", "generator", "skeleton"], help="what to make (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml, section `demo`); CLI overrides")
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
@@ -1311,7 +1287,7 @@ def get_parser() -> StageParser:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(get_parser(), argv, "demo")
+    args = common.parse_args(get_parser(), argv, "demo")
     if args.dataset != "demo":
         raise SystemExit(f"demo.py makes the demo only (--dataset demo), got --dataset {args.dataset}")
     return {"data": run_data, "generator": run_generator, "skeleton": run_skeleton}[args.command](args)

@@ -28,18 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy.stats import spearmanr
 
-from common import (
-    StageParser,
-    atomic_write,
-    image_grid,
-    load_dataset,
-    load_image,
-    load_synthetic,
-    parse_args,
-    read_json,
-    save_image,
-    write_json,
-)
+import common
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The report command: collect every stage's manifest under runs/demo/ (stages that have not run are skipped).
@@ -92,7 +81,7 @@ def collect_runs(runs: Path, generator_dir: Path | None = None) -> tuple[dict, l
         if not folders:
             missing.append(stage)
         for folder in folders:
-            manifest = read_json(folder / "manifest.json")
+            manifest = common.read_json(folder / "manifest.json")
             found["generator" if stage == "generator" else folder.name] = {
                 "stage": stage,
                 "metrics": flatten(manifest.get("metrics", {})),
@@ -103,7 +92,7 @@ def collect_runs(runs: Path, generator_dir: Path | None = None) -> tuple[dict, l
 
 def real_vs_synthetic_grid(data_root: Path, synth_dir: Path, per_class: int = 4) -> Image.Image:
     """Per class: `per_class` real train images, then the synthetic image made from each (its latent prior)."""
-    real, synth = load_dataset("demo", data_root, "train"), load_synthetic(synth_dir)
+    real, synth = common.load_dataset("demo", data_root, "train"), common.load_synthetic(synth_dir)
     from_source = {}
     for sample in synth.samples:
         from_source.setdefault(sample.label, []).append(sample)
@@ -111,8 +100,11 @@ def real_vs_synthetic_grid(data_root: Path, synth_dir: Path, per_class: int = 4)
     for label in range(len(real.classes)):
         reals = [s for s in real.samples if s.label == label][:per_class]
         fakes = from_source.get(label, [])[:per_class]
-        rows.append([load_image(real.root / s.path) for s in reals] + [load_image(synth.root / s.path) for s in fakes])
-    return image_grid(rows, scale=3)
+        rows.append(
+            [common.load_image(real.root / s.path) for s in reals]
+            + [common.load_image(synth.root / s.path) for s in fakes]
+        )
+    return common.image_grid(rows, scale=3)
 
 
 def headline(stages: dict) -> dict:
@@ -148,7 +140,7 @@ def headline(stages: dict) -> dict:
 
 def _manifest_metrics(folder: Path) -> dict | None:
     path = folder / "manifest.json"
-    return read_json(path)["metrics"] if path.is_file() else None
+    return common.read_json(path)["metrics"] if path.is_file() else None
 
 
 TRAINING_SETS = (("real", "cls_real"), ("synthetic x1", "cls_synth_x1"), ("real + synthetic x1", "cls_mix_x1"))
@@ -253,7 +245,7 @@ def run_report(args) -> dict:
     synth_dirs = sorted(p for p in runs.glob("synth_x*") if (p / "manifest.jsonl").is_file() and ".old-" not in p.name)
     data_root = Path(args.data_root)
     if synth_dirs and (data_root / "train").is_dir():
-        save_image(real_vs_synthetic_grid(data_root, synth_dirs[0]), runs / "real_vs_synthetic.png")
+        common.save_image(real_vs_synthetic_grid(data_root, synth_dirs[0]), runs / "real_vs_synthetic.png")
         lines += [
             "",
             "## Real vs synthetic",
@@ -266,8 +258,8 @@ def run_report(args) -> dict:
     for png in ("samples_text2image.png", "samples_img2img.png", "vae_reconstructions.png"):
         if shown and (shown / png).is_file():
             lines += ["", f"![generator {png}]({os.path.relpath(shown / png, runs)})"]
-    write_json(runs / "summary.json", summary)
-    with atomic_write(runs / "report.md") as f:
+    common.write_json(runs / "summary.json", summary)
+    with common.atomic_write(runs / "report.md") as f:
         f.write("\n".join(lines) + "\n")
     for name, s in stages.items():
         print(f"{name:>20s}: {s['elapsed_s'] if s['elapsed_s'] is not None else '?'} s")
@@ -439,7 +431,7 @@ def scaling_plot(fig2: dict, path: Path) -> None:
     ax.set_title("demo: Fig. 2 analogue")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
+    with common.atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
 
@@ -461,8 +453,8 @@ def run_ablation_report(args) -> dict:
         "",
         "![synthetic-only top-1 vs scale](scaling.png)",
     ]
-    write_json(abl / "ablation.json", tables)
-    with atomic_write(abl / "report.md") as f:
+    common.write_json(abl / "ablation.json", tables)
+    with common.atomic_write(abl / "report.md") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return tables
@@ -472,8 +464,8 @@ def run_ablation_report(args) -> dict:
 # Command line
 
 
-def get_parser() -> StageParser:
-    p = StageParser(__doc__)
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
     p.add_argument("command", choices=["report", "ablation-report"], help="which report (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml: its shared keys); CLI overrides")
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
@@ -495,7 +487,7 @@ def get_parser() -> StageParser:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(get_parser(), argv, "demo_report")
+    args = common.parse_args(get_parser(), argv, "demo_report")
     return {"report": run_report, "ablation-report": run_ablation_report}[args.command](args)
 
 

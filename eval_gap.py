@@ -48,27 +48,7 @@ from scipy import linalg
 from timm.data import create_transform, resolve_data_config
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from common import (
-    HELD_OUT,
-    ImageFiles,
-    RunDir,
-    StageParser,
-    add_run_options,
-    atomic_path,
-    atomic_write,
-    config_dict,
-    get_logger,
-    load_classifier,
-    load_dataset,
-    load_synthetic,
-    local_items,
-    parse_args,
-    parse_shard,
-    progress,
-    resolve_split,
-    split_fingerprint,
-    write_json,
-)
+import common
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The figures. Features are float64 numpy arrays [N, D]; everything below is exact for the points it is given.
@@ -220,7 +200,7 @@ class GapStats:
             "rows": np.stack([self.rows[k] for k in keys]) if len(keys) else np.zeros((0, dim), np.float32),
             "done": np.array([self.done], dtype=np.int64),
         }
-        with atomic_path(path) as tmp:
+        with common.atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
 
     @classmethod
@@ -304,7 +284,7 @@ def timm_features(name: str, device):
 
 
 def classifier_features(run_dir: str, device):
-    model, transform, _ = load_classifier(run_dir, device)
+    model, transform, _ = common.load_classifier(run_dir, device)
     return lambda x: model.forward_head(model.forward_features(x), pre_logits=True), transform
 
 
@@ -329,12 +309,12 @@ def embed_part(index, positions, stats: GapStats, keep: set, extractor, args, de
     todo = positions[stats.done :]
     labels = np.array([s.label for s in index.samples])
     loader = torch.utils.data.DataLoader(
-        ImageFiles([index.abspath(int(i)) for i in todo], transform),
+        common.ImageFiles([index.abspath(int(i)) for i in todo], transform),
         batch_size=args.batch_size,
         num_workers=args.workers,
     )
     since = 0
-    for batch, x in progress(loader, desc=desc, is_main=is_main):
+    for batch, x in common.progress(loader, desc=desc, is_main=is_main):
         where = todo[batch.numpy()]
         stats.add(where, forward(x.to(device)).float().cpu().numpy(), labels[where], keep)  # features kept float32
         since += len(where)
@@ -358,7 +338,9 @@ def set_stats(index, name: str, fp: str, extractor, args, state, cache_dir: Path
         log.info(f"{name}: statistics from {final}")
         return GapStats.load(final), plan
     keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
-    positions = np.array(local_items(list(range(len(index))), args.shard, state.process_index, state.num_processes))
+    positions = np.array(
+        common.local_items(list(range(len(index))), args.shard, state.process_index, state.num_processes)
+    )
     (i, n), (r, w) = args.shard, (state.process_index, state.num_processes)
     part = cache_dir / f"{stem}.part-{i}of{n}-{r}of{w}.safetensors"
     stats = GapStats.load(part) if part.is_file() else GapStats(len(index.classes))
@@ -425,7 +407,7 @@ def write_markdown(path: Path, results: dict) -> None:
     for name, row in results["per_class"].items():
         floor = results["per_class_floor"].get(name, {}).get("fid", float("nan"))
         lines.append(f"| {name} | {row['fid']:.4g} | {floor:.4g} | {row['precision']:.3f} | {row['recall']:.3f} |")
-    with atomic_write(path) as f:
+    with common.atomic_write(path) as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -445,7 +427,7 @@ def write_plots(out: Path, results: dict) -> None:
     ax.set_ylabel("FID")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(out / "per_class.png") as tmp:
+    with common.atomic_path(out / "per_class.png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -453,7 +435,7 @@ def write_plots(out: Path, results: dict) -> None:
         ax.scatter(results[row]["recall"], results[row]["precision"], marker=marker, s=80, label=row)
     ax.set_xlim(0, 1.05), ax.set_ylim(0, 1.05), ax.set_xlabel("recall"), ax.set_ylabel("precision"), ax.legend()
     fig.tight_layout()
-    with atomic_path(out / "precision_recall.png") as tmp:
+    with common.atomic_path(out / "precision_recall.png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
@@ -462,11 +444,11 @@ def write_plots(out: Path, results: dict) -> None:
 # Command line
 
 
-def get_parser() -> StageParser:
-    p = StageParser(__doc__)
-    add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help="seed of the samples (KID, k-NN figures)")
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
+    common.add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help="seed of the samples (KID, k-NN figures)")
     p.add_argument("--synthetic-dir", required=False, default=None, help="a synthesize.py output (required)")
-    p.add_argument("--test-split", default=HELD_OUT, help="the real held-out split for the floor")
+    p.add_argument("--test-split", default=common.HELD_OUT, help="the real held-out split for the floor")
     p.add_argument("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")
     p.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="for --features clip")
     p.add_argument("--k", type=int, default=5, help="nearest neighbours for precision/recall/density/coverage")
@@ -482,7 +464,7 @@ def get_parser() -> StageParser:
     speed = p.speed_group()
     speed.add_argument("--batch-size", type=int, default=64)
     speed.add_argument(
-        "--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part of every set (job arrays)"
+        "--shard", type=common.parse_shard, default=(0, 1), help="i/n: this job's part of every set (job arrays)"
     )
     speed.add_argument("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
     return p
@@ -504,26 +486,26 @@ def all_figures(real, held_out, synthetic, classes, args) -> dict:
 
 def main(argv=None) -> dict:
     parser = get_parser()
-    args = parse_args(parser, argv, "eval_gap")
+    args = common.parse_args(parser, argv, "eval_gap")
     if not args.synthetic_dir:
         parser.error("--synthetic-dir DIR (a synthesize.py output) is required")
-    synthetic = load_synthetic(args.synthetic_dir)
-    real = load_dataset(args.dataset, args.data_root, "train")
-    held_out_split = resolve_split(args.dataset, args.data_root, args.test_split)
-    held_out = load_dataset(args.dataset, args.data_root, held_out_split)
+    synthetic = common.load_synthetic(args.synthetic_dir)
+    real = common.load_dataset(args.dataset, args.data_root, "train")
+    held_out_split = common.resolve_split(args.dataset, args.data_root, args.test_split)
+    held_out = common.load_dataset(args.dataset, args.data_root, held_out_split)
     if synthetic.classes != real.classes:
         raise ValueError(f"{args.synthetic_dir} has other classes (or another order) than {args.dataset} train")
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"gap_{Path(args.synthetic_dir).name}")
-    config = config_dict(args)
+    config = common.config_dict(args)
     sets = {"train": real, held_out_split: held_out, "synthetic": synthetic}
-    config["sets"] = fps = {name: split_fingerprint(index) for name, index in sets.items()}
+    config["sets"] = fps = {name: common.split_fingerprint(index) for name, index in sets.items()}
     state = PartialState(cpu=not torch.cuda.is_available())
-    run = RunDir(out, config, args.overwrite, state.is_main_process)
+    run = common.RunDir(out, config, args.overwrite, state.is_main_process)
     start = time.time()
     extractor = build_extractor(args.features, args, state.device)
     if run.begin(state.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
-    log = get_logger(out, state.is_main_process)
+    log = common.get_logger(out, state.is_main_process)
     cache_dir = out.parent / "gap_features"
     gathered = {
         name: set_stats(index, name, fps[name], extractor, args, state, cache_dir, log) for name, index in sets.items()
@@ -533,7 +515,7 @@ def main(argv=None) -> dict:
         return None
     results = {"synthetic_dir": str(args.synthetic_dir), "features": args.features, "real_split": "train"}
     results.update(held_out_split=held_out_split, **all_figures(*gathered.values(), real.classes, args))
-    write_json(out / "results.json", results)
+    common.write_json(out / "results.json", results)
     write_markdown(out / "results.md", results)
     write_plots(out, results)
     metrics = {

@@ -41,30 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.utils import accuracy
 
-from common import (
-    DATA_DIR,
-    DTYPES,
-    HELD_OUT,
-    ImageFiles,
-    RunDir,
-    StageParser,
-    add_mixed_precision,
-    add_run_options,
-    atomic_path,
-    atomic_write,
-    config_dict,
-    data_location,
-    fingerprint,
-    get_logger,
-    list_images,
-    load_classifier,
-    load_dataset,
-    parse_args,
-    progress,
-    read_lines,
-    resolve_split,
-    write_json,
-)
+import common
 
 WNID = re.compile(r"^n\d{8}$")
 IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet index order)
@@ -76,14 +53,14 @@ IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet 
 }
 
 
-def get_parser() -> StageParser:
-    p = StageParser(__doc__)
-    add_run_options(p, "ood_<classifier dir name>", workers=8)
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
+    common.add_run_options(p, "ood_<classifier dir name>", workers=8)
     p.add_argument("--classifier", default=None, help="a train_cls.py output directory (required)")
     p.add_argument(
         "--sets",
         nargs="+",
-        default=[HELD_OUT],
+        default=[common.HELD_OUT],
         help="dataset split names (held-out: val/ or test/, whichever exists), and/or ImageNet OOD sets as "
         "KIND=PATH or a bare KIND whose path is "
         "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS),
@@ -97,7 +74,7 @@ def get_parser() -> StageParser:
             help=f"root of {kind} (used when --sets names '{kind}'; default ${env} or configs/paths.yaml)",
         )
     p.speed_group().add_argument("--batch-size", type=int, default=256, help="per process")
-    add_mixed_precision(p, "amp", "autocast for the forward pass; auto = bf16 on a GPU, none on CPU")
+    common.add_mixed_precision(p, "amp", "autocast for the forward pass; auto = bf16 on a GPU, none on CPU")
     return p
 
 
@@ -111,9 +88,9 @@ def parse_set(spec: str, args=None) -> tuple[str, str | None, str | None]:
     if "=" not in spec:
         if spec in IMAGENET_SETS:
             # the option, else IMAGENET_V2_ROOT (etc.) or configs/paths.yaml; imagenet-val is ImageNet's val/
-            path = getattr(args, spec.replace("-", "_"), None) or data_location(spec.replace("-", "_") + "_root")
-            if path is None and spec == "imagenet-val" and data_location("imagenet_root"):
-                path = str(Path(data_location("imagenet_root")) / "val")
+            path = getattr(args, spec.replace("-", "_"), None) or common.data_location(spec.replace("-", "_") + "_root")
+            if path is None and spec == "imagenet-val" and common.data_location("imagenet_root"):
+                path = str(Path(common.data_location("imagenet_root")) / "val")
             return spec, spec, path
         return spec, None, None
     kind, path = spec.split("=", 1)
@@ -127,7 +104,7 @@ def parse_set(spec: str, args=None) -> tuple[str, str | None, str | None]:
 
 def class_dirs(root: Path) -> list[Path]:
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(dirs) == 1 and not list_images(dirs[0]) and not WNID.match(dirs[0].name):
+    if len(dirs) == 1 and not common.list_images(dirs[0]) and not WNID.match(dirs[0].name):
         return class_dirs(dirs[0])  # ImageNet-Sketch archives unpack to sketch/<wnid>/
     return dirs
 
@@ -146,14 +123,14 @@ def read_imagenet_set(kind: str, root: str) -> tuple[list[Path], list[str], list
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{kind}: directory {root} does not exist")
-    imagenet = read_lines(DATA_DIR / "imagenet1k_wnids.txt")
-    space = read_lines(DATA_DIR / IMAGENET_SETS[kind])
+    imagenet = common.read_lines(common.DATA_DIR / "imagenet1k_wnids.txt")
+    space = common.read_lines(common.DATA_DIR / IMAGENET_SETS[kind])
     paths, ids = [], []
     for folder in class_dirs(root):
         wnid = folder_class(folder.name, imagenet, kind)
         if wnid not in space:
             raise ValueError(f"{kind}: folder {folder} is class {wnid}, which is not in {IMAGENET_SETS[kind]}")
-        images = list_images(folder)
+        images = common.list_images(folder)
         paths += images
         ids += [wnid] * len(images)
     return paths, ids, space
@@ -165,7 +142,7 @@ def read_set(spec: str, args) -> tuple[str, list[Path], list[str], list[str]]:
         return (name, *read_imagenet_set(kind, path))
     if args.dataset is None or args.data_root is None:
         raise ValueError(f"--sets {spec}: a split name needs --dataset and --data-root (or a --config)")
-    index = load_dataset(args.dataset, args.data_root, spec)
+    index = common.load_dataset(args.dataset, args.data_root, spec)
     return (
         name,
         [index.abspath(i) for i in range(len(index))],
@@ -219,15 +196,15 @@ def compute_logits(model, paths, transform, state, args, desc: str) -> torch.Ten
     """Logits of this process's strided share of `paths` (float32, all the classifier's classes)."""
     mine = paths[state.process_index :: state.num_processes]
     loader = torch.utils.data.DataLoader(
-        ImageFiles(mine, transform),
+        common.ImageFiles(mine, transform),
         batch_size=args.batch_size,
         num_workers=args.workers,
         pin_memory=torch.cuda.is_available(),
     )
     amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    dtype = DTYPES.get(amp)
+    dtype = common.DTYPES.get(amp)
     out = []
-    for _, x in progress(loader, state.is_main_process, desc=desc, leave=False):
+    for _, x in common.progress(loader, state.is_main_process, desc=desc, leave=False):
         with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
             out.append(model(x.to(state.device, non_blocking=True)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.num_classes)
@@ -261,7 +238,7 @@ def set_logits(name, paths, model, transform, info, weights_hash, state, args, o
         return logits
     part = compute_logits(model, paths, transform, state, args, desc=name)
     parts_dir = out / "logits" / f".{name}.parts"
-    with atomic_path(parts_dir / f"{state.process_index}.safetensors") as tmp:
+    with common.atomic_path(parts_dir / f"{state.process_index}.safetensors") as tmp:
         save_file({"logits": part.contiguous()}, str(tmp))
     state.wait_for_everyone()
 
@@ -273,9 +250,9 @@ def set_logits(name, paths, model, transform, info, weights_hash, state, args, o
         logits[r::world] = shard
     state.wait_for_everyone()
     if state.is_main_process:
-        with atomic_path(cache) as tmp:
+        with common.atomic_path(cache) as tmp:
             save_file({"logits": logits.contiguous()}, str(tmp), metadata={"key": key})
-        with atomic_write(cache.with_suffix(".paths.txt")) as f:
+        with common.atomic_write(cache.with_suffix(".paths.txt")) as f:
             f.write("\n".join(rel) + "\n")
         for file in parts_dir.iterdir():
             file.unlink()
@@ -302,22 +279,22 @@ def markdown_table(results: dict, classifier: str) -> str:
 def main(argv=None) -> dict:
 
     parser = get_parser()
-    args = parse_args(parser, argv, "eval_ood")
+    args = common.parse_args(parser, argv, "eval_ood")
     if args.classifier is None:
         parser.error("--classifier DIR (a train_cls.py output) is required")
     classifier = Path(args.classifier)
     if args.dataset is not None and args.data_root is not None:
-        args.sets = [resolve_split(args.dataset, args.data_root, spec) for spec in args.sets]
+        args.sets = [common.resolve_split(args.dataset, args.data_root, spec) for spec in args.sets]
     state = PartialState()
     out = Path(args.output_dir or Path(args.runs_dir) / (args.dataset or "ood") / f"ood_{classifier.name}")
-    model, transform, info = load_classifier(classifier, state.device)
-    weights_hash = fingerprint(classifier / info["weights"])
-    config = config_dict(args)
+    model, transform, info = common.load_classifier(classifier, state.device)
+    weights_hash = common.fingerprint(classifier / info["weights"])
+    config = common.config_dict(args)
     config["classifier_weights"] = weights_hash
-    run = RunDir(out, config, overwrite=args.overwrite, is_main=state.is_main_process)
+    run = common.RunDir(out, config, overwrite=args.overwrite, is_main=state.is_main_process)
     if run.begin(state.wait_for_everyone) == "done" and set(args.sets) <= set(run.manifest().get("sets", [])):
         return run.manifest()["metrics"]
-    log = get_logger(out, state.is_main_process)
+    log = common.get_logger(out, state.is_main_process)
 
     results, skipped = {}, []
     for spec in args.sets:
@@ -334,8 +311,8 @@ def main(argv=None) -> dict:
         log.info(f"{name}: top1 {results[name]['top1']:.2f} top5 {results[name]['top5']:.2f} ({results[name]['note']})")
     metrics = {f"{n}/{k}": r[k] for n, r in results.items() for k in ("top1", "top5")}
     if state.is_main_process:
-        write_json(out / "results.json", results)
-        with atomic_write(out / "results.md") as f:
+        common.write_json(out / "results.json", results)
+        with common.atomic_write(out / "results.md") as f:
             f.write(markdown_table(results, str(classifier)))
     run.finish(
         metrics,

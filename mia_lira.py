@@ -45,25 +45,9 @@ import torch
 import yaml
 from scipy.stats import norm
 
-from common import (
-    PROJECT_DIR,
-    RunDir,
-    StageParser,
-    add_run_options,
-    atomic_path,
-    atomic_write,
-    config_dict,
-    config_hash,
-    get_logger,
-    item_seed,
-    load_classifier,
-    load_dataset,
-    load_image,
-    parse_args,
-    parse_shard,
-    progress,
-    write_json,
-)
+import common
+
+PROJECT_DIR = common.PROJECT_DIR  # where the stages it launches live (tests put stand-ins there)
 
 ARMS = ("synthetic", "real")
 ATTACKS = ("online", "online_fixed_variance", "offline", "offline_fixed_variance", "global_threshold")
@@ -71,9 +55,9 @@ FPRS = (0.001, 0.01)  # paper / Carlini et al. report TPR at 0.1% FPR; 1% is the
 SIGMA_FLOOR = 1e-6  # a shadow set with identical scores has σ = 0 and an infinite likelihood ratio otherwise
 
 
-def get_parser() -> StageParser:
-    p = StageParser(__doc__)
-    add_run_options(p, "mia_lira", seed=0, seed_help="global seed (keep matrix, shadow seeds)", workers=4)
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
+    common.add_run_options(p, "mia_lira", seed=0, seed_help="global seed (keep matrix, shadow seeds)", workers=4)
     # The experiment (paper App. G.4: 16 shadows following Carlini et al.; each image IN for exactly half of them).
     p.add_argument("--num-shadows", type=int, default=16, help="M shadow pipelines per arm (paper: 16; even, >= 4)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="which arms to run")
@@ -108,7 +92,7 @@ def get_parser() -> StageParser:
     )
     speed.add_argument(
         "--shard",
-        type=parse_shard,
+        type=common.parse_shard,
         default=(0, 1),
         help="'i/n': train only shadows i, i+n, ... (job arrays); attacks run once all scores exist",
     )
@@ -133,7 +117,7 @@ def make_keep_matrix(image_ids: list[str], num_models: int, seed: int) -> np.nda
     check_num_shadows(num_models)
     keep = np.zeros((num_models, len(image_ids)), dtype=bool)
     for j, image_id in enumerate(image_ids):
-        perm = np.random.default_rng(item_seed(seed, "lira-keep", image_id)).permutation(num_models)
+        perm = np.random.default_rng(common.item_seed(seed, "lira-keep", image_id)).permutation(num_models)
         keep[perm[: num_models // 2], j] = True
     return keep
 
@@ -266,7 +250,7 @@ CLS_TRAIN_DIRS = "--train-dirs"  # train_cls.py: 'real' (the train split) and/or
 
 def shadow_seed(seed: int, shadow: int) -> int:
     """Each shadow's own seed (generation and training noise must differ between shadows, eval-and-privacy §2.6)."""
-    return item_seed(seed, "lira-shadow", shadow) % (1 << 31)
+    return common.item_seed(seed, "lira-shadow", shadow) % (1 << 31)
 
 
 def stage_command(args, script: str, out_dir: Path, seed: int, mask: Path | None, extra: list[str]) -> list[str]:
@@ -356,7 +340,7 @@ def run_shadow(args, arm: str, shadow: int, shadow_dir: Path, mask: Path, log) -
 
 def load_shadow_classifier(cls_dir: Path, classes: list[str], device: torch.device):
     """A shadow classifier (eval mode) and its eval transform, after checking its label order matches the dataset's."""
-    model, transform, info = load_classifier(cls_dir, device)
+    model, transform, info = common.load_classifier(cls_dir, device)
     if list(info["classes"]) != list(classes):  # φ needs the true label's logit: the label orders must agree
         raise ValueError(
             f"{cls_dir}: classifier classes {info['classes'][:5]}... differ from the dataset's "
@@ -373,7 +357,7 @@ class QueryImages(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i):
-        return self.transform(load_image(self.index.abspath(i))), self.index.samples[i].label
+        return self.transform(common.load_image(self.index.abspath(i))), self.index.samples[i].label
 
 
 @torch.no_grad()
@@ -383,7 +367,7 @@ def query_scores(model, transform, index, args, device, desc: str) -> np.ndarray
         QueryImages(index, transform), batch_size=args.batch_size, shuffle=False, num_workers=args.workers
     )
     scores = []
-    for x, y in progress(loader, desc=desc, leave=False):
+    for x, y in common.progress(loader, desc=desc, leave=False):
         x = x.to(device)
         logits = torch.stack([model(x), model(torch.flip(x, dims=[3]))], dim=1)  # [B, 2, C]
         scores.append(logit_scaled_confidence(logits.double().cpu(), y[:, None]))
@@ -391,7 +375,7 @@ def query_scores(model, transform, index, args, device, desc: str) -> np.ndarray
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
+    with common.atomic_path(path) as tmp:
         np.save(tmp, array)
 
 
@@ -406,7 +390,9 @@ def stage_config_hash(path) -> str | None:
         return None
 
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return config_hash({k: v for k, v in data.items() if k not in ("caption", "eval_ood", "mia_lira", "sscd_sim")})
+    return common.config_hash(
+        {k: v for k, v in data.items() if k not in ("caption", "eval_ood", "mia_lira", "sscd_sim")}
+    )
 
 
 def prepare_keep(out: Path, index, args) -> np.ndarray:
@@ -454,9 +440,9 @@ def write_report(out: Path, results: dict, curves: dict, offline_test: str) -> N
                 f"{m['tpr_at_0.001_fpr']:.4f} | {m['tpr_at_0.01_fpr']:.4f} | {m['num_nonmembers']} | "
                 f"{m['num_targets']} |"
             )
-    with atomic_write(out / "results.md") as f:
+    with common.atomic_write(out / "results.md") as f:
         f.write("\n".join(lines) + "\n")
-    write_json(out / "results.json", results)
+    common.write_json(out / "results.json", results)
 
     import matplotlib
 
@@ -474,7 +460,7 @@ def write_report(out: Path, results: dict, curves: dict, offline_test: str) -> N
         ax.set(xlim=(lowest / 2, 1), ylim=(lowest / 2, 1), xlabel="FPR", ylabel="TPR", title=name)
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    with atomic_path(out / "roc.png") as tmp:
+    with common.atomic_path(out / "roc.png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
@@ -485,7 +471,7 @@ def shadow_scores(args, out: Path, log) -> tuple[np.ndarray, dict | None]:
     if args.scores_from:  # attack-only: reuse a finished experiment's scores
         src = Path(args.scores_from)
         return np.load(src / "keep.npy"), {arm: np.load(src / f"scores_{arm}.npy") for arm in args.arms}
-    index = load_dataset(args.dataset, args.data_root, "train")
+    index = common.load_dataset(args.dataset, args.data_root, "train")
     keep = prepare_keep(out, index, args)
     shard_index, shard_count = args.shard
     for arm in args.arms:
@@ -518,20 +504,20 @@ def attack(args, keep: np.ndarray, scores: dict, log) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(get_parser(), argv, "mia_lira")
+    args = common.parse_args(get_parser(), argv, "mia_lira")
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "mia_lira")
     args.stage_config = args.stage_config or args.config
-    config = config_dict(args)
+    config = common.config_dict(args)
     config["stage_config_hash"] = stage_config_hash(args.stage_config) if not args.scores_from else None
     if args.scores_from and not (Path(args.scores_from) / "keep.npy").is_file():
         raise FileNotFoundError(f"--scores-from {args.scores_from}: no keep.npy there (not a mia_lira.py output)")
     if not args.scores_from:
         check_num_shadows(args.num_shadows)
-        load_dataset(args.dataset, args.data_root, "train")
-    run = RunDir(out, config, args.overwrite)
+        common.load_dataset(args.dataset, args.data_root, "train")
+    run = common.RunDir(out, config, args.overwrite)
     if run.start() == "done":
         return run.manifest()["metrics"]
-    log = get_logger(out)
+    log = common.get_logger(out)
 
     keep, scores = shadow_scores(args, out, log)
     if scores is None:

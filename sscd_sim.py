@@ -39,34 +39,15 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from common import (
-    ImageFiles,
-    RunDir,
-    ShardMember,
-    StageParser,
-    add_run_options,
-    atomic_path,
-    config_dict,
-    fingerprint,
-    get_logger,
-    item_seed,
-    load_dataset,
-    load_image,
-    load_synthetic,
-    parse_args,
-    progress,
-    read_imagefolder,
-    write_json,
-    write_jsonl,
-)
+import common
 
 STANDIN_TAG = "realfake_standin.txt"  # extra file inside a stand-in TorchScript archive
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD README
 
 
-def get_parser() -> StageParser:
-    p = StageParser(__doc__)
-    add_run_options(p, "sscd_<synthetic dir name>", seed=0, seed_help="global seed (background subset)", workers=4)
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
+    common.add_run_options(p, "sscd_<synthetic dir name>", seed=0, seed_help="background subset's seed", workers=4)
     p.add_argument(
         "--synthetic-dir",
         default=None,
@@ -137,7 +118,7 @@ class StandinDescriptor(torch.nn.Module):
 def save_standin(path: str | Path, dims: int = 256, seed: int = 0) -> Path:
     """Script the stand-in and save it as TorchScript, tagged inside the archive so results can say what it is."""
     note = "realfake stand-in descriptor (pooled pixel layout + random projection), NOT SSCD"
-    with warnings.catch_warnings(), atomic_path(path) as tmp:  # TorchScript: the format SSCD ships (see above)
+    with warnings.catch_warnings(), common.atomic_path(path) as tmp:  # TorchScript: the format SSCD ships (see above)
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(
             torch.jit.script(StandinDescriptor(dims=dims, seed=seed).eval()), str(tmp), _extra_files={STANDIN_TAG: note}
@@ -167,7 +148,7 @@ def load_descriptor(path: str | Path, device: torch.device):
     standin = bool(extra[STANDIN_TAG])
     info = {
         "path": str(path),
-        "sha256_16": fingerprint(path),
+        "sha256_16": common.fingerprint(path),
         "standin": standin,
         "note": extra[STANDIN_TAG].decode() if standin else "SSCD TorchScript descriptor",
     }
@@ -186,12 +167,12 @@ def make_transform(resize: str, size: int):
     )
 
 
-def cache_key(path: Path | ShardMember) -> str:
+def cache_key(path: Path | common.ShardMember) -> str:
     """A file, or an image in a tar shard (by its tar's identity and its place in it)."""
-    where = path.tar if isinstance(path, ShardMember) else path
+    where = path.tar if isinstance(path, common.ShardMember) else path
     stat = where.stat()
     key = f"{where.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return f"{key}|{path.offset}|{path.size}" if isinstance(path, ShardMember) else key
+    return f"{key}|{path.offset}|{path.size}" if isinstance(path, common.ShardMember) else key
 
 
 class EmbeddingCache:
@@ -208,7 +189,7 @@ class EmbeddingCache:
         if not keys:
             return
         n = len(list(self.folder.glob("chunk_*.npz")))
-        with atomic_path(self.folder / f"chunk_{n:06d}.npz") as tmp:
+        with common.atomic_path(self.folder / f"chunk_{n:06d}.npz") as tmp:
             np.savez(tmp, keys=np.array(keys), emb=emb.astype(np.float32))
         self.rows.update(zip(keys, emb))
 
@@ -219,13 +200,13 @@ def embed(model, paths: list[Path], cache: EmbeddingCache, args, device, desc: s
     keys = [cache_key(p) for p in paths]
     todo = [i for i, k in enumerate(keys) if k not in cache.rows]
     loader = torch.utils.data.DataLoader(
-        ImageFiles([paths[i] for i in todo], make_transform(args.resize, args.size)),
+        common.ImageFiles([paths[i] for i in todo], make_transform(args.resize, args.size)),
         batch_size=args.batch_size,
         num_workers=args.workers,
         collate_fn=list,
     )
     new_keys, new_emb = [], []
-    for batch in progress(loader, desc=desc, total=len(loader)):
+    for batch in common.progress(loader, desc=desc, total=len(loader)):
         # Short-edge resizing keeps aspect ratios, so shapes differ: run the model once per shape in the batch.
         by_shape: dict[tuple, list] = {}
         for i, x in batch:
@@ -292,8 +273,8 @@ def load_generated(folder: str | Path):
     """A synthesize.py output (labels and files from its manifest) or, failing that, any ImageFolder."""
     folder = Path(folder)
     if (folder / "manifest.jsonl").is_file():
-        return load_synthetic(folder)
-    return read_imagefolder(folder, name="generated", split="")
+        return common.load_synthetic(folder)
+    return common.read_imagefolder(folder, name="generated", split="")
 
 
 def plot_histogram(path: Path, synth: torch.Tensor, background: torch.Tensor, threshold: float, label: str) -> None:
@@ -310,7 +291,7 @@ def plot_histogram(path: Path, synth: torch.Tensor, background: torch.Tensor, th
     ax.set(xlabel=f"top-1 similarity ({label})", ylabel="density")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with common.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
@@ -326,12 +307,12 @@ def plot_top_matches(path: Path, pairs: list[dict], images: list[tuple], label: 
     fig, axes = plt.subplots(len(pairs), 2, figsize=(5, 2.6 * len(pairs)), squeeze=False)
     for row, pair, where in zip(axes, pairs, images):
         for ax, image, title in zip(row, where, ("synthetic", "nearest real")):
-            ax.imshow(load_image(image))
+            ax.imshow(common.load_image(image))
             ax.set_title(f"{title}" + (f"  sim {pair['similarity']:.3f}" if ax is row[1] else ""), fontsize=8)
             ax.axis("off")
     fig.suptitle(f"most similar pairs ({label})", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with common.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
@@ -341,7 +322,7 @@ def background_queries(real, args) -> torch.Tensor:
     n = len(real)
     if args.background_queries <= 0 or args.background_queries >= n:
         return torch.arange(n)
-    order = sorted(range(n), key=lambda i: item_seed(args.seed, "sscd-background", real.image_id(i)))
+    order = sorted(range(n), key=lambda i: common.item_seed(args.seed, "sscd-background", real.image_id(i)))
     return torch.tensor(sorted(order[: args.background_queries]))
 
 
@@ -358,7 +339,7 @@ def write_matches(path: Path, synth, real, vals: torch.Tensor, idx: torch.Tensor
         }
         for i in range(len(synth))
     ]
-    write_jsonl(path, rows)
+    common.write_jsonl(path, rows)
 
 
 def show_top_matches(out: Path, synth, real, vals, idx, num_show: int, label: str) -> list[dict]:
@@ -379,7 +360,7 @@ def show_top_matches(out: Path, synth, real, vals, idx, num_show: int, label: st
 
 
 def main(argv=None) -> dict:
-    args = parse_args(get_parser(), argv, "sscd_sim")
+    args = common.parse_args(get_parser(), argv, "sscd_sim")
     if args.make_standin:
         return {"standin": str(save_standin(args.make_standin))}
     runs = Path(args.runs_dir) / args.dataset
@@ -389,14 +370,14 @@ def main(argv=None) -> dict:
             f"synthetic set {synthetic_dir} does not exist: run synthesize.py first or pass --synthetic-dir"
         )
     out = Path(args.output_dir or runs / f"sscd_{synthetic_dir.name}")
-    config = config_dict(args)
+    config = common.config_dict(args)
     require_descriptor_file(args.model)
-    real = load_dataset(args.dataset, args.data_root, "train")
+    real = common.load_dataset(args.dataset, args.data_root, "train")
     synth = load_generated(synthetic_dir)
-    run = RunDir(out, config, args.overwrite)
+    run = common.RunDir(out, config, args.overwrite)
     if run.start() == "done":
         return run.manifest()["metrics"]
-    log = get_logger(out)
+    log = common.get_logger(out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     model, descriptor = load_descriptor(args.model, device)
@@ -428,7 +409,7 @@ def main(argv=None) -> dict:
         "top_matches": show_top_matches(out, synth, real, vals, idx, args.num_show, label),
         "num_embedded": {"real": new_real, "synthetic": new_syn},
     }
-    write_json(out / "results.json", metrics)
+    common.write_json(out / "results.json", metrics)
     plot_histogram(out / "histogram.png", vals[:, 0], bg_vals[:, 0], args.threshold, label)
     for name in ("synthetic_vs_real", "real_vs_real_background"):
         m = metrics[name]

@@ -44,47 +44,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from common import (
-    PROMPT_STYLES,
-    ImageReadError,
-    RunDir,
-    ShardMember,
-    StageParser,
-    add_run_options,
-    add_visual_tokens,
-    atomic_path,
-    atomic_write,
-    build_prompt,
-    captions_for,
-    check_images,
-    check_pretrained,
-    config_dict,
-    describe_images,
-    encode_latent_prior,
-    fingerprint,
-    fragmented_class_names,
-    get_logger,
-    hash_file,
-    item_seed,
-    load_captions,
-    load_dataset,
-    load_image,
-    load_init_image,
-    load_subset_mask,
-    load_yaml_section,
-    local_items,
-    negative_prompt,
-    note_unusual_images,
-    parse_args,
-    parse_shard,
-    positive_int,
-    progress,
-    read_json,
-    resolve_dtype,
-    split_fingerprint,
-    write_json,
-    write_jsonl,
-)
+import common
 
 SD_LAYOUT = "a Stable Diffusion pipeline (diffusers layout: model_index.json, unet/, vae/, text_encoder/, ...)"
 
@@ -100,9 +60,9 @@ def none_or_path(value: str) -> str | None:
     return None if value in ("", "none") else value
 
 
-def get_parser() -> StageParser:
-    p = StageParser(__doc__)
-    add_run_options(p, "synth_x<scale>", seed_help="global seed (release: 42); image seeds derive from it", workers=4)
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
+    common.add_run_options(p, "synth_x<scale>", seed_help="image seeds derive from it (release: 42)", workers=4)
     p.not_hashed("data_root")  # the sources enter the run's identity by their fingerprint instead
     a = p.group("sources").add_argument
     a("--split", default="train", help="the real split whose images are the latent priors")
@@ -126,14 +86,14 @@ def get_parser() -> StageParser:
     a = p.group("prompts (paper §3.2; common.build_prompt / negative_prompt)").add_argument
     a("--captions", default=None, help="captions.jsonl from caption.py (ImageNet sets)")
     a("--allow-missing-captions", action="store_true", help="prompt uncaptioned images without one")
-    a("--prompt-style", choices=PROMPT_STYLES, default="paper", help="release: adds ', best quality' and two negatives")
+    a("--prompt-style", choices=common.PROMPT_STYLES, default="paper", help="release: ', best quality', 2 negatives")
     a = p.group("output set (README: Synthesis, Storage)").add_argument
     a("--scale", type=float, default=1.0, help="outputs per real image; fractional: a seeded subset gets one more")
     a("--output-format", choices=("folder", "wds"), default="folder", help="files in class folders, or tar shards")
-    a("--shard-samples", type=positive_int, default=5000, help="wds: images per shard (~0.5 GB at 512 px q95)")
+    a("--shard-samples", type=common.positive_int, default=5000, help="wds: images per shard (~0.5 GB at 512 px q95)")
     a("--image-format", choices=("jpg", "png"), default="jpg")
     a("--jpeg-quality", type=int, default=95, help="release: PIL's default 75")
-    a("--save-size", type=positive_int, default=None, help="store resized to this short side (e.g. 256 for 224 px)")
+    a("--save-size", type=common.positive_int, default=None, help="store at this short side (256 for 224 px crops)")
     a("--output-mode", choices=("source", "RGB"), default="source", help="source: grayscale sources, grayscale out")
     a = p.speed_group("re-runs and checks (not part of the run's identity)").add_argument
     a("--verify-existing", choices=("quick", "full"), default="quick", help="re-run check: file trailer, or decode")
@@ -141,12 +101,12 @@ def get_parser() -> StageParser:
     a("--plan", action="store_true", help="print images, files, TB and GPU-hours of the chain, and exit")
     a("--skip-bad", action="store_true", help="skip unreadable sources (counted in the manifest) instead of failing")
     a = p.speed_group().add_argument  # never change an image beyond float noise
-    a("--batch-size", type=positive_int, default=32, help="images per pipeline call, classes mixed")
-    a("--decode-batch", type=positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
+    a("--batch-size", type=common.positive_int, default=32, help="images per pipeline call, classes mixed")
+    a("--decode-batch", type=common.positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")
     a("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
     a("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"), type=auto_on_off, help=COMPILE)
     a("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode (only default measured)")
-    a("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's part, for job arrays")
+    a("--shard", type=common.parse_shard, default=(0, 1), help="i/n: this job's part, for job arrays")
     return p
 
 
@@ -168,12 +128,14 @@ class Plan:
         self.args, self.index, self.tokens = args, index, tokens
         n = len(index)
         self.prompts = [
-            build_prompt(index.class_names[smp.label], cap, args.prompt_style)
+            common.build_prompt(index.class_names[smp.label], cap, args.prompt_style)
             for smp, cap in zip(index.samples, captions)
         ]
         full, frac = int(math.floor(args.scale)), args.scale - math.floor(args.scale)
         # Fractional scale: the round(frac·n) sources with the smallest seeded hash get one more copy (exact count).
-        extra = sorted(range(n), key=lambda s: item_seed(args.seed, "extra-copy", index.image_id(s)))[: round(frac * n)]
+        extra = sorted(range(n), key=lambda s: common.item_seed(args.seed, "extra-copy", index.image_id(s)))[
+            : round(frac * n)
+        ]
         self.jobs = np.concatenate(
             [np.arange(full * n, dtype=np.int64), full * n + np.array(sorted(extra), dtype=np.int64)]
         )
@@ -194,7 +156,7 @@ class Plan:
         """--output-format wds: the jobs of each tar shard, in stored order. A seeded permutation of all jobs cut into
         --shard-samples pieces: every shard mixes classes and copies (so a streaming reader's shuffle buffer needs
         no more), and shard b holds the same images whatever the number of processes or jobs."""
-        order = np.random.default_rng(item_seed(self.args.seed, "shard-order")).permutation(self.jobs)
+        order = np.random.default_rng(common.item_seed(self.args.seed, "shard-order")).permutation(self.jobs)
         size = self.args.shard_samples
         return [order[i : i + size] for i in range(0, len(order), size)]
 
@@ -210,7 +172,7 @@ class Plan:
 
     def seed(self, job: int) -> int:
         s, k = self.source_copy(job)
-        return item_seed(self.args.seed, self.index.image_id(s), k)
+        return common.item_seed(self.args.seed, self.index.image_id(s), k)
 
     def file(self, job: int) -> str:
         s, k = self.source_copy(job)
@@ -248,7 +210,7 @@ def load_visual_tokens(lora_dir, index, vg_mode: str):
         raise FileNotFoundError(
             f"{meta_path} missing: --lora-dir must be a finetune.py output (or pass --vg-mode none)"
         )
-    meta = read_json(meta_path)
+    meta = common.read_json(meta_path)
     if meta["mode"] == "none":
         return None, meta.get("placement", "append")
 
@@ -342,7 +304,7 @@ def condition(pipe, prompts, tokens, placement, neg_text, device):
     cond = pipe.encode_prompt(prompts, device, 1, False)[0]
     neg = pipe.encode_prompt([neg_text], device, 1, False)[0].expand(len(prompts), -1, -1)
     if tokens is not None:
-        cond = add_visual_tokens(cond, tokens.to(device), placement)
+        cond = common.add_visual_tokens(cond, tokens.to(device), placement)
     if cond.shape[1] > neg.shape[1]:
         neg = torch.nn.functional.pad(neg, (0, 0, 0, cond.shape[1] - neg.shape[1]))
     return cond, neg.contiguous()
@@ -363,11 +325,11 @@ def generate(pipe, pixels, seeds, prompts, tokens, args, placement, device) -> t
     else:
         init = torch.cat(
             [
-                encode_latent_prior(vae, pixels[i : i + chunk], generators[i : i + chunk])
+                common.encode_latent_prior(vae, pixels[i : i + chunk], generators[i : i + chunk])
                 for i in range(0, len(seeds), chunk)
             ]
         )
-    cond, neg = condition(pipe, prompts, tokens, placement, negative_prompt(args.prompt_style), device)
+    cond, neg = condition(pipe, prompts, tokens, placement, common.negative_prompt(args.prompt_style), device)
     latents = pipe(
         prompt_embeds=cond,
         negative_prompt_embeds=neg,
@@ -416,7 +378,7 @@ def encode_when_ready(
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    with atomic_write(path, "wb") as f:
+    with common.atomic_write(path, "wb") as f:
         f.write(data)
 
 
@@ -473,7 +435,7 @@ def write_shard(out_dir: Path, b: int, plan: Plan, samples, hashes) -> None:
     row), then its index (each image's offset and size in the tar): the index, written last, marks it complete."""
     ext, rows = plan.args.image_format, []
     (out_dir / shard_index_name(b)).unlink(missing_ok=True)  # a stale index never vouches for a new tar
-    with atomic_write(out_dir / shard_name(b), "wb") as f:
+    with common.atomic_write(out_dir / shard_name(b), "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for job, read_bytes in samples:
                 image = read_bytes()
@@ -487,7 +449,7 @@ def write_shard(out_dir: Path, b: int, plan: Plan, samples, hashes) -> None:
                         offset = tar.offset - -(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 rows.append({**row, "shard": shard_name(b), "key": key, "offset": offset, "size": len(image)})
         size = f.tell()
-    write_json(out_dir / shard_index_name(b), {"shard": shard_name(b), "bytes": size, "samples": rows})
+    common.write_json(out_dir / shard_index_name(b), {"shard": shard_name(b), "bytes": size, "samples": rows})
 
 
 def shard_index_name(b: int) -> str:
@@ -516,8 +478,8 @@ class Sources(torch.utils.data.Dataset):
         if not self.read:
             return i, torch.zeros(3, 1, 1), ""
         try:
-            return i, load_init_image(self.paths[i], self.size), ""
-        except ImageReadError as err:
+            return i, common.load_init_image(self.paths[i], self.size), ""
+        except common.ImageReadError as err:
             return i, torch.zeros(3, self.size, self.size), str(err)
 
 
@@ -526,9 +488,9 @@ def complete_on_disk(path: Path, mode: str) -> bool:
     check still catches truncation and garbage (trailer + header) without decoding 12.8 M images on a re-run."""
     if mode == "full":
         try:
-            load_image(path)
+            common.load_image(path)
             return True
-        except ImageReadError:
+        except common.ImageReadError:
             return False
     try:
         size = path.stat().st_size
@@ -560,7 +522,7 @@ def same_images(config: dict, other_dir: Path) -> bool:
     """Another output dir whose images equal ours for equal (source, copy): same config but for LAYOUT_KEYS."""
     for name in ("manifest.json", "run_config.json"):
         if (other_dir / name).is_file():
-            other = read_json(other_dir / name)["config"]
+            other = common.read_json(other_dir / name)["config"]
             return {k: v for k, v in other.items() if k not in LAYOUT_KEYS} == {
                 k: v for k, v in config.items() if k not in LAYOUT_KEYS
             }
@@ -571,7 +533,7 @@ def shard_complete(out_dir: Path, b: int, mode: str) -> bool:
     """Shard b is on disk whole: its index (written after the tar) exists and the tar has the size it records;
     `full` also decodes every image."""
     try:
-        index = read_json(out_dir / shard_index_name(b))
+        index = common.read_json(out_dir / shard_index_name(b))
         if (out_dir / shard_name(b)).stat().st_size != index["bytes"]:
             return False
     except (OSError, ValueError, KeyError):
@@ -579,8 +541,8 @@ def shard_complete(out_dir: Path, b: int, mode: str) -> bool:
     if mode == "full":
         try:
             for r in index["samples"]:
-                load_image(ShardMember(out_dir / r["shard"], r["offset"], r["size"], r["file"]))
-        except ImageReadError:
+                common.load_image(common.ShardMember(out_dir / r["shard"], r["offset"], r["size"], r["file"]))
+        except common.ImageReadError:
             return False
     return True
 
@@ -594,8 +556,8 @@ def stored_images(run_dir: Path, classes) -> dict:
     for index_file in sorted((run_dir / "shards").glob("*.json")):
         b = int(index_file.stem)
         if shard_complete(run_dir, b, "quick"):
-            for r in read_json(index_file)["samples"]:
-                found[r["file"]] = ShardMember(run_dir / r["shard"], r["offset"], r["size"], r["file"])
+            for r in common.read_json(index_file)["samples"]:
+                found[r["file"]] = common.ShardMember(run_dir / r["shard"], r["offset"], r["size"], r["file"])
     return found
 
 
@@ -614,7 +576,7 @@ def reusable_images(plan: Plan, out_dir: Path, config: dict, dirs, log) -> dict:
 
 
 def usable(where, mode: str) -> bool:
-    return isinstance(where, ShardMember) or complete_on_disk(where, mode)
+    return isinstance(where, common.ShardMember) or complete_on_disk(where, mode)
 
 
 def reuse_into_folder(plan: Plan, jobs, out_dir: Path, found: dict, mode: str) -> int:
@@ -626,10 +588,10 @@ def reuse_into_folder(plan: Plan, jobs, out_dir: Path, found: dict, mode: str) -
         where = found.get(name)
         if name in present or where is None or not usable(where, mode):
             continue
-        if isinstance(where, ShardMember):
+        if isinstance(where, common.ShardMember):
             write_bytes(out_dir / name, where.read_bytes())
         else:
-            with atomic_path(out_dir / name) as tmp:
+            with common.atomic_path(out_dir / name) as tmp:
                 tmp.unlink()
                 try:
                     os.link(where, tmp)
@@ -664,13 +626,13 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
     save_kwargs = {"quality": args.jpeg_quality} if args.image_format == "jpg" else {}
     save_kwargs.update(mode=args.resolved_output_mode, save_size=args.save_size)
     bad, pending, done, start = [], [], 0, time.perf_counter()
-    bar = progress(total=len(jobs), is_main=is_main, unit="img", desc="synthesize")
+    bar = common.progress(total=len(jobs), is_main=is_main, unit="img", desc="synthesize")
     with ThreadPoolExecutor(max(1, args.write_workers)) as writer:
         for idx, pixels, errors in loader:
             keep = [n for n, err in enumerate(errors) if not err]
             for n, err in enumerate(errors):
                 if err and not args.skip_bad:
-                    raise ImageReadError(f"{err} (fix or remove it, or pass --skip-bad to skip and count it)")
+                    raise common.ImageReadError(f"{err} (fix or remove it, or pass --skip-bad to skip and count it)")
                 if err:
                     bad.append({"source": index.samples[plan.source_copy(jobs[int(idx[n])])[0]].path, "error": err})
                     sink.skip(jobs[int(idx[n])])
@@ -710,12 +672,12 @@ def stored_rows(plan: Plan, out_dir: Path, hashes: tuple) -> tuple[list[dict], d
     missing that no counted bad source explains."""
     bad = set()
     for part in sorted(out_dir.glob("bad_sources.*.json")):
-        bad.update(b["source"] for b in read_json(part))
+        bad.update(b["source"] for b in common.read_json(part))
     if plan.args.output_format == "wds":
         count = len(plan.shards())
         if not all(shard_complete(out_dir, b, "quick") for b in range(count)):
             return None
-        indexes = [read_json(out_dir / shard_index_name(b)) for b in range(count)]
+        indexes = [common.read_json(out_dir / shard_index_name(b)) for b in range(count)]
         stored = {r["file"]: r for index in indexes for r in index["samples"]}
         rows = [stored[plan.file(j)] for j in plan.jobs if plan.file(j) in stored]
         total = sum(index["bytes"] for index in indexes)
@@ -727,7 +689,7 @@ def stored_rows(plan: Plan, out_dir: Path, hashes: tuple) -> tuple[list[dict], d
     return [plan.row(j, *hashes) for j in plan.jobs if plan.file(j) in present], {}
 
 
-def finalize(plan: Plan, out_dir: Path, run: RunDir, args, hashes: tuple) -> dict | None:
+def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args, hashes: tuple) -> dict | None:
     """Write manifest.jsonl + manifest.json once every image of every shard is on disk (or a counted bad source)."""
     found = stored_rows(plan, out_dir, hashes)
     if found is None:
@@ -735,8 +697,8 @@ def finalize(plan: Plan, out_dir: Path, run: RunDir, args, hashes: tuple) -> dic
     rows, layout = found
     bad = {}
     for part in sorted(out_dir.glob("bad_sources.*.json")):
-        bad.update({b["source"]: b["error"] for b in read_json(part)})
-    write_jsonl(out_dir / "manifest.jsonl", rows)
+        bad.update({b["source"]: b["error"] for b in common.read_json(part)})
+    common.write_jsonl(out_dir / "manifest.jsonl", rows)
     for stale in out_dir.glob("*/.*"):  # temp files of killed writers: no writer is left once all images exist
         stale.unlink(missing_ok=True)
     metrics = {
@@ -769,25 +731,25 @@ def lora_fingerprint(lora_dir) -> str | None:
     ]
     if not files[0].is_file():
         raise FileNotFoundError(f"{files[0]} missing: --lora-dir must be a finetune.py output dir")
-    return "-".join(hash_file(f)[:8] for f in files if f.is_file())
+    return "-".join(common.hash_file(f)[:8] for f in files if f.is_file())
 
 
 def prepare(args):
     """Dataset, captions, tokens and plan, shared by the run and the benchmark."""
     if not (args.scale > 0 and math.isfinite(args.scale)):
         raise ValueError(f"--scale must be a finite number > 0 (outputs per real image), got {args.scale}")
-    index = load_dataset(args.dataset, args.data_root, args.split)
+    index = common.load_dataset(args.dataset, args.data_root, args.split)
     if args.subset_mask:
-        index = index.subset(load_subset_mask(args.subset_mask, len(index)))
+        index = index.subset(common.load_subset_mask(args.subset_mask, len(index)))
     if len(index) == 0:
         raise ValueError(f"no images in {args.dataset} {args.split} under {args.data_root}")
     if args.strength < 1.0:  # the latent prior reads every source: all bad ones named now, not the first mid-run
-        args.source_fingerprint = check_images(index, skip_bad=args.skip_bad)[2]
+        args.source_fingerprint = common.check_images(index, skip_bad=args.skip_bad)[2]
     else:
-        args.source_fingerprint = split_fingerprint(index)
-    captions = captions_for(index, load_captions(args.captions), args.allow_missing_captions)
+        args.source_fingerprint = common.split_fingerprint(index)
+    captions = common.captions_for(index, common.load_captions(args.captions), args.allow_missing_captions)
     tokens, placement = load_visual_tokens(args.lora_dir, index, args.vg_mode)
-    args.source_images = describe_images(index, args.resolution)
+    args.source_images = common.describe_images(index, args.resolution)
     grayscale = args.output_mode == "source" and args.source_images["grayscale"]
     args.resolved_output_mode = "L" if grayscale else "RGB"
     return Plan(args, index, captions, tokens), placement
@@ -798,7 +760,7 @@ def run_config(args, lora_hash: str | None) -> dict:
     later enter only at non-default values, so older runs keep their hash."""
     derived = ("output_mode", "source_images", "resolved_output_mode")
     # source_fingerprint (set by prepare) stays in: a changed source split is a config mismatch, not a resume.
-    config = {**config_dict(args, exclude=derived), "lora_hash": lora_hash}
+    config = {**common.config_dict(args, exclude=derived), "lora_hash": lora_hash}
     if args.resolved_output_mode != "RGB":
         config["output_mode"] = args.resolved_output_mode
     if config["save_size"] is None:
@@ -811,7 +773,7 @@ def run_config(args, lora_hash: str | None) -> dict:
 def folder_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, log) -> tuple[list[int], None]:
     """--output-format folder: this process's images missing on disk, after taking those found in other runs."""
     args = plan.args
-    mine = local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
+    mine = common.local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
     if found:
         log.info(f"reused {reuse_into_folder(plan, mine, out_dir, found, args.verify_existing)} images")
     todo = todo_jobs(plan, mine, out_dir, args.verify_existing, args.write_workers)
@@ -826,7 +788,7 @@ def shard_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, log
     """--output-format wds: this process's shards that are not complete on disk, their images found in other runs
     handed to the sink at once, and the jobs left to generate."""
     args, shards = plan.args, plan.shards()
-    mine = local_items(list(range(len(shards))), args.shard, state.process_index, state.num_processes)
+    mine = common.local_items(list(range(len(shards))), args.shard, state.process_index, state.num_processes)
     todo_shards = [b for b in mine if not shard_complete(out_dir, b, args.verify_existing)]
     sink = ShardSink(plan, out_dir, {b: shards[b] for b in todo_shards}, hashes)
     todo, reused = [], 0
@@ -879,7 +841,7 @@ def stored_bytes(side: int, quality: int, image_format: str) -> int:
 def measured_rate(path: Path, key: str, default: float) -> tuple[float, str]:
     """A GPU figure from a `make bench-gpu` benchmark.json when there is one, else the recorded H100 figure."""
     if path.is_file():
-        result = read_json(path)
+        result = common.read_json(path)
         if result.get("device", "cpu") != "cpu" and result.get(key):
             return float(result[key]), f"{path} ({result['device']})"
     return default, "H100 80GB, README Benchmarks"
@@ -887,7 +849,7 @@ def measured_rate(path: Path, key: str, default: float) -> tuple[float, str]:
 
 def plan_sources(args) -> tuple[int, str]:
     try:
-        return len(load_dataset(args.dataset, args.data_root, args.split)), f"{args.dataset} {args.split} split"
+        return len(common.load_dataset(args.dataset, args.data_root, args.split)), f"{args.dataset} {args.split} split"
     except (OSError, ValueError) as err:
         if args.dataset in KNOWN_TRAIN_IMAGES and args.split == "train":
             return KNOWN_TRAIN_IMAGES[
@@ -915,7 +877,7 @@ def print_plan(args) -> dict:
         ("synthesize", images * work / synth_rate, f"{images:,} images at {synth_rate:g} img/s/GPU ({synth_src})")
     ]
     if args.config:
-        tune = load_yaml_section(args.config, "finetune")["merged"]
+        tune = common.load_yaml_section(args.config, "finetune")["merged"]
         if "num_train_epochs" in tune:
             samples = tune["num_train_epochs"] * n
             stages.insert(
@@ -926,7 +888,7 @@ def print_plan(args) -> dict:
                     f"{tune['num_train_epochs']} epochs x {n:,} images at {H100_FINETUNE_SAMPLES_PER_S} samples/s/GPU",
                 ),
             )
-        cls = load_yaml_section(args.config, "train_cls")["merged"]
+        cls = common.load_yaml_section(args.config, "train_cls")["merged"]
         if "epochs" in cls:
             for mode, size in (("real", n), (f"synth_x{args.scale:g}", images), (f"mix_x{args.scale:g}", n + images)):
                 note = f"{cls['epochs']} epochs x {size:,} images at {cls_rate:g} img/s/GPU ({cls_src})"
@@ -951,8 +913,8 @@ def print_plan(args) -> dict:
 
 def ready_pipeline(args, plan: Plan, placement: str, device, log):
     """The pipeline as the loop runs it: loaded (LoRA fused), token mask installed, compiled where that pays."""
-    pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
-    if fragmented := fragmented_class_names(pipe.tokenizer, plan.index.class_names):
+    pipe = load_pipeline(args, device, common.resolve_dtype(args.dtype, device))
+    if fragmented := common.fragmented_class_names(pipe.tokenizer, plan.index.class_names):
         log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
     install_token_mask(pipe, placement, plan.tokens is not None)
     maybe_compile(pipe, args)
@@ -968,28 +930,30 @@ def maybe_compile(pipe, args) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(get_parser(), argv, "synthesize")
+    args = common.parse_args(get_parser(), argv, "synthesize")
     if args.plan:
         return print_plan(args)
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: lets torchrun spread CPU processes
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"synth_x{args.scale:g}")
-    check_pretrained(StableDiffusionImg2ImgPipeline.load_config, args.pretrained_model, args.revision, SD_LAYOUT)
+    common.check_pretrained(StableDiffusionImg2ImgPipeline.load_config, args.pretrained_model, args.revision, SD_LAYOUT)
     lora_hash = lora_fingerprint(args.lora_dir)
     plan, placement = prepare(args)
     config = run_config(args, lora_hash)
-    run = RunDir(out_dir, config, args.overwrite, state.is_main_process)
+    run = common.RunDir(out_dir, config, args.overwrite, state.is_main_process)
     status = run.begin(state.wait_for_everyone)
-    log = get_logger(out_dir, state.is_main_process)
+    log = common.get_logger(out_dir, state.is_main_process)
     if status == "done":
         log.info(f"{out_dir} is complete with this config; nothing to do")
         return {**run.manifest()["metrics"], "complete": True, "generated": 0}
-    note_unusual_images(args.source_images, args.resolution, log)
+    common.note_unusual_images(args.source_images, args.resolution, log)
     if args.resolved_output_mode != "RGB":
         log.info("grayscale dataset: synthetic images are written in grayscale (--output-mode RGB keeps colour)")
     if state.is_main_process:
-        write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
-    hashes = (fingerprint(args.pretrained_model, args.revision), lora_hash)
+        common.write_json(
+            out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names}
+        )
+    hashes = (common.fingerprint(args.pretrained_model, args.revision), lora_hash)
     found = reusable_images(plan, out_dir, config, args.reuse_from, log) if args.reuse_from else {}
     work = shard_work if args.output_format == "wds" else folder_work
     todo, sink = work(plan, out_dir, found, hashes, state, log)
@@ -1000,7 +964,7 @@ def main(argv=None) -> dict:
         stats = run_loop(pipe, plan, todo, out_dir, args, placement, device, state.is_main_process, sink)
     tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
     # A file, not a folder: beside the class folders a folder would read as one more class.
-    write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])
+    common.write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])
     state.wait_for_everyone()
     metrics = finalize(plan, out_dir, run, args, hashes) if state.is_main_process else None
     log.info(

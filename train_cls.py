@@ -58,92 +58,64 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 
-from common import (
-    HELD_OUT,
-    RunDir,
-    StageParser,
-    add_mixed_precision,
-    add_run_options,
-    atomic_path,
-    check_images,
-    config_dict,
-    epoch_order,
-    get_logger,
-    item_seed,
-    latest_checkpoint,
-    load_dataset,
-    load_image,
-    load_subset_mask,
-    load_synthetic,
-    parse_args,
-    positive_int,
-    progress,
-    read_jsonl,
-    resolve_split,
-    save_checkpoint,
-    seed_everything,
-    split_fingerprint,
-    write_json,
-    write_jsonl,
-)
+import common
 
 # What the authors' release ran for IN-10 (timm 0.9.2 defaults the paper's Tab. 8 does not list).
 RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jitter": 0.4}  # timm "sgd" = Nesterov
 
 
-def get_parser() -> StageParser:
-    p = StageParser(__doc__)
-    add_run_options(p, "cls_<name>", seed_help="release train.py seed (paper silent)", workers=8, resume=True)
+def get_parser() -> common.StageParser:
+    p = common.StageParser(__doc__)
+    common.add_run_options(p, "cls_<name>", seed_help="release train.py seed (paper silent)", workers=8, resume=True)
     a = p.group("data").add_argument
-    a("--test-split", default=HELD_OUT, help="real test split; held-out: val/ or test/, whichever exists (README)")
+    a("--test-split", default=common.HELD_OUT, help="real test split; held-out: val/ or test/, whichever exists")
     a("--train-dirs", nargs="+", default=["real"], help="'real' (the train split) and/or synthesize.py outputs")
     a("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
     a("--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)")
-    model = p.group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)")
-    model.add_argument("--model", default="resnet50", help="any timm model name")
-    model.add_argument("--pretrained", action="store_true", help="start from timm's ImageNet weights")
-    model.add_argument("--pretrained-file", default=None, help="local weights file for --pretrained (offline)")
-    model.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="more timm.create_model args")
-    model.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth (Tab. 8: 0.05 for IN-1K)")
-    model.add_argument("--input-size", type=int, default=224, help="train = test resolution (Tab. 8: 224 or 448)")
-    model.add_argument("--crop-pct", type=float, default=None, help="eval crop fraction (default: the model's, 0.95)")
-    model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    optim = p.group("optimisation (Tab. 8)")
-    optim.add_argument("--recipe", choices=["paper", "release"], default="paper", help="release: RELEASE_RECIPE")
-    optim.add_argument("--epochs", type=positive_int, default=200)
-    optim.add_argument("--batch-size", type=positive_int, default=1024, help="GLOBAL batch (Tab. 8: 128 x 8 GPUs)")
-    optim.add_argument("--max-device-batch", type=positive_int, default=128, help="largest micro-batch per process")
-    optim.add_argument("--opt", default="momentum", help="timm optimizer: momentum (SGD, paper), sgd (Nesterov), lamb")
-    optim.add_argument("--lr", type=float, default=0.1)
-    optim.add_argument("--momentum", type=float, default=0.9)
-    optim.add_argument("--weight-decay", type=float, default=5e-4)
-    optim.add_argument("--sched", default="multistep", help="timm scheduler: multistep (paper), cosine (IN-1K)")
-    optim.add_argument("--decay-milestones", type=int, nargs="+", default=[50, 100, 150])
-    optim.add_argument("--decay-rate", type=float, default=0.2)
-    optim.add_argument("--warmup-epochs", type=int, default=0)
-    optim.add_argument("--warmup-lr", type=float, default=1e-5)
-    optim.add_argument("--min-lr", type=float, default=0.0)
-    aug = p.group("augmentation and loss (Tab. 8; IN-1K adds RandAugment, mixup, cutmix, BCE)")
-    aug.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="random-resized-crop area range")
-    aug.add_argument("--hflip", type=float, default=0.5)
-    aug.add_argument("--color-jitter", type=float, default=0.0)
-    aug.add_argument("--aa", default=None, help="timm auto-augment string, e.g. rand-m7-mstd0.5 (IN-1K)")
-    aug.add_argument("--train-interpolation", default="random", help="release (timm) default; paper silent")
-    aug.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
-    aug.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (IN-1K: 0.2)")
-    aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (IN-1K: 1.0)")
-    aug.add_argument("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
-    system = p.group("system")
-    add_mixed_precision(system, "amp", "auto: bf16 on a GPU")
-    speed = p.speed_group()
-    speed.add_argument("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
-    speed.add_argument("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs)")
-    speed.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
-    speed.add_argument("--keep-checkpoints", type=int, default=1)
+    a = p.group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)").add_argument
+    a("--model", default="resnet50", help="any timm model name")
+    a("--pretrained", action="store_true", help="start from timm's ImageNet weights")
+    a("--pretrained-file", default=None, help="local weights file for --pretrained (offline)")
+    a("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="more timm.create_model args")
+    a("--drop-path", type=float, default=0.0, help="stochastic depth (Tab. 8: 0.05 for IN-1K)")
+    a("--input-size", type=int, default=224, help="train = test resolution (Tab. 8: 224 or 448)")
+    a("--crop-pct", type=float, default=None, help="eval crop fraction (default: the model's, 0.95)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    a = p.group("optimisation (Tab. 8)").add_argument
+    a("--recipe", choices=["paper", "release"], default="paper", help="release: RELEASE_RECIPE")
+    a("--epochs", type=common.positive_int, default=200)
+    a("--batch-size", type=common.positive_int, default=1024, help="GLOBAL batch (Tab. 8: 128 x 8 GPUs)")
+    a("--max-device-batch", type=common.positive_int, default=128, help="largest micro-batch per process")
+    a("--opt", default="momentum", help="timm optimizer: momentum (SGD, paper), sgd (Nesterov), lamb")
+    a("--lr", type=float, default=0.1)
+    a("--momentum", type=float, default=0.9)
+    a("--weight-decay", type=float, default=5e-4)
+    a("--sched", default="multistep", help="timm scheduler: multistep (paper), cosine (IN-1K)")
+    a("--decay-milestones", type=int, nargs="+", default=[50, 100, 150])
+    a("--decay-rate", type=float, default=0.2)
+    a("--warmup-epochs", type=int, default=0)
+    a("--warmup-lr", type=float, default=1e-5)
+    a("--min-lr", type=float, default=0.0)
+    a = p.group("augmentation and loss (Tab. 8; IN-1K adds RandAugment, mixup, cutmix, BCE)").add_argument
+    a("--scale", type=float, nargs=2, default=[0.08, 1.0], help="random-resized-crop area range")
+    a("--hflip", type=float, default=0.5)
+    a("--color-jitter", type=float, default=0.0)
+    a("--aa", default=None, help="timm auto-augment string, e.g. rand-m7-mstd0.5 (IN-1K)")
+    a("--train-interpolation", default="random", help="release (timm) default; paper silent")
+    a("--smoothing", type=float, default=0.0, help="label smoothing")
+    a("--mixup", type=float, default=0.0, help="mixup alpha (IN-1K: 0.2)")
+    a("--cutmix", type=float, default=0.0, help="cutmix alpha (IN-1K: 1.0)")
+    a("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
+    common.add_mixed_precision(p.group("system"), "amp", "auto: bf16 on a GPU")
+    a = p.speed_group().add_argument
+    a("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
+    a("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs)")
+    a("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
+    a("--keep-checkpoints", type=int, default=1)
     return p
 
 
-def apply_recipe(args: argparse.Namespace, parser: StageParser) -> None:
+def apply_recipe(args: argparse.Namespace, parser: common.StageParser) -> None:
     """`--recipe release`: the release's values for options the user left at the paper's default."""
     if args.recipe == "release":
         for key, value in RELEASE_RECIPE.items():
@@ -168,13 +140,13 @@ class ImageList(torch.utils.data.Dataset):
     def __getitem__(self, key):
         if isinstance(key, tuple):
             epoch, i = key
-            s = item_seed(self.seed, "augment", epoch, i)
+            s = common.item_seed(self.seed, "augment", epoch, i)
             torch.manual_seed(s)
             np.random.seed(s % (1 << 32))
             random.seed(s)
         else:
             i = key
-        img = load_image(io.BytesIO(self.jpegs[i]) if self.jpegs is not None else self.paths[i])
+        img = common.load_image(io.BytesIO(self.jpegs[i]) if self.jpegs is not None else self.paths[i])
         return self.transform(img), self.labels[i]
 
 
@@ -184,13 +156,13 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
     for source in args.train_dirs:
         is_real = is_real_source(source, args.data_root)
         if is_real:
-            index = load_dataset(args.dataset, args.data_root, "train")
+            index = common.load_dataset(args.dataset, args.data_root, "train")
             if args.subset_mask:
-                index = index.subset(load_subset_mask(args.subset_mask, len(index)))
-            index, bad, identity = check_images(index, args.skip_bad)
+                index = index.subset(common.load_subset_mask(args.subset_mask, len(index)))
+            index, bad, identity = common.check_images(index, args.skip_bad)
         else:  # synthesize.py wrote each file atomically: no decode of up to 12.8 M files
-            index, bad = load_synthetic(source), {}
-            identity = split_fingerprint(index)
+            index, bad = common.load_synthetic(source), {}
+            identity = common.split_fingerprint(index)
         if sorted(index.classes) != sorted(test_classes):
             extra = sorted(set(index.classes) - set(test_classes))
             missing = sorted(set(test_classes) - set(index.classes))
@@ -232,7 +204,7 @@ class EpochBatches:
 
     def __iter__(self):
         for epoch in self.epochs:
-            order = epoch_order(self.n, self.seed, "order", epoch)
+            order = common.epoch_order(self.n, self.seed, "order", epoch)
             micro = self.batch // (self.world * self.accum)
             for s in range(self.steps):
                 step = order[s * self.batch : (s + 1) * self.batch].tolist()
@@ -352,7 +324,7 @@ def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_u
     model.train()
     device, total_loss, images, wait = accelerator.device, 0.0, 0, 0.0
     start = time.perf_counter()
-    bar = progress(range(n_micro), is_main, desc=f"epoch {epoch + 1}", leave=False)
+    bar = common.progress(range(n_micro), is_main, desc=f"epoch {epoch + 1}", leave=False)
     for m in bar:
         t0 = time.perf_counter()
         x, y = next(batches_iter)
@@ -362,7 +334,7 @@ def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_u
         y = y.to(device, non_blocking=True)
         # mixup (numpy RNG) and drop-path (torch RNG) seeded per micro-batch of the global batch: identical after a
         # resume and for any world size x accumulation split
-        s = item_seed(
+        s = common.item_seed(
             args.seed, "step", epoch, global_micro(m, accelerator.process_index, accelerator.num_processes, t.accum)
         )
         torch.manual_seed(s)
@@ -436,8 +408,8 @@ def epoch_loader(train_set, args, rank: int, world: int, accum: int, start: int,
 def load_data(args):
     """(test index, classes, class names, train paths, train labels, input fingerprints). The class order is the real
     test split's; every training source is relabelled to it."""
-    args.test_split = resolve_split(args.dataset, args.data_root, args.test_split)
-    test_index = load_dataset(args.dataset, args.data_root, args.test_split)
+    args.test_split = common.resolve_split(args.dataset, args.data_root, args.test_split)
+    test_index = common.load_dataset(args.dataset, args.data_root, args.test_split)
     paths, labels, inputs = load_train_sources(args, test_index.classes)
     return test_index, test_index.classes, test_index.class_names, paths, labels, inputs
 
@@ -465,13 +437,13 @@ def build_optimizer(args, model, steps_per_epoch: int):
 def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
     """(epochs done, their metrics rows). Model, optimizer and scaler come from the last checkpoint; the schedule
     and the data are functions of the epoch, so they are set, not restored."""
-    latest, start_epoch = latest_checkpoint(out / "checkpoints") if args.resume == "latest" else (None, 0)
+    latest, start_epoch = common.latest_checkpoint(out / "checkpoints") if args.resume == "latest" else (None, 0)
     rows = []
     if latest:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} ({start_epoch} epochs done)")
         if (out / "metrics.jsonl").is_file():
-            rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] <= start_epoch]
+            rows = [r for r in common.read_jsonl(out / "metrics.jsonl") if r["epoch"] <= start_epoch]
     scheduler.step(start_epoch)
     return start_epoch, rows
 
@@ -496,7 +468,7 @@ def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch
 
 def parse_args_with_recipe(parser, argv, require_data: bool = True):
 
-    args = parse_args(parser, argv, "train_cls")
+    args = common.parse_args(parser, argv, "train_cls")
     apply_recipe(args, parser)
     if require_data and (args.dataset is None or args.data_root is None):
         parser.error("--dataset and --data-root are required (or a --config that sets them)")
@@ -508,9 +480,9 @@ def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is
 
     if is_main:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        with atomic_path(run.path / "model.safetensors") as tmp:
+        with common.atomic_path(run.path / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
-        write_json(run.path / "classes.json", {"classes": classes, "class_names": class_names})
+        common.write_json(run.path / "classes.json", {"classes": classes, "class_names": class_names})
     classifier = {
         "model": args.model,
         "num_classes": len(classes),
@@ -546,9 +518,9 @@ def run_epochs(training: Training, loader, epochs: range, num_updates: int, rows
             row.update(metrics)
         rows.append(row)
         log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        save_checkpoint(accelerator, out / "checkpoints", epoch + 1, args.keep_checkpoints)
+        common.save_checkpoint(accelerator, out / "checkpoints", epoch + 1, args.keep_checkpoints)
         if accelerator.is_main_process:
-            write_jsonl(out / "metrics.jsonl", rows)
+            common.write_jsonl(out / "metrics.jsonl", rows)
     return metrics
 
 
@@ -560,7 +532,7 @@ def main(argv=None) -> dict:
     out = Path(
         args.output_dir or Path(args.runs_dir) / args.dataset / f"cls_{args.name or default_name(args.train_dirs)}"
     )
-    seed_everything(args.seed)
+    common.seed_everything(args.seed)
 
     test_index, classes, class_names, paths, labels, inputs = load_data(args)
     model = build_model(args, len(classes))
@@ -570,13 +542,13 @@ def main(argv=None) -> dict:
         raise ValueError(f"{len(labels)} training images but --batch-size {args.batch_size}: lower the batch size")
 
     args.num_classes = len(classes)
-    config = config_dict(args)
+    config = common.config_dict(args)
     # The training sets' files are part of the run's identity: a changed split is a config mismatch, not a resume.
     config["train_fingerprints"] = {source: info["fingerprint"] for source, info in inputs.items()}
-    run = RunDir(out, config, overwrite=args.overwrite, is_main=is_main)
+    run = common.RunDir(out, config, overwrite=args.overwrite, is_main=is_main)
     if run.begin(accelerator.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
-    log = get_logger(out, is_main)
+    log = common.get_logger(out, is_main)
 
     steps_per_epoch = len(labels) // args.batch_size
     training = prepare_training(args, accelerator, model, len(classes), steps_per_epoch)

@@ -11,7 +11,15 @@ from conftest import args_for
 from PIL import Image
 
 import synthesize
-from common import ConfigMismatchError, ImageReadError, add_visual_tokens, item_seed, load_synthetic, read_jsonl
+from common import (
+    ConfigMismatchError,
+    ImageReadError,
+    add_visual_tokens,
+    item_seed,
+    load_synthetic,
+    parse_args,
+    read_jsonl,
+)
 
 
 def pixels(path) -> np.ndarray:
@@ -316,7 +324,7 @@ def test_compile_auto_is_gpu_only(tiny_sd, tiny_dataset, tmp_path, monkeypatch):
     for yaml_value, mode in (("true", "on"), ("off", "off"), ("auto", "auto")):  # YAML reads on/off as booleans
         cfg = tmp_path / f"compile_{yaml_value}.yaml"
         cfg.write_text(f"synthesize:\n  compile: {yaml_value}\n")
-        assert synthesize.parse_args(synthesize.get_parser(), ["--config", str(cfg)], "synthesize").compile == mode
+        assert parse_args(synthesize.get_parser(), ["--config", str(cfg)], "synthesize").compile == mode
     args = parser.parse_args(args_for(tiny_sd, tiny_dataset, tmp_path))
     pipe = synthesize.load_pipeline(args, torch.device("cpu"), torch.float32)
     synthesize.maybe_compile(pipe, args)
