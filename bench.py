@@ -177,7 +177,7 @@ class UnetTimer:
             h.remove()
 
 
-def baseline_loop(pipe, plan, jobs, out_dir: Path, args, placement, device, lora: bool) -> int:
+def baseline_loop(pipe, plan, jobs, out_dir: Path, args, device, lora: bool) -> int:
     """The release's generation loop without its bugs: batches of 24 in dataset order, split into one pipeline call
     per class, init images opened and squash-resized with PIL in the main process, the LoRA applied unfused via
     cross_attention_kwargs, the pipeline's own VAE encode/decode, images saved one by one."""
@@ -188,15 +188,9 @@ def baseline_loop(pipe, plan, jobs, out_dir: Path, args, placement, device, lora
             group = [j for j in batch if label_of[j] == label]
             rows = [plan.source_copy(j)[0] for j in group]
             images = [common.load_image(plan.index.abspath(s)).resize((args.resolution,) * 2) for s in rows]
-            tokens = plan.tokens[torch.tensor(rows)] if plan.tokens is not None else None
-            cond, neg = synthesize.condition(
-                pipe,
-                [plan.prompts[s] for s in rows],
-                tokens,
-                placement,
-                common.negative_prompt(args.prompt_style),
-                device,
-            )
+            prompts, tokens = plan.conditions(group)
+            negative = common.negative_prompt(args.prompt_style)
+            cond, neg = synthesize.condition(pipe, prompts, tokens, plan.placement, negative, device)
             out = pipe(
                 prompt_embeds=cond,
                 negative_prompt_embeds=neg,
@@ -229,7 +223,7 @@ def timed(fn, unet, device) -> tuple[float, float]:
     return wall, unet_s
 
 
-def synth_pipelines(args, plan, placement, device):
+def synth_pipelines(args, plan, device):
     """(baseline, ours) from one load: the baseline keeps the LoRA unfused, as the release; ours fuses it and maybe
     compiles. One a copy of the other, so both time the same weights."""
     dtype = common.resolve_dtype(args.dtype, device)
@@ -241,7 +235,7 @@ def synth_pipelines(args, plan, placement, device):
         synthesize.fuse_lora(ours, args.lora_scale)
     for pipe in (baseline, ours):
         pipe.set_progress_bar_config(disable=True)
-        synthesize.install_token_mask(pipe, placement, plan.tokens is not None)
+        synthesize.install_token_mask(pipe, plan.placement, plan.tokens is not None)
     synthesize.maybe_compile(ours, args)
     return baseline, ours
 
@@ -257,16 +251,16 @@ def bench_synth(argv) -> dict:
     if args.weights == "sd15-random":
         args.lora_dir = None  # the random model brings its own LoRA; a demo LoRA and its tokens have another width
     args.lora = bool(args.lora_dir) or args.weights == "sd15-random"
-    plan, placement = synthesize.prepare(args)
+    plan = synthesize.prepare(args)
     if args.weights == "sd15-random" and args.vg_mode != "none":
         # Random per-image visual tokens of SD1.5's width: the real path (appended token + masked cross-attention).
         plan.tokens = torch.randn(len(plan.index), 768, generator=torch.Generator().manual_seed(args.seed))
     jobs = [int(j) for j in plan.jobs[: args.images]]
     log = common.get_logger(out_dir)
-    pipes = dict(zip(("baseline", "ours"), synth_pipelines(args, plan, placement, device)))
+    pipes = dict(zip(("baseline", "ours"), synth_pipelines(args, plan, device)))
     loops = {
-        "baseline": lambda js, d: baseline_loop(pipes["baseline"], plan, js, d, args, placement, device, args.lora),
-        "ours": lambda js, d: synthesize.run_loop(pipes["ours"], plan, js, d, args, placement, device, False),
+        "baseline": lambda js, d: baseline_loop(pipes["baseline"], plan, js, d, args, device, args.lora),
+        "ours": lambda js, d: synthesize.run_loop(pipes["ours"], plan, js, d, device, False),
     }
     warmup_s = {}
     for name, loop in loops.items():

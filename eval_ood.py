@@ -30,10 +30,12 @@ Commands:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -226,17 +228,27 @@ def cached_logits(cache: Path, key: str, n: int) -> torch.Tensor | None:
     return logits if len(logits) == n else None
 
 
-def set_logits(name, paths, model, transform, info, weights_hash, state, args, out, log) -> torch.Tensor:
+@dataclasses.dataclass
+class Classifier:
+    """A train_cls.py output, loaded: the model, its eval transform, its classifier.json, its weights' hash."""
+
+    model: torch.nn.Module
+    transform: Any
+    info: dict
+    weights_hash: str
+
+
+def set_logits(name: str, paths, clf: Classifier, state, args, out: Path, log) -> torch.Tensor:
     """The set's logits from the cache if the classifier, transform and image list are unchanged, else computed."""
 
     cache = out / "logits" / f"{name}.safetensors"
     rel = [str(p) for p in paths]
-    key = cache_key(weights_hash, info["eval_transform"], rel)
+    key = cache_key(clf.weights_hash, clf.info["eval_transform"], rel)
     logits = cached_logits(cache, key, len(paths))
     if logits is not None:
         log.info(f"{name}: {len(paths)} logits from cache")
         return logits
-    part = compute_logits(model, paths, transform, state, args, desc=name)
+    part = compute_logits(clf.model, paths, clf.transform, state, args, desc=name)
     parts_dir = out / "logits" / f".{name}.parts"
     with common.atomic_path(parts_dir / f"{state.process_index}.safetensors") as tmp:
         save_file({"logits": part.contiguous()}, str(tmp))
@@ -288,9 +300,8 @@ def main(argv=None) -> dict:
     state = PartialState()
     out = Path(args.output_dir or Path(args.runs_dir) / (args.dataset or "ood") / f"ood_{classifier.name}")
     model, transform, info = common.load_classifier(classifier, state.device)
-    weights_hash = common.fingerprint(classifier / info["weights"])
-    config = common.config_dict(args)
-    config["classifier_weights"] = weights_hash
+    clf = Classifier(model, transform, info, common.fingerprint(classifier / info["weights"]))
+    config = {**common.config_dict(args), "classifier_weights": clf.weights_hash}
     run = common.RunDir(out, config, overwrite=args.overwrite, is_main=state.is_main_process)
     if run.begin(state.wait_for_everyone) == "done" and set(args.sets) <= set(run.manifest().get("sets", [])):
         return run.manifest()["metrics"]
@@ -306,7 +317,7 @@ def main(argv=None) -> dict:
         name, paths, ids, space = read_set(spec, args)
         if not paths:
             raise ValueError(f"--sets {spec}: no images found")
-        logits = set_logits(name, paths, model, transform, info, weights_hash, state, args, out, log)
+        logits = set_logits(name, paths, clf, state, args, out, log)
         results[name] = score_set(logits, ids, info["classes"], space)
         log.info(f"{name}: top1 {results[name]['top1']:.2f} top5 {results[name]['top5']:.2f} ({results[name]['note']})")
     metrics = {f"{n}/{k}": r[k] for n, r in results.items() for k in ("top1", "top5")}
@@ -316,7 +327,7 @@ def main(argv=None) -> dict:
             f.write(markdown_table(results, str(classifier)))
     run.finish(
         metrics,
-        inputs={"classifier": str(classifier), "classifier_weights": weights_hash},
+        inputs={"classifier": str(classifier), "classifier_weights": clf.weights_hash},
         extra={"sets": list(args.sets), "skipped": skipped, "results": results},
     )
     return metrics

@@ -1,8 +1,8 @@
 """Synthesize a training set with the latent prior (paper §3.3, App. E Tab. 6): img2img from every real image.
 
-Each real training image is resized (aspect-preserving, center crop), VAE-encoded and noised to `--strength` 0.75;
-Stable Diffusion 1.5 + the finetuned LoRA (fused at scale 0.5) then denoises it with UniPC (30 steps, so 22 run) and
-CFG 2.0, conditioned on "photo of {class}, {caption}" plus the class visual-guidance token (conditional branch only).
+Each real training image is resized (aspect-preserving, center crop), VAE-encoded and partly noised (`--strength`);
+Stable Diffusion 1.5 with the finetuned LoRA fused in then denoises it with UniPC and classifier-free guidance,
+conditioned on "photo of {class}, {caption}" plus the class visual-guidance token (conditional branch only).
 `--scale N` makes N outputs per real image; output k of source s has seed item_seed(seed, s, k), so any image can be
 regenerated alone and the set does not depend on GPU count, batch size or order.
 
@@ -122,10 +122,11 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduc
 
 class Plan:
     """Every output image as a job id j = k·n + s (copy k of source s), copy-major so a stopped run holds whole
-    copies; prompts, seeds, tokens and file names are computed from (s, k) on demand."""
+    copies; prompts, seeds, visual tokens (with their `placement` in the prompt) and file names are computed from
+    (s, k) on demand."""
 
-    def __init__(self, args, index, captions, tokens):
-        self.args, self.index, self.tokens = args, index, tokens
+    def __init__(self, args, index, captions, tokens, placement: str = "append"):
+        self.args, self.index, self.tokens, self.placement = args, index, tokens, placement
         n = len(index)
         self.prompts = [
             common.build_prompt(index.class_names[smp.label], cap, args.prompt_style)
@@ -173,6 +174,12 @@ class Plan:
     def seed(self, job: int) -> int:
         s, k = self.source_copy(job)
         return common.item_seed(self.args.seed, self.index.image_id(s), k)
+
+    def conditions(self, jobs) -> tuple[list[str], torch.Tensor | None]:
+        """The prompts and visual tokens (None without them) of a batch of jobs."""
+        rows = [self.source_copy(j)[0] for j in jobs]
+        tokens = self.tokens[torch.tensor(rows)] if self.tokens is not None else None
+        return [self.prompts[s] for s in rows], tokens
 
     def file(self, job: int) -> str:
         s, k = self.source_copy(job)
@@ -311,12 +318,13 @@ def condition(pipe, prompts, tokens, placement, neg_text, device):
 
 
 @torch.no_grad()
-def generate(pipe, pixels, seeds, prompts, tokens, args, placement, device) -> torch.Tensor:
-    """One pipeline call for a batch of mixed classes -> uint8 images [B, H, W, 3], still on `device`.
+def generate(pipe, plan: Plan, jobs, pixels, device) -> torch.Tensor:
+    """One pipeline call for a batch of jobs of mixed classes -> uint8 images [B, H, W, 3], still on `device`.
 
     Seeded CPU generators make the initial noise identical on any hardware and in any batch; the latent prior is
     encoded here in chunks (the pipeline would encode one image at a time) and handed to the pipeline as latents.
     """
+    args, seeds = plan.args, [plan.seed(j) for j in jobs]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     vae, chunk = pipe.vae, args.decode_batch
     if args.strength >= 1.0:  # text-to-image: no latent prior, the start is pure seeded noise
@@ -329,7 +337,8 @@ def generate(pipe, pixels, seeds, prompts, tokens, args, placement, device) -> t
                 for i in range(0, len(seeds), chunk)
             ]
         )
-    cond, neg = condition(pipe, prompts, tokens, placement, common.negative_prompt(args.prompt_style), device)
+    prompts, tokens = plan.conditions(jobs)
+    cond, neg = condition(pipe, prompts, tokens, plan.placement, common.negative_prompt(args.prompt_style), device)
     latents = pipe(
         prompt_embeds=cond,
         negative_prompt_embeds=neg,
@@ -611,11 +620,10 @@ def todo_jobs(plan: Plan, jobs, out_dir: Path, mode: str, threads: int) -> list[
     return [int(j) for j in jobs if j not in good]
 
 
-def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_main: bool = True, sink=None) -> dict:
+def run_loop(pipe, plan: Plan, jobs, out_dir: Path, device, is_main: bool = True, sink=None) -> dict:
     """Generate `jobs` into out_dir (as files, or through `sink`: a ShardSink): workers read sources while the model
     runs, a thread pool encodes and writes the results."""
-    sink = sink or FolderSink(plan, out_dir)
-    index = plan.index
+    sink, args, index = sink or FolderSink(plan, out_dir), plan.args, plan.index
     paths = [index.abspath(plan.source_copy(j)[0]) for j in jobs]
     loader = torch.utils.data.DataLoader(
         Sources(paths, args.resolution, args.strength < 1.0),
@@ -638,21 +646,8 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
                     sink.skip(jobs[int(idx[n])])
             batch = [jobs[int(idx[n])] for n in keep]
             if batch:
-                rows = [plan.source_copy(j)[0] for j in batch]
-                tokens = plan.tokens[torch.tensor(rows)] if plan.tokens is not None else None
                 pix = pixels if len(keep) == len(errors) else pixels[keep]  # keep pinned memory when all are good
-                images, ready = to_host(
-                    generate(
-                        pipe,
-                        pix.to(device, non_blocking=True),
-                        [plan.seed(j) for j in batch],
-                        [plan.prompts[s] for s in rows],
-                        tokens,
-                        args,
-                        placement,
-                        device,
-                    )
-                )
+                images, ready = to_host(generate(pipe, plan, batch, pix.to(device, non_blocking=True), device))
                 for j, img in zip(batch, images):
                     pending.append(sink.submit(writer, j, ready, img, save_kwargs))
             # Bound the queue (memory) and surface write errors early.
@@ -667,12 +662,17 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, args, placement, device, is_
     return {"generated": done, "bad_sources": bad, "seconds": seconds, "images_per_s": done / max(seconds, 1e-9)}
 
 
+def bad_sources(out_dir: Path) -> dict[str, str]:
+    """The unreadable sources every process of every shard skipped (--skip-bad), with their errors."""
+    return {
+        b["source"]: b["error"] for part in sorted(out_dir.glob("bad_sources.*.json")) for b in common.read_json(part)
+    }
+
+
 def stored_rows(plan: Plan, out_dir: Path, hashes: tuple) -> tuple[list[dict], dict] | None:
     """Manifest rows of every image on disk in plan order, and layout metrics; None while an image (or a shard) is
     missing that no counted bad source explains."""
-    bad = set()
-    for part in sorted(out_dir.glob("bad_sources.*.json")):
-        bad.update(b["source"] for b in common.read_json(part))
+    bad = bad_sources(out_dir)
     if plan.args.output_format == "wds":
         count = len(plan.shards())
         if not all(shard_complete(out_dir, b, "quick") for b in range(count)):
@@ -695,9 +695,7 @@ def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args, hashes: tuple)
     if found is None:
         return None
     rows, layout = found
-    bad = {}
-    for part in sorted(out_dir.glob("bad_sources.*.json")):
-        bad.update({b["source"]: b["error"] for b in common.read_json(part)})
+    bad = bad_sources(out_dir)
     common.write_jsonl(out_dir / "manifest.jsonl", rows)
     for stale in out_dir.glob("*/.*"):  # temp files of killed writers: no writer is left once all images exist
         stale.unlink(missing_ok=True)
@@ -752,7 +750,7 @@ def prepare(args):
     args.source_images = common.describe_images(index, args.resolution)
     grayscale = args.output_mode == "source" and args.source_images["grayscale"]
     args.resolved_output_mode = "L" if grayscale else "RGB"
-    return Plan(args, index, captions, tokens), placement
+    return Plan(args, index, captions, tokens, placement)
 
 
 def run_config(args, lora_hash: str | None) -> dict:
@@ -911,12 +909,12 @@ def print_plan(args) -> dict:
     }
 
 
-def ready_pipeline(args, plan: Plan, placement: str, device, log):
+def ready_pipeline(args, plan: Plan, device, log):
     """The pipeline as the loop runs it: loaded (LoRA fused), token mask installed, compiled where that pays."""
     pipe = load_pipeline(args, device, common.resolve_dtype(args.dtype, device))
     if fragmented := common.fragmented_class_names(pipe.tokenizer, plan.index.class_names):
         log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
-    install_token_mask(pipe, placement, plan.tokens is not None)
+    install_token_mask(pipe, plan.placement, plan.tokens is not None)
     maybe_compile(pipe, args)
     return pipe
 
@@ -938,7 +936,7 @@ def main(argv=None) -> dict:
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"synth_x{args.scale:g}")
     common.check_pretrained(StableDiffusionImg2ImgPipeline.load_config, args.pretrained_model, args.revision, SD_LAYOUT)
     lora_hash = lora_fingerprint(args.lora_dir)
-    plan, placement = prepare(args)
+    plan = prepare(args)
     config = run_config(args, lora_hash)
     run = common.RunDir(out_dir, config, args.overwrite, state.is_main_process)
     status = run.begin(state.wait_for_everyone)
@@ -960,8 +958,8 @@ def main(argv=None) -> dict:
     device = state.device
     stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
     if todo:
-        pipe = ready_pipeline(args, plan, placement, device, log)
-        stats = run_loop(pipe, plan, todo, out_dir, args, placement, device, state.is_main_process, sink)
+        pipe = ready_pipeline(args, plan, device, log)
+        stats = run_loop(pipe, plan, todo, out_dir, device, state.is_main_process, sink)
     tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
     # A file, not a folder: beside the class folders a folder would read as one more class.
     common.write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])

@@ -72,8 +72,8 @@ def test_synth_random_weights_time_one_model_fused_and_unfused(tiny_sd, tiny_dat
         "synthesize",
     )
     args.lora = True
-    plan, placement = synthesize.prepare(args)
-    baseline, ours = bench.synth_pipelines(args, plan, placement, torch.device("cpu"))
+    plan = synthesize.prepare(args)
+    baseline, ours = bench.synth_pipelines(args, plan, torch.device("cpu"))
     assert baseline.unet is not ours.unet and any("lora" in n for n, _ in baseline.unet.named_parameters())
     assert not any("lora" in n for n, _ in ours.unet.named_parameters())
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor(300), torch.randn(1, 77, 64)

@@ -73,14 +73,16 @@ def test_same_image_alone_batched_or_sharded(tiny_sd, tiny_dataset, tiny_lora, t
     noises = {}
     real_generate = synthesize.generate
 
-    def recording(pipe, pix, seeds, *a, **k):
+    def recording(pipe, plan, jobs, *a, **k):
+        seeds = [plan.seed(j) for j in jobs]
+
         def add_noise(original, noise, t, _orig=type(pipe.scheduler).add_noise):
             for s, n in zip(seeds, noise):
                 noises.setdefault(s, []).append(n.clone())
             return _orig(pipe.scheduler, original, noise, t)
 
         pipe.scheduler.add_noise = add_noise
-        return real_generate(pipe, pix, seeds, *a, **k)
+        return real_generate(pipe, plan, jobs, *a, **k)
 
     monkeypatch.setattr(synthesize, "generate", recording)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # on a GPU: full-precision convolutions too
