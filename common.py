@@ -424,22 +424,20 @@ def parse_args(parser: StageParser, argv: Sequence[str] | None, stage: str) -> a
     Keys in the stage's YAML section must be options of the stage (dashes or underscores); an unknown one is an
     error naming the key and the file. Shared top-level keys the stage does not know are skipped.
     """
-    if "config" not in parser.options:
-        parser.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); CLI flags override")
-    first, _ = parser.parse_known_args(argv)
-    if first.config:
-        yaml_cfg = load_yaml_section(first.config, stage)
+    config = getattr(parser.parse_known_args(argv)[0], "config", None)  # add_run_options declares --config
+    if config:
+        yaml_cfg = load_yaml_section(config, stage)
         defaults = {}
         for key, value in yaml_cfg["merged"].items():
             action = parser.options.get(key.replace("-", "_"))
             if action is None:
                 if key in yaml_cfg["section"]:
                     raise ConfigError(
-                        f"{first.config}: unknown key '{key}' in section '{stage}' "
+                        f"{config}: unknown key '{key}' in section '{stage}' "
                         f"(run `python {stage}.py --help` for the options)"
                     )
                 continue  # a shared key another stage uses
-            defaults[action.dest] = _coerce(action, key, value, str(first.config))
+            defaults[action.dest] = _coerce(action, key, value, str(config))
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if unknown := set(vars(args)) - set(parser.options) - {UNHASHED}:  # a config key could not reach them
@@ -643,22 +641,12 @@ def environment_info() -> dict:
         except Exception:  # not installed or no __version__
             return None
 
+    def git(*command) -> str:
+        return subprocess.run(["git", *command], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10).stdout
+
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=PROJECT_DIR,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-        )
+        commit = git("rev-parse", "HEAD").strip() or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {
@@ -1152,6 +1140,7 @@ def read_eurosat(root, split: str, seed: int = EUROSAT_SPLIT_SEED) -> DatasetInd
 
 
 DATASETS = ("in10", "in100", "in1k", "cub", "cars", "pets", "eurosat", "imagefolder", "demo")
+FINE_GRAINED_READERS = {"cub": read_cub, "cars": read_cars, "pets": read_pets, "eurosat": read_eurosat}
 WNID_LISTS = {"in10": "imagenette_wnids.txt", "in100": "imagenet100_wnids.txt", "in1k": "imagenet1k_wnids.txt"}
 ROOT_KEYS = {
     "in10": "imagenet_root",
@@ -1191,14 +1180,8 @@ def load_dataset(name: str, root: str | os.PathLike | None, split: str = "train"
     root = dataset_root(name) if root is None else root
     if name in WNID_LISTS:
         return read_imagenet_subset(root, "train" if split == "train" else "val", DATA_DIR / WNID_LISTS[name], name)
-    if name == "cub":
-        return read_cub(root, split)
-    if name == "cars":
-        return read_cars(root, split)
-    if name == "pets":
-        return read_pets(root, split)
-    if name == "eurosat":
-        return read_eurosat(root, split)
+    if name in FINE_GRAINED_READERS:
+        return FINE_GRAINED_READERS[name](root, split)
     if name in ("imagefolder", "demo"):
         return read_imagefolder(Path(root) / split, name=name, split=split)
     raise ValueError(f"unknown dataset '{name}'; choose one of {DATASETS}")
@@ -1222,9 +1205,14 @@ def load_synthetic(root: str | os.PathLike) -> DatasetIndex:
 # Training checkpoints (finetune.py per N steps, train_cls.py per epoch): accelerate's save_state, made atomic.
 
 
+def checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The `checkpoint-<n>` directories as (n, path), oldest first (by n, not by name: 9 before 10)."""
+    return sorted((int(p.name[11:]), p) for p in Path(ckpt_dir).glob("checkpoint-*") if p.name[11:].isdigit())
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[Path | None, int]:
     """(the newest `checkpoint-<n>` directory, n), or (None, 0) when there is none yet."""
-    found = sorted((int(p.name[11:]), p) for p in Path(ckpt_dir).glob("checkpoint-*") if p.name[11:].isdigit())
+    found = checkpoints(ckpt_dir)
     return (found[-1][1], found[-1][0]) if found else (None, 0)
 
 
@@ -1239,8 +1227,7 @@ def save_checkpoint(accelerator, ckpt_dir: str | os.PathLike, n: int, keep: int)
         make_readable(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        older = sorted((int(p.name[11:]), p) for p in ckpt_dir.glob("checkpoint-*") if p.name[11:].isdigit())
-        for _, old in older[:-keep]:
+        for _, old in checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 

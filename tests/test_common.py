@@ -19,6 +19,7 @@ import common
 
 def stage_parser():
     p = common.StageParser()
+    p.add_argument("--config")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--milestones", type=int, nargs="+", default=[50, 100, 150])
