@@ -77,9 +77,8 @@ def _mmd2_unbiased_poly(x: np.ndarray, y: np.ndarray) -> float:
     d = x.shape[1]
     kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
     m, n = len(x), len(y)
-    return float(
-        (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
-    )
+    within = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    return float(within - 2 * kxy.mean())
 
 
 def kid(x: np.ndarray, y: np.ndarray, subsets: int = 50, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -130,15 +129,20 @@ def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def gap_figures(real: np.ndarray, other: np.ndarray, args) -> dict:
+    return _figures(real, other, gaussian_fit(real), gaussian_fit(other), len(other), args)
+
+
+def _figures(real: np.ndarray, other: np.ndarray, real_fit: tuple, other_fit: tuple, images: int, args) -> dict:
+    """FID and the linear MMD from the Gaussian fits (mean, covariance) given, KID and the k-NN figures on the rows."""
     kid_mean, kid_std = kid(real, other, args.kid_subsets, args.kid_subset_size, args.seed)
     sampled = (subsample(real, args.prdc_images, args.seed), subsample(other, args.prdc_images, args.seed + 1))
     return {
-        "fid": fid(real, other),
+        "fid": frechet_distance(*real_fit, *other_fit),
         "kid": kid_mean,
         "kid_std": kid_std,
         **prdc(*sampled, args.k),
-        "linear_mmd": linear_mmd(real, other),
-        "images": len(other),
+        "linear_mmd": linear_mmd_of_means(real_fit[0], other_fit[0]),
+        "images": images,
     }
 
 
@@ -147,10 +151,9 @@ def gap_figures(real: np.ndarray, other: np.ndarray, args) -> dict:
 
 
 class GapStats:
-    """What the figures need of one image set, gathered batch by batch: per-class counts and feature sums and the
-    overall sum of outer products (so FID's Gaussian fit and the linear MMD are exact over every image) and the rows
-    of a seeded sample (KID and the k-NN figures overall; every figure per class). Sums add and samples unite, so the
-    parts of processes, jobs and resumed chunks merge exactly. Memory: D² + classes·D floats plus the sample."""
+    """What the figures need of one image set (module docstring, Scale), gathered batch by batch: per-class counts
+    and feature sums, the sum of outer products and the sample's rows. Sums add and samples unite, so the parts of
+    processes, jobs and resumed chunks merge exactly."""
 
     def __init__(self, num_classes: int):
         self.count = np.zeros(num_classes, np.int64)
@@ -189,7 +192,6 @@ class GapStats:
         return np.stack([self.rows[int(p)] for p in positions]).astype(np.float64)
 
     def save(self, path: Path) -> None:
-
         keys = np.array(sorted(self.rows), dtype=np.int64)
         dim = 0 if self.sums is None else self.sums.shape[1]
         tensors = {
@@ -205,7 +207,6 @@ class GapStats:
 
     @classmethod
     def load(cls, path: Path) -> "GapStats":
-
         t = load_file(str(path))
         stats = cls(len(t["count"]))
         stats.count, stats.done = t["count"], int(t["done"][0])
@@ -216,9 +217,8 @@ class GapStats:
 
 
 def sample_plan(labels: np.ndarray, args) -> tuple[np.ndarray, dict]:
-    """The seeded sample a set keeps: `overall` (max(--prdc-images, --kid-subset-size) images: KID and the k-NN
-    figures) and per class up to --per-class-images (every per-class figure). A pure function of the labels and the
-    seed, so every shard keeps the same sample."""
+    """The seeded sample a set keeps, overall (KID and the k-NN figures) and per class (every per-class figure): a
+    pure function of the labels and the seed, so every shard keeps the same sample."""
     n = len(labels)
     size = min(n, max(args.prdc_images, args.kid_subset_size))
     overall = np.sort(np.random.default_rng(args.seed).choice(n, size, replace=False))
@@ -236,17 +236,7 @@ def streamed_figures(real: GapStats, real_plan, other: GapStats, other_plan, arg
     """gap_figures with FID and the linear MMD over every image (from the sums), KID and the k-NN figures on the
     seeded overall samples (the same as gap_figures' when a set is no larger than its sample)."""
     r, o = real.sample(real_plan[0]), other.sample(other_plan[0])
-    kid_mean, kid_std = kid(r, o, args.kid_subsets, args.kid_subset_size, args.seed)
-    (mu_r, cov_r), (mu_o, cov_o) = real.gaussian(), other.gaussian()
-    sampled = (subsample(r, args.prdc_images, args.seed), subsample(o, args.prdc_images, args.seed + 1))
-    return {
-        "fid": frechet_distance(mu_r, cov_r, mu_o, cov_o),
-        "kid": kid_mean,
-        "kid_std": kid_std,
-        **prdc(*sampled, args.k),
-        "linear_mmd": linear_mmd_of_means(mu_r, mu_o),
-        "images": int(other.count.sum()),
-    }
+    return _figures(r, o, real.gaussian(), other.gaussian(), int(other.count.sum()), args)
 
 
 def streamed_per_class(real: GapStats, real_plan, other: GapStats, other_plan, classes, args) -> dict:
@@ -255,19 +245,16 @@ def streamed_per_class(real: GapStats, real_plan, other: GapStats, other_plan, c
     for label, name in enumerate(classes):
         r_pos, o_pos = real_plan[1].get(label, []), other_plan[1].get(label, [])
         if min(len(r_pos), len(o_pos)) >= 3:
-            out[name] = {
-                **gap_figures(real.sample(r_pos), other.sample(o_pos), args),
-                "images": int(other.count[label]),
-            }
+            r, o = real.sample(r_pos), other.sample(o_pos)
+            out[name] = _figures(r, o, gaussian_fit(r), gaussian_fit(o), int(other.count[label]), args)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Feature extractors: (embed(list of paths) -> float64 [N, D], a name for the cache).
+# Feature extractors: (forward: image batch -> features [B, D], transform: PIL image -> input tensor).
 
 
 def clip_features(model_id: str, device):
-
     model = CLIPVisionModelWithProjection.from_pretrained(model_id, dtype=torch.float32).to(device).eval()
     processor = CLIPImageProcessor.from_pretrained(model_id)
 
@@ -278,7 +265,6 @@ def clip_features(model_id: str, device):
 
 
 def timm_features(name: str, device):
-
     model = timm.create_model(name, pretrained=True, num_classes=0).to(device).eval()  # num_classes=0: pooled features
     return model, create_transform(**resolve_data_config({}, model=model))
 
@@ -302,21 +288,18 @@ def build_extractor(spec: str, args, device):
 
 
 @torch.no_grad()
-def embed_part(index, positions, stats: GapStats, keep: set, extractor, args, device, part: Path, desc, is_main):
+def embed_part(index, labels, positions, stats: GapStats, keep: set, extractor, args, state, part: Path, desc):
     """Embed the images at `positions` not yet in `stats` (a resumed part starts where it stopped), adding them
     batch by batch; the part is saved every --checkpoint-every images and at the end."""
     forward, transform = extractor
     todo = positions[stats.done :]
-    labels = np.array([s.label for s in index.samples])
-    loader = torch.utils.data.DataLoader(
-        common.ImageFiles([index.abspath(int(i)) for i in todo], transform),
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-    )
+    images = common.ImageFiles([index.abspath(int(i)) for i in todo], transform)
+    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
     since = 0
-    for batch, x in common.progress(loader, desc=desc, is_main=is_main):
+    for batch, x in common.progress(loader, desc=desc, is_main=state.is_main_process):
         where = todo[batch.numpy()]
-        stats.add(where, forward(x.to(device)).float().cpu().numpy(), labels[where], keep)  # features kept float32
+        feats = forward(x.to(state.device)).float().cpu().numpy()  # features kept float32
+        stats.add(where, feats, labels[where], keep)
         since += len(where)
         if since >= args.checkpoint_every:
             stats.save(part)
@@ -325,9 +308,8 @@ def embed_part(index, positions, stats: GapStats, keep: set, extractor, args, de
 
 
 def set_stats(index, name: str, fp: str, extractor, args, state, cache_dir: Path, log) -> tuple:
-    """(GapStats, sample plan) of an image set, or (None, plan) while other shards still embed their parts. Cached
-    per set fingerprint, feature space and sample under cache_dir: the real splits are embedded once for every
-    synthetic variant; this job's part of the set is resumable."""
+    """(GapStats, sample plan) of an image set, or (None, plan) while other shards still embed their parts; cached
+    under cache_dir (module docstring), this job's part resumable."""
     key = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.features)
     sampling = f"s{args.seed}-o{max(args.prdc_images, args.kid_subset_size)}-c{args.per_class_images}"
     stem = f"{index.name}-{index.split}-{fp}-{key}-{sampling}"
@@ -338,25 +320,12 @@ def set_stats(index, name: str, fp: str, extractor, args, state, cache_dir: Path
         log.info(f"{name}: statistics from {final}")
         return GapStats.load(final), plan
     keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
-    positions = np.array(
-        common.local_items(list(range(len(index))), args.shard, state.process_index, state.num_processes)
-    )
     (i, n), (r, w) = args.shard, (state.process_index, state.num_processes)
+    positions = np.array(common.local_items(list(range(len(index))), (i, n), r, w))
     part = cache_dir / f"{stem}.part-{i}of{n}-{r}of{w}.safetensors"
     stats = GapStats.load(part) if part.is_file() else GapStats(len(index.classes))
     if stats.done < len(positions):
-        embed_part(
-            index,
-            positions,
-            stats,
-            keep,
-            extractor,
-            args,
-            state.device,
-            part,
-            f"{name} features",
-            state.is_main_process,
-        )
+        embed_part(index, labels, positions, stats, keep, extractor, args, state, part, f"{name} features")
     state.wait_for_everyone()
     return merge_parts(cache_dir, stem, final, len(index), log), plan
 
@@ -420,24 +389,21 @@ def write_plots(out: Path, results: dict) -> None:
     names = list(results["per_class"])
     synth = [results["per_class"][n]["fid"] for n in names]
     floor = [results["per_class_floor"].get(n, {}).get("fid", np.nan) for n in names]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
+    bars, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4))
     ax.bar(np.arange(len(names)) - 0.2, synth, 0.4, label="synthetic vs real train")
     ax.bar(np.arange(len(names)) + 0.2, floor, 0.4, label="floor: real held-out vs real train")
     ax.set_xticks(np.arange(len(names)), names, rotation=60, ha="right")
     ax.set_ylabel("FID")
     ax.legend()
-    fig.tight_layout()
-    with common.atomic_path(out / "per_class.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    scatter, ax = plt.subplots(figsize=(4.5, 4))
     for row, marker in (("synthetic", "o"), ("floor", "x")):
         ax.scatter(results[row]["recall"], results[row]["precision"], marker=marker, s=80, label=row)
     ax.set_xlim(0, 1.05), ax.set_ylim(0, 1.05), ax.set_xlabel("recall"), ax.set_ylabel("precision"), ax.legend()
-    fig.tight_layout()
-    with common.atomic_path(out / "precision_recall.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    for fig, name in ((bars, "per_class.png"), (scatter, "precision_recall.png")):
+        fig.tight_layout()
+        with common.atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -447,7 +413,7 @@ def write_plots(out: Path, results: dict) -> None:
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help="seed of the samples (KID, k-NN figures)")
-    p.add_argument("--synthetic-dir", required=False, default=None, help="a synthesize.py output (required)")
+    p.add_argument("--synthetic-dir", help="a synthesize.py output (required)")
     p.add_argument("--test-split", default=common.HELD_OUT, help="the real held-out split for the floor")
     p.add_argument("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")
     p.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="for --features clip")
@@ -455,12 +421,7 @@ def get_parser() -> common.StageParser:
     p.add_argument("--prdc-images", type=int, default=10000, help="per set, for the k-NN figures (Naeem et al.: 10k)")
     p.add_argument("--kid-subsets", type=int, default=50)
     p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument(
-        "--per-class-images",
-        type=int,
-        default=1000,
-        help="per set and class, a seeded sample for the per-class figures",
-    )
+    p.add_argument("--per-class-images", type=int, default=1000, help="per set and class, for the per-class figures")
     speed = p.speed_group()
     speed.add_argument("--batch-size", type=int, default=64)
     speed.add_argument(

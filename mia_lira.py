@@ -220,14 +220,13 @@ def evaluate_attacks(scores: np.ndarray, keep: np.ndarray, targets, offline_test
     per_target: dict[str, list] = {a: [] for a in ATTACKS}
     for t in targets:
         shadows = np.arange(len(scores)) != t
-        preds = lira_attacks(scores[shadows], keep[shadows], scores[t], offline_test)
-        for name, pred in preds.items():
-            pooled[name].append((keep[t], pred))
+        for name, pred in lira_attacks(scores[shadows], keep[shadows], scores[t], offline_test).items():
+            pooled[name].append(pred)
             per_target[name].append(roc_metrics(keep[t], pred)["auc"])
+    labels = np.concatenate([keep[t] for t in targets])
     results, curves = {}, {}
     for name in ATTACKS:
-        labels = np.concatenate([y for y, _ in pooled[name]])
-        preds = np.concatenate([p for _, p in pooled[name]])
+        preds = np.concatenate(pooled[name])
         results[name] = {
             **roc_metrics(labels, preds),
             "auc_per_target_mean": float(np.mean(per_target[name])),
@@ -258,17 +257,8 @@ def stage_command(args, script: str, out_dir: Path, seed: int, mask: Path | None
     cmd = [*launcher, str(PROJECT_DIR / script)]
     if args.stage_config:
         cmd += ["--config", str(args.stage_config)]
-    cmd += [
-        "--dataset",
-        args.dataset,
-        "--data-root",
-        str(args.data_root),
-        "--seed",
-        str(seed),
-        "--output-dir",
-        str(out_dir),
-    ]
-    return cmd + (["--subset-mask", str(mask)] if mask is not None else []) + extra
+    cmd += ["--dataset", args.dataset, "--data-root", str(args.data_root), "--seed", str(seed)]
+    return cmd + ["--output-dir", str(out_dir), *optional("--subset-mask", mask), *extra]
 
 
 def optional(flag: str, value) -> list[str]:
@@ -278,48 +268,17 @@ def optional(flag: str, value) -> list[str]:
 def shadow_stages(args, arm: str, shadow: int, shadow_dir: Path, mask: Path) -> list[tuple[Path, list[str]]]:
     """The (output dir, command) of each stage of one shadow pipeline, in order."""
     seed, split = shadow_seed(args.seed, shadow), shlex.split
-    cls_dir = shadow_dir / "cls"
+    ft_dir, synth_dir, cls_dir = shadow_dir / "finetune", shadow_dir / "synth", shadow_dir / "cls"
     if arm == "real":
-        return [
-            (
-                cls_dir,
-                stage_command(
-                    args, "train_cls.py", cls_dir, seed, mask, [CLS_TRAIN_DIRS, "real", *split(args.train_cls_args)]
-                ),
-            )
-        ]
-    ft_dir, synth_dir = shadow_dir / "finetune", shadow_dir / "synth"
-    generator = optional("--pretrained-model", args.pretrained_model) + optional("--captions", args.captions)
-    return [
-        (
-            ft_dir,
-            stage_command(
-                args,
-                "finetune.py",
-                ft_dir,
-                seed,
-                mask,
-                [*generator, *optional("--vg-encoder", args.vg_encoder), *split(args.finetune_args)],
-            ),
-        ),
-        (
-            synth_dir,
-            stage_command(
-                args,
-                "synthesize.py",
-                synth_dir,
-                seed,
-                mask,
-                [*generator, SYNTH_FINETUNE_DIR, str(ft_dir), SYNTH_SCALE, "1", *split(args.synthesize_args)],
-            ),
-        ),
-        (
-            cls_dir,
-            stage_command(
-                args, "train_cls.py", cls_dir, seed, None, [CLS_TRAIN_DIRS, str(synth_dir), *split(args.train_cls_args)]
-            ),
-        ),
-    ]
+        stages, cls_mask, train_dirs = [], mask, "real"
+    else:
+        generator = optional("--pretrained-model", args.pretrained_model) + optional("--captions", args.captions)
+        ft_extra = [*generator, *optional("--vg-encoder", args.vg_encoder), *split(args.finetune_args)]
+        synth_extra = [*generator, SYNTH_FINETUNE_DIR, str(ft_dir), SYNTH_SCALE, "1", *split(args.synthesize_args)]
+        stages = [(ft_dir, "finetune.py", mask, ft_extra), (synth_dir, "synthesize.py", mask, synth_extra)]
+        cls_mask, train_dirs = None, str(synth_dir)
+    stages.append((cls_dir, "train_cls.py", cls_mask, [CLS_TRAIN_DIRS, train_dirs, *split(args.train_cls_args)]))
+    return [(out_dir, stage_command(args, script, out_dir, seed, m, extra)) for out_dir, script, m, extra in stages]
 
 
 def run_shadow(args, arm: str, shadow: int, shadow_dir: Path, mask: Path, log) -> None:
@@ -349,28 +308,17 @@ def load_shadow_classifier(cls_dir: Path, classes: list[str], device: torch.devi
     return model, transform
 
 
-class QueryImages(torch.utils.data.Dataset):
-    def __init__(self, index, transform):
-        self.index, self.transform = index, transform
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, i):
-        return self.transform(common.load_image(self.index.abspath(i))), self.index.samples[i].label
-
-
 @torch.no_grad()
 def query_scores(model, transform, index, args, device, desc: str) -> np.ndarray:
     """[N, 2] float64 φ for the identity and the mirrored view of every image, in index order."""
-    loader = torch.utils.data.DataLoader(
-        QueryImages(index, transform), batch_size=args.batch_size, shuffle=False, num_workers=args.workers
-    )
+    images = common.ImageFiles([index.abspath(i) for i in range(len(index))], transform)
+    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    labels = np.array([s.label for s in index.samples])
     scores = []
-    for x, y in common.progress(loader, desc=desc, leave=False):
+    for positions, x in common.progress(loader, desc=desc, leave=False):
         x = x.to(device)
         logits = torch.stack([model(x), model(torch.flip(x, dims=[3]))], dim=1)  # [B, 2, C]
-        scores.append(logit_scaled_confidence(logits.double().cpu(), y[:, None]))
+        scores.append(logit_scaled_confidence(logits.double().cpu(), labels[positions.numpy(), None]))
     return np.concatenate(scores)
 
 
@@ -388,7 +336,6 @@ def stage_config_hash(path) -> str | None:
     is a config change here too (a finished shadow is skipped without asking its stage script)."""
     if path is None:
         return None
-
     data = yaml.safe_load(Path(path).read_text()) or {}
     return common.config_hash(
         {k: v for k, v in data.items() if k not in ("caption", "eval_ood", "mia_lira", "sscd_sim")}
