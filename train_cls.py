@@ -22,16 +22,15 @@ Commands (the Tab. 8 recipe comes from the dataset's YAML section; any flag over
   one GPU : python train_cls.py --config configs/in10.yaml --data-root /data/imagenet
                 --train-dirs real runs/in10/synth_x1
   8 GPUs  : accelerate launch --multi_gpu --num_processes 8 train_cls.py --config configs/in10.yaml ...
-            (the global --batch-size is kept for any world size: gradient accumulation makes up the difference,
-            on the same micro-batches, so 1 GPU accumulating learns what 8 GPUs learn)
+            (--batch-size is global: 1 GPU accumulating trains on the micro-batches 8 GPUs train on)
   CPU     : python train_cls.py --config configs/demo.yaml --train-dirs real
   speed   : python bench.py train --model resnet50 --fake-data 4096 --fake-size 400   (make bench-train)
 
 Recipes: `--recipe paper` (default) is Tab. 8: SGD momentum 0.9, lr 0.1, x0.2 at epochs 50/100/150, wd 5e-4, no
-warmup, no label smoothing, random-resized-crop + flip. `--recipe release` is what the authors' timm 0.9.2 run
-actually did for IN-10/100: Nesterov SGD, 5 warmup epochs, label smoothing 0.1, colour jitter 0.4 (each only where
-the option is still at its paper value). The IN-1K recipe (LAMB, cosine, RandAugment, mixup/cutmix, BCE) is in
-configs/in1k.yaml.
+warmup, no label smoothing, random-resized-crop + flip. `--recipe release` (RELEASE_RECIPE) is what the authors'
+timm 0.9.2 run actually did for IN-10/100, timm defaults Tab. 8 does not list: Nesterov SGD, 5 warmup epochs, label
+smoothing 0.1, colour jitter 0.4 (each only where the option is still at its paper value). The IN-1K recipe (LAMB,
+cosine, RandAugment, mixup/cutmix, BCE) is in configs/in1k.yaml.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ import dataclasses
 import functools
 import io
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -54,13 +52,12 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 
 import common
 
-# What the authors' release ran for IN-10 (timm 0.9.2 defaults the paper's Tab. 8 does not list).
 RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jitter": 0.4}  # timm "sgd" = Nesterov
 
 
@@ -140,10 +137,7 @@ class ImageList(torch.utils.data.Dataset):
     def __getitem__(self, key):
         if isinstance(key, tuple):
             epoch, i = key
-            s = common.item_seed(self.seed, "augment", epoch, i)
-            torch.manual_seed(s)
-            np.random.seed(s % (1 << 32))
-            random.seed(s)
+            common.seed_everything(common.item_seed(self.seed, "augment", epoch, i))
         else:
             i = key
         img = common.load_image(io.BytesIO(self.jpegs[i]) if self.jpegs is not None else self.paths[i])
@@ -154,8 +148,7 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
     """Paths and labels of every --train-dirs source, relabelled to the test split's class order."""
     paths, labels, inputs = [], [], {}
     for source in args.train_dirs:
-        is_real = is_real_source(source, args.data_root)
-        if is_real:
+        if is_real_source(source, args.data_root):
             index = common.load_dataset(args.dataset, args.data_root, "train")
             if args.subset_mask:
                 index = index.subset(common.load_subset_mask(args.subset_mask, len(index)))
@@ -224,7 +217,6 @@ def global_micro(m: int, rank: int, world: int, accum: int) -> int:
 
 def model_kwargs(args) -> dict:
     """--model-kwargs output_stride=8 -> {"output_stride": 8} (values parsed as YAML scalars)."""
-
     pairs = [kv.split("=", 1) for kv in args.model_kwargs]
     if any(len(kv) != 2 for kv in pairs):
         raise ValueError(f"--model-kwargs takes KEY=VALUE pairs, got {args.model_kwargs}")
@@ -232,7 +224,6 @@ def model_kwargs(args) -> dict:
 
 
 def build_model(args, num_classes: int):
-
     kwargs = {**model_kwargs(args), "num_classes": num_classes, "drop_path_rate": args.drop_path or None}
     if args.pretrained and args.pretrained_file:
         kwargs["pretrained_cfg_overlay"] = {"file": str(args.pretrained_file)}
@@ -250,16 +241,13 @@ def build_model(args, num_classes: int):
 def eval_transform_cfg(args, model) -> dict:
     """The eval transform as `timm.data.create_transform` kwargs: the model's defaults at --input-size (recorded in
     the manifest so that eval_ood.py and mia_lira.py see images exactly as the test split did)."""
-
-    cfg = resolve_data_config({}, model=model)
-    cfg["input_size"] = (3, args.input_size, args.input_size)
+    cfg = resolve_data_config({"input_size": (3, args.input_size, args.input_size)}, model=model)
     if args.crop_pct is not None:
         cfg["crop_pct"] = args.crop_pct
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
 def build_transforms(args, eval_cfg: dict):
-
     train = create_transform(
         eval_cfg["input_size"],
         is_training=True,
@@ -276,8 +264,6 @@ def build_transforms(args, eval_cfg: dict):
 
 def build_loss(args, num_classes: int):
     """timm's train.py choice: mixup -> soft targets (BCE or CE); else label smoothing; else plain CE."""
-
-    mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing, num_classes=num_classes
@@ -320,12 +306,10 @@ class Training:
 def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_updates: int):
     """Run `n_micro` micro-batches (n_micro / accum optimizer steps). Returns loss, images, seconds, data-wait s."""
     model, optimizer, accelerator = t.model, t.optimizer, t.accelerator
-    is_main = accelerator.is_main_process
     model.train()
     device, total_loss, images, wait = accelerator.device, 0.0, 0, 0.0
     start = time.perf_counter()
-    bar = common.progress(range(n_micro), is_main, desc=f"epoch {epoch + 1}", leave=False)
-    for m in bar:
+    for m in common.progress(range(n_micro), accelerator.is_main_process, desc=f"epoch {epoch + 1}", leave=False):
         t0 = time.perf_counter()
         x, y = next(batches_iter)
         wait += time.perf_counter() - t0
@@ -334,9 +318,8 @@ def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_u
         y = y.to(device, non_blocking=True)
         # mixup (numpy RNG) and drop-path (torch RNG) seeded per micro-batch of the global batch: identical after a
         # resume and for any world size x accumulation split
-        s = common.item_seed(
-            args.seed, "step", epoch, global_micro(m, accelerator.process_index, accelerator.num_processes, t.accum)
-        )
+        micro = global_micro(m, accelerator.process_index, accelerator.num_processes, t.accum)
+        s = common.item_seed(args.seed, "step", epoch, micro)
         torch.manual_seed(s)
         np.random.seed(s % (1 << 32))
         if t.mixup is not None:
@@ -383,8 +366,7 @@ def evaluate(model, index, transform, accelerator, args) -> dict:
 
 
 def default_name(train_dirs: list[str]) -> str:
-    """The run name the Makefile and README use: real, synth_x<N>, mix_x<N> (real + synth_x<N>), else the folders'
-    names joined by '+'."""
+    """The run name the Makefile and README use: real, synth_x<N>, mix_x<N> (real + synth_x<N>), else a+b+..."""
     names = ["real" if d == "real" else Path(d).name for d in train_dirs]
     if len(names) == 2 and names[0] == "real" and names[1].startswith("synth_"):
         return "mix_" + names[1].removeprefix("synth_")
@@ -405,35 +387,6 @@ def epoch_loader(train_set, args, rank: int, world: int, accum: int, start: int,
     return batches, iter(loader)
 
 
-def load_data(args):
-    """(test index, classes, class names, train paths, train labels, input fingerprints). The class order is the real
-    test split's; every training source is relabelled to it."""
-    args.test_split = common.resolve_split(args.dataset, args.data_root, args.test_split)
-    test_index = common.load_dataset(args.dataset, args.data_root, args.test_split)
-    paths, labels, inputs = load_train_sources(args, test_index.classes)
-    return test_index, test_index.classes, test_index.class_names, paths, labels, inputs
-
-
-def build_optimizer(args, model, steps_per_epoch: int):
-    """timm's optimizer and scheduler (per-update warmup, per-epoch decay) from the recipe's flags."""
-
-    optimizer = create_optimizer_v2(
-        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
-    )
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=args.sched,
-        num_epochs=args.epochs,
-        decay_milestones=args.decay_milestones,
-        decay_rate=args.decay_rate,
-        warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr,
-        min_lr=args.min_lr,
-        updates_per_epoch=steps_per_epoch,
-    )
-    return optimizer, scheduler
-
-
 def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
     """(epochs done, their metrics rows). Model, optimizer and scaler come from the last checkpoint; the schedule
     and the data are functions of the epoch, so they are set, not restored."""
@@ -449,25 +402,35 @@ def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
 
 
 def make_accelerator(args):
-
     amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     return Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
 
 
 def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch: int) -> Training:
-    """Optimizer, scheduler, loss and mixup for `model`, prepared by accelerate; the micro-batches per step."""
+    """timm's optimizer and scheduler (per-update warmup, per-epoch decay) from the recipe's flags, loss and mixup for
+    `model`, prepared by accelerate; the micro-batches per step."""
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     accum = accumulation_steps(args.batch_size, accelerator.num_processes, args.max_device_batch)
     accelerator.gradient_accumulation_steps = accum
-    optimizer, scheduler = build_optimizer(args, model, steps_per_epoch)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(args))
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=args.sched,
+        num_epochs=args.epochs,
+        decay_milestones=args.decay_milestones,
+        decay_rate=args.decay_rate,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+        updates_per_epoch=steps_per_epoch,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     mixup, criterion = build_loss(args, num_classes)
     return Training(model, optimizer, scheduler, criterion, mixup, accelerator, accum)
 
 
 def parse_args_with_recipe(parser, argv, require_data: bool = True):
-
     args = common.parse_args(parser, argv, "train_cls")
     apply_recipe(args, parser)
     if require_data and (args.dataset is None or args.data_root is None):
@@ -475,10 +438,10 @@ def parse_args_with_recipe(parser, argv, require_data: bool = True):
     return args
 
 
-def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is_main) -> dict:
+def finish(run, model, args, test_index, eval_cfg, metrics, inputs) -> dict:
     """Final weights (plain timm state_dict), classes.json and the manifest that makes the run self-describing."""
-
-    if is_main:
+    classes, class_names = test_index.classes, test_index.class_names
+    if run.is_main:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         with common.atomic_path(run.path / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
@@ -492,17 +455,18 @@ def finish(run, model, args, classes, class_names, eval_cfg, metrics, inputs, is
         "classes": classes,
         "class_names": class_names,
     }
+    inputs["test_split"] = {"split": args.test_split, "images": len(test_index)}
     metrics = {**metrics, "epochs": args.epochs}
     run.finish(metrics, inputs=inputs, extra={"classifier": classifier})
     return metrics
 
 
-def run_epochs(training: Training, loader, epochs: range, num_updates: int, rows: list, evaluate_test, args, out, log):
-    """Train `epochs`, each followed by its metrics row (and the test figures every --eval-every epochs and at the
-    last) and a checkpoint. Returns the latest test figures ({} if none were taken)."""
+def run_epochs(training: Training, loader, num_updates: int, rows: list, evaluate_test, args, out, log):
+    """Train the loader's epochs, each followed by its metrics row (and the test figures every --eval-every epochs and
+    at the last) and a checkpoint. Returns the latest test figures ({} if none were taken)."""
     batches, it = loader
     accelerator, metrics = training.accelerator, {}
-    for epoch in epochs:
+    for epoch in batches.epochs:
         lr = training.optimizer.param_groups[0]["lr"]  # the epoch's lr (timm applies milestone m from epoch m - 1)
         stats, num_updates = train_steps(training, it, batches.steps * training.accum, args, epoch, num_updates)
         training.scheduler.step(epoch + 1)
@@ -525,16 +489,18 @@ def run_epochs(training: Training, loader, epochs: range, num_updates: int, rows
 
 
 def main(argv=None) -> dict:
-    parser = get_parser()
-    args = parse_args_with_recipe(parser, argv)
+    args = parse_args_with_recipe(get_parser(), argv)
     accelerator = make_accelerator(args)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
-    out = Path(
-        args.output_dir or Path(args.runs_dir) / args.dataset / f"cls_{args.name or default_name(args.train_dirs)}"
-    )
+    name = args.name or default_name(args.train_dirs)
+    out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"cls_{name}")
     common.seed_everything(args.seed)
 
-    test_index, classes, class_names, paths, labels, inputs = load_data(args)
+    # The class order is the real test split's; every training source is relabelled to it.
+    args.test_split = common.resolve_split(args.dataset, args.data_root, args.test_split)
+    test_index = common.load_dataset(args.dataset, args.data_root, args.test_split)
+    classes = test_index.classes
+    paths, labels, inputs = load_train_sources(args, classes)
     model = build_model(args, len(classes))
     eval_cfg = eval_transform_cfg(args, model)
     train_tf, eval_tf = build_transforms(args, eval_cfg)
@@ -554,7 +520,6 @@ def main(argv=None) -> dict:
     training = prepare_training(args, accelerator, model, len(classes), steps_per_epoch)
     model, scheduler, accum = training.model, training.scheduler, training.accum
     train_set = ImageList(paths, labels, train_tf, args.seed)
-    loader = functools.partial(epoch_loader, train_set, args, accelerator.process_index, world, accum)
 
     start_epoch, rows = resume(accelerator, scheduler, args, out, log)
     num_updates = start_epoch * steps_per_epoch
@@ -565,18 +530,15 @@ def main(argv=None) -> dict:
         f"{world} processes x {accum} micro-batches of {args.batch_size // world // accum}; epochs "
         f"{start_epoch}->{end_epoch} of {args.epochs}"
     )
-    epochs = range(start_epoch, end_epoch)
     evaluate_test = functools.partial(evaluate, model, test_index, eval_tf, accelerator, args)
-    metrics = run_epochs(
-        training, loader(start_epoch, end_epoch), epochs, num_updates, rows, evaluate_test, args, out, log
-    )
+    loader = epoch_loader(train_set, args, accelerator.process_index, world, accum, start_epoch, end_epoch)
+    metrics = run_epochs(training, loader, num_updates, rows, evaluate_test, args, out, log)
     if end_epoch < args.epochs:
         log.info(f"stopped after {end_epoch} epochs (--epochs-per-job); run the same command again to continue")
         return {"epochs_done": end_epoch, **metrics}
     if not metrics:  # interrupted after the last checkpoint: the final evaluation is all that is left
         metrics = evaluate_test()
-    inputs["test_split"] = {"split": args.test_split, "images": len(test_index)}
-    return finish(run, accelerator.unwrap_model(model), args, classes, class_names, eval_cfg, metrics, inputs, is_main)
+    return finish(run, accelerator.unwrap_model(model), args, test_index, eval_cfg, metrics, inputs)
 
 
 if __name__ == "__main__":
