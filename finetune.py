@@ -1,10 +1,9 @@
 """LoRA-finetune a Stable Diffusion 1.x UNet with the distribution-matching (MMD) term and the visual-guidance token.
 
-Paper §3.1 (Eq. 5-7: diffusion loss + λ · linear-kernel MMD between clean latents z0 and predicted clean latents ẑ0),
-§3.2 (prompt "photo of {classname}, {caption}" plus one CLIP image-embedding token: the mean embedding of K random
-training images of the class, appended after the 77 text tokens), App. E Tab. 7 (LoRA rank 4 on to_q/to_k/to_v/
-to_out.0, AdamW 1e-4 constant, wd 1e-2, clip 1.0, batch 8 per GPU, 512 px random crop + flip, min-SNR γ = 5,
-100 epochs, fp16, seed 42). Where the authors' release differs, the paper is the default and the release an option:
+Paper §3.1 (Eq. 5-7: diffusion loss + λ · linear-kernel MMD between clean latents z0 and predicted clean latents ẑ0)
+and §3.2 (prompt "photo of {classname}, {caption}" plus one CLIP image-embedding token: the mean embedding of K random
+training images of the class, appended after the 77 text tokens); the option defaults cite App. E Tab. 7 and the
+release. Where the authors' release differs, the paper is the default and the release an option:
 
   paper (default)                                   release option
   MMD on z0 vs ẑ0, batch means, λ = 0.01 (below)    --mmd-form release  (min-SNR-weighted batch sum of ε residuals,
@@ -30,7 +29,7 @@ Outputs (`--output-dir`, default runs/<dataset>/finetune/):
   checkpoints/checkpoint-<step>/     accelerate state every --checkpointing-steps (last --checkpoints-total-limit kept)
   metrics.jsonl, log.txt, manifest.json (written last)
 A re-run of a complete run is a no-op; an interrupted run resumes from its latest checkpoint. Attention runs through
-PyTorch SDPA (diffusers' default processor); --gradient-checkpointing, --cache-latents and TF32 trade memory or speed.
+PyTorch SDPA (diffusers' default processor).
 
 Commands:
   one GPU:     python finetune.py --config configs/in10.yaml --data-root /data/imagenet \
@@ -132,7 +131,6 @@ def get_parser() -> common.StageParser:
 
 def resize_crop(img, size: int, rng: np.random.Generator | None, flip: bool) -> torch.Tensor:
     """The training view: short side to `size` bilinear (as released), random or center crop, flip; [-1, 1]."""
-
     return common.resize_crop(img, size, Image.BILINEAR, rng, flip)
 
 
@@ -189,6 +187,27 @@ class SDModels:
 
 
 @dataclasses.dataclass
+class VisualGuidance:
+    """The visual-guidance embeddings (per class or per image, None with --vg-mode none), the trainable projection to
+    the UNet's width (None when the widths agree) and their description for visual_guidance.json."""
+
+    embeds: torch.Tensor | None
+    projection: torch.nn.Module | None
+    info: dict
+
+
+@dataclasses.dataclass
+class Optimization:
+    """The prepared optimizer, the number of parameters it trains, the optimizer steps in all and the one to start
+    from (a resumed run's checkpoint)."""
+
+    optimizer: Any
+    trainable: int
+    total: int
+    start: int
+
+
+@dataclasses.dataclass
 class TrainingData:
     """What a step reads besides the images: prompts and labels per training image, the visual tokens (per class or
     per image, or None) and the latent / text cache (or None: encoded on the fly)."""
@@ -201,7 +220,6 @@ class TrainingData:
 
 def load_components(args, device, weight_dtype) -> SDModels:
     """Tokenizer, frozen text encoder and VAE, noise scheduler, and the UNet with peft LoRA adapters (fp32)."""
-
     src, rev = args.pretrained_model, args.revision
     try:
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=rev)
@@ -228,7 +246,6 @@ def load_components(args, device, weight_dtype) -> SDModels:
 
 def add_lora(unet, args, device):
     """Freeze the UNet and add peft LoRA adapters (Gaussian init of A, zero B: the model starts unchanged)."""
-
     unet.requires_grad_(False).to(device)
     unet.add_adapter(
         LoraConfig(
@@ -244,17 +261,17 @@ def add_lora(unet, args, device):
     return unet
 
 
-def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+def encode_text(models: SDModels, prompts: list[str]) -> torch.Tensor:
+    tokenizer = models.tokenizer
     ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    return models.text_encoder(ids.to(models.text_encoder.device))[0]
 
 
 @torch.no_grad()
 def clip_embeddings(encoder_id: str, paths: list[Path], device, is_main: bool) -> torch.Tensor:
     """Projected (unnormalised) CLIP image embeddings [N, D] (release extract_feature.py: get_image_features)."""
-
     try:
         processor = CLIPImageProcessor.from_pretrained(encoder_id)
         # fp32 whatever the file stores (transformers would keep fp16 weights in fp16): computed once per run.
@@ -295,16 +312,11 @@ def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, d
     for label, cls in enumerate(index.classes):
         rows = sorted((r for r, s in enumerate(index.samples) if s.label == label), key=index.image_id)
         rng = np.random.default_rng(common.item_seed(args.seed, "visual-guidance", cls))
-        chosen.append(sorted(rng.permutation(len(rows))[: args.vg_images_per_class].tolist()))
-        chosen[-1] = [rows[i] for i in chosen[-1]]
-    flat = [r for rows in chosen for r in rows]
-    embeds = clip_embeddings(args.vg_encoder, [index.abspath(r) for r in flat], device, is_main)
-    means, start = [], 0
-    for rows in chosen:
-        means.append(embeds[start : start + len(rows)].mean(0))
-        start += len(rows)
+        picked = sorted(rng.permutation(len(rows))[: args.vg_images_per_class].tolist())
+        chosen.append([rows[i] for i in picked])
+    embeds = clip_embeddings(args.vg_encoder, [index.abspath(r) for rows in chosen for r in rows], device, is_main)
     info["sampled_paths"] = [[index.samples[r].path for r in rows] for rows in chosen]
-    return torch.stack(means), info
+    return torch.stack([e.mean(0) for e in embeds.split([len(rows) for rows in chosen])]), info
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -312,8 +324,8 @@ def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, d
 
 
 @torch.no_grad()
-def build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator, out_dir: Path) -> dict:
-    rank, world = accelerator.process_index, accelerator.num_processes
+def build_cache(index, prompts, models: SDModels, args, accelerator, out_dir: Path) -> dict:
+    rank, world, vae = accelerator.process_index, accelerator.num_processes, models.vae
     path = out_dir / "cache" / f"shard-{rank}of{world}.safetensors"
 
     unique = sorted(set(prompts))
@@ -330,17 +342,11 @@ def build_cache(index, prompts, tokenizer, text_encoder, vae, args, accelerator,
             n = len(batch)  # [n, 2 flips, C, h, w]
             mean.append(torch.stack([dist.mean[:n], dist.mean[n:]], 1).half().cpu())
             std.append(torch.stack([dist.std[:n], dist.std[n:]], 1).half().cpu())
-        text = [encode_text(tokenizer, text_encoder, texts[i : i + 64]).half().cpu() for i in range(0, len(texts), 64)]
+        text = [encode_text(models, texts[i : i + 64]).half().cpu() for i in range(0, len(texts), 64)]
+        tensors = {"rows": torch.tensor(rows, dtype=torch.long), "mean": torch.cat(mean), "std": torch.cat(std)}
+        tensors["text"] = torch.cat(text) if text else torch.zeros(0)
         with common.atomic_path(path) as tmp:
-            save_file(
-                {
-                    "rows": torch.tensor(rows, dtype=torch.long),
-                    "mean": torch.cat(mean),
-                    "std": torch.cat(std),
-                    "text": torch.cat(text) if text else torch.zeros(0),
-                },
-                str(tmp),
-            )
+            save_file(tensors, str(tmp))
     accelerator.wait_for_everyone()
     cache = {}
     for r in range(world):
@@ -371,7 +377,7 @@ def training_step(batch, models: SDModels, data: TrainingData, args, gen) -> tup
         if cache is None:
             dist = vae.encode(pixels.to(device, dtype)).latent_dist
             mean, std = dist.mean, dist.std
-            text = encode_text(models.tokenizer, models.text_encoder, [prompts[r] for r in rows])
+            text = encode_text(models, [prompts[r] for r in rows])
         else:
             pick = torch.tensor([int(f) for f in flips])
             mean = cache["mean"][rows, pick].to(device, dtype)
@@ -408,13 +414,12 @@ def training_step(batch, models: SDModels, data: TrainingData, args, gen) -> tup
 # Checkpoints: accelerate state (optimizer, RNG) + only the trainable weights, written to a temp dir then renamed.
 
 
-def register_checkpoint_hooks(accelerator, unet_cls):
-
+def register_checkpoint_hooks(accelerator):
     def save_hook(models, weights, output_dir):
         for model in models:
             model = accelerator.unwrap_model(model)
             if accelerator.is_main_process:
-                if isinstance(model, unet_cls):
+                if isinstance(model, UNet2DConditionModel):
                     save_file(get_peft_model_state_dict(model), os.path.join(output_dir, "lora_peft.safetensors"))
                 else:
                     save_file(model.state_dict(), os.path.join(output_dir, "vg_projection.safetensors"))
@@ -424,34 +429,13 @@ def register_checkpoint_hooks(accelerator, unet_cls):
     def load_hook(models, input_dir):
         while models:
             model = accelerator.unwrap_model(models.pop())
-            if isinstance(model, unet_cls):
+            if isinstance(model, UNet2DConditionModel):
                 set_peft_model_state_dict(model, load_file(os.path.join(input_dir, "lora_peft.safetensors")))
             else:
                 model.load_state_dict(load_file(os.path.join(input_dir, "vg_projection.safetensors")))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_outputs(out_dir: Path, unet, projection, embeds, vg_info) -> None:
-    """The LoRA in the diffusers format and the visual tokens in the UNet width (what synthesis must use)."""
-
-    tmp = out_dir / ".tmp-lora"
-    shutil.rmtree(tmp, ignore_errors=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
-    common.make_readable(tmp)
-    os.replace(tmp / "pytorch_lora_weights.safetensors", out_dir / "pytorch_lora_weights.safetensors")
-    shutil.rmtree(tmp)
-    if embeds is not None:
-        with torch.no_grad():
-            tokens = projection(embeds) if projection is not None else embeds
-        with common.atomic_path(out_dir / "visual_guidance.safetensors") as path:
-            save_file({"tokens": tokens.float().contiguous().cpu()}, str(path))
-        if projection is not None:
-            with common.atomic_path(out_dir / "vg_projection.safetensors") as path:
-                save_file({k: v.contiguous().cpu() for k, v in projection.state_dict().items()}, str(path))
-    common.write_json(out_dir / "visual_guidance.json", {**vg_info, "projection": projection is not None})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -471,7 +455,6 @@ def resolve_args(args):
 
 def check_inputs(args) -> None:
     """The pretrained pipeline and the image encoder exist (read their configs only)."""
-
     layout = "an SD 1.x pipeline (diffusers layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...)"
     common.check_pretrained(DiffusionPipeline.load_config, args.pretrained_model, args.revision, layout)
     if args.vg_mode != "none":
@@ -482,20 +465,18 @@ def load_training_set(args):
     index = common.load_dataset(args.dataset, args.data_root, "train")
     if args.subset_mask:
         index = index.subset(common.load_subset_mask(args.subset_mask, len(index)))
-    index, bad, args.train_fingerprint = common.check_images(index, args.skip_bad)
+    index, args.skipped_bad, args.train_fingerprint = common.check_images(index, args.skip_bad)
     if not len(index):
         raise ValueError(f"no training images in {args.dataset} at {args.data_root} (after --subset-mask)")
-    args.skipped_bad = bad
     captions = common.captions_for(index, common.load_captions(args.captions), args.allow_missing_captions)
     prompts = [common.build_prompt(index.class_names[s.label], c) for s, c in zip(index.samples, captions)]
     return index, prompts
 
 
-def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet_width: int):
+def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet) -> VisualGuidance:
     """Embeddings computed once by the main process (saved, so a resumed run reuses the same tokens)."""
-
     if args.vg_mode == "none":
-        return None, None, {"mode": "none", "placement": args.vg_placement, "classes": index.classes}
+        return VisualGuidance(None, None, {"mode": "none", "placement": args.vg_placement, "classes": index.classes})
     path, info_path = out_dir / "vg_embeddings.safetensors", out_dir / "vg_embeddings.json"
     if accelerator.is_main_process and not path.is_file():
         embeds, info = visual_guidance(index, args, accelerator.device, True)
@@ -505,10 +486,10 @@ def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet_width:
     accelerator.wait_for_everyone()
     embeds, info = load_file(str(path))["embeds"], common.read_json(info_path)
     info.pop("sampled_paths", None)  # kept in vg_embeddings.json; the contract file stays small
-    projection = None
-    if embeds.shape[-1] != unet_width:  # paper §3.2 + issue: a trainable projection when the widths differ
-        projection = torch.nn.Linear(embeds.shape[-1], unet_width).to(accelerator.device)
-    return embeds.to(accelerator.device), projection, info
+    projection, width = None, unet.config.cross_attention_dim
+    if embeds.shape[-1] != width:  # paper §3.2 + issue: a trainable projection when the widths differ
+        projection = torch.nn.Linear(embeds.shape[-1], width).to(accelerator.device)
+    return VisualGuidance(embeds.to(accelerator.device), projection, info)
 
 
 def run_config(args, world_size: int) -> dict:
@@ -523,23 +504,19 @@ def run_config(args, world_size: int) -> dict:
     return config
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the metrics rows written after the checkpoint a run resumes from: a re-run rewrites them."""
-    if path.is_file():
-        common.write_jsonl(path, [row for row in common.read_jsonl(path) if row["step"] <= step])
-
-
-def train(accelerator, args, index, models: SDModels, data: TrainingData, optimizer, step: int, total: int, out_dir):
-    """Optimizer steps `step`..`total`, each of --gradient-accumulation-steps micro-batches; a checkpoint every
+def train(accelerator, args, index, models: SDModels, data: TrainingData, opt: Optimization, out_dir: Path) -> dict:
+    """Optimizer steps opt.start..opt.total, each of --gradient-accumulation-steps micro-batches; a checkpoint every
     --checkpointing-steps and one metrics.jsonl row per epoch. Returns what the final metrics need."""
+    optimizer, step, total = opt.optimizer, opt.start, opt.total
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
     micro_per_epoch = len(epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, 0))
     trained = models.trained
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
     t0, seen, history, micro = time.time(), 0, [], step * accum
-    if accelerator.is_main_process:
-        trim_metrics(out_dir / "metrics.jsonl", step)
+    metrics_path = out_dir / "metrics.jsonl"
+    if accelerator.is_main_process and metrics_path.is_file():  # rows after the resumed checkpoint: rewritten below
+        common.write_jsonl(metrics_path, [row for row in common.read_jsonl(metrics_path) if row["step"] <= step])
     while step < total:
         epoch, skip = divmod(micro, micro_per_epoch)
         batches = epoch_batches(len(index), args.train_batch_size, world, rank, args.seed, epoch)[skip:]
@@ -577,7 +554,7 @@ def train(accelerator, args, index, models: SDModels, data: TrainingData, optimi
             row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
             # After a resume mid-epoch the row averages only the micro-batches this process ran: said, not hidden.
             row["micro_batches"] = len(recent)
-            with open(out_dir / "metrics.jsonl", "a") as f:
+            with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
     bar.close()
     last = history[-micro_per_epoch:]
@@ -591,8 +568,9 @@ def train(accelerator, args, index, models: SDModels, data: TrainingData, optimi
     }
 
 
-def prepare_training(accelerator, args, models: SDModels) -> tuple[Any, int]:
-    """AdamW over the LoRA (and projection) weights, prepared with them by accelerate; the trainable count."""
+def prepare_training(accelerator, args, models: SDModels, n_images: int, out_dir: Path, log) -> Optimization:
+    """AdamW over the LoRA (and projection) weights, prepared with them by accelerate, and the step count: a step is
+    `accum` micro-batches; the latest checkpoint is loaded unless --resume never."""
     params = [p for m in models.trained for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -604,30 +582,38 @@ def prepare_training(accelerator, args, models: SDModels) -> tuple[Any, int]:
     models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
     if models.projection is not None:
         models.projection = accelerator.prepare(models.projection)
-    register_checkpoint_hooks(accelerator, UNet2DConditionModel)
-    return optimizer, sum(p.numel() for p in params)
-
-
-def schedule(accelerator, args, n_images: int, out_dir: Path, log) -> tuple[int, int]:
-    """(total optimizer steps, the step to start from): a step is `accum` micro-batches; the latest checkpoint is
-    loaded unless --resume never."""
-    world, accum = accelerator.num_processes, args.gradient_accumulation_steps
-    micro_per_epoch = len(
-        epoch_batches(n_images, args.train_batch_size, world, accelerator.process_index, args.seed, 0)
-    )
+    register_checkpoint_hooks(accelerator)
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
+    micro_per_epoch = len(epoch_batches(n_images, args.train_batch_size, world, rank, args.seed, 0))
     total = args.max_train_steps or math.ceil(micro_per_epoch * args.num_train_epochs / accum)
     latest, step = common.latest_checkpoint(out_dir / "checkpoints") if args.resume == "latest" else (None, 0)
     if latest is not None:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} (step {step})")
-    return total, step
+    return Optimization(optimizer, sum(p.numel() for p in params), total, step)
 
 
-def finish(run, accelerator, args, models: SDModels, guidance, source_images, metrics: dict, log) -> None:
-    """The LoRA, the visual tokens and the manifest (main process)."""
-    embeds, vg_info = guidance
+def finish(run, accelerator, args, models: SDModels, guidance: VisualGuidance, source_images, metrics: dict) -> None:
+    """The LoRA in the diffusers format, the visual tokens in the UNet width (what synthesis must use) and the
+    manifest (main process)."""
+    out_dir, unet = run.path, accelerator.unwrap_model(models.unet)
     projection = accelerator.unwrap_model(models.projection) if models.projection is not None else None
-    save_outputs(run.path, accelerator.unwrap_model(models.unet), projection, embeds, vg_info)
+    tmp = out_dir / ".tmp-lora"
+    shutil.rmtree(tmp, ignore_errors=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+    common.make_readable(tmp)
+    os.replace(tmp / "pytorch_lora_weights.safetensors", out_dir / "pytorch_lora_weights.safetensors")
+    shutil.rmtree(tmp)
+    if guidance.embeds is not None:
+        with torch.no_grad():
+            tokens = projection(guidance.embeds) if projection is not None else guidance.embeds
+        with common.atomic_path(out_dir / "visual_guidance.safetensors") as path:
+            save_file({"tokens": tokens.float().contiguous().cpu()}, str(path))
+        if projection is not None:
+            with common.atomic_path(out_dir / "vg_projection.safetensors") as path:
+                save_file({k: v.contiguous().cpu() for k, v in projection.state_dict().items()}, str(path))
+    common.write_json(out_dir / "visual_guidance.json", {**guidance.info, "projection": projection is not None})
     inputs = {
         "pretrained_model": common.fingerprint(args.pretrained_model, args.revision),
         "captions": common.fingerprint(args.captions),
@@ -635,10 +621,9 @@ def finish(run, accelerator, args, models: SDModels, guidance, source_images, me
         "skipped_bad": args.skipped_bad,
         "source_images": source_images,
         "vg_encoder": common.fingerprint(args.vg_encoder) if args.vg_mode != "none" else None,
-        "lora": common.hash_file(run.path / "pytorch_lora_weights.safetensors"),
+        "lora": common.hash_file(out_dir / "pytorch_lora_weights.safetensors"),
     }
     run.finish(metrics, inputs=inputs)
-    log.info(f"wrote {run.path}: {metrics}")
 
 
 def main(argv=None) -> dict:
@@ -668,29 +653,23 @@ def main(argv=None) -> dict:
     common.note_unusual_images(source_images, args.resolution, log)
     if fragmented := common.fragmented_class_names(models.tokenizer, index.class_names):
         log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
-    embeds, projection, vg_info = prepare_visual_guidance(
-        index, args, accelerator, out_dir, models.unet.config.cross_attention_dim
-    )
-    cache = (
-        build_cache(index, prompts, models.tokenizer, models.text_encoder, models.vae, args, accelerator, out_dir)
-        if args.cache_latents
-        else None
-    )
+    guidance = prepare_visual_guidance(index, args, accelerator, out_dir, models.unet)
+    models.projection = guidance.projection
+    cache = build_cache(index, prompts, models, args, accelerator, out_dir) if args.cache_latents else None
 
-    models.projection = projection
-    optimizer, n_train = prepare_training(accelerator, args, models)
-    total, step = schedule(accelerator, args, len(index), out_dir, log)
+    opt = prepare_training(accelerator, args, models, len(index), out_dir, log)
     log.info(
         f"{len(index)} images, {len(index.classes)} classes, {accelerator.num_processes} process(es) x batch "
-        f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulated, {total} steps, {n_train} "
+        f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulated, {opt.total} steps, {opt.trainable} "
         f"trainable parameters, vg={args.vg_mode}, mmd={args.mmd_form} λ={args.mmd_weight}"
     )
-    data = TrainingData(prompts, [s.label for s in index.samples], embeds, cache)
-    stats = train(accelerator, args, index, models, data, optimizer, step, total, out_dir)
+    data = TrainingData(prompts, [s.label for s in index.samples], guidance.embeds, cache)
+    stats = train(accelerator, args, index, models, data, opt, out_dir)
     accelerator.wait_for_everyone()
-    metrics = {**stats, "train_images": len(index), "trainable_params": n_train}
+    metrics = {**stats, "train_images": len(index), "trainable_params": opt.trainable}
     if accelerator.is_main_process:
-        finish(run, accelerator, args, models, (embeds, vg_info), source_images, metrics, log)
+        finish(run, accelerator, args, models, guidance, source_images, metrics)
+        log.info(f"wrote {run.path}: {metrics}")
     accelerator.wait_for_everyone()
     return metrics
 
