@@ -570,7 +570,7 @@ def bench_train(argv) -> dict:
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     batches, it = train_cls.epoch_loader(
-        data, args, rank, world, training.accum, 0, 1, max_steps=args.warmup + args.steps
+        data, args, rank, world, training.accum, range(1), max_steps=args.warmup + args.steps
     )
     if batches.steps < args.warmup + args.steps:
         raise ValueError(

@@ -36,6 +36,7 @@ Each process of `accelerate launch` and each `--shard i/n` job embeds its part o
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -287,24 +288,35 @@ def build_extractor(spec: str, args, device):
     raise ValueError(f"--features {spec}: use clip[:MODEL], inception, timm:NAME or classifier:RUN_DIR")
 
 
+@dataclasses.dataclass
+class Part:
+    """This job's and process's share of an image set: the set, its labels, the positions of the share, and the file
+    the share's statistics are saved to (so it resumes)."""
+
+    index: common.DatasetIndex
+    labels: np.ndarray
+    positions: np.ndarray
+    path: Path
+
+
 @torch.no_grad()
-def embed_part(index, labels, positions, stats: GapStats, keep: set, extractor, args, state, part: Path, desc):
-    """Embed the images at `positions` not yet in `stats` (a resumed part starts where it stopped), adding them
-    batch by batch; the part is saved every --checkpoint-every images and at the end."""
+def embed_part(part: Part, stats: GapStats, keep: set, extractor, args, state, desc: str) -> None:
+    """Embed the part's images not yet in `stats` (a resumed part starts where it stopped), adding them batch by
+    batch; the part is saved every --checkpoint-every images and at the end."""
     forward, transform = extractor
-    todo = positions[stats.done :]
-    images = common.ImageFiles([index.abspath(int(i)) for i in todo], transform)
+    todo = part.positions[stats.done :]
+    images = common.ImageFiles([part.index.abspath(int(i)) for i in todo], transform)
     loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
     since = 0
     for batch, x in common.progress(loader, desc=desc, is_main=state.is_main_process):
         where = todo[batch.numpy()]
         feats = forward(x.to(state.device)).float().cpu().numpy()  # features kept float32
-        stats.add(where, feats, labels[where], keep)
+        stats.add(where, feats, part.labels[where], keep)
         since += len(where)
         if since >= args.checkpoint_every:
-            stats.save(part)
+            stats.save(part.path)
             since = 0
-    stats.save(part)
+    stats.save(part.path)
 
 
 def set_stats(index, name: str, fp: str, extractor, args, state, cache_dir: Path, log) -> tuple:
@@ -322,10 +334,10 @@ def set_stats(index, name: str, fp: str, extractor, args, state, cache_dir: Path
     keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
     (i, n), (r, w) = args.shard, (state.process_index, state.num_processes)
     positions = np.array(common.local_items(list(range(len(index))), (i, n), r, w))
-    part = cache_dir / f"{stem}.part-{i}of{n}-{r}of{w}.safetensors"
-    stats = GapStats.load(part) if part.is_file() else GapStats(len(index.classes))
+    part = Part(index, labels, positions, cache_dir / f"{stem}.part-{i}of{n}-{r}of{w}.safetensors")
+    stats = GapStats.load(part.path) if part.path.is_file() else GapStats(len(index.classes))
     if stats.done < len(positions):
-        embed_part(index, labels, positions, stats, keep, extractor, args, state, part, f"{name} features")
+        embed_part(part, stats, keep, extractor, args, state, f"{name} features")
     state.wait_for_everyone()
     return merge_parts(cache_dir, stem, final, len(index), log), plan
 

@@ -187,9 +187,11 @@ class EpochBatches:
     seeded by `global_micro`, the same mixup draws. The last incomplete global batch is dropped (as timm does).
     """
 
-    def __init__(self, n, batch, seed, start_epoch, end_epoch, rank, world, accum, max_steps=None):
+    def __init__(
+        self, n: int, batch: int, seed: int, epochs: range, rank: int, world: int, accum: int, *, max_steps=None
+    ):
         self.n, self.batch, self.seed, self.rank, self.world, self.accum = n, batch, seed, rank, world, accum
-        self.epochs = range(start_epoch, end_epoch)
+        self.epochs = epochs
         self.steps = min(n // batch, max_steps or n)
 
     def __len__(self):
@@ -373,9 +375,9 @@ def default_name(train_dirs: list[str]) -> str:
     return "+".join(names)
 
 
-def epoch_loader(train_set, args, rank: int, world: int, accum: int, start: int, end: int, max_steps=None):
-    """(batch sampler, iterator) over epochs start..end: one DataLoader for them all, so workers persist."""
-    batches = EpochBatches(len(train_set), args.batch_size, args.seed, start, end, rank, world, accum, max_steps)
+def epoch_loader(train_set, args, rank: int, world: int, accum: int, epochs: range, *, max_steps=None):
+    """(batch sampler, iterator) over `epochs`: one DataLoader for them all, so workers persist."""
+    batches = EpochBatches(len(train_set), args.batch_size, args.seed, epochs, rank, world, accum, max_steps=max_steps)
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_sampler=batches,
@@ -461,11 +463,12 @@ def finish(run, model, args, test_index, eval_cfg, metrics, inputs) -> dict:
     return metrics
 
 
-def run_epochs(training: Training, loader, num_updates: int, rows: list, evaluate_test, args, out, log):
+def run_epochs(training: Training, loader, rows: list, evaluate_test, args, out: Path, log) -> dict:
     """Train the loader's epochs, each followed by its metrics row (and the test figures every --eval-every epochs and
     at the last) and a checkpoint. Returns the latest test figures ({} if none were taken)."""
     batches, it = loader
     accelerator, metrics = training.accelerator, {}
+    num_updates = batches.epochs.start * batches.steps
     for epoch in batches.epochs:
         lr = training.optimizer.param_groups[0]["lr"]  # the epoch's lr (timm applies milestone m from epoch m - 1)
         stats, num_updates = train_steps(training, it, batches.steps * training.accum, args, epoch, num_updates)
@@ -522,8 +525,7 @@ def main(argv=None) -> dict:
     train_set = ImageList(paths, labels, train_tf, args.seed)
 
     start_epoch, rows = resume(accelerator, scheduler, args, out, log)
-    num_updates = start_epoch * steps_per_epoch
-    scheduler.step_update(num_updates)
+    scheduler.step_update(start_epoch * steps_per_epoch)
     end_epoch = args.epochs if args.epochs_per_job is None else min(args.epochs, start_epoch + args.epochs_per_job)
     log.info(
         f"{len(labels)} train images from {args.train_dirs}, {len(classes)} classes, batch {args.batch_size} = "
@@ -531,8 +533,8 @@ def main(argv=None) -> dict:
         f"{start_epoch}->{end_epoch} of {args.epochs}"
     )
     evaluate_test = functools.partial(evaluate, model, test_index, eval_tf, accelerator, args)
-    loader = epoch_loader(train_set, args, accelerator.process_index, world, accum, start_epoch, end_epoch)
-    metrics = run_epochs(training, loader, num_updates, rows, evaluate_test, args, out, log)
+    loader = epoch_loader(train_set, args, accelerator.process_index, world, accum, range(start_epoch, end_epoch))
+    metrics = run_epochs(training, loader, rows, evaluate_test, args, out, log)
     if end_epoch < args.epochs:
         log.info(f"stopped after {end_epoch} epochs (--epochs-per-job); run the same command again to continue")
         return {"epochs_done": end_epoch, **metrics}
