@@ -134,12 +134,9 @@ class Plan:
         ]
         full, frac = int(math.floor(args.scale)), args.scale - math.floor(args.scale)
         # Fractional scale: the round(frac·n) sources with the smallest seeded hash get one more copy (exact count).
-        extra = sorted(range(n), key=lambda s: common.item_seed(args.seed, "extra-copy", index.image_id(s)))[
-            : round(frac * n)
-        ]
-        self.jobs = np.concatenate(
-            [np.arange(full * n, dtype=np.int64), full * n + np.array(sorted(extra), dtype=np.int64)]
-        )
+        by_hash = sorted(range(n), key=lambda s: common.item_seed(args.seed, "extra-copy", index.image_id(s)))
+        extra = np.array(sorted(by_hash[: round(frac * n)]), dtype=np.int64)
+        self.jobs = np.concatenate([np.arange(full * n, dtype=np.int64), full * n + extra])
         self.stems = [Path(smp.path).stem for smp in index.samples]
         names = {(smp.label, stem) for smp, stem in zip(index.samples, self.stems)}
         if len(names) != n:
@@ -267,7 +264,6 @@ class IgnoreZeroTokens:
 
 def load_pipeline(args, device, dtype, fuse: bool = True):
     """SD img2img + UniPC + the LoRA, fused unless `fuse=False` (the benchmark's baseline, as the release)."""
-
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
         args.pretrained_model,
         revision=args.revision,
@@ -450,7 +446,8 @@ def write_shard(out_dir: Path, b: int, plan: Plan, samples, hashes) -> None:
                 image = read_bytes()
                 row = plan.row(job, *hashes)
                 key = plan.key(job)
-                for suffix, payload in ((ext, image), ("cls", str(row["label"]).encode()), ("json", json_bytes(row))):
+                meta = json.dumps(row, sort_keys=True).encode()
+                for suffix, payload in ((ext, image), ("cls", str(row["label"]).encode()), ("json", meta)):
                     info = tarfile.TarInfo(f"{key}.{suffix}")
                     info.size, info.mode = len(payload), 0o644
                     tar.addfile(info, io.BytesIO(payload))
@@ -463,10 +460,6 @@ def write_shard(out_dir: Path, b: int, plan: Plan, samples, hashes) -> None:
 
 def shard_index_name(b: int) -> str:
     return f"shards/{b:06d}.json"
-
-
-def json_bytes(row: dict) -> bytes:
-    return json.dumps(row, sort_keys=True).encode()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -531,41 +524,38 @@ def same_images(config: dict, other_dir: Path) -> bool:
     """Another output dir whose images equal ours for equal (source, copy): same config but for LAYOUT_KEYS."""
     for name in ("manifest.json", "run_config.json"):
         if (other_dir / name).is_file():
-            other = common.read_json(other_dir / name)["config"]
-            return {k: v for k, v in other.items() if k not in LAYOUT_KEYS} == {
-                k: v for k, v in config.items() if k not in LAYOUT_KEYS
-            }
+            theirs = common.read_json(other_dir / name)["config"]
+            ours = {k: v for k, v in config.items() if k not in LAYOUT_KEYS}
+            return {k: v for k, v in theirs.items() if k not in LAYOUT_KEYS} == ours
     return False
 
 
-def shard_complete(out_dir: Path, b: int, mode: str) -> bool:
-    """Shard b is on disk whole: its index (written after the tar) exists and the tar has the size it records;
-    `full` also decodes every image."""
+def complete_shard_index(out_dir: Path, b: int, mode: str) -> dict | None:
+    """Shard b's index if the shard is on disk whole: its index (written after the tar) exists and the tar has the
+    size it records; `full` also decodes every image. None if not."""
     try:
         index = common.read_json(out_dir / shard_index_name(b))
         if (out_dir / shard_name(b)).stat().st_size != index["bytes"]:
-            return False
+            return None
     except (OSError, ValueError, KeyError):
-        return False
+        return None
     if mode == "full":
         try:
             for r in index["samples"]:
                 common.load_image(common.ShardMember(out_dir / r["shard"], r["offset"], r["size"], r["file"]))
         except common.ImageReadError:
-            return False
-    return True
+            return None
+    return index
 
 
 def stored_images(run_dir: Path, classes) -> dict:
-    """A synthesize.py output's images by folder-layout name: the files of a folder set, the members of a shard
-    set's complete shards."""
+    """A synthesize.py output's images (files, or members of complete shards) by folder-layout name."""
     if not (run_dir / "shards").is_dir():
         return {name: run_dir / name for name in existing_files(run_dir, classes)}
     found = {}
     for index_file in sorted((run_dir / "shards").glob("*.json")):
-        b = int(index_file.stem)
-        if shard_complete(run_dir, b, "quick"):
-            for r in common.read_json(index_file)["samples"]:
+        if (index := complete_shard_index(run_dir, int(index_file.stem), "quick")) is not None:
+            for r in index["samples"]:
                 found[r["file"]] = common.ShardMember(run_dir / r["shard"], r["offset"], r["size"], r["file"])
     return found
 
@@ -674,14 +664,15 @@ def stored_rows(plan: Plan, out_dir: Path, hashes: tuple) -> tuple[list[dict], d
     missing that no counted bad source explains."""
     bad = bad_sources(out_dir)
     if plan.args.output_format == "wds":
-        count = len(plan.shards())
-        if not all(shard_complete(out_dir, b, "quick") for b in range(count)):
-            return None
-        indexes = [common.read_json(out_dir / shard_index_name(b)) for b in range(count)]
+        indexes = []
+        for b in range(len(plan.shards())):
+            indexes.append(complete_shard_index(out_dir, b, "quick"))
+            if indexes[-1] is None:
+                return None
         stored = {r["file"]: r for index in indexes for r in index["samples"]}
         rows = [stored[plan.file(j)] for j in plan.jobs if plan.file(j) in stored]
         total = sum(index["bytes"] for index in indexes)
-        return rows, {"shards": count, "bytes": total, "bytes_per_image": round(total / max(1, len(rows)))}
+        return rows, {"shards": len(indexes), "bytes": total, "bytes_per_image": round(total / max(1, len(rows)))}
     present = existing_files(out_dir, plan.index.classes)
     source = [plan.index.samples[plan.source_copy(j)[0]].path for j in plan.jobs]
     if any(plan.file(j) not in present and src not in bad for j, src in zip(plan.jobs, source)):
@@ -787,7 +778,7 @@ def shard_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, log
     handed to the sink at once, and the jobs left to generate."""
     args, shards = plan.args, plan.shards()
     mine = common.local_items(list(range(len(shards))), args.shard, state.process_index, state.num_processes)
-    todo_shards = [b for b in mine if not shard_complete(out_dir, b, args.verify_existing)]
+    todo_shards = [b for b in mine if complete_shard_index(out_dir, b, args.verify_existing) is None]
     sink = ShardSink(plan, out_dir, {b: shards[b] for b in todo_shards}, hashes)
     todo, reused = [], 0
     for j in (int(j) for b in todo_shards for j in shards[b]):
@@ -836,8 +827,9 @@ def stored_bytes(side: int, quality: int, image_format: str) -> int:
     return round(MEASURED_JPEG_BYTES[(near, q)] * (side / near) ** 2)
 
 
-def measured_rate(path: Path, key: str, default: float) -> tuple[float, str]:
+def measured_rate(runs_dir, bench: str, key: str, default: float) -> tuple[float, str]:
     """A GPU figure from a `make bench-gpu` benchmark.json when there is one, else the recorded H100 figure."""
+    path = Path(runs_dir) / "demo" / bench / "benchmark.json"
     if path.is_file():
         result = common.read_json(path)
         if result.get("device", "cpu") != "cpu" and result.get(key):
@@ -850,9 +842,8 @@ def plan_sources(args) -> tuple[int, str]:
         return len(common.load_dataset(args.dataset, args.data_root, args.split)), f"{args.dataset} {args.split} split"
     except (OSError, ValueError) as err:
         if args.dataset in KNOWN_TRAIN_IMAGES and args.split == "train":
-            return KNOWN_TRAIN_IMAGES[
-                args.dataset
-            ], f"the {args.dataset} train split's size; the split is not readable here"
+            note = f"the {args.dataset} train split's size; the split is not readable here"
+            return KNOWN_TRAIN_IMAGES[args.dataset], note
         raise ValueError(f"--plan needs the source split to count its images: {err}") from err
 
 
@@ -864,33 +855,22 @@ def print_plan(args) -> dict:
     per_image = stored_bytes(side, args.jpeg_quality, args.image_format)
     files = math.ceil(images / args.shard_samples) * 2 if args.output_format == "wds" else images
     work = args.steps * min(1.0, args.strength) * (args.resolution / 512) ** 2 / (30 * 0.75)
-    bench = Path(args.runs_dir) / "demo"
     synth_rate, synth_src = measured_rate(
-        bench / "bench_synth_gpu" / "benchmark.json", "ours_images_per_s", H100_SYNTH_IMAGES_PER_S
+        args.runs_dir, "bench_synth_gpu", "ours_images_per_s", H100_SYNTH_IMAGES_PER_S
     )
-    cls_rate, cls_src = measured_rate(
-        bench / "bench_train_gpu" / "benchmark.json", "img_per_s", H100_RESNET50_IMAGES_PER_S
-    )
-    stages = [
-        ("synthesize", images * work / synth_rate, f"{images:,} images at {synth_rate:g} img/s/GPU ({synth_src})")
-    ]
-    if args.config:
-        tune = common.load_yaml_section(args.config, "finetune")["merged"]
-        if "num_train_epochs" in tune:
-            samples = tune["num_train_epochs"] * n
-            stages.insert(
-                0,
-                (
-                    "finetune",
-                    samples / H100_FINETUNE_SAMPLES_PER_S,
-                    f"{tune['num_train_epochs']} epochs x {n:,} images at {H100_FINETUNE_SAMPLES_PER_S} samples/s/GPU",
-                ),
-            )
-        cls = common.load_yaml_section(args.config, "train_cls")["merged"]
-        if "epochs" in cls:
-            for mode, size in (("real", n), (f"synth_x{args.scale:g}", images), (f"mix_x{args.scale:g}", n + images)):
-                note = f"{cls['epochs']} epochs x {size:,} images at {cls_rate:g} img/s/GPU ({cls_src})"
-                stages.append((f"train_cls {mode}", cls["epochs"] * size / cls_rate, note))
+    cls_rate, cls_src = measured_rate(args.runs_dir, "bench_train_gpu", "img_per_s", H100_RESNET50_IMAGES_PER_S)
+    tune = common.load_yaml_section(args.config, "finetune")["merged"] if args.config else {}
+    cls = common.load_yaml_section(args.config, "train_cls")["merged"] if args.config else {}
+    stages = []
+    if "num_train_epochs" in tune:
+        note = f"{tune['num_train_epochs']} epochs x {n:,} images at {H100_FINETUNE_SAMPLES_PER_S} samples/s/GPU"
+        stages.append(("finetune", tune["num_train_epochs"] * n / H100_FINETUNE_SAMPLES_PER_S, note))
+    note = f"{images:,} images at {synth_rate:g} img/s/GPU ({synth_src})"
+    stages.append(("synthesize", images * work / synth_rate, note))
+    if "epochs" in cls:
+        for mode, size in (("real", n), (f"synth_x{args.scale:g}", images), (f"mix_x{args.scale:g}", n + images)):
+            note = f"{cls['epochs']} epochs x {size:,} images at {cls_rate:g} img/s/GPU ({cls_src})"
+            stages.append((f"train_cls {mode}", cls["epochs"] * size / cls_rate, note))
     print(f"plan: {args.dataset} x{args.scale:g} ({n:,} sources: {where})")
     print(
         f"  synthetic set: {images:,} images, {args.output_format} ({files:,} files), short side {side} px, "
