@@ -26,11 +26,10 @@ Commands (the Tab. 8 recipe comes from the dataset's YAML section; any flag over
   CPU     : python train_cls.py --config configs/demo.yaml --train-dirs real
   speed   : python bench.py train --model resnet50 --fake-data 4096 --fake-size 400   (make bench-train)
 
-Recipes: `--recipe paper` (default) is Tab. 8: SGD momentum 0.9, lr 0.1, x0.2 at epochs 50/100/150, wd 5e-4, no
-warmup, no label smoothing, random-resized-crop + flip. `--recipe release` (RELEASE_RECIPE) is what the authors'
-timm 0.9.2 run actually did for IN-10/100, timm defaults Tab. 8 does not list: Nesterov SGD, 5 warmup epochs, label
-smoothing 0.1, colour jitter 0.4 (each only where the option is still at its paper value). The IN-1K recipe (LAMB,
-cosine, RandAugment, mixup/cutmix, BCE) is in configs/in1k.yaml.
+Recipes: `--recipe paper` (default) is Tab. 8: the optimisation and augmentation defaults `--help` lists.
+`--recipe release` (RELEASE_RECIPE) is what the authors' timm 0.9.2 run actually did for IN-10/100, timm defaults
+Tab. 8 does not list, each applied only where the option is still at its paper value. The IN-1K recipe (LAMB, cosine,
+RandAugment, mixup/cutmix, BCE) is in configs/in1k.yaml.
 """
 
 from __future__ import annotations
@@ -77,26 +76,27 @@ def get_parser() -> common.StageParser:
     a("--drop-path", type=float, default=0.0, help="stochastic depth (Tab. 8: 0.05 for IN-1K)")
     a("--input-size", type=int, default=224, help="train = test resolution (Tab. 8: 224 or 448)")
     a("--crop-pct", type=float, default=None, help="eval crop fraction (default: the model's, 0.95)")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (GPU speed)")
     a = p.group("optimisation (Tab. 8)").add_argument
-    a("--recipe", choices=["paper", "release"], default="paper", help="release: RELEASE_RECIPE")
-    a("--epochs", type=common.positive_int, default=200)
+    release = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in RELEASE_RECIPE.items())
+    a("--recipe", choices=["paper", "release"], default="paper", help=f"release: {release} (where still at Tab. 8's)")
+    a("--epochs", type=common.positive_int, default=200, help="training epochs")
     a("--batch-size", type=common.positive_int, default=1024, help="GLOBAL batch (Tab. 8: 128 x 8 GPUs)")
     a("--max-device-batch", type=common.positive_int, default=128, help="largest micro-batch per process")
     a("--opt", default="momentum", help="timm optimizer: momentum (SGD, paper), sgd (Nesterov), lamb")
-    a("--lr", type=float, default=0.1)
-    a("--momentum", type=float, default=0.9)
-    a("--weight-decay", type=float, default=5e-4)
+    a("--lr", type=float, default=0.1, help="peak learning rate (after any warmup)")
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--weight-decay", type=float, default=5e-4, help="weight decay")
     a("--sched", default="multistep", help="timm scheduler: multistep (paper), cosine (IN-1K)")
-    a("--decay-milestones", type=int, nargs="+", default=[50, 100, 150])
-    a("--decay-rate", type=float, default=0.2)
-    a("--warmup-epochs", type=int, default=0)
-    a("--warmup-lr", type=float, default=1e-5)
-    a("--min-lr", type=float, default=0.0)
+    a("--decay-milestones", type=int, nargs="+", default=[50, 100, 150], help="multistep: epochs the lr drops at")
+    a("--decay-rate", type=float, default=0.2, help="multistep: lr factor at each milestone")
+    a("--warmup-epochs", type=int, default=0, help="linear warmup, per optimizer update")
+    a("--warmup-lr", type=float, default=1e-5, help="lr the warmup starts from")
+    a("--min-lr", type=float, default=0.0, help="lr floor of the schedule")
     a = p.group("augmentation and loss (Tab. 8; IN-1K adds RandAugment, mixup, cutmix, BCE)").add_argument
     a("--scale", type=float, nargs=2, default=[0.08, 1.0], help="random-resized-crop area range")
-    a("--hflip", type=float, default=0.5)
-    a("--color-jitter", type=float, default=0.0)
+    a("--hflip", type=float, default=0.5, help="horizontal-flip probability")
+    a("--color-jitter", type=float, default=0.0, help="colour-jitter strength")
     a("--aa", default=None, help="timm auto-augment string, e.g. rand-m7-mstd0.5 (IN-1K)")
     a("--train-interpolation", default="random", help="release (timm) default; paper silent")
     a("--smoothing", type=float, default=0.0, help="label smoothing")
@@ -108,7 +108,7 @@ def get_parser() -> common.StageParser:
     a("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
     a("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs)")
     a("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
-    a("--keep-checkpoints", type=int, default=1)
+    a("--keep-checkpoints", type=int, default=1, help="newest epoch checkpoints kept")
     return p
 
 
