@@ -431,11 +431,11 @@ def get_parser() -> common.StageParser:
     p.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="for --features clip")
     p.add_argument("--k", type=int, default=5, help="nearest neighbours for precision/recall/density/coverage")
     p.add_argument("--prdc-images", type=int, default=10000, help="per set, for the k-NN figures (Naeem et al.: 10k)")
-    p.add_argument("--kid-subsets", type=int, default=50)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--kid-subsets", type=int, default=50, help="KID: random subsets averaged")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset")
     p.add_argument("--per-class-images", type=int, default=1000, help="per set and class, for the per-class figures")
     speed = p.speed_group()
-    speed.add_argument("--batch-size", type=int, default=64)
+    speed.add_argument("--batch-size", type=int, default=64, help="images per feature-extractor batch")
     speed.add_argument(
         "--shard", type=common.parse_shard, default=(0, 1), help="i/n: this job's part of every set (job arrays)"
     )

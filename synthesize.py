@@ -91,7 +91,7 @@ def get_parser() -> common.StageParser:
     a("--scale", type=float, default=1.0, help="outputs per real image; fractional: a seeded subset gets one more")
     a("--output-format", choices=("folder", "wds"), default="folder", help="files in class folders, or tar shards")
     a("--shard-samples", type=common.positive_int, default=5000, help="wds: images per shard (~0.5 GB at 512 px q95)")
-    a("--image-format", choices=("jpg", "png"), default="jpg")
+    a("--image-format", choices=("jpg", "png"), default="jpg", help="file format of the stored images")
     a("--jpeg-quality", type=int, default=95, help="release: PIL's default 75")
     a("--save-size", type=common.positive_int, default=None, help="store at this short side (256 for 224 px crops)")
     a("--output-mode", choices=("source", "RGB"), default="source", help="source: grayscale sources, grayscale out")
