@@ -181,6 +181,14 @@ def test_yaml_keys_reach_options_by_every_name_and_only_through_stage_parser_gro
 @pytest.mark.parametrize(
     "stage", ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim", "eval_gap"]
 )
+def test_every_stage_option_has_help_so_help_shows_its_default(stage):
+    options = {id(a): a for a in importlib.import_module(stage).get_parser().options.values()}.values()
+    assert not [a.option_strings for a in options if a.option_strings and not a.help]
+
+
+@pytest.mark.parametrize(
+    "stage", ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim", "eval_gap"]
+)
 def test_every_stage_hashes_its_method_options_and_not_its_speed_options(stage):
     module = importlib.import_module(stage)
     argv = ["--config", str(common.PROJECT_DIR / "configs/demo.yaml")]
