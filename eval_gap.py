@@ -339,11 +339,12 @@ def set_stats(index, name: str, fp: str, extractor, args, state, cache_dir: Path
     if stats.done < len(positions):
         embed_part(part, stats, keep, extractor, args, state, f"{name} features")
     state.wait_for_everyone()
-    return merge_parts(cache_dir, stem, final, len(index), log), plan
+    return merge_parts(cache_dir, stem, len(index)), plan
 
 
-def merge_parts(cache_dir: Path, stem: str, final: Path, size: int, log) -> GapStats | None:
-    """The whole set's statistics once the finished parts (of any jobs and processes) cover it, saved as `final`."""
+def merge_parts(cache_dir: Path, stem: str, size: int) -> GapStats | None:
+    """The whole set's statistics once the finished parts (of any jobs and processes) cover it, saved as <stem>."""
+    final = cache_dir / f"{stem}.safetensors"
     if final.is_file():
         return GapStats.load(final)
     parts = sorted(cache_dir.glob(f"{stem}.part-*.safetensors"))
