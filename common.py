@@ -418,6 +418,14 @@ def add_mixed_precision(group, dest: str, help_text: str) -> None:
     )
 
 
+def resolve_mixed_precision(value: str, on_gpu: str) -> str:
+    """A --mixed-precision value for accelerate / autocast: auto is the stage's `on_gpu` choice on a CUDA machine and
+    no autocast on the CPU."""
+    if value != "auto":
+        return value
+    return on_gpu if torch.cuda.is_available() else "no"
+
+
 def parse_args(parser: StageParser, argv: Sequence[str] | None, stage: str) -> argparse.Namespace:
     """Parse `argv` with precedence argparse defaults < YAML (`--config`) < command line.
 

@@ -203,8 +203,7 @@ def compute_logits(model, paths, transform, state, args, desc: str) -> torch.Ten
         num_workers=args.workers,
         pin_memory=torch.cuda.is_available(),
     )
-    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    dtype = common.DTYPES.get(amp)
+    dtype = common.DTYPES.get(common.resolve_mixed_precision(args.amp, on_gpu="bf16"))
     out = []
     for _, x in common.progress(loader, state.is_main_process, desc=desc, leave=False):
         with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):

@@ -444,8 +444,7 @@ def register_checkpoint_hooks(accelerator):
 def resolve_args(args):
     if args.mmd_weight is None:
         args.mmd_weight = MMD_WEIGHTS[args.mmd_form]
-    if args.mixed_precision == "auto":
-        args.mixed_precision = "fp16" if torch.cuda.is_available() else "no"
+    args.mixed_precision = common.resolve_mixed_precision(args.mixed_precision, on_gpu="fp16")  # release: fp16
     if args.mmd_form == "release" and args.mmd_batch == "global":
         raise ValueError("--mmd-batch global is for the paper form: the release's term is a per-GPU batch sum")
     if args.mmd_form == "release" and args.mmd_weight > 0 and args.snr_gamma <= 0:

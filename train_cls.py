@@ -404,7 +404,7 @@ def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
 
 
 def make_accelerator(args):
-    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    amp = common.resolve_mixed_precision(args.amp, on_gpu="bf16")
     return Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
 
 
