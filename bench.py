@@ -482,7 +482,7 @@ def make_sets(args, out: Path) -> dict:
         else:
             for j in plan.jobs:
                 synthesize.write_bytes(root / plan.file(int(j)), images[int(j)])
-        rows, _ = synthesize.stored_rows(plan, root, (None, None))
+        rows, _ = synthesize.stored_rows(plan, root, (None, None), {})
         common.write_jsonl(root / "manifest.jsonl", rows)
         common.write_json(root / "classes.json", {"classes": classes, "class_names": classes})
         sets[layout] = common.load_synthetic(root)
