@@ -129,12 +129,13 @@ def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
     return x if len(x) <= n else x[np.random.default_rng(seed).choice(len(x), n, replace=False)]
 
 
-def gap_figures(real: np.ndarray, other: np.ndarray, args) -> dict:
-    return _figures(real, other, gaussian_fit(real), gaussian_fit(other), len(other), args)
-
-
-def _figures(real: np.ndarray, other: np.ndarray, real_fit: tuple, other_fit: tuple, images: int, args) -> dict:
-    """FID and the linear MMD from the Gaussian fits (mean, covariance) given, KID and the k-NN figures on the rows."""
+def gap_figures(
+    real: np.ndarray, other: np.ndarray, args, fits: tuple | None = None, images: int | None = None
+) -> dict:
+    """Every figure of `other` against `real`: KID and the k-NN figures on the rows given; FID and the linear MMD from
+    `fits` ((mean, covariance) of real and other: a streamed set's fits over every image), else from the rows.
+    `images`: the set's size to record (default: the rows')."""
+    real_fit, other_fit = fits or (gaussian_fit(real), gaussian_fit(other))
     kid_mean, kid_std = kid(real, other, args.kid_subsets, args.kid_subset_size, args.seed)
     sampled = (subsample(real, args.prdc_images, args.seed), subsample(other, args.prdc_images, args.seed + 1))
     return {
@@ -143,7 +144,7 @@ def _figures(real: np.ndarray, other: np.ndarray, real_fit: tuple, other_fit: tu
         "kid_std": kid_std,
         **prdc(*sampled, args.k),
         "linear_mmd": linear_mmd_of_means(real_fit[0], other_fit[0]),
-        "images": images,
+        "images": len(other) if images is None else images,
     }
 
 
@@ -237,7 +238,7 @@ def streamed_figures(real: GapStats, real_plan, other: GapStats, other_plan, arg
     """gap_figures with FID and the linear MMD over every image (from the sums), KID and the k-NN figures on the
     seeded overall samples (the same as gap_figures' when a set is no larger than its sample)."""
     r, o = real.sample(real_plan[0]), other.sample(other_plan[0])
-    return _figures(r, o, real.gaussian(), other.gaussian(), int(other.count.sum()), args)
+    return gap_figures(r, o, args, (real.gaussian(), other.gaussian()), int(other.count.sum()))
 
 
 def streamed_per_class(real: GapStats, real_plan, other: GapStats, other_plan, classes, args) -> dict:
@@ -246,8 +247,7 @@ def streamed_per_class(real: GapStats, real_plan, other: GapStats, other_plan, c
     for label, name in enumerate(classes):
         r_pos, o_pos = real_plan[1].get(label, []), other_plan[1].get(label, [])
         if min(len(r_pos), len(o_pos)) >= 3:
-            r, o = real.sample(r_pos), other.sample(o_pos)
-            out[name] = _figures(r, o, gaussian_fit(r), gaussian_fit(o), int(other.count[label]), args)
+            out[name] = gap_figures(real.sample(r_pos), other.sample(o_pos), args, images=int(other.count[label]))
     return out
 
 
