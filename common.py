@@ -410,11 +410,13 @@ def add_run_options(
     h.add_argument("--workers", "--num-workers", type=int, default=workers, help="data-loader workers per process")
 
 
-def add_mixed_precision(group, dest: str, help_text: str) -> None:
-    """--mixed-precision, alias --amp: autocast in accelerate's vocabulary plus auto, one option for every stage that
-    autocasts (`dest` keeps each stage's config key, so existing runs keep their hash)."""
+def add_mixed_precision(group, dest: str, on_gpu: str, why: str = "") -> None:
+    """--mixed-precision, alias --amp: autocast in accelerate's vocabulary plus auto (`on_gpu` on a GPU, see
+    resolve_mixed_precision), one option for every stage that autocasts (`dest` keeps each stage's config key, so
+    existing runs keep their hash)."""
+    text = f"autocast; auto: {on_gpu} on a GPU{why}, none on the CPU"
     group.add_argument(
-        "--mixed-precision", "--amp", dest=dest, choices=("auto", "no", "fp16", "bf16"), default="auto", help=help_text
+        "--mixed-precision", "--amp", dest=dest, choices=("auto", "no", "fp16", "bf16"), default="auto", help=text
     )
 
 
@@ -449,7 +451,10 @@ def parse_args(parser: StageParser, argv: Sequence[str] | None, stage: str) -> a
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if unknown := set(vars(args)) - set(parser.options) - {UNHASHED}:  # a config key could not reach them
-        raise TypeError(f"options {sorted(unknown)} were added around StageParser.group / add_argument")
+        raise TypeError(
+            f"options {sorted(unknown)} bypass StageParser (argparse's own add_argument_group?): no "
+            "config key reaches them; add them with StageParser.group or speed_group"
+        )
     return args
 
 

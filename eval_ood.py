@@ -45,6 +45,8 @@ from timm.utils import accuracy
 
 import common
 
+AUTOCAST_ON_GPU = "bf16"  # --mixed-precision auto on a GPU (the forward pass only)
+
 WNID = re.compile(r"^n\d{8}$")
 IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet index order)
     "imagenet-v2": "imagenet1k_wnids.txt",
@@ -76,7 +78,7 @@ def get_parser() -> common.StageParser:
             help=f"root of {kind} (used when --sets names '{kind}'; default ${env} or configs/paths.yaml)",
         )
     p.speed_group().add_argument("--batch-size", type=int, default=256, help="per process")
-    common.add_mixed_precision(p, "amp", "autocast for the forward pass; auto = bf16 on a GPU, none on CPU")
+    common.add_mixed_precision(p, "amp", AUTOCAST_ON_GPU)
     return p
 
 
@@ -203,7 +205,7 @@ def compute_logits(model, paths, transform, state, args, desc: str) -> torch.Ten
         num_workers=args.workers,
         pin_memory=torch.cuda.is_available(),
     )
-    dtype = common.DTYPES.get(common.resolve_mixed_precision(args.amp, on_gpu="bf16"))
+    dtype = common.DTYPES.get(common.resolve_mixed_precision(args.amp, AUTOCAST_ON_GPU))
     out = []
     for _, x in common.progress(loader, state.is_main_process, desc=desc, leave=False):
         with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):

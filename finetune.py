@@ -73,6 +73,7 @@ PAPER_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # paper App. E: Sta
 PAPER_ENCODER = "openai/clip-vit-large-patch14"  # release extract_feature.py: projected 768-d image embedding
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # release: LoRA on every UNet attention's four projections
 MMD_WEIGHTS = {"paper": 0.01, "release": 0.003}  # paper form: converted from the release's 0.003 (docstring)
+AUTOCAST_ON_GPU = "fp16"  # --mixed-precision auto on a GPU: paper App. E Tab. 7 and the release train in fp16
 
 
 def get_parser() -> common.StageParser:
@@ -113,7 +114,7 @@ def get_parser() -> common.StageParser:
     # The paper samples "random" images, count not given; 64 keeps the mean's standard error at 1/8 of the spread.
     a("--vg-images-per-class", type=int, default=64, help="K random training images per class for the class mean")
     engineering = p.group("engineering")
-    common.add_mixed_precision(engineering, "mixed_precision", "auto: fp16 on GPU (release)")
+    common.add_mixed_precision(engineering, "mixed_precision", AUTOCAST_ON_GPU, " (release)")
     a = engineering.add_argument
     a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (less memory)")
     a("--cache-latents", action="store_true", help="encode latents + text once, center crop (README: Finetuning)")
@@ -447,7 +448,7 @@ def register_checkpoint_hooks(accelerator):
 def resolve_args(args):
     if args.mmd_weight is None:
         args.mmd_weight = MMD_WEIGHTS[args.mmd_form]
-    args.mixed_precision = common.resolve_mixed_precision(args.mixed_precision, on_gpu="fp16")  # release: fp16
+    args.mixed_precision = common.resolve_mixed_precision(args.mixed_precision, AUTOCAST_ON_GPU)
     if args.mmd_form == "release" and args.mmd_batch == "global":
         raise ValueError("--mmd-batch global is for the paper form: the release's term is a per-GPU batch sum")
     if args.mmd_form == "release" and args.mmd_weight > 0 and args.snr_gamma <= 0:

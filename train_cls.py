@@ -27,9 +27,9 @@ Commands (the Tab. 8 recipe comes from the dataset's YAML section; any flag over
   speed   : python bench.py train --model resnet50 --fake-data 4096 --fake-size 400   (make bench-train)
 
 Recipes: `--recipe paper` (default) is Tab. 8: the optimisation and augmentation defaults `--help` lists.
-`--recipe release` (RELEASE_RECIPE) is what the authors' timm 0.9.2 run actually did for IN-10/100, timm defaults
-Tab. 8 does not list, each applied only where the option is still at its paper value. The IN-1K recipe (LAMB, cosine,
-RandAugment, mixup/cutmix, BCE) is in configs/in1k.yaml.
+`--recipe release` adds what the authors' timm 0.9.2 run did for IN-10/100 beyond Tab. 8 (timm defaults the table
+does not list; RELEASE_RECIPE), each only where the option is still at its paper value. The IN-1K recipe (LAMB,
+cosine, RandAugment, mixup/cutmix, BCE) is in configs/in1k.yaml.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from timm.utils import accuracy
 
 import common
 
+AUTOCAST_ON_GPU = "bf16"  # --mixed-precision auto on a GPU
 RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jitter": 0.4}  # timm "sgd" = Nesterov
 
 
@@ -103,7 +104,7 @@ def get_parser() -> common.StageParser:
     a("--mixup", type=float, default=0.0, help="mixup alpha (IN-1K: 0.2)")
     a("--cutmix", type=float, default=0.0, help="cutmix alpha (IN-1K: 1.0)")
     a("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
-    common.add_mixed_precision(p.group("system"), "amp", "auto: bf16 on a GPU")
+    common.add_mixed_precision(p.group("system"), "amp", AUTOCAST_ON_GPU)
     a = p.speed_group().add_argument
     a("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
     a("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs)")
@@ -404,7 +405,7 @@ def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
 
 
 def make_accelerator(args):
-    amp = common.resolve_mixed_precision(args.amp, on_gpu="bf16")
+    amp = common.resolve_mixed_precision(args.amp, AUTOCAST_ON_GPU)
     return Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
 
 
