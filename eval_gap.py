@@ -36,7 +36,9 @@ Each process of `accelerate launch` and each `--shard i/n` job embeds its part o
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -299,47 +301,58 @@ class Part:
     path: Path
 
 
-@torch.no_grad()
-def embed_part(part: Part, stats: GapStats, keep: set, extractor, args, state, desc: str) -> None:
-    """Embed the part's images not yet in `stats` (a resumed part starts where it stopped), adding them batch by
-    batch; the part is saved every --checkpoint-every images and at the end."""
-    forward, transform = extractor
-    todo = part.positions[stats.done :]
-    images = common.ImageFiles([part.index.abspath(int(i)) for i in todo], transform)
-    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
-    since = 0
-    for batch, x in common.progress(loader, desc=desc, is_main=state.is_main_process):
-        where = todo[batch.numpy()]
-        feats = forward(x.to(state.device)).float().cpu().numpy()  # features kept float32
-        stats.add(where, feats, part.labels[where], keep)
-        since += len(where)
-        if since >= args.checkpoint_every:
-            stats.save(part.path)
-            since = 0
-    stats.save(part.path)
+@dataclasses.dataclass
+class Embedding:
+    """How this job embeds image sets: the feature extractor (forward, transform), the options, the process it runs
+    in, and the cache its statistics go to (module docstring)."""
 
+    extractor: tuple
+    args: argparse.Namespace
+    state: PartialState
+    cache_dir: Path
+    log: logging.Logger
 
-def set_stats(index, name: str, fp: str, extractor, args, state, cache_dir: Path, log) -> tuple:
-    """(GapStats, sample plan) of an image set, or (None, plan) while other shards still embed their parts; cached
-    under cache_dir (module docstring), this job's part resumable."""
-    key = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.features)
-    sampling = f"s{args.seed}-o{max(args.prdc_images, args.kid_subset_size)}-c{args.per_class_images}"
-    stem = f"{index.name}-{index.split}-{fp}-{key}-{sampling}"
-    final = cache_dir / f"{stem}.safetensors"
-    labels = np.array([s.label for s in index.samples])
-    plan = sample_plan(labels, args)
-    if final.is_file():
-        log.info(f"{name}: statistics from {final}")
-        return GapStats.load(final), plan
-    keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
-    (i, n), (r, w) = args.shard, (state.process_index, state.num_processes)
-    positions = np.array(common.local_items(list(range(len(index))), (i, n), r, w))
-    part = Part(index, labels, positions, cache_dir / f"{stem}.part-{i}of{n}-{r}of{w}.safetensors")
-    stats = GapStats.load(part.path) if part.path.is_file() else GapStats(len(index.classes))
-    if stats.done < len(positions):
-        embed_part(part, stats, keep, extractor, args, state, f"{name} features")
-    state.wait_for_everyone()
-    return merge_parts(cache_dir, stem, len(index)), plan
+    def set_stats(self, index, name: str, fp: str) -> tuple:
+        """(GapStats, sample plan) of an image set, or (None, plan) while other shards still embed their parts;
+        cached under cache_dir, this job's part resumable."""
+        args, state = self.args, self.state
+        key = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.features)
+        sampling = f"s{args.seed}-o{max(args.prdc_images, args.kid_subset_size)}-c{args.per_class_images}"
+        stem = f"{index.name}-{index.split}-{fp}-{key}-{sampling}"
+        final = self.cache_dir / f"{stem}.safetensors"
+        labels = np.array([s.label for s in index.samples])
+        plan = sample_plan(labels, args)
+        if final.is_file():
+            self.log.info(f"{name}: statistics from {final}")
+            return GapStats.load(final), plan
+        keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
+        (i, n), (r, w) = args.shard, (state.process_index, state.num_processes)
+        positions = np.array(common.local_items(list(range(len(index))), (i, n), r, w))
+        part = Part(index, labels, positions, self.cache_dir / f"{stem}.part-{i}of{n}-{r}of{w}.safetensors")
+        stats = GapStats.load(part.path) if part.path.is_file() else GapStats(len(index.classes))
+        if stats.done < len(positions):
+            self.embed_part(part, stats, keep, f"{name} features")
+        state.wait_for_everyone()
+        return merge_parts(self.cache_dir, stem, len(index)), plan
+
+    @torch.no_grad()
+    def embed_part(self, part: Part, stats: GapStats, keep: set, desc: str) -> None:
+        """Embed the part's images not yet in `stats` (a resumed part starts where it stopped), adding them batch by
+        batch; the part is saved every --checkpoint-every images and at the end."""
+        (forward, transform), args = self.extractor, self.args
+        todo = part.positions[stats.done :]
+        images = common.ImageFiles([part.index.abspath(int(i)) for i in todo], transform)
+        loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
+        since = 0
+        for batch, x in common.progress(loader, desc=desc, is_main=self.state.is_main_process):
+            where = todo[batch.numpy()]
+            feats = forward(x.to(self.state.device)).float().cpu().numpy()  # features kept float32
+            stats.add(where, feats, part.labels[where], keep)
+            since += len(where)
+            if since >= args.checkpoint_every:
+                stats.save(part.path)
+                since = 0
+        stats.save(part.path)
 
 
 def merge_parts(cache_dir: Path, stem: str, size: int) -> GapStats | None:
@@ -480,10 +493,8 @@ def main(argv=None) -> dict:
     if run.begin(state.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
     log = common.get_logger(out, state.is_main_process)
-    cache_dir = out.parent / "gap_features"
-    gathered = {
-        name: set_stats(index, name, fps[name], extractor, args, state, cache_dir, log) for name, index in sets.items()
-    }
+    embedding = Embedding(extractor, args, state, out.parent / "gap_features", log)
+    gathered = {name: embedding.set_stats(index, name, fps[name]) for name, index in sets.items()}
     if any(stats is None for stats, _ in gathered.values()) or not state.is_main_process:
         log.info("this part's features are in; the figures come from the job that finishes the last part")
         return None
