@@ -13,23 +13,18 @@ Outputs: <output-dir>/ (default runs/<dataset>/cls_<name>, name = real | <synth 
            metrics.jsonl       one row per epoch (loss, lr, top1, top5, img/s, data-wait fraction)
            checkpoints/        accelerate state of the last epoch(s); a re-run of the same command resumes
            manifest.json       written last: config, metrics (top1/top5 on the real test split) and a "classifier"
-                               entry from which eval_ood.py / mia_lira.py rebuild the model:
-                                 timm.create_model(c["model"], num_classes=c["num_classes"], **c["model_kwargs"])
-                                 .load_state_dict(load_file(run / c["weights"])); the eval transform is
-                                 timm.data.create_transform(**c["eval_transform"]); labels follow c["classes"].
+                               entry (timm model and kwargs, weights, eval transform, classes) from which
+                               common.load_classifier rebuilds the model for eval_ood.py and mia_lira.py
 
 Commands (the Tab. 8 recipe comes from the dataset's YAML section; any flag overrides it):
   one GPU : python train_cls.py --config configs/in10.yaml --data-root /data/imagenet
                 --train-dirs real runs/in10/synth_x1
   8 GPUs  : accelerate launch --multi_gpu --num_processes 8 train_cls.py --config configs/in10.yaml ...
-            (--batch-size is global: 1 GPU accumulating trains on the micro-batches 8 GPUs train on)
   CPU     : python train_cls.py --config configs/demo.yaml --train-dirs real
   speed   : python bench.py train --model resnet50 --fake-data 4096 --fake-size 400   (make bench-train)
 
-Recipes: `--recipe paper` (default) is Tab. 8: the optimisation and augmentation defaults `--help` lists.
-`--recipe release` adds what the authors' timm 0.9.2 run did for IN-10/100 beyond Tab. 8 (timm defaults the table
-does not list; RELEASE_RECIPE), each only where the option is still at its paper value. The IN-1K recipe (LAMB,
-cosine, RandAugment, mixup/cutmix, BCE) is in configs/in1k.yaml.
+Recipes: `--recipe paper` (default) is Tab. 8, the defaults `--help` lists; `--recipe release` adds what the authors'
+timm 0.9.2 run did for IN-10/100 beyond Tab. 8 (timm defaults the table does not list). IN-1K's is configs/in1k.yaml.
 """
 
 from __future__ import annotations
@@ -91,7 +86,7 @@ def get_parser() -> common.StageParser:
     a("--sched", default="multistep", help="timm scheduler: multistep (paper), cosine (IN-1K)")
     a("--decay-milestones", type=int, nargs="+", default=[50, 100, 150], help="multistep: epochs the lr drops at")
     a("--decay-rate", type=float, default=0.2, help="multistep: lr factor at each milestone")
-    a("--warmup-epochs", type=int, default=0, help="linear warmup, per optimizer update")
+    a("--warmup-epochs", type=int, default=0, help="linear warmup epochs (timm steps it per epoch)")
     a("--warmup-lr", type=float, default=1e-5, help="lr the warmup starts from")
     a("--min-lr", type=float, default=0.0, help="lr floor of the schedule")
     a = p.group("augmentation and loss (Tab. 8; IN-1K adds RandAugment, mixup, cutmix, BCE)").add_argument
@@ -114,7 +109,6 @@ def get_parser() -> common.StageParser:
 
 
 def apply_recipe(args: argparse.Namespace, parser: common.StageParser) -> None:
-    """`--recipe release`: the release's values for options the user left at the paper's default."""
     if args.recipe == "release":
         for key, value in RELEASE_RECIPE.items():
             if getattr(args, key) == parser.get_default(key):
@@ -340,30 +334,25 @@ def train_steps(t: Training, batches_iter, n_micro: int, args, epoch: int, num_u
         images += len(x)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return {
-        "loss": total_loss / max(images, 1),
-        "images": images,
-        "seconds": time.perf_counter() - start,
-        "data_wait": wait,
-    }, num_updates
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(images, 1), "images": images, "seconds": seconds, "data_wait": wait}, num_updates
 
 
 @torch.no_grad()
 def evaluate(model, index, transform, accelerator, args) -> dict:
     """Top-1/top-5 on `index`, each process taking every world-th image; counts summed over processes."""
     model.eval()
+    device = accelerator.device
     ids = list(range(accelerator.process_index, len(index), accelerator.num_processes))
     data = ImageList([str(index.abspath(i)) for i in ids], [index.samples[i].label for i in ids], transform)
     loader = torch.utils.data.DataLoader(data, batch_size=args.max_device_batch, num_workers=args.workers)
-    counts = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+    counts = torch.zeros(3, device=device, dtype=torch.float64)
     for x, y in loader:
-        x = x.to(accelerator.device)
+        x = x.to(device)
         with accelerator.autocast():
             logits = model(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x).float()
         top1, top5 = accuracy(logits.cpu(), y, topk=(1, 5))  # timm's, in percent; k capped at the classes
-        counts += torch.tensor(
-            [top1 * len(y) / 100, top5 * len(y) / 100, len(y)], dtype=torch.float64, device=accelerator.device
-        )
+        counts += torch.tensor([top1 * len(y) / 100, top5 * len(y) / 100, len(y)], dtype=torch.float64, device=device)
     counts = accelerator.reduce(counts, reduction="sum")
     return {"top1": 100.0 * counts[0].item() / counts[2].item(), "top5": 100.0 * counts[1].item() / counts[2].item()}
 
@@ -410,7 +399,7 @@ def make_accelerator(args):
 
 
 def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch: int) -> Training:
-    """timm's optimizer and scheduler (per-update warmup, per-epoch decay) from the recipe's flags, loss and mixup for
+    """timm's optimizer and scheduler (warmup and decay stepped per epoch) from the recipe's flags, loss and mixup for
     `model`, prepared by accelerate; the micro-batches per step."""
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -500,7 +489,6 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"cls_{name}")
     common.seed_everything(args.seed)
 
-    # The class order is the real test split's; every training source is relabelled to it.
     args.test_split = common.resolve_split(args.dataset, args.data_root, args.test_split)
     test_index = common.load_dataset(args.dataset, args.data_root, args.test_split)
     classes = test_index.classes
