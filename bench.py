@@ -589,7 +589,7 @@ def bench_train(argv) -> dict:
         "batch_size": args.batch_size,
         "processes": world,
         "workers": args.workers,
-        "amp": accelerator.mixed_precision,
+        "mixed_precision": accelerator.mixed_precision,
         "img_per_s": stats["images"] * world / stats["seconds"],
         "data_wait_frac": stats["data_wait"] / stats["seconds"],
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -410,14 +410,11 @@ def add_run_options(
     h.add_argument("--workers", "--num-workers", type=int, default=workers, help="data-loader workers per process")
 
 
-def add_mixed_precision(group, dest: str, on_gpu: str, why: str = "") -> None:
+def add_mixed_precision(group, on_gpu: str, why: str = "") -> None:
     """--mixed-precision, alias --amp: autocast in accelerate's vocabulary plus auto (`on_gpu` on a GPU, see
-    resolve_mixed_precision), one option for every stage that autocasts (`dest` keeps each stage's config key, so
-    existing runs keep their hash)."""
+    resolve_mixed_precision), one option and one config key for every stage that autocasts."""
     text = f"autocast; auto: {on_gpu} on a GPU{why}, none on the CPU"
-    group.add_argument(
-        "--mixed-precision", "--amp", dest=dest, choices=("auto", "no", "fp16", "bf16"), default="auto", help=text
-    )
+    group.add_argument("--mixed-precision", "--amp", choices=("auto", "no", "fp16", "bf16"), default="auto", help=text)
 
 
 def resolve_mixed_precision(value: str, on_gpu: str) -> str:
@@ -680,6 +677,11 @@ def environment_info() -> dict:
 # Run directories. A stage owns one directory; `manifest.json`, written last, marks it complete.
 
 
+# Config keys renamed since runs were first made (old name -> new): a run on disk made under an old name is the same
+# run, so a rename alone never sends a finished classifier back to be trained again.
+RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for precision in every stage
+
+
 class ConfigMismatchError(RuntimeError):
     """A run directory holds a run with another config; the message names the changed keys."""
 
@@ -704,9 +706,10 @@ class RunDir:
         self.started_path = self.path / "run_config.json"  # written at start so an interrupted run knows its config
 
     def _previous_config(self) -> dict | None:
+        """The config of the run on disk, its keys under their current names (RENAMED_KEYS)."""
         for candidate in (self.manifest_path, self.started_path):
             if candidate.is_file():
-                return read_json(candidate)["config"]
+                return {RENAMED_KEYS.get(k, k): v for k, v in read_json(candidate)["config"].items()}
         return None
 
     def _produced_nothing(self) -> bool:

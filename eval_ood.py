@@ -78,7 +78,7 @@ def get_parser() -> common.StageParser:
             help=f"root of {kind} (used when --sets names '{kind}'; default ${env} or configs/paths.yaml)",
         )
     p.speed_group().add_argument("--batch-size", type=int, default=256, help="per process")
-    common.add_mixed_precision(p, "amp", AUTOCAST_ON_GPU)
+    common.add_mixed_precision(p, AUTOCAST_ON_GPU)
     return p
 
 
@@ -205,7 +205,7 @@ def compute_logits(model, paths, transform, state, args, desc: str) -> torch.Ten
         num_workers=args.workers,
         pin_memory=torch.cuda.is_available(),
     )
-    dtype = common.DTYPES.get(common.resolve_mixed_precision(args.amp, AUTOCAST_ON_GPU))
+    dtype = common.DTYPES.get(common.resolve_mixed_precision(args.mixed_precision, AUTOCAST_ON_GPU))
     out = []
     for _, x in common.progress(loader, state.is_main_process, desc=desc, leave=False):
         with torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):

@@ -114,7 +114,7 @@ def get_parser() -> common.StageParser:
     # The paper samples "random" images, count not given; 64 keeps the mean's standard error at 1/8 of the spread.
     a("--vg-images-per-class", type=int, default=64, help="K random training images per class for the class mean")
     engineering = p.group("engineering")
-    common.add_mixed_precision(engineering, "mixed_precision", AUTOCAST_ON_GPU, " (release)")
+    common.add_mixed_precision(engineering, AUTOCAST_ON_GPU, " (release)")
     a = engineering.add_argument
     a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (less memory)")
     a("--cache-latents", action="store_true", help="encode latents + text once, center crop (README: Finetuning)")

@@ -99,7 +99,7 @@ def get_parser() -> common.StageParser:
     a("--mixup", type=float, default=0.0, help="mixup alpha (IN-1K: 0.2)")
     a("--cutmix", type=float, default=0.0, help="cutmix alpha (IN-1K: 1.0)")
     a("--bce-loss", action="store_true", help="binary cross-entropy (IN-1K)")
-    common.add_mixed_precision(p.group("system"), "amp", AUTOCAST_ON_GPU)
+    common.add_mixed_precision(p.group("system"), AUTOCAST_ON_GPU)
     a = p.speed_group().add_argument
     a("--name", default=None, help="run name for the default output dir (default: from --train-dirs)")
     a("--epochs-per-job", type=int, default=None, help="stop after N epochs (time-limited jobs)")
@@ -394,7 +394,7 @@ def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
 
 
 def make_accelerator(args):
-    amp = common.resolve_mixed_precision(args.amp, AUTOCAST_ON_GPU)
+    amp = common.resolve_mixed_precision(args.mixed_precision, AUTOCAST_ON_GPU)
     return Accelerator(mixed_precision=amp, cpu=not torch.cuda.is_available())  # torchrun on CPUs: one group
 
 

@@ -143,6 +143,17 @@ def test_rundir_that_produced_nothing_gives_way_to_a_corrected_command(tmp_path)
     assert not list(tmp_path.glob("r.old-*"))
 
 
+def test_rundir_reads_an_old_run_under_renamed_keys(tmp_path):
+    """A classifier finished when precision was stored as `amp` is the same run under `mixed_precision`: done, not
+    a mismatch; a changed value under the old name still is one."""
+    old = common.RunDir(tmp_path / "r", {"lr": 0.1, "amp": "bf16"})
+    old.start()
+    old.finish({"top1": 0.5})
+    assert common.RunDir(tmp_path / "r", {"lr": 0.1, "mixed_precision": "bf16"}).start() == "done"
+    with pytest.raises(common.ConfigMismatchError, match="mixed_precision: 'bf16' -> 'no'"):
+        common.RunDir(tmp_path / "r", {"lr": 0.1, "mixed_precision": "no"}).start()
+
+
 def test_config_dict_drops_flags_and_hash_is_stable():
     ns = argparse.Namespace(lr=0.1, overwrite=True, out=Path("/a"), unhashed_options=("overwrite",))
     d = common.config_dict(ns)
