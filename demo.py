@@ -138,26 +138,23 @@ def save_tokenizer(out_dir: Path, words: Iterable[str], max_length: int = 77):
     return tokenizer
 
 
-def build_generator(
-    out_dir: str | Path,
-    words: Iterable[str],
-    image_size: int = 32,
-    seed: int = 0,
-    unet_channels: Iterable[int] = (32, 64),
-    vae_channels: Iterable[int] = (32, 64),
-    text_time_embedding: bool = False,
-    context_length: int = 77,
-):
-    """Build an untrained tiny SD-1.x pipeline and save it in the diffusers layout (model_index.json, unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/). Returns the StableDiffusionImg2ImgPipeline.
+class PipelineShape(NamedTuple):
+    """The tiny pipeline's shape: PIPELINE_KEYS less the seed. The defaults (SD's 77-token context, cross-attention
+    only) are the tests' pipeline; the demo's recipe is get_parser's.
     `vae_channels` and `unet_channels` set the widths per level (one more VAE level = one more 2x downsampling).
     `text_time_embedding` adds diffusers' `addition_embed_type="text"`: the attention-pooled condition (text tokens
     and, when appended, the visual token) is added to the timestep embedding of every ResNet block, besides
     cross-attention."""
 
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    tokenizer = save_tokenizer(out_dir / "tokenizer", words, context_length)
+    image_size: int = 32
+    unet_channels: Iterable[int] = (32, 64)
+    vae_channels: Iterable[int] = (32, 64)
+    text_time_embedding: bool = False
+    context_length: int = 77
+
+
+def tiny_text_encoder(tokenizer: CLIPTokenizer, context_length: int) -> CLIPTextModel:
+    """A 2-layer CLIP text encoder TEXT_WIDTH wide, with unit-variance word embeddings."""
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -176,27 +173,34 @@ def build_generator(
     # ten classes then differed by ~3% of their norm, even after joint pretraining, and the UNet could not tell the
     # classes apart. Unit-variance word embeddings make the class word dominate the condition from the start.
     torch.nn.init.normal_(text_encoder.get_input_embeddings().weight, std=1.0)
+    return text_encoder
+
+
+def tiny_vae(shape: PipelineShape) -> AutoencoderKL:
     # Two levels = one downsampling: 32 px images -> 16 x 16 x 4 latents (SD's VAE downsamples 8x; at 32 px that
     # would leave 4 x 4 latents, too coarse for shapes).
-    vae_channels = tuple(vae_channels)
-    vae = AutoencoderKL(
+    vae_channels = tuple(shape.vae_channels)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        sample_size=image_size,
+        sample_size=shape.image_size,
         norm_num_groups=8,
         block_out_channels=vae_channels,
         layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
     )
+
+
+def tiny_unet(shape: PipelineShape) -> UNet2DConditionModel:
     # Cross-attention at every resolution: a prototype with attention only at the lowest one never learned the
     # class conditioning (issue #2).
     # (32, 64) channels: 1.1M parameters, ~4x cheaper than (64, 128) on a CPU, the difference between a pretraining
     # that fits the demo's budget and one that does not.
-    unet_channels = tuple(unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2,
+    unet_channels = tuple(shape.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=shape.image_size // 2,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
@@ -209,8 +213,21 @@ def build_generator(
         attention_head_dim=tuple(max(1, c // 16) for c in unet_channels),
         # A global condition path: with cross-attention alone, 600 steps x 64 images (10 CPU-minutes) left the noise
         # prediction blind to the prompt (|ε(c) − ε(∅)| / |ε(∅)| = 0.014, diffusion-classifier accuracy at chance).
-        **(dict(addition_embed_type="text", addition_embed_type_num_heads=4) if text_time_embedding else {}),
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=4) if shape.text_time_embedding else {}),
     )
+
+
+def build_generator(out_dir: str | Path, words: Iterable[str], shape: PipelineShape = PipelineShape(), seed: int = 0):
+    """Build an untrained tiny SD-1.x pipeline of `shape` and save it in the diffusers layout (model_index.json,
+    unet/, vae/, text_encoder/, tokenizer/, scheduler/). Returns the StableDiffusionImg2ImgPipeline."""
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = save_tokenizer(out_dir / "tokenizer", words, shape.context_length)
+    # One statement each: the weights are drawn from the seed in this order.
+    text_encoder = tiny_text_encoder(tokenizer, shape.context_length)
+    vae = tiny_vae(shape)
+    unet = tiny_unet(shape)
     # SD 1.5's noise schedule and default scheduler, so the stage scripts see the same configs as on the hub model.
     scheduler = PNDMScheduler(
         beta_start=0.00085,
@@ -543,17 +560,18 @@ def cosine_lr(optimizer, steps: int, warmup: int):
     )
 
 
-def train_vae(
-    vae, images: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int, log=None
-) -> list[float]:
-    """Reconstruction (MSE) + a small KL term, as SD's VAE minus the perceptual and GAN losses a CPU cannot afford."""
+def train_vae(vae, images: torch.Tensor, hp: argparse.Namespace, log=None) -> list[float]:
+    """Reconstruction (MSE) + a small KL term, as SD's VAE minus the perceptual and GAN losses a CPU cannot afford.
+    `hp`: vae_steps, vae_batch_size, vae_lr, kl_weight, seed."""
+    steps = hp.vae_steps
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=hp.vae_lr, weight_decay=0.0)
     sched, losses = cosine_lr(opt, steps, 50), []
-    for step, idx in enumerate(common.progress(batches(len(images), batch_size, steps, seed), total=steps, desc="vae")):
+    draws = batches(len(images), hp.vae_batch_size, steps, hp.seed)
+    for step, idx in enumerate(common.progress(draws, total=steps, desc="vae")):
         x = to_unit(images[idx])
         post = vae.encode(x).latent_dist
-        loss = (vae.decode(post.sample()).sample - x).pow(2).mean() + kl_weight * post.kl().mean()
+        loss = (vae.decode(post.sample()).sample - x).pow(2).mean() + hp.kl_weight * post.kl().mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -613,107 +631,125 @@ def sample_timesteps(n: int, high_t_fraction: float, gen: torch.Generator, num_t
     return torch.where(torch.rand(n, generator=gen) < high_t_fraction, noisy, uniform)
 
 
-def train_unet(
-    unet,
-    text_encoder,
-    scheduler,
-    latents: tuple[torch.Tensor, torch.Tensor, float],
-    labels,
-    token_ids,
-    n_uncond: int,
-    hp: argparse.Namespace,
-    checkpoint: Path | None = None,
-    log=None,
-) -> list[float]:
-    """Text-conditioned denoising on cached latents (posterior mean, std, scaling factor), UNet and text encoder jointly
-    (the text encoder is frozen in every later stage, as SD's is). Prompts are encoded once per step as a table and
-    gathered per sample. `hp`: unet_steps, unet_batch_size, unet_lr, text_lr, p_uncond, high_t_fraction, snr_gamma,
-    ema_decay, seed. Constant learning rate after a warm-up, EMA weights at the end. With `checkpoint`, the whole
-    state is saved every 500 steps and a rerun continues from it, drawing the batches an uninterrupted run would."""
+class CachedLatents(NamedTuple):
+    """The UNet's training set, encoded once: posterior mean and std per image (unscaled), the VAE's scaling factor,
+    and the class labels."""
 
-    mean, std, scale = latents
+    mean: torch.Tensor
+    std: torch.Tensor
+    scale: float
+    labels: torch.Tensor
+
+
+class UNetOptimisation:
+    """What the UNet phase updates and checkpoints: UNet + text encoder (jointly: text_lr 0 leaves it out), AdamW, a
+    constant learning rate after a warm-up, the EMA weights, the noise generator, the step reached and the losses."""
+
+    def __init__(self, unet, text_encoder, hp: argparse.Namespace):
+        self.unet, self.text_encoder = unet, text_encoder
+        self.groups = [{"params": list(unet.parameters()), "lr": hp.unet_lr}]
+        if hp.text_lr > 0:
+            self.groups.append({"params": list(text_encoder.parameters()), "lr": hp.text_lr})
+        self.opt = torch.optim.AdamW(self.groups, weight_decay=1e-2)
+        self.sched = get_constant_schedule_with_warmup(self.opt, num_warmup_steps=min(100, hp.unet_steps // 5))
+        self.ema = EMAModel(unet.parameters(), decay=hp.ema_decay) if hp.ema_decay else None
+        self.gen, self.losses, self.first = torch.Generator().manual_seed(hp.seed), [], 0
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], 1.0)
+        self.opt.step()
+        self.sched.step()
+        if self.ema:
+            self.ema.step(self.unet.parameters())
+        self.losses.append(loss.item())
+
+    def save(self, checkpoint: Path, step: int) -> None:
+        state = {"unet": self.unet.state_dict(), "text_encoder": self.text_encoder.state_dict()}
+        state.update(opt=self.opt.state_dict(), sched=self.sched.state_dict(), gen=self.gen.get_state())
+        state.update(step=step, losses=self.losses)
+        if self.ema:
+            state["ema"] = self.ema.state_dict()
+        with common.atomic_path(checkpoint) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from a saved state: the next step is `self.first`."""
+        state = torch.load(checkpoint, weights_only=False)
+        self.unet.load_state_dict(state["unet"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
+        self.gen.set_state(state["gen"])
+        self.first, self.losses = state["step"], state["losses"]
+
+
+def train_unet(
+    unet, text_encoder, scheduler, data: CachedLatents, token_ids, hp: argparse.Namespace, *, checkpoint=None, log=None
+) -> list[float]:
+    """Text-conditioned denoising on cached latents, UNet and text encoder jointly (the text encoder is frozen in
+    every later stage, as SD's is). Prompts are encoded once per step as a table (`token_ids`: prompt_table's) and
+    gathered per sample. `hp`: unet_steps, unet_batch_size, unet_lr, text_lr, p_uncond, high_t_fraction, snr_gamma,
+    ema_decay, seed. EMA weights at the end. With `checkpoint`, the whole state is saved every 500 steps and a rerun
+    continues from it, drawing the batches an uninterrupted run would."""
+
+    n_uncond = len(token_ids) - len(CLASSES)  # the table's rows after the class prompts
     unet.train()
     text_encoder.train()
-    groups = [{"params": list(unet.parameters()), "lr": hp.unet_lr}]
-    if hp.text_lr > 0:
-        groups.append({"params": list(text_encoder.parameters()), "lr": hp.text_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
-    sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=min(100, hp.unet_steps // 5))
-    ema = EMAModel(unet.parameters(), decay=hp.ema_decay) if hp.ema_decay else None
-    gen, losses, first = torch.Generator().manual_seed(hp.seed), [], 0
+    run = UNetOptimisation(unet, text_encoder, hp)
     if checkpoint and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        if ema:
-            ema.load_state_dict(state["ema"])
-        gen.set_state(state["gen"])
-        first, losses = state["step"], state["losses"]
+        run.resume(checkpoint)
         if log:
-            log.info(f"unet: resumed from {checkpoint} at step {first}")
+            log.info(f"unet: resumed from {checkpoint} at step {run.first}")
+    gen, mean, std = run.gen, data.mean, data.std
     steps = batches(len(mean), hp.unet_batch_size, hp.unet_steps, hp.seed)
     for step, idx in enumerate(common.progress(steps, total=hp.unet_steps, desc="unet")):
-        if step < first:
+        if step < run.first:
             continue
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * data.scale
         with torch.set_grad_enabled(hp.text_lr > 0):
             table = text_encoder(token_ids)[0]
-        cond = table[pick_prompts(labels[idx], n_uncond, hp.p_uncond, gen)]
+        cond = table[pick_prompts(data.labels[idx], n_uncond, hp.p_uncond, gen)]
         t = sample_timesteps(len(idx), hp.high_t_fraction, gen, scheduler.config.num_train_timesteps)
         noise = torch.randn(z.shape, generator=gen)
-        loss = diffusion_loss(unet, scheduler, z, cond, t, noise, hp.snr_gamma).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
-        if ema:
-            ema.step(unet.parameters())
-        losses.append(loss.item())
+        run.update(diffusion_loss(unet, scheduler, z, cond, t, noise, hp.snr_gamma).mean())
         if log and (step + 1) % max(1, hp.unet_steps // 20) == 0:
-            log.info(f"unet step {step + 1}/{hp.unet_steps} loss {np.mean(losses[-200:]):.4f}")
+            log.info(f"unet step {step + 1}/{hp.unet_steps} loss {np.mean(run.losses[-200:]):.4f}")
         if checkpoint and (step + 1) % 500 == 0 and step + 1 < hp.unet_steps:
-            state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict()}
-            state.update(sched=sched.state_dict(), gen=gen.get_state(), step=step + 1, losses=losses)
-            if ema:
-                state["ema"] = ema.state_dict()
-            with common.atomic_path(checkpoint) as tmp:
-                torch.save(state, tmp)
-    if ema:
-        ema.copy_to(unet.parameters())
+            run.save(checkpoint, step + 1)
+    if run.ema:
+        run.ema.copy_to(unet.parameters())
     unet.eval()
     text_encoder.eval()
-    return losses
+    return run.losses
+
+
+@torch.no_grad()
+def class_prompt_targets(text_encoder, token_ids) -> torch.Tensor:
+    """The image encoder's contrastive targets: the class prompts' pooled text embeddings, centred across classes and
+    unit-norm, [classes, width]."""
+    # Centred: the class prompts share "photo of", and their raw pooled embeddings were so alike that the contrastive
+    # loss stayed at ln(10) (uniform) in a first run.
+    pooled = text_encoder(token_ids[: len(CLASSES)]).pooler_output
+    return torch.nn.functional.normalize(pooled - pooled.mean(0), dim=-1)
 
 
 def train_image_encoder(
-    vision,
-    processor,
-    text_encoder,
-    token_ids,
-    images,
-    labels,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    log=None,
+    vision, processor, text: torch.Tensor, images, labels, hp: argparse.Namespace, *, batch_size: int = 64, log=None
 ) -> list[float]:
-    """CLIP's contrastive objective against the (now frozen) text encoder's class-prompt embeddings, so the projected
-    image embedding (the visual-guidance token) carries what the image shows."""
-    with torch.no_grad():
-        # Centred across classes: the class prompts share "photo of", and their raw pooled embeddings were so alike
-        # that the contrastive loss stayed at ln(10) (uniform) in a first run.
-        pooled = text_encoder(token_ids[: len(CLASSES)]).pooler_output
-        text = torch.nn.functional.normalize(pooled - pooled.mean(0), dim=-1)
+    """CLIP's contrastive objective against the (now frozen) text encoder's class-prompt embeddings `text`
+    (class_prompt_targets), so the projected image embedding (the visual-guidance token) carries what the image
+    shows. `hp`: clip_steps, clip_lr, seed."""
+    steps = hp.clip_steps
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     vision.train()
-    opt = torch.optim.AdamW(vision.parameters(), lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(vision.parameters(), lr=hp.clip_lr, weight_decay=1e-2)
     sched, losses = cosine_lr(opt, steps, 20), []
-    for idx in common.progress(batches(len(images), batch_size, steps, seed), total=steps, desc="clip vision"):
+    for idx in common.progress(batches(len(images), batch_size, steps, hp.seed), total=steps, desc="clip vision"):
         pixels = (images[idx].float() / 255 - mean) / std
         emb = torch.nn.functional.normalize(vision(pixel_values=pixels).image_embeds, dim=-1)
         loss = torch.nn.functional.cross_entropy(emb @ text.T * 20.0, labels[idx])  # CLIP's learned scale ends ~100
@@ -734,7 +770,7 @@ def train_image_encoder(
 
 @torch.no_grad()
 def conditioning_check(
-    unet, text_encoder, scheduler, latents, labels, token_ids, seed: int, timesteps=tuple(range(100, 1000, 100))
+    unet, text_encoder, scheduler, latents, labels, token_ids, *, seed: int, timesteps=tuple(range(100, 1000, 100))
 ) -> dict:
     """How much the prompt changes the noise prediction, and whether the model knows which prompt fits an image.
 
@@ -797,28 +833,19 @@ def text_to_image_samples(sd_dir: Path, per_class: int, steps: int, guidance: fl
     return rows
 
 
-def sample_img2img(
-    pipe,
-    sources: list[Image.Image],
-    labels: list[int],
-    ids: list[str],
-    strength: float,
-    steps: int,
-    guidance: float,
-    seed: int,
-    batch_size: int = 50,
-) -> list[Image.Image]:
-    """Latent-prior synthesis as synthesize.py does it: each real image, noised to `strength`, seeds its own sample."""
-    out = []
-    for i in common.progress(range(0, len(sources), batch_size), desc="img2img"):
+def sample_img2img(pipe, sources: DemoSplit, hp: argparse.Namespace, batch_size: int = 50) -> list[Image.Image]:
+    """Latent-prior synthesis as synthesize.py does it: each real image, noised to `strength`, seeds its own sample.
+    `hp`: measure_strength, measure_steps, measure_guidance, seed."""
+    out, labels = [], sources.y.tolist()
+    for i in common.progress(range(0, len(sources.pil), batch_size), desc="img2img"):
         sl = slice(i, i + batch_size)
-        gens = [torch.Generator().manual_seed(common.item_seed(seed, "demo-measure", image_id)) for image_id in ids[sl]]
+        gens = [torch.Generator().manual_seed(common.item_seed(hp.seed, "demo-measure", j)) for j in sources.ids[sl]]
         out += pipe(
             [common.build_prompt(CLASSES[y]) for y in labels[sl]],
-            image=sources[sl],
-            strength=strength,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
+            image=sources.pil[sl],
+            strength=hp.measure_strength,
+            num_inference_steps=hp.measure_steps,
+            guidance_scale=hp.measure_guidance,
             negative_prompt=[common.negative_prompt()] * len(gens),
             generator=gens,
         ).images
@@ -909,20 +936,12 @@ def measure_synthetic(
     judge = train_small_cnn(train_x, train_y, args.cls_epochs, args.seed)
     per_class = args.measure_per_class
     picked = [i for label in range(len(CLASSES)) for i in (train_y == label).nonzero().flatten()[:per_class].tolist()]
-    labels = train_y[picked]
-    synth = sample_img2img(
-        load_sampler(sd_dir),
-        [real[i] for i in picked],
-        labels.tolist(),
-        [ids[i] for i in picked],
-        args.measure_strength,
-        args.measure_steps,
-        args.measure_guidance,
-        args.seed,
-    )
+    sources = DemoSplit([real[i] for i in picked], train_x[picked], train_y[picked], [ids[i] for i in picked])
+    labels = sources.y
+    synth = sample_img2img(load_sampler(sd_dir), sources, args)
     t2i = text_to_image_samples(sd_dir, per_class, args.measure_steps, args.measure_guidance, args.seed)
     t2i_labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
-    synth_x, real_x = as_tensor(synth), train_x[picked]
+    synth_x, real_x = as_tensor(synth), sources.x
     metrics = {
         "judge_test_top1": (predict(judge, test_x) == test_y).float().mean().item(),
         "t2i_class_acc": (predict(judge, as_tensor([im for row in t2i for im in row])) == t2i_labels)
@@ -943,7 +962,7 @@ def measure_synthetic(
         f"{metrics['real_top1']:.3f}, img2img-synthetic {metrics['synth_top1']:.3f} (chance {1 / len(CLASSES):.2f})"
     )
     shown = [range(c * per_class, c * per_class + min(per_class, 4)) for c in range(len(CLASSES))]
-    img2img_grid = common.image_grid([[real[picked[i]] for i in cols] + [synth[i] for i in cols] for cols in shown])
+    img2img_grid = common.image_grid([[sources.pil[i] for i in cols] + [synth[i] for i in cols] for cols in shown])
     return metrics, img2img_grid, common.image_grid([row[: args.grid_per_class] for row in t2i])
 
 
@@ -1002,16 +1021,8 @@ GENERATOR_KEYS = (
 def build_demo_pipeline(out_dir: Path, args):
     """The demo's untrained pipeline from the CLI's shape flags (PIPELINE_KEYS): the skeleton, and the generator's
     starting point."""
-    return build_generator(
-        out_dir,
-        vocabulary_words(),
-        args.image_size,
-        args.seed,
-        unet_channels=args.unet_channels,
-        text_time_embedding=args.text_time_embedding,
-        vae_channels=args.vae_channels,
-        context_length=args.context_length,
-    )
+    shape = PipelineShape(**{key: getattr(args, key) for key in PipelineShape._fields})
+    return build_generator(out_dir, vocabulary_words(), shape, args.seed)
 
 
 def save_component(model, path: Path, load_as_fp32: bool = False) -> None:
@@ -1072,12 +1083,14 @@ def run_skeleton(args) -> dict:
     return metrics
 
 
-def measure_generator(args, out: Path, sd_dir: Path, clip_dir: Path, pipe, scheduler, token_ids, held, log):
-    """(metrics, input fingerprints) of the pretrained generator, on the demo's test images (or, without demo data,
-    the held-out "web" images `held`): VAE PSNR, colour shift and reconstructions, the prompt's effect and the
-    diffusion classifier; with demo data also the judge's view of text-to-image and img2img samples, the small-CNN
-    check and the image encoder's nearest-class-mean accuracy."""
+def measure_generator(args, out: Path, pipe, token_ids, held, log):
+    """(metrics, input fingerprints) of the pretrained generator in `out` (`pipe`: its sd/ as stored), on the demo's
+    test images (or, without demo data, the held-out "web" images `held`): VAE PSNR, colour shift and
+    reconstructions, the prompt's effect and the diffusion classifier; with demo data also the judge's view of
+    text-to-image and img2img samples, the small-CNN check and the image encoder's nearest-class-mean accuracy."""
+    sd_dir, clip_dir = out / "sd", out / "clip_vision"
     vae, unet, text_encoder, scale = pipe.vae, pipe.unet, pipe.text_encoder, pipe.vae.config.scaling_factor
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     data_root = Path(args.data_root)
     has_data = bool(args.measure_per_class) and (data_root / "test").is_dir()
     if has_data:
@@ -1096,7 +1109,7 @@ def measure_generator(args, out: Path, sd_dir: Path, clip_dir: Path, pipe, sched
         "quality_images": "demo test split" if has_data else "held-out pretraining images",
         "vae_psnr_db": psnr(recon, to_unit(images)),
         "vae_colour_shift": mean_colour_shift(((recon.clamp(-1, 1) + 1) * 127.5).round(), images),
-        **conditioning_check(unet, text_encoder, scheduler, latents, labels, token_ids, args.seed),
+        **conditioning_check(unet, text_encoder, scheduler, latents, labels, token_ids, seed=args.seed),
     }
     log.info(
         f"VAE PSNR {metrics['vae_psnr_db']:.2f} dB, colour shift {metrics['vae_colour_shift']:.1f}/255; prompt effect "
@@ -1120,8 +1133,89 @@ def measure_generator(args, out: Path, sd_dir: Path, clip_dir: Path, pipe, sched
     return metrics, inputs
 
 
-def run_generator(args) -> dict:
+class PhaseRecord:
+    """phases.json: the generator's phases done so far, each with its time and figures, so a rerun resumes."""
 
+    def __init__(self, path: Path, resume: bool, log):
+        self.path, self.log = path, log
+        self.done = common.read_json(path) if resume and path.is_file() else {}
+
+    def run(self, name: str, work) -> None:
+        """Do `work` (it returns the phase's figures, or None) unless phase `name` is done already."""
+        if name in self.done:
+            return
+        t0 = time.time()
+        figures = work() or {}
+        self.done[name] = {"elapsed_s": round(time.time() - t0, 1), **figures}
+        common.write_json(self.path, self.done)
+        self.log.info(f"phase {name} done: {self.done[name]}")
+
+
+def loss_figures(losses: list[float], n: int) -> dict:
+    """A phase's figures in phases.json: the mean loss of its first and of its last `n` steps."""
+    return {"loss_first": float(np.mean(losses[:n])), "loss_last": float(np.mean(losses[-n:]))}
+
+
+def pretraining_split(args, log) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(train, held) images and labels: the last `held_out_images` are kept out of training, for PSNR and the
+    conditioning check."""
+    start = time.time()
+    images, labels = pretraining_images(args.seed, args.pretrain_images + args.held_out_images, args.image_size)
+    train = images[: args.pretrain_images], labels[: args.pretrain_images]
+    log.info(f"{len(train[0])} pretraining images drawn in {time.time() - start:.1f} s")
+    return train, (images[args.pretrain_images :], labels[args.pretrain_images :])
+
+
+def build_untrained(sd_dir: Path, clip_dir: Path, args) -> None:
+    """The build phase: the untrained pipeline (as the skeleton) and CLIP image encoder."""
+    build_demo_pipeline(sd_dir, args)
+    build_image_encoder(clip_dir, TEXT_WIDTH, args.image_size, args.seed)
+
+
+def pretrain_vae(vae, images: torch.Tensor, sd_dir: Path, args, log) -> dict:
+    """The VAE phase: train it on `images`, set its scaling_factor from their latents, store it in `sd_dir`."""
+    losses = train_vae(vae, images, args, log)
+    mean, _ = encode_all(vae, images[:2000])
+    vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215 gives
+    save_component(vae, sd_dir / "vae")
+    return loss_figures(losses, 10)
+
+
+def pretrain_unet(pipe, train: tuple[torch.Tensor, torch.Tensor], token_ids, out: Path, args, log) -> dict:
+    """UNet + text encoder on the cached latents of `train`, checkpointed in `out` (an interrupted phase resumes)."""
+    mean, std = encode_all(pipe.vae, train[0])
+    data = CachedLatents(mean, std, pipe.vae.config.scaling_factor, train[1])
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # training noise schedule = SD 1.5's
+    checkpoint = out / "unet_checkpoint.pt"
+    losses = train_unet(pipe.unet, pipe.text_encoder, scheduler, data, token_ids, args, checkpoint=checkpoint, log=log)
+    save_component(pipe.unet, out / "sd" / "unet")
+    save_component(pipe.text_encoder, out / "sd" / "text_encoder")
+    checkpoint.unlink(missing_ok=True)
+    return loss_figures(losses, 20)
+
+
+def pretrain_image_encoder(clip_dir: Path, text_encoder, token_ids, train, args, log) -> dict:
+    """The CLIP image encoder in `clip_dir`, trained on `train` against the pretrained text encoder's class prompts."""
+    vision = CLIPVisionModelWithProjection.from_pretrained(clip_dir)
+    processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    text = class_prompt_targets(text_encoder, token_ids)
+    losses = train_image_encoder(vision, processor, text, *train, args, log=log)
+    save_component(vision, clip_dir)
+    processor.save_pretrained(clip_dir)
+    return loss_figures(losses, 10)
+
+
+def store_fp16(sd_dir: Path, clip_dir: Path) -> None:
+    """Rewrite every component in fp16: what ships (half the bytes), and what the quality checks measure."""
+    for name, loader in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        save_component(loader.from_pretrained(sd_dir / name).half(), sd_dir / name, load_as_fp32=True)
+    processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    save_component(CLIPVisionModelWithProjection.from_pretrained(clip_dir).half(), clip_dir, load_as_fp32=True)
+    processor.save_pretrained(clip_dir)  # save_component replaced the whole folder
+
+
+def run_generator(args) -> dict:
+    """Build the generator and pretrain it phase by phase (PhaseRecord), store it in fp16, measure it as stored."""
     out = Path(args.out or Path(args.runs_dir) / "generator")
     run = common.RunDir(out, {k: getattr(args, k) for k in GENERATOR_KEYS}, args.overwrite)
     state = run.start()
@@ -1129,92 +1223,26 @@ def run_generator(args) -> dict:
         print(f"{out}: demo generator already pretrained (manifest.json); nothing to do")
         return run.manifest()["metrics"]
     log = common.get_logger(out)
-    sd_dir, clip_dir, phases_file = out / "sd", out / "clip_vision", out / "phases.json"
-    phases = common.read_json(phases_file) if state == "resume" and phases_file.is_file() else {}
+    sd_dir, clip_dir = out / "sd", out / "clip_vision"
+    phases = PhaseRecord(out / "phases.json", state == "resume", log)
     common.seed_everything(args.seed)
-    start = time.time()
-    # The last `held_out_images` are kept out of training, for PSNR and the conditioning check.
-    images, labels = pretraining_images(args.seed, args.pretrain_images + args.held_out_images, args.image_size)
-    train_x, train_y = images[: args.pretrain_images], labels[: args.pretrain_images]
-    held_x, held_y = images[args.pretrain_images :], labels[args.pretrain_images :]
-    log.info(f"{len(train_x)} pretraining images drawn in {time.time() - start:.1f} s")
-
-    def done(name: str, t0: float, **metrics):
-        phases[name] = {"elapsed_s": round(time.time() - t0, 1), **metrics}
-        common.write_json(phases_file, phases)
-        log.info(f"phase {name} done: {phases[name]}")
-
-    if "build" not in phases:
-        t0 = time.time()
-        build_demo_pipeline(sd_dir, args)
-        build_image_encoder(clip_dir, TEXT_WIDTH, args.image_size, args.seed)
-        done("build", t0)
+    train, held = pretraining_split(args, log)
+    phases.run("build", lambda: build_untrained(sd_dir, clip_dir, args))
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
-    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # training noise schedule = SD 1.5's
-
-    if "vae" not in phases:
-        t0 = time.time()
-        losses = train_vae(
-            vae, train_x, args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, args.seed, log
-        )
-        mean, _ = encode_all(vae, train_x[:2000])
-        vae.register_to_config(scaling_factor=float(1 / mean.std()))  # unit-variance latents, as SD's 0.18215 gives
-        save_component(vae, sd_dir / "vae")
-        done("vae", t0, loss_first=float(np.mean(losses[:10])), loss_last=float(np.mean(losses[-10:])))
-    scale = vae.config.scaling_factor
-    uncond = ["", common.negative_prompt("paper"), common.negative_prompt("release")]
-    token_ids, _ = prompt_table(tokenizer, uncond)
-
-    if "unet" not in phases:
-        t0 = time.time()
-        mean, std = encode_all(vae, train_x)
-        checkpoint = out / "unet_checkpoint.pt"
-        losses = train_unet(
-            unet, text_encoder, scheduler, (mean, std, scale), train_y, token_ids, len(uncond), args, checkpoint, log
-        )
-        save_component(unet, sd_dir / "unet")
-        save_component(text_encoder, sd_dir / "text_encoder")
-        checkpoint.unlink(missing_ok=True)
-        done("unet", t0, loss_first=float(np.mean(losses[:20])), loss_last=float(np.mean(losses[-20:])))
-
-    if "clip_vision" not in phases:
-        t0 = time.time()
-        vision = CLIPVisionModelWithProjection.from_pretrained(clip_dir)
-        processor = CLIPImageProcessor.from_pretrained(clip_dir)
-        losses = train_image_encoder(
-            vision,
-            processor,
-            text_encoder,
-            token_ids,
-            train_x,
-            train_y,
-            steps=args.clip_steps,
-            batch_size=64,
-            lr=args.clip_lr,
-            seed=args.seed,
-            log=log,
-        )
-        save_component(vision, clip_dir)
-        processor.save_pretrained(clip_dir)
-        done("clip_vision", t0, loss_first=float(np.mean(losses[:10])), loss_last=float(np.mean(losses[-10:])))
-
-    if "fp16" not in phases:  # shipped in fp16 (half the bytes); the quality below is measured on these weights
-        t0 = time.time()
-        for name, loader in (("unet", type(unet)), ("vae", type(vae)), ("text_encoder", type(text_encoder))):
-            save_component(loader.from_pretrained(sd_dir / name).half(), sd_dir / name, load_as_fp32=True)
-        processor = CLIPImageProcessor.from_pretrained(clip_dir)
-        save_component(CLIPVisionModelWithProjection.from_pretrained(clip_dir).half(), clip_dir, load_as_fp32=True)
-        processor.save_pretrained(clip_dir)  # save_component replaced the whole folder
-        done("fp16", t0)
+    phases.run("vae", lambda: pretrain_vae(pipe.vae, train[0], sd_dir, args, log))
+    uncond = ["", common.negative_prompt("paper"), common.negative_prompt("release")]  # what a dropped prompt becomes
+    token_ids, _ = prompt_table(pipe.tokenizer, uncond)
+    phases.run("unet", lambda: pretrain_unet(pipe, train, token_ids, out, args, log))
+    phases.run("clip_vision", lambda: pretrain_image_encoder(clip_dir, pipe.text_encoder, token_ids, train, args, log))
+    phases.run("fp16", lambda: store_fp16(sd_dir, clip_dir))
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
         sd_dir, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
     )
     t0 = time.time()
-    metrics, inputs = measure_generator(args, out, sd_dir, clip_dir, pipe, scheduler, token_ids, (held_x, held_y), log)
-    metrics["phases"] = phases
+    metrics, inputs = measure_generator(args, out, pipe, token_ids, held, log)
+    metrics["phases"] = phases.done
     metrics["quality_elapsed_s"] = round(time.time() - t0, 1)
-    metrics["elapsed_s"] = round(sum(p["elapsed_s"] for p in phases.values()) + metrics["quality_elapsed_s"], 1)
+    metrics["elapsed_s"] = round(sum(p["elapsed_s"] for p in phases.done.values()) + metrics["quality_elapsed_s"], 1)
     run.finish(metrics, inputs, extra={"files": weight_hashes(out)})
     log.info(f"generator ready in {sd_dir} (image encoder {clip_dir}); {metrics['elapsed_s']} s of work")
     return metrics

@@ -116,7 +116,8 @@ def test_pretraining_reduces_the_losses(tmp_path):
             return (pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample - x).pow(2).mean().item()
 
     before = vae_loss()
-    demo.train_vae(pipe.vae, images, steps=12, batch_size=8, lr=2e-3, kl_weight=1e-6, seed=0)
+    vae_hp = argparse.Namespace(vae_steps=12, vae_batch_size=8, vae_lr=2e-3, kl_weight=1e-6, seed=0)
+    demo.train_vae(pipe.vae, images, vae_hp)
     assert vae_loss() < 0.8 * before
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -142,7 +143,7 @@ def test_pretraining_reduces_the_losses(tmp_path):
         ema_decay=0.0,
         seed=0,
     )
-    demo.train_unet(pipe.unet, pipe.text_encoder, scheduler, (mean, std, 1.0), labels, ids, 1, hp)
+    demo.train_unet(pipe.unet, pipe.text_encoder, scheduler, demo.CachedLatents(mean, std, 1.0, labels), ids, hp)
     assert unet_loss() < 0.9 * before
 
 
@@ -311,9 +312,11 @@ def test_diffusion_classifier_finds_the_class_only_when_the_prompt_is_used():
     text_encoder = lambda ids: (table,)  # noqa: E731
     labels = torch.arange(k).repeat(3)
     latents = labels.float().view(-1, 1, 1, 1).expand(-1, 4, 2, 2).clone()
-    oracle = demo.conditioning_check(_OracleUNet(scheduler), text_encoder, scheduler, latents, labels, None, 0)
+    oracle = demo.conditioning_check(_OracleUNet(scheduler), text_encoder, scheduler, latents, labels, None, seed=0)
     assert oracle["denoise_class_acc"] == 1.0 and oracle["denoise_class_acc_per_t"] == 1.0
-    blind = demo.conditioning_check(_OracleUNet(scheduler, True), text_encoder, scheduler, latents, labels, None, 0)
+    blind = demo.conditioning_check(
+        _OracleUNet(scheduler, True), text_encoder, scheduler, latents, labels, None, seed=0
+    )
     assert blind["denoise_class_acc"] == pytest.approx(1 / k) and blind["cond_uncond_rel_diff"] == 0.0
 
 
