@@ -23,7 +23,7 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -471,23 +471,29 @@ def config_hash(config: dict) -> str:
 # file under the final name.
 
 
-def file_mode() -> int:
-    """The mode a plain open() would give a new file under the process umask (0o644 under the usual 022). mkstemp
-    and safetensors make their files 0o600, which a rename carries over: synthetic images, weights and manifests
-    readable by their owner alone on a shared cluster."""
+def new_temp(path: Path, suffix: str) -> tuple[int, Path]:
+    """A new, empty hidden file next to `path`, open for writing. Created with mode 0o666 as a plain open() is, so
+    the kernel applies the umask (and the directory's default ACL) itself: mkstemp's 0o600 would make synthetic
+    images, weights and manifests readable by their owner alone on a shared cluster."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
+def file_mode(directory: str | os.PathLike = ".") -> int:
+    """The mode a new file gets in `directory`, read off a probe file made as new_temp makes its files."""
+    fd, probe = new_temp(Path(directory) / "mode-probe", "")
+    os.close(fd)
     try:
-        with open("/proc/self/status") as status:  # Linux: reads the umask without changing it (thread-safe)
-            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
 
 
 def make_readable(path: str | os.PathLike) -> None:
-    """Give a file, or every file under a directory, the umask's mode: for what libraries write themselves
-    (save_pretrained, accelerate's save_state), since safetensors creates its files 0600 too."""
-    path, mode = Path(path), file_mode()
+    """Give a file, or every file under a directory, the mode a new file gets there: for what libraries write
+    themselves (save_pretrained, accelerate's save_state), since safetensors makes its files 0o600."""
+    path = Path(path)
+    mode = file_mode(path if path.is_dir() else path.parent)
     for f in [path] if path.is_file() else path.rglob("*"):
         if f.is_file() and not f.is_symlink():
             os.chmod(f, mode)
@@ -498,8 +504,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """Open a temp file next to `path` for writing; rename it over `path` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, file_mode())
+    fd, tmp = new_temp(path, ".tmp")
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -517,11 +522,12 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temp path for libraries that want a filename (torch.save, safetensors, PIL); rename on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    fd, tmp = new_temp(path, path.suffix)
     os.close(fd)
+    mode = tmp.stat().st_mode & 0o777
     try:
-        yield Path(tmp)
-        make_readable(tmp)  # after the library's write: it may have replaced the file, or written it 0600
+        yield tmp
+        os.chmod(tmp, mode)  # safetensors replaces the file it writes to with a 0o600 one
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

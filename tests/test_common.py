@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_imagefolder
 from PIL import Image
+from safetensors.torch import save_file
 
 import common
 
@@ -243,12 +244,16 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask):
         common.save_image(Image.new("RGB", (4, 4)), tmp_path / "x.jpg")
         with common.atomic_path(tmp_path / "w.bin") as tmp:
             tmp.write_bytes(b"weights")
+        with common.atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors replaces the file with a 0o600 one
         (tmp_path / "plain.txt").write_text("made by open()")
+        probed = common.file_mode(tmp_path)
     finally:
         os.umask(old)
     expected = 0o666 & ~umask
     assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected  # what the umask gives a plain file
-    for name in ("m.json", "x.jpg", "w.bin"):
+    assert probed == expected
+    for name in ("m.json", "x.jpg", "w.bin", "w.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
 
 
