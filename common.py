@@ -479,7 +479,7 @@ def new_temp(path: Path, suffix: str) -> tuple[int, Path]:
     return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
 
 
-def file_mode(directory: str | os.PathLike = ".") -> int:
+def file_mode(directory: str | os.PathLike) -> int:
     """The mode a new file gets in `directory`, read off a probe file made as new_temp makes its files."""
     fd, probe = new_temp(Path(directory) / "mode-probe", "")
     os.close(fd)

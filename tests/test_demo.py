@@ -160,7 +160,7 @@ def test_generator_round_trip_and_cache(demo_data, tmp_path):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["vae_colour_shift"] >= 0 and metrics["quality_images"] == "demo test split"
     weights = list(out.rglob("*.safetensors"))  # written by save_pretrained (safetensors: 0600 unless fixed)
-    assert len(weights) >= 4 and all(w.stat().st_mode & 0o777 == common.file_mode() for w in weights)
+    assert len(weights) >= 4 and all(w.stat().st_mode & 0o777 == common.file_mode(out) for w in weights)
     for png in ("samples_text2image.png", "samples_img2img.png", "vae_reconstructions.png"):
         assert common.load_image(out / png).size[0] > 0
 

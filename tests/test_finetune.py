@@ -59,7 +59,7 @@ def test_outputs_lora_loads_and_class_tokens(tiny_dataset, tiny_sd, tiny_clip_vi
     assert manifest["config"]["mmd_weight"] == 0.01 and manifest["config"]["vg_mode"] == "class-mean"
     written = [out / n for n in ("pytorch_lora_weights.safetensors", "visual_guidance.safetensors", "manifest.json")]
     written += [f for f in (out / "checkpoints").rglob("*") if f.is_file()]  # accelerate's save_state, safetensors
-    assert len(written) > 3 and all(f.stat().st_mode & 0o777 == common.file_mode() for f in written)  # umask's mode
+    assert len(written) > 3 and all(f.stat().st_mode & 0o777 == common.file_mode(out) for f in written)  # umask's mode
 
     # the LoRA loads with the standard diffusers API and changes the UNet
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd)
