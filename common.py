@@ -390,14 +390,19 @@ def add_run_options(
     seed_help: str = "global seed",
     workers: int = 0,
     resume: bool = False,
+    data_fingerprinted: bool = False,
 ) -> None:
     """The options every stage shares, each with one name and vocabulary: --config, --dataset, --data-root, --seed,
     --runs-dir, --output-dir (default <runs-dir>/<dataset>/<output>), --overwrite, --workers (alias --num-workers),
-    and for stages with checkpoints --resume. Of these only --dataset, --data-root and --seed enter the run's hash."""
+    and for stages with checkpoints --resume. Of these only --dataset, --seed and --data-root enter the run's hash;
+    --data-root not in a stage that puts the fingerprint (split_fingerprint, check_images) of every split it reads in
+    the identity instead (`data_fingerprinted`): there the files define the run, not where they are mounted."""
     g = parser.group("run")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="the real dataset (a --config sets it)")
     g.add_argument("--data-root", default=None, help="its root (else configs/paths.yaml or the environment, README)")
     g.add_argument("--seed", type=int, default=seed, help=seed_help)
+    if data_fingerprinted:
+        parser.not_hashed("data_root")
     h = parser.speed_group("run files (not part of the run's identity)")
     h.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
     h.add_argument("--runs-dir", default="runs", help="root of the default output directories")
@@ -686,6 +691,9 @@ def environment_info() -> dict:
 # Config keys renamed since runs were first made (old name -> new): a run on disk made under an old name is the same
 # run, so a rename alone never sends a finished classifier back to be trained again.
 RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for precision in every stage
+# Keys that stages have since left out of a run's identity: an old run's value is ignored where the current config
+# no longer has the key (data_root: finetune and eval_gap now hash the files of every split they read).
+RETIRED_KEYS = {"data_root"}
 
 
 class ConfigMismatchError(RuntimeError):
@@ -712,10 +720,12 @@ class RunDir:
         self.started_path = self.path / "run_config.json"  # written at start so an interrupted run knows its config
 
     def _previous_config(self) -> dict | None:
-        """The config of the run on disk, its keys under their current names (RENAMED_KEYS)."""
+        """The config of the run on disk, its keys under their current names (RENAMED_KEYS), without the keys that
+        have left this run's identity (RETIRED_KEYS)."""
         for candidate in (self.manifest_path, self.started_path):
             if candidate.is_file():
-                return {RENAMED_KEYS.get(k, k): v for k, v in read_json(candidate)["config"].items()}
+                config = {RENAMED_KEYS.get(k, k): v for k, v in read_json(candidate)["config"].items()}
+                return {k: v for k, v in config.items() if k in self.config or k not in RETIRED_KEYS}
         return None
 
     def _produced_nothing(self) -> bool:

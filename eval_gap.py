@@ -438,7 +438,8 @@ def write_plots(out: Path, results: dict) -> None:
 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
-    common.add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help="seed of the samples (KID, k-NN figures)")
+    seed_help = "seed of the samples (KID, k-NN figures)"
+    common.add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help=seed_help, data_fingerprinted=True)
     p.add_argument("--synthetic-dir", help="a synthesize.py output (required)")
     p.add_argument("--test-split", default=common.HELD_OUT, help="the real held-out split for the floor")
     p.add_argument("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")

@@ -62,8 +62,8 @@ def none_or_path(value: str) -> str | None:
 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
-    common.add_run_options(p, "synth_x<scale>", seed_help="image seeds derive from it (release: 42)", workers=4)
-    p.not_hashed("data_root")  # the sources enter the run's identity by their fingerprint instead
+    seed_help = "image seeds derive from it (release: 42)"
+    common.add_run_options(p, "synth_x<scale>", seed_help=seed_help, workers=4, data_fingerprinted=True)
     a = p.group("sources").add_argument
     a("--split", default="train", help="the real split whose images are the latent priors")
     a("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")

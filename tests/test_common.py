@@ -155,6 +155,28 @@ def test_rundir_reads_an_old_run_under_renamed_keys(tmp_path):
         common.RunDir(tmp_path / "r", {"lr": 0.1, "mixed_precision": "no"}).start()
 
 
+def test_rundir_ignores_a_retired_key_only_where_it_left_the_identity(tmp_path):
+    """finetune made under a hashed data_root (now fingerprinted instead) is the same run; where data_root is still
+    hashed, a changed value is still a mismatch."""
+    old = common.RunDir(tmp_path / "r", {"lr": 0.1, "data_root": "/old/mount"})
+    old.start()
+    old.finish({"top1": 0.5})
+    assert common.RunDir(tmp_path / "r", {"lr": 0.1}).start() == "done"
+    with pytest.raises(common.ConfigMismatchError, match="data_root"):
+        common.RunDir(tmp_path / "r", {"lr": 0.1, "data_root": "/new/mount"}).start()
+
+
+def test_data_fingerprinted_stages_leave_data_root_out_of_the_hash():
+    def config(data_fingerprinted, *argv):
+        p = common.StageParser()
+        common.add_run_options(p, "out", data_fingerprinted=data_fingerprinted)
+        return common.config_dict(p.parse_args(argv))
+
+    assert config(False, "--data-root", "/a") != config(False, "--data-root", "/b")
+    assert config(True, "--data-root", "/a") == config(True, "--data-root", "/b")
+    assert config(True, "--seed", "1") != config(True, "--seed", "2")
+
+
 def test_config_dict_drops_flags_and_hash_is_stable():
     ns = argparse.Namespace(lr=0.1, overwrite=True, out=Path("/a"), unhashed_options=("overwrite",))
     d = common.config_dict(ns)
