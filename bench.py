@@ -20,11 +20,11 @@ Unlike the stage scripts, this file imports three of them: it times their own fu
 the code that runs. The stage scripts never import it.
 
 Commands:
-  CPU (make bench-synth):    python bench.py synth --config configs/demo.yaml --steps 30 --images 48 --rounds 5 \
+  CPU (make bench-synth):    python bench.py synth --config configs/demo.yaml --steps 30 --images 48 --rounds 5 \\
                                  --compile on
-  GPU (make bench-gpu):      python bench.py synth --config configs/demo.yaml --weights sd15-random --resolution 512 \
+  GPU (make bench-gpu):      python bench.py synth --config configs/demo.yaml --weights sd15-random --resolution 512 \\
                                  --pretrained-model runs/demo/skeleton --images 128 --rounds 2
-  CPU (make bench-finetune): python bench.py finetune --pretrained-model runs/demo/generator/sd --resolution 32 \
+  CPU (make bench-finetune): python bench.py finetune --pretrained-model runs/demo/generator/sd --resolution 32 \\
                                  --train-batch-size 16 --steps 10
   GPU:                       python bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 8
   CPU (make bench-train):    python bench.py train --fake-data 640 --fake-size 48 --model test_resnet --input-size 32

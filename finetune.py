@@ -32,11 +32,11 @@ A re-run of a complete run is a no-op; an interrupted run resumes from its lates
 PyTorch SDPA (diffusers' default processor).
 
 Commands:
-  one GPU:     python finetune.py --config configs/in10.yaml --data-root /data/imagenet \
+  one GPU:     python finetune.py --config configs/in10.yaml --data-root /data/imagenet \\
                    --captions runs/in10/captions/captions.jsonl
   multi-GPU:   accelerate launch --num_processes 8 finetune.py --config configs/in10.yaml --data-root ... --captions ...
   4 GPUs:      accelerate launch --num_processes 4 finetune.py ... --gradient-accumulation-steps 2 (paper's 64 per step)
-  multi-node:  accelerate launch --num_machines 2 --machine_rank $RANK --main_process_ip $HOST --num_processes 16 \
+  multi-node:  accelerate launch --num_machines 2 --machine_rank $RANK --main_process_ip $HOST --num_processes 16 \\
                    finetune.py ...
   CPU (demo):  python finetune.py --config configs/demo.yaml --vg-encoder runs/demo/generator/clip_vision
   benchmark:   python bench.py finetune [--pretrained-model DIR | --weights sd15-random]   (samples/s, peak memory)

@@ -29,7 +29,7 @@ Commands:
     job arrays:  python mia_lira.py --config configs/in10.yaml --shard $I/$N   (trains shadows I, I+N, ...; the
                  last job to finish, or any later run, queries and attacks)
     CPU (demo):  python mia_lira.py --config configs/demo.yaml
-    attack only: python mia_lira.py --config configs/in10.yaml --scores-from runs/in10/mia_lira \
+    attack only: python mia_lira.py --config configs/in10.yaml --scores-from runs/in10/mia_lira \\
                      --offline-test two-sided --output-dir runs/in10/mia_lira_twosided
 """
 

@@ -22,11 +22,11 @@ Descriptors are cached under --cache-dir (default runs/<dataset>/sscd_cache/, ke
 path, size and mtime) and shared by every synthetic set: a re-run embeds only images not seen before.
 
 Commands:
-    one GPU / CPU: python sscd_sim.py --config configs/in10.yaml --synthetic-dir runs/in10/synth_x1 \
+    one GPU / CPU: python sscd_sim.py --config configs/in10.yaml --synthetic-dir runs/in10/synth_x1 \\
                        --model /path/to/sscd_disc_large.torchscript.pt
     (single process; the search runs on the GPU when there is one, in blocks of --chunk-size reference descriptors)
     stand-in:      python sscd_sim.py --make-standin runs/demo/sscd_standin.torchscript.pt
-    demo:          python sscd_sim.py --config configs/demo.yaml --synthetic-dir runs/demo/synth_x1 \
+    demo:          python sscd_sim.py --config configs/demo.yaml --synthetic-dir runs/demo/synth_x1 \\
                        --model runs/demo/sscd_standin.torchscript.pt
 """
 

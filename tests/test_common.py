@@ -1,6 +1,7 @@
 """common.py: config precedence, run directories, atomic writes, seeds/sharding, dataset readers, method pieces."""
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -218,6 +219,15 @@ def test_yaml_keys_reach_options_by_every_name_and_only_through_stage_parser_gro
 def test_every_stage_option_has_help_so_help_shows_its_default(stage):
     options = {id(a): a for a in importlib.import_module(stage).get_parser().options.values()}.values()
     assert not [a.option_strings for a in options if a.option_strings and not a.help]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in common.PROJECT_DIR.glob("*.py")))
+def test_help_shows_each_docstring_line_as_written(script):
+    """A lone backslash at a line's end inside a docstring joins two lines: a command meant to wrap shows in --help as
+    one line with a run of spaces. Multi-line commands end their lines with a doubled backslash."""
+    node = ast.parse((common.PROJECT_DIR / script).read_text()).body[0]
+    assert isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant), f"{script} has no module docstring"
+    assert node.value.value.count("\n") == node.end_lineno - node.lineno
 
 
 @pytest.mark.parametrize(
