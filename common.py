@@ -399,7 +399,10 @@ def add_run_options(
     the identity instead (`data_fingerprinted`): there the files define the run, not where they are mounted."""
     g = parser.group("run")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="the real dataset (a --config sets it)")
-    g.add_argument("--data-root", default=None, help="its root (else configs/paths.yaml or the environment, README)")
+    where = "its root (else configs/paths.yaml or the environment, README)"
+    if data_fingerprinted:
+        where += "; not part of the run's identity: its files' fingerprint is"
+    g.add_argument("--data-root", default=None, help=where)
     g.add_argument("--seed", type=int, default=seed, help=seed_help)
     if data_fingerprinted:
         parser.not_hashed("data_root")
