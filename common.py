@@ -386,6 +386,7 @@ class OptionGroup:
 def add_run_options(
     parser: StageParser,
     output: str,
+    *,
     seed: int = 42,
     seed_help: str = "global seed",
     workers: int = 0,
