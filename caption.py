@@ -53,7 +53,7 @@ def get_parser() -> common.StageParser:
     p.add_argument("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")
     speed = p.speed_group()
     speed.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
-    speed.add_argument("--shard", type=common.parse_shard, default=(0, 1), help="'i/n': this job's part (job arrays)")
+    speed.add_argument("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part (job arrays)")
     return p
 
 

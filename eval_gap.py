@@ -451,9 +451,7 @@ def get_parser() -> common.StageParser:
     p.add_argument("--per-class-images", type=int, default=1000, help="per set and class, for the per-class figures")
     speed = p.speed_group()
     speed.add_argument("--batch-size", type=int, default=64, help="images per feature-extractor batch")
-    speed.add_argument(
-        "--shard", type=common.parse_shard, default=(0, 1), help="i/n: this job's part of every set (job arrays)"
-    )
+    speed.add_argument("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part of every set")
     speed.add_argument("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
     return p
 

@@ -106,7 +106,7 @@ def get_parser() -> common.StageParser:
     a("--write-workers", type=int, default=4, help="threads encoding and writing outputs")
     a("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"), type=auto_on_off, help=COMPILE)
     a("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode (only default measured)")
-    a("--shard", type=common.parse_shard, default=(0, 1), help="i/n: this job's part, for job arrays")
+    a("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part (job arrays)")
     return p
 
 
