@@ -111,7 +111,7 @@ $(addsuffix -all,$(DATASETS)): $(STAMP)
 
 CLS_DIRS := $(if $(filter real,$(MODE)),$(RUNS)/cls_real,$(foreach s,$(SCALES),$(RUNS)/cls_$(MODE)_x$(s)))
 # The distribution gap of every synthetic set of the chain (eval_gap.py: minutes, before the classifier's GPU-days).
-GAP_MANIFESTS := $(if $(filter real,$(MODE)),,$(foreach s,$(SCALES),$(RUNS)/gap_synth_x$(s)/manifest.json))
+GAP_MANIFESTS := $(if $(filter real,$(MODE)),,$(foreach s,$(SCALES),$(RUNS)/gap_synth_x$(s)$(GAP_TAG)/manifest.json))
 pipeline: $(GAP_MANIFESTS) $(patsubst $(RUNS)/%,$(RUNS)/ood_%/manifest.json,$(CLS_DIRS))
 
 $(RUNS)/captions/manifest.json: $(CONFIG) | $(STAMP)
@@ -156,10 +156,12 @@ imagefolder: $(STAMP)
 	@echo "done: runs/$(NAME)/report.md, runs/$(NAME)/summary.json"
 
 # The distribution gap of a synthetic set before any classifier trains on it (eval_gap.py; FEATURES=clip|inception|...).
+# Features other than the default get a run dir of their own, gap_synth_x<N>_<features>.
 FEATURES ?=
-gap: $(RUNS)/gap_synth_x$(SCALE)/manifest.json
+GAP_TAG = $(if $(FEATURES),_$(subst /,_,$(subst :,_,$(FEATURES))))
+gap: $(RUNS)/gap_synth_x$(SCALE)$(GAP_TAG)/manifest.json
 
-$(RUNS)/gap_synth_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
+$(RUNS)/gap_synth_x%$(GAP_TAG)/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
 	$(RUN) eval_gap.py $(STAGE_FLAGS) --synthetic-dir $(<D) $(if $(FEATURES),--features $(FEATURES),) --output-dir $(@D)
 
 mia: $(STAMP)

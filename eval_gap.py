@@ -12,11 +12,13 @@ density / coverage (Naeem et al. 2020), and the paper's own linear-kernel MMD, â
 
 Features (--features, cached as float32, every figure computed in float64; the k-NN figures on a seeded sample of
 --prdc-images per set): clip (a CLIPVisionModelWithProjection's image embedding: --clip-model, default the encoder
-visual guidance uses), inception (timm's inception_v3.tv_in1k 2048-d pool features, the space FID is defined on),
-timm:<model name> (any timm model's pooled features), classifier:<train_cls.py run> (that classifier's penultimate
-features). Each set's statistics are cached under <output-dir>/../gap_features/, keyed by the set's fingerprint
-(paths, sizes, mtimes; a synthetic set's manifest), the feature space and the sample: the real splits are embedded
-once and reused by every synthetic variant, and a changed set is embedded again. Folder and tar-shard sets alike.
+visual guidance uses), inception (timm's inception_v3.tv_in1k 2048-d pool features: torchvision's Inception-v3, so
+FID-like, but not comparable with papers' FID, which uses the TF Inception weights), timm:<model name> (any timm
+model's pooled features), classifier:<train_cls.py run> (that classifier's penultimate features). Each set's
+statistics are cached under <output-dir>/../gap_features/, keyed by the set's fingerprint (paths, sizes, mtimes; a
+synthetic set's manifest), the feature space with the weights behind it (feature_space) and the sample: the real
+splits are embedded once and reused by every synthetic variant, and a changed set is embedded again. Folder and
+tar-shard sets alike.
 
 Inputs : --synthetic-dir (a synthesize.py output), --dataset / --data-root (the real train and held-out splits).
 Outputs: <output-dir>/results.json, results.md, per_class.png, precision_recall.png, manifest.json.
@@ -277,6 +279,17 @@ def classifier_features(run_dir: str, device):
     return lambda x: model.forward_head(model.forward_features(x), pre_logits=True), transform
 
 
+def feature_space(spec: str, args) -> str:
+    """The --features space as the cache names it: the kind and the weights behind it, a local model (a CLIP dir, a
+    classifier run) by the hash of its files, so another --clip-model or a retrained classifier never gets the old
+    features. A file-name fragment."""
+    kind, _, arg = spec.partition(":")
+    weights = {"clip": arg or args.clip_model, "inception": "inception_v3.tv_in1k", "timm": arg}.get(kind)
+    if kind == "classifier" and arg:
+        weights = Path(arg) / "manifest.json"  # written last by train_cls: a new one for every trained classifier
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{kind}-{common.fingerprint(weights)}")
+
+
 def build_extractor(spec: str, args, device):
     kind, _, arg = spec.partition(":")
     if kind == "clip":
@@ -303,10 +316,11 @@ class Part:
 
 @dataclasses.dataclass
 class Embedding:
-    """How this job embeds image sets: the feature extractor (forward, transform), the options, the process it runs
-    in, and the cache its statistics go to (module docstring)."""
+    """How this job embeds image sets: the feature extractor (forward, transform) and its space, the options, the
+    process it runs in, and the cache its statistics go to (module docstring)."""
 
     extractor: tuple
+    space: str  # feature_space's name of it
     args: argparse.Namespace
     state: PartialState
     cache_dir: Path
@@ -316,9 +330,8 @@ class Embedding:
         """(GapStats, sample plan) of an image set, or (None, plan) while other shards still embed their parts;
         cached under cache_dir, this job's part resumable."""
         args, state = self.args, self.state
-        key = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.features)
         sampling = f"s{args.seed}-o{max(args.prdc_images, args.kid_subset_size)}-c{args.per_class_images}"
-        stem = f"{index.name}-{index.split}-{fp}-{key}-{sampling}"
+        stem = f"{index.name}-{index.split}-{fp}-{self.space}-{sampling}"
         final = self.cache_dir / f"{stem}.safetensors"
         labels = np.array([s.label for s in index.samples])
         plan = sample_plan(labels, args)
@@ -492,7 +505,7 @@ def main(argv=None) -> dict:
     if run.begin(state.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
     log = common.get_logger(out, state.is_main_process)
-    embedding = Embedding(extractor, args, state, out.parent / "gap_features", log)
+    embedding = Embedding(extractor, feature_space(args.features, args), args, state, out.parent / "gap_features", log)
     gathered = {name: embedding.set_stats(index, name, fps[name]) for name, index in sets.items()}
     if any(stats is None for stats, _ in gathered.values()) or not state.is_main_process:
         log.info("this part's features are in; the figures come from the job that finishes the last part")

@@ -194,3 +194,22 @@ def test_a_missing_feature_model_fails_before_the_run_dir_exists(tmp_path):
     with pytest.raises(OSError):
         eval_gap.main(argv.split() + ["--output-dir", str(tmp_path / "gap")])
     assert not (tmp_path / "gap").exists()
+
+
+def test_the_feature_cache_key_names_the_weights_not_just_the_kind(tmp_path):
+    """Another --clip-model (or a retrained classifier) must not be served the cached features of the first."""
+    args = eval_gap.get_parser().parse_args([])
+    for name, weights in (("a", b"one"), ("b", b"two"), ("c", b"one")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(weights)
+    space = {name: eval_gap.feature_space(f"clip:{tmp_path / name}", args) for name in "abc"}
+    assert space["a"] != space["b"] and space["a"] == space["c"]  # by content, not by path
+    args.clip_model = str(tmp_path / "b")
+    assert eval_gap.feature_space("clip", args) == space["b"]  # the default space is --clip-model's
+    run = tmp_path / "cls"
+    run.mkdir()
+    write_json(run / "manifest.json", {"metrics": {"top1": 1.0}})
+    before = eval_gap.feature_space(f"classifier:{run}", args)
+    write_json(run / "manifest.json", {"metrics": {"top1": 2.0}})  # trained again
+    assert eval_gap.feature_space(f"classifier:{run}", args) != before
+    assert "/" not in before and ":" not in eval_gap.feature_space("timm:org/model", args)  # a file-name fragment
