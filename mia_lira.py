@@ -257,7 +257,8 @@ def stage_command(args, script: str, out_dir: Path, seed: int, mask: Path | None
     cmd = [*launcher, str(PROJECT_DIR / script)]
     if args.stage_config:
         cmd += ["--config", str(args.stage_config)]
-    cmd += ["--dataset", args.dataset, "--data-root", str(args.data_root), "--seed", str(seed)]
+    # No --data-root when none was given: each stage finds the dataset as this one did (configs/paths.yaml, $ROOT).
+    cmd += ["--dataset", args.dataset, *optional("--data-root", args.data_root), "--seed", str(seed)]
     return cmd + ["--output-dir", str(out_dir), *optional("--subset-mask", mask), *extra]
 
 
@@ -332,8 +333,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def stage_config_hash(path) -> str | None:
-    """Hash of what the shadows read from the stage config (shared keys + their sections), so editing those sections
-    is a config change here too (a finished shadow is skipped without asking its stage script)."""
+    """Hash of the stage config less the sections of the stages no shadow runs (caption, eval_ood, mia_lira,
+    sscd_sim), so editing what the shadows read is a config change here too (a finished shadow is skipped without
+    asking its stage script). The eval_gap and demo sections count as well, though no shadow reads them."""
     if path is None:
         return None
     data = yaml.safe_load(Path(path).read_text()) or {}

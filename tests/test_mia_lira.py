@@ -320,3 +320,15 @@ def test_failed_stage_names_the_command(tmp_path, tiny_dataset, fake_stages):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_shadow_commands_leave_an_unset_data_root_to_the_stages():
+    """With the data root from configs/paths.yaml or the environment, args.data_root is None: passing the string
+    'None' on made every shadow stage look for None/train."""
+    args = mia_lira.get_parser().parse_args(["--dataset", "in10"])
+    args.stage_config = None
+    cmd = mia_lira.stage_command(args, "train_cls.py", Path("out"), 3, None, [])
+    assert "--data-root" not in cmd and "None" not in cmd
+    args.data_root = "/data/imagenet"
+    cmd = mia_lira.stage_command(args, "train_cls.py", Path("out"), 3, None, [])
+    assert cmd[cmd.index("--data-root") + 1] == "/data/imagenet"
