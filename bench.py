@@ -1,4 +1,5 @@
-"""Speed benchmarks of the two diffusion stages: figures printed and saved, never asserted (`make bench`).
+"""Speed benchmarks of synthesis, finetuning, classifier training and its data loader: figures printed and saved,
+never asserted (`make bench`).
 
   synth     images/s of synthesize.py's generation loop and, on the same model and inputs, of a baseline loop that
             does what the authors' release does minus its bugs (one pipeline call per class group, batch 24, the LoRA
@@ -7,14 +8,15 @@
             alternate over --rounds rounds, so load that comes and goes on a shared machine falls on both alike.
             Output: <output-dir>/benchmark.json (default runs/<dataset>/bench_synth) and one JSON line on stdout.
   finetune  training samples/s and peak memory of finetune.py's training step on random data (one JSON line).
+  train     images/s and the share of step time spent waiting for data of train_cls.py's training step (its own model,
+            augmentation, optimizer, loader) on random in-memory JPEGs; <output-dir>/benchmark.json, one JSON line.
   loader    images/s of a classifier's data loader (decode + random crop, seeded shuffled order) over one set of
             photo-like JPEGs stored by synthesize.py's own writers as files and as tar shards, passes alternating.
             Output: <output-dir>/benchmark.json (default runs/bench_loader) and one JSON line on stdout.
 
-`--weights sd15-random` swaps in SD1.5-shaped UNet / VAE / text encoder with random weights built from config (no
-download), for GPU figures at the paper's scale; `pretrained` (default) times --pretrained-model's own weights.
-  train     images/s and the share of step time spent waiting for data of train_cls.py's training step (its own model,
-            augmentation, optimizer, loader) on random in-memory JPEGs; <output-dir>/benchmark.json, one JSON line.
+synth and finetune: `--weights sd15-random` swaps in SD1.5-shaped UNet / VAE / text encoder with random weights built
+from config (no download), for GPU figures at the paper's scale; `pretrained` (default) times --pretrained-model's own
+weights.
 
 Unlike the stage scripts, this file imports three of them: it times their own functions, so the figures are those of
 the code that runs. The stage scripts never import it.
@@ -24,12 +26,14 @@ Commands:
                                  --compile on
   GPU (make bench-gpu):      python bench.py synth --config configs/demo.yaml --weights sd15-random --resolution 512 \\
                                  --pretrained-model runs/demo/skeleton --images 128 --rounds 2
-  CPU (make bench-finetune): python bench.py finetune --pretrained-model runs/demo/generator/sd --resolution 32 \\
+  CPU (make bench-finetune): python bench.py finetune --pretrained-model demo_generator/sd --resolution 32 \\
                                  --train-batch-size 16 --steps 10
   GPU:                       python bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 8
-  CPU (make bench-train):    python bench.py train --fake-data 640 --fake-size 48 --model test_resnet --input-size 32
+  CPU (make bench-train):    python bench.py train --fake-data 640 --fake-size 48 --model test_resnet --input-size 32 \\
+                                 --batch-size 32 --max-device-batch 32 --steps 15
                              python bench.py loader --images 2000 --size 256 --workers 2
-Every synthesize.py / finetune.py flag is accepted after the benchmark's name (`python bench.py synth --help`).
+Each benchmark also takes every flag of the stage it times (synthesize.py, finetune.py, train_cls.py): see
+`python bench.py synth --help`.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ Not a paper stage: it only reads the manifest.json every stage writes last, so a
     python demo_report.py ablation-report --config configs/demo.yaml   # -> runs/demo/ablation/{report.md,
                                                                       #    ablation.json,scaling.png}
 
-* report: every stage's manifest under runs/demo/ (generator, finetune, synth_x*, cls_*, ood*, mia*, sscd*) ->
-  summary.json (headline figures, per-stage metrics and elapsed time), report.md with the Tab. 1 / Tab. 4 / privacy
-  analogues (one seed per figure), and real_vs_synthetic.png (real train images beside the synthetic images made
-  from them).
+* report: every stage's manifest under runs/demo/ (data, generator, captions*, finetune, synth_x*, gap_*, cls_*,
+  ood*, mia*, sscd*) -> summary.json (headline figures, per-stage metrics and elapsed time), report.md with the
+  Tab. 1 / Tab. 4 / privacy analogues (one seed per figure), and real_vs_synthetic.png (real train images beside the
+  synthetic images made from them).
 * ablation-report: the classifiers `make demo-ablation` trained under runs/demo/ablation/ (cls_<row>_s<seed>) -> the
   Tab. 2 analogue (latent prior / visual guidance / MMD on and off) and the Fig. 2 analogue (synthetic-only top-1 at
   x1, x2, x4 against the real line) as mean ± spread over seeds, every difference smaller than the seed spread marked

@@ -17,8 +17,9 @@ IN-10/IN-100 model it restricts every set to the classes it was trained on. resu
 Inputs : --classifier DIR (a train_cls.py output), --sets ..., --dataset/--data-root for split names.
 Outputs: <output-dir>/ (default runs/<dataset>/ood_<classifier dir name>)
            results.json, results.md   per set: images, classes scored, logit mask, top-1, top-5
-           logits/<set>.safetensors   cached logits over all the classifier's classes (+ the image list); a re-run,
-                                      also with more sets, computes only what is missing
+           logits/<set>.safetensors   cached logits over all the classifier's classes, with the image list in
+                                      logits/<set>.paths.txt; a re-run, also with more sets, computes only what is
+                                      missing
            manifest.json              written last
 Commands:
   one GPU : python eval_ood.py --config configs/in1k.yaml --classifier runs/in1k/cls_mix_x1 --sets val \\
@@ -67,9 +68,10 @@ def get_parser() -> common.StageParser:
         default=[common.HELD_OUT],
         help="dataset split names (held-out: val/ or test/, whichever exists), and/or ImageNet OOD sets as "
         "KIND=PATH or a bare KIND whose path is "
-        "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS),
+        "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS) + ". Not part of the "
+        "run's identity: a set added to a finished run reuses the others' cached logits",
     )
-    p.not_hashed("sets")  # adding a set to a finished run reuses the cached logits of the others
+    p.not_hashed("sets")
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
         env = kind.replace("-", "_").upper() + "_ROOT"
         p.add_argument(
@@ -231,7 +233,8 @@ def cached_logits(cache: Path, key: str, n: int) -> torch.Tensor | None:
 
 @dataclasses.dataclass
 class Classifier:
-    """A train_cls.py output, loaded: the model, its eval transform, its classifier.json, its weights' hash."""
+    """A train_cls.py output, loaded: the model, its eval transform, its manifest's classifier entry, its weights'
+    hash."""
 
     model: torch.nn.Module
     transform: Any

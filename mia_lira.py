@@ -436,7 +436,7 @@ def shadow_scores(args, out: Path, log) -> tuple[np.ndarray, dict | None]:
 
 
 def attack(args, keep: np.ndarray, scores: dict, log) -> tuple[dict, dict]:
-    """Every attack on every arm's scores, over the first --num-targets images (all when <= 0)."""
+    """Every attack on every arm's scores, over the first --num-targets target models (all when <= 0)."""
     targets = range(len(keep)) if args.num_targets <= 0 else range(min(args.num_targets, len(keep)))
     results, curves = {}, {}
     for arm, arm_scores in scores.items():

@@ -10,10 +10,10 @@ of this dataset already are.
 The model is a TorchScript file, `--model sscd_disc_large.torchscript.pt` by default, downloaded by the user from
 https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large.torchscript.pt (facebookresearch/sscd-copy-detection
 README). TorchScript files run code when loaded: load only files from a source you trust. Preprocessing is the SSCD
-README's: RGB, short edge resized to 288 (aspect kept; `--resize square` is its 320x320 alternative), ImageNet mean/std.
-`--make-standin PATH` writes a small stand-in TorchScript descriptor (pooled pixel layout, fixed random projection,
-L2-normalised) for offline tests and the demo; results computed with it say so (`descriptor.standin` in results.json)
-and measure pixel-layout near-duplicates only, not SSCD similarity.
+README's: RGB, short edge resized to 288 (aspect kept; `--resize square --size 320` is its 320x320 alternative),
+ImageNet mean/std. `--make-standin PATH` writes a small stand-in TorchScript descriptor (pooled pixel layout, fixed
+random projection, L2-normalised) for offline tests and the demo; results computed with it say so
+(`descriptor.standin` in results.json) and measure pixel-layout near-duplicates only, not SSCD similarity.
 
 Inputs: the real training split (--dataset/--data-root), a synthesize.py output (--synthetic-dir; a plain ImageFolder
 also works). Outputs (--output-dir, default runs/<dataset>/sscd_<synthetic dir name>/): results.json, matches.jsonl

@@ -7,7 +7,7 @@ output (classes.json + manifest.jsonl), so real-only, synthetic-only and real+sy
 Labels always follow the dataset's class list; a synthetic set with other classes is an error.
 
 Inputs : --dataset/--data-root (real train + test split), --train-dirs, optional --subset-mask (LiRA shadows).
-Outputs: <output-dir>/ (default runs/<dataset>/cls_<name>, name = real | <synth dir> | real+<synth dir>)
+Outputs: <output-dir>/ (default runs/<dataset>/cls_<name>: real | <synth dir> | mix_x<N> for real + synth_x<N>)
            model.safetensors   timm state_dict (`model.load_state_dict(safetensors.torch.load_file(...))`)
            classes.json        {"classes": [...], "class_names": [...]} in label order
            metrics.jsonl       one row per epoch (loss, lr, top1, top5, img/s, data-wait fraction)
@@ -17,11 +17,12 @@ Outputs: <output-dir>/ (default runs/<dataset>/cls_<name>, name = real | <synth 
                                common.load_classifier rebuilds the model for eval_ood.py and mia_lira.py
 
 Commands (the Tab. 8 recipe comes from the dataset's YAML section; any flag overrides it):
-  one GPU : python train_cls.py --config configs/in10.yaml --data-root /data/imagenet
+  one GPU : python train_cls.py --config configs/in10.yaml --data-root /data/imagenet \\
                 --train-dirs real runs/in10/synth_x1
   8 GPUs  : accelerate launch --multi_gpu --num_processes 8 train_cls.py --config configs/in10.yaml ...
   CPU     : python train_cls.py --config configs/demo.yaml --train-dirs real
-  speed   : python bench.py train --model resnet50 --fake-data 4096 --fake-size 400   (make bench-train)
+  speed   : python bench.py train --model resnet50 --fake-data 12288 --fake-size 400 --batch-size 256 \\
+                --max-device-batch 256   (GPU, as make bench-gpu; make bench-train is the CPU-sized one)
 
 Recipes: `--recipe paper` (default) is Tab. 8, the defaults `--help` lists; `--recipe release` adds what the authors'
 timm 0.9.2 run did for IN-10/100 beyond Tab. 8 (timm defaults the table does not list). IN-1K's is configs/in1k.yaml.
