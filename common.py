@@ -187,9 +187,10 @@ def load_init_image(path: str | os.PathLike, size: int) -> torch.Tensor:
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
-def describe_images(index: DatasetIndex, size: int, sample: int = 256) -> dict:
-    """Mode and size of (up to `sample` of) a split's images, read from their headers, and what the stages do with
-    them: every image is read as RGB and resized to `size` px. `grayscale` is true when every sampled image is."""
+def describe_images(index: DatasetIndex, size: int, crop: str = "centre-cropped", sample: int = 256) -> dict:
+    """Mode and size of (up to `sample` of) a split's images, read from their headers, and what the stage does with
+    them: every image is read as RGB, resized to `size` px and cropped as `crop` says. `grayscale` is true when every
+    sampled image is."""
     modes, sizes = {}, {}
     for s in index.samples[:: max(1, len(index) // sample)][:sample]:
         try:
@@ -203,7 +204,7 @@ def describe_images(index: DatasetIndex, size: int, sample: int = 256) -> dict:
         "modes": modes,
         "sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5]),
         "grayscale": bool(modes) and set(modes) <= GRAYSCALE_MODES,
-        "processed_as": f"RGB, short side resized to {size} px and centre-cropped",
+        "processed_as": f"RGB, short side resized to {size} px and {crop}",
     }
 
 
@@ -477,7 +478,8 @@ def config_hash(config: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Files: every output is written to a temp file in the same directory, then renamed, so a crash never leaves a partial
-# file under the final name.
+# file under the final name. Only logs are appended in place (log.txt, metrics.jsonl, caption parts): read_jsonl drops
+# the truncated last line a crash can leave.
 
 
 def new_temp(path: Path, suffix: str) -> tuple[int, Path]:
@@ -1053,8 +1055,9 @@ def read_imagefolder(
     name: str = "imagefolder",
     split: str = "",
 ) -> DatasetIndex:
-    """`root/<class>/<image>`. Class order is `classes` if given (a wnid list, a class_names.txt), else sorted
-    folders."""
+    """`root/<class>/<image>`. Class order: `classes` if given (a wnid list), else classes.txt (in the split folder or
+    the one above), else sorted folders. Names: `class_names`, else class_names.txt, else the folder names with '_'
+    as ' '."""
     root = _require_dir(Path(root), f"{name} {split}".strip())
     if classes is None:
         classes = _class_file(root, "classes.txt") or sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -1269,7 +1272,8 @@ def save_checkpoint(accelerator, ckpt_dir: str | os.PathLike, n: int, keep: int)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Classifiers: eval_ood.py and mia_lira.py query what train_cls.py trained, rebuilt from its manifest alone.
+# Classifiers: eval_ood.py, eval_gap.py and mia_lira.py query what train_cls.py trained, rebuilt from its manifest
+# alone.
 
 
 def load_classifier(run_dir: str | os.PathLike, device: torch.device | str = "cpu"):

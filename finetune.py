@@ -16,8 +16,9 @@ Default λ for the paper form: the release's term is λ_r (1/D)‖Σ_i w_i r_i�
 λ·E[1/SNR]/B, so λ = λ_r·B²·E[w²]/E[1/SNR] = 0.003·64·0.893/20.3 ≈ 0.0084 at the release's B = 8 with SD's
 schedule (t uniform on 0..999); we round to 0.01. Note the paper term is dominated by noisy timesteps (1/SNR ≤ 213).
 The batch of the MMD is the release's per-GPU one (per process), as the paper does not say; `--mmd-batch global`
-takes it over all processes of a step instead, whose expected size then falls as 1/B with the global B (64 on the
-paper's 8 GPUs), so the conversion above, made at B = 8, would call for a λ about 8x larger there.
+takes each micro-batch over all processes instead (accumulated micro-batches are never pooled), whose expected size
+then falls as 1/B with the global B (64 on the paper's 8 GPUs), so the conversion above, made at B = 8, would call for
+a λ about 8x larger there.
 
 Inputs:  a dataset (`--dataset`, `--data-root`), optional captions.jsonl (`--captions`, from caption.py), an SD 1.x
          pipeline in the diffusers layout (`--pretrained-model` hub id or local dir), a CLIP image encoder
@@ -26,8 +27,10 @@ Outputs (`--output-dir`, default runs/<dataset>/finetune/):
   pytorch_lora_weights.safetensors   diffusers LoRA format (`pipe.load_lora_weights(dir)`)
   visual_guidance.safetensors/.json  the tokens synthesis must use ([C, D] class-mean or [N, D] per-image, already in
                                      the UNet's cross-attention width), vg_projection.safetensors if one was trained
+  vg_embeddings.safetensors/.json    the CLIP image embeddings the tokens come from (unless --vg-mode none)
   checkpoints/checkpoint-<step>/     accelerate state every --checkpointing-steps (last --checkpoints-total-limit kept)
-  metrics.jsonl, log.txt, manifest.json (written last)
+  cache/                             with --cache-latents: the encoded latents and prompts
+  run_config.json, metrics.jsonl, log.txt, manifest.json (written last)
 A re-run of a complete run is a no-op; an interrupted run resumes from its latest checkpoint. Attention runs through
 PyTorch SDPA (diffusers' default processor).
 
@@ -38,7 +41,7 @@ Commands:
   4 GPUs:      accelerate launch --num_processes 4 finetune.py ... --gradient-accumulation-steps 2 (paper's 64 per step)
   multi-node:  accelerate launch --num_machines 2 --machine_rank $RANK --main_process_ip $HOST --num_processes 16 \\
                    finetune.py ...
-  CPU (demo):  python finetune.py --config configs/demo.yaml --vg-encoder runs/demo/generator/clip_vision
+  CPU (demo):  python finetune.py --config configs/demo.yaml
   benchmark:   python bench.py finetune [--pretrained-model DIR | --weights sd15-random]   (samples/s, peak memory)
 """
 
@@ -106,7 +109,7 @@ def get_parser() -> common.StageParser:
     a("--snr-gamma", type=float, default=5.0, help="min-SNR-γ weighting (release: 5); 0 = plain ε-MSE")
     a = p.group("distribution matching (paper §3.1; the docstring derives λ)").add_argument
     a("--mmd-form", default="paper", choices=["paper", "release"], help="paper: Eq. 7 on z0, ẑ0; release: on ε")
-    a("--mmd-batch", default="process", choices=["process", "global"], help="per process (release), or per step")
+    a("--mmd-batch", default="process", choices=["process", "global"], help="per process (release) or over all")
     a("--mmd-weight", type=float, default=None, help="λ: 0.01 (paper form) or 0.003 (release form); 0 = off")
     a = p.group("visual guidance (paper §3.2)").add_argument
     a("--vg-mode", default="class-mean", choices=["class-mean", "per-image", "none"], help="per-image: release")
@@ -121,8 +124,8 @@ def get_parser() -> common.StageParser:
     a("--cache-latents", action="store_true", help="encode latents + text once, center crop (README: Finetuning)")
     a("--allow-tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs")
     a = p.speed_group().add_argument
-    a("--checkpointing-steps", type=int, default=500, help="release: 500")
-    a("--checkpoints-total-limit", type=int, default=3, help="keep the last K checkpoints (release: all)")
+    a("--checkpointing-steps", type=common.positive_int, default=500, help="release: 500")
+    a("--checkpoints-total-limit", type=common.positive_int, default=3, help="keep the last K (release: all)")
     return p
 
 
@@ -653,7 +656,8 @@ def main(argv=None) -> dict:
 
     weight_dtype = common.resolve_dtype(accelerator.mixed_precision, accelerator.device)
     models = load_components(args, accelerator.device, weight_dtype)
-    source_images = common.describe_images(index, args.resolution)
+    crop = "centre-cropped (--cache-latents)" if args.cache_latents else "randomly cropped (seeded per image and epoch)"
+    source_images = common.describe_images(index, args.resolution, crop)
     common.note_unusual_images(source_images, args.resolution, log)
     if fragmented := common.fragmented_class_names(models.tokenizer, index.class_names):
         log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")

@@ -8,8 +8,10 @@ regenerated alone and the set does not depend on GPU count, batch size or order.
 
 Inputs:  --dataset/--data-root (the real train split), --pretrained-model (hub id or diffusers dir), --lora-dir (a
          finetune.py output: pytorch_lora_weights.safetensors + visual_guidance.{safetensors,json}), --captions.
-Outputs: <output-dir>/<class id>/<source stem>_<k>.jpg, classes.json, manifest.jsonl (one row per image), log.txt,
-         manifest.json (written last, when every image of every shard is on disk).
+Outputs: <output-dir>/<class id>/<source stem>_<k>.jpg (--output-format wds: shards/NNNNNN.tar + .json index
+         instead), classes.json, manifest.jsonl (one row per image), bad_sources.<job>-r<process>.json (the sources
+         --skip-bad skipped), run_config.json, log.txt, manifest.json (written last, when every image of every shard
+         is on disk).
 
 Commands (in10; the defaults are the paper's settings):
   one GPU:     python synthesize.py --config configs/in10.yaml --lora-dir runs/in10/finetune --scale 1
