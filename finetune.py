@@ -109,7 +109,7 @@ def get_parser() -> common.StageParser:
     a("--snr-gamma", type=float, default=5.0, help="min-SNR-γ weighting (release: 5); 0 = plain ε-MSE")
     a = p.group("distribution matching (paper §3.1; the docstring derives λ)").add_argument
     a("--mmd-form", default="paper", choices=["paper", "release"], help="paper: Eq. 7 on z0, ẑ0; release: on ε")
-    a("--mmd-batch", default="process", choices=["process", "global"], help="per process (release) or over all")
+    a("--mmd-batch", default="process", choices=["process", "global"], help="per process (release), or all processes")
     a("--mmd-weight", type=float, default=None, help="λ: 0.01 (paper form) or 0.003 (release form); 0 = off")
     a = p.group("visual guidance (paper §3.2)").add_argument
     a("--vg-mode", default="class-mean", choices=["class-mean", "per-image", "none"], help="per-image: release")
