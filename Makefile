@@ -21,6 +21,8 @@ SHADOWS ?= 16
 LAUNCH  ?= python
 GPUS    ?= 1
 OVERWRITE ?=
+# SKIP_BAD=1: leave unreadable images out (and list them) in the stages that read the real images, instead of failing.
+SKIP_BAD ?=
 ARGS    ?=
 PLAN    ?=
 # Synthetic-set layout: folder (one file per image) or wds (tar shards, for cluster file systems; README, Storage).
@@ -38,6 +40,7 @@ RUN := $(LAUNCH)
 endif
 OVERWRITE_FLAG := $(if $(OVERWRITE),--overwrite,)
 FORMAT_FLAG := $(if $(FORMAT),--output-format $(FORMAT),)
+SKIP_FLAG := $(if $(SKIP_BAD),--skip-bad,)
 STAGE_FLAGS = --config $(CONFIG) $(OVERWRITE_FLAG) $(ARGS)
 
 # Captions only for the ImageNet sets (paper App. E); the fine-grained sets prompt with the class name alone.
@@ -118,22 +121,22 @@ $(RUNS)/captions/manifest.json: $(CONFIG) | $(STAMP)
 	$(RUN) caption.py $(STAGE_FLAGS) --output-dir $(@D)
 
 $(RUNS)/finetune/manifest.json: $(CONFIG) $(CAPTIONS_DEP) | $(STAMP)
-	$(RUN) finetune.py $(STAGE_FLAGS) $(CAPTIONS_FLAG) --output-dir $(@D)
+	$(RUN) finetune.py $(STAGE_FLAGS) $(SKIP_FLAG) $(CAPTIONS_FLAG) --output-dir $(@D)
 
 # Image k of source s has seed item_seed(seed, s, k), so xN is a prefix of xM for N < M: a larger scale hard-links
 # the images of every smaller scale already on disk (--reuse-from) and generates only the missing copies.
 $(RUNS)/synth_x%/manifest.json: $(RUNS)/finetune/manifest.json | $(STAMP)
-	$(RUN) synthesize.py $(STAGE_FLAGS) $(CAPTIONS_FLAG) $(FORMAT_FLAG) --lora-dir $(RUNS)/finetune --scale $* \
+	$(RUN) synthesize.py $(STAGE_FLAGS) $(SKIP_FLAG) $(CAPTIONS_FLAG) $(FORMAT_FLAG) --lora-dir $(RUNS)/finetune --scale $* \
 		--reuse-from $(wildcard $(RUNS)/synth_x*) --output-dir $(@D)
 
 $(RUNS)/cls_real/manifest.json: $(CONFIG) | $(STAMP)
-	$(RUN) train_cls.py $(STAGE_FLAGS) --train-dirs real --output-dir $(@D)
+	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) --train-dirs real --output-dir $(@D)
 
 $(RUNS)/cls_synth_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
-	$(RUN) train_cls.py $(STAGE_FLAGS) --train-dirs $(<D) --output-dir $(@D)
+	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) --train-dirs $(<D) --output-dir $(@D)
 
 $(RUNS)/cls_mix_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
-	$(RUN) train_cls.py $(STAGE_FLAGS) --train-dirs real $(<D) --output-dir $(@D)
+	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) --train-dirs real $(<D) --output-dir $(@D)
 
 # The eval sets come from the config's eval_ood section; an OOD set whose path is not configured is skipped.
 $(RUNS)/ood_%/manifest.json: $(RUNS)/%/manifest.json | $(STAMP)
@@ -148,6 +151,8 @@ IMAGEFOLDER_CFG := configs/imagefolder$(if $(filter paper,$(PRESET)),_paper,).ya
 IMAGEFOLDER_MODES := $(if $(filter command line,$(origin MODE)),$(MODE),real synth mix)
 imagefolder: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make imagefolder DATA=DIR [NAME=name] [PRESET=cpu|paper] [SCALE=1]"; exit 2; }
+	@case "$(DATA)" in *[[:space:]]*) echo "DATA='$(DATA)' has a space, which make cannot pass on: use a path \
+	without one (a symlink to it will do)"; exit 2;; esac
 	@test -d "$(DATA)/train" || { echo "$(DATA)/train does not exist: the layout is DIR/train/<class>/<images> and \
 	DIR/val/ (or DIR/test/) with the same class folders (README, Bring your own dataset)"; exit 2; }
 	for mode in $(IMAGEFOLDER_MODES); do $(MAKE) --no-print-directory pipeline DATASET=imagefolder MODE=$$mode \
@@ -162,7 +167,7 @@ GAP_TAG = $(if $(FEATURES),_$(subst /,_,$(subst :,_,$(FEATURES))))
 gap: $(RUNS)/gap_synth_x$(SCALE)$(GAP_TAG)/manifest.json
 
 $(RUNS)/gap_synth_x%$(GAP_TAG)/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
-	$(RUN) eval_gap.py $(STAGE_FLAGS) --synthetic-dir $(<D) $(if $(FEATURES),--features $(FEATURES),) --output-dir $(@D)
+	$(RUN) eval_gap.py $(STAGE_FLAGS) $(SKIP_FLAG) --synthetic-dir $(<D) $(if $(FEATURES),--features $(FEATURES),) --output-dir $(@D)
 
 mia: $(STAMP)
 	$(PY) mia_lira.py --config $(CONFIG) --num-shadows $(SHADOWS) $(OVERWRITE_FLAG) $(ARGS) --output-dir $(RUNS)/mia_lira

@@ -466,6 +466,8 @@ def get_parser() -> common.StageParser:
     speed.add_argument("--batch-size", type=int, default=64, help="images per feature-extractor batch")
     speed.add_argument("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part of every set")
     speed.add_argument("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
+    # Not part of the identity: without it a split with a bad image stops before any figure, so no result differs.
+    speed.add_argument("--skip-bad", action="store_true", help="leave unreadable real images out instead of failing")
     return p
 
 
@@ -489,9 +491,10 @@ def main(argv=None) -> dict:
     if not args.synthetic_dir:
         parser.error("--synthetic-dir DIR (a synthesize.py output) is required")
     synthetic = common.load_synthetic(args.synthetic_dir)
-    real = common.load_dataset(args.dataset, args.data_root, "train")
+    # Every real image checked before any work (as finetune / train_cls do): a bad one fails here, not mid-embedding.
+    real = common.check_images(common.load_dataset(args.dataset, args.data_root, "train"), args.skip_bad)[0]
     held_out_split = common.resolve_split(args.dataset, args.data_root, args.test_split)
-    held_out = common.load_dataset(args.dataset, args.data_root, held_out_split)
+    held_out = common.check_images(common.load_dataset(args.dataset, args.data_root, held_out_split), args.skip_bad)[0]
     if synthetic.classes != real.classes:
         raise ValueError(f"{args.synthetic_dir} has other classes (or another order) than {args.dataset} train")
     out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"gap_{Path(args.synthetic_dir).name}")

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY_CLASSES, make_imagefolder
 
 import eval_gap
-from common import write_json, write_jsonl
+from common import ImageReadError, write_json, write_jsonl
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_of_gaussians_the_closed_form():
@@ -213,3 +213,25 @@ def test_the_feature_cache_key_names_the_weights_not_just_the_kind(tmp_path):
     write_json(run / "manifest.json", {"metrics": {"top1": 2.0}})  # trained again
     assert eval_gap.feature_space(f"classifier:{run}", args) != before
     assert "/" not in before and ":" not in eval_gap.feature_space("timm:org/model", args)  # a file-name fragment
+
+
+def test_a_corrupt_real_image_fails_up_front_unless_skip_bad(tmp_path, tiny_clip_vision):
+    """Checked before any work, as in finetune and train_cls: it used to fail mid-embedding with a traceback."""
+    data = make_imagefolder(tmp_path / "data" / "train", TINY_CLASSES, 3).parent
+    make_imagefolder(data / "val", TINY_CLASSES, 3)
+    (data / "train" / TINY_CLASSES[0] / "broken.jpg").write_text("not an image")
+    synth = tmp_path / "synth"
+    make_imagefolder(synth, TINY_CLASSES, 3)
+    write_jsonl(
+        synth / "manifest.jsonl", [{"file": f"{c}/{c}_000.png", "label": i} for i, c in enumerate(TINY_CLASSES)]
+    )
+    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
+    argv = (
+        f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --features clip:{tiny_clip_vision}".split()
+    )
+    argv += ["--prdc-images", "6", "--kid-subset-size", "3", "--kid-subsets", "2", "--per-class-images", "3"]
+    with pytest.raises(ImageReadError, match=r"(?s)broken\.jpg.*--skip-bad"):
+        eval_gap.main([*argv, "--output-dir", str(tmp_path / "gap")])
+    assert not (tmp_path / "gap").exists()
+    metrics = eval_gap.main([*argv, "--skip-bad", "--output-dir", str(tmp_path / "gap")])
+    assert metrics["fid"] >= 0
