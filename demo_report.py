@@ -91,19 +91,17 @@ def collect_runs(runs: Path, generator_dir: Path | None = None) -> tuple[dict, l
 
 
 def real_vs_synthetic_grid(data_root: Path, synth_dir: Path, per_class: int = 4) -> Image.Image:
-    """Per class: `per_class` real train images, then the synthetic image made from each (its latent prior)."""
+    """Per class: `per_class` real train images, then the synthetic image made from each (its latent prior), paired
+    by the manifest's `source`, so a source left out by --skip-bad shifts nothing and is never read."""
     real, synth = common.load_dataset("demo", data_root, "train"), common.load_synthetic(synth_dir)
-    from_source = {}
-    for sample in synth.samples:
-        from_source.setdefault(sample.label, []).append(sample)
+    pairs = {}
+    for sample, row in zip(synth.samples, common.read_jsonl(Path(synth_dir) / "manifest.jsonl")):
+        if row["copy"] == 0:
+            pairs.setdefault(sample.label, []).append((real.root / row["source"], synth.root / sample.path))
     rows = []
     for label in range(len(real.classes)):
-        reals = [s for s in real.samples if s.label == label][:per_class]
-        fakes = from_source.get(label, [])[:per_class]
-        rows.append(
-            [common.load_image(real.root / s.path) for s in reals]
-            + [common.load_image(synth.root / s.path) for s in fakes]
-        )
+        chosen = pairs.get(label, [])[:per_class]
+        rows.append([common.load_image(r) for r, _ in chosen] + [common.load_image(f) for _, f in chosen])
     return common.image_grid(rows, scale=3)
 
 
