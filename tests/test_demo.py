@@ -199,7 +199,7 @@ def test_report_skips_missing_stages(demo_data, tmp_path):
     for i, sample in enumerate(train.samples):  # a fake synthesize.py output: copies of the real images
         file = f"{train.classes[sample.label]}/{Path(sample.path).stem}_0.png"
         common.save_image(common.load_image(train.abspath(i)), synth / file)
-        rows.append({"file": file, "label": sample.label, "source": sample.path})
+        rows.append({"file": file, "label": sample.label, "source": sample.path, "copy": 0})  # as synthesize writes
     common.write_jsonl(synth / "manifest.jsonl", rows)
     common.write_json(synth / "classes.json", {"classes": train.classes, "class_names": train.class_names})
     common.RunDir(synth, {"scale": 1}).start()
