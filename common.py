@@ -404,10 +404,9 @@ def add_run_options(
     where = "its root (else configs/paths.yaml or the environment, README)"
     if data_fingerprinted:
         where += "; not part of the run's identity: its files' fingerprint is"
+        parser.not_hashed("data_root")
     g.add_argument("--data-root", default=None, help=where)
     g.add_argument("--seed", type=int, default=seed, help=seed_help)
-    if data_fingerprinted:
-        parser.not_hashed("data_root")
     h = parser.speed_group("run files (not part of the run's identity)")
     h.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
     h.add_argument("--runs-dir", default="runs", help="root of the default output directories")
