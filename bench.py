@@ -285,14 +285,16 @@ def bench_synth(argv) -> dict:
             f"round {r + 1}/{args.rounds}: baseline {len(jobs) / walls['baseline']:.3f} img/s, "
             f"ours {len(jobs) / walls['ours']:.3f} img/s ({round_speedups[-1]:.2f}x)"
         )
-    timings = {"totals": totals, "warmup_s": warmup_s, "round_speedups": round_speedups}
-    return report_synth(args, timings, len(jobs), device, out_dir, log)
+    return report_synth(
+        args, totals, warmup_s, round_speedups, n_jobs=len(jobs), device=device, out_dir=out_dir, log=log
+    )
 
 
-def report_synth(args, timings: dict, n_jobs: int, device, out_dir: Path, log) -> dict:
-    """Log and save (benchmark.json) the figures of bench_synth's `timings`: per-loop totals over the rounds,
-    warm-up seconds and the per-round speed-ups."""
-    totals, warmup_s, round_speedups = timings["totals"], timings["warmup_s"], timings["round_speedups"]
+def report_synth(
+    args, totals: dict, warmup_s: dict, round_speedups: list, *, n_jobs: int, device, out_dir, log
+) -> dict:
+    """Log and save (benchmark.json) bench_synth's figures: per-loop totals over the rounds, warm-up seconds and the
+    per-round speed-ups."""
     images = n_jobs * args.rounds
     results = {
         name: {"images_per_s": images / t["wall_s"], "unet_share": t["unet_s"] / t["wall_s"]}
