@@ -595,13 +595,14 @@ def encode_all(vae, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.
     return torch.cat(means), torch.cat(stds)
 
 
-def prompt_table(tokenizer, uncond_prompts: list[str]) -> tuple[torch.Tensor, int]:
-    """Token ids of the class prompts ("photo of <class>", common.build_prompt) followed by the unconditional ones."""
+def prompt_table(tokenizer, uncond_prompts: list[str]) -> torch.Tensor:
+    """Token ids of the len(CLASSES) class prompts ("photo of <class>", common.build_prompt), then the unconditional
+    ones: the table every phase indexes by that layout."""
     prompts = [common.build_prompt(name) for name in CLASSES] + uncond_prompts
     ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return ids, len(CLASSES)
+    return ids
 
 
 def pick_prompts(labels: torch.Tensor, n_uncond: int, p_uncond: float, gen: torch.Generator) -> torch.Tensor:
@@ -1231,7 +1232,7 @@ def run_generator(args) -> dict:
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
     phases.run("vae", lambda: pretrain_vae(pipe.vae, train[0], sd_dir, args, log))
     uncond = ["", common.negative_prompt("paper"), common.negative_prompt("release")]  # what a dropped prompt becomes
-    token_ids, _ = prompt_table(pipe.tokenizer, uncond)
+    token_ids = prompt_table(pipe.tokenizer, uncond)
     phases.run("unet", lambda: pretrain_unet(pipe, train, token_ids, out, args, log))
     phases.run("clip_vision", lambda: pretrain_image_encoder(clip_dir, pipe.text_encoder, token_ids, train, args, log))
     phases.run("fp16", lambda: store_fp16(sd_dir, clip_dir))

@@ -121,7 +121,7 @@ def test_pretraining_reduces_the_losses(tmp_path):
     assert vae_loss() < 0.8 * before
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    ids, _ = demo.prompt_table(pipe.tokenizer, [""])
+    ids = demo.prompt_table(pipe.tokenizer, [""])
     mean, std = demo.encode_all(pipe.vae, images)
     gen = torch.Generator().manual_seed(1)
     t, noise = torch.randint(0, 1000, (16,), generator=gen), torch.randn(mean.shape, generator=gen)
