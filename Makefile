@@ -23,6 +23,9 @@ GPUS    ?= 1
 OVERWRITE ?=
 # SKIP_BAD=1: leave unreadable images out (and list them) in the stages that read the real images, instead of failing.
 SKIP_BAD ?=
+# TEST_SPLIT=NAME: the real held-out split of the stages that read it (train_cls, eval_gap, eval_ood); default: val/
+# or test/, whichever exists.
+TEST_SPLIT ?=
 ARGS    ?=
 PLAN    ?=
 # Synthetic-set layout: folder (one file per image) or wds (tar shards, for cluster file systems; README, Storage).
@@ -41,6 +44,7 @@ endif
 OVERWRITE_FLAG := $(if $(OVERWRITE),--overwrite,)
 FORMAT_FLAG := $(if $(FORMAT),--output-format $(FORMAT),)
 SKIP_FLAG := $(if $(SKIP_BAD),--skip-bad,)
+TEST_FLAG := $(if $(TEST_SPLIT),--test-split $(TEST_SPLIT),)
 STAGE_FLAGS = --config $(CONFIG) $(OVERWRITE_FLAG) $(ARGS)
 
 # Captions only for the ImageNet sets (paper App. E); the fine-grained sets prompt with the class name alone.
@@ -76,6 +80,8 @@ help:
 	@echo "  LAUNCH=python|accelerate  GPUS=1|8 picks configs/accelerate/<GPUS>gpu.yaml"
 	@echo "  OVERWRITE=1               re-run a stage whose config changed (old run is moved aside)"
 	@echo "  FORMAT=wds                synthetic sets as tar shards (default: folder, one file per image)"
+	@echo "  SKIP_BAD=1                leave unreadable real images out (listed in the manifests) instead of failing"
+	@echo "  TEST_SPLIT=NAME           the real held-out split (default: val/ or test/, whichever exists)"
 	@echo "  PLAN=1                    print images, files, TB and GPU-hours of the chain, run nothing"
 	@echo "  ARGS='--flag v'           extra flags for every stage of the chain"
 	@echo "Data locations: configs/paths.yaml or environment variables (IMAGENET_ROOT, CUB_ROOT, ...)."
@@ -130,17 +136,17 @@ $(RUNS)/synth_x%/manifest.json: $(RUNS)/finetune/manifest.json | $(STAMP)
 		--reuse-from $(wildcard $(RUNS)/synth_x*) --output-dir $(@D)
 
 $(RUNS)/cls_real/manifest.json: $(CONFIG) | $(STAMP)
-	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) --train-dirs real --output-dir $(@D)
+	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --train-dirs real --output-dir $(@D)
 
 $(RUNS)/cls_synth_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
-	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) --train-dirs $(<D) --output-dir $(@D)
+	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --train-dirs $(<D) --output-dir $(@D)
 
 $(RUNS)/cls_mix_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
-	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) --train-dirs real $(<D) --output-dir $(@D)
+	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --train-dirs real $(<D) --output-dir $(@D)
 
 # The eval sets come from the config's eval_ood section; an OOD set whose path is not configured is skipped.
 $(RUNS)/ood_%/manifest.json: $(RUNS)/%/manifest.json | $(STAMP)
-	$(RUN) eval_ood.py $(STAGE_FLAGS) --classifier $(<D) --output-dir $(@D)
+	$(RUN) eval_ood.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --classifier $(<D) --output-dir $(@D)
 
 # Bring your own dataset: the chain for MODE=real, synth and mix, then a report, on DIR/train + DIR/val (or test).
 # PRESET=cpu (configs/imagefolder.yaml, the shipped demo generator) or paper (configs/imagefolder_paper.yaml, SD 1.5).
@@ -167,7 +173,7 @@ GAP_TAG = $(if $(FEATURES),_$(subst /,_,$(subst :,_,$(FEATURES))))
 gap: $(RUNS)/gap_synth_x$(SCALE)$(GAP_TAG)/manifest.json
 
 $(RUNS)/gap_synth_x%$(GAP_TAG)/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
-	$(RUN) eval_gap.py $(STAGE_FLAGS) $(SKIP_FLAG) --synthetic-dir $(<D) $(if $(FEATURES),--features $(FEATURES),) --output-dir $(@D)
+	$(RUN) eval_gap.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --synthetic-dir $(<D) $(if $(FEATURES),--features $(FEATURES),) --output-dir $(@D)
 
 mia: $(STAMP)
 	$(PY) mia_lira.py --config $(CONFIG) --num-shadows $(SHADOWS) $(OVERWRITE_FLAG) $(ARGS) --output-dir $(RUNS)/mia_lira

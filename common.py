@@ -426,6 +426,12 @@ def add_mixed_precision(group, on_gpu: str, why: str = "") -> None:
     group.add_argument("--mixed-precision", "--amp", choices=("auto", "no", "fp16", "bf16"), default="auto", help=text)
 
 
+def add_test_split(group, what: str) -> None:
+    """--test-split, one name and default for every stage that reads the real held-out split (train_cls, eval_gap,
+    eval_ood), so that one value (`make TEST_SPLIT=...`, or `test_split:` at the top of a config) reaches them all."""
+    group.add_argument("--test-split", default=HELD_OUT, help=f"{what}; {HELD_OUT}: val/ or test/, whichever exists")
+
+
 def resolve_mixed_precision(value: str, on_gpu: str) -> str:
     """A --mixed-precision value for accelerate / autocast: auto is the stage's `on_gpu` choice on a CUDA machine and
     no autocast on the CPU."""

@@ -16,7 +16,8 @@ IN-10/IN-100 model it restricts every set to the classes it was trained on. resu
 
 Inputs : --classifier DIR (a train_cls.py output), --sets ..., --dataset/--data-root for split names.
 Outputs: <output-dir>/ (default runs/<dataset>/ood_<classifier dir name>)
-           results.json, results.md   per set: images, classes scored, logit mask, top-1, top-5
+           results.json, results.md   per set: images, classes scored, logit mask, top-1, top-5 (results.json:
+                                      a split's unreadable images left out, --skip-bad)
            logits/<set>.safetensors   cached logits over all the classifier's classes, with the image list in
                                       logits/<set>.paths.txt; a re-run, also with more sets, computes only what is
                                       missing
@@ -66,11 +67,14 @@ def get_parser() -> common.StageParser:
         "--sets",
         nargs="+",
         default=[common.HELD_OUT],
-        help="dataset split names (held-out: val/ or test/, whichever exists), and/or ImageNet OOD sets as "
+        help=f"dataset split names ({common.HELD_OUT}: --test-split), and/or ImageNet OOD sets as "
         "KIND=PATH or a bare KIND whose path is "
         "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS) + ". Not part of the "
         "run's identity: a set added to a finished run reuses the others' cached logits",
     )
+    which = p.speed_group("which images are scored (not part of the run's identity, as --sets)")
+    common.add_test_split(which, f"the split --sets {common.HELD_OUT} names")
+    which.add_argument("--skip-bad", action="store_true", help="leave a split's unreadable images out (results.json)")
     p.not_hashed("sets")
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
         env = kind.replace("-", "_").upper() + "_ROOT"
@@ -125,7 +129,20 @@ def folder_class(folder: str, wnids: list[str], kind: str) -> str:
     raise ValueError(f"{kind}: folder '{folder}' is neither a wnid nor an ImageNet-v2 class index")
 
 
+@dataclasses.dataclass
+class EvalSet:
+    """The images of one --sets entry: their paths and class ids, the set's label space, the unreadable images left
+    out (--skip-bad; dataset splits only)."""
+
+    name: str
+    paths: list[Path]
+    ids: list[str]
+    space: list[str]
+    skipped_bad: dict[str, str] | None = None
+
+
 def read_imagenet_set(kind: str, root: str) -> tuple[list[Path], list[str], list[str]]:
+    """(image paths, class id per image, the set's label space) of an ImageNet OOD set."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{kind}: directory {root} does not exist")
@@ -142,19 +159,15 @@ def read_imagenet_set(kind: str, root: str) -> tuple[list[Path], list[str], list
     return paths, ids, space
 
 
-def read_set(spec: str, args) -> tuple[str, list[Path], list[str], list[str]]:
+def read_set(spec: str, args) -> EvalSet:
     name, kind, path = parse_set(spec, args)
     if kind is not None:
-        return (name, *read_imagenet_set(kind, path))
+        return EvalSet(name, *read_imagenet_set(kind, path))
     if args.dataset is None or args.data_root is None:
         raise ValueError(f"--sets {spec}: a split name needs --dataset and --data-root (or a --config)")
-    index = common.load_dataset(args.dataset, args.data_root, spec)
-    return (
-        name,
-        [index.abspath(i) for i in range(len(index))],
-        [index.classes[s.label] for s in index.samples],
-        list(index.classes),
-    )
+    index, bad, _ = common.check_images(common.load_dataset(args.dataset, args.data_root, spec), args.skip_bad)
+    paths = [index.abspath(i) for i in range(len(index))]
+    return EvalSet(name, paths, [index.classes[s.label] for s in index.samples], list(index.classes), bad)
 
 
 def shared_classes(model_classes: list[str], space: list[str]) -> tuple[list[int], dict[str, int]]:
@@ -300,7 +313,8 @@ def main(argv=None) -> dict:
         parser.error("--classifier DIR (a train_cls.py output) is required")
     classifier = Path(args.classifier)
     if args.dataset is not None and args.data_root is not None:
-        args.sets = [common.resolve_split(args.dataset, args.data_root, spec) for spec in args.sets]
+        test_split = {common.HELD_OUT: args.test_split}
+        args.sets = [common.resolve_split(args.dataset, args.data_root, test_split.get(s, s)) for s in args.sets]
     state = PartialState()
     out = Path(args.output_dir or Path(args.runs_dir) / (args.dataset or "ood") / f"ood_{classifier.name}")
     model, transform, info = common.load_classifier(classifier, state.device)
@@ -318,11 +332,13 @@ def main(argv=None) -> dict:
             log.warning(f"skipping {name}: no path (pass {name}=PATH in --sets or --{name} PATH)")
             skipped.append(name)
             continue
-        name, paths, ids, space = read_set(spec, args)
-        if not paths:
+        images = read_set(spec, args)
+        if not images.paths:
             raise ValueError(f"--sets {spec}: no images found")
-        logits = set_logits(name, paths, clf, state, args, out, log)
-        results[name] = score_set(logits, ids, info["classes"], space)
+        logits = set_logits(name, images.paths, clf, state, args, out, log)
+        results[name] = score_set(logits, images.ids, info["classes"], images.space)
+        if images.skipped_bad is not None:
+            results[name]["skipped_bad"] = images.skipped_bad
         log.info(f"{name}: top1 {results[name]['top1']:.2f} top5 {results[name]['top5']:.2f} ({results[name]['note']})")
     metrics = {f"{n}/{k}": r[k] for n, r in results.items() for k in ("top1", "top5")}
     if state.is_main_process:

@@ -60,11 +60,11 @@ RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jit
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "cls_<name>", seed_help="release train.py seed (paper silent)", workers=8, resume=True)
-    a = p.group("data").add_argument
-    a("--test-split", default=common.HELD_OUT, help="real test split; held-out: val/ or test/, whichever exists")
+    a = (data := p.group("data")).add_argument
+    common.add_test_split(data, "the real test split")
     a("--train-dirs", nargs="+", default=["real"], help="'real' (the train split) and/or synthesize.py outputs")
     a("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
-    a("--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)")
+    a("--skip-bad", action="store_true", help="leave unreadable train and test images out (listed in the manifest)")
     a = p.group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)").add_argument
     a("--model", default="resnet50", help="any timm model name")
     a("--pretrained", action="store_true", help="start from timm's ImageNet weights")
@@ -448,7 +448,6 @@ def finish(run, model, args, test_index, eval_cfg, metrics, inputs) -> dict:
         "classes": classes,
         "class_names": class_names,
     }
-    inputs["test_split"] = {"split": args.test_split, "images": len(test_index)}
     metrics = {**metrics, "epochs": args.epochs}
     run.finish(metrics, inputs=inputs, extra={"classifier": classifier})
     return metrics
@@ -492,6 +491,7 @@ def main(argv=None) -> dict:
 
     args.test_split = common.resolve_split(args.dataset, args.data_root, args.test_split)
     test_index = common.load_dataset(args.dataset, args.data_root, args.test_split)
+    test_index, test_bad, _ = common.check_images(test_index, args.skip_bad)  # before training, not at its first eval
     classes = test_index.classes
     paths, labels, inputs = load_train_sources(args, classes)
     model = build_model(args, len(classes))
@@ -504,6 +504,7 @@ def main(argv=None) -> dict:
     config = common.config_dict(args)
     # The training sets' files are part of the run's identity: a changed split is a config mismatch, not a resume.
     config["train_fingerprints"] = {source: info["fingerprint"] for source, info in inputs.items()}
+    inputs["test_split"] = {"split": args.test_split, "images": len(test_index), "skipped_bad": test_bad}
     run = common.RunDir(out, config, overwrite=args.overwrite, is_main=is_main)
     if run.begin(accelerator.wait_for_everyone) == "done":
         return run.manifest()["metrics"]

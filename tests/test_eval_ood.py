@@ -206,3 +206,25 @@ def test_dataset_splits_for_the_demo(tmp_path, tiny_dataset):
         assert count == n and metrics[f"{split}/top1"] == pytest.approx(top1)
         assert metrics[f"{split}/top5"] == pytest.approx(top5) == 100.0
     assert json.loads((tmp_path / "ood" / "results.json").read_text())["sketch"]["logit_mask"] is False
+
+
+def test_test_split_names_the_held_out_set_and_bad_images_are_caught_up_front(tmp_path):
+    """--test-split decides what --sets held-out means (val/ and test/ both exist here, which alone is an error); a
+    truncated image in it stops the run naming the file unless --skip-bad, which scores the rest and lists it."""
+    from common import ImageReadError
+
+    classes = ["red_circle", "green_square", "blue_triangle"]
+    root = tmp_path / "data"
+    make_imagefolder(root / "val", classes, 2, seed=1)
+    make_imagefolder(root / "test", classes, 3, seed=2)
+    bad = root / "test" / "green_square" / "green_square_002.png"
+    bad.write_bytes(bad.read_bytes()[:200])
+    run = make_classifier(tmp_path / "cls_real", classes)
+    args = ["--classifier", str(run), "--dataset", "imagefolder", "--data-root", str(root)]
+    args += "--workers 0 --mixed-precision no --sets held-out".split()
+    assert eval_ood.main(args + ["--test-split", "val", "--output-dir", str(tmp_path / "val")])["val/top5"] == 100.0
+    with pytest.raises(ImageReadError, match="green_square_002.png"):
+        eval_ood.main(args + ["--test-split", "test", "--output-dir", str(tmp_path / "test")])
+    eval_ood.main(args + ["--test-split", "test", "--skip-bad", "--output-dir", str(tmp_path / "test")])
+    result = json.loads((tmp_path / "test" / "results.json").read_text())["test"]
+    assert result["images"] == 8 and list(result["skipped_bad"]) == ["green_square/green_square_002.png"]

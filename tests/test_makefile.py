@@ -117,3 +117,11 @@ def test_imagefolder_runs_the_three_modes_and_the_report_in_its_own_runs_folder(
         # Really run (not -n) to the checks, which stop it before any stage; -o: never (re)install the venv here.
         done = subprocess.run(["make", "-o", ".venv/.installed", "imagefolder", *extra], cwd=ROOT, capture_output=True)
         assert done.returncode != 0 and says in (done.stdout + done.stderr).decode()
+
+
+def test_test_split_and_skip_bad_reach_every_stage_that_reads_the_real_images():
+    lines = dry_run("in10", "MODE=mix", "TEST_SPLIT=val", "SKIP_BAD=1")
+    readers = [line for line in lines if re.search(r"(train_cls|eval_gap|eval_ood)\.py", line)]
+    assert len(readers) == 3 and all("--test-split val" in line and "--skip-bad" in line for line in readers)
+    assert not any("--test-split" in line for line in lines if line not in readers)
+    assert all("--skip-bad" in line for line in lines if re.search(r"(finetune|synthesize)\.py", line))

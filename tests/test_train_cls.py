@@ -284,4 +284,28 @@ def test_an_imagefolder_with_a_val_split_needs_no_split_flags(tmp_path):
     args = TINY + ["--dataset", "imagefolder", "--data-root", str(root), "--epochs", "1"]
     train_cls.main(args + ["--output-dir", str(tmp_path / "run")])
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["inputs"]["test_split"] == {"split": "val", "images": 6}
+    assert manifest["inputs"]["test_split"] == {"split": "val", "images": 6, "skipped_bad": {}}
+
+
+def test_a_bad_test_image_stops_the_run_before_training_or_is_skipped(tmp_path):
+    """A truncated image in the held-out split: an error naming it before any output is written (it failed at the
+    first evaluation, after an epoch of training); with --skip-bad it is left out and listed; --test-split picks the
+    split when both val/ and test/ exist."""
+    from common import ImageReadError
+
+    root = tmp_path / "data"
+    make_imagefolder(root / "train", TINY_CLASSES, 4, seed=0)
+    make_imagefolder(root / "val", TINY_CLASSES, 2, seed=1)
+    make_imagefolder(root / "test", TINY_CLASSES, 3, seed=2)
+    bad = root / "val" / "red_circle" / "red_circle_001.png"
+    bad.write_bytes(bad.read_bytes()[:200])
+    args = TINY + ["--dataset", "imagefolder", "--data-root", str(root), "--epochs", "1", "--test-split", "val"]
+    with pytest.raises(ImageReadError, match="red_circle_001.png"):
+        train_cls.main(args + ["--output-dir", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()
+    train_cls.main(args + ["--output-dir", str(tmp_path / "b"), "--skip-bad"])
+    test_split = json.loads((tmp_path / "b" / "manifest.json").read_text())["inputs"]["test_split"]
+    assert test_split["split"] == "val" and test_split["images"] == 5
+    assert list(test_split["skipped_bad"]) == ["red_circle/red_circle_001.png"]
+    train_cls.main(args[:-1] + ["test", "--output-dir", str(tmp_path / "c")])  # the other split: nothing bad
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["inputs"]["test_split"]["images"] == 9
