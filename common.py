@@ -1071,9 +1071,11 @@ def read_imagefolder(
         raise FileNotFoundError(
             f"{name} {split}: class folder(s) missing under {root}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
-    samples = [
-        Sample(str(p.relative_to(root)), label) for label, c in enumerate(classes) for p in list_images(root / c)
-    ]
+    images = [list_images(root / c) for c in classes]
+    if split == "train" and (empty := [c for c, files in zip(classes, images) if not files]):
+        # Found at load, by every stage: a class without training images cannot be learned or synthesized.
+        raise ValueError(f"{name} train: class folder(s) with no images under {root}: {empty[:5]}; fill or remove them")
+    samples = [Sample(str(p.relative_to(root)), label) for label, files in enumerate(images) for p in files]
     if class_names is None:
         class_names = _class_file(root, "class_names.txt") or [c.replace("_", " ") for c in classes]
     return DatasetIndex(name, root, split, samples, list(classes), list(class_names))

@@ -666,6 +666,19 @@ def test_held_out_split_is_val_or_test_whichever_exists(tmp_path):
     assert common.held_out_split("in10", None) == "val" and common.held_out_split("cub", None) == "test"
 
 
+def test_an_empty_training_class_folder_is_an_error_at_load(tmp_path):
+    """Every stage loads the train split through the reader, so the first one run (train_cls real, in make
+    imagefolder) stops at once; it was caught by finetune only, after the real classifier had trained."""
+    root = tmp_path / "ds"
+    make_imagefolder(root / "train", ["a", "b", "c_empty"], 1)
+    make_imagefolder(root / "val", ["a", "b", "c_empty"], 1)
+    for split in ("train", "val"):
+        (root / split / "c_empty" / "c_empty_000.png").unlink()
+    with pytest.raises(ValueError, match=r"no images under .*'c_empty'"):
+        common.load_dataset("imagefolder", root, "train")
+    assert len(common.load_dataset("imagefolder", root, "val").classes) == 3  # a held-out split may lack a class
+
+
 def test_class_files_at_the_dataset_root_or_in_the_split(tmp_path):
     from conftest import make_imagefolder
 
