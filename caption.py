@@ -42,12 +42,7 @@ def get_parser() -> common.StageParser:
     p.add_argument("--split", default="train", help="split to caption (the paper captions the training images)")
     p.add_argument("--model", default=PAPER_MODEL, help="BLIP-2 hub id or local directory (transformers layout)")
     p.add_argument("--revision", default=None, help="hub revision of --model")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "fp16", "bf16", "fp32"],
-        help="auto = fp16 on GPU (CiP), fp32 on CPU (CPU half precision is slow or unsupported)",
-    )
+    common.add_dtype(p)
     p.add_argument("--max-new-tokens", type=int, default=16, help="CiP: max_length 16 (paper: short captions)")
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")
     p.add_argument("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")

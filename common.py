@@ -810,6 +810,13 @@ def epoch_order(n: int, *ids: Any) -> torch.Tensor:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def add_dtype(group) -> None:
+    """--dtype, the weights' dtype of the inference-only stages (caption, synthesize); resolve_dtype reads it."""
+    group.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: fp16 on a GPU (release), else fp32"
+    )
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """A --dtype value (auto | fp32 | fp16 | bf16, or accelerate's mixed_precision 'no'): auto is fp16 on a GPU (the
     release's inference dtype), fp32 on the CPU."""

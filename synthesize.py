@@ -69,7 +69,7 @@ def get_parser() -> common.StageParser:
     a = p.group("sources").add_argument
     a("--split", default="train", help="the real split whose images are the latent priors")
     a("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")
-    a = p.group("generator (paper App. E Tab. 6; the LoRA scale from the release)").add_argument
+    a = (generator := p.group("generator (paper App. E Tab. 6; the LoRA scale from the release)")).add_argument
     a("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or diffusers dir")
     a("--revision", default=None, help="hub revision of --pretrained-model")
     a("--lora-dir", default=None, type=none_or_path, help="finetune.py output; none: the plain model (ablation)")
@@ -79,12 +79,7 @@ def get_parser() -> common.StageParser:
     a("--strength", type=float, default=0.75, help="latent-prior noise level (paper: 0.75); 1.0 = text-to-image")
     a("--guidance-scale", type=float, default=2.0, help="CFG scale (paper: 2.0)")
     a("--resolution", type=int, default=512, help="paper: 512")
-    a(
-        "--dtype",
-        choices=("auto", "fp32", "fp16", "bf16"),
-        default="auto",
-        help="auto: fp16 on GPU (release), else fp32",
-    )
+    common.add_dtype(generator)
     a = p.group("prompts (paper §3.2; common.build_prompt / negative_prompt)").add_argument
     a("--captions", default=None, help="captions.jsonl from caption.py (ImageNet sets)")
     a("--allow-missing-captions", action="store_true", help="prompt uncaptioned images without one")
