@@ -209,11 +209,27 @@ def test_report_skips_missing_stages(demo_data, tmp_path):
     assert summary["headline"]["cls_real.top1"] == 0.5
     assert summary["stages"]["cls_real"]["elapsed_s"] == 12.0
     assert {"finetune", "eval_ood", "mia_lira", "generator"} <= set(summary["missing_stages"])
+    assert summary["total_elapsed_s"] == 12.0 + summary["stages"]["synth_x1"]["elapsed_s"]
     assert json.loads((runs / "summary.json").read_text())["headline"] == summary["headline"]
     report = (runs / "report.md").read_text()
     assert "cls_real" in report and "synth_x1" in report
     grid = common.load_image(runs / "real_vs_synthetic.png")
     assert grid.size == (32 * 3 * 4, 32 * 3 * 10)  # 2 real + 2 synthetic per class at 3x, one row per class
+
+
+def test_report_does_not_count_the_shipped_generators_build_time(demo_data, tmp_path):
+    """The shipped generator (a --pretrained-model outside the runs folder) shows its figures but was built once,
+    not by this chain: its 95 min entered the chain's total time (make imagefolder's report too)."""
+    runs, shipped = tmp_path / "runs", tmp_path / "demo_generator"
+    common.RunDir(runs / "cls_real", {"model": "x"}).finish({"top1": 0.5, "top5": 0.9, "elapsed_s": 12.0})
+    common.RunDir(shipped, {"recipe": "x"}).finish({"vae_psnr_db": 29.0, "elapsed_s": 5700.0})
+    args = ["report", "--runs", str(runs), "--data-root", str(demo_data), "--pretrained-model", str(shipped / "p")]
+    summary = demo_report.main(args)
+    assert summary["stages"]["generator"]["metrics"]["vae_psnr_db"] == 29.0
+    assert summary["stages"]["generator"]["shipped"] and summary["total_elapsed_s"] == 12.0
+    assert (
+        "| generator | generator | shipped (built once in 5700.0 s; not counted) |" in (runs / "report.md").read_text()
+    )
 
 
 def test_paper_tables_from_stage_manifests(tmp_path):
