@@ -251,6 +251,15 @@ def test_paper_tables_from_stage_manifests(tmp_path):
     assert tables["classifiers"]["real"]["sketch_top1"] == 20.5
     assert tables["lira_auc"] == {"real": {"online": 0.7}, "synthetic": {"online": 0.55}}
 
+    # A user's ImageFolder tested on val/: its eval_ood figure is the test column, not a shifted set.
+    common.write_json(
+        tmp_path / "cls_real" / "manifest.json",
+        {"metrics": {"top1": 40.0, "top5": 80.0}, "inputs": {"test_split": {"split": "val"}}},
+    )
+    manifest("ood_cls_real", {"val/top1": 40.0, "val/top5": 80.0, "sketch/top1": 20.5})
+    text = "\n".join(demo_report.paper_tables(tmp_path)[0])
+    assert "val top-1" not in text and "| real | 40.0 | 80.0 | 20.5 |" in text
+
 
 def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
     """Tab. 2 / Fig. 2 rows are mean ± sample std over the seeds found; a difference no larger than the seed spread
