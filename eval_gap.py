@@ -492,9 +492,11 @@ def main(argv=None) -> dict:
         parser.error("--synthetic-dir DIR (a synthesize.py output) is required")
     synthetic = common.load_synthetic(args.synthetic_dir)
     # Every real image checked before any work (as finetune / train_cls do): a bad one fails here, not mid-embedding.
-    real, _, real_fp = common.check_images(common.load_dataset(args.dataset, args.data_root, "train"), args.skip_bad)
+    real, real_bad, real_fp = common.check_images(
+        common.load_dataset(args.dataset, args.data_root, "train"), args.skip_bad
+    )
     held_out_split = common.resolve_split(args.dataset, args.data_root, args.test_split)
-    held_out, _, held_out_fp = common.check_images(
+    held_out, held_out_bad, held_out_fp = common.check_images(
         common.load_dataset(args.dataset, args.data_root, held_out_split), args.skip_bad
     )
     if synthetic.classes != real.classes:
@@ -527,7 +529,9 @@ def main(argv=None) -> dict:
         **{f"floor_{k}": results["floor"][k] for k in ("fid", "kid", "precision", "recall")},
         "elapsed_s": round(time.time() - start, 1),
     }
-    run.finish(metrics, inputs={"synthetic_dir": str(args.synthetic_dir), "data_root": str(args.data_root)})
+    skipped_bad = {"train": real_bad, held_out_split: held_out_bad}  # --skip-bad: the real images left out
+    inputs = {"synthetic_dir": str(args.synthetic_dir), "data_root": str(args.data_root), "skipped_bad": skipped_bad}
+    run.finish(metrics, inputs=inputs)
     log.info(
         f"gap of {args.synthetic_dir}: FID {metrics['fid']:.3g} (floor {metrics['floor_fid']:.3g}), "
         f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}; {out / 'results.md'}"

@@ -235,3 +235,5 @@ def test_a_corrupt_real_image_fails_up_front_unless_skip_bad(tmp_path, tiny_clip
     assert not (tmp_path / "gap").exists()
     metrics = eval_gap.main([*argv, "--skip-bad", "--output-dir", str(tmp_path / "gap")])
     assert metrics["fid"] >= 0
+    skipped = json.loads((tmp_path / "gap" / "manifest.json").read_text())["inputs"]["skipped_bad"]
+    assert list(skipped["train"]) == [f"{TINY_CLASSES[0]}/broken.jpg"] and skipped["val"] == {}  # listed, as promised
