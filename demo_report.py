@@ -162,17 +162,21 @@ def paper_tables(runs: Path) -> tuple[list[str], dict]:
     held_out = {"test"} | {_test_split(runs / d) for _, d in TRAINING_SETS if (runs / d / "manifest.json").is_file()}
     if rows:
         sets = sorted({k.split("/")[0] for _, _, ood in rows if ood for k in ood} - held_out)
+        header = ["training data", "test top-1", "test top-5", *(f"{x} top-1" for x in sets)]
         lines += [
             "## Paper tables in miniature (1 seed per figure)",
             "",
-            "Tab. 1 / Tab. 4 analogue: top-1 (%) on the real test split and on the shifted sets.",
+            "Tab. 1"
+            + (" / Tab. 4" if sets else "")
+            + " analogue: top-1 (%) on the real test split"
+            + (" and on the shifted sets." if sets else "."),
             "",
-            "| training data | test top-1 | test top-5 | " + " | ".join(f"{x} top-1" for x in sets) + " |",
-            "|---|---|---|" + "---|" * len(sets),
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
         ]
         for name, cls, ood in rows:
             shifted = [f"{ood[f'{x}/top1']:.1f}" if ood and f"{x}/top1" in ood else "–" for x in sets]
-            lines.append(f"| {name} | {cls['top1']:.1f} | {cls['top5']:.1f} | " + " | ".join(shifted) + " |")
+            lines.append("| " + " | ".join([name, f"{cls['top1']:.1f}", f"{cls['top5']:.1f}", *shifted]) + " |")
             tables.setdefault("classifiers", {})[name] = {
                 "test_top1": cls["top1"],
                 "test_top5": cls["top5"],

@@ -259,6 +259,11 @@ def test_paper_tables_from_stage_manifests(tmp_path):
     manifest("ood_cls_real", {"val/top1": 40.0, "val/top5": 80.0, "sketch/top1": 20.5})
     text = "\n".join(demo_report.paper_tables(tmp_path)[0])
     assert "val top-1" not in text and "| real | 40.0 | 80.0 | 20.5 |" in text
+    manifest("ood_cls_real", {"val/top1": 40.0, "val/top5": 80.0})  # no shifted set: a 3-column table, as markdown
+    lines = demo_report.paper_tables(tmp_path)[0]  # needs one cell per column in every row (a 4th empty one broke it)
+    table = lines[lines.index("| training data | test top-1 | test top-5 |") :][:4]  # header, delimiter, 2 rows
+    assert [line.count("|") for line in table] == [4] * 4
+    assert "shifted" not in "\n".join(lines)
 
 
 def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
