@@ -753,7 +753,7 @@ class RunDir:
                 details = ", ".join(f"{k}: {previous.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:8])
                 raise ConfigMismatchError(
                     f"{self.path} holds a run with a different config (changed: {details}). "
-                    f"Use another output directory, or --overwrite to move the old run aside."
+                    f"Use another output directory, or --overwrite (make: OVERWRITE=1) to move the old run aside."
                 )
             if self.is_main:
                 os.replace(self.path, self.path.with_name(f"{self.path.name}.old-{config_hash(previous)}"))
@@ -1033,7 +1033,8 @@ def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | o
         listed = "\n".join(f"  {index.root / path}: {problem}" for path, problem in sorted(bad.items()))
         raise ImageReadError(
             f"{len(bad)} unreadable image(s) in {index.name} {index.split}:\n{listed}\n"
-            "Fix or remove them, or pass --skip-bad to leave them out (they are listed in the manifest)."
+            "Fix or remove them, or pass --skip-bad (make: SKIP_BAD=1) to leave them out (they are listed in the "
+            "manifest)."
         )
     if bad and log:
         log.warning(f"--skip-bad: leaving out {len(bad)} unreadable {index.split} image(s): {sorted(bad)[:5]} ...")
@@ -1113,7 +1114,8 @@ def held_out_split(name: str, root: str | os.PathLike | None) -> str:
         folders = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise FileNotFoundError(
             f"{name} at {root}: the held-out split is val/ or test/, and {'both' if found else 'neither'} exist "
-            f"(folders there: {folders}). Keep one, or name the split to use (--test-split / --sets)."
+            f"(folders there: {folders}). Keep one, or name the split to use (--test-split NAME; make: "
+            "TEST_SPLIT=NAME)."
         )
     return found[0]
 

@@ -634,7 +634,9 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, device, is_main: bool = True
             keep = [n for n, err in enumerate(errors) if not err]
             for n, err in enumerate(errors):
                 if err and not args.skip_bad:
-                    raise common.ImageReadError(f"{err} (fix or remove it, or pass --skip-bad to skip and count it)")
+                    raise common.ImageReadError(
+                        f"{err} (fix or remove it, or pass --skip-bad, make: SKIP_BAD=1, to skip and count it)"
+                    )
                 if err:
                     bad.append({"source": index.samples[plan.source_copy(jobs[int(idx[n])])[0]].path, "error": err})
                     sink.skip(jobs[int(idx[n])])

@@ -156,9 +156,9 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
             extra = sorted(set(index.classes) - set(test_classes))
             missing = sorted(set(test_classes) - set(index.classes))
             raise ValueError(
-                f"training source {source} has other classes than the {args.dataset} test split: "
-                f"not in the test split {extra[:5]}, missing {missing[:5]}. Synthesize from the same "
-                f"dataset (same class list) or pick the matching --dataset."
+                f"training source {source} has other classes than the {args.dataset} {args.test_split} split: "
+                f"not in {args.test_split} {extra[:5]}, missing {missing[:5]}. Give both splits the same class "
+                f"folders (or class list); a synthetic set must come from this dataset's train split."
             )
         # A source may list the same classes in another order: map by class id, never by position or folder sort.
         remap = [test_classes.index(c) for c in index.classes]

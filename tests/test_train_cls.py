@@ -309,3 +309,12 @@ def test_a_bad_test_image_stops_the_run_before_training_or_is_skipped(tmp_path):
     assert list(test_split["skipped_bad"]) == ["red_circle/red_circle_001.png"]
     train_cls.main(args[:-1] + ["test", "--output-dir", str(tmp_path / "c")])  # the other split: nothing bad
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["inputs"]["test_split"]["images"] == 9
+
+
+def test_a_class_missing_from_the_held_out_split_names_that_split(tmp_path):
+    root = tmp_path / "data"
+    make_imagefolder(root / "train", TINY_CLASSES, 2, seed=0)
+    make_imagefolder(root / "val", TINY_CLASSES[:2], 2, seed=1)
+    args = TINY + ["--dataset", "imagefolder", "--data-root", str(root), "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=rf"imagefolder val split: not in val \['{TINY_CLASSES[2]}'\]"):
+        train_cls.main(args)
