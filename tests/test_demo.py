@@ -230,6 +230,9 @@ def test_report_does_not_count_the_shipped_generators_build_time(demo_data, tmp_
     assert (
         "| generator | generator | shipped (built once in 5700.0 s; not counted) |" in (runs / "report.md").read_text()
     )
+    assert summary["headline"]["generator.vae_psnr_db"] == 29.0 and "data" in summary["missing_stages"]
+    user = demo_report.main([*args, "--dataset", "imagefolder"])  # make imagefolder's report: the figures of the
+    assert "generator.vae_psnr_db" not in user["headline"] and "data" not in user["missing_stages"]  # demo data aside
 
 
 def test_paper_tables_from_stage_manifests(tmp_path):
