@@ -771,6 +771,8 @@ class RunDir:
         status = self.start() if self.is_main else None
         if wait_for_everyone is not None:
             wait_for_everyone()
+        if status == "done":  # said once here for every stage: a re-run of a finished chain reports each skip
+            print(f"{self.path}: already finished with this config (manifest.json)")
         return status or self.start()
 
     def finish(self, metrics: dict, inputs: dict | None = None, extra: dict | None = None) -> dict:

@@ -929,7 +929,6 @@ def main(argv=None) -> dict:
     status = run.begin(state.wait_for_everyone)
     log = common.get_logger(out_dir, state.is_main_process)
     if status == "done":
-        log.info(f"{out_dir} is complete with this config; nothing to do")
         return {**run.manifest()["metrics"], "complete": True, "generated": 0}
     common.note_unusual_images(args.source_images, args.resolution, log)
     if args.resolved_output_mode != "RGB":

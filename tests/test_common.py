@@ -112,7 +112,7 @@ def test_shipped_configs_parse():
 # ---------------------------------------------------------------------------------------------------------- run dirs
 
 
-def test_rundir_fresh_done_resume_mismatch_overwrite(tmp_path):
+def test_rundir_fresh_done_resume_mismatch_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = {"lr": 0.1, "epochs": 2}
     run = common.RunDir(out, cfg)
@@ -121,6 +121,8 @@ def test_rundir_fresh_done_resume_mismatch_overwrite(tmp_path):
     run.finish({"top1": 0.5})
     assert common.RunDir(out, cfg).start() == "done"
     assert common.RunDir(out, cfg).manifest()["metrics"]["top1"] == 0.5
+    assert common.RunDir(out, cfg).begin() == "done"
+    assert "already finished" in capsys.readouterr().out  # said for every stage
     with pytest.raises(common.ConfigMismatchError, match=r"lr: 0\.1 -> 0\.2"):
         common.RunDir(out, {"lr": 0.2, "epochs": 2}).start()
     (out / "weights.bin").write_text("old")
