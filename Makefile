@@ -23,8 +23,8 @@ GPUS    ?= 1
 OVERWRITE ?=
 # SKIP_BAD=1: leave unreadable images out (and list them) in the stages that read the real images, instead of failing.
 SKIP_BAD ?=
-# TEST_SPLIT=NAME: the real held-out split of the stages that read it (train_cls, eval_gap, eval_ood); default: val/
-# or test/, whichever exists.
+# TEST_SPLIT=NAME: the real held-out split of the stages that read it (train_cls, also LiRA's shadows; eval_gap;
+# eval_ood, where --sets names held-out); default: val/ or test/, whichever exists.
 TEST_SPLIT ?=
 ARGS    ?=
 PLAN    ?=
@@ -176,7 +176,8 @@ $(RUNS)/gap_synth_x%$(GAP_TAG)/manifest.json: $(RUNS)/synth_x%/manifest.json | $
 	$(RUN) eval_gap.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --synthetic-dir $(<D) $(if $(FEATURES),--features $(FEATURES),) --output-dir $(@D)
 
 mia: $(STAMP)
-	$(PY) mia_lira.py --config $(CONFIG) --num-shadows $(SHADOWS) $(OVERWRITE_FLAG) $(ARGS) --output-dir $(RUNS)/mia_lira
+	$(PY) mia_lira.py --config $(CONFIG) --num-shadows $(SHADOWS) $(OVERWRITE_FLAG) \
+		$(if $(TEST_SPLIT),--train-cls-args "$(TEST_FLAG)") $(ARGS) --output-dir $(RUNS)/mia_lira
 
 # SSCD needs the descriptor file: SSCD_MODEL=/path/sscd_disc_large.torchscript.pt (see README, "Privacy").
 SSCD_MODEL ?= sscd_disc_large.torchscript.pt

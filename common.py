@@ -704,7 +704,7 @@ def environment_info() -> dict:
 RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for precision in every stage
 # Keys that stages have since left out of a run's identity: an old run's value is ignored where the current config
 # no longer has the key (data_root: finetune and eval_gap now hash the files of every split they read).
-RETIRED_KEYS = {"data_root"}
+RETIRED_KEYS = {"data_root", "test_split"}
 
 
 class ConfigMismatchError(RuntimeError):
@@ -759,6 +759,8 @@ class RunDir:
                 os.replace(self.path, self.path.with_name(f"{self.path.name}.old-{config_hash(previous)}"))
             previous = None
         if previous is not None and self.manifest_path.is_file():
+            if self.is_main:  # said here for every stage: a re-run of a finished chain reports each skip
+                print(f"{self.path}: already finished with this config (manifest.json)")
             return "done"
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -771,8 +773,6 @@ class RunDir:
         status = self.start() if self.is_main else None
         if wait_for_everyone is not None:
             wait_for_everyone()
-        if status == "done":  # said once here for every stage: a re-run of a finished chain reports each skip
-            print(f"{self.path}: already finished with this config (manifest.json)")
         return status or self.start()
 
     def finish(self, metrics: dict, inputs: dict | None = None, extra: dict | None = None) -> dict:
@@ -814,9 +814,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def add_dtype(group) -> None:
     """--dtype, the weights' dtype of the inference-only stages (caption, synthesize); resolve_dtype reads it."""
-    group.add_argument(
-        "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: fp16 on a GPU (release), else fp32"
-    )
+    help = "auto: fp16 on a GPU (as released), fp32 on the CPU (half precision is slow or unsupported there)"
+    group.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help=help)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -1122,8 +1121,8 @@ def held_out_split(name: str, root: str | os.PathLike | None) -> str:
     return found[0]
 
 
-def resolve_split(name: str, root, split: str) -> str:
-    return held_out_split(name, root) if split == HELD_OUT else split
+def resolve_split(name: str, root, split: str | None) -> str:
+    return held_out_split(name, root) if split in (HELD_OUT, None) else split  # None: an empty `test_split:`
 
 
 def read_imagenet_subset(root, split: str, wnids_file: str | os.PathLike, name: str) -> DatasetIndex:

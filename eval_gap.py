@@ -454,7 +454,12 @@ def get_parser() -> common.StageParser:
     seed_help = "seed of the samples (KID, k-NN figures)"
     common.add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help=seed_help, data_fingerprinted=True)
     p.add_argument("--synthetic-dir", help="a synthesize.py output (required)")
-    common.add_test_split(p, "the real held-out split for the floor")
+    # Resolved, the split's name and fingerprint are in the identity (config["sets"]); the option itself is not, so
+    # held-out and the name it resolves to are the same run.
+    common.add_test_split(
+        p.speed_group("floor (not part of the run's identity: the split's fingerprint is)"),
+        "the real held-out split for the floor",
+    )
     p.add_argument("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")
     p.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="for --features clip")
     p.add_argument("--k", type=int, default=5, help="nearest neighbours for precision/recall/density/coverage")

@@ -159,15 +159,32 @@ def read_imagenet_set(kind: str, root: str) -> tuple[list[Path], list[str], list
     return paths, ids, space
 
 
-def read_set(spec: str, args) -> EvalSet:
+def read_set(spec: str, args, log=None) -> EvalSet:
     name, kind, path = parse_set(spec, args)
     if kind is not None:
         return EvalSet(name, *read_imagenet_set(kind, path))
     if args.dataset is None or args.data_root is None:
         raise ValueError(f"--sets {spec}: a split name needs --dataset and --data-root (or a --config)")
-    index, bad, _ = common.check_images(common.load_dataset(args.dataset, args.data_root, spec), args.skip_bad)
+    split = common.load_dataset(args.dataset, args.data_root, spec)
+    index, bad, _ = common.check_images(split, args.skip_bad, log=log)
     paths = [index.abspath(i) for i in range(len(index))]
     return EvalSet(name, paths, [index.classes[s.label] for s in index.samples], list(index.classes), bad)
+
+
+def read_sets(args, log) -> tuple[list[EvalSet], list[str]]:
+    """Every --sets entry read and its images checked before the first logits, so a bad image in the last set stops
+    the run before any output; with the names of the sets skipped for want of a path."""
+    sets, skipped = [], []
+    for spec in args.sets:
+        name, kind, path = parse_set(spec, args)
+        if kind is not None and path is None:  # e.g. ImageNet-A not downloaded: say so, evaluate the rest
+            log.warning(f"skipping {name}: no path (pass {name}=PATH in --sets or --{name} PATH)")
+            skipped.append(name)
+            continue
+        sets.append(read_set(spec, args, log))
+        if not sets[-1].paths:
+            raise ValueError(f"--sets {spec}: no images found")
+    return sets, skipped
 
 
 def shared_classes(model_classes: list[str], space: list[str]) -> tuple[list[int], dict[str, int]]:
@@ -325,16 +342,9 @@ def main(argv=None) -> dict:
         return run.manifest()["metrics"]
     log = common.get_logger(out, state.is_main_process)
 
-    results, skipped = {}, []
-    for spec in args.sets:
-        name, kind, path = parse_set(spec, args)
-        if kind is not None and path is None:  # e.g. ImageNet-A not downloaded: say so, evaluate the rest
-            log.warning(f"skipping {name}: no path (pass {name}=PATH in --sets or --{name} PATH)")
-            skipped.append(name)
-            continue
-        images = read_set(spec, args)
-        if not images.paths:
-            raise ValueError(f"--sets {spec}: no images found")
+    results, (sets, skipped) = {}, read_sets(args, log)
+    for images in sets:
+        name = images.name
         logits = set_logits(name, images.paths, clf, state, args, out, log)
         results[name] = score_set(logits, images.ids, info["classes"], images.space)
         if images.skipped_bad is not None:

@@ -237,3 +237,8 @@ def test_a_corrupt_real_image_fails_up_front_unless_skip_bad(tmp_path, tiny_clip
     assert metrics["fid"] >= 0
     skipped = json.loads((tmp_path / "gap" / "manifest.json").read_text())["inputs"]["skipped_bad"]
     assert list(skipped["train"]) == [f"{TINY_CLASSES[0]}/broken.jpg"] and skipped["val"] == {}  # listed, as promised
+    # held-out and the split it resolves to are one run (as in train_cls), also for a run that hashed the option
+    manifest = tmp_path / "gap" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    write_json(manifest, {**old, "config": {**old["config"], "test_split": "held-out"}})  # as written before
+    assert eval_gap.main([*argv, "--skip-bad", "--test-split", "val", "--output-dir", str(tmp_path / "gap")]) == metrics

@@ -222,7 +222,12 @@ def test_test_split_names_the_held_out_set_and_bad_images_are_caught_up_front(tm
     run = make_classifier(tmp_path / "cls_real", classes)
     args = ["--classifier", str(run), "--dataset", "imagefolder", "--data-root", str(root)]
     args += "--workers 0 --mixed-precision no --sets held-out".split()
+    with pytest.raises(FileNotFoundError, match="both exist"):
+        eval_ood.main(args + ["--output-dir", str(tmp_path / "neither")])
     assert eval_ood.main(args + ["--test-split", "val", "--output-dir", str(tmp_path / "val")])["val/top5"] == 100.0
+    with pytest.raises(ImageReadError, match="green_square_002.png"):  # the bad set last: found before any logits
+        eval_ood.main(args[:-1] + ["val", "test", "--output-dir", str(tmp_path / "both")])
+    assert not (tmp_path / "both" / "logits").exists()
     with pytest.raises(ImageReadError, match="green_square_002.png"):
         eval_ood.main(args + ["--test-split", "test", "--output-dir", str(tmp_path / "test")])
     eval_ood.main(args + ["--test-split", "test", "--skip-bad", "--output-dir", str(tmp_path / "test")])
