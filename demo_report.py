@@ -240,7 +240,7 @@ def run_report(args) -> dict:
         "total_elapsed_s": round(sum(s["elapsed_s"] or 0 for s in stages.values() if not s["shipped"]), 1),
     }
     table_lines, summary["tables"] = paper_tables(runs)
-    uncaptioned = " (no captions: the prompts name the class only, as the paper's for its fine-grained sets)"
+    uncaptioned = " (no captions: the prompts name the class only, as the paper's do for its fine-grained sets)"
     lines = [
         "# Real-Fake report",
         "",
