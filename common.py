@@ -4,8 +4,8 @@ stage runs on (config, atomic files, run directories, seeds and sharding, loggin
 index, checkpoints, classifier loading). A few helpers serve one stage only because they belong with those that
 serve several (e.g. a dataset reader).
 
-diffusers, transformers and peft are imported by the stage scripts, never here, and timm, torchvision and tqdm only
-inside the functions that use them: importing this module costs torch + numpy + PIL + yaml only.
+diffusers, transformers and peft are imported by the stage scripts, never here, and timm and scipy only inside the
+functions that use them: importing this module costs torch (which imports tqdm) + numpy + PIL + yaml + safetensors.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_DIR / "data"  # ImageNet class lists (README, Layout: data/)
@@ -892,8 +894,6 @@ def get_logger(out_dir: str | os.PathLike | None, is_main: bool = True, name: st
 
 def progress(iterable=None, is_main: bool = True, **kwargs):
     """A tqdm bar on the main process only (other ranks would interleave their bars)."""
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, disable=not is_main, dynamic_ncols=True, **kwargs)
 
 
@@ -1299,7 +1299,6 @@ def load_classifier(run_dir: str | os.PathLike, device: torch.device | str = "cp
     eval() matters: BatchNorm must use its running statistics at query time (tensorflow/privacy#427).
     """
     import timm
-    from safetensors.torch import load_file
     from timm.data import create_transform
 
     manifest_path = Path(run_dir) / "manifest.json"
