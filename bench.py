@@ -486,13 +486,13 @@ def make_sets(args, out: Path) -> dict:
         shutil.rmtree(root, ignore_errors=True)
         if layout == "wds":
             shards = plan.shards()
-            sink = synthesize.ShardSink(plan, root, dict(enumerate(shards)), (None, None))
+            sink = synthesize.ShardSink(plan, root, dict(enumerate(shards)))
             for j in plan.jobs:
                 sink.put(int(j), lambda j=int(j): images[j])
         else:
             for j in plan.jobs:
                 synthesize.write_bytes(root / plan.file(int(j)), images[int(j)])
-        rows, _ = synthesize.stored_rows(plan, root, (None, None), {})
+        rows, _ = synthesize.stored_rows(plan, root, {})
         common.write_jsonl(root / "manifest.jsonl", rows)
         common.write_json(root / "classes.json", {"classes": classes, "class_names": classes})
         sets[layout] = common.load_synthetic(root)

@@ -127,10 +127,13 @@ def copy_counts(n: int, scale: float) -> tuple[int, int]:
 class Plan:
     """Every output image as a job id j = k·n + s (copy k of source s), copy-major so a stopped run holds whole
     copies; prompts, seeds, visual tokens (with their `placement` in the prompt) and file names are computed from
-    (s, k) on demand."""
+    (s, k) on demand. `model_hash` and `lora_hash`, the weights every manifest row names, are set when the run
+    begins (a finished run never hashes a local model's files)."""
 
     def __init__(self, args, index, captions, tokens, placement: str = "append"):
         self.args, self.index, self.tokens, self.placement = args, index, tokens, placement
+        self.model_hash: str | None = None
+        self.lora_hash: str | None = None
         n = len(index)
         self.prompts = [
             common.build_prompt(index.class_names[smp.label], cap, args.prompt_style)
@@ -186,7 +189,7 @@ class Plan:
         s, k = self.source_copy(job)
         return f"{self.index.classes[self.index.samples[s].label]}/{self.stems[s]}_{k}.{self.args.image_format}"
 
-    def row(self, job: int, model_hash: str | None, lora_hash: str | None) -> dict:
+    def row(self, job: int) -> dict:
         s, k = self.source_copy(job)
         a, label = self.args, self.index.samples[s].label
         return {
@@ -204,8 +207,8 @@ class Plan:
             "lora_scale": a.lora_scale if a.lora_dir else None,
             "resolution": a.resolution,
             "model": a.pretrained_model,
-            "model_hash": model_hash,
-            "lora_hash": lora_hash,
+            "model_hash": self.model_hash,
+            "lora_hash": self.lora_hash,
         }
 
 
@@ -412,8 +415,8 @@ class ShardSink:
     then index, as soon as its last image, or the bad source standing for one, comes in. Generation runs shard
     after shard, so about one shard is held in memory per process."""
 
-    def __init__(self, plan: Plan, out_dir: Path, shard_jobs: dict, hashes: tuple):
-        self.plan, self.out_dir, self.hashes, self.shard_jobs = plan, out_dir, hashes, shard_jobs
+    def __init__(self, plan: Plan, out_dir: Path, shard_jobs: dict):
+        self.plan, self.out_dir, self.shard_jobs = plan, out_dir, shard_jobs
         self.shard_of = {int(j): b for b, jobs in shard_jobs.items() for j in jobs}
         self.held = {b: {} for b in shard_jobs}
 
@@ -429,7 +432,7 @@ class ShardSink:
         if len(self.held[b]) == len(self.shard_jobs[b]):
             held = self.held.pop(b)
             samples = [(j, held[j]) for j in map(int, self.shard_jobs[b]) if held[j] is not None]
-            write_shard(self.out_dir, b, self.plan, samples, self.hashes)
+            write_shard(self.out_dir, b, self.plan, samples)
 
     def skip(self, job: int) -> None:
         self.put(job, None)
@@ -439,7 +442,7 @@ def shard_name(b: int) -> str:
     return f"shards/{b:06d}.tar"
 
 
-def write_shard(out_dir: Path, b: int, plan: Plan, samples, hashes) -> None:
+def write_shard(out_dir: Path, b: int, plan: Plan, samples) -> None:
     """Shard b as a WebDataset tar (per sample: <key>.<ext>, <key>.cls with the label, <key>.json with the manifest
     row), then its index (each image's offset and size in the tar): the index, written last, marks it complete."""
     ext, rows = plan.args.image_format, []
@@ -448,7 +451,7 @@ def write_shard(out_dir: Path, b: int, plan: Plan, samples, hashes) -> None:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for job, read_bytes in samples:
                 image = read_bytes()
-                row = plan.row(job, *hashes)
+                row = plan.row(job)
                 key = plan.key(job)
                 meta = json.dumps(row, sort_keys=True).encode()
                 for suffix, payload in ((ext, image), ("cls", str(row["label"]).encode()), ("json", meta)):
@@ -665,7 +668,7 @@ def bad_sources(out_dir: Path) -> dict[str, str]:
     }
 
 
-def stored_rows(plan: Plan, out_dir: Path, hashes: tuple, bad: dict) -> tuple[list[dict], dict] | None:
+def stored_rows(plan: Plan, out_dir: Path, bad: dict) -> tuple[list[dict], dict] | None:
     """Manifest rows of every image on disk in plan order, and layout metrics; None while an image (or a shard) is
     missing that no counted bad source (`bad`) explains."""
     if plan.args.output_format == "wds":
@@ -683,13 +686,13 @@ def stored_rows(plan: Plan, out_dir: Path, hashes: tuple, bad: dict) -> tuple[li
     sources = plan.index.samples
     if any(not ok and sources[plan.source_copy(j)[0]].path not in bad for j, ok in zip(plan.jobs, on_disk)):
         return None
-    return [plan.row(j, *hashes) for j, ok in zip(plan.jobs, on_disk) if ok], {}
+    return [plan.row(j) for j, ok in zip(plan.jobs, on_disk) if ok], {}
 
 
-def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args, hashes: tuple) -> dict | None:
+def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args) -> dict | None:
     """Write manifest.jsonl + manifest.json once every image of every shard is on disk (or a counted bad source)."""
     bad = bad_sources(out_dir)
-    found = stored_rows(plan, out_dir, hashes, bad)
+    found = stored_rows(plan, out_dir, bad)
     if found is None:
         return None
     rows, layout = found
@@ -708,11 +711,8 @@ def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args, hashes: tuple)
         "output_format": args.output_format,
         **layout,
     }
-    model_hash, lora_hash = hashes
-    run.finish(
-        metrics,
-        inputs={"pretrained_model": model_hash, "lora": lora_hash, "data_root": args.data_root, "bad_sources": bad},
-    )
+    inputs = {"pretrained_model": plan.model_hash, "lora": plan.lora_hash, "data_root": args.data_root}
+    run.finish(metrics, inputs={**inputs, "bad_sources": bad})
     return metrics
 
 
@@ -765,7 +765,7 @@ def run_config(args, lora_hash: str | None) -> dict:
     return config
 
 
-def folder_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, log) -> tuple[list[int], None]:
+def folder_work(plan: Plan, out_dir: Path, found: dict, state, log) -> tuple[list[int], None]:
     """--output-format folder: this process's images missing on disk, after taking those found in other runs."""
     args = plan.args
     mine = common.local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
@@ -779,13 +779,13 @@ def folder_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, lo
     return todo, None
 
 
-def shard_work(plan: Plan, out_dir: Path, found: dict, hashes: tuple, state, log) -> tuple[list[int], ShardSink]:
+def shard_work(plan: Plan, out_dir: Path, found: dict, state, log) -> tuple[list[int], ShardSink]:
     """--output-format wds: this process's shards that are not complete on disk, their images found in other runs
     handed to the sink at once, and the jobs left to generate."""
     args, shards = plan.args, plan.shards()
     mine = common.local_items(list(range(len(shards))), args.shard, state.process_index, state.num_processes)
     todo_shards = [b for b in mine if complete_shard_index(out_dir, b, args.verify_existing) is None]
-    sink = ShardSink(plan, out_dir, {b: shards[b] for b in todo_shards}, hashes)
+    sink = ShardSink(plan, out_dir, {b: shards[b] for b in todo_shards})
     todo, reused = [], 0
     for j in (int(j) for b in todo_shards for j in shards[b]):
         where = found.get(plan.file(j))
@@ -937,10 +937,10 @@ def main(argv=None) -> dict:
         common.write_json(
             out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names}
         )
-    hashes = (common.fingerprint(args.pretrained_model, args.revision), lora_hash)
+    plan.model_hash, plan.lora_hash = common.fingerprint(args.pretrained_model, args.revision), lora_hash
     found = reusable_images(plan, out_dir, config, args.reuse_from, log) if args.reuse_from else {}
     work = shard_work if args.output_format == "wds" else folder_work
-    todo, sink = work(plan, out_dir, found, hashes, state, log)
+    todo, sink = work(plan, out_dir, found, state, log)
     device = state.device
     stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
     if todo:
@@ -950,7 +950,7 @@ def main(argv=None) -> dict:
     # A file, not a folder: beside the class folders a folder would read as one more class.
     common.write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])
     state.wait_for_everyone()
-    metrics = finalize(plan, out_dir, run, args, hashes) if state.is_main_process else None
+    metrics = finalize(plan, out_dir, run, args) if state.is_main_process else None
     log.info(
         f"done: generated {stats['generated']} images in {stats['seconds']:.1f}s "
         f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} bad sources; "
