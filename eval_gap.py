@@ -43,6 +43,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import timm
@@ -222,9 +223,29 @@ class GapStats:
         return stats
 
 
-def sample_plan(labels: np.ndarray, args) -> tuple[np.ndarray, dict]:
-    """The seeded sample a set keeps, overall (KID and the k-NN figures) and per class (every per-class figure): a
-    pure function of the labels and the seed, so every shard keeps the same sample."""
+@dataclasses.dataclass
+class SamplePlan:
+    """The seeded sample a set keeps: positions overall (KID and the k-NN figures) and per class label (every
+    per-class figure)."""
+
+    overall: np.ndarray
+    per_class: dict[int, np.ndarray]
+
+    def positions(self) -> set[int]:
+        """Every position either sample keeps: the rows GapStats holds on to."""
+        return set(self.overall.tolist()).union(*(set(v.tolist()) for v in self.per_class.values()))
+
+
+@dataclasses.dataclass
+class EmbeddedSet:
+    """An image set's feature statistics (None while other shards still embed their parts) and its sample plan."""
+
+    stats: GapStats | None
+    sample: SamplePlan
+
+
+def sample_plan(labels: np.ndarray, args) -> SamplePlan:
+    """The seeded sample a set keeps: a pure function of the labels and the seed, so every shard keeps the same."""
     n = len(labels)
     size = min(n, max(args.prdc_images, args.kid_subset_size))
     overall = np.sort(np.random.default_rng(args.seed).choice(n, size, replace=False))
@@ -235,28 +256,38 @@ def sample_plan(labels: np.ndarray, args) -> tuple[np.ndarray, dict]:
             len(where), min(len(where), args.per_class_images), replace=False
         )
         per_class[int(label)] = np.sort(where[pick])
-    return overall, per_class
+    return SamplePlan(overall, per_class)
 
 
-def streamed_figures(real: GapStats, real_plan, other: GapStats, other_plan, args) -> dict:
+def streamed_figures(real: EmbeddedSet, other: EmbeddedSet, args) -> dict:
     """gap_figures with FID and the linear MMD over every image (from the sums), KID and the k-NN figures on the
     seeded overall samples (the same as gap_figures' when a set is no larger than its sample)."""
-    r, o = real.sample(real_plan[0]), other.sample(other_plan[0])
-    return gap_figures(r, o, args, (real.gaussian(), other.gaussian()), int(other.count.sum()))
+    r, o = real.stats.sample(real.sample.overall), other.stats.sample(other.sample.overall)
+    return gap_figures(r, o, args, (real.stats.gaussian(), other.stats.gaussian()), int(other.stats.count.sum()))
 
 
-def streamed_per_class(real: GapStats, real_plan, other: GapStats, other_plan, classes, args) -> dict:
+def streamed_per_class(real: EmbeddedSet, other: EmbeddedSet, classes, args) -> dict:
     """gap_figures per class on the per-class samples; a class with fewer than 3 images on either side is left out."""
     out = {}
     for label, name in enumerate(classes):
-        r_pos, o_pos = real_plan[1].get(label, []), other_plan[1].get(label, [])
+        r_pos, o_pos = real.sample.per_class.get(label, []), other.sample.per_class.get(label, [])
         if min(len(r_pos), len(o_pos)) >= 3:
-            out[name] = gap_figures(real.sample(r_pos), other.sample(o_pos), args, images=int(other.count[label]))
+            r, o = real.stats.sample(r_pos), other.stats.sample(o_pos)
+            out[name] = gap_figures(r, o, args, images=int(other.stats.count[label]))
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Feature extractors: (forward: image batch -> features [B, D], transform: PIL image -> input tensor).
+# Feature extractors.
+
+
+@dataclasses.dataclass
+class Extractor:
+    """A feature space's model: `forward` maps an image batch to features [B, D], `transform` a PIL image to its
+    input tensor."""
+
+    forward: Callable
+    transform: Callable
 
 
 def clip_features(model_id: str, device):
@@ -266,17 +297,17 @@ def clip_features(model_id: str, device):
     def transform(image):
         return processor(images=image, return_tensors="pt").pixel_values[0]
 
-    return lambda x: model(pixel_values=x).image_embeds, transform
+    return Extractor(lambda x: model(pixel_values=x).image_embeds, transform)
 
 
 def timm_features(name: str, device):
     model = timm.create_model(name, pretrained=True, num_classes=0).to(device).eval()  # num_classes=0: pooled features
-    return model, create_transform(**resolve_data_config({}, model=model))
+    return Extractor(model, create_transform(**resolve_data_config({}, model=model)))
 
 
 def classifier_features(run_dir: str, device):
     model, transform, _ = common.load_classifier(run_dir, device)
-    return lambda x: model.forward_head(model.forward_features(x), pre_logits=True), transform
+    return Extractor(lambda x: model.forward_head(model.forward_features(x), pre_logits=True), transform)
 
 
 def feature_space(spec: str, args) -> str:
@@ -290,7 +321,7 @@ def feature_space(spec: str, args) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{kind}-{common.fingerprint(weights)}")
 
 
-def build_extractor(spec: str, args, device):
+def build_extractor(spec: str, args, device) -> Extractor:
     kind, _, arg = spec.partition(":")
     if kind == "clip":
         return clip_features(arg or args.clip_model, device)
@@ -316,19 +347,19 @@ class Part:
 
 @dataclasses.dataclass
 class Embedding:
-    """How this job embeds image sets: the feature extractor (forward, transform) and its space, the options, the
-    process it runs in, and the cache its statistics go to (module docstring)."""
+    """How this job embeds image sets: the feature extractor and its space, the options, the process it runs in, and
+    the cache its statistics go to (module docstring)."""
 
-    extractor: tuple
+    extractor: Extractor
     space: str  # feature_space's name of it
     args: argparse.Namespace
     state: PartialState
     cache_dir: Path
     log: logging.Logger
 
-    def set_stats(self, index, name: str, fp: str) -> tuple:
-        """(GapStats, sample plan) of an image set, or (None, plan) while other shards still embed their parts;
-        cached under cache_dir, this job's part resumable."""
+    def set_stats(self, index, name: str, fp: str) -> EmbeddedSet:
+        """An image set's statistics (None while other shards still embed their parts) and sample plan; cached under
+        cache_dir, this job's part resumable."""
         args, state = self.args, self.state
         sampling = f"s{args.seed}-o{max(args.prdc_images, args.kid_subset_size)}-c{args.per_class_images}"
         stem = f"{index.name}-{index.split}-{fp}-{self.space}-{sampling}"
@@ -337,8 +368,8 @@ class Embedding:
         plan = sample_plan(labels, args)
         if final.is_file():
             self.log.info(f"{name}: statistics from {final}")
-            return GapStats.load(final), plan
-        keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
+            return EmbeddedSet(GapStats.load(final), plan)
+        keep = plan.positions()
         (i, n), (r, w) = args.shard, (state.process_index, state.num_processes)
         positions = np.array(common.local_items(list(range(len(index))), (i, n), r, w))
         part = Part(index, labels, positions, self.cache_dir / f"{stem}.part-{i}of{n}-{r}of{w}.safetensors")
@@ -346,13 +377,13 @@ class Embedding:
         if stats.done < len(positions):
             self.embed_part(part, stats, keep, f"{name} features")
         state.wait_for_everyone()
-        return merge_parts(self.cache_dir, stem, len(index)), plan
+        return EmbeddedSet(merge_parts(self.cache_dir, stem, len(index)), plan)
 
     @torch.no_grad()
     def embed_part(self, part: Part, stats: GapStats, keep: set, desc: str) -> None:
         """Embed the part's images not yet in `stats` (a resumed part starts where it stopped), adding them batch by
         batch; the part is saved every --checkpoint-every images and at the end."""
-        (forward, transform), args = self.extractor, self.args
+        forward, transform, args = self.extractor.forward, self.extractor.transform, self.args
         todo = part.positions[stats.done :]
         images = common.ImageFiles([part.index.abspath(int(i)) for i in todo], transform)
         loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
@@ -476,14 +507,14 @@ def get_parser() -> common.StageParser:
     return p
 
 
-def all_figures(real, held_out, synthetic, classes, args) -> dict:
-    """Synthetic vs real train and the floor (real held-out vs real train), overall and per class; each argument is
-    a set's (GapStats, sample plan). Names the five classes with the largest excess FID over their floor."""
+def all_figures(real: EmbeddedSet, held_out: EmbeddedSet, synthetic: EmbeddedSet, classes, args) -> dict:
+    """Synthetic vs real train and the floor (real held-out vs real train), overall and per class. Names the five
+    classes with the largest excess FID over their floor."""
     out = {
-        "synthetic": streamed_figures(*real, *synthetic, args),
-        "floor": streamed_figures(*real, *held_out, args),
-        "per_class": streamed_per_class(*real, *synthetic, classes, args),
-        "per_class_floor": streamed_per_class(*real, *held_out, classes, args),
+        "synthetic": streamed_figures(real, synthetic, args),
+        "floor": streamed_figures(real, held_out, args),
+        "per_class": streamed_per_class(real, synthetic, classes, args),
+        "per_class_floor": streamed_per_class(real, held_out, classes, args),
     }
     excess = {n: v["fid"] - out["per_class_floor"].get(n, {}).get("fid", 0.0) for n, v in out["per_class"].items()}
     out["largest_gap_classes"] = sorted(excess, key=excess.get, reverse=True)[:5]
@@ -521,11 +552,12 @@ def main(argv=None) -> dict:
     log = common.get_logger(out, state.is_main_process)
     embedding = Embedding(extractor, feature_space(args.features, args), args, state, out.parent / "gap_features", log)
     gathered = {name: embedding.set_stats(index, name, fps[name]) for name, index in sets.items()}
-    if any(stats is None for stats, _ in gathered.values()) or not state.is_main_process:
+    if any(embedded.stats is None for embedded in gathered.values()) or not state.is_main_process:
         log.info("this part's features are in; the figures come from the job that finishes the last part")
         return None
     results = {"synthetic_dir": str(args.synthetic_dir), "features": args.features, "real_split": "train"}
-    results.update(held_out_split=held_out_split, **all_figures(*gathered.values(), real.classes, args))
+    figures = all_figures(gathered["train"], gathered[held_out_split], gathered["synthetic"], real.classes, args)
+    results.update(held_out_split=held_out_split, **figures)
     common.write_json(out / "results.json", results)
     write_markdown(out / "results.md", results)
     write_plots(out, results)

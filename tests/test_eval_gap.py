@@ -55,13 +55,12 @@ def test_linear_mmd_is_the_papers_form():
 
 
 def streamed(x, y, args, chunks=1):
-    """GapStats of features x (labels y) added in `chunks` batches, and its sample plan."""
+    """GapStats of features x (labels y) added in `chunks` batches, with its sample plan."""
     plan = eval_gap.sample_plan(y, args)
-    keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
     stats = eval_gap.GapStats(int(y.max()) + 1)
     for part in np.array_split(np.arange(len(x)), chunks):
-        stats.add(part, x[part], y[part], keep)
-    return stats, plan
+        stats.add(part, x[part], y[part], plan.positions())
+    return eval_gap.EmbeddedSet(stats, plan)
 
 
 def test_per_class_figures_split_by_label():
@@ -70,7 +69,7 @@ def test_per_class_figures_split_by_label():
     other = real.copy()
     other[20:] += 5.0  # class 1 shifted, class 0 identical
     args = eval_gap.get_parser().parse_args(["--kid-subsets", "2", "--kid-subset-size", "10"])
-    per = eval_gap.streamed_per_class(*streamed(real, real_y, args), *streamed(other, real_y, args), ["a", "b"], args)
+    per = eval_gap.streamed_per_class(streamed(real, real_y, args), streamed(other, real_y, args), ["a", "b"], args)
     assert per["a"]["fid"] == pytest.approx(0.0, abs=1e-6) and per["b"]["fid"] > 40
     assert per["b"]["images"] == 20
 
@@ -83,15 +82,15 @@ def test_streamed_figures_equal_the_in_memory_ones_and_parts_merge_exactly(tmp_p
     x, xy = rng.normal(size=(300, 6)).astype(np.float32).astype(np.float64), rng.integers(0, 3, 300)
     z, zy = rng.normal(0.3, 1.1, size=(250, 6)).astype(np.float32).astype(np.float64), rng.integers(0, 3, 250)
     args = eval_gap.get_parser().parse_args("--kid-subsets 5 --kid-subset-size 50 --prdc-images 400".split())
-    whole = eval_gap.streamed_figures(*streamed(x, xy, args, 7), *streamed(z, zy, args, 3), args)
+    whole = eval_gap.streamed_figures(streamed(x, xy, args, 7), streamed(z, zy, args, 3), args)
     assert whole == pytest.approx(eval_gap.gap_figures(x, z, args), rel=1e-9, abs=1e-12)
     small = eval_gap.get_parser().parse_args("--kid-subsets 5 --kid-subset-size 20 --prdc-images 40".split())
-    sampled = eval_gap.streamed_figures(*streamed(x, xy, small), *streamed(z, zy, small), small)
+    sampled = eval_gap.streamed_figures(streamed(x, xy, small), streamed(z, zy, small), small)
     assert sampled["fid"] == pytest.approx(eval_gap.fid(x, z), rel=1e-9)  # over all 300 / 250, not the 40 kept
     assert sampled["linear_mmd"] == pytest.approx(eval_gap.linear_mmd(x, z), rel=1e-9)
     # two parts, saved and loaded, merge into the one-pass statistics
-    one, plan = streamed(x, xy, small)
-    keep = set(plan[0].tolist()).union(*(set(v.tolist()) for v in plan[1].values()))
+    one = streamed(x, xy, small)
+    keep = one.sample.positions()
     parts = []
     for k, idx in enumerate((np.arange(0, 300, 2), np.arange(1, 300, 2))):
         part = eval_gap.GapStats(3)
@@ -99,8 +98,8 @@ def test_streamed_figures_equal_the_in_memory_ones_and_parts_merge_exactly(tmp_p
         part.save(tmp_path / f"p{k}.safetensors")
         parts.append(eval_gap.GapStats.load(tmp_path / f"p{k}.safetensors"))
     merged = parts[0].merge(parts[1])
-    assert np.allclose(merged.outer, one.outer) and np.array_equal(merged.count, one.count)
-    assert merged.rows.keys() == one.rows.keys() and merged.done == 300
+    assert np.allclose(merged.outer, one.stats.outer) and np.array_equal(merged.count, one.stats.count)
+    assert merged.rows.keys() == one.stats.rows.keys() and merged.done == 300
 
 
 def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_clip_vision):
@@ -156,15 +155,15 @@ def test_an_interrupted_part_resumes_where_it_stopped(tmp_path, tiny_clip_vision
     seen = []
 
     def dies_after_two_batches(model_id, device):
-        forward, transform = real_clip(model_id, device)
+        extractor = real_clip(model_id, device)
 
         def counted(x):
             if len(seen) == 2:
                 raise KeyboardInterrupt
             seen.append(len(x))
-            return forward(x)
+            return extractor.forward(x)
 
-        return counted, transform
+        return eval_gap.Extractor(counted, extractor.transform)
 
     monkeypatch.setattr(eval_gap, "clip_features", dies_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
