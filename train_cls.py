@@ -426,8 +426,10 @@ def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch
 def parse_args_with_recipe(parser, argv, require_data: bool = True):
     args = common.parse_args(parser, argv, "train_cls")
     apply_recipe(args, parser)
-    if require_data and (args.dataset is None or args.data_root is None):
-        parser.error("--dataset and --data-root are required (or a --config that sets them)")
+    if require_data and args.dataset is None:
+        parser.error("--dataset is required (or a --config that sets it)")
+    if require_data and args.data_root is None:  # $IMAGENET_ROOT etc. or configs/paths.yaml, as every stage reads
+        args.data_root = common.dataset_root(args.dataset)  # them; resolved here, so the identity records the path
     return args
 
 

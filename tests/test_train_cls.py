@@ -318,3 +318,15 @@ def test_a_class_missing_from_the_held_out_split_names_that_split(tmp_path):
     args = TINY + ["--dataset", "imagefolder", "--data-root", str(root), "--output-dir", str(tmp_path / "run")]
     with pytest.raises(ValueError, match=rf"imagefolder val split: not in val \['{TINY_CLASSES[2]}'\]"):
         train_cls.main(args)
+
+
+def test_the_data_root_comes_from_the_environment_or_paths_yaml_as_in_every_stage(monkeypatch, tmp_path):
+    """train_cls demanded --data-root although its --help (and every other stage) takes $IMAGENET_ROOT & co."""
+    import common
+
+    monkeypatch.setitem(common.ROOT_KEYS, "demo", "demo_root")  # the demo has no variable of its own: lend it one
+    monkeypatch.setenv("DEMO_ROOT", str(tmp_path))
+    assert train_cls.parse_args_with_recipe(train_cls.get_parser(), TINY).data_root == str(tmp_path)
+    monkeypatch.delenv("DEMO_ROOT")
+    with pytest.raises(ValueError, match="set DEMO_ROOT"):
+        train_cls.parse_args_with_recipe(train_cls.get_parser(), TINY)
