@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 PROJECT_DIR = Path(__file__).resolve().parent
-DATA_DIR = PROJECT_DIR / "data"  # ImageNet class lists (README, Layout: data/)
+DATA_DIR = PROJECT_DIR / "data"  # ImageNet class lists, beside this file (README, Layout: data/)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts and captions (paper §3.2, App. E)
@@ -631,10 +631,9 @@ def looks_like_local_path(source) -> bool:
 
 
 def check_pretrained(load_config, source, revision: str | None = None, what: str = "a model", **kwargs) -> None:
-    """Fail with the fix when a pretrained model cannot be found, before the stage touches its run directory (a
-    wrong path would otherwise leave a run config that the corrected command then conflicts with). `load_config` is
-    the library's own config reader (e.g. `DiffusionPipeline.load_config`, `AutoConfig.from_pretrained`): it reads
-    one small file, from the directory or the hub cache."""
+    """Fail early, with the fix, when a pretrained model cannot be found. `load_config` is the library's own config
+    reader (e.g. `DiffusionPipeline.load_config`, `AutoConfig.from_pretrained`): it reads one small file, from the
+    directory or the hub cache."""
     if looks_like_local_path(source) and not Path(source).exists():
         # The hub client would report a malformed repo id, which hides the real mistake.
         raise FileNotFoundError(
@@ -644,9 +643,11 @@ def check_pretrained(load_config, source, revision: str | None = None, what: str
     try:
         load_config(str(source), revision=revision, **kwargs)
     except (OSError, ValueError) as err:  # a missing file, no network, or a malformed hub id
+        # 'org/name' is a hub id and a relative path alike: say that no such directory exists either
+        local = "" if Path(source).exists() else f" (and there is no directory '{source}' under {Path.cwd()})"
         raise OSError(
-            f"cannot load {what} from '{source}': {str(err).rstrip('.')}. Pass a hub id (online, or in the HF cache "
-            f"when HF_HUB_OFFLINE=1) or a local directory saved with save_pretrained."
+            f"cannot load {what} from '{source}'{local}: {str(err).rstrip('.')}. Pass a hub id (online, or in the HF "
+            f"cache when HF_HUB_OFFLINE=1) or a local directory saved with save_pretrained."
         ) from err
 
 

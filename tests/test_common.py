@@ -651,6 +651,13 @@ def test_check_pretrained_names_a_missing_local_directory(tmp_path, monkeypatch)
     (tmp_path / "runs/demo/generator/sd").mkdir(parents=True)
     common.check_pretrained(lambda *a, **k: None, "runs/demo/generator/sd")  # exists: the library's reader decides
 
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    # 'demo_generator/sd' reads as a hub id too: the hub's error, plus that no such directory exists here either
+    with pytest.raises(OSError, match=f"no directory 'demo_generator/sd' under {tmp_path}.*couldn't connect"):
+        common.check_pretrained(offline, "demo_generator/sd")
+
 
 def test_held_out_split_is_val_or_test_whichever_exists(tmp_path):
     from conftest import make_imagefolder
