@@ -70,7 +70,6 @@ def repair_tail(path: Path) -> None:
 
 
 def load_blip2(args, device: torch.device):
-
     dtype = common.resolve_dtype(args.dtype, device)
     try:
         processor = AutoProcessor.from_pretrained(args.model, revision=args.revision)
@@ -121,7 +120,7 @@ def main(argv=None) -> dict:
     state = PartialState()
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "captions")
     config = common.config_dict(args)
-    index = common.load_dataset(args.dataset, args.data_root, args.split)  # fails before touching out_dir
+    index = common.load_dataset(args.dataset, args.data_root, args.split)
     common.check_pretrained(AutoConfig.from_pretrained, args.model, args.revision, "BLIP-2")
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)
     if run.begin(state.wait_for_everyone) == "done":

@@ -63,19 +63,17 @@ def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "ood_<classifier dir name>", workers=8)
     p.add_argument("--classifier", default=None, help="a train_cls.py output directory (required)")
-    p.add_argument(
+    # A set added to a finished run reuses the other sets' cached logits: which sets is no part of the identity.
+    which = p.speed_group("which images are scored (not part of the run's identity)")
+    which.add_argument(
         "--sets",
         nargs="+",
         default=[common.HELD_OUT],
-        help=f"dataset split names ({common.HELD_OUT}: --test-split), and/or ImageNet OOD sets as "
-        "KIND=PATH or a bare KIND whose path is "
-        "given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS) + ". Not part of the "
-        "run's identity: a set added to a finished run reuses the others' cached logits",
+        help=f"dataset split names ({common.HELD_OUT}: --test-split), and/or ImageNet OOD sets as KIND=PATH or a "
+        "bare KIND whose path is given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS),
     )
-    which = p.speed_group("which images are scored (not part of the run's identity, as --sets)")
     common.add_test_split(which, f"the split --sets {common.HELD_OUT} names")
     which.add_argument("--skip-bad", action="store_true", help="leave a split's unreadable images out (results.json)")
-    p.not_hashed("sets")
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
         env = kind.replace("-", "_").upper() + "_ROOT"
         p.add_argument(
@@ -251,7 +249,6 @@ def cache_key(weights_hash: str, transform_cfg: dict, rel_paths: list[str]) -> s
 
 
 def cached_logits(cache: Path, key: str, n: int) -> torch.Tensor | None:
-
     if not cache.is_file():
         return None
     with safe_open(str(cache), "pt") as f:
@@ -274,7 +271,6 @@ class Classifier:
 
 def set_logits(name: str, paths, clf: Classifier, state, args, out: Path, log) -> torch.Tensor:
     """The set's logits from the cache if the classifier, transform and image list are unchanged, else computed."""
-
     cache = out / "logits" / f"{name}.safetensors"
     rel = [str(p) for p in paths]
     key = cache_key(clf.weights_hash, clf.info["eval_transform"], rel)
@@ -323,7 +319,6 @@ def markdown_table(results: dict, classifier: str) -> str:
 
 
 def main(argv=None) -> dict:
-
     parser = get_parser()
     args = common.parse_args(parser, argv, "eval_ood")
     if args.classifier is None:

@@ -494,7 +494,7 @@ def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet) -> Vi
     embeds, info = load_file(str(path))["embeds"], common.read_json(info_path)
     info.pop("sampled_paths", None)  # kept in vg_embeddings.json; the contract file stays small
     projection, width = None, unet.config.cross_attention_dim
-    if embeds.shape[-1] != width:  # paper §3.2 + issue: a trainable projection when the widths differ
+    if embeds.shape[-1] != width:  # paper §3.2: a trainable projection when the widths differ (README, Finetuning)
         projection = torch.nn.Linear(embeds.shape[-1], width).to(accelerator.device)
     return VisualGuidance(embeds.to(accelerator.device), projection, info)
 

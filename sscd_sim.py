@@ -160,7 +160,6 @@ def load_descriptor(path: str | Path, device: torch.device):
 
 
 def make_transform(resize: str, size: int):
-
     shape = size if resize == "short-edge" else [size, size]
     return transforms.Compose(
         [transforms.Resize(shape), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
