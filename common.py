@@ -668,7 +668,8 @@ def fingerprint(source: str | os.PathLike | None, revision: str | None = None) -
 
 
 def environment_info() -> dict:
-    """What produced a result: code version, Python and library versions, device."""
+    """What produced a result: code version (git, and the running script's and common.py's hashes), Python and
+    library versions, device."""
 
     def version(mod):
         try:
@@ -681,12 +682,15 @@ def environment_info() -> dict:
 
     try:
         commit = git("rev-parse", "HEAD").strip() or None
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip()) if commit else None
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
+    # The code itself by content: what a copy of a stage in another project (no git, or another repo) records.
+    code = [Path(__file__), Path(sys.argv[0])] if sys.argv and sys.argv[0].endswith(".py") else [Path(__file__)]
     return {
         "git_commit": commit,
         "git_dirty": dirty,
+        "code_sha256": {path.name: hash_file(path) for path in code if path.is_file()},
         "python": platform.python_version(),
         "platform": platform.platform(),
         "argv": sys.argv,

@@ -5,6 +5,7 @@ import ast
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -717,3 +718,15 @@ def test_run_begin_lets_the_main_process_move_an_old_run_aside_before_the_others
     assert main.begin(lambda: order.append("barrier")) == "fresh"
     assert other.begin(lambda: order.append("barrier")) == "resume"  # the new run's config, not the old manifest
     assert order == ["barrier", "barrier"] and (tmp_path / f"run.old-{common.config_hash({'lr': 1})}").is_dir()
+
+
+def test_a_copied_common_records_its_code_by_content_and_no_git_state(tmp_path, monkeypatch):
+    """A stage copied into a folder without git recorded git_dirty: false (clean!) and nothing of its code."""
+    (tmp_path / "common.py").write_bytes(Path(common.__file__).read_bytes())
+    spec = importlib.util.spec_from_file_location("copied_common", tmp_path / "common.py")
+    copied = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "copied_common", copied)  # dataclasses look their module up while it loads
+    spec.loader.exec_module(copied)
+    info = copied.environment_info()
+    assert info["git_commit"] is None and info["git_dirty"] is None
+    assert info["code_sha256"]["common.py"] == common.hash_file(common.__file__)
