@@ -34,6 +34,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+PAPER_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # paper App. E: the generator finetune and synthesize load
 PROJECT_DIR = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_DIR / "data"  # ImageNet class lists, beside this file (README, Layout: data/)
 

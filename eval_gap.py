@@ -56,6 +56,8 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 import common
 
+INCEPTION = "inception_v3.tv_in1k"  # timm's name of torchvision's Inception-v3 (--features inception; docstring)
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The figures. Features are float64 numpy arrays [N, D]; everything below is exact for the points it is given.
 
@@ -315,7 +317,7 @@ def feature_space(spec: str, args) -> str:
     classifier run) by the hash of its files, so another --clip-model or a retrained classifier never gets the old
     features. A file-name fragment."""
     kind, _, arg = spec.partition(":")
-    weights = {"clip": arg or args.clip_model, "inception": "inception_v3.tv_in1k", "timm": arg}.get(kind)
+    weights = {"clip": arg or args.clip_model, "inception": INCEPTION, "timm": arg}.get(kind)
     if kind == "classifier" and arg:
         weights = Path(arg) / "manifest.json"  # written last by train_cls: a new one for every trained classifier
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{kind}-{common.fingerprint(weights)}")
@@ -326,7 +328,7 @@ def build_extractor(spec: str, args, device) -> Extractor:
     if kind == "clip":
         return clip_features(arg or args.clip_model, device)
     if kind == "inception":
-        return timm_features("inception_v3.tv_in1k", device)
+        return timm_features(INCEPTION, device)
     if kind == "timm" and arg:
         return timm_features(arg, device)
     if kind == "classifier" and arg:

@@ -72,7 +72,6 @@ from transformers import AutoConfig, CLIPImageProcessor, CLIPTextModel, CLIPToke
 
 import common
 
-PAPER_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # paper App. E: Stable Diffusion v1.5
 PAPER_ENCODER = "openai/clip-vit-large-patch14"  # release extract_feature.py: projected 768-d image embedding
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # release: LoRA on every UNet attention's four projections
 MMD_WEIGHTS = {"paper": 0.01, "release": 0.003}  # paper form: converted from the release's 0.003 (docstring)
@@ -91,7 +90,7 @@ def get_parser() -> common.StageParser:
     a("--resolution", type=int, default=512, help="release: Resize(512) + RandomCrop(512)")
     a("--random-flip", action=argparse.BooleanOptionalAction, default=True, help="release: random horizontal flip")
     a = p.group("model and LoRA (paper App. E Tab. 7)").add_argument
-    a("--pretrained-model", default=PAPER_MODEL, help="SD 1.x pipeline: hub id or local diffusers directory")
+    a("--pretrained-model", default=common.PAPER_SD, help="SD 1.x pipeline: hub id or local diffusers directory")
     a("--revision", default=None, help="hub revision of --pretrained-model")
     a("--lora-rank", type=int, default=4, help="release --rank 4 (alpha = rank, i.e. scale 1, as released)")
     a("--lora-targets", default=LORA_TARGETS, help="comma-separated UNet module names that get LoRA")
@@ -110,7 +109,8 @@ def get_parser() -> common.StageParser:
     a = p.group("distribution matching (paper §3.1; the docstring derives λ)").add_argument
     a("--mmd-form", default="paper", choices=["paper", "release"], help="paper: Eq. 7 on z0, ẑ0; release: on ε")
     a("--mmd-batch", default="process", choices=["process", "global"], help="per process (release), or all processes")
-    a("--mmd-weight", type=float, default=None, help="λ: 0.01 (paper form) or 0.003 (release form); 0 = off")
+    mmd_help = f"λ: {MMD_WEIGHTS['paper']} (paper form) or {MMD_WEIGHTS['release']} (release form); 0 = off"
+    a("--mmd-weight", type=float, default=None, help=mmd_help)
     a = p.group("visual guidance (paper §3.2)").add_argument
     a("--vg-mode", default="class-mean", choices=["class-mean", "per-image", "none"], help="per-image: release")
     a("--vg-placement", default="append", choices=list(common.VG_PLACEMENTS), help="replace-last: release")

@@ -70,7 +70,7 @@ def get_parser() -> common.StageParser:
     a("--split", default="train", help="the real split whose images are the latent priors")
     a("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")
     a = (generator := p.group("generator (paper App. E Tab. 6; the LoRA scale from the release)")).add_argument
-    a("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or diffusers dir")
+    a("--pretrained-model", default=common.PAPER_SD, help="hub id or diffusers dir")
     a("--revision", default=None, help="hub revision of --pretrained-model")
     a("--lora-dir", default=None, type=none_or_path, help="finetune.py output; none: the plain model (ablation)")
     a("--lora-scale", type=float, default=0.5, help="release: cross_attention_scale 0.5 (fused)")
