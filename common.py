@@ -79,6 +79,17 @@ def captions_for(index: DatasetIndex, captions: dict[str, str], allow_missing: b
     return found
 
 
+def fragmented_class_names(tokenizer, class_names: Sequence[str], max_pieces_per_word: int = 2) -> dict[str, list]:
+    """Class names the tokenizer splits into more than `max_pieces_per_word` pieces per word ("giraffe" -> 7 letters
+    in a tokenizer that never saw it): prompts the generator has no whole word for. {name: pieces}."""
+    found = {}
+    for name in class_names:
+        pieces = tokenizer.tokenize(name)
+        if len(pieces) > max_pieces_per_word * max(1, len(name.split())):
+            found[name] = pieces
+    return found
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Method: min-SNR weights, distribution matching (MMD, paper §3.1 Eq. 5-7), visual guidance (§3.2), latent prior (§3.3)
 
@@ -187,52 +198,6 @@ def load_init_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     return resize_crop(load_image(path), size, Image.BICUBIC)
 
 
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-
-
-def describe_images(index: DatasetIndex, size: int, crop: str = "centre-cropped", sample: int = 256) -> dict:
-    """Mode and size of (up to `sample` of) a split's images, read from their headers, and what the stage does with
-    them: every image is read as RGB, resized to `size` px and cropped as `crop` says. `grayscale` is true when every
-    sampled image is."""
-    modes, sizes = {}, {}
-    for s in index.samples[:: max(1, len(index) // sample)][:sample]:
-        try:
-            with Image.open(index.root / s.path) as img:
-                mode, wh = img.mode, f"{img.width}x{img.height}"
-        except (OSError, ValueError, SyntaxError):
-            continue  # unreadable: the stage's own bad-image rule (an error or --skip-bad) deals with it
-        modes[mode], sizes[wh] = modes.get(mode, 0) + 1, sizes.get(wh, 0) + 1
-    return {
-        "sampled": sum(modes.values()),
-        "modes": modes,
-        "sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5]),
-        "grayscale": bool(modes) and set(modes) <= GRAYSCALE_MODES,
-        "processed_as": f"RGB, short side resized to {size} px and {crop}",
-    }
-
-
-def note_unusual_images(description: dict, size: int, log) -> None:
-    """Say once what happens to images that are not RGB at `size` px (grayscale, smaller or larger)."""
-    others = [m for m in description["modes"] if m != "RGB"]
-    resized = [wh for wh in description["sizes"] if wh != f"{size}x{size}"]
-    if others or resized:
-        log.info(
-            f"source images: modes {description['modes']}, sizes {description['sizes']} (of {description['sampled']} "
-            f"sampled): read as {description['processed_as']}"
-        )
-
-
-def fragmented_class_names(tokenizer, class_names: Sequence[str], max_pieces_per_word: int = 2) -> dict[str, list]:
-    """Class names the tokenizer splits into more than `max_pieces_per_word` pieces per word ("giraffe" -> 7 letters
-    in a tokenizer that never saw it): prompts the generator has no whole word for. {name: pieces}."""
-    found = {}
-    for name in class_names:
-        pieces = tokenizer.tokenize(name)
-        if len(pieces) > max_pieces_per_word * max(1, len(name.split())):
-            found[name] = pieces
-    return found
-
-
 @torch.no_grad()
 def encode_latent_prior(vae, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """VAE-encode init images ([B,3,H,W] in [-1,1]) into scaled latents, one seeded posterior sample per image.
@@ -247,20 +212,6 @@ def encode_latent_prior(vae, pixels: torch.Tensor, generators: Sequence[torch.Ge
     latents = posterior.mean + posterior.std * noise
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """(position, transformed RGB image) of each path, for the DataLoaders of the scripts that embed or score images;
-    an unreadable file raises ImageReadError naming it."""
-
-    def __init__(self, paths: Sequence, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return i, self.transform(load_image(self.paths[i]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1047,6 +998,55 @@ def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | o
         log.warning(f"--skip-bad: leaving out {len(bad)} unreadable {index.split} image(s): {sorted(bad)[:5]} ...")
     kept = dataclasses.replace(index, samples=[s for s in index.samples if s.path not in bad]) if bad else index
     return kept, bad, fp
+
+
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def describe_images(index: DatasetIndex, size: int, crop: str = "centre-cropped", sample: int = 256) -> dict:
+    """Mode and size of (up to `sample` of) a split's images, read from their headers, and what the stage does with
+    them: every image is read as RGB, resized to `size` px and cropped as `crop` says. `grayscale` is true when every
+    sampled image is."""
+    modes, sizes = {}, {}
+    for s in index.samples[:: max(1, len(index) // sample)][:sample]:
+        try:
+            with Image.open(index.root / s.path) as img:
+                mode, wh = img.mode, f"{img.width}x{img.height}"
+        except (OSError, ValueError, SyntaxError):
+            continue  # unreadable: the stage's own bad-image rule (an error or --skip-bad) deals with it
+        modes[mode], sizes[wh] = modes.get(mode, 0) + 1, sizes.get(wh, 0) + 1
+    return {
+        "sampled": sum(modes.values()),
+        "modes": modes,
+        "sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5]),
+        "grayscale": bool(modes) and set(modes) <= GRAYSCALE_MODES,
+        "processed_as": f"RGB, short side resized to {size} px and {crop}",
+    }
+
+
+def note_unusual_images(description: dict, size: int, log) -> None:
+    """Say once what happens to images that are not RGB at `size` px (grayscale, smaller or larger)."""
+    others = [m for m in description["modes"] if m != "RGB"]
+    resized = [wh for wh in description["sizes"] if wh != f"{size}x{size}"]
+    if others or resized:
+        log.info(
+            f"source images: modes {description['modes']}, sizes {description['sizes']} (of {description['sampled']} "
+            f"sampled): read as {description['processed_as']}"
+        )
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(position, transformed RGB image) of each path, for the DataLoaders of the scripts that embed or score images;
+    an unreadable file raises ImageReadError naming it."""
+
+    def __init__(self, paths: Sequence, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return i, self.transform(load_image(self.paths[i]))
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
