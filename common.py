@@ -380,6 +380,13 @@ def add_mixed_precision(group, on_gpu: str, why: str = "") -> None:
     group.add_argument("--mixed-precision", "--amp", choices=("auto", "no", "fp16", "bf16"), default="auto", help=text)
 
 
+def add_skip_bad(parser: StageParser, where: str) -> None:
+    """--skip-bad, outside the run's identity in every stage: without it a bad image stops the stage before any
+    result, so for given images there is only ever one result, with or without the flag."""
+    group = parser.speed_group("bad images (not part of the run's identity: without --skip-bad they stop the stage)")
+    group.add_argument("--skip-bad", action="store_true", help=f"leave unreadable images out, listed in {where}")
+
+
 def add_test_split(group, what: str) -> None:
     """--test-split, one name and default for every stage that reads the real held-out split (train_cls, eval_gap,
     eval_ood), so that one value (`make TEST_SPLIT=...`, or `test_split:` at the top of a config) reaches them all."""
@@ -663,7 +670,7 @@ def environment_info() -> dict:
 RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for precision in every stage
 # Keys that stages have since left out of a run's identity: an old run's value is ignored where the current config
 # no longer has the key (data_root: finetune and eval_gap now hash the files of every split they read).
-RETIRED_KEYS = {"data_root", "test_split"}
+RETIRED_KEYS = {"data_root", "test_split", "skip_bad"}
 
 
 class ConfigMismatchError(RuntimeError):

@@ -504,8 +504,7 @@ def get_parser() -> common.StageParser:
     speed.add_argument("--batch-size", type=int, default=64, help="images per feature-extractor batch")
     speed.add_argument("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part of every set")
     speed.add_argument("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
-    # Not part of the identity: without it a split with a bad image stops before any figure, so no result differs.
-    speed.add_argument("--skip-bad", action="store_true", help="leave unreadable real images out instead of failing")
+    common.add_skip_bad(p, "the manifest (real train and held-out images)")
     return p
 
 

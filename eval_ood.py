@@ -73,7 +73,7 @@ def get_parser() -> common.StageParser:
         "bare KIND whose path is given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS),
     )
     common.add_test_split(which, f"the split --sets {common.HELD_OUT} names")
-    which.add_argument("--skip-bad", action="store_true", help="leave a split's unreadable images out (results.json)")
+    common.add_skip_bad(p, "results.json (dataset splits)")
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
         env = kind.replace("-", "_").upper() + "_ROOT"
         p.add_argument(

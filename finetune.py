@@ -86,9 +86,9 @@ def get_parser() -> common.StageParser:
     a("--captions", default=None, help="captions.jsonl from caption.py; without it prompts are 'photo of {class}'")
     a("--allow-missing-captions", action="store_true", help="prompt images without a caption by class name only")
     a("--subset-mask", default=None, help=".npy bool array, one entry per training image: train on that part only")
-    a("--skip-bad", action="store_true", help="leave unreadable training images out (listed in the manifest)")
     a("--resolution", type=int, default=512, help="release: Resize(512) + RandomCrop(512)")
     a("--random-flip", action=argparse.BooleanOptionalAction, default=True, help="release: random horizontal flip")
+    common.add_skip_bad(p, "the manifest")
     a = p.group("model and LoRA (paper App. E Tab. 7)").add_argument
     a("--pretrained-model", default=common.PAPER_SD, help="SD 1.x pipeline: hub id or local diffusers directory")
     a("--revision", default=None, help="hub revision of --pretrained-model")

@@ -96,7 +96,7 @@ def get_parser() -> common.StageParser:
     a("--verify-existing", choices=("quick", "full"), default="quick", help="re-run check: file trailer, or decode")
     a("--reuse-from", nargs="*", default=[], metavar="DIR", help="runs of this config at another scale or format")
     a("--plan", action="store_true", help="print images, files, TB and GPU-hours of the chain, and exit")
-    a("--skip-bad", action="store_true", help="skip unreadable sources (counted in the manifest) instead of failing")
+    common.add_skip_bad(p, "the manifest (no output is made from them)")
     a = p.speed_group().add_argument  # never change an image beyond float noise
     a("--batch-size", type=common.positive_int, default=32, help="images per pipeline call, classes mixed")
     a("--decode-batch", type=common.positive_int, default=16, help="VAE encode/decode chunk (bounds memory)")

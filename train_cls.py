@@ -64,7 +64,7 @@ def get_parser() -> common.StageParser:
     common.add_test_split(data, "the real test split")
     a("--train-dirs", nargs="+", default=["real"], help="'real' (the train split) and/or synthesize.py outputs")
     a("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
-    a("--skip-bad", action="store_true", help="leave unreadable train and test images out (listed in the manifest)")
+    common.add_skip_bad(p, "the manifest (train and test images)")
     a = p.group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)").add_argument
     a("--model", default="resnet50", help="any timm model name")
     a("--pretrained", action="store_true", help="start from timm's ImageNet weights")

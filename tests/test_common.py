@@ -243,6 +243,7 @@ def test_every_stage_hashes_its_method_options_and_not_its_speed_options(stage):
     assert "seed" in config and "dataset" in config
     assert not {"workers", "output_dir", "runs_dir", "overwrite", "config", common.UNHASHED} & set(config)
     assert "shard" not in config  # a job's part of the work
+    assert "skip_bad" not in config  # without it a bad image stops the stage: for given images, one result only
     assert "batch_size" not in config or stage == "train_cls"  # train_cls's is the global batch: it changes results
 
 
