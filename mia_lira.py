@@ -2,7 +2,7 @@
 
 The paper's privacy claim (§4.5, App. G.4, Fig. 3): a classifier trained on Real-Fake synthetic data leaks less
 membership of the real training images than one trained on those images directly. We measure it the way the privacy
-literature does. M shadow pipelines (16, paper) each see a random half of the real training set, given by a balanced
+literature does. M shadow pipelines (--num-shadows) each see a random half of the real training set, given by a balanced
 keep matrix (every image IN for exactly M/2 shadows). Two arms, each one pipeline per keep row, run by the existing
 stage scripts as subprocesses (never imported, so this file holds no copy of their logic):
 
@@ -58,7 +58,7 @@ SIGMA_FLOOR = 1e-6  # a shadow set with identical scores has σ = 0 and an infin
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "mia_lira", seed=0, seed_help="global seed (keep matrix, shadow seeds)", workers=4)
-    # The experiment (paper App. G.4: 16 shadows following Carlini et al.; each image IN for exactly half of them).
+    # The experiment (paper App. G.4, following Carlini et al.; each image IN for exactly half of the shadows).
     p.add_argument("--num-shadows", type=int, default=16, help="M shadow pipelines per arm (paper: 16; even, >= 4)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="which arms to run")
     p.add_argument("--stage-config", default=None, help="config passed to the stage scripts (default: --config)")
@@ -68,34 +68,19 @@ def get_parser() -> common.StageParser:
     p.add_argument("--finetune-args", default="", help="extra flags for every finetune.py call (one string)")
     p.add_argument("--synthesize-args", default="", help="extra flags for every synthesize.py call (one string)")
     p.add_argument("--train-cls-args", default="", help="extra flags for every train_cls.py call (one string)")
-    p.add_argument(
-        "--scores-from",
-        default=None,
-        help="attack-only mode: a previous mia_lira output dir whose "
-        "keep.npy and scores_<arm>.npy are reused (nothing is trained)",
-    )
-    # Attacks.
-    p.add_argument(
-        "--offline-test",
-        default="one-sided",
-        choices=("one-sided", "two-sided"),
-        help="offline LiRA test: one-sided Gaussian CDF, Λ = Pr[Z < φ], Z ~ N(μ_out, σ_out²) (paper, "
-        "Carlini et al. Alg. 1; default) or two-sided −log N(φ; μ_out, σ_out²) (reference plot.py)",
-    )
+    p.add_argument("--scores-from", default=None, help="attack only: reuse this mia_lira dir's keep.npy and scores")
+    # The offline test: one-sided Pr[Z < φ], Z ~ N(μ_out, σ_out²) (Carlini et al. Alg. 1), or the reference plot.py's
+    # two-sided −log N(φ; μ_out, σ_out²).
+    p.add_argument("--offline-test", default="one-sided", choices=("one-sided", "two-sided"), help="offline LiRA test")
     p.add_argument("--num-targets", type=int, default=0, help="leave-one-out targets to rotate over (0 = all M)")
-    speed = p.speed_group()
-    speed.add_argument("--batch-size", type=int, default=256, help="query batch size")
-    speed.add_argument(
+    a = p.speed_group().add_argument
+    a("--batch-size", type=int, default=256, help="query batch size")
+    a(
         "--launcher",
         default="",
-        help="command prefix for the stage scripts, e.g. 'accelerate launch --num_processes 8' (default: this python)",
+        help="stage command prefix, e.g. 'accelerate launch --num_processes 8' (default: python)",
     )
-    speed.add_argument(
-        "--shard",
-        type=common.parse_shard,
-        default=(0, 1),
-        help="'i/n': train only shadows i, i+n, ... (job arrays); attacks run once all scores exist",
-    )
+    a("--shard", type=common.parse_shard, default="0/1", help="i/n: train shadows i, i+n, ...; attacks need all scores")
     return p
 
 

@@ -48,49 +48,20 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SS
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "sscd_<synthetic dir name>", seed=0, seed_help="background subset's seed", workers=4)
-    p.add_argument(
-        "--synthetic-dir",
-        default=None,
-        help="synthesize.py output (or any ImageFolder) to check (default runs/<dataset>/synth_x1)",
-    )
-    # Paper App. G.4: sscd_disc_large descriptors, inner product, top-5 retrieved, top-3 shown.
-    p.add_argument(
-        "--model",
-        default="sscd_disc_large.torchscript.pt",
-        help="SSCD TorchScript file (paper: sscd_disc_large). Get it from https://dl.fbaipublicfiles.com/"
-        "sscd-copy-detection/sscd_disc_large.torchscript.pt; TorchScript runs code: trusted files only",
-    )
-    p.add_argument(
-        "--resize",
-        default="short-edge",
-        choices=("short-edge", "square"),
-        help="SSCD README preprocessing: short edge to --size, aspect kept (default), or square --size",
-    )
-    p.add_argument("--size", type=int, default=288, help="288 for short-edge (SSCD README), 320 for square")
-    p.add_argument("--top-k", type=int, default=5, help="real matches kept per synthetic image (paper: 5)")
-    p.add_argument("--num-show", type=int, default=3, help="most similar pairs in top_matches.png (paper Fig. 4: 3)")
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=0.5,
-        help="replication: top-1 similarity above this (Somepalli et al. 2023: 0.5)",
-    )
-    p.add_argument(
-        "--background-queries",
-        type=int,
-        default=0,
-        help="real images queried for the real-vs-real background (0 = all; else a seeded subset)",
-    )
-    speed = p.speed_group()
-    speed.add_argument("--cache-dir", default=None, help="descriptor cache (default runs/<dataset>/sscd_cache)")
-    speed.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
-    speed.add_argument("--chunk-size", type=int, default=65536, help="reference descriptors per similarity block")
-    speed.add_argument(
-        "--make-standin",
-        default=None,
-        metavar="PATH",
-        help="write the stand-in TorchScript descriptor to PATH and exit (offline tests, demo)",
-    )
+    a = p.group("copy detection (paper App. G.4)").add_argument
+    a("--synthetic-dir", default=None, help="synthesize.py output or any ImageFolder (default: <dataset>/synth_x1)")
+    a("--model", default="sscd_disc_large.torchscript.pt", help="SSCD TorchScript file (where to get it: above)")
+    a("--resize", default="short-edge", choices=("short-edge", "square"), help="SSCD README: short edge, or square")
+    a("--size", type=int, default=288, help="288 for short-edge (SSCD README), 320 for square")
+    a("--top-k", type=int, default=5, help="real matches kept per synthetic image (paper: 5)")
+    a("--num-show", type=int, default=3, help="most similar pairs in top_matches.png (paper Fig. 4: 3)")
+    a("--threshold", type=float, default=0.5, help="replication: top-1 similarity above it (Somepalli et al.: 0.5)")
+    a("--background-queries", type=int, default=0, help="real-vs-real queries (0 = all; else a seeded subset)")
+    a = p.speed_group().add_argument
+    a("--cache-dir", default=None, help="descriptor cache (default runs/<dataset>/sscd_cache)")
+    a("--batch-size", type=int, default=64, help="embedding batch size")
+    a("--chunk-size", type=int, default=65536, help="reference descriptors per similarity block")
+    a("--make-standin", default=None, metavar="PATH", help="write the offline stand-in descriptor to PATH and exit")
     return p
 
 
