@@ -75,11 +75,7 @@ def get_parser() -> common.StageParser:
     p.add_argument("--num-targets", type=int, default=0, help="leave-one-out targets to rotate over (0 = all M)")
     a = p.speed_group().add_argument
     a("--batch-size", type=int, default=256, help="query batch size")
-    a(
-        "--launcher",
-        default="",
-        help="stage command prefix, e.g. 'accelerate launch --num_processes 8' (default: python)",
-    )
+    a("--launcher", default="", help="stage command prefix, e.g. 'accelerate launch --num_processes 8'; '': python")
     a("--shard", type=common.parse_shard, default="0/1", help="i/n: train shadows i, i+n, ...; attacks need all scores")
     return p
 
