@@ -21,7 +21,8 @@ SHADOWS ?= 16
 LAUNCH  ?= python
 GPUS    ?= 1
 OVERWRITE ?=
-# SKIP_BAD=1: leave unreadable images out (and list them) in the stages that read the real images, instead of failing.
+# SKIP_BAD=1: leave unreadable images out (and list them), instead of failing, in the chain's stages that read the real
+# images (finetune, synthesize, train_cls, eval_gap, eval_ood; not make mia's shadows).
 SKIP_BAD ?=
 # TEST_SPLIT=NAME: the real held-out split of the stages that read it (train_cls, also LiRA's shadows; eval_gap;
 # eval_ood, where --sets names held-out); default: val/ or test/, whichever exists.
@@ -80,7 +81,7 @@ help:
 	@echo "  LAUNCH=python|accelerate  GPUS=1|8 picks configs/accelerate/<GPUS>gpu.yaml"
 	@echo "  OVERWRITE=1               re-run a stage whose config changed (old run is moved aside)"
 	@echo "  FORMAT=wds                synthetic sets as tar shards (default: folder, one file per image)"
-	@echo "  SKIP_BAD=1                leave unreadable real images out (listed in the manifests) instead of failing"
+	@echo "  SKIP_BAD=1                the chain leaves unreadable real images out (listed in manifests), not failing"
 	@echo "  TEST_SPLIT=NAME           the real held-out split (default: val/ or test/, whichever exists)"
 	@echo "  PLAN=1                    print images, files, TB and GPU-hours of the chain, run nothing"
 	@echo "  ARGS='--flag v'           extra flags for every stage of the chain"

@@ -669,7 +669,8 @@ def environment_info() -> dict:
 # run, so a rename alone never sends a finished classifier back to be trained again.
 RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for precision in every stage
 # Keys that stages have since left out of a run's identity: an old run's value is ignored where the current config
-# no longer has the key (data_root: finetune and eval_gap now hash the files of every split they read).
+# no longer has the key (data_root: finetune and eval_gap hash the files of every split they read; test_split:
+# eval_gap holds the resolved split's name and fingerprint; skip_bad: finetune and train_cls, see add_skip_bad).
 RETIRED_KEYS = {"data_root", "test_split", "skip_bad"}
 
 

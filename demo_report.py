@@ -257,7 +257,8 @@ def run_report(args) -> dict:
     lines += ["", "## Time per stage", "", "| folder | stage | elapsed (s) |", "|---|---|---|"]
     lines += [f"| {name} | {s['stage']} | {elapsed_cell(s)} |" for name, s in stages.items()]
     lines += [
-        f"| total (each stage's own time: no process start-up or image checks) | | {summary['total_elapsed_s']} |"
+        f"| total (each stage from its last start to its manifest; process start-up not counted) | | "
+        f"{summary['total_elapsed_s']} |"
     ]
     for name, info in stages.items():
         lines += ["", f"## {name} ({info['stage']})", "", "| metric | value |", "|---|---|"]

@@ -170,8 +170,9 @@ def read_set(spec: str, args, log=None) -> EvalSet:
 
 
 def read_sets(args, log) -> tuple[list[EvalSet], list[str]]:
-    """Every --sets entry read and its images checked before the first logits, so a bad image in the last set stops
-    the run before any output; with the names of the sets skipped for want of a path."""
+    """Every --sets entry read, and every dataset split's images checked (common.check_images), before the first
+    logits, so a bad image in the last split stops the run before any output (ImageNet OOD sets are listed, not
+    checked); with the names of the sets skipped for want of a path."""
     sets, skipped = [], []
     for spec in args.sets:
         name, kind, path = parse_set(spec, args)
@@ -324,6 +325,8 @@ def main(argv=None) -> dict:
     if args.classifier is None:
         parser.error("--classifier DIR (a train_cls.py output) is required")
     classifier = Path(args.classifier)
+    if args.dataset is not None and args.data_root is None and any(parse_set(s, args)[1] is None for s in args.sets):
+        args.data_root = common.dataset_root(args.dataset)  # a dataset split: $IMAGENET_ROOT & co. or paths.yaml
     if args.dataset is not None and args.data_root is not None:
         test_split = {common.HELD_OUT: args.test_split}
         args.sets = [common.resolve_split(args.dataset, args.data_root, test_split.get(s, s)) for s in args.sets]
@@ -333,9 +336,12 @@ def main(argv=None) -> dict:
     clf = Classifier(model, transform, info, common.fingerprint(classifier / info["weights"]))
     config = {**common.config_dict(args), "classifier_weights": clf.weights_hash}
     run = common.RunDir(out, config, overwrite=args.overwrite, is_main=state.is_main_process)
-    if run.begin(state.wait_for_everyone) == "done" and set(args.sets) <= set(run.manifest().get("sets", [])):
+    finished = run.begin(state.wait_for_everyone) == "done"
+    if finished and set(args.sets) <= set(run.manifest().get("sets", [])):
         return run.manifest()["metrics"]
     log = common.get_logger(out, state.is_main_process)
+    if finished:
+        log.info(f"scoring the sets added to it: {sorted(set(args.sets) - set(run.manifest().get('sets', [])))}")
 
     results, (sets, skipped) = {}, read_sets(args, log)
     for images in sets:

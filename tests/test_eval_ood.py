@@ -233,3 +233,17 @@ def test_test_split_names_the_held_out_set_and_bad_images_are_caught_up_front(tm
     eval_ood.main(args + ["--test-split", "test", "--skip-bad", "--output-dir", str(tmp_path / "test")])
     result = json.loads((tmp_path / "test" / "results.json").read_text())["test"]
     assert result["images"] == 8 and list(result["skipped_bad"]) == ["green_square/green_square_002.png"]
+
+
+def test_a_dataset_split_finds_its_root_in_the_environment_as_every_stage_does(tmp_path, monkeypatch):
+    """eval_ood failed ('a split name needs --data-root') where the root came from $IMAGENET_ROOT or paths.yaml, as the
+    configs tell users to set it, so make <dataset> stopped at its last stage."""
+    import common
+
+    classes = ["red_circle", "green_square", "blue_triangle"]
+    make_imagefolder(tmp_path / "data" / "test", classes, 2, seed=1)
+    run = make_classifier(tmp_path / "cls_real", classes)
+    monkeypatch.setitem(common.ROOT_KEYS, "demo", "demo_root")  # the demo has no variable of its own: lend it one
+    monkeypatch.setenv("DEMO_ROOT", str(tmp_path / "data"))
+    args = ["--classifier", str(run), "--dataset", "demo", "--output-dir", str(tmp_path / "ood")]
+    assert eval_ood.main(args + "--workers 0 --mixed-precision no".split())["test/top5"] == 100.0
