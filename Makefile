@@ -88,11 +88,14 @@ help:
 	@echo "Data locations: configs/paths.yaml or environment variables (IMAGENET_ROOT, CUB_ROOT, ...)."
 
 # ------------------------------------------------------------------------------------------------------- set-up
+# Up to date means installed after requirements.txt changed: `make -B` (README) then reinstalls nothing.
 $(STAMP): requirements.txt
-	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-	@touch $@
+	@if [ -f $@ ] && ! [ requirements.txt -nt $@ ]; then exit 0; fi; set -e; \
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV); \
+	echo "installing requirements.txt into $(VENV)"; \
+	$(PY) -m pip install --quiet --upgrade pip; \
+	$(PY) -m pip install --quiet -r requirements.txt; \
+	touch $@
 
 venv: $(STAMP)
 

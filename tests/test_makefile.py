@@ -125,3 +125,21 @@ def test_test_split_and_skip_bad_reach_every_stage_that_reads_the_real_images():
     assert len(readers) == 3 and all("--test-split val" in line and "--skip-bad" in line for line in readers)
     assert not any("--test-split" in line for line in lines if line not in readers)
     assert all("--skip-bad" in line for line in lines if re.search(r"(finetune|synthesize)\.py", line))
+
+
+def test_make_B_reinstalls_nothing_while_the_venv_is_up_to_date(tmp_path):
+    """The README's `make -B ...` (after changing images) ran pip four times per chain through the venv's stamp."""
+    import os
+
+    for name in ("Makefile", "requirements.txt"):
+        shutil.copy(ROOT / name, tmp_path)
+    stamp = tmp_path / ".venv" / ".installed"
+    stamp.parent.mkdir()
+    stamp.touch()
+    os.utime(tmp_path / "requirements.txt", (0, 0))  # installed after the last change
+    # PYTHON_SYS=false: an install attempt fails at once instead of building a venv
+    up_to_date = subprocess.run(["make", "-B", "venv", "PYTHON_SYS=false"], cwd=tmp_path, capture_output=True)
+    assert up_to_date.returncode == 0 and b"install" not in up_to_date.stdout + up_to_date.stderr
+    os.utime(tmp_path / "requirements.txt")  # changed since: now it must install
+    changed = subprocess.run(["make", "venv", "PYTHON_SYS=false"], cwd=tmp_path, capture_output=True)
+    assert changed.returncode != 0 and b".venv/.installed" in changed.stderr  # it tried (and had no Python)
