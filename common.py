@@ -720,7 +720,8 @@ class RunDir:
                 details = ", ".join(f"{k}: {previous.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:8])
                 raise ConfigMismatchError(
                     f"{self.path} holds a run with a different config (changed: {details}). "
-                    f"Use another output directory, or --overwrite (make: OVERWRITE=1) to move the old run aside."
+                    "Use another output directory, or --overwrite (make: -B ... OVERWRITE=1) to move the old run "
+                    "aside."
                 )
             if self.is_main:
                 os.replace(self.path, self.path.with_name(f"{self.path.name}.old-{config_hash(previous)}"))
@@ -1002,8 +1003,10 @@ def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | o
             "Fix or remove them, or pass --skip-bad (make: SKIP_BAD=1) to leave them out (they are listed in the "
             "manifest)."
         )
-    if bad and log:
-        log.warning(f"--skip-bad: leaving out {len(bad)} unreadable {index.split} image(s): {sorted(bad)[:5]} ...")
+    if bad:  # a stage without its logger yet warns on stderr (logging's last resort)
+        (log or logging.getLogger("realfake")).warning(
+            f"--skip-bad: leaving out {len(bad)} unreadable {index.split} image(s): {sorted(bad)[:5]} ..."
+        )
     kept = dataclasses.replace(index, samples=[s for s in index.samples if s.path not in bad]) if bad else index
     return kept, bad, fp
 

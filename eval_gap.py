@@ -443,7 +443,8 @@ def write_markdown(path: Path, results: dict) -> None:
     ]
     for row in ("synthetic", "floor"):
         lines.append(f"| {row} | " + " | ".join(f"{results[row][n]:.4g}" for n in names) + " |")
-    lines += ["", f"Largest per-class FID gap (synthetic FID − floor FID): {', '.join(results['largest_gap_classes'])}"]
+    ranked = ", ".join(results["largest_gap_classes"])
+    lines += ["", f"Classes by FID excess over their floor (synthetic FID − floor FID), largest first: {ranked}"]
     lines += ["", "| class | synthetic FID | floor FID | precision | recall |", "|---|---|---|---|---|"]
     for name, row in results["per_class"].items():
         floor = results["per_class_floor"].get(name, {}).get("fid", float("nan"))
