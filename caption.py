@@ -39,16 +39,17 @@ PAPER_MODEL = "Salesforce/blip2-opt-2.7b"  # paper §3.2 via CiP (LeavesLei/Capt
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "captions", seed_help="unused by greedy decoding; recorded", workers=4)
-    p.add_argument("--split", default="train", help="split to caption (the paper captions the training images)")
-    p.add_argument("--model", default=PAPER_MODEL, help="BLIP-2 hub id or local directory (transformers layout)")
-    p.add_argument("--revision", default=None, help="hub revision of --model")
-    common.add_dtype(p)
-    p.add_argument("--max-new-tokens", type=int, default=16, help="CiP: max_length 16 (paper: short captions)")
-    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")
-    p.add_argument("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")
-    speed = p.speed_group()
-    speed.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
-    speed.add_argument("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part (job arrays)")
+    a = (captioner := p.group("captioner (paper §3.2 via CiP)")).add_argument
+    a("--split", default="train", help="split to caption (the paper captions the training images)")
+    a("--model", default=PAPER_MODEL, help="BLIP-2 hub id or local directory (transformers layout)")
+    a("--revision", default=None, help="hub revision of --model")
+    common.add_dtype(captioner)
+    a("--max-new-tokens", type=int, default=16, help="CiP: max_length 16 (paper: short captions)")
+    a("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")
+    a("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")
+    a = p.speed_group().add_argument
+    a("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
+    a("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part (job arrays)")
     return p
 
 

@@ -487,24 +487,23 @@ def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     seed_help = "seed of the samples (KID, k-NN figures)"
     common.add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help=seed_help, data_fingerprinted=True)
-    p.add_argument("--synthetic-dir", help="a synthesize.py output (required)")
+    a = p.group("sets and figures").add_argument
+    a("--synthetic-dir", help="a synthesize.py output (required)")
+    a("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")
+    a("--clip-model", default="openai/clip-vit-large-patch14", help="for --features clip")
+    a("--k", type=int, default=5, help="nearest neighbours for precision/recall/density/coverage")
+    a("--prdc-images", type=int, default=10000, help="per set, for the k-NN figures (Naeem et al.: 10k)")
+    a("--kid-subsets", type=int, default=50, help="KID: random subsets averaged")
+    a("--kid-subset-size", type=int, default=1000, help="KID: images per subset")
+    a("--per-class-images", type=int, default=1000, help="per set and class, for the per-class figures")
     # Resolved, the split's name and fingerprint are in the identity (config["sets"]); the option itself is not, so
     # held-out and the name it resolves to are the same run.
-    common.add_test_split(
-        p.speed_group("floor (not part of the run's identity: the split's fingerprint is)"),
-        "the real held-out split for the floor",
-    )
-    p.add_argument("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")
-    p.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="for --features clip")
-    p.add_argument("--k", type=int, default=5, help="nearest neighbours for precision/recall/density/coverage")
-    p.add_argument("--prdc-images", type=int, default=10000, help="per set, for the k-NN figures (Naeem et al.: 10k)")
-    p.add_argument("--kid-subsets", type=int, default=50, help="KID: random subsets averaged")
-    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset")
-    p.add_argument("--per-class-images", type=int, default=1000, help="per set and class, for the per-class figures")
-    speed = p.speed_group()
-    speed.add_argument("--batch-size", type=int, default=64, help="images per feature-extractor batch")
-    speed.add_argument("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part of every set")
-    speed.add_argument("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
+    floor = p.speed_group("floor (not part of the run's identity: the split's fingerprint is)")
+    common.add_test_split(floor, "the real held-out split for the floor")
+    a = p.speed_group().add_argument
+    a("--batch-size", type=int, default=64, help="images per feature-extractor batch")
+    a("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part of every set")
+    a("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
     common.add_skip_bad(p, "the manifest (real train and held-out images)")
     return p
 

@@ -58,21 +58,23 @@ SIGMA_FLOOR = 1e-6  # a shadow set with identical scores has σ = 0 and an infin
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "mia_lira", seed=0, seed_help="global seed (keep matrix, shadow seeds)", workers=4)
-    # The experiment (paper App. G.4, following Carlini et al.; each image IN for exactly half of the shadows).
-    p.add_argument("--num-shadows", type=int, default=16, help="M shadow pipelines per arm (paper: 16; even, >= 4)")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="which arms to run")
-    p.add_argument("--stage-config", default=None, help="config passed to the stage scripts (default: --config)")
-    p.add_argument("--pretrained-model", default=None, help="generator passed to finetune.py/synthesize.py")
-    p.add_argument("--vg-encoder", default=None, help="visual-guidance image encoder passed to finetune.py")
-    p.add_argument("--captions", default=None, help="captions.jsonl passed to finetune.py/synthesize.py")
-    p.add_argument("--finetune-args", default="", help="extra flags for every finetune.py call (one string)")
-    p.add_argument("--synthesize-args", default="", help="extra flags for every synthesize.py call (one string)")
-    p.add_argument("--train-cls-args", default="", help="extra flags for every train_cls.py call (one string)")
-    p.add_argument("--scores-from", default=None, help="attack only: reuse this mia_lira dir's keep.npy and scores")
+    # Each image is IN for exactly half of the shadows.
+    a = p.group("shadow pipelines (paper App. G.4, following Carlini et al.)").add_argument
+    a("--num-shadows", type=int, default=16, help="M shadow pipelines per arm (paper: 16; even, >= 4)")
+    a("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="which arms to run")
+    a("--stage-config", default=None, help="config passed to the stage scripts (default: --config)")
+    a("--pretrained-model", default=None, help="generator passed to finetune.py/synthesize.py")
+    a("--vg-encoder", default=None, help="visual-guidance image encoder passed to finetune.py")
+    a("--captions", default=None, help="captions.jsonl passed to finetune.py/synthesize.py")
+    a("--finetune-args", default="", help="extra flags for every finetune.py call (one string)")
+    a("--synthesize-args", default="", help="extra flags for every synthesize.py call (one string)")
+    a("--train-cls-args", default="", help="extra flags for every train_cls.py call (one string)")
+    a = p.group("attacks").add_argument
+    a("--scores-from", default=None, help="attack only: reuse this mia_lira dir's keep.npy and scores")
     # The offline test: one-sided Pr[Z < φ], Z ~ N(μ_out, σ_out²) (Carlini et al. Alg. 1), or the reference plot.py's
     # two-sided −log N(φ; μ_out, σ_out²).
-    p.add_argument("--offline-test", default="one-sided", choices=("one-sided", "two-sided"), help="offline LiRA test")
-    p.add_argument("--num-targets", type=int, default=0, help="leave-one-out targets to rotate over (0 = all M)")
+    a("--offline-test", default="one-sided", choices=("one-sided", "two-sided"), help="offline LiRA test")
+    a("--num-targets", type=int, default=0, help="leave-one-out targets to rotate over (0 = all M)")
     a = p.speed_group().add_argument
     a("--batch-size", type=int, default=256, help="query batch size")
     a("--launcher", default="", help="stage command prefix, e.g. 'accelerate launch --num_processes 8'; '': python")
