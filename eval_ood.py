@@ -62,7 +62,12 @@ IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "ood_<classifier dir name>", workers=8)
-    p.add_argument("--classifier", default=None, help="a train_cls.py output directory (required)")
+    a = (model := p.group("classifier and OOD set roots")).add_argument
+    a("--classifier", default=None, help="a train_cls.py output directory (required)")
+    for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
+        env = kind.replace("-", "_").upper() + "_ROOT"
+        a(f"--{kind}", default=None, help=f"root of {kind}, for --sets {kind} (default ${env} or configs/paths.yaml)")
+    common.add_mixed_precision(model, AUTOCAST_ON_GPU)
     # A set added to a finished run reuses the other sets' cached logits: which sets is no part of the identity.
     which = p.speed_group("which images are scored (not part of the run's identity)")
     which.add_argument(
@@ -74,15 +79,7 @@ def get_parser() -> common.StageParser:
     )
     common.add_test_split(which, f"the split --sets {common.HELD_OUT} names")
     common.add_skip_bad(p, "results.json (dataset splits)")
-    for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
-        env = kind.replace("-", "_").upper() + "_ROOT"
-        p.add_argument(
-            f"--{kind}",
-            default=None,
-            help=f"root of {kind} (used when --sets names '{kind}'; default ${env} or configs/paths.yaml)",
-        )
     p.speed_group().add_argument("--batch-size", type=int, default=256, help="per process")
-    common.add_mixed_precision(p, AUTOCAST_ON_GPU)
     return p
 
 
