@@ -428,8 +428,8 @@ def parse_args_with_recipe(parser, argv, require_data: bool = True):
     apply_recipe(args, parser)
     if require_data and args.dataset is None:
         parser.error("--dataset is required (or a --config that sets it)")
-    if require_data and args.data_root is None:  # $IMAGENET_ROOT etc. or configs/paths.yaml, as every stage reads
-        args.data_root = common.dataset_root(args.dataset)  # them; resolved here, so the identity records the path
+    if require_data and args.data_root is None:  # as in every stage: $IMAGENET_ROOT & co. or configs/paths.yaml
+        args.data_root = common.dataset_root(args.dataset)  # resolved here, so the identity records the path
     return args
 
 
