@@ -1064,6 +1064,14 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def data_file(name: str) -> Path:
+    """A class list shipped in data/, which must sit beside this file (a stage copied elsewhere needs it too)."""
+    path = DATA_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: copy the project's data/ folder beside common.py (README, Layout)")
+    return path
+
+
 def _require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{what}: directory {path} does not exist")
@@ -1076,7 +1084,8 @@ def list_images(folder: Path) -> list[Path]:
 
 def imagenet_class_names() -> dict[str, str]:
     """wnid -> name, from the release's edited CLIP list (all 1000 names unique)."""
-    return dict(zip(read_lines(DATA_DIR / "imagenet1k_wnids.txt"), read_lines(DATA_DIR / "imagenet1k_classnames.txt")))
+    wnids, names = (read_lines(data_file(f"imagenet1k_{kind}.txt")) for kind in ("wnids", "classnames"))
+    return dict(zip(wnids, names))
 
 
 def read_imagefolder(
@@ -1252,7 +1261,7 @@ def load_dataset(name: str, root: str | os.PathLike | None, split: str = "train"
         raise ValueError(f"no dataset given: pass --dataset (one of {DATASETS}) or a --config that sets it")
     root = dataset_root(name) if root is None else root
     if name in WNID_LISTS:
-        return read_imagenet_subset(root, "train" if split == "train" else "val", DATA_DIR / WNID_LISTS[name], name)
+        return read_imagenet_subset(root, "train" if split == "train" else "val", data_file(WNID_LISTS[name]), name)
     if name in FINE_GRAINED_READERS:
         return FINE_GRAINED_READERS[name](root, split)
     if name in ("imagefolder", "demo"):

@@ -141,8 +141,8 @@ def read_imagenet_set(kind: str, root: str) -> tuple[list[Path], list[str], list
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{kind}: directory {root} does not exist")
-    imagenet = common.read_lines(common.DATA_DIR / "imagenet1k_wnids.txt")
-    space = common.read_lines(common.DATA_DIR / IMAGENET_SETS[kind])
+    imagenet = common.read_lines(common.data_file("imagenet1k_wnids.txt"))
+    space = common.read_lines(common.data_file(IMAGENET_SETS[kind]))
     paths, ids = [], []
     for folder in class_dirs(root):
         wnid = folder_class(folder.name, imagenet, kind)

@@ -731,3 +731,10 @@ def test_a_copied_common_records_its_code_by_content_and_no_git_state(tmp_path, 
     info = copied.environment_info()
     assert info["git_commit"] is None and info["git_dirty"] is None
     assert info["code_sha256"]["common.py"] == common.hash_file(common.__file__)
+
+
+def test_a_copied_stage_without_data_is_told_where_the_class_lists_go(tmp_path, monkeypatch):
+    """A stage copied with common.py but not data/ died on a bare FileNotFoundError of a wnid list."""
+    monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="copy the project's data/ folder beside common.py"):
+        common.load_dataset("in10", tmp_path, "train")
