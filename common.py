@@ -242,9 +242,10 @@ def positive_int(text) -> int:
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Convert a YAML value with the argparse action's own `type`, so `1e-4` (a string to YAML) becomes a float."""
-    is_flag = action.nargs == 0  # store_true / store_false / BooleanOptionalAction: a YAML boolean
-    if value is None or is_flag:
-        if is_flag and value is not None and not isinstance(value, bool):
+    if value is None:  # an empty key ('test_split:') leaves the option at its default
+        return action.default
+    if action.nargs == 0:  # store_true / store_false / BooleanOptionalAction: a YAML boolean
+        if not isinstance(value, bool):
             raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
         return value
     convert = action.type or (lambda v: v)
@@ -1147,8 +1148,8 @@ def held_out_split(name: str, root: str | os.PathLike | None) -> str:
     return found[0]
 
 
-def resolve_split(name: str, root, split: str | None) -> str:
-    return held_out_split(name, root) if split in (HELD_OUT, None) else split  # None: an empty `test_split:`
+def resolve_split(name: str, root, split: str) -> str:
+    return held_out_split(name, root) if split == HELD_OUT else split
 
 
 def read_imagenet_subset(root, split: str, wnids_file: str | os.PathLike, name: str) -> DatasetIndex:

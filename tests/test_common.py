@@ -53,6 +53,13 @@ def test_config_precedence_defaults_yaml_cli(tmp_path):
     assert common.parse_args(stage_parser(), [], "train_cls").lr == 0.1
 
 
+def test_an_empty_yaml_key_leaves_the_option_at_its_default(tmp_path):
+    """`seed:` with no value read as None: a None seed, flag or split (test_split: None broke three stages)."""
+    cfg = write_yaml(tmp_path, "seed:\ntrain_cls:\n  amp:\n  epochs:\n")
+    args = common.parse_args(stage_parser(), ["--config", cfg], "train_cls")
+    assert (args.seed, args.amp, args.epochs) == (42, False, 200)
+
+
 def test_config_list_values_are_converted(tmp_path):
     cfg = write_yaml(tmp_path, "train_cls:\n  milestones: ['10', 20]\n")
     assert common.parse_args(stage_parser(), ["--config", cfg], "train_cls").milestones == [10, 20]
