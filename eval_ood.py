@@ -154,13 +154,12 @@ def read_imagenet_set(kind: str, root: str) -> tuple[list[Path], list[str], list
     return paths, ids, space
 
 
-def read_set(spec: str, args, log=None) -> EvalSet:
-    name, kind, path = parse_set(spec, args)
-    if kind is not None:
-        return EvalSet(name, *read_imagenet_set(kind, path))
-    if args.dataset is None or args.data_root is None:
-        raise ValueError(f"--sets {spec}: a split name needs --dataset and --data-root (or a --config)")
-    split = common.load_dataset(args.dataset, args.data_root, spec)
+def read_split(name: str, args, log) -> EvalSet:
+    """A split of the run's dataset (its root, if not given, as every stage finds it: common.load_dataset), its
+    images checked as the classifier's own test split was."""
+    if args.dataset is None:
+        raise ValueError(f"--sets {name}: a split name needs --dataset (or a --config that sets it)")
+    split = common.load_dataset(args.dataset, args.data_root, name)
     index, bad, _ = common.check_images(split, args.skip_bad, log=log)
     paths = [index.abspath(i) for i in range(len(index))]
     return EvalSet(name, paths, [index.classes[s.label] for s in index.samples], list(index.classes), bad)
@@ -177,7 +176,7 @@ def read_sets(args, log) -> tuple[list[EvalSet], list[str]]:
             log.warning(f"skipping {name}: no path (pass {name}=PATH in --sets or --{name} PATH)")
             skipped.append(name)
             continue
-        sets.append(read_set(spec, args, log))
+        sets.append(EvalSet(name, *read_imagenet_set(kind, path)) if kind else read_split(name, args, log))
         if not sets[-1].paths:
             raise ValueError(f"--sets {spec}: no images found")
     return sets, skipped
@@ -322,9 +321,7 @@ def main(argv=None) -> dict:
     if args.classifier is None:
         parser.error("--classifier DIR (a train_cls.py output) is required")
     classifier = Path(args.classifier)
-    if args.dataset is not None and args.data_root is None and any(parse_set(s, args)[1] is None for s in args.sets):
-        args.data_root = common.dataset_root(args.dataset)  # a dataset split: $IMAGENET_ROOT & co. or paths.yaml
-    if args.dataset is not None and args.data_root is not None:
+    if args.dataset is not None:
         test_split = {common.HELD_OUT: args.test_split}
         args.sets = [common.resolve_split(args.dataset, args.data_root, test_split.get(s, s)) for s in args.sets]
     state = PartialState()

@@ -426,10 +426,8 @@ def prepare_training(args, accelerator, model, num_classes: int, steps_per_epoch
 def parse_args_with_recipe(parser, argv, require_data: bool = True):
     args = common.parse_args(parser, argv, "train_cls")
     apply_recipe(args, parser)
-    if require_data and args.dataset is None:
+    if require_data and args.dataset is None:  # its root, if not given, as every stage: common.load_dataset
         parser.error("--dataset is required (or a --config that sets it)")
-    if require_data and args.data_root is None:  # as in every stage: $IMAGENET_ROOT & co. or configs/paths.yaml
-        args.data_root = common.dataset_root(args.dataset)  # resolved here, so the identity records the path
     return args
 
 

@@ -324,9 +324,14 @@ def test_the_data_root_comes_from_the_environment_or_paths_yaml_as_in_every_stag
     """train_cls demanded --data-root although its --help (and every other stage) takes $IMAGENET_ROOT & co."""
     import common
 
+    make_imagefolder(tmp_path / "data" / "train", TINY_CLASSES, 2, seed=0)
+    make_imagefolder(tmp_path / "data" / "test", TINY_CLASSES, 2, seed=1)
     monkeypatch.setitem(common.ROOT_KEYS, "demo", "demo_root")  # the demo has no variable of its own: lend it one
-    monkeypatch.setenv("DEMO_ROOT", str(tmp_path))
-    assert train_cls.parse_args_with_recipe(train_cls.get_parser(), TINY).data_root == str(tmp_path)
+    monkeypatch.setenv("DEMO_ROOT", str(tmp_path / "data"))
+    args = TINY + ["--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    train_cls.main(args)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["inputs"]["real"]["images"] == 6 and manifest["inputs"]["test_split"]["images"] == 6
     monkeypatch.delenv("DEMO_ROOT")
     with pytest.raises(ValueError, match="set DEMO_ROOT"):
-        train_cls.parse_args_with_recipe(train_cls.get_parser(), TINY)
+        train_cls.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path / "other")])
