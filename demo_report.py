@@ -144,11 +144,6 @@ def _manifest_metrics(folder: Path) -> dict | None:
     return common.read_json(path)["metrics"] if path.is_file() else None
 
 
-def _test_split(folder: Path) -> str:
-    """The real split a train_cls.py run was tested on, from its manifest."""
-    return common.read_json(folder / "manifest.json").get("inputs", {}).get("test_split", {}).get("split", "test")
-
-
 TRAINING_SETS = (("real", "cls_real"), ("synthetic x1", "cls_synth_x1"), ("real + synthetic x1", "cls_mix_x1"))
 
 
@@ -156,10 +151,13 @@ def paper_tables(runs: Path) -> tuple[list[str], dict]:
     """The paper's tables in miniature (one seed each): Tab. 1 (test top-1 by training set), Tab. 4 (the shifted
     sets), §4.5 privacy (LiRA AUC per arm, SSCD similarity). Rows whose stage has not run are left out."""
     lines, tables = [], {"seeds_per_figure": 1}
-    rows = [(name, _manifest_metrics(runs / d), _manifest_metrics(runs / f"ood_{d}")) for name, d in TRAINING_SETS]
-    rows = [r for r in rows if r[1] is not None]
-    # The split the classifiers were tested on is no shifted set (a user's ImageFolder tests on val/, say).
-    tested = {_test_split(runs / d) for _, d in TRAINING_SETS if (runs / d / "manifest.json").is_file()}
+    rows, tested = [], set()
+    for name, d in TRAINING_SETS:
+        if (runs / d / "manifest.json").is_file():
+            cls = common.read_json(runs / d / "manifest.json")
+            rows.append((name, cls["metrics"], _manifest_metrics(runs / f"ood_{d}")))
+            # The split it was tested on is no shifted set (a user's ImageFolder tests on val/, say).
+            tested.add(cls.get("inputs", {}).get("test_split", {}).get("split", "test"))
     held_out = {"test"} | tested
     if rows:
         sets = sorted({k.split("/")[0] for _, _, ood in rows if ood for k in ood} - held_out)
@@ -230,9 +228,9 @@ def run_report(args) -> dict:
     stages, missing = collect_runs(runs, generator_dir)
     # A user's ImageFolder has no data stage, and the shipped generator's figures, measured on the demo data, are
     # shown in its own section but not as headline figures of the user's run.
-    if args.dataset != "demo":
-        missing = [stage for stage in missing if stage != "data"]
-    shown_first = {k: v for k, v in stages.items() if args.dataset == "demo" or not v["shipped"]}
+    on_demo = args.dataset == "demo"
+    missing = [stage for stage in missing if on_demo or stage != "data"]
+    shown_first = {k: v for k, v in stages.items() if on_demo or not v["shipped"]}
     summary = {
         "runs_dir": str(runs),
         "headline": headline(shown_first),
@@ -263,7 +261,7 @@ def run_report(args) -> dict:
     ]
     for name, info in stages.items():
         lines += ["", f"## {name} ({info['stage']})", ""]
-        if info["shipped"] and args.dataset != "demo":
+        if info["shipped"] and not on_demo:
             lines += [
                 "The shipped generator's figures, measured on the demo data when it was built: not this data.",
                 "",
