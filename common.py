@@ -343,7 +343,6 @@ def add_run_options(
     parser: StageParser,
     output: str,
     *,
-    seed: int = 42,
     seed_help: str = "global seed",
     workers: int = 0,
     resume: bool = False,
@@ -361,7 +360,7 @@ def add_run_options(
         where += "; not part of the run's identity: its files' fingerprint is"
         parser.not_hashed("data_root")
     g.add_argument("--data-root", default=None, help=where)
-    g.add_argument("--seed", type=int, default=seed, help=seed_help)
+    g.add_argument("--seed", type=int, default=42, help=f"{seed_help} (42: the release's train_lora.sh and train.py)")
     h = parser.speed_group("run files (not part of the run's identity)")
     h.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
     h.add_argument("--runs-dir", default="runs", help="root of the default output directories")

@@ -486,7 +486,7 @@ def write_plots(out: Path, results: dict) -> None:
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     seed_help = "seed of the samples (KID, k-NN figures)"
-    common.add_run_options(p, "gap_<synthetic dir name>", seed=0, seed_help=seed_help, data_fingerprinted=True)
+    common.add_run_options(p, "gap_<synthetic dir name>", seed_help=seed_help, data_fingerprinted=True)
     a = p.group("sets and figures").add_argument
     a("--synthetic-dir", help="a synthesize.py output (required)")
     a("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")

@@ -57,7 +57,7 @@ SIGMA_FLOOR = 1e-6  # a shadow set with identical scores has σ = 0 and an infin
 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
-    common.add_run_options(p, "mia_lira", seed=0, seed_help="global seed (keep matrix, shadow seeds)", workers=4)
+    common.add_run_options(p, "mia_lira", seed_help="global seed (keep matrix, shadow seeds)", workers=4)
     # Each image is IN for exactly half of the shadows.
     a = p.group("shadow pipelines (paper App. G.4, following Carlini et al.)").add_argument
     a("--num-shadows", type=int, default=16, help="M shadow pipelines per arm (paper: 16; even, >= 4)")
@@ -119,8 +119,8 @@ def _norm_logpdf(x, mu, sigma):
     return -0.5 * ((x - mu) / sigma) ** 2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
 
 
-def _split_stats(scores: np.ndarray, keep: np.ndarray):
-    """Per example and query: median and std (ddof 0) of the IN and of the OUT shadows' scores (reference code).
+def _in_out_scores(scores: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The IN and the OUT shadows' scores [S, N, A], NaN where a shadow does not count for an example.
 
     Every example uses the same number of IN (and of OUT) shadows, the smallest over examples, as the reference's
     truncation does: leaving the target out makes members have M/2−1 IN shadows and non-members M/2, and a σ
@@ -128,10 +128,7 @@ def _split_stats(scores: np.ndarray, keep: np.ndarray):
     """
     use_in = keep & (np.cumsum(keep, 0) <= keep.sum(0).min())
     use_out = ~keep & (np.cumsum(~keep, 0) <= (~keep).sum(0).min())
-    s_in = np.where(use_in[:, :, None], scores, np.nan)
-    s_out = np.where(use_out[:, :, None], scores, np.nan)
-    stats = [np.nanmedian(s_in, 0), np.nanstd(s_in, 0), np.nanmedian(s_out, 0), np.nanstd(s_out, 0)]
-    return stats, s_in, s_out
+    return np.where(use_in[:, :, None], scores, np.nan), np.where(use_out[:, :, None], scores, np.nan)
 
 
 def lira_attacks(
@@ -143,7 +140,10 @@ def lira_attacks(
     one IN and one OUT shadow. Gaussians per example and per query, combined over the A queries by averaging the
     log-likelihoods (independent queries, as in the reference code).
     """
-    (mu_in, sd_in, mu_out, sd_out), s_in, s_out = _split_stats(shadow_scores, shadow_keep)
+    s_in, s_out = _in_out_scores(shadow_scores, shadow_keep)
+    # Per example and query, as the reference code: median and std (ddof 0) of the IN and of the OUT scores.
+    mu_in, sd_in = np.nanmedian(s_in, 0), np.nanstd(s_in, 0)
+    mu_out, sd_out = np.nanmedian(s_out, 0), np.nanstd(s_out, 0)
     if np.isnan(mu_in).any() or np.isnan(mu_out).any():
         raise ValueError("some example has no IN or no OUT shadow; use a balanced keep matrix with >= 4 models")
     x = target_scores

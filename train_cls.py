@@ -59,7 +59,7 @@ RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jit
 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
-    common.add_run_options(p, "cls_<name>", seed_help="release train.py seed (paper silent)", workers=8, resume=True)
+    common.add_run_options(p, "cls_<name>", seed_help="training seed (paper silent)", workers=8, resume=True)
     a = (data := p.group("data")).add_argument
     common.add_test_split(data, "the real test split")
     a("--train-dirs", nargs="+", default=["real"], help="'real' (the train split) and/or synthesize.py outputs")

@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 
 import common
 
+STAGES = ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim", "eval_gap"]
+
 # ---------------------------------------------------------------------------------------------------------- config
 
 
@@ -223,12 +225,19 @@ def test_yaml_keys_reach_options_by_every_name_and_only_through_stage_parser_gro
         common.parse_args(p, [], "train_cls")
 
 
-@pytest.mark.parametrize(
-    "stage", ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim", "eval_gap"]
-)
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_option_has_help_so_help_shows_its_default(stage):
     options = {id(a): a for a in importlib.import_module(stage).get_parser().options.values()}.values()
     assert not [a.option_strings for a in options if a.option_strings and not a.help]
+
+
+def test_shared_options_have_one_default_in_every_stage():
+    """--seed, --dataset and the run-file options are declared once (add_run_options): a stage run without a config
+    gets the same seed as any other, so a chain's stages agree."""
+    shared = ("seed", "dataset", "data_root", "runs_dir", "config", "overwrite")
+    defaults = {s: {k: importlib.import_module(s).get_parser().get_default(k) for k in shared} for s in STAGES}
+    assert all(d == defaults["synthesize"] for d in defaults.values()), defaults
+    assert defaults["synthesize"]["seed"] == 42
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in common.PROJECT_DIR.glob("*.py")))
@@ -240,9 +249,7 @@ def test_help_shows_each_docstring_line_as_written(script):
     assert node.value.value.count("\n") == node.end_lineno - node.lineno
 
 
-@pytest.mark.parametrize(
-    "stage", ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim", "eval_gap"]
-)
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_hashes_its_method_options_and_not_its_speed_options(stage):
     module = importlib.import_module(stage)
     argv = ["--config", str(common.PROJECT_DIR / "configs/demo.yaml")]
