@@ -180,8 +180,8 @@ $(RUNS)/gap_synth_x%$(GAP_TAG)/manifest.json: $(RUNS)/synth_x%/manifest.json | $
 	$(RUN) eval_gap.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --synthetic-dir $(<D) $(if $(FEATURES),--features $(FEATURES),) --output-dir $(@D)
 
 mia: $(STAMP)
-	$(PY) mia_lira.py --config $(CONFIG) --num-shadows $(SHADOWS) $(OVERWRITE_FLAG) \
-		$(if $(TEST_SPLIT),--train-cls-args "$(TEST_FLAG)") $(ARGS) --output-dir $(RUNS)/mia_lira
+	$(PY) mia_lira.py --config $(CONFIG) --num-shadows $(SHADOWS) $(OVERWRITE_FLAG) $(TEST_FLAG) $(ARGS) \
+		--output-dir $(RUNS)/mia_lira
 
 # SSCD needs the descriptor file: SSCD_MODEL=/path/sscd_disc_large.torchscript.pt (see README, "Privacy").
 SSCD_MODEL ?= sscd_disc_large.torchscript.pt

@@ -75,7 +75,9 @@ def get_parser() -> common.StageParser:
     # two-sided −log N(φ; μ_out, σ_out²).
     a("--offline-test", default="one-sided", choices=("one-sided", "two-sided"), help="offline LiRA test")
     a("--num-targets", type=int, default=0, help="leave-one-out targets to rotate over (0 = all M)")
-    a = p.speed_group().add_argument
+    # The shadows' classifiers test on it; the attacks score train images only, so it is no part of this identity.
+    common.add_test_split(speed := p.speed_group(), "the real split train_cls.py tests every shadow on")
+    a = speed.add_argument
     a("--batch-size", type=int, default=256, help="query batch size")
     a("--launcher", default="", help="stage command prefix, e.g. 'accelerate launch --num_processes 8'; '': python")
     a("--shard", type=common.parse_shard, default="0/1", help="i/n: train shadows i, i+n, ...; attacks need all scores")
@@ -261,7 +263,9 @@ def shadow_stages(args, arm: str, shadow: int, shadow_dir: Path, mask: Path) -> 
         synth_extra = [*generator, SYNTH_FINETUNE_DIR, str(ft_dir), SYNTH_SCALE, "1", *split(args.synthesize_args)]
         stages = [(ft_dir, "finetune.py", mask, ft_extra), (synth_dir, "synthesize.py", mask, synth_extra)]
         cls_mask, train_dirs = None, str(synth_dir)
-    stages.append((cls_dir, "train_cls.py", cls_mask, [CLS_TRAIN_DIRS, train_dirs, *split(args.train_cls_args)]))
+    test_split = optional("--test-split", args.test_split if args.test_split != common.HELD_OUT else None)
+    cls_extra = [CLS_TRAIN_DIRS, train_dirs, *test_split, *split(args.train_cls_args)]
+    stages.append((cls_dir, "train_cls.py", cls_mask, cls_extra))
     return [(out_dir, stage_command(args, script, out_dir, seed, m, extra)) for out_dir, script, m, extra in stages]
 
 

@@ -1,11 +1,14 @@
 """The Makefile as the paper's experiment runner: `make -n` prints the whole chain without running anything."""
 
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+import mia_lira
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
@@ -125,6 +128,10 @@ def test_test_split_and_skip_bad_reach_every_stage_that_reads_the_real_images():
     assert len(readers) == 3 and all("--test-split val" in line and "--skip-bad" in line for line in readers)
     assert not any("--test-split" in line for line in lines if line not in readers)
     assert all("--skip-bad" in line for line in lines if re.search(r"(finetune|synthesize)\.py", line))
+    # make mia's shadows too, whatever ARGS adds (a --train-cls-args in ARGS replaced the one that carried it)
+    (mia,) = dry_run("mia", "TEST_SPLIT=val", "ARGS=--train-cls-args '--epochs 1'")
+    args = mia_lira.get_parser().parse_args(shlex.split(mia.split("mia_lira.py", 1)[1]))
+    assert (args.test_split, args.train_cls_args) == ("val", "--epochs 1")
 
 
 def test_make_B_reinstalls_nothing_while_the_venv_is_up_to_date(tmp_path):

@@ -286,6 +286,19 @@ def test_shadow_pipelines_run_resume_and_score(tmp_path, tiny_dataset, fake_stag
     assert "shadow_02" in calls[0][calls[0].index("--output-dir") + 1]
 
 
+def test_test_split_reaches_every_shadow_classifier_and_not_the_identity(tmp_path, tiny_dataset, fake_stages):
+    base = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--output-dir", str(tmp_path / "lira")]
+    argv = base + [*"--num-shadows 4 --num-workers 0 --arms real --train-cls-args".split(), "--epochs 1"]
+    mia_lira.main(argv + ["--test-split", "val"])
+    calls = read_calls(fake_stages)
+    assert len(calls) == 4 and all(c[c.index("--test-split") + 1] == "val" for c in calls)
+    assert mia_lira.main(argv) == mia_lira.main(argv + ["--test-split", "test"])  # finished: no config mismatch
+    assert len(read_calls(fake_stages)) == 4  # and no shadow ran again
+    fake_stages.unlink()
+    mia_lira.main(base + [*"--num-shadows 4 --num-workers 0 --arms real".split(), "--output-dir", str(tmp_path / "b")])
+    assert not any("--test-split" in c for c in read_calls(fake_stages))  # the default leaves train_cls's own
+
+
 def test_sharded_jobs_wait_for_each_other(tmp_path, tiny_dataset, fake_stages):
     out = tmp_path / "lira"
     base = [
