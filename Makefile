@@ -159,16 +159,28 @@ NAME   ?= $(notdir $(abspath $(DATA)))
 IMAGEFOLDER_CFG := configs/imagefolder$(if $(filter paper,$(PRESET)),_paper,).yaml
 # All three training modes, unless MODE=... is given on the command line (then that one, as for the paper datasets).
 IMAGEFOLDER_MODES := $(if $(filter command line,$(origin MODE)),$(MODE),real synth mix)
+# Characters the recipes' shell would read as syntax in DATA (a space: make splits the value on it).
+SHELL_SYNTAX := ' " ( ) & ; | < > * ? `
+DATA_SYNTAX = $(strip $(foreach c,$(SHELL_SYNTAX),$(findstring $(c),$(DATA))))
 imagefolder: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make imagefolder DATA=DIR [NAME=name] [PRESET=cpu|paper] [SCALE=1]"; exit 2; }
+	$(if $(DATA_SYNTAX),$(error DATA has shell syntax characters: $(DATA_SYNTAX) - use a plain path, a symlink will do))
 	@case "$(DATA)" in *[[:space:]]*) echo "DATA='$(DATA)' has a space, which make cannot pass on: use a path \
 	without one (a symlink to it will do)"; exit 2;; esac
 	@test -d "$(DATA)/train" || { echo "$(DATA)/train does not exist: the layout is DIR/train/<class>/<images> and \
 	DIR/val/ (or DIR/test/) with the same class folders (README, Bring your own dataset)"; exit 2; }
+ifeq ($(PLAN),)
+	@mkdir -p runs/$(NAME); f=runs/$(NAME)/data_root.txt; if [ -f $$f ] && [ "$$(cat $$f)" != "$(abspath $(DATA))" ]; \
+	then echo "runs/$(NAME) holds the chain of $$(cat $$f), not of $(abspath $(DATA)): pass NAME=<another name>"; \
+	exit 2; fi; echo "$(abspath $(DATA))" > $$f
 	for mode in $(IMAGEFOLDER_MODES); do $(MAKE) --no-print-directory pipeline DATASET=imagefolder MODE=$$mode \
 		CONFIG=$(IMAGEFOLDER_CFG) RUNS=runs/$(NAME) ARGS="--data-root $(abspath $(DATA)) $(ARGS)" || exit 1; done
 	$(PY) demo_report.py report --config $(IMAGEFOLDER_CFG) --runs-dir runs/$(NAME) --data-root $(abspath $(DATA))
 	@echo "done: runs/$(NAME)/report.md, runs/$(NAME)/summary.json"
+else
+	$(PY) synthesize.py --config $(IMAGEFOLDER_CFG) --data-root $(abspath $(DATA)) --scale $(SCALE) $(FORMAT_FLAG) \
+		--plan $(ARGS)
+endif
 
 # The distribution gap of a synthetic set before any classifier trains on it (eval_gap.py; FEATURES=clip|inception|...).
 # Features other than the default get a run dir of their own, gap_synth_x<N>_<features>.

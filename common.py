@@ -566,13 +566,24 @@ class ImageReadError(OSError):
 
 
 def load_image(path: str | os.PathLike | ShardMember) -> Image.Image:
-    """Open an image fully (so truncation is caught here, not later in a worker) and convert it to RGB."""
+    """Open an image fully (so truncation is caught here, not later in a worker) and convert it to 8-bit RGB."""
     try:
         with Image.open(io.BytesIO(path.read_bytes()) if isinstance(path, ShardMember) else path) as img:
             img.load()
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return _eight_bit(img).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
+WIDE_INTEGER_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit PNGs and TIFFs open in these
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit gray as 8-bit by its top byte (as torchvision's to_dtype(uint8) does): PIL's convert clips such values
+    to 255, so a 16-bit PNG came out white."""
+    if img.mode not in WIDE_INTEGER_MODES:
+        return img
+    return Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8), "L")
 
 
 def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -952,22 +963,34 @@ def split_fingerprint(index: DatasetIndex) -> str:
         return fingerprint(index.root / "manifest.jsonl")
     digest = hashlib.sha256()
     for sample in sorted(index.samples, key=lambda s: s.path):
-        stat = (index.root / sample.path).stat()
+        path = index.root / sample.path
+        stat = path.stat() if path.exists() else path.lstat()  # a dangling link: check_images names it
         digest.update(f"{sample.path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
 # Splits up to this many images are fully decoded by check_images (seconds); larger ones get a header check.
 FULL_DECODE_LIMIT = 20_000
+CHECK_VERSION = 2  # in the cache's file names: a stricter check (2: the JPEG end marker) redoes the cached ones
 
 
 def _image_problem(path: Path, full_decode: bool) -> str | None:
     try:
         with Image.open(path) as img:
             img.load() if full_decode else img.verify()
+            if not full_decode and img.format == "JPEG" and not _has_jpeg_end(path):
+                return "truncated JPEG: no end-of-image marker"  # verify() reads the header only
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def _has_jpeg_end(path: Path) -> bool:
+    """An end-of-image marker (FF D9) in the last KiB: coded data never holds FF D9 (an FF there is followed by 00 or
+    a restart marker), so a cut file lacks it, and a few trailing bytes after it (some cameras add them) are fine."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
+        return b"\xff\xd9" in f.read()
 
 
 def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | os.PathLike | None = None, log=None):
@@ -983,7 +1006,7 @@ def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | o
     cache_dir = (
         Path(cache_dir or os.environ.get("REALFAKE_CACHE", Path.home() / ".cache" / "realfake")) / "image_checks"
     )
-    cache = cache_dir / f"{index.name}-{index.split}-{fp}.json"
+    cache = cache_dir / f"{index.name}-{index.split}-{fp}-{CHECK_VERSION}.json"
     if cache.is_file():
         bad = read_json(cache)
     else:
@@ -1078,8 +1101,13 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+def list_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """The images in `folder` and, as torchvision's ImageFolder, in its subfolders; hidden files and folders skipped."""
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        found += [Path(parent, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS and f[0] != "."]
+    return sorted(found)
 
 
 def imagenet_class_names() -> dict[str, str]:
@@ -1100,7 +1128,10 @@ def read_imagefolder(
     as ' '."""
     root = _require_dir(Path(root), f"{name} {split}".strip())
     if classes is None:
-        classes = _class_file(root, "classes.txt") or sorted(p.name for p in root.iterdir() if p.is_dir())
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = _class_file(root, "classes.txt") or folders
+    if repeated := sorted({c for c in classes if list(classes).count(c) > 1}):
+        raise ValueError(f"{name} {split}: classes listed twice under {root}: {repeated[:5]}; list each class once")
     missing = [c for c in classes if not (root / c).is_dir()]
     if missing:
         raise FileNotFoundError(
@@ -1113,6 +1144,11 @@ def read_imagefolder(
     samples = [Sample(str(p.relative_to(root)), label) for label, files in enumerate(images) for p in files]
     if class_names is None:
         class_names = _class_file(root, "class_names.txt") or [c.replace("_", " ") for c in classes]
+    if len(class_names) != len(classes):
+        raise ValueError(
+            f"{name} {split}: {len(class_names)} class names for {len(classes)} classes under {root} "
+            "(class_names.txt): give one name per class, in the class order"
+        )
     return DatasetIndex(name, root, split, samples, list(classes), list(class_names))
 
 

@@ -109,7 +109,7 @@ def parse_set(spec: str, args=None) -> tuple[str, str | None, str | None]:
 
 def class_dirs(root: Path) -> list[Path]:
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(dirs) == 1 and not common.list_images(dirs[0]) and not WNID.match(dirs[0].name):
+    if len(dirs) == 1 and not common.list_images(dirs[0], recursive=False) and not WNID.match(dirs[0].name):
         return class_dirs(dirs[0])  # ImageNet-Sketch archives unpack to sketch/<wnid>/
     return dirs
 

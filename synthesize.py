@@ -145,17 +145,18 @@ class Plan:
         extra = np.array(sorted(by_hash[:more]), dtype=np.int64)
         self.jobs = np.concatenate([np.arange(full * n, dtype=np.int64), full * n + extra])
         self.stems = [Path(smp.path).stem for smp in index.samples]
-        names = {(smp.label, stem) for smp, stem in zip(index.samples, self.stems)}
-        if len(names) != n:
-            raise ValueError(
-                "two source images of one class share a file stem, so their outputs would collide; "
-                "rename them (outputs are <class>/<stem>_<k>)"
-            )
-        if args.output_format == "wds" and len({(c, stem.replace(".", "_")) for c, stem in names}) != n:
-            raise ValueError(
-                "two source stems of one class differ only by '.' vs '_', so their shard keys would collide; "
-                "rename them or use --output-format folder"
-            )
+        self.refuse_collisions(self.stems, "share a file stem: their outputs <class>/<stem>_<k> would collide")
+        if args.output_format == "wds":
+            keys = [stem.replace(".", "_") for stem in self.stems]
+            self.refuse_collisions(keys, "differ only by '.' vs '_': their shard keys would collide")
+
+    def refuse_collisions(self, stems: list[str], problem: str) -> None:
+        """An error naming the source images of one class whose output names (from `stems`) would be the same."""
+        by_name: dict[tuple, list[str]] = {}
+        for smp, stem in zip(self.index.samples, stems):
+            by_name.setdefault((smp.label, stem), []).append(smp.path)
+        if clashes := [paths for paths in by_name.values() if len(paths) > 1]:
+            raise ValueError(f"source images of one class {problem}; rename them: {clashes[:5]}")
 
     def shards(self) -> list[np.ndarray]:
         """--output-format wds: the jobs of each tar shard, in stored order. A seeded permutation of all jobs cut into

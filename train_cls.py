@@ -167,6 +167,11 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
         inputs[source] = {"images": len(index), "fingerprint": identity, "skipped_bad": bad}
     if args.subset_mask and not any(is_real_source(s, args.data_root) for s in args.train_dirs):
         raise ValueError("--subset-mask selects images of the real train split, but --train-dirs has no 'real'")
+    if empty := [c for c, n in zip(test_classes, np.bincount(labels, minlength=len(test_classes))) if n == 0]:
+        raise ValueError(
+            f"no training image of class(es) {empty[:5]} in {args.train_dirs} (--skip-bad or --subset-mask may have "
+            "left none, or a fractional --scale gave the class no synthetic copy): a classifier cannot learn them"
+        )
     return paths, labels, inputs
 
 

@@ -317,6 +317,46 @@ def test_load_image_errors_name_the_file(tmp_path):
             common.load_image(bad)
 
 
+def test_16_bit_images_are_read_by_their_top_byte_not_clipped_white(tmp_path):
+    values = np.array([[0, 3000, 20000, 65535]], np.uint16).repeat(4, 0)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = np.asarray(common.load_image(tmp_path / "deep.png"))
+    assert rgb.shape == (4, 4, 3) and (rgb[0, :, 0] == values[0] >> 8).all()
+
+
+def test_image_check_names_cut_jpegs_and_dangling_links_even_on_header_checks(tmp_path, monkeypatch):
+    make_imagefolder(tmp_path / "train", ["a", "b"], 3, ext=".jpg")
+    whole = (tmp_path / "train/a/a_000.jpg").read_bytes()
+    (tmp_path / "train/a/cut.jpg").write_bytes(whole[: len(whole) * 7 // 10])  # PIL's verify() passes it
+    (tmp_path / "train/a/tail.jpg").write_bytes(whole + b"\0" * 20)  # bytes after the end marker: a good image
+    (tmp_path / "train/b/gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    monkeypatch.setattr(common, "FULL_DECODE_LIMIT", 0)  # the header check of large splits
+    index = common.load_dataset("imagefolder", tmp_path, "train")
+    kept, bad, _ = common.check_images(index, skip_bad=True, cache_dir=tmp_path / "cache")
+    assert sorted(bad) == ["a/cut.jpg", "b/gone.jpg"] and len(kept) == len(index) - 2
+
+
+def test_imagefolder_reads_subfolders_skips_hidden_ones_and_checks_its_class_files(tmp_path):
+    root = make_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    (root / "cat" / "more").mkdir()
+    (root / "cat" / "more" / "deep.png").write_bytes((root / "cat" / "cat_000.png").read_bytes())
+    (root / "cat" / ".thumbs").mkdir()
+    (root / "cat" / ".thumbs" / "t.png").write_bytes(b"")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / "classes.txt").unlink()  # class order from the folders: a hidden one is no class
+    index = common.load_dataset("imagefolder", tmp_path, "train")
+    assert index.classes == ["cat", "dog"] and "cat/more/deep.png" in {s.path for s in index.samples}
+    assert len(index) == 5
+    (root / "class_names.txt").write_text("cat\n")
+    with pytest.raises(ValueError, match="1 class names for 2 classes"):
+        common.load_dataset("imagefolder", tmp_path, "train")
+    (root / "class_names.txt").unlink()
+    (root / "classes.txt").write_text("cat\ndog\ncat\n")
+    with pytest.raises(ValueError, match=r"listed twice.*\['cat'\]"):
+        common.load_dataset("imagefolder", tmp_path, "train")
+
+
 def test_read_jsonl_drops_truncated_tail_only(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')

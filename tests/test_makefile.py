@@ -122,6 +122,27 @@ def test_imagefolder_runs_the_three_modes_and_the_report_in_its_own_runs_folder(
         assert done.returncode != 0 and says in (done.stdout + done.stderr).decode()
 
 
+def test_imagefolder_plans_refuses_shell_syntax_and_keeps_one_dataset_per_name(tmp_path):
+    data = tmp_path / "flowers"
+    (data / "train").mkdir(parents=True)
+    (plan,) = dry_run("imagefolder", f"DATA={data}", "PLAN=1", "SCALE=10")  # PLAN=1 ran the whole chain
+    assert "synthesize.py --config configs/imagefolder.yaml" in plan and "--scale 10" in plan and "--plan" in plan
+
+    def make(*args, cwd=ROOT):  # really run (not -n) to the checks, which stop it before any stage
+        done = subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=cwd, capture_output=True, text=True)
+        return done.returncode, done.stdout + done.stderr
+
+    odd = tmp_path / "flowers(2)"
+    (odd / "train").mkdir(parents=True)
+    code, said = make("imagefolder", f"DATA={odd}")
+    assert code == 2 and "shell syntax characters: ( )" in said
+    shutil.copy(ROOT / "Makefile", tmp_path)  # a runs/ folder of its own
+    (tmp_path / "runs" / "flowers").mkdir(parents=True)
+    (tmp_path / "runs" / "flowers" / "data_root.txt").write_text("/elsewhere/flowers\n")
+    code, said = make("imagefolder", f"DATA={data}", cwd=tmp_path)
+    assert code == 2 and "runs/flowers holds the chain of /elsewhere/flowers" in said and "NAME=" in said
+
+
 def test_test_split_and_skip_bad_reach_every_stage_that_reads_the_real_images():
     lines = dry_run("in10", "MODE=mix", "TEST_SPLIT=val", "SKIP_BAD=1")
     readers = [line for line in lines if re.search(r"(train_cls|eval_gap|eval_ood)\.py", line)]

@@ -409,3 +409,22 @@ def test_changed_sources_are_a_config_mismatch_and_bad_ones_are_all_named(tiny_s
     assert all(str(path) in str(err.value) for path in bad)
     assert not (tmp_path / "b").exists()
     shutil.rmtree(root)
+
+
+def test_sources_whose_outputs_would_share_a_name_are_named_before_the_run(tiny_sd, tiny_dataset, tmp_path):
+    """A class folder's subfolders are read too (as torchvision's ImageFolder), so two sources may share a stem."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    red = root / "train" / "red_circle"
+    (red / "more").mkdir()
+    shutil.copy(red / "red_circle_000.png", red / "more" / "red_circle_000.png")
+    with pytest.raises(ValueError, match=r"share a file stem.*'red_circle/more/red_circle_000.png'"):
+        synthesize.main(args_for(tiny_sd, root, tmp_path / "a"))
+    shutil.move(red / "more" / "red_circle_000.png", red / "red.circle.png")
+    shutil.copy(red / "red.circle.png", red / "red_circle.png")
+    synthesize.main(args_for(tiny_sd, root, tmp_path / "b", "--strength", "1.0"))  # as files, both names are fine
+    with pytest.raises(ValueError, match=r"'\.' vs '_'.*red\.circle\.png"):
+        synthesize.main(args_for(tiny_sd, root, tmp_path / "c", "--output-format", "wds"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()

@@ -262,6 +262,11 @@ def test_bad_training_images_stop_the_run_before_it_starts_or_are_skipped(tmp_pa
     real = json.loads((tmp_path / "b" / "manifest.json").read_text())["inputs"]["real"]
     assert sorted(real["skipped_bad"]) == ["green_square/green_square_002.png", "red_circle/red_circle_001.png"]
     assert real["images"] == 10
+    for i in (0, 2, 3):  # every red_circle image unreadable: --skip-bad would leave the class no example
+        (root / "train" / "red_circle" / f"red_circle_{i:03d}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no training image of class\(es\) \['red_circle'\]"):
+        train_cls.main(args + ["--output-dir", str(tmp_path / "c"), "--skip-bad"])
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_changed_training_split_is_a_config_mismatch_not_a_resume(tmp_path):
