@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -681,8 +682,9 @@ def environment_info() -> dict:
 RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for precision in every stage
 # Keys that stages have since left out of a run's identity: an old run's value is ignored where the current config
 # no longer has the key (data_root: finetune and eval_gap hash the files of every split they read; test_split:
-# eval_gap holds the resolved split's name and fingerprint; skip_bad: finetune and train_cls, see add_skip_bad).
-RETIRED_KEYS = {"data_root", "test_split", "skip_bad"}
+# eval_gap holds the resolved split's name and fingerprint; skip_bad: finetune and train_cls, see add_skip_bad;
+# lora_dir: synthesize holds the LoRA's hash).
+RETIRED_KEYS = {"data_root", "test_split", "skip_bad", "lora_dir"}
 
 
 class ConfigMismatchError(RuntimeError):
@@ -717,6 +719,11 @@ class RunDir:
                 return {k: v for k, v in config.items() if k in self.config or k not in RETIRED_KEYS}
         return None
 
+    def _aside(self, name: str) -> Path:
+        """A free name for the old run: `name`, else `name-2`, `name-3`, ... (A -> B -> A -> B sets one aside twice)."""
+        candidates = (self.path.with_name(name if n == 1 else f"{name}-{n}") for n in itertools.count(1))
+        return next(path for path in candidates if not path.exists())
+
     def _produced_nothing(self) -> bool:
         """Only the run config and logs: a run that stopped before its first output (a bad input, say)."""
         return all(p.name in (self.started_path.name, LOG_FILE) for p in self.path.iterdir())
@@ -735,7 +742,7 @@ class RunDir:
                     "aside."
                 )
             if self.is_main:
-                os.replace(self.path, self.path.with_name(f"{self.path.name}.old-{config_hash(previous)}"))
+                os.replace(self.path, self._aside(f"{self.path.name}.old-{config_hash(previous)}"))
             previous = None
         if previous is not None and self.manifest_path.is_file():
             if self.is_main:  # said here for every stage: a re-run of a finished chain reports each skip
@@ -961,11 +968,16 @@ def split_fingerprint(index: DatasetIndex) -> str:
     its manifest, written once the set is complete: no stat of its (up to 12.8 M) files."""
     if index.name == "synthetic":
         return fingerprint(index.root / "manifest.jsonl")
+    return files_fingerprint(index.root, [sample.path for sample in index.samples])
+
+
+def files_fingerprint(root: Path, rel_paths: Iterable[str]) -> str:
+    """split_fingerprint of any list of files under `root`."""
     digest = hashlib.sha256()
-    for sample in sorted(index.samples, key=lambda s: s.path):
-        path = index.root / sample.path
+    for rel in sorted(rel_paths):
+        path = root / rel
         stat = path.stat() if path.exists() else path.lstat()  # a dangling link: check_images names it
-        digest.update(f"{sample.path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{rel}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

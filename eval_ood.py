@@ -126,18 +126,19 @@ def folder_class(folder: str, wnids: list[str], kind: str) -> str:
 
 @dataclasses.dataclass
 class EvalSet:
-    """The images of one --sets entry: their paths and class ids, the set's label space, the unreadable images left
-    out (--skip-bad; dataset splits only)."""
+    """The images of one --sets entry: their paths and class ids, the set's label space, its files' fingerprint
+    (common.split_fingerprint), the unreadable images left out (--skip-bad; dataset splits only)."""
 
     name: str
     paths: list[Path]
     ids: list[str]
     space: list[str]
+    fingerprint: str
     skipped_bad: dict[str, str] | None = None
 
 
-def read_imagenet_set(kind: str, root: str) -> tuple[list[Path], list[str], list[str]]:
-    """(image paths, class id per image, the set's label space) of an ImageNet OOD set."""
+def read_imagenet_set(kind: str, root: str) -> EvalSet:
+    """An ImageNet OOD set: its images, their class ids, the set's label space."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{kind}: directory {root} does not exist")
@@ -151,7 +152,8 @@ def read_imagenet_set(kind: str, root: str) -> tuple[list[Path], list[str], list
         images = common.list_images(folder)
         paths += images
         ids += [wnid] * len(images)
-    return paths, ids, space
+    fingerprint = common.files_fingerprint(root, [str(p.relative_to(root)) for p in paths])
+    return EvalSet(kind, paths, ids, space, fingerprint)
 
 
 def read_split(name: str, args, log) -> EvalSet:
@@ -160,9 +162,9 @@ def read_split(name: str, args, log) -> EvalSet:
     if args.dataset is None:
         raise ValueError(f"--sets {name}: a split name needs --dataset (or a --config that sets it)")
     split = common.load_dataset(args.dataset, args.data_root, name)
-    index, bad, _ = common.check_images(split, args.skip_bad, log=log)
+    index, bad, fingerprint = common.check_images(split, args.skip_bad, log=log)
     paths = [index.abspath(i) for i in range(len(index))]
-    return EvalSet(name, paths, [index.classes[s.label] for s in index.samples], list(index.classes), bad)
+    return EvalSet(name, paths, [index.classes[s.label] for s in index.samples], list(index.classes), fingerprint, bad)
 
 
 def read_sets(args, log) -> tuple[list[EvalSet], list[str]]:
@@ -176,7 +178,7 @@ def read_sets(args, log) -> tuple[list[EvalSet], list[str]]:
             log.warning(f"skipping {name}: no path (pass {name}=PATH in --sets or --{name} PATH)")
             skipped.append(name)
             continue
-        sets.append(EvalSet(name, *read_imagenet_set(kind, path)) if kind else read_split(name, args, log))
+        sets.append(read_imagenet_set(kind, path) if kind else read_split(name, args, log))
         if not sets[-1].paths:
             raise ValueError(f"--sets {spec}: no images found")
     return sets, skipped
@@ -240,8 +242,8 @@ def compute_logits(model, paths, transform, state, args, desc: str) -> torch.Ten
     return torch.cat(out) if out else torch.zeros(0, model.num_classes)
 
 
-def cache_key(weights_hash: str, transform_cfg: dict, rel_paths: list[str]) -> str:
-    text = json.dumps([weights_hash, transform_cfg, rel_paths], sort_keys=True)
+def cache_key(weights_hash: str, transform_cfg: dict, images: EvalSet) -> str:
+    text = json.dumps([weights_hash, transform_cfg, [str(p) for p in images.paths], images.fingerprint], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -266,11 +268,11 @@ class Classifier:
     weights_hash: str
 
 
-def set_logits(name: str, paths, clf: Classifier, state, args, out: Path, log) -> torch.Tensor:
-    """The set's logits from the cache if the classifier, transform and image list are unchanged, else computed."""
+def set_logits(images: EvalSet, clf: Classifier, state, args, out: Path, log) -> torch.Tensor:
+    """The set's logits from the cache if the classifier, transform and images are unchanged, else computed."""
+    name, paths = images.name, images.paths
     cache = out / "logits" / f"{name}.safetensors"
-    rel = [str(p) for p in paths]
-    key = cache_key(clf.weights_hash, clf.info["eval_transform"], rel)
+    key = cache_key(clf.weights_hash, clf.info["eval_transform"], images)
     logits = cached_logits(cache, key, len(paths))
     if logits is not None:
         log.info(f"{name}: {len(paths)} logits from cache")
@@ -292,7 +294,7 @@ def set_logits(name: str, paths, clf: Classifier, state, args, out: Path, log) -
         with common.atomic_path(cache) as tmp:
             save_file({"logits": logits.contiguous()}, str(tmp), metadata={"key": key})
         with common.atomic_write(cache.with_suffix(".paths.txt")) as f:
-            f.write("\n".join(rel) + "\n")
+            f.write("\n".join(map(str, paths)) + "\n")
         for file in parts_dir.iterdir():
             file.unlink()
         parts_dir.rmdir()
@@ -331,16 +333,16 @@ def main(argv=None) -> dict:
     config = {**common.config_dict(args), "classifier_weights": clf.weights_hash}
     run = common.RunDir(out, config, overwrite=args.overwrite, is_main=state.is_main_process)
     finished = run.begin(state.wait_for_everyone) == "done"
-    if finished and set(args.sets) <= set(run.manifest().get("sets", [])):
-        return run.manifest()["metrics"]
     log = common.get_logger(out, state.is_main_process)
-    if finished:
-        log.info(f"scoring the sets added to it: {sorted(set(args.sets) - set(run.manifest().get('sets', [])))}")
-
     results, (sets, skipped) = {}, read_sets(args, log)
+    fingerprints = {images.name: images.fingerprint for images in sets}
+    if finished:  # scored again if a set was added, or its files changed, since (a cached set's logits are reused)
+        if not (new := [n for n, fp in fingerprints.items() if run.manifest().get("fingerprints", {}).get(n) != fp]):
+            return run.manifest()["metrics"]
+        log.info(f"scoring the sets added or changed since this run: {new}")
     for images in sets:
         name = images.name
-        logits = set_logits(name, images.paths, clf, state, args, out, log)
+        logits = set_logits(images, clf, state, args, out, log)
         results[name] = score_set(logits, images.ids, info["classes"], images.space)
         if images.skipped_bad is not None:
             results[name]["skipped_bad"] = images.skipped_bad
@@ -353,7 +355,7 @@ def main(argv=None) -> dict:
     run.finish(
         metrics,
         inputs={"classifier": str(classifier), "classifier_weights": clf.weights_hash},
-        extra={"sets": list(args.sets), "skipped": skipped, "results": results},
+        extra={"sets": list(args.sets), "skipped": skipped, "results": results, "fingerprints": fingerprints},
     )
     return metrics
 

@@ -4,7 +4,8 @@ Each real training image is resized (aspect-preserving, center crop), VAE-encode
 Stable Diffusion 1.5 with the finetuned LoRA fused in then denoises it with UniPC and classifier-free guidance,
 conditioned on "photo of {class}, {caption}" plus the class visual-guidance token (conditional branch only).
 `--scale N` makes N outputs per real image; output k of source s has seed item_seed(seed, s, k), so any image can be
-regenerated alone and the set does not depend on GPU count, batch size or order.
+regenerated alone and which images the set holds does not depend on GPU count, batch size or order (their pixels
+are equal up to float rounding; README, Synthesis).
 
 Inputs:  --dataset/--data-root (the real train split), --pretrained-model (hub id or diffusers dir), --lora-dir (a
          finetune.py output: pytorch_lora_weights.safetensors + visual_guidance.{safetensors,json}), --captions.
@@ -72,7 +73,9 @@ def get_parser() -> common.StageParser:
     a = (generator := p.group("generator (paper App. E Tab. 6; the LoRA scale from the release)")).add_argument
     a("--pretrained-model", default=common.PAPER_SD, help="hub id or diffusers dir")
     a("--revision", default=None, help="hub revision of --pretrained-model")
-    a("--lora-dir", default=None, type=none_or_path, help="finetune.py output; none: the plain model (ablation)")
+    lora_help = "finetune.py output; none: the plain model (ablation); its files' hash is the identity, not the path"
+    a("--lora-dir", default=None, type=none_or_path, help=lora_help)
+    p.not_hashed("lora_dir")
     a("--lora-scale", type=float, default=0.5, help="release: cross_attention_scale 0.5 (fused)")
     a("--vg-mode", choices=("auto", "none"), default="auto", help="auto: --lora-dir's visual tokens; none: text only")
     a("--steps", type=int, default=30, help="UniPC steps (paper: 30; with strength 0.75, 22 run)")
@@ -407,8 +410,8 @@ class FolderSink:
     def _write(self, path: Path, ready, image, save_kwargs: dict) -> None:
         write_bytes(path, encode_when_ready(ready, image, self.plan.args.image_format, **save_kwargs))
 
-    def skip(self, job: int) -> None:
-        pass
+    def skip(self, job: int, record: dict) -> None:
+        pass  # recorded in the process's bad_sources file; a re-run reads the source again
 
 
 class ShardSink:
@@ -420,6 +423,7 @@ class ShardSink:
         self.plan, self.out_dir, self.shard_jobs = plan, out_dir, shard_jobs
         self.shard_of = {int(j): b for b, jobs in shard_jobs.items() for j in jobs}
         self.held = {b: {} for b in shard_jobs}
+        self.skipped = {b: [] for b in shard_jobs}
 
     def submit(self, writer, job: int, ready, image, save_kwargs: dict):
         future = writer.submit(encode_when_ready, ready, image, self.plan.args.image_format, **save_kwargs)
@@ -433,9 +437,11 @@ class ShardSink:
         if len(self.held[b]) == len(self.shard_jobs[b]):
             held = self.held.pop(b)
             samples = [(j, held[j]) for j in map(int, self.shard_jobs[b]) if held[j] is not None]
-            write_shard(self.out_dir, b, self.plan, samples)
+            write_shard(self.out_dir, b, self.plan, samples, self.skipped.pop(b))
 
-    def skip(self, job: int) -> None:
+    def skip(self, job: int, record: dict) -> None:
+        """A bad source's job: recorded in its shard's index, as a complete shard is never read again."""
+        self.skipped[self.shard_of[job]].append(record)
         self.put(job, None)
 
 
@@ -443,9 +449,10 @@ def shard_name(b: int) -> str:
     return f"shards/{b:06d}.tar"
 
 
-def write_shard(out_dir: Path, b: int, plan: Plan, samples) -> None:
+def write_shard(out_dir: Path, b: int, plan: Plan, samples, bad: list[dict]) -> None:
     """Shard b as a WebDataset tar (per sample: <key>.<ext>, <key>.cls with the label, <key>.json with the manifest
-    row), then its index (each image's offset and size in the tar): the index, written last, marks it complete."""
+    row), then its index (each image's offset and size in the tar, and the `bad` sources its missing images stand
+    for): the index, written last, marks it complete."""
     ext, rows = plan.args.image_format, []
     (out_dir / shard_index_name(b)).unlink(missing_ok=True)  # a stale index never vouches for a new tar
     with common.atomic_write(out_dir / shard_name(b), "wb") as f:
@@ -463,7 +470,8 @@ def write_shard(out_dir: Path, b: int, plan: Plan, samples) -> None:
                         offset = tar.offset - -(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 rows.append({**row, "shard": shard_name(b), "key": key, "offset": offset, "size": len(image)})
         size = f.tell()
-    common.write_json(out_dir / shard_index_name(b), {"shard": shard_name(b), "bytes": size, "samples": rows})
+    index = {"shard": shard_name(b), "bytes": size, "samples": rows, "bad_sources": bad}
+    common.write_json(out_dir / shard_index_name(b), index)
 
 
 def shard_index_name(b: int) -> str:
@@ -643,7 +651,7 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, device, is_main: bool = True
                     )
                 if err:
                     bad.append({"source": index.samples[plan.source_copy(jobs[int(idx[n])])[0]].path, "error": err})
-                    sink.skip(jobs[int(idx[n])])
+                    sink.skip(jobs[int(idx[n])], bad[-1])
             batch = [jobs[int(idx[n])] for n in keep]
             if batch:
                 pix = pixels if len(keep) == len(errors) else pixels[keep]  # keep pinned memory when all are good
@@ -671,13 +679,14 @@ def bad_sources(out_dir: Path) -> dict[str, str]:
 
 def stored_rows(plan: Plan, out_dir: Path, bad: dict) -> tuple[list[dict], dict] | None:
     """Manifest rows of every image on disk in plan order, and layout metrics; None while an image (or a shard) is
-    missing that no counted bad source (`bad`) explains."""
+    missing that no counted bad source (`bad`) explains. wds: adds to `bad` the bad sources the shard indexes hold."""
     if plan.args.output_format == "wds":
         indexes = []
         for b in range(len(plan.shards())):
             indexes.append(complete_shard_index(out_dir, b, "quick"))
             if indexes[-1] is None:
                 return None
+        bad.update({r["source"]: r["error"] for index in indexes for r in index.get("bad_sources", [])})
         stored = {r["file"]: r for index in indexes for r in index["samples"]}
         rows = [stored[name] for name in map(plan.file, plan.jobs) if name in stored]
         total = sum(index["bytes"] for index in indexes)
@@ -712,7 +721,12 @@ def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args) -> dict | None
         "output_format": args.output_format,
         **layout,
     }
-    inputs = {"pretrained_model": plan.model_hash, "lora": plan.lora_hash, "data_root": args.data_root}
+    inputs = {
+        "pretrained_model": plan.model_hash,
+        "lora": plan.lora_hash,
+        "lora_dir": args.lora_dir,
+        "data_root": args.data_root,
+    }
     run.finish(metrics, inputs={**inputs, "bad_sources": bad})
     return metrics
 
@@ -824,6 +838,8 @@ H100_FINETUNE_SAMPLES_PER_S = 26.3  # LoRA step, 512 px, batch 8, VAE encode on 
 H100_RESNET50_IMAGES_PER_S = 3297  # 224 px, bf16, batch 256, 14 loader workers, the IN-1K augmentation
 # Train-split sizes of datasets too big to list on a login node (used only when the split cannot be read here).
 KNOWN_TRAIN_IMAGES = {"in1k": 1_281_167, "cub": 5_994, "cars": 8_144, "pets": 3_680}
+# A shard's .cls and .json members and tar headers per image: 32.8 vs 29.3 kB/image at 256 px (README, Storage).
+WDS_BYTES_PER_IMAGE = 3_500
 
 
 def stored_bytes(side: int, quality: int, image_format: str) -> int:
@@ -861,6 +877,7 @@ def print_plan(args) -> dict:
     images = full * n + more
     side = args.save_size or args.resolution
     per_image = stored_bytes(side, args.jpeg_quality, args.image_format)
+    per_image += WDS_BYTES_PER_IMAGE if args.output_format == "wds" else 0
     files = math.ceil(images / args.shard_samples) * 2 if args.output_format == "wds" else images
     work = args.steps * min(1.0, args.strength) * (args.resolution / 512) ** 2 / (30 * 0.75)
     synth_rate, synth_src = measured_rate(

@@ -44,7 +44,7 @@ import timm
 import torch
 import yaml
 from accelerate import Accelerator
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -458,6 +458,23 @@ def finish(run, model, args, test_index, eval_cfg, metrics, inputs) -> dict:
     return metrics
 
 
+def retest_if_changed(run, model, tested: dict, evaluate_test) -> dict:
+    """A finished run's figures; if its held-out split changed since it was tested (`tested`: the split now), its
+    weights are tested again on it (training never read that split, so nothing else is redone). A run that recorded
+    no fingerprint of it (made before they were recorded) is taken as it is."""
+    manifest = run.manifest()
+    if manifest["inputs"].get("test_split", {}).get("fingerprint") in (None, tested["fingerprint"]):
+        return manifest["metrics"]
+    model.load_state_dict(load_file(run.path / "model.safetensors"))
+    metrics = {**manifest["metrics"], **evaluate_test()}
+    if run.is_main:
+        print(f"{run.path}: the {tested['split']} split changed since this run was tested; tested again: {metrics}")
+    run.finish(
+        metrics, inputs={**manifest["inputs"], "test_split": tested}, extra={"classifier": manifest["classifier"]}
+    )
+    return metrics
+
+
 def run_epochs(training: Training, loader, rows: list, evaluate_test, args, out: Path, log) -> dict:
     """Train the loader's epochs, each followed by its metrics row (and the test figures every --eval-every epochs and
     at the last) and a checkpoint. Returns the latest test figures ({} if none were taken)."""
@@ -496,7 +513,7 @@ def main(argv=None) -> dict:
 
     args.test_split = common.resolve_split(args.dataset, args.data_root, args.test_split)
     test_index = common.load_dataset(args.dataset, args.data_root, args.test_split)
-    test_index, test_bad, _ = common.check_images(test_index, args.skip_bad)  # before training, not at its first eval
+    test_index, test_bad, test_fp = common.check_images(test_index, args.skip_bad)  # before training, not at 1st eval
     classes = test_index.classes
     paths, labels, inputs = load_train_sources(args, classes)
     model = build_model(args, len(classes))
@@ -509,10 +526,12 @@ def main(argv=None) -> dict:
     config = common.config_dict(args)
     # The training sets' files are part of the run's identity: a changed split is a config mismatch, not a resume.
     config["train_fingerprints"] = {source: info["fingerprint"] for source, info in inputs.items()}
-    inputs["test_split"] = {"split": args.test_split, "images": len(test_index), "skipped_bad": test_bad}
+    tested = {"split": args.test_split, "images": len(test_index), "skipped_bad": test_bad, "fingerprint": test_fp}
+    inputs["test_split"] = tested
     run = common.RunDir(out, config, overwrite=args.overwrite, is_main=is_main)
     if run.begin(accelerator.wait_for_everyone) == "done":
-        return run.manifest()["metrics"]
+        evaluate_saved = functools.partial(evaluate, model, test_index, eval_tf, accelerator, args)
+        return retest_if_changed(run, model.to(accelerator.device), tested, evaluate_saved)
     log = common.get_logger(out, is_main)
 
     steps_per_epoch = len(labels) // args.batch_size

@@ -139,6 +139,12 @@ def test_rundir_fresh_done_resume_mismatch_overwrite(tmp_path, capsys):
     assert common.RunDir(out, {"lr": 0.2, "epochs": 2}, overwrite=True).start() == "fresh"
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(moved) == 1 and (moved[0] / "weights.bin").read_text() == "old"  # moved aside, never deleted
+    for lr, weights in ((0.1, "a"), (0.2, "b")):  # back and forth: the second 0.1 run goes aside beside the first
+        (out / "weights.bin").write_text(weights)
+        common.RunDir(out, {"lr": lr, "epochs": 2}, overwrite=True).start()
+    kept = {p.name: (p / "weights.bin").read_text() for p in tmp_path.glob("run.old-*")}
+    first = f"run.old-{common.config_hash(cfg)}"
+    assert kept == {first: "old", f"{first}-2": "b", f"run.old-{common.config_hash({'lr': 0.2, 'epochs': 2})}": "a"}
 
 
 def test_rundir_interrupted_with_other_config_is_caught(tmp_path):

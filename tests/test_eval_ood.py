@@ -83,7 +83,8 @@ def test_imagenet_v2_integer_folders_are_class_indices_not_strings(tmp_path):
         (root / str(c)).mkdir(parents=True)
     for c in (2, 10, 100, 999):  # sorted as strings: '10' < '100' < '2' < '999'
         put_images(root / str(c), 2, seed=c)
-    paths, ids, space = eval_ood.read_imagenet_set("imagenet-v2", str(root))
+    v2 = eval_ood.read_imagenet_set("imagenet-v2", str(root))
+    paths, ids, space = v2.paths, v2.ids, v2.space
     assert space == IN1K
     assert [(Path(p).parent.name, w) for p, w in zip(paths, ids)] == [
         (str(c), IN1K[c]) for c in sorted((2, 10, 100, 999), key=str) for _ in range(2)
@@ -92,8 +93,7 @@ def test_imagenet_v2_integer_folders_are_class_indices_not_strings(tmp_path):
     wnid_root = tmp_path / "v2_wnids"
     for c in (2, 10):
         put_images(wnid_root / IN1K[c], 1, seed=c)
-    _, ids2, _ = eval_ood.read_imagenet_set("imagenet-v2", str(wnid_root))
-    assert ids2 == [IN1K[2], IN1K[10]]
+    assert eval_ood.read_imagenet_set("imagenet-v2", str(wnid_root)).ids == [IN1K[2], IN1K[10]]
     (root / "1000").mkdir()
     with pytest.raises(ValueError, match="neither a wnid"):
         eval_ood.read_imagenet_set("imagenet-v2", str(root))
@@ -102,8 +102,8 @@ def test_imagenet_v2_integer_folders_are_class_indices_not_strings(tmp_path):
 def test_sketch_archive_level_and_foreign_classes(tmp_path):
     put_images(tmp_path / "ImageNet-Sketch" / "sketch" / IN1K[5], 2, seed=0)
     put_images(tmp_path / "ImageNet-Sketch" / "sketch" / IN1K[700], 1, seed=1)
-    paths, ids, space = eval_ood.read_imagenet_set("imagenet-sketch", str(tmp_path / "ImageNet-Sketch"))
-    assert ids == [IN1K[5]] * 2 + [IN1K[700]] and len(space) == 1000
+    sketch = eval_ood.read_imagenet_set("imagenet-sketch", str(tmp_path / "ImageNet-Sketch"))
+    assert sketch.ids == [IN1K[5]] * 2 + [IN1K[700]] and len(sketch.space) == 1000
     not_r = next(w for w in IN1K if w not in IN_R)
     put_images(tmp_path / "r" / not_r, 1, seed=2)
     with pytest.raises(ValueError, match="not in imagenet_r_wnids"):
@@ -162,8 +162,8 @@ def test_end_to_end_imagenet_layouts_and_cache(tmp_path):
         f"imagenet-v2={v2}",
     ]
     metrics = eval_ood.main(argv)
-    paths, ids, space = eval_ood.read_imagenet_set("imagenet-v2", str(v2))
-    top1, top5, n = reference_accuracy(run, paths, ids, space)
+    v2_set = eval_ood.read_imagenet_set("imagenet-v2", str(v2))
+    top1, top5, n = reference_accuracy(run, v2_set.paths, v2_set.ids, v2_set.space)
     assert metrics["imagenet-v2/top1"] == pytest.approx(top1) and metrics["imagenet-v2/top5"] == pytest.approx(top5)
     results = json.loads((out / "results.json").read_text())
     assert results["imagenet-v2"]["images"] == n == 9 and results["imagenet-v2"]["classes_scored"] == 3
@@ -173,12 +173,24 @@ def test_end_to_end_imagenet_layouts_and_cache(tmp_path):
     mtime = v2_cache.stat().st_mtime_ns
     metrics = eval_ood.main(argv + [f"imagenet-r={r}"])
     assert v2_cache.stat().st_mtime_ns == mtime
-    paths, ids, space = eval_ood.read_imagenet_set("imagenet-r", str(r))
-    top1, top5, n = reference_accuracy(run, paths, ids, space)
+    r_set = eval_ood.read_imagenet_set("imagenet-r", str(r))
+    top1, top5, n = reference_accuracy(run, r_set.paths, r_set.ids, r_set.space)
     results = json.loads((out / "results.json").read_text())
     assert results["imagenet-r"]["images"] == n == 4 and results["imagenet-r"]["classes_scored"] == 2
     assert metrics["imagenet-r/top1"] == pytest.approx(top1)
     assert "| imagenet-r | 4 | 2 | yes |" in (out / "results.md").read_text()
+
+    # unchanged, the finished run is a no-op; a set whose files changed is scored again (its held-out figures were
+    # kept as they were), and only that set
+    r_cache = out / "logits" / "imagenet-r.safetensors"
+    mtimes = (v2_cache.stat().st_mtime_ns, r_cache.stat().st_mtime_ns)
+    assert eval_ood.main(argv + [f"imagenet-r={r}"]) == metrics
+    assert (v2_cache.stat().st_mtime_ns, r_cache.stat().st_mtime_ns) == mtimes
+    put_images(r / IN_R[3], 2, seed=99)
+    metrics = eval_ood.main(argv + [f"imagenet-r={r}"])
+    assert v2_cache.stat().st_mtime_ns == mtimes[0] and r_cache.stat().st_mtime_ns != mtimes[1]
+    r_set = eval_ood.read_imagenet_set("imagenet-r", str(r))
+    assert metrics["imagenet-r/top1"] == pytest.approx(reference_accuracy(run, r_set.paths, r_set.ids, r_set.space)[0])
 
 
 def test_dataset_splits_for_the_demo(tmp_path, tiny_dataset):

@@ -165,7 +165,7 @@ def test_plan_counts_images_files_and_bytes_without_a_model(tiny_sd, tiny_datase
         args_for(tiny_sd, tiny_dataset, tmp_path / "p", *WDS, "--plan", "--config", "configs/demo.yaml")
     )
     assert plan["images"] == 18 and plan["files"] == 8  # 4 shards: a tar and an index each
-    assert plan["bytes"] == 18 * synthesize.stored_bytes(32, 95, "jpg")
+    assert plan["bytes"] == 18 * (synthesize.stored_bytes(32, 95, "jpg") + synthesize.WDS_BYTES_PER_IMAGE)
     hours = plan["gpu_hours"]
     assert set(hours) == {"finetune", "synthesize", "train_cls real", "train_cls synth_x1.5", "train_cls mix_x1.5"}
     assert hours["train_cls mix_x1.5"] == pytest.approx(hours["train_cls real"] + hours["train_cls synth_x1.5"])
@@ -208,3 +208,21 @@ def test_eval_gap_and_sscd_read_a_shard_set_as_its_folder_twin(
     assert {k: v for k, v in copies["wds"].items() if isinstance(v, float)} == pytest.approx(
         {k: v for k, v in copies["folder"].items() if isinstance(v, float)}
     )
+
+
+def test_bad_sources_stay_recorded_when_a_job_runs_again_with_nothing_left_to_do(tiny_sd, tiny_dataset, tmp_path):
+    """A re-run of a job whose shards were complete rewrote its bad-source file as [] (complete shards are never read
+    again), and the manifest then counted a missing image but no bad source. A shard's index records them."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    (root / "train" / "green_square" / "green_square_001.png").write_bytes(b"not a png")
+    for first, last in (("0/2", "1/2"), ("1/2", "0/2")):  # one of them holds the bad source's shard
+        out = tmp_path / first.replace("/", "of")
+        for part in (first, first, last):
+            m = synthesize.main(args_for(tiny_sd, root, out, *WDS, "--skip-bad", "--shard", part))
+        assert m["complete"] and m["images"] == 18 - m["bad_images"] and m["bad_images"] > 0
+        assert m["bad_sources"] == 1
+        bad = read_json(out / "manifest.json")["inputs"]["bad_sources"]
+        assert list(bad) == ["green_square/green_square_001.png"]

@@ -103,6 +103,11 @@ def test_same_image_alone_batched_or_sharded(tiny_sd, tiny_dataset, tiny_lora, t
         assert np.abs(a - b).max() <= 2 and np.abs(a - c).max() <= 2
     assert all(len(v) == 3 and all(torch.equal(v[0], x) for x in v) for k, v in noises.items() if len(v) == 3)
     assert sum(len(v) == 3 for v in noises.values()) == 4
+    (tmp_path / "same_lora").symlink_to(tiny_lora)  # the LoRA's files are the identity, not the path it is reached by
+    again = synthesize.main(
+        args_for(tiny_sd, tiny_dataset, tmp_path / "alone", *runs["alone"], lora=tmp_path / "same_lora")
+    )
+    assert again["complete"] and again["generated"] == 0
 
 
 def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_path):

@@ -289,7 +289,26 @@ def test_an_imagefolder_with_a_val_split_needs_no_split_flags(tmp_path):
     args = TINY + ["--dataset", "imagefolder", "--data-root", str(root), "--epochs", "1"]
     train_cls.main(args + ["--output-dir", str(tmp_path / "run")])
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["inputs"]["test_split"] == {"split": "val", "images": 6, "skipped_bad": {}}
+    tested = manifest["inputs"]["test_split"]
+    assert {k: v for k, v in tested.items() if k != "fingerprint"} == {"split": "val", "images": 6, "skipped_bad": {}}
+
+
+def test_a_changed_held_out_split_tests_the_finished_classifier_again_without_retraining(tmp_path):
+    root = tmp_path / "data"
+    make_imagefolder(root / "train", TINY_CLASSES, 4, seed=0)
+    make_imagefolder(root / "val", TINY_CLASSES, 2, seed=1)
+    args = TINY + ["--dataset", "imagefolder", "--data-root", str(root), "--epochs", "1", "--output-dir", str(tmp_path)]
+    first = train_cls.main(args)
+    run_files = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()}
+    assert train_cls.main(args) == first  # unchanged: a no-op
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()} == run_files
+    make_imagefolder(root / "val", TINY_CLASSES, 5, seed=2)  # the split edited: its figures were stale
+    again = train_cls.main(args)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["inputs"]["test_split"]["images"] == 15 and manifest["metrics"] == again
+    assert round(again["top1"] * 15 / 100, 6).is_integer()  # a share of the 15 images it now holds
+    for name in ("model.safetensors", "metrics.jsonl", "run_config.json"):  # not retrained
+        assert (tmp_path / name).stat().st_mtime_ns == run_files[name]
 
 
 def test_a_bad_test_image_stops_the_run_before_training_or_is_skipped(tmp_path):
