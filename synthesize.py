@@ -707,8 +707,11 @@ def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args) -> dict | None
         return None
     rows, layout = found
     common.write_jsonl(out_dir / "manifest.jsonl", rows)
-    for stale in out_dir.glob("*/.*"):  # temp files of killed writers: no writer is left once all images exist
-        stale.unlink(missing_ok=True)
+    # Temp files of killed writers (no writer is left once all images exist), in each class folder: a class id with
+    # a '/' (Stanford Cars' "Ram C/V ...") is a nested one.
+    for folder in {out_dir / "shards", *(out_dir / c for c in plan.index.classes)}:
+        for stale in folder.glob(".*"):
+            stale.unlink(missing_ok=True)
     metrics = {
         "images": len(rows),
         "sources": len(plan.index),

@@ -433,3 +433,22 @@ def test_sources_whose_outputs_would_share_a_name_are_named_before_the_run(tiny_
     with pytest.raises(ValueError, match=r"'\.' vs '_'.*red\.circle\.png"):
         synthesize.main(args_for(tiny_sd, root, tmp_path / "c", "--output-format", "wds"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_class_id_with_a_slash_gets_its_temp_files_cleaned_too(tiny_sd, tiny_dataset, tmp_path):
+    """Stanford Cars has "Ram C/V Cargo Van Minivan 2012": its outputs sit two folders deep, where the clean-up of
+    killed writers' temp files (one level deep) did not reach."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    (root / "train" / "red").mkdir()
+    shutil.move(root / "train" / "red_circle", root / "train" / "red" / "circle")
+    (root / "train" / "classes.txt").write_text("red/circle\ngreen_square\nblue_triangle\n")
+    (root / "train" / "class_names.txt").unlink()
+    out = tmp_path / "out"
+    (out / "red" / "circle").mkdir(parents=True)
+    (out / "red" / "circle" / ".red_circle_000_0.jpg.1234.tmp").write_bytes(b"a killed writer's")
+    m = synthesize.main(args_for(tiny_sd, root, out, "--strength", "1.0"))
+    assert m["complete"] and m["images"] == 12 and len(list((out / "red" / "circle").glob("*.jpg"))) == 4
+    assert not list((out / "red" / "circle").glob(".*"))
