@@ -49,7 +49,7 @@ from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2
-from timm.utils import accuracy
+from timm.utils import accuracy, distribute_bn
 
 import common
 
@@ -485,6 +485,8 @@ def run_epochs(training: Training, loader, rows: list, evaluate_test, args, out:
         lr = training.optimizer.param_groups[0]["lr"]  # the epoch's lr (timm applies milestone m from epoch m - 1)
         stats, num_updates = train_steps(training, it, batches.steps * training.accum, args, epoch, num_updates)
         training.scheduler.step(epoch + 1)
+        if accelerator.num_processes > 1:  # one model to test and save: timm train.py's --dist-bn reduce (release)
+            distribute_bn(training.model, accelerator.num_processes, reduce=True)
         row = {
             "epoch": epoch + 1,
             "train_loss": stats["loss"],

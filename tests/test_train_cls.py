@@ -85,8 +85,9 @@ def test_epoch_batches_are_the_same_global_batches_for_any_world_size():
 def test_two_processes_learn_what_one_process_accumulating_learns(tmp_path, tiny_dataset):
     """Batch 8 as 1 process x 2 micro-batches of 4, or as torchrun's 2 CPU processes x 1: the same micro-batches and
     mixup/cutmix draws, so the same learned weights up to float summation order (~1e-8 here; the strided split this
-    replaced, same global batches but other micro-batches, differed by 4e-2). BatchNorm running statistics are per
-    process (no SyncBN), so they are left out."""
+    replaced, same global batches but other micro-batches, differed by 4e-2). BatchNorm running statistics are left
+    out: a process's come from its own micro-batches, averaged over processes after each epoch (timm's --dist-bn
+    reduce), which one process accumulating does not do. So the model tested is the one saved."""
     import os
     import subprocess
     import sys
@@ -121,6 +122,36 @@ def test_two_processes_learn_what_one_process_accumulating_learns(tmp_path, tiny
     assert len(learned) > 10
     for k in learned:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_processes_test_and_save_one_model(tmp_path, tiny_dataset):
+    """Each process's BatchNorm statistics come from its own micro-batches; they are averaged after every epoch
+    (timm's --dist-bn reduce, the release's default), so the processes test one model, the one rank 0 saves."""
+    import os
+    import subprocess
+    import sys
+
+    spy = tmp_path / "spy.py"  # train_cls run by torchrun, its evaluate recording the statistics it tests with
+    spy.write_text(
+        "import sys, torch, train_cls\n"
+        "real = train_cls.evaluate\n"
+        "def evaluate(model, *a, **k):\n"
+        "    stats = {n: b.clone() for n, b in model.named_buffers() if 'running_' in n}\n"
+        f"    torch.save(stats, '{tmp_path}/bn.%d.pt' % torch.distributed.get_rank())\n"
+        "    return real(model, *a, **k)\n"
+        "train_cls.evaluate = evaluate\n"
+        "train_cls.main(sys.argv[1:])\n"
+    )
+    args = TINY + ["--data-root", str(tiny_dataset), *"--epochs 1 --seed 3 --batch-size 8".split()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(train_cls.__file__).parent), env.get("PYTHONPATH", "")])
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(spy), *args]
+    proc = subprocess.run([*run, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"bn.{r}.pt") for r in (0, 1))
+    assert len(rank0) > 4 and all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    saved = load_file(tmp_path / "two" / "model.safetensors")
+    assert all(torch.equal(saved[n.removeprefix("module.")], b) for n, b in rank0.items())
 
 
 def test_train_sources_are_relabelled_by_class_id(tmp_path, tiny_dataset):
