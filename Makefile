@@ -139,14 +139,20 @@ $(RUNS)/synth_x%/manifest.json: $(RUNS)/finetune/manifest.json | $(STAMP)
 	$(RUN) synthesize.py $(STAGE_FLAGS) $(SKIP_FLAG) $(CAPTIONS_FLAG) $(FORMAT_FLAG) --lora-dir $(RUNS)/finetune --scale $* \
 		--reuse-from $(wildcard $(RUNS)/synth_x*) --output-dir $(@D)
 
+# A classifier stopped by --epochs-per-job (a time-limited job) has no manifest yet: the chain stops there.
+CLS_DONE = @test -f $@ || { echo "$(@D): not finished (--epochs-per-job): run the same make again to go on"; exit 3; }
+
 $(RUNS)/cls_real/manifest.json: $(CONFIG) | $(STAMP)
 	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --train-dirs real --output-dir $(@D)
+	$(CLS_DONE)
 
 $(RUNS)/cls_synth_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
 	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --train-dirs $(<D) --output-dir $(@D)
+	$(CLS_DONE)
 
 $(RUNS)/cls_mix_x%/manifest.json: $(RUNS)/synth_x%/manifest.json | $(STAMP)
 	$(RUN) train_cls.py $(STAGE_FLAGS) $(SKIP_FLAG) $(TEST_FLAG) --train-dirs real $(<D) --output-dir $(@D)
+	$(CLS_DONE)
 
 # The eval sets come from the config's eval_ood section; an OOD set whose path is not configured is skipped.
 $(RUNS)/ood_%/manifest.json: $(RUNS)/%/manifest.json | $(STAMP)

@@ -173,3 +173,15 @@ def test_make_B_reinstalls_nothing_while_the_venv_is_up_to_date(tmp_path):
     os.utime(tmp_path / "requirements.txt")  # changed since: now it must install
     changed = subprocess.run([*make, "venv"], cwd=tmp_path, capture_output=True)
     assert changed.returncode != 0 and b".venv/.installed" in changed.stderr  # it tried (and had no Python)
+
+
+def test_a_classifier_stopped_by_epochs_per_job_stops_the_chain(tmp_path):
+    """train_cls --epochs-per-job exits 0 without a manifest; make went on to eval_ood, which then failed."""
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "in10.yaml", tmp_path / "configs")
+    # RUN=true: every stage "succeeds" and writes nothing, as a classifier's time-limited job does
+    run = ["make", "-o", ".venv/.installed", "pipeline", "DATASET=in10", "MODE=real", "RUN=true"]
+    done = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0 and "runs/in10/cls_real: not finished (--epochs-per-job)" in done.stdout
+    assert "eval_ood.py" not in done.stdout
