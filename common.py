@@ -983,26 +983,26 @@ def files_fingerprint(root: Path, rel_paths: Iterable[str]) -> str:
 
 # Splits up to this many images are fully decoded by check_images (seconds); larger ones get a header check.
 FULL_DECODE_LIMIT = 20_000
-CHECK_VERSION = 2  # in the cache's file names: a stricter check (2: the JPEG end marker) redoes the cached ones
+CHECK_VERSION = 3  # in the cache's file names: a stricter check (3: the end markers) redoes the cached ones
+# Found in the last KiB of a whole file. JPEG's coded data never holds FF D9 (an FF there is followed by 00 or a
+# restart marker), so a cut file lacks it, and a few bytes some cameras add after it are fine; PNG ends in IEND.
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 
 
-def _image_problem(path: Path, full_decode: bool) -> str | None:
+def image_problem(path: Path, full_decode: bool) -> str | None:
+    """What is wrong with an image file, or None. Decoded fully, or (cheap, for millions of files) its header
+    verified and its end marker found: PIL's verify() reads the header only, so a cut file passes it."""
     try:
         with Image.open(path) as img:
             img.load() if full_decode else img.verify()
-            if not full_decode and img.format == "JPEG" and not _has_jpeg_end(path):
-                return "truncated JPEG: no end-of-image marker"  # verify() reads the header only
+            if not full_decode and img.format in END_MARKERS:
+                with open(path, "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
+                    if END_MARKERS[img.format] not in f.read():
+                        return f"truncated {img.format}: no end marker"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return f"{type(err).__name__}: {err}"
     return None
-
-
-def _has_jpeg_end(path: Path) -> bool:
-    """An end-of-image marker (FF D9) in the last KiB: coded data never holds FF D9 (an FF there is followed by 00 or
-    a restart marker), so a cut file lacks it, and a few trailing bytes after it (some cameras add them) are fine."""
-    with open(path, "rb") as f:
-        f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
-        return b"\xff\xd9" in f.read()
 
 
 def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | os.PathLike | None = None, log=None):
@@ -1026,7 +1026,7 @@ def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | o
         desc = f"checking {index.split} images" + ("" if full else " (headers)")
         bad = {}
         for sample in progress(index.samples, desc=desc, leave=False):
-            problem = _image_problem(index.root / sample.path, full)
+            problem = image_problem(index.root / sample.path, full)
             if problem:
                 bad[sample.path] = problem
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -503,24 +503,8 @@ class Sources(torch.utils.data.Dataset):
 
 def complete_on_disk(path: Path, mode: str) -> bool:
     """An image written by this script is complete: atomic writes leave either nothing or a whole file. The quick
-    check still catches truncation and garbage (trailer + header) without decoding 12.8 M images on a re-run."""
-    if mode == "full":
-        try:
-            common.load_image(path)
-            return True
-        except common.ImageReadError:
-            return False
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            f.seek(max(0, size - 16))
-            tail = f.read()
-        ok = tail.endswith(b"\xff\xd9") if path.suffix == ".jpg" else b"IEND" in tail
-        with Image.open(path) as img:
-            img.verify()
-        return ok
-    except Exception:  # noqa: BLE001 - any failure to parse means "regenerate it"
-        return False
+    check (header and end marker) still catches truncation and garbage without decoding 12.8 M images on a re-run."""
+    return common.image_problem(path, full_decode=mode == "full") is None
 
 
 def existing_files(out_dir: Path, classes) -> set[str]:
