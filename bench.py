@@ -492,8 +492,7 @@ def make_sets(args, out: Path) -> dict:
         else:
             for j in plan.jobs:
                 synthesize.write_bytes(root / plan.file(int(j)), images[int(j)])
-        rows, _ = synthesize.stored_rows(plan, root, {})
-        common.write_jsonl(root / "manifest.jsonl", rows)
+        common.write_jsonl(root / "manifest.jsonl", synthesize.stored_set(plan, root).rows)
         common.write_json(root / "classes.json", {"classes": classes, "class_names": classes})
         sets[layout] = common.load_synthetic(root)
     return sets

@@ -30,6 +30,7 @@ the same output dir is an error (use --overwrite to move the old run aside).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -661,60 +662,71 @@ def bad_sources(out_dir: Path) -> dict[str, str]:
     }
 
 
-def stored_rows(plan: Plan, out_dir: Path, bad: dict) -> tuple[list[dict], dict] | None:
-    """Manifest rows of every image on disk in plan order, and layout metrics; None while an image (or a shard) is
-    missing that no counted bad source (`bad`) explains. wds: adds to `bad` the bad sources the shard indexes hold."""
+@dataclasses.dataclass
+class StoredSet:
+    """A synthetic set as it is on disk: manifest rows in plan order, layout metrics (wds: shards and bytes), and the
+    bad sources (--skip-bad) that its missing images stand for."""
+
+    rows: list[dict]
+    layout: dict
+    bad: dict[str, str]
+
+
+def stored_set(plan: Plan, out_dir: Path) -> StoredSet | None:
+    """The set, or None while an image (or a shard) is missing that no counted bad source explains. The bad sources
+    are those the processes recorded and (wds) those the shard indexes hold: a complete shard is never read again."""
+    bad = bad_sources(out_dir)
     if plan.args.output_format == "wds":
         indexes = []
         for b in range(len(plan.shards())):
             indexes.append(complete_shard_index(out_dir, b, "quick"))
             if indexes[-1] is None:
                 return None
-        bad.update({r["source"]: r["error"] for index in indexes for r in index.get("bad_sources", [])})
+        bad |= {r["source"]: r["error"] for index in indexes for r in index.get("bad_sources", [])}
         stored = {r["file"]: r for index in indexes for r in index["samples"]}
         rows = [stored[name] for name in map(plan.file, plan.jobs) if name in stored]
         total = sum(index["bytes"] for index in indexes)
-        return rows, {"shards": len(indexes), "bytes": total, "bytes_per_image": round(total / max(1, len(rows)))}
+        layout = {"shards": len(indexes), "bytes": total, "bytes_per_image": round(total / max(1, len(rows)))}
+        return StoredSet(rows, layout, bad)
     present = existing_files(out_dir, plan.index.classes)
     on_disk = [plan.file(j) in present for j in plan.jobs]  # one name per job (12.8 M at IN-1K x10), made once
     sources = plan.index.samples
     if any(not ok and sources[plan.source_copy(j)[0]].path not in bad for j, ok in zip(plan.jobs, on_disk)):
         return None
-    return [plan.row(j) for j, ok in zip(plan.jobs, on_disk) if ok], {}
+    return StoredSet([plan.row(j) for j, ok in zip(plan.jobs, on_disk) if ok], {}, bad)
 
 
 def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args) -> dict | None:
     """Write manifest.jsonl + manifest.json once every image of every shard is on disk (or a counted bad source)."""
-    bad = bad_sources(out_dir)
-    found = stored_rows(plan, out_dir, bad)
-    if found is None:
+    stored = stored_set(plan, out_dir)
+    if stored is None:
         return None
-    rows, layout = found
-    common.write_jsonl(out_dir / "manifest.jsonl", rows)
+    common.write_jsonl(out_dir / "manifest.jsonl", stored.rows)
     # Temp files of killed writers (no writer is left once all images exist), in each class folder: a class id with
     # a '/' (Stanford Cars' "Ram C/V ...") is a nested one.
     for folder in {out_dir / "shards", *(out_dir / c for c in plan.index.classes)}:
         for stale in folder.glob(".*"):
             stale.unlink(missing_ok=True)
     metrics = {
-        "images": len(rows),
+        "images": len(stored.rows),
         "sources": len(plan.index),
         "scale": args.scale,
-        "bad_sources": len(bad),
-        "bad_images": len(plan.jobs) - len(rows),
+        "bad_sources": len(stored.bad),
+        "bad_images": len(plan.jobs) - len(stored.rows),
         "source_images": args.source_images,
         "output_mode": args.resolved_output_mode,
         "stored_short_side": args.save_size or args.resolution,
         "output_format": args.output_format,
-        **layout,
+        **stored.layout,
     }
     inputs = {
         "pretrained_model": plan.model_hash,
         "lora": plan.lora_hash,
         "lora_dir": args.lora_dir,
         "data_root": args.data_root,
+        "bad_sources": stored.bad,
     }
-    run.finish(metrics, inputs={**inputs, "bad_sources": bad})
+    run.finish(metrics, inputs=inputs)
     return metrics
 
 
