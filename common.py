@@ -975,8 +975,10 @@ def files_fingerprint(root: Path, rel_paths: Iterable[str]) -> str:
     """split_fingerprint of any list of files under `root`."""
     digest = hashlib.sha256()
     for rel in sorted(rel_paths):
-        path = root / rel
-        stat = path.stat() if path.exists() else path.lstat()  # a dangling link: check_images names it
+        try:
+            stat = (root / rel).stat()
+        except FileNotFoundError:  # a dangling link: check_images names it
+            stat = (root / rel).lstat()
         digest.update(f"{rel}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
@@ -1142,7 +1144,8 @@ def read_imagefolder(
     if classes is None:
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         classes = _class_file(root, "classes.txt") or folders
-    if repeated := sorted({c for c in classes if list(classes).count(c) > 1}):
+    if len(set(classes)) < len(classes):
+        repeated = sorted({c for i, c in enumerate(classes) if c in classes[:i]})
         raise ValueError(f"{name} {split}: classes listed twice under {root}: {repeated[:5]}; list each class once")
     missing = [c for c in classes if not (root / c).is_dir()]
     if missing:
