@@ -337,9 +337,11 @@ def main(argv=None) -> dict:
     results, (sets, skipped) = {}, read_sets(args, log)
     fingerprints = {images.name: images.fingerprint for images in sets}
     if finished:  # scored again if a set was added, or its files changed, since (a cached set's logits are reused)
-        if not (new := [n for n, fp in fingerprints.items() if run.manifest().get("fingerprints", {}).get(n) != fp]):
-            return run.manifest()["metrics"]
-        log.info(f"scoring the sets added or changed since this run: {new}")
+        manifest = run.manifest()
+        scored = manifest.get("fingerprints", {})
+        if not (changed := [name for name, fp in fingerprints.items() if scored.get(name) != fp]):
+            return manifest["metrics"]
+        log.info(f"scoring the sets added or changed since this run: {changed}")
     for images in sets:
         name = images.name
         logits = set_logits(images, clf, state, args, out, log)
