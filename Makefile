@@ -165,14 +165,13 @@ NAME   ?= $(notdir $(abspath $(DATA)))
 IMAGEFOLDER_CFG := configs/imagefolder$(if $(filter paper,$(PRESET)),_paper,).yaml
 # All three training modes, unless MODE=... is given on the command line (then that one, as for the paper datasets).
 IMAGEFOLDER_MODES := $(if $(filter command line,$(origin MODE)),$(MODE),real synth mix)
-# Characters the recipes' shell would read as syntax in DATA (a space: make splits the value on it).
+# What make (a space: it splits the value there) or the recipes' shell would misread in DATA.
 SHELL_SYNTAX := ' " ( ) & ; | < > * ? `
-DATA_SYNTAX = $(strip $(foreach c,$(SHELL_SYNTAX),$(findstring $(c),$(DATA))))
+DATA_SYNTAX = $(strip $(if $(word 2,$(DATA)),space) $(foreach c,$(SHELL_SYNTAX),$(findstring $(c),$(DATA))))
 imagefolder: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make imagefolder DATA=DIR [NAME=name] [PRESET=cpu|paper] [SCALE=1]"; exit 2; }
-	$(if $(DATA_SYNTAX),$(error DATA has shell syntax characters: $(DATA_SYNTAX) - use a plain path, a symlink will do))
-	@case "$(DATA)" in *[[:space:]]*) echo "DATA='$(DATA)' has a space, which make cannot pass on: use a path \
-	without one (a symlink to it will do)"; exit 2;; esac
+	$(if $(DATA_SYNTAX),$(error DATA has characters make or the shell would misread: $(DATA_SYNTAX); use a plain \
+	path, a symlink will do))
 	@test -d "$(DATA)/train" || { echo "$(DATA)/train does not exist: the layout is DIR/train/<class>/<images> and \
 	DIR/val/ (or DIR/test/) with the same class folders (README, Bring your own dataset)"; exit 2; }
 ifeq ($(PLAN),)

@@ -132,10 +132,10 @@ def test_imagefolder_plans_refuses_shell_syntax_and_keeps_one_dataset_per_name(t
         done = subprocess.run(["make", "-o", ".venv/.installed", *args], cwd=cwd, capture_output=True, text=True)
         return done.returncode, done.stdout + done.stderr
 
-    odd = tmp_path / "flowers(2)"
-    (odd / "train").mkdir(parents=True)
-    code, said = make("imagefolder", f"DATA={odd}")
-    assert code == 2 and "shell syntax characters: ( )" in said
+    for odd, named in (("flowers(2)", "( )"), ("my flowers", "space")):
+        (tmp_path / odd / "train").mkdir(parents=True)
+        code, said = make("imagefolder", f"DATA={tmp_path / odd}")
+        assert code == 2 and f"make or the shell would misread: {named};" in said
     shutil.copy(ROOT / "Makefile", tmp_path)  # a runs/ folder of its own
     (tmp_path / "runs" / "flowers").mkdir(parents=True)
     (tmp_path / "runs" / "flowers" / "data_root.txt").write_text("/elsewhere/flowers\n")
