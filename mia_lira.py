@@ -263,6 +263,7 @@ def shadow_stages(args, arm: str, shadow: int, shadow_dir: Path, mask: Path) -> 
         synth_extra = [*generator, SYNTH_FINETUNE_DIR, str(ft_dir), SYNTH_SCALE, "1", *split(args.synthesize_args)]
         stages = [(ft_dir, "finetune.py", mask, ft_extra), (synth_dir, "synthesize.py", mask, synth_extra)]
         cls_mask, train_dirs = None, str(synth_dir)
+    # Passed only when named: at held-out, train_cls's own --config (a separate --stage-config) may name the split.
     test_split = optional("--test-split", args.test_split if args.test_split != common.HELD_OUT else None)
     cls_extra = [CLS_TRAIN_DIRS, train_dirs, *test_split, *split(args.train_cls_args)]
     stages.append((cls_dir, "train_cls.py", cls_mask, cls_extra))
