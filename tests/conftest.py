@@ -87,8 +87,8 @@ def tiny_lora(tiny_sd, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_lora")
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    torch.manual_seed(1)  # peft draws lora_A from the global generator: seed first, or the weights depend on test order
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    torch.manual_seed(1)
     for name, param in unet.named_parameters():
         if "lora_B" in name:  # peft starts B at zero (a no-op LoRA); make it matter
             param.data.normal_(0, 0.2)
