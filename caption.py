@@ -152,6 +152,7 @@ def main(argv=None) -> dict:
     if missing:  # other jobs of a job array are still running: the last one to finish merges
         log.info(f"{len(missing)} images still uncaptioned (other --shard jobs); re-run any job to merge when done")
         return {**metrics, "missing": len(missing)}
+    run.check_in_place()
     common.write_jsonl(out_dir / "captions.jsonl", ({"path": s.path, "caption": done[s.path]} for s in index.samples))
     lengths = [len(done[s.path].split()) for s in index.samples]
     metrics = {

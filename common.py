@@ -691,6 +691,18 @@ class ConfigMismatchError(RuntimeError):
     """A run directory holds a run with another config; the message names the changed keys."""
 
 
+class RunMovedError(RuntimeError):
+    """A run's directory was moved aside or deleted by another command while the run was writing into it."""
+
+
+def _dir_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class RunDir:
     """A stage's output directory with skip / resume / overwrite semantics.
 
@@ -699,6 +711,7 @@ class RunDir:
     naming the changed keys, unless `overwrite=True`, in which case the old run is moved aside as `<dir>.old-<hash>`
     (never deleted: nothing is lost by a mistyped flag). A run that wrote nothing but its run config and log (it
     failed on a bad input) is no run: any config starts over it, so a stage may check its inputs before or after.
+    A process still running in a directory that another command moved aside stops at its next `check_in_place()`.
     """
 
     def __init__(self, path, config: dict, overwrite: bool = False, is_main: bool = True):
@@ -709,6 +722,7 @@ class RunDir:
         self.is_main = is_main
         self.manifest_path = self.path / "manifest.json"
         self.started_path = self.path / "run_config.json"  # written at start so an interrupted run knows its config
+        self.identity: tuple[int, int] | None = None  # the directory this run started in (device, inode)
 
     def _previous_config(self) -> dict | None:
         """The config of the run on disk, its keys under their current names (RENAMED_KEYS), without the keys that
@@ -728,10 +742,23 @@ class RunDir:
         """Only the run config and logs: a run that stopped before its first output (a bad input, say)."""
         return all(p.name in (self.started_path.name, LOG_FILE) for p in self.path.iterdir())
 
+    def _start_over(self) -> None:
+        """A new directory in place of one holding only a failed start's run config and log (a copy of the log is
+        kept): a process of that start still loading or in its first epoch stops at its first check_in_place, as the
+        directory changed, and its further log lines go to the old file, not into the new run's log."""
+        aside = self._aside(f"{self.path.name}.failed-start")
+        os.replace(self.path, aside)
+        self.path.mkdir()
+        if (aside / LOG_FILE).is_file():
+            shutil.copyfile(aside / LOG_FILE, self.path / LOG_FILE)
+        shutil.rmtree(aside)
+
     def start(self) -> str:
         previous = self._previous_config()
         if previous is not None and config_hash(previous) != self.hash and self._produced_nothing():
-            previous = None  # nothing to lose or resume: a corrected command simply starts
+            if self.is_main:  # nothing to lose or resume: a corrected command simply starts
+                self._start_over()
+            previous = None
         elif previous is not None and config_hash(previous) != self.hash:
             changed = sorted(k for k in set(previous) | set(self.config) if previous.get(k) != self.config.get(k))
             if not self.overwrite:
@@ -751,7 +778,19 @@ class RunDir:
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.started_path, {"config": self.config, "config_hash": self.hash})
+        self.identity = _dir_identity(self.path)
         return "resume" if previous is not None else "fresh"
+
+    def check_in_place(self) -> None:
+        """Stop if the run's directory is no longer the one it started in: another command moved it aside
+        (--overwrite, e.g. from a corrected job array while old jobs still run) or deleted it. Whatever this process
+        wrote next would land in the run now there, under that run's config. Stages call it before each output."""
+        if self.identity is not None and _dir_identity(self.path) != self.identity:
+            raise RunMovedError(
+                f"{self.path} was moved aside (--overwrite) or deleted by another command while this run wrote into "
+                "it; stopping so that this run's outputs do not mix into the run now there (what this run wrote so "
+                f"far is in {self.path.name}.old-{self.hash}, if it was moved aside)"
+            )
 
     def begin(self, wait_for_everyone=None) -> str:
         """start() for every process of a launch: the main process first (it may move an old run aside and writes
@@ -762,6 +801,7 @@ class RunDir:
         return status or self.start()
 
     def finish(self, metrics: dict, inputs: dict | None = None, extra: dict | None = None) -> dict:
+        self.check_in_place()
         manifest = {
             "config": self.config,
             "config_hash": self.hash,
@@ -1349,14 +1389,16 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[Path | None, int]:
     return (found[-1][1], found[-1][0]) if found else (None, 0)
 
 
-def save_checkpoint(accelerator, ckpt_dir: str | os.PathLike, n: int, keep: int) -> None:
-    """accelerate state saved under a temp name and renamed to `checkpoint-<n>` (a crash mid-save never looks like a
-    checkpoint); only the newest `keep` are kept. Every process must call it."""
-    ckpt_dir = Path(ckpt_dir)
+def save_checkpoint(accelerator, run: RunDir, n: int, keep: int) -> None:
+    """accelerate state saved under a temp name and renamed to `<run>/checkpoints/checkpoint-<n>` (a crash mid-save
+    never looks like a checkpoint); only the newest `keep` are kept. Every process must call it."""
+    ckpt_dir = run.path / "checkpoints"
     tmp, final = ckpt_dir / f".tmp-checkpoint-{n}", ckpt_dir / f"checkpoint-{n}"
+    run.check_in_place()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        run.check_in_place()
         make_readable(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

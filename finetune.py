@@ -511,7 +511,9 @@ def run_config(args, world_size: int) -> dict:
     return config
 
 
-def train(accelerator, args, index, models: SDModels, data: TrainingData, opt: Optimization, out_dir: Path) -> dict:
+def train(
+    accelerator, args, index, models: SDModels, data: TrainingData, opt: Optimization, run: common.RunDir
+) -> dict:
     """Optimizer steps opt.start..opt.total, each of --gradient-accumulation-steps micro-batches; a checkpoint every
     --checkpointing-steps and one metrics.jsonl row per epoch. Returns what the final metrics need."""
     optimizer, step, total = opt.optimizer, opt.start, opt.total
@@ -521,7 +523,7 @@ def train(accelerator, args, index, models: SDModels, data: TrainingData, opt: O
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
     t0, seen, history, micro = time.time(), 0, [], step * accum
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = run.path / "metrics.jsonl"
     if accelerator.is_main_process and metrics_path.is_file():  # rows after the resumed checkpoint: rewritten below
         common.write_jsonl(metrics_path, [row for row in common.read_jsonl(metrics_path) if row["step"] <= step])
     while step < total:
@@ -555,7 +557,7 @@ def train(accelerator, args, index, models: SDModels, data: TrainingData, opt: O
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if step % args.checkpointing_steps == 0 or step == total:
-                common.save_checkpoint(accelerator, out_dir / "checkpoints", step, args.checkpoints_total_limit)
+                common.save_checkpoint(accelerator, run, step, args.checkpoints_total_limit)
         if accelerator.is_main_process:
             recent = history[-len(batches) :] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
             row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
@@ -604,6 +606,7 @@ def finish(run, accelerator, args, models: SDModels, guidance: VisualGuidance, s
     """The LoRA in the diffusers format, the visual tokens in the UNet width (what synthesis must use) and the
     manifest (main process)."""
     out_dir, unet = run.path, accelerator.unwrap_model(models.unet)
+    run.check_in_place()
     projection = accelerator.unwrap_model(models.projection) if models.projection is not None else None
     tmp = out_dir / ".tmp-lora"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -672,7 +675,7 @@ def main(argv=None) -> dict:
         f"trainable parameters, vg={args.vg_mode}, mmd={args.mmd_form} λ={args.mmd_weight}"
     )
     data = TrainingData(prompts, [s.label for s in index.samples], guidance.embeds, cache)
-    stats = train(accelerator, args, index, models, data, opt, out_dir)
+    stats = train(accelerator, args, index, models, data, opt, run)
     accelerator.wait_for_everyone()
     metrics = {**stats, "train_images": len(index), "trainable_params": opt.trainable}
     if accelerator.is_main_process:

@@ -399,17 +399,24 @@ def write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-class FolderSink:
-    """--output-format folder: each image to <class>/<stem>_<k>.<ext>, encoded and written by a writer thread."""
+def never_moved() -> None:
+    """A sink's check before each write outside a run (bench.py): there is no run directory to lose."""
 
-    def __init__(self, plan: Plan, out_dir: Path):
-        self.plan, self.out_dir = plan, out_dir
+
+class FolderSink:
+    """--output-format folder: each image to <class>/<stem>_<k>.<ext>, encoded and written by a writer thread;
+    `in_place` (RunDir.check_in_place) runs before each write."""
+
+    def __init__(self, plan: Plan, out_dir: Path, in_place=never_moved):
+        self.plan, self.out_dir, self.in_place = plan, out_dir, in_place
 
     def submit(self, writer, job: int, ready, image, save_kwargs: dict):
         return writer.submit(self._write, self.out_dir / self.plan.file(job), ready, image, save_kwargs)
 
     def _write(self, path: Path, ready, image, save_kwargs: dict) -> None:
-        write_bytes(path, encode_when_ready(ready, image, self.plan.args.image_format, **save_kwargs))
+        data = encode_when_ready(ready, image, self.plan.args.image_format, **save_kwargs)
+        self.in_place()
+        write_bytes(path, data)
 
     def skip(self, job: int, record: dict) -> None:
         pass  # recorded in the process's bad_sources file; a re-run reads the source again
@@ -418,10 +425,10 @@ class FolderSink:
 class ShardSink:
     """--output-format wds: images are held per shard (writer threads encode them) and the shard is written, tar
     then index, as soon as its last image, or the bad source standing for one, comes in. Generation runs shard
-    after shard, so about one shard is held in memory per process."""
+    after shard, so about one shard is held in memory per process. `in_place` runs before each shard is written."""
 
-    def __init__(self, plan: Plan, out_dir: Path, shard_jobs: dict):
-        self.plan, self.out_dir, self.shard_jobs = plan, out_dir, shard_jobs
+    def __init__(self, plan: Plan, out_dir: Path, shard_jobs: dict, in_place=never_moved):
+        self.plan, self.out_dir, self.shard_jobs, self.in_place = plan, out_dir, shard_jobs, in_place
         self.shard_of = {int(j): b for b, jobs in shard_jobs.items() for j in jobs}
         self.held = {b: {} for b in shard_jobs}
         self.skipped = {b: [] for b in shard_jobs}
@@ -438,6 +445,7 @@ class ShardSink:
         if len(self.held[b]) == len(self.shard_jobs[b]):
             held = self.held.pop(b)
             samples = [(j, held[j]) for j in map(int, self.shard_jobs[b]) if held[j] is not None]
+            self.in_place()
             write_shard(self.out_dir, b, self.plan, samples, self.skipped.pop(b))
 
     def skip(self, job: int, record: dict) -> None:
@@ -612,8 +620,8 @@ def todo_jobs(plan: Plan, jobs, out_dir: Path, mode: str, threads: int) -> list[
 
 
 def run_loop(pipe, plan: Plan, jobs, out_dir: Path, device, is_main: bool = True, sink=None) -> dict:
-    """Generate `jobs` into out_dir (as files, or through `sink`: a ShardSink): workers read sources while the model
-    runs, a thread pool encodes and writes the results."""
+    """Generate `jobs` into out_dir through `sink` (a FolderSink or ShardSink; default: files, unguarded): workers read
+    sources while the model runs, a thread pool encodes and writes the results."""
     sink, args, index = sink or FolderSink(plan, out_dir), plan.args, plan.index
     paths = [index.abspath(plan.source_copy(j)[0]) for j in jobs]
     loader = torch.utils.data.DataLoader(
@@ -698,6 +706,7 @@ def stored_set(plan: Plan, out_dir: Path) -> StoredSet | None:
 
 def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args) -> dict | None:
     """Write manifest.jsonl + manifest.json once every image of every shard is on disk (or a counted bad source)."""
+    run.check_in_place()
     stored = stored_set(plan, out_dir)
     if stored is None:
         return None
@@ -779,9 +788,9 @@ def run_config(args, lora_hash: str | None) -> dict:
     return config
 
 
-def folder_work(plan: Plan, out_dir: Path, found: dict, state, log) -> tuple[list[int], None]:
+def folder_work(plan: Plan, run: common.RunDir, found: dict, state, log) -> tuple[list[int], FolderSink]:
     """--output-format folder: this process's images missing on disk, after taking those found in other runs."""
-    args = plan.args
+    args, out_dir = plan.args, run.path
     mine = common.local_items(plan.jobs, args.shard, state.process_index, state.num_processes)
     if found:
         log.info(f"reused {reuse_into_folder(plan, mine, out_dir, found, args.verify_existing)} images")
@@ -790,16 +799,16 @@ def folder_work(plan: Plan, out_dir: Path, found: dict, state, log) -> tuple[lis
         f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
         f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate"
     )
-    return todo, None
+    return todo, FolderSink(plan, out_dir, run.check_in_place)
 
 
-def shard_work(plan: Plan, out_dir: Path, found: dict, state, log) -> tuple[list[int], ShardSink]:
+def shard_work(plan: Plan, run: common.RunDir, found: dict, state, log) -> tuple[list[int], ShardSink]:
     """--output-format wds: this process's shards that are not complete on disk, their images found in other runs
     handed to the sink at once, and the jobs left to generate."""
-    args, shards = plan.args, plan.shards()
+    args, shards, out_dir = plan.args, plan.shards(), run.path
     mine = common.local_items(list(range(len(shards))), args.shard, state.process_index, state.num_processes)
     todo_shards = [b for b in mine if complete_shard_index(out_dir, b, args.verify_existing) is None]
-    sink = ShardSink(plan, out_dir, {b: shards[b] for b in todo_shards})
+    sink = ShardSink(plan, out_dir, {b: shards[b] for b in todo_shards}, run.check_in_place)
     todo, reused = [], 0
     for j in (int(j) for b in todo_shards for j in shards[b]):
         where = found.get(plan.file(j))
@@ -957,7 +966,7 @@ def main(argv=None) -> dict:
     plan.model_hash, plan.lora_hash = common.fingerprint(args.pretrained_model, args.revision), lora_hash
     found = reusable_images(plan, out_dir, config, args.reuse_from, log) if args.reuse_from else {}
     work = shard_work if args.output_format == "wds" else folder_work
-    todo, sink = work(plan, out_dir, found, state, log)
+    todo, sink = work(plan, run, found, state, log)
     device = state.device
     stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
     if todo:
@@ -965,6 +974,7 @@ def main(argv=None) -> dict:
         stats = run_loop(pipe, plan, todo, out_dir, device, state.is_main_process, sink)
     tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
     # A file, not a folder: beside the class folders a folder would read as one more class.
+    run.check_in_place()
     common.write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])
     state.wait_for_everyone()
     metrics = finalize(plan, out_dir, run, args) if state.is_main_process else None

@@ -439,6 +439,7 @@ def parse_args_with_recipe(parser, argv, require_data: bool = True):
 def finish(run, model, args, test_index, eval_cfg, metrics, inputs) -> dict:
     """Final weights (plain timm state_dict), classes.json and the manifest that makes the run self-describing."""
     classes, class_names = test_index.classes, test_index.class_names
+    run.check_in_place()
     if run.is_main:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         with common.atomic_path(run.path / "model.safetensors") as tmp:
@@ -475,7 +476,7 @@ def retest_if_changed(run, model, tested: dict, evaluate_test) -> dict:
     return metrics
 
 
-def run_epochs(training: Training, loader, rows: list, evaluate_test, args, out: Path, log) -> dict:
+def run_epochs(training: Training, loader, rows: list, evaluate_test, args, run: common.RunDir, log) -> dict:
     """Train the loader's epochs, each followed by its metrics row (and the test figures every --eval-every epochs and
     at the last) and a checkpoint. Returns the latest test figures ({} if none were taken)."""
     batches, it = loader
@@ -499,9 +500,9 @@ def run_epochs(training: Training, loader, rows: list, evaluate_test, args, out:
             row.update(metrics)
         rows.append(row)
         log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        common.save_checkpoint(accelerator, out / "checkpoints", epoch + 1, args.keep_checkpoints)
+        common.save_checkpoint(accelerator, run, epoch + 1, args.keep_checkpoints)
         if accelerator.is_main_process:
-            common.write_jsonl(out / "metrics.jsonl", rows)
+            common.write_jsonl(run.path / "metrics.jsonl", rows)
     return metrics
 
 
@@ -551,7 +552,7 @@ def main(argv=None) -> dict:
     )
     evaluate_test = functools.partial(evaluate, model, test_index, eval_tf, accelerator, args)
     loader = epoch_loader(train_set, args, accelerator.process_index, world, accum, range(start_epoch, end_epoch))
-    metrics = run_epochs(training, loader, rows, evaluate_test, args, out, log)
+    metrics = run_epochs(training, loader, rows, evaluate_test, args, run, log)
     if end_epoch < args.epochs:
         log.info(f"stopped after {end_epoch} epochs (--epochs-per-job); run the same command again to continue")
         return {"epochs_done": end_epoch, **metrics}

@@ -5,6 +5,7 @@ import ast
 import importlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -147,6 +148,28 @@ def test_rundir_fresh_done_resume_mismatch_overwrite(tmp_path, capsys):
     assert kept == {first: "old", f"{first}-2": "b", f"run.old-{common.config_hash({'lr': 0.2, 'epochs': 2})}": "a"}
 
 
+def test_rundir_stops_a_process_whose_directory_was_moved_aside_or_deleted(tmp_path):
+    """Old jobs still running when a corrected command moves their run aside (--overwrite) must not write on into
+    the new run under its config."""
+    old = common.RunDir(tmp_path / "r", {"a": 1})
+    old.start()
+    old.check_in_place()  # nothing moved: goes on
+    (tmp_path / "r" / "checkpoint-1").mkdir()
+    common.RunDir(tmp_path / "r", {"a": 2}, overwrite=True).start()
+    with pytest.raises(common.RunMovedError, match=r"moved aside.*r\.old-"):
+        old.check_in_place()
+    with pytest.raises(common.RunMovedError):
+        old.finish({"top1": 0.5})
+    assert common.read_json(tmp_path / "r" / "run_config.json")["config"] == {"a": 2}
+    assert not (tmp_path / "r" / "manifest.json").exists()
+    again = common.RunDir(tmp_path / "r", {"a": 2})
+    again.start()  # the new run resumed by another process: the same directory, so it goes on
+    again.check_in_place()
+    shutil.rmtree(tmp_path / "r")
+    with pytest.raises(common.RunMovedError):
+        again.check_in_place()
+
+
 def test_rundir_interrupted_with_other_config_is_caught(tmp_path):
     common.RunDir(tmp_path / "r", {"a": 1}).start()
     (tmp_path / "r" / "checkpoint-1").mkdir()  # it got somewhere
@@ -156,11 +179,15 @@ def test_rundir_interrupted_with_other_config_is_caught(tmp_path):
 
 def test_rundir_that_produced_nothing_gives_way_to_a_corrected_command(tmp_path):
     """A run that failed on a bad input left its run config and log only: the corrected command just starts."""
-    common.RunDir(tmp_path / "r", {"data": "typo"}).start()
+    typo = common.RunDir(tmp_path / "r", {"data": "typo"})
+    typo.start()
     (tmp_path / "r" / common.LOG_FILE).write_text("FileNotFoundError: typo\n")
     assert common.RunDir(tmp_path / "r", {"data": "right"}).start() == "fresh"
     assert common.read_json(tmp_path / "r" / "run_config.json")["config"] == {"data": "right"}
-    assert not list(tmp_path.glob("r.old-*"))
+    assert (tmp_path / "r" / common.LOG_FILE).read_text() == "FileNotFoundError: typo\n"  # the log is kept
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    with pytest.raises(common.RunMovedError):  # had that start been still loading, it would stop at its first output
+        typo.check_in_place()
 
 
 def test_rundir_reads_an_old_run_under_renamed_keys(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from conftest import args_for
 from PIL import Image
 
+import common
 import synthesize
 from common import (
     ConfigMismatchError,
@@ -108,6 +109,27 @@ def test_same_image_alone_batched_or_sharded(tiny_sd, tiny_dataset, tiny_lora, t
         args_for(tiny_sd, tiny_dataset, tmp_path / "alone", *runs["alone"], lora=tmp_path / "same_lora")
     )
     assert again["complete"] and again["generated"] == 0
+
+
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+def test_a_run_moved_aside_mid_way_writes_nothing_into_its_successor(tiny_sd, tiny_dataset, tmp_path, monkeypatch, fmt):
+    """Another command moves this run aside (--overwrite) before its first image is written: the old process stops,
+    and the new run's directory holds no image of the old config (its re-run would have taken them as its own)."""
+    out = tmp_path / "out"
+    real_generate = synthesize.generate
+
+    def overwritten_meanwhile(*a, **k):
+        images = real_generate(*a, **k)
+        if not list(tmp_path.glob("out.old-*")):
+            common.RunDir(out, {"another": "config"}, overwrite=True).start()
+        return images
+
+    monkeypatch.setattr(synthesize, "generate", overwritten_meanwhile)
+    argv = args_for(tiny_sd, tiny_dataset, out, "--output-format", fmt, "--shard-samples", "4", "--batch-size", "4")
+    with pytest.raises(common.RunMovedError, match="moved aside"):
+        synthesize.main(argv)
+    assert not [p for p in out.rglob("*") if p.suffix in (".jpg", ".tar") or p.name.startswith("manifest")]
+    assert common.read_json(out / "run_config.json")["config"] == {"another": "config"}
 
 
 def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_path):

@@ -10,7 +10,7 @@ from conftest import TINY_CLASSES, make_imagefolder
 from safetensors.torch import load_file, save_file
 
 import train_cls
-from common import ConfigMismatchError, load_dataset, read_jsonl, write_json, write_jsonl
+from common import ConfigMismatchError, RunDir, RunMovedError, load_dataset, read_jsonl, write_json, write_jsonl
 
 TINY = (
     "--dataset demo --model test_resnet --input-size 32 --batch-size 4 "
@@ -187,6 +187,27 @@ def test_subset_mask_selects_real_images(tmp_path, tiny_dataset):
     args.subset_mask = str(tmp_path / "bad.npy")
     with pytest.raises(ValueError, match="one entry per train image"):
         train_cls.load_train_sources(args, TINY_CLASSES)
+
+
+def test_a_run_moved_aside_mid_epoch_saves_no_checkpoint_into_its_successor(tmp_path, tiny_dataset, monkeypatch):
+    """A corrected command moves the run aside (--overwrite) while its second epoch trains: the old process stops
+    before that epoch's checkpoint, which the new run would otherwise resume from under its own config."""
+    out, epochs = tmp_path / "cls", []
+    real_train_steps = train_cls.train_steps
+
+    def overwritten_in_epoch_2(*a, **k):
+        stats = real_train_steps(*a, **k)
+        epochs.append(len(epochs) + 1)
+        if len(epochs) == 2:
+            RunDir(out, {"another": "config"}, overwrite=True).start()
+        return stats
+
+    monkeypatch.setattr(train_cls, "train_steps", overwritten_in_epoch_2)
+    with pytest.raises(RunMovedError, match="moved aside"):
+        train_cls.main(TINY + ["--data-root", str(tiny_dataset), "--epochs", "3", "--output-dir", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["run_config.json"]
+    old_run = next(tmp_path.glob("cls.old-*"))
+    assert [p.name for p in (old_run / "checkpoints").iterdir()] == ["checkpoint-1"]
 
 
 def test_resume_equals_uninterrupted_and_outputs_are_self_describing(tmp_path, tiny_dataset):
