@@ -761,11 +761,15 @@ def prepare(args):
         index = index.subset(common.load_subset_mask(args.subset_mask, len(index)))
     if len(index) == 0:
         raise ValueError(f"no images in {args.dataset} {args.split} under {args.data_root}")
+    readable = index
     if args.strength < 1.0:  # the latent prior reads every source: all bad ones named now, not the first mid-run
-        args.source_fingerprint = common.check_images(index, skip_bad=args.skip_bad)[2]
+        readable, _, args.source_fingerprint = common.check_images(index, skip_bad=args.skip_bad)
     else:
         args.source_fingerprint = common.split_fingerprint(index)
-    captions = common.captions_for(index, common.load_captions(args.captions), args.allow_missing_captions)
+    # A bad source (--skip-bad) is never generated from, so it needs no caption: caption.py cannot read it either.
+    found = common.captions_for(readable, common.load_captions(args.captions), args.allow_missing_captions)
+    by_path = {smp.path: caption for smp, caption in zip(readable.samples, found)}
+    captions = [by_path.get(smp.path) for smp in index.samples]
     tokens, placement = load_visual_tokens(args.lora_dir, index, args.vg_mode)
     args.source_images = common.describe_images(index, args.resolution)
     grayscale = args.output_mode == "source" and args.source_images["grayscale"]

@@ -239,6 +239,21 @@ def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
     # Read back as an ImageFolder split, the output has the dataset's classes and nothing more.
     folders = {p.name for p in (tmp_path / "b").iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert folders <= set(json.loads((tmp_path / "b" / "classes.json").read_text())["classes"])
+    # The skipped source needs no caption (caption.py cannot read it either); every other one still does.
+    rows = [
+        {"path": p.relative_to(root / "train").as_posix(), "caption": "a shape"}
+        for p in (root / "train").rglob("*.png")
+    ]
+    every_readable = tmp_path / "captions_readable.jsonl"
+    every_readable.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if r["path"] != "green_square/green_square_001.png")
+    )
+    m = synthesize.main(args_for(tiny_sd, root, tmp_path / "b2", "--skip-bad", "--captions", every_readable))
+    assert m["images"] == 11
+    one_short = tmp_path / "captions_short.jsonl"
+    one_short.write_text("".join(json.dumps(r) + "\n" for r in rows if r["path"] != "red_circle/red_circle_001.png"))
+    with pytest.raises(KeyError, match="red_circle_001"):
+        synthesize.main(args_for(tiny_sd, root, tmp_path / "b3", "--skip-bad", "--captions", one_short))
     m = synthesize.main(args_for(tiny_sd, root, tmp_path / "c", "--strength", "1.0"))
     assert m["images"] == 12
     captions = tmp_path / "captions.jsonl"
