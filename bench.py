@@ -251,7 +251,7 @@ def bench_synth(argv) -> dict:
 
     args = common.parse_args(synth_parser(), argv, "synthesize")
     device = PartialState(cpu=not torch.cuda.is_available()).device
-    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "bench_synth")
+    out_dir = common.output_dir(args, "bench_synth")
     if args.weights == "sd15-random":
         args.lora_dir = None  # the random model brings its own LoRA; a demo LoRA and its tokens have another width
     args.lora = bool(args.lora_dir) or args.weights == "sd15-random"

@@ -365,7 +365,7 @@ def add_run_options(
     h = parser.speed_group("run files (not part of the run's identity)")
     h.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
     h.add_argument("--runs-dir", default="runs", help="root of the default output directories")
-    h.add_argument("--output-dir", default=None, help=f"default <runs-dir>/<dataset>/{output}")
+    h.add_argument("--output-dir", default=None, help=f"default <runs-dir>/<dataset>/{output} (output_dir)")
     h.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
     if resume:
         h.add_argument(
@@ -1345,11 +1345,23 @@ def dataset_root(name: str) -> str:
     return root
 
 
+NO_DATASET = f"no dataset given: pass --dataset (one of {DATASETS}) or a --config that sets it"
+
+
+def output_dir(args: argparse.Namespace, leaf: str) -> Path:
+    """A stage's --output-dir, by default <runs-dir>/<dataset>/<leaf>."""
+    if args.output_dir:
+        return Path(args.output_dir)
+    if args.dataset is None:
+        raise ValueError(f"{NO_DATASET} (or --output-dir)")
+    return Path(args.runs_dir) / args.dataset / leaf
+
+
 def load_dataset(name: str, root: str | os.PathLike | None, split: str = "train") -> DatasetIndex:
     """One reader per dataset; `split` is 'train' or a test split ('val'/'test' for the real ones, any folder for
     imagefolder/demo, e.g. the demo's shifted sets)."""
     if name is None:
-        raise ValueError(f"no dataset given: pass --dataset (one of {DATASETS}) or a --config that sets it")
+        raise ValueError(NO_DATASET)
     root = dataset_root(name) if root is None else root
     if name in WNID_LISTS:
         return read_imagenet_subset(root, "train" if split == "train" else "val", data_file(WNID_LISTS[name]), name)

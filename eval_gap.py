@@ -538,7 +538,7 @@ def main(argv=None) -> dict:
     )
     if synthetic.classes != real.classes:
         raise ValueError(f"{args.synthetic_dir} has other classes (or another order) than {args.dataset} train")
-    out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"gap_{Path(args.synthetic_dir).name}")
+    out = common.output_dir(args, f"gap_{Path(args.synthetic_dir).name}")
     config = common.config_dict(args)
     sets = {"train": real, held_out_split: held_out, "synthetic": synthetic}
     # The real splits' fingerprints from check_images: a second stat of every file costs 7 s at IN-1K (5 us/image).

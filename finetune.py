@@ -645,7 +645,7 @@ def main(argv=None) -> dict:
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
-    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "finetune")
+    out_dir = common.output_dir(args, "finetune")
     index, prompts = load_training_set(args)
     check_inputs(args)
     config = run_config(args, accelerator.num_processes)

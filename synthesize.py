@@ -950,7 +950,7 @@ def main(argv=None) -> dict:
         return print_plan(args)
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: lets torchrun spread CPU processes
-    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"synth_x{args.scale:g}")
+    out_dir = common.output_dir(args, f"synth_x{args.scale:g}")
     common.check_pretrained(StableDiffusionImg2ImgPipeline.load_config, args.pretrained_model, args.revision, SD_LAYOUT)
     lora_hash = lora_fingerprint(args.lora_dir)
     plan = prepare(args)

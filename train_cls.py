@@ -511,7 +511,7 @@ def main(argv=None) -> dict:
     accelerator = make_accelerator(args)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     name = args.name or default_name(args.train_dirs)
-    out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / f"cls_{name}")
+    out = common.output_dir(args, f"cls_{name}")
     common.seed_everything(args.seed)
 
     args.test_split = common.resolve_split(args.dataset, args.data_root, args.test_split)

@@ -282,6 +282,15 @@ def test_help_shows_each_docstring_line_as_written(script):
     assert node.value.value.count("\n") == node.end_lineno - node.lineno
 
 
+@pytest.mark.parametrize("stage", ["finetune", "synthesize"])
+def test_a_stage_without_dataset_says_so_before_it_builds_a_path(stage, tmp_path):
+    """The default output dir is <runs-dir>/<dataset>/...: without --dataset it was a TypeError on None."""
+    argv = ["--data-root", str(tmp_path), "--synthetic-dir", str(tmp_path)] if stage == "sscd_sim" else []
+    with pytest.raises(ValueError, match="no dataset given: pass --dataset"):
+        importlib.import_module(stage).main(argv or ["--data-root", str(tmp_path)])
+    assert common.output_dir(argparse.Namespace(output_dir=tmp_path, dataset=None), "x") == tmp_path
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_hashes_its_method_options_and_not_its_speed_options(stage):
     module = importlib.import_module(stage)
