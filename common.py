@@ -242,31 +242,32 @@ def positive_int(text) -> int:
 
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
-    """Convert a YAML value with the argparse action's own `type`, so `1e-4` (a string to YAML) becomes a float."""
+    """Convert a YAML value as argparse converts a command-line one: its text through the action's `type`, so
+    `1e-4` (a string to YAML) becomes a float and `epochs: 2.5` is an error, as `--epochs 2.5` is (not 2 epochs)."""
     if value is None:  # an empty key ('test_split:') leaves the option at its default
         return action.default
     if action.nargs == 0:  # store_true / store_false / BooleanOptionalAction: a YAML boolean
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
         return value
-    convert = action.type or (lambda v: v)
+    many = action.nargs in ("*", "+") or isinstance(action.nargs, int)
+    items = value if isinstance(value, list) else [value]
+    count = {"+": "one or more values", "*": "a list"}.get(
+        action.nargs, f"{action.nargs} values" if many else "a value"
+    )
+    wrong_count = isinstance(action.nargs, int) and len(items) != action.nargs or action.nargs == "+" and not items
+    if isinstance(value, dict) or (isinstance(value, list) and not many) or wrong_count:
+        raise ConfigError(f"{source}: key '{key}' takes {count} ({action.metavar or action.dest}), got {value!r}")
+    convert = action.type or str
     try:
-        if action.nargs in ("*", "+") or isinstance(action.nargs, int):
-            items = value if isinstance(value, list) else [value]
-            result = [convert(v) if isinstance(v, str) or action.type else v for v in items]
-        else:
-            result = convert(value) if isinstance(value, str) or action.type else value
-    except (TypeError, ValueError) as err:
+        result = [convert(str(v)) for v in items]
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
         raise ConfigError(f"{source}: key '{key}' has a bad value {value!r}: {err}") from err
     # argparse checks choices on the command line only; a YAML value would pass unchecked.
-    if action.choices is not None:
-        bad = [v for v in (result if isinstance(result, list) else [result]) if v not in action.choices]
-        if bad:
-            hint = (
-                " (YAML reads yes/no/on/off as booleans: quote the value, e.g. 'no')" if isinstance(value, bool) else ""
-            )
-            raise ConfigError(f"{source}: key '{key}' must be one of {list(action.choices)}, got {value!r}{hint}")
-    return result
+    if action.choices is not None and any(v not in action.choices for v in result):
+        hint = " (YAML reads yes/no/on/off as booleans: quote the value, e.g. 'no')" if isinstance(value, bool) else ""
+        raise ConfigError(f"{source}: key '{key}' must be one of {list(action.choices)}, got {value!r}{hint}")
+    return result if many else result[0]
 
 
 def load_yaml_section(path: str | os.PathLike, stage: str) -> dict:

@@ -68,6 +68,27 @@ def test_config_list_values_are_converted(tmp_path):
     assert common.parse_args(stage_parser(), ["--config", cfg], "train_cls").milestones == [10, 20]
 
 
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("epochs: 2.5", "epochs.*2.5"),  # was 2 epochs without a word, where --epochs 2.5 is an error
+        ("seed: true", "seed.*True"),  # was seed 1
+        ("scale: 0.7", r"takes 2 values"),  # was an IndexError inside timm
+        ("model_kwargs: {output_stride: 8}", "KEY=VALUE"),  # was AttributeError: 'dict' object has no attribute 'split'
+        ("lr: [0.1, 0.2]", "takes a value"),
+    ],
+)
+def test_config_values_of_the_wrong_shape_are_errors_naming_the_key(tmp_path, line, match):
+    import train_cls
+
+    cfg = write_yaml(tmp_path, f"train_cls:\n  {line}\n")
+    with pytest.raises(common.ConfigError, match=match):
+        common.parse_args(train_cls.get_parser(), ["--config", cfg], "train_cls")
+    right = write_yaml(tmp_path, "train_cls:\n  epochs: 3\n  lr: 1\n  scale: [0.5, 1]\n  mixed_precision: bf16\n")
+    args = common.parse_args(train_cls.get_parser(), ["--config", right], "train_cls")
+    assert (args.epochs, args.lr, args.scale, args.mixed_precision) == (3, 1.0, [0.5, 1.0], "bf16")
+
+
 def test_config_unknown_stage_key_names_key_and_file(tmp_path):
     cfg = write_yaml(tmp_path, "train_cls:\n  learning_rate: 0.1\n")
     with pytest.raises(common.ConfigError, match=r"learning_rate.*") as err:
