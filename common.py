@@ -685,7 +685,7 @@ RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for p
 # no longer has the key (data_root: finetune and eval_gap hash the files of every split they read; test_split:
 # eval_gap holds the resolved split's name and fingerprint; skip_bad: finetune and train_cls, see add_skip_bad;
 # lora_dir: synthesize holds the LoRA's hash).
-RETIRED_KEYS = {"data_root", "test_split", "skip_bad", "lora_dir"}
+RETIRED_KEYS = {"data_root", "test_split", "skip_bad", "lora_dir", "captions"}
 
 
 class ConfigMismatchError(RuntimeError):

@@ -83,7 +83,9 @@ def get_parser() -> common.StageParser:
     seed_help = "seeds data order, crops and noise"
     common.add_run_options(p, "finetune", seed_help=seed_help, workers=4, resume=True, data_fingerprinted=True)
     a = p.group("data and prompts (paper §3.2)").add_argument
-    a("--captions", default=None, help="captions.jsonl from caption.py; without it prompts are 'photo of {class}'")
+    captions_help = "captions.jsonl from caption.py, its hash the identity, not its path (without: 'photo of {class}')"
+    a("--captions", default=None, help=captions_help)
+    p.not_hashed("captions")
     a("--allow-missing-captions", action="store_true", help="prompt images without a caption by class name only")
     a("--subset-mask", default=None, help=".npy bool array, one entry per training image: train on that part only")
     a("--resolution", type=int, default=512, help="release: Resize(512) + RandomCrop(512)")
@@ -503,6 +505,8 @@ def run_config(args, world_size: int) -> dict:
     """The config that identifies the run (bookkeeping flags left out)."""
     # train_fingerprint (set by load_training_set) stays in: a changed training split is a mismatch, not a resume.
     config = common.config_dict(args, exclude=("skipped_bad",))  # in the manifest instead
+    if args.captions:  # their contents, not their path: edited captions are other prompts
+        config["captions_hash"] = common.fingerprint(args.captions)
     config["world_size"] = world_size  # the per-process batch defines the MMD batch
     # Options added later are left out at their defaults, so runs made before them keep their config.
     for key, default in (("gradient_accumulation_steps", 1), ("mmd_batch", "process")):

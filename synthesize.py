@@ -85,7 +85,8 @@ def get_parser() -> common.StageParser:
     a("--resolution", type=int, default=512, help="paper: 512")
     common.add_dtype(generator)
     a = p.group("prompts (paper §3.2; common.build_prompt / negative_prompt)").add_argument
-    a("--captions", default=None, help="captions.jsonl from caption.py (ImageNet sets)")
+    a("--captions", default=None, help="captions.jsonl from caption.py (ImageNet sets); its hash is the identity")
+    p.not_hashed("captions")
     a("--allow-missing-captions", action="store_true", help="prompt uncaptioned images without one")
     a("--prompt-style", choices=common.PROMPT_STYLES, default="paper", help="release: ', best quality', 2 negatives")
     a = p.group("output set (README: Synthesis, Storage)").add_argument
@@ -783,6 +784,8 @@ def run_config(args, lora_hash: str | None) -> dict:
     derived = ("output_mode", "source_images", "resolved_output_mode")
     # source_fingerprint (set by prepare) stays in: a changed source split is a config mismatch, not a resume.
     config = {**common.config_dict(args, exclude=derived), "lora_hash": lora_hash}
+    if args.captions:  # their contents, not their path: edited captions are other prompts
+        config["captions_hash"] = common.fingerprint(args.captions)
     if args.resolved_output_mode != "RGB":
         config["output_mode"] = args.resolved_output_mode
     if config["save_size"] is None:

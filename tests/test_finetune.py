@@ -230,6 +230,14 @@ def test_input_errors_are_clear(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_pat
     assert metrics["final_mmd"] == 0 and metrics["final_loss"] > 0
     assert common.read_json(tmp_path / "a" / "visual_guidance.json")["mode"] == "none"
     assert not (tmp_path / "a" / "visual_guidance.safetensors").exists()
+    # The captions' contents are the identity: the same file elsewhere is the same run, an edited one is not.
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_bytes(caps.read_bytes())
+    moved = [str(elsewhere) if a == str(caps) else a for a in args]
+    assert finetune.main(moved + ["--allow-missing-captions"]) == metrics
+    common.write_jsonl(caps, [{"path": s.path, "caption": "another thing"} for s in index.samples[1:]])
+    with pytest.raises(common.ConfigMismatchError, match="captions_hash"):
+        finetune.main(args + ["--allow-missing-captions"])
     np.save(tmp_path / "mask.npy", np.ones(5, dtype=bool))
     with pytest.raises(ValueError, match=r"one entry per train image \(12\), got dtype bool, shape \(5,\)"):
         finetune.main(

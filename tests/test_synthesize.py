@@ -272,6 +272,22 @@ def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
     assert prompts["red_circle/red_circle_001.png"] == "photo of red circle"
 
 
+def test_edited_captions_are_another_run_and_a_moved_file_the_same(tiny_sd, tiny_dataset, tmp_path):
+    """A run killed, its captions edited, then resumed made half its images from the old prompts and named the new
+    ones in every row: the captions' contents, not their path, are the identity."""
+    index = common.load_dataset("demo", tiny_dataset, "train")
+    captions, elsewhere = tmp_path / "captions.jsonl", tmp_path / "copy" / "captions.jsonl"
+    common.write_jsonl(captions, [{"path": s.path, "caption": "on a plain background"} for s in index.samples])
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(captions.read_bytes())
+    synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "out", "--captions", captions))
+    again = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "out", "--captions", elsewhere))
+    assert again["complete"] and again["generated"] == 0
+    common.write_jsonl(captions, [{"path": s.path, "caption": "underwater, at night"} for s in index.samples])
+    with pytest.raises(ConfigMismatchError, match="captions_hash"):
+        synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "out", "--captions", captions))
+
+
 def test_to_host_hands_over_the_same_pixels(tmp_path):
     """The writer gets exactly the generated pixels: at once on the CPU; on a GPU after the queued copy has landed."""
     images = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
