@@ -22,7 +22,7 @@ LAUNCH  ?= python
 GPUS    ?= 1
 OVERWRITE ?=
 # SKIP_BAD=1: leave unreadable images out (and list them), instead of failing, in the chain's stages that read the real
-# images (finetune, synthesize, train_cls, eval_gap, eval_ood; not make mia's shadows).
+# images (caption, finetune, synthesize, train_cls, eval_gap, eval_ood; not make mia's shadows).
 SKIP_BAD ?=
 # TEST_SPLIT=NAME: the real held-out split of the stages that read it (train_cls, also LiRA's shadows; eval_gap;
 # eval_ood, where --sets names held-out); default: val/ or test/, whichever exists.
@@ -128,7 +128,7 @@ GAP_MANIFESTS := $(if $(filter real,$(MODE)),,$(foreach s,$(SCALES),$(RUNS)/gap_
 pipeline: $(GAP_MANIFESTS) $(patsubst $(RUNS)/%,$(RUNS)/ood_%/manifest.json,$(CLS_DIRS))
 
 $(RUNS)/captions/manifest.json: $(CONFIG) | $(STAMP)
-	$(RUN) caption.py $(STAGE_FLAGS) --output-dir $(@D)
+	$(RUN) caption.py $(STAGE_FLAGS) $(SKIP_FLAG) --output-dir $(@D)
 
 $(RUNS)/finetune/manifest.json: $(CONFIG) $(CAPTIONS_DEP) | $(STAMP)
 	$(RUN) finetune.py $(STAGE_FLAGS) $(SKIP_FLAG) $(CAPTIONS_FLAG) --output-dir $(@D)

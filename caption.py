@@ -9,11 +9,14 @@ Inputs:  a dataset (`--dataset`, `--data-root`, `--split`), a BLIP-2 checkpoint 
 Outputs (`--output-dir`, default runs/<dataset>/captions/):
   captions.jsonl   one line per image, in dataset order: {"path": <path relative to the dataset root>, "caption": str}
   parts/           per-process part files (kept: they are the resume state)
-  manifest.json    written last: config, model fingerprint, counts
+  manifest.json    written last: config, model and split fingerprints, the images --skip-bad left out, counts
 
-Resumable: images already in any part file are skipped. Sharded: under `accelerate launch` each process captions a
-strided part of the remaining images into its own part file; `--shard i/n` splits the work over independent jobs
-(job arrays). The job that finds every image captioned merges the parts (no image lost or duplicated).
+Every image is checked before any is captioned: a bad one stops the stage naming every bad file, or with --skip-bad
+is left out (listed in the manifest). Resumable: images already in any part file are skipped; so a finished run whose
+split has changed since (images added or removed) captions only the new images and merges captions.jsonl again for
+the current split. Sharded: under `accelerate launch` each process captions a strided part of the remaining images
+into its own part file; `--shard i/n` splits the work over independent jobs (job arrays). The job that finds every
+image captioned merges the parts (no image lost or duplicated).
 
 Commands:
   one GPU:      python caption.py --config configs/in10.yaml --data-root /data/imagenet
@@ -50,6 +53,7 @@ def get_parser() -> common.StageParser:
     a = p.speed_group().add_argument
     a("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
     a("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part (job arrays)")
+    common.add_skip_bad(p, "the manifest")
     return p
 
 
@@ -68,6 +72,26 @@ def repair_tail(path: Path) -> None:
         data = path.read_bytes()
         if not data.endswith(b"\n"):
             path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def covers_split(captions_file: Path, index) -> bool:
+    """Whether a finished run's captions.jsonl holds exactly the split's images, in dataset order. The run's identity
+    holds where the data is, not which images are there: a split that gained or lost images since leaves it stale."""
+    if not captions_file.is_file():  # deleted by hand: merged again from the part files
+        return False
+    captioned = [row["path"] for row in common.read_jsonl(captions_file)]
+    return captioned == [sample.path for sample in index.samples]
+
+
+def reopen(run: common.RunDir, state, log) -> None:
+    """Make a finished run whose captions.jsonl is stale an interrupted one again (left "done", the next stage stops on
+    the new images' missing captions and sends the user back here). Without its manifest, make and the next stages do
+    not take it as complete while it runs; its part files, keyed by path, keep every caption already made."""
+    log.info("captions.jsonl does not hold the current split: captioning the images it lacks and merging again")
+    state.wait_for_everyone()  # every process has read the old manifest (run.begin) before it goes
+    if state.is_main_process:
+        run.manifest_path.unlink(missing_ok=True)  # missing: another --shard job reopened it first
+    run.begin(state.wait_for_everyone)
 
 
 def load_blip2(args, device: torch.device):
@@ -121,12 +145,19 @@ def main(argv=None) -> dict:
     state = PartialState()
     out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "captions")
     config = common.config_dict(args)
-    index = common.load_dataset(args.dataset, args.data_root, args.split)
+    # Checked up front, as in the other stages that read the real images: a bad image found at its batch stopped the
+    # run hours in; left out (--skip-bad), it is neither captioned nor expected in captions.jsonl.
+    index, skipped_bad, split_fingerprint = common.check_images(
+        common.load_dataset(args.dataset, args.data_root, args.split), args.skip_bad
+    )
     common.check_pretrained(AutoConfig.from_pretrained, args.model, args.revision, "BLIP-2")
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)
-    if run.begin(state.wait_for_everyone) == "done":
+    status = run.begin(state.wait_for_everyone)
+    if status == "done" and covers_split(out_dir / "captions.jsonl", index):
         return run.manifest()["metrics"]
     log = common.get_logger(out_dir, state.is_main_process)
+    if status == "done":
+        reopen(run, state, log)
 
     # The job's part (--shard) is fixed over the whole dataset, so jobs that start at different times never overlap;
     # within it, images already in a part file are done (resume) and the rest is split over this job's processes.
@@ -161,7 +192,13 @@ def main(argv=None) -> dict:
         "empty_captions": sum(n == 0 for n in lengths),
         "mean_words": sum(lengths) / max(len(lengths), 1),
     }
-    run.finish(metrics, inputs={"model": common.fingerprint(args.model, args.revision), "data_root": str(index.root)})
+    inputs = {
+        "model": common.fingerprint(args.model, args.revision),
+        "data_root": str(index.root),
+        "split_fingerprint": split_fingerprint,
+        "skipped_bad": skipped_bad,
+    }
+    run.finish(metrics, inputs=inputs)
     log.info(f"wrote {out_dir / 'captions.jsonl'}: {metrics}")
     return metrics
 

@@ -1,10 +1,12 @@
 """caption.py on a tiny Blip2ForConditionalGeneration built from config and saved in the transformers layout."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CLASSES, make_imagefolder
 
 import caption
 import common
@@ -162,6 +164,50 @@ def test_job_shards_merge_only_when_complete(tiny_dataset, blip2, tmp_path):
     index = common.load_dataset("demo", tiny_dataset, "train")
     assert [r["path"] for r in rows] == [s.path for s in index.samples]
     assert len(list((out / "parts").glob("*.jsonl"))) == 2
+
+
+def test_a_changed_split_captions_only_its_new_images(blip2, tmp_path):
+    """A finished run used to say "already finished" after images were added, while synthesize.py stopped on their
+    missing captions and sent the user back here: a loop only --overwrite (every image again) broke."""
+    train = make_imagefolder(tmp_path / "data" / "train", TINY_CLASSES, 2)
+    out = tmp_path / "cap"
+    run(train.parent, blip2, out)
+    first = {r["path"]: r["caption"] for r in common.read_jsonl(out / "captions.jsonl")}
+    shutil.copy(train / "red_circle" / "red_circle_000.png", train / "red_circle" / "red_circle_new.png")
+    metrics = run(train.parent, blip2, out)
+    assert metrics["captioned_now"] == 1 and metrics["images"] == 7
+    got = {r["path"]: r["caption"] for r in common.read_jsonl(out / "captions.jsonl")}
+    assert got == {**first, "red_circle/red_circle_new.png": first["red_circle/red_circle_000.png"]}  # same pixels
+    index = common.load_dataset("demo", train.parent, "train")
+    common.captions_for(index, common.load_captions(out / "captions.jsonl"))  # what synthesize.py reads: complete
+    assert common.read_json(out / "manifest.json")["metrics"] == metrics
+    # an image removed from the split leaves captions.jsonl too, with nothing captioned again
+    (train / "green_square" / "green_square_000.png").unlink()
+    assert run(train.parent, blip2, out)["captioned_now"] == 0
+    index = common.load_dataset("demo", train.parent, "train")
+    assert [r["path"] for r in common.read_jsonl(out / "captions.jsonl")] == [s.path for s in index.samples]
+    (out / "captions.jsonl").unlink()  # and a lost captions.jsonl is merged again from the part files
+    assert run(train.parent, blip2, out)["captioned_now"] == 0 and (out / "captions.jsonl").is_file()
+
+
+def test_a_bad_image_stops_the_stage_before_it_starts_unless_skip_bad(blip2, tmp_path):
+    """Found at its batch, a bad image stopped the run there (hours in) and left the rest of its batch uncaptioned."""
+    train = make_imagefolder(tmp_path / "data" / "train", TINY_CLASSES, 2)
+    bad = train / "green_square" / "green_square_001.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:40])  # truncated
+    out = tmp_path / "cap"
+    with pytest.raises(common.ImageReadError, match=r"(?s)1 unreadable .*green_square_001\.png.*--skip-bad"):
+        run(train.parent, blip2, out)
+    assert not out.exists()
+    assert run(train.parent, blip2, out, "--skip-bad")["images"] == 5
+    assert "green_square/green_square_001.png" not in {r["path"] for r in common.read_jsonl(out / "captions.jsonl")}
+    assert list(common.read_json(out / "manifest.json")["inputs"]["skipped_bad"]) == [
+        "green_square/green_square_001.png"
+    ]
+    bad.write_bytes(good)  # repaired: captioned on the next run, as an added image
+    assert run(train.parent, blip2, out, "--skip-bad")["captioned_now"] == 1
+    assert common.read_json(out / "manifest.json")["inputs"]["skipped_bad"] == {}
 
 
 def test_bad_model_path_is_a_clear_error(tiny_dataset, tmp_path):

@@ -148,7 +148,8 @@ def test_test_split_and_skip_bad_reach_every_stage_that_reads_the_real_images():
     readers = [line for line in lines if re.search(r"(train_cls|eval_gap|eval_ood)\.py", line)]
     assert len(readers) == 3 and all("--test-split val" in line and "--skip-bad" in line for line in readers)
     assert not any("--test-split" in line for line in lines if line not in readers)
-    assert all("--skip-bad" in line for line in lines if re.search(r"(finetune|synthesize)\.py", line))
+    writers = [line for line in lines if re.search(r"(caption|finetune|synthesize)\.py", line)]
+    assert stages(writers) == ["caption", "finetune", "synthesize"] and all("--skip-bad" in line for line in writers)
     # make mia's shadows too, whatever ARGS adds (a --train-cls-args in ARGS replaced the one that carried it)
     (mia,) = dry_run("mia", "TEST_SPLIT=val", "ARGS=--train-cls-args '--epochs 1'")
     args = mia_lira.get_parser().parse_args(shlex.split(mia.split("mia_lira.py", 1)[1]))
