@@ -15,11 +15,13 @@ ImageNet mean/std. `--make-standin PATH` writes a small stand-in TorchScript des
 random projection, L2-normalised) for offline tests and the demo; results computed with it say so
 (`descriptor.standin` in results.json) and measure pixel-layout near-duplicates only, not SSCD similarity.
 
-Inputs: the real training split (--dataset/--data-root), a synthesize.py output (--synthetic-dir; a plain ImageFolder
-also works). Outputs (--output-dir, default runs/<dataset>/sscd_<synthetic dir name>/): results.json, matches.jsonl
-(top-k real matches of every synthetic image), histogram.png, top_matches.png, log.txt, manifest.json (written last).
-Descriptors are cached under --cache-dir (default runs/<dataset>/sscd_cache/, keyed by model, preprocessing, file
-path, size and mtime) and shared by every synthetic set: a re-run embeds only images not seen before.
+Inputs: the real training split (--dataset/--data-root), a finished synthesize.py output (--synthetic-dir; a plain
+ImageFolder also works). The run's identity holds the fingerprints of both sets and of the model file, so a regenerated
+set or a new model is a config mismatch, never an old result. Outputs (--output-dir, default
+runs/<dataset>/sscd_<synthetic dir name>/): results.json, matches.jsonl (top-k real matches of every synthetic image),
+histogram.png, top_matches.png, log.txt, manifest.json (written last). Descriptors are cached under --cache-dir
+(default sscd_cache/ beside the output folder, keyed by model, preprocessing, file path, size and mtime) and shared by
+every synthetic set: a re-run embeds only images not seen before.
 
 Commands:
     one GPU / CPU: python sscd_sim.py --config configs/in10.yaml --synthetic-dir runs/in10/synth_x1 \\
@@ -47,7 +49,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SS
 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
-    common.add_run_options(p, "sscd_<synthetic dir name>", seed_help="background subset's seed", workers=4)
+    seed_help = "background subset's seed"
+    common.add_run_options(p, "sscd_<synthetic dir name>", seed_help=seed_help, workers=4, data_fingerprinted=True)
     a = p.group("copy detection (paper App. G.4)").add_argument
     a("--synthetic-dir", default=None, help="synthesize.py output or any ImageFolder (default: <dataset>/synth_x1)")
     a("--model", default="sscd_disc_large.torchscript.pt", help="SSCD TorchScript file (where to get it: above)")
@@ -58,7 +61,7 @@ def get_parser() -> common.StageParser:
     a("--threshold", type=float, default=0.5, help="replication: top-1 similarity above it (Somepalli et al.: 0.5)")
     a("--background-queries", type=int, default=0, help="real-vs-real queries (0 = all; else a seeded subset)")
     a = p.speed_group().add_argument
-    a("--cache-dir", default=None, help="descriptor cache (default runs/<dataset>/sscd_cache)")
+    a("--cache-dir", default=None, help="descriptor cache (default sscd_cache/ beside the output folder)")
     a("--batch-size", type=int, default=64, help="embedding batch size")
     a("--chunk-size", type=int, default=65536, help="reference descriptors per similarity block")
     a("--make-standin", default=None, metavar="PATH", help="write the offline stand-in descriptor to PATH and exit")
@@ -239,11 +242,21 @@ def top1_stats(top1: torch.Tensor, threshold: float) -> dict:
     }
 
 
+# Files a synthesize.py output holds before its manifest.json: with them and without it, the set is unfinished.
+SYNTHESIZE_FILES = ("run_config.json", "classes.json", "manifest.jsonl")
+
+
 def load_generated(folder: str | Path):
-    """A synthesize.py output (labels and files from its manifest) or, failing that, any ImageFolder."""
+    """A finished synthesize.py output (labels and files from its manifest) or, failing that, any ImageFolder."""
     folder = Path(folder)
-    if (folder / "manifest.jsonl").is_file():
+    if (folder / "manifest.json").is_file():
         return common.load_synthetic(folder)
+    if started := [name for name in SYNTHESIZE_FILES if (folder / name).is_file()]:
+        # Read as an ImageFolder, it would be the images made so far, and the results those of a smaller set.
+        raise FileNotFoundError(
+            f"{folder} is an unfinished synthesize.py output ({', '.join(started)} but no manifest.json): finish it "
+            f"(run the same synthesize.py command again; it resumes) and run sscd_sim.py then"
+        )
     return common.read_imagefolder(folder, name="generated", split="")
 
 
@@ -340,10 +353,14 @@ def main(argv=None) -> dict:
             f"synthetic set {synthetic_dir} does not exist: run synthesize.py first or pass --synthetic-dir"
         )
     out = Path(args.output_dir or runs / f"sscd_{synthetic_dir.name}")
-    config = common.config_dict(args)
     require_descriptor_file(args.model)
     real = common.load_dataset(args.dataset, args.data_root, "train")
     synth = load_generated(synthetic_dir)
+    config = common.config_dict(args)
+    # The files define the run (as in eval_gap): a regenerated synthetic set, a changed real split or another model
+    # file at the same path is a config mismatch, not a result of images that are no longer there.
+    config["sets"] = {"train": common.split_fingerprint(real), "synthetic": common.split_fingerprint(synth)}
+    config["model_fingerprint"] = common.fingerprint(args.model)
     run = common.RunDir(out, config, args.overwrite)
     if run.start() == "done":
         return run.manifest()["metrics"]
@@ -354,7 +371,8 @@ def main(argv=None) -> dict:
     if descriptor["standin"]:
         log.warning(f"descriptor {args.model} is the project's STAND-IN, not SSCD: it finds pixel-layout copies")
     preprocessing = f"{args.resize}-{args.size}"
-    cache = EmbeddingCache(Path(args.cache_dir or runs / "sscd_cache") / f"{descriptor['sha256_16']}_{preprocessing}")
+    cache_dir = Path(args.cache_dir or out.parent / "sscd_cache")  # beside the output: shared by its sibling runs
+    cache = EmbeddingCache(cache_dir / f"{descriptor['sha256_16']}_{preprocessing}")
     real_emb, new_real = embed(model, [real.abspath(i) for i in range(len(real))], cache, args, device, "embed real")
     syn_emb, new_syn = embed(model, [synth.abspath(i) for i in range(len(synth))], cache, args, device, "embed synth")
     log.info(
@@ -387,8 +405,7 @@ def main(argv=None) -> dict:
             f"{name:24s} top-1 mean {m['mean']:.4f}  p95 {m['p95']:.4f}  replication rate (> {args.threshold:g}) "
             f"{m['replication_rate']:.4f}  [{label}]"
         )
-    inputs = {"synthetic_dir": str(synthetic_dir), "model": descriptor["sha256_16"]}
-    return run.finish(metrics, inputs)["metrics"]
+    return run.finish(metrics, {"synthetic_dir": str(synthetic_dir), "data_root": str(args.data_root)})["metrics"]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import sscd_sim
 from common import load_dataset
 
@@ -22,7 +23,7 @@ def standin(tmp_path_factory) -> Path:
 
 
 def make_synthetic_dir(root: Path, real_root: Path, copy_from: str) -> Path:
-    """A synthesize.py-shaped output: one exact copy of a real image and three unrelated images."""
+    """A finished synthesize.py-shaped output: one exact copy of a real image and three unrelated images."""
     real = load_dataset("demo", real_root, "train")
     rows = []
     src = real.root / copy_from
@@ -41,7 +42,13 @@ def make_synthetic_dir(root: Path, real_root: Path, copy_from: str) -> Path:
         rows.append({"file": f"0/other_{k}.png", "label": 0, "source": copy_from})
     (root / "classes.json").write_text(json.dumps({"classes": real.classes, "class_names": real.class_names}))
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "manifest.json").write_text(json.dumps({"config": {}, "metrics": {"images": len(rows)}}))  # written last
     return root
+
+
+def sscd_argv(data_root, synth, model, out, *extra) -> list[str]:
+    base = ["--dataset", "demo", "--data-root", str(data_root), "--synthetic-dir", str(synth), "--model", str(model)]
+    return base + ["--output-dir", str(out), "--num-workers", "0", *map(str, extra)]
 
 
 def test_standin_is_labelled_and_normalised(standin):
@@ -126,6 +133,61 @@ def test_copy_is_found_and_unrelated_images_are_not(tmp_path, tiny_dataset, stan
     )
     assert again["num_embedded"] == {"real": 0, "synthetic": 1}
     assert again["synthetic_vs_real"]["count"] == 5 and again["synthetic_vs_real"]["num_replications"] == 1
+
+
+def test_identity_is_the_files_of_the_sets_and_the_model(tmp_path, tiny_dataset, standin):
+    """A re-run after `synthesize.py --overwrite` regenerated the set (same paths, other images) said 'already
+    finished' and kept the old matches; the same files under another data root are the same run."""
+    real = load_dataset("demo", tiny_dataset, "train")
+    synth = make_synthetic_dir(tmp_path / "synth", tiny_dataset, real.samples[5].path)
+    out, cache = tmp_path / "sscd", ("--cache-dir", tmp_path / "cache")
+    first = sscd_sim.main(sscd_argv(tiny_dataset, synth, standin, out, *cache))
+    assert first["synthetic_vs_real"]["num_replications"] == 1
+    moved = tmp_path / "moved_data"
+    shutil.copytree(tiny_dataset, moved)  # copy2: sizes and mtimes kept, so the same split fingerprint
+    assert sscd_sim.main(sscd_argv(moved, synth, standin, out, *cache)) == first
+
+    # Regenerated in place: the copy is now noise, and the manifest rows changed with the images.
+    noise = np.random.default_rng(1).integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    Image.fromarray(noise).save(synth / "0" / "copy_0.png")
+    rows = [{**json.loads(line), "seed": 1} for line in (synth / "manifest.jsonl").read_text().splitlines()]
+    (synth / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(common.ConfigMismatchError, match="sets"):
+        sscd_sim.main(sscd_argv(tiny_dataset, synth, standin, out, *cache))
+    again = sscd_sim.main(sscd_argv(tiny_dataset, synth, standin, out, *cache, "--overwrite"))
+    assert again["synthetic_vs_real"]["num_replications"] == 0 and again["num_embedded"]["synthetic"] == 1
+
+    other_model = sscd_sim.save_standin(tmp_path / "other.pt", seed=1)
+    shutil.copy(standin, tmp_path / "model.pt")
+    sscd_sim.main(sscd_argv(tiny_dataset, synth, tmp_path / "model.pt", tmp_path / "sscd_m", *cache))
+    shutil.copy(other_model, tmp_path / "model.pt")  # another model file at the same path
+    with pytest.raises(common.ConfigMismatchError, match="model_fingerprint"):
+        sscd_sim.main(sscd_argv(tiny_dataset, synth, tmp_path / "model.pt", tmp_path / "sscd_m", *cache))
+
+
+def test_an_unfinished_synthesize_output_is_refused(tmp_path, tiny_dataset, standin):
+    """Without its manifest.json, a synthesize.py output was read as a plain ImageFolder of the images made so far."""
+    real = load_dataset("demo", tiny_dataset, "train")
+    synth = make_synthetic_dir(tmp_path / "synth", tiny_dataset, real.samples[0].path)
+    (synth / "manifest.json").unlink()
+    for name in ("manifest.jsonl", "classes.json"):  # as synthesize.py leaves it mid-run: run_config.json only
+        (synth / name).unlink()
+    (synth / "run_config.json").write_text(json.dumps({"config": {}, "config_hash": "0"}))
+    out = tmp_path / "sscd"
+    with pytest.raises(FileNotFoundError, match="unfinished synthesize.py output"):
+        sscd_sim.main(sscd_argv(tiny_dataset, synth, standin, out, "--cache-dir", tmp_path / "cache"))
+    assert not out.exists()
+
+
+def test_the_cache_sits_beside_the_output_folder(tmp_path, tiny_dataset, standin, monkeypatch):
+    """Run from another folder with --output-dir elsewhere, the cache landed in ./runs/<dataset>/sscd_cache."""
+    real = load_dataset("demo", tiny_dataset, "train")
+    synth = make_synthetic_dir(tmp_path / "synth", tiny_dataset, real.samples[0].path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    sscd_sim.main(sscd_argv(tiny_dataset, synth, standin, tmp_path / "x" / "out_sscd"))
+    assert list((tmp_path / "x" / "sscd_cache").glob("*/chunk_*.npz"))
+    assert not (tmp_path / "elsewhere" / "runs").exists()
 
 
 def test_bad_inputs_fail_before_the_run_dir(tmp_path, tiny_dataset, standin):
