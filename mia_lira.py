@@ -15,8 +15,9 @@ confidence φ = z_y − logsumexp_{j≠y} z_j is kept in float64. Attacks, each 
 online, online fixed variance, offline (one-sided Gaussian CDF test as in Carlini et al.'s Algorithm 1; the reference
 code's two-sided logpdf test is `--offline-test two-sided`), offline fixed variance, global threshold.
 
-Inputs: the real training split (--dataset/--data-root), the stage scripts and their config (--stage-config, by default
-the --config given here: each stage reads its own section of it), extra per-stage flags (--finetune-args etc.).
+Inputs: the real training split (--dataset/--data-root), the stage scripts (beside this file; they run in the working
+directory, so relative paths mean the same to them as here) and their config (--stage-config, by default the --config
+given here: each stage reads its own section of it), extra per-stage flags (--finetune-args etc.).
 Outputs (--output-dir, default runs/<dataset>/mia_lira/):
     keep.npy [M, N] bool, masks/shadow_XX.npy (the rows, as --subset-mask files), shadows/<arm>/shadow_XX/{finetune,
     synth,cls}/ (the stage outputs) + scores.npy [N, 2] float64, scores_<arm>.npy [M, N, 2], results.json, results.md,
@@ -47,7 +48,8 @@ from scipy.stats import norm
 
 import common
 
-PROJECT_DIR = common.PROJECT_DIR  # where the stages it launches live (tests put stand-ins there)
+PROJECT_DIR = Path(__file__).resolve().parent  # the stage scripts it launches sit beside it (tests use stand-ins)
+STAGE_SCRIPTS = ("finetune.py", "synthesize.py", "train_cls.py")
 
 ARMS = ("synthetic", "real")
 ATTACKS = ("online", "online_fixed_variance", "offline", "offline_fixed_variance", "global_threshold")
@@ -275,7 +277,8 @@ def run_shadow(args, arm: str, shadow: int, shadow_dir: Path, mask: Path, log) -
         if (out_dir / "manifest.json").is_file():
             continue  # finished earlier: resuming the experiment skips it
         log.info("%s shadow %d: %s", arm, shadow, shlex.join(cmd))
-        if subprocess.run(cmd, cwd=PROJECT_DIR).returncode != 0:
+        # In the caller's working directory: the paths given here (outputs, masks, data, configs) are relative to it.
+        if subprocess.run(cmd).returncode != 0:
             raise RuntimeError(
                 f"{arm} shadow {shadow} failed in `{shlex.join(cmd)}` (its log is in {out_dir}); fix "
                 f"the cause and re-run mia_lira.py: finished stages and shadows are skipped"
@@ -309,6 +312,15 @@ def query_scores(model, transform, index, args, device, desc: str) -> np.ndarray
         logits = torch.stack([model(x), model(torch.flip(x, dims=[3]))], dim=1)  # [B, 2, C]
         scores.append(logit_scaled_confidence(logits.double().cpu(), labels[positions.numpy(), None]))
     return np.concatenate(scores)
+
+
+def require_stage_scripts() -> None:
+    """Checked before any shadow starts: a mia_lira.py copied without its stages fails at once, not mid-experiment."""
+    if missing := [name for name in STAGE_SCRIPTS if not (PROJECT_DIR / name).is_file()]:
+        raise FileNotFoundError(
+            f"mia_lira.py runs the stage scripts beside it, and {PROJECT_DIR} lacks {', '.join(missing)}: copy "
+            f"{', '.join(STAGE_SCRIPTS)} (and common.py) there with it"
+        )
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -450,6 +462,7 @@ def main(argv=None) -> dict:
         raise FileNotFoundError(f"--scores-from {args.scores_from}: no keep.npy there (not a mia_lira.py output)")
     if not args.scores_from:
         check_num_shadows(args.num_shadows)
+        require_stage_scripts()
         common.load_dataset(args.dataset, args.data_root, "train")
     run = common.RunDir(out, config, args.overwrite)
     if run.start() == "done":

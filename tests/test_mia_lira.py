@@ -3,6 +3,7 @@ stage scripts (the real ones are exercised by `make demo`)."""
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -202,6 +203,8 @@ from pathlib import Path
 argv = sys.argv[1:]
 get = lambda flag: argv[argv.index(flag) + 1] if flag in argv else None
 out = Path(get("--output-dir"))
+if get("--subset-mask") and not Path(get("--subset-mask")).is_file():  # a real stage np.load()s it
+    sys.exit(f"no mask {get('--subset-mask')} in {os.getcwd()}")
 out.mkdir(parents=True, exist_ok=True)
 with open(os.environ["FAKE_STAGE_LOG"], "a") as f:
     f.write(json.dumps([Path(sys.argv[0]).name] + argv) + "\\n")
@@ -314,6 +317,32 @@ def test_sharded_jobs_wait_for_each_other(tmp_path, tiny_dataset, fake_stages):
     assert len(read_calls(fake_stages)) == 2 and not (out / "manifest.json").exists()
     metrics = mia_lira.main(base + ["--shard", "1/2"])
     assert len(read_calls(fake_stages)) == 4 and set(metrics) == {"real"}
+
+
+def test_relative_paths_mean_the_working_directory(tmp_path, tiny_dataset, fake_stages, monkeypatch):
+    """The stages ran in the project folder, so `--output-dir lira` run from elsewhere left them looking for
+    lira/masks/shadow_00.npy there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_dataset, work / "mydata")
+    monkeypatch.chdir(work)
+    argv = [*"--dataset demo --data-root mydata --output-dir lira --num-shadows 4 --num-workers 0".split()]
+    metrics = mia_lira.main(argv)
+    assert set(metrics) == {"real", "synthetic"}
+    assert (work / "lira" / "shadows" / "synthetic" / "shadow_03" / "cls" / "manifest.json").is_file()
+    assert len(read_calls(fake_stages)) == 16
+
+
+def test_stage_scripts_missing_beside_it_fail_at_start(tmp_path, tiny_dataset, monkeypatch):
+    """mia_lira.py copied alone: a clear error before the run dir, not a failed shadow after the keep matrix."""
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "train_cls.py").write_text("")
+    monkeypatch.setattr(mia_lira, "PROJECT_DIR", tmp_path / "alone")
+    out = tmp_path / "lira"
+    argv = ["--dataset", "demo", "--data-root", str(tiny_dataset), "--output-dir", str(out), "--num-shadows", "4"]
+    with pytest.raises(FileNotFoundError, match=r"lacks finetune.py, synthesize.py: copy"):
+        mia_lira.main(argv)
+    assert not out.exists()
 
 
 def test_failed_stage_names_the_command(tmp_path, tiny_dataset, fake_stages):
