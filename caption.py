@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     args = common.parse_args(get_parser(), argv, "caption")
 
     state = PartialState()
-    out_dir = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "captions")
+    out_dir = common.output_dir(args, "captions")
     config = common.config_dict(args)
     # Checked up front, as in the other stages that read the real images: a bad image found at its batch stopped the
     # run hours in; left out (--skip-bad), it is neither captioned nor expected in captions.jsonl.

@@ -1349,13 +1349,16 @@ def dataset_root(name: str) -> str:
 NO_DATASET = f"no dataset given: pass --dataset (one of {DATASETS}) or a --config that sets it"
 
 
+def default_run_dir(args: argparse.Namespace, leaf: str) -> Path:
+    """<runs-dir>/<dataset>/<leaf>: where a stage's run is when no path is given."""
+    if args.dataset is None:
+        raise ValueError(f"{NO_DATASET} (or the paths it would set)")
+    return Path(args.runs_dir) / args.dataset / leaf
+
+
 def output_dir(args: argparse.Namespace, leaf: str) -> Path:
     """A stage's --output-dir, by default <runs-dir>/<dataset>/<leaf>."""
-    if args.output_dir:
-        return Path(args.output_dir)
-    if args.dataset is None:
-        raise ValueError(f"{NO_DATASET} (or --output-dir)")
-    return Path(args.runs_dir) / args.dataset / leaf
+    return Path(args.output_dir) if args.output_dir else default_run_dir(args, leaf)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None, split: str = "train") -> DatasetIndex:

@@ -454,7 +454,7 @@ def attack(args, keep: np.ndarray, scores: dict, log) -> tuple[dict, dict]:
 
 def main(argv=None) -> dict:
     args = common.parse_args(get_parser(), argv, "mia_lira")
-    out = Path(args.output_dir or Path(args.runs_dir) / args.dataset / "mia_lira")
+    out = common.output_dir(args, "mia_lira")
     args.stage_config = args.stage_config or args.config
     config = common.config_dict(args)
     config["stage_config_hash"] = stage_config_hash(args.stage_config) if not args.scores_from else None

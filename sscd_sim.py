@@ -346,13 +346,13 @@ def main(argv=None) -> dict:
     args = common.parse_args(get_parser(), argv, "sscd_sim")
     if args.make_standin:
         return {"standin": str(save_standin(args.make_standin))}
-    runs = Path(args.runs_dir) / args.dataset
-    synthetic_dir = Path(args.synthetic_dir or runs / "synth_x1")  # the paper's x1 set by default
+    # The paper's x1 set by default.
+    synthetic_dir = Path(args.synthetic_dir) if args.synthetic_dir else common.default_run_dir(args, "synth_x1")
     if not synthetic_dir.is_dir():
         raise FileNotFoundError(
             f"synthetic set {synthetic_dir} does not exist: run synthesize.py first or pass --synthetic-dir"
         )
-    out = Path(args.output_dir or runs / f"sscd_{synthetic_dir.name}")
+    out = common.output_dir(args, f"sscd_{synthetic_dir.name}")
     require_descriptor_file(args.model)
     real = common.load_dataset(args.dataset, args.data_root, "train")
     synth = load_generated(synthetic_dir)

@@ -303,12 +303,11 @@ def test_help_shows_each_docstring_line_as_written(script):
     assert node.value.value.count("\n") == node.end_lineno - node.lineno
 
 
-@pytest.mark.parametrize("stage", ["finetune", "synthesize"])
+@pytest.mark.parametrize("stage", ["caption", "finetune", "synthesize", "mia_lira", "sscd_sim"])
 def test_a_stage_without_dataset_says_so_before_it_builds_a_path(stage, tmp_path):
     """The default output dir is <runs-dir>/<dataset>/...: without --dataset it was a TypeError on None."""
-    argv = ["--data-root", str(tmp_path), "--synthetic-dir", str(tmp_path)] if stage == "sscd_sim" else []
     with pytest.raises(ValueError, match="no dataset given: pass --dataset"):
-        importlib.import_module(stage).main(argv or ["--data-root", str(tmp_path)])
+        importlib.import_module(stage).main(["--data-root", str(tmp_path)])
     assert common.output_dir(argparse.Namespace(output_dir=tmp_path, dataset=None), "x") == tmp_path
 
 
