@@ -370,7 +370,10 @@ def add_run_options(
     h.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
     if resume:
         h.add_argument(
-            "--resume", choices=("latest", "never"), default="latest", help="continue from the last checkpoint"
+            "--resume",
+            choices=("latest", "never"),
+            default="latest",
+            help="latest: continue from the last checkpoint; never: start over (old checkpoints to checkpoints.old)",
         )
     h.add_argument("--workers", "--num-workers", type=int, default=workers, help="data-loader workers per process")
 
@@ -692,6 +695,12 @@ class ConfigMismatchError(RuntimeError):
     """A run directory holds a run with another config; the message names the changed keys."""
 
 
+def unused_path(path: Path) -> Path:
+    """`path` if nothing is there, else the first free of `path-2`, `path-3`, ..."""
+    candidates = (path if n == 1 else path.with_name(f"{path.name}-{n}") for n in itertools.count(1))
+    return next(candidate for candidate in candidates if not candidate.exists())
+
+
 class RunMovedError(RuntimeError):
     """A run's directory was moved aside or deleted by another command while the run was writing into it."""
 
@@ -735,9 +744,8 @@ class RunDir:
         return None
 
     def _aside(self, name: str) -> Path:
-        """A free name for the old run: `name`, else `name-2`, `name-3`, ... (A -> B -> A -> B sets one aside twice)."""
-        candidates = (self.path.with_name(name if n == 1 else f"{name}-{n}") for n in itertools.count(1))
-        return next(path for path in candidates if not path.exists())
+        """A free name for the old run (A -> B -> A -> B sets one aside twice)."""
+        return unused_path(self.path.with_name(name))
 
     def _produced_nothing(self) -> bool:
         """Only the run config and logs: a run that stopped before its first output (a bad input, say)."""
@@ -1403,6 +1411,18 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[Path | None, int]:
     """(the newest `checkpoint-<n>` directory, n), or (None, 0) when there is none yet."""
     found = checkpoints(ckpt_dir)
     return (found[-1][1], found[-1][0]) if found else (None, 0)
+
+
+def starting_checkpoint(run: RunDir, resume: str) -> tuple[Path | None, int]:
+    """(the checkpoint to resume from, its step or epoch; None, 0 for none). `--resume latest`: the newest.
+    `never`: none, and the run's earlier checkpoints are moved aside (checkpoints.old, -2, ...): saving keeps the
+    highest numbers, so the new run's first checkpoints would be pruned at once and a later resume take the old."""
+    ckpt_dir = run.path / "checkpoints"
+    if resume == "latest":
+        return latest_checkpoint(ckpt_dir)
+    if run.is_main and checkpoints(ckpt_dir):
+        os.replace(ckpt_dir, unused_path(ckpt_dir.with_name("checkpoints.old")))
+    return None, 0
 
 
 def save_checkpoint(accelerator, run: RunDir, n: int, keep: int) -> None:

@@ -581,7 +581,7 @@ def train(
     }
 
 
-def prepare_training(accelerator, args, models: SDModels, n_images: int, out_dir: Path, log) -> Optimization:
+def prepare_training(accelerator, args, models: SDModels, n_images: int, run: common.RunDir, log) -> Optimization:
     """AdamW over the LoRA (and projection) weights, prepared with them by accelerate, and the step count: a step is
     `accum` micro-batches; the latest checkpoint is loaded unless --resume never."""
     params = [p for m in models.trained for p in m.parameters() if p.requires_grad]
@@ -599,7 +599,7 @@ def prepare_training(accelerator, args, models: SDModels, n_images: int, out_dir
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
     micro_per_epoch = len(epoch_batches(n_images, args.train_batch_size, world, rank, args.seed, 0))
     total = args.max_train_steps or math.ceil(micro_per_epoch * args.num_train_epochs / accum)
-    latest, step = common.latest_checkpoint(out_dir / "checkpoints") if args.resume == "latest" else (None, 0)
+    latest, step = common.starting_checkpoint(run, args.resume)
     if latest is not None:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} (step {step})")
@@ -672,7 +672,7 @@ def main(argv=None) -> dict:
     models.projection = guidance.projection
     cache = build_cache(index, prompts, models, args, accelerator, out_dir) if args.cache_latents else None
 
-    opt = prepare_training(accelerator, args, models, len(index), out_dir, log)
+    opt = prepare_training(accelerator, args, models, len(index), run, log)
     log.info(
         f"{len(index)} images, {len(index.classes)} classes, {accelerator.num_processes} process(es) x batch "
         f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulated, {opt.total} steps, {opt.trainable} "

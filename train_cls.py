@@ -385,16 +385,16 @@ def epoch_loader(train_set, args, rank: int, world: int, accum: int, epochs: ran
     return batches, iter(loader)
 
 
-def resume(accelerator, scheduler, args, out: Path, log) -> tuple[int, list]:
+def resume(accelerator, scheduler, args, run: common.RunDir, log) -> tuple[int, list]:
     """(epochs done, their metrics rows). Model, optimizer and scaler come from the last checkpoint; the schedule
     and the data are functions of the epoch, so they are set, not restored."""
-    latest, start_epoch = common.latest_checkpoint(out / "checkpoints") if args.resume == "latest" else (None, 0)
-    rows = []
+    latest, start_epoch = common.starting_checkpoint(run, args.resume)
+    rows, metrics_path = [], run.path / "metrics.jsonl"
     if latest:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} ({start_epoch} epochs done)")
-        if (out / "metrics.jsonl").is_file():
-            rows = [r for r in common.read_jsonl(out / "metrics.jsonl") if r["epoch"] <= start_epoch]
+        if metrics_path.is_file():
+            rows = [r for r in common.read_jsonl(metrics_path) if r["epoch"] <= start_epoch]
     scheduler.step(start_epoch)
     return start_epoch, rows
 
@@ -500,9 +500,10 @@ def run_epochs(training: Training, loader, rows: list, evaluate_test, args, run:
             row.update(metrics)
         rows.append(row)
         log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        common.save_checkpoint(accelerator, run, epoch + 1, args.keep_checkpoints)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # before the checkpoint: a resume from it finds its row (later ones dropped)
+            run.check_in_place()
             common.write_jsonl(run.path / "metrics.jsonl", rows)
+        common.save_checkpoint(accelerator, run, epoch + 1, args.keep_checkpoints)
     return metrics
 
 
@@ -542,7 +543,7 @@ def main(argv=None) -> dict:
     model, scheduler, accum = training.model, training.scheduler, training.accum
     train_set = ImageList(paths, labels, train_tf, args.seed)
 
-    start_epoch, rows = resume(accelerator, scheduler, args, out, log)
+    start_epoch, rows = resume(accelerator, scheduler, args, run, log)
     scheduler.step_update(start_epoch * steps_per_epoch)
     end_epoch = args.epochs if args.epochs_per_job is None else min(args.epochs, start_epoch + args.epochs_per_job)
     log.info(

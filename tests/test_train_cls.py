@@ -9,6 +9,7 @@ import torch
 from conftest import TINY_CLASSES, make_imagefolder
 from safetensors.torch import load_file, save_file
 
+import common
 import train_cls
 from common import ConfigMismatchError, RunDir, RunMovedError, load_dataset, read_jsonl, write_json, write_jsonl
 
@@ -208,6 +209,36 @@ def test_a_run_moved_aside_mid_epoch_saves_no_checkpoint_into_its_successor(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["run_config.json"]
     old_run = next(tmp_path.glob("cls.old-*"))
     assert [p.name for p in (old_run / "checkpoints").iterdir()] == ["checkpoint-1"]
+
+
+def test_resume_never_sets_old_checkpoints_aside_so_a_later_resume_takes_the_new_ones(tmp_path, tiny_dataset):
+    """The old run's checkpoint-3 outranked the new run's checkpoint-1: pruning dropped the new one and a later
+    resume continued the old run under the new run's metrics."""
+    argv = TINY + ["--data-root", str(tiny_dataset), "--epochs", "3", "--output-dir", str(tmp_path / "c")]
+    train_cls.main(argv + ["--epochs-per-job", "2"])  # "killed" after 2 epochs
+    train_cls.main(argv + ["--resume", "never", "--epochs-per-job", "1"])
+    assert [p.name for p in (tmp_path / "c" / "checkpoints").iterdir()] == ["checkpoint-1"]
+    assert (tmp_path / "c" / "checkpoints.old" / "checkpoint-2").is_dir()  # set aside, not deleted
+    train_cls.main(argv)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "c" / "metrics.jsonl")] == [1, 2, 3]
+    assert "checkpoints/checkpoint-1 (1 epochs done)" in (tmp_path / "c" / "log.txt").read_text()
+
+
+def test_a_kill_just_after_a_checkpoint_loses_no_metrics_row(tmp_path, tiny_dataset, monkeypatch):
+    real_save = common.save_checkpoint
+
+    def killed_after_epoch_2(accelerator, run, n, keep):
+        real_save(accelerator, run, n, keep)
+        if n == 2:
+            raise KeyboardInterrupt  # kill -9 between the checkpoint and what follows it
+
+    argv = TINY + ["--data-root", str(tiny_dataset), "--epochs", "3", "--output-dir", str(tmp_path / "c")]
+    monkeypatch.setattr(common, "save_checkpoint", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_cls.main(argv)
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    train_cls.main(argv)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "c" / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_resume_equals_uninterrupted_and_outputs_are_self_describing(tmp_path, tiny_dataset):
