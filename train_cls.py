@@ -143,6 +143,9 @@ class ImageList(torch.utils.data.Dataset):
 def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]:
     """Paths and labels of every --train-dirs source, relabelled to the test split's class order."""
     paths, labels, inputs = [], [], {}
+    named = ["real" if is_real_source(s, args.data_root) else str(Path(s).resolve()) for s in args.train_dirs]
+    if len(set(named)) < len(named):  # its images would count twice, and the real:synthetic ratio change unseen
+        raise ValueError(f"--train-dirs names one source twice: {args.train_dirs} ('real' is the --data-root)")
     for source in args.train_dirs:
         if is_real_source(source, args.data_root):
             index = common.load_dataset(args.dataset, args.data_root, "train")

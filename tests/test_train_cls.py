@@ -211,6 +211,16 @@ def test_a_run_moved_aside_mid_epoch_saves_no_checkpoint_into_its_successor(tmp_
     assert [p.name for p in (old_run / "checkpoints").iterdir()] == ["checkpoint-1"]
 
 
+@pytest.mark.parametrize("twice", [["real", "real"], ["real", "DATA"], ["SYN", "SYN/"]])
+def test_a_training_source_named_twice_is_an_error(tmp_path, tiny_dataset, twice):
+    """It counted twice: 24 train images from 12, and a mix run's real:synthetic ratio changed without a word."""
+    synthetic = make_synthetic(tmp_path / "syn", TINY_CLASSES, 2, seed=5)
+    dirs = [d.replace("DATA", str(tiny_dataset)).replace("SYN", str(synthetic)) for d in twice]
+    argv = TINY + ["--data-root", str(tiny_dataset), "--epochs", "1", "--output-dir", str(tmp_path / "c")]
+    with pytest.raises(ValueError, match="names one source twice"):
+        train_cls.main(argv + ["--train-dirs", *dirs])
+
+
 def test_resume_never_sets_old_checkpoints_aside_so_a_later_resume_takes_the_new_ones(tmp_path, tiny_dataset):
     """The old run's checkpoint-3 outranked the new run's checkpoint-1: pruning dropped the new one and a later
     resume continued the old run under the new run's metrics."""
