@@ -574,10 +574,12 @@ def reusable_images(plan: Plan, out_dir: Path, config: dict, dirs, log) -> dict:
     """Images that other runs of this config (another --scale or --output-format) already made, by name."""
     found = {}
     for other in (Path(d) for d in dirs):
+        if not other.is_dir():  # a typo would regenerate the set: hundreds of GPU-hours at IN-1K x10
+            raise FileNotFoundError(f"--reuse-from {other}: no such directory")
         if other.resolve() == out_dir.resolve():
             continue
         if not same_images(config, other):
-            log.info(f"--reuse-from {other}: skipped (not a synthesize.py run of this config)")
+            log.warning(f"--reuse-from {other}: skipped (not a synthesize.py run whose images equal this config's)")
             continue
         for name, where in stored_images(other, plan.index.classes).items():
             found.setdefault(name, where)

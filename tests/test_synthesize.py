@@ -374,6 +374,8 @@ def test_larger_scale_reuses_smaller_scale_images(tiny_sd, tiny_dataset, tmp_pat
         )
     )
     assert m["generated"] == 24
+    with pytest.raises(FileNotFoundError, match="--reuse-from .*x_1: no such directory"):  # a typo regenerated all
+        synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "x3", "--reuse-from", tmp_path / "x_1"))
 
 
 def test_compile_auto_is_gpu_only(tiny_sd, tiny_dataset, tmp_path, monkeypatch):
