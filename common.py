@@ -1193,6 +1193,12 @@ def read_imagefolder(
     if classes is None:
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         classes = _class_file(root, "classes.txt") or folders
+        listed = {c.split("/")[0] for c in classes}  # a class id with '/' is a nested folder
+        if unlisted := [f for f in folders if f not in listed and list_images(root / f)]:
+            raise ValueError(
+                f"{name} {split}: image folder(s) under {root} not in classes.txt: {unlisted[:5]}; classes.txt "
+                "gives the class order, not a selection: add them to it or move them out"
+            )
     if len(set(classes)) < len(classes):
         repeated = sorted({c for i, c in enumerate(classes) if c in classes[:i]})
         raise ValueError(f"{name} {split}: classes listed twice under {root}: {repeated[:5]}; list each class once")

@@ -417,6 +417,11 @@ def test_imagefolder_reads_subfolders_skips_hidden_ones_and_checks_its_class_fil
     (root / "classes.txt").write_text("cat\ndog\ncat\n")
     with pytest.raises(ValueError, match=r"listed twice.*\['cat'\]"):
         common.load_dataset("imagefolder", tmp_path, "train")
+    (root / "classes.txt").write_text("dog\n")  # its images vanished from every stage without a word
+    with pytest.raises(ValueError, match=r"not in classes.txt: \['cat'\]"):
+        common.load_dataset("imagefolder", tmp_path, "train")
+    (root / "classes.txt").write_text("dog\ncat/more\n")  # a nested class id ('Ram C/V ...') covers its top folder
+    assert common.load_dataset("imagefolder", tmp_path, "train").classes == ["dog", "cat/more"]
 
 
 def test_read_jsonl_drops_truncated_tail_only(tmp_path):
