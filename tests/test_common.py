@@ -191,6 +191,17 @@ def test_rundir_stops_a_process_whose_directory_was_moved_aside_or_deleted(tmp_p
         again.check_in_place()
 
 
+def test_a_changed_data_fingerprint_says_how_a_copy_keeps_it(tmp_path):
+    """Staging the data per job with cp -r changes every mtime: the mismatch says so, and how to copy instead."""
+    common.RunDir(tmp_path / "r", {"train_fingerprint": "a", "lr": 1}).start()
+    (tmp_path / "r" / "checkpoint-1").mkdir()
+    with pytest.raises(common.ConfigMismatchError, match="train_fingerprint.*cp -a or rsync -a"):
+        common.RunDir(tmp_path / "r", {"train_fingerprint": "b", "lr": 1}).start()
+    with pytest.raises(common.ConfigMismatchError) as err:
+        common.RunDir(tmp_path / "r", {"train_fingerprint": "a", "lr": 2}).start()
+    assert "rsync" not in str(err.value)
+
+
 def test_rundir_interrupted_with_other_config_is_caught(tmp_path):
     common.RunDir(tmp_path / "r", {"a": 1}).start()
     (tmp_path / "r" / "checkpoint-1").mkdir()  # it got somewhere
