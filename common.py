@@ -1438,9 +1438,10 @@ def starting_checkpoint(run: RunDir, resume: str) -> tuple[Path | None, int]:
     return None, 0
 
 
-def save_checkpoint(accelerator, run: RunDir, n: int, keep: int) -> None:
-    """accelerate state saved under a temp name and renamed to `<run>/checkpoints/checkpoint-<n>` (a crash mid-save
-    never looks like a checkpoint); only the newest `keep` are kept. Every process must call it."""
+def save_checkpoint(accelerator, run: RunDir, n: int, keep: int, extra: dict | None = None) -> None:
+    """accelerate state (and `extra`, as extra.json) saved under a temp name and renamed to
+    `<run>/checkpoints/checkpoint-<n>` (a crash mid-save never looks like a checkpoint); only the newest `keep` are
+    kept. Every process must call it."""
     ckpt_dir = run.path / "checkpoints"
     tmp, final = ckpt_dir / f".tmp-checkpoint-{n}", ckpt_dir / f"checkpoint-{n}"
     run.check_in_place()
@@ -1448,6 +1449,8 @@ def save_checkpoint(accelerator, run: RunDir, n: int, keep: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run.check_in_place()
+        if extra is not None:
+            write_json(tmp / "extra.json", extra)
         make_readable(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

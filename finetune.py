@@ -206,12 +206,13 @@ class VisualGuidance:
 @dataclasses.dataclass
 class Optimization:
     """The prepared optimizer, the number of parameters it trains, the optimizer steps in all and the one to start
-    from (a resumed run's checkpoint)."""
+    from, with the loss logs of the last epoch's micro-batches before it (a resumed run's checkpoint)."""
 
     optimizer: Any
     trainable: int
     total: int
     start: int
+    history: list[dict] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -526,7 +527,13 @@ def train(
     trained = models.trained
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     bar = common.progress(total=total, initial=step, is_main=accelerator.is_main_process, desc="finetune")
-    t0, seen, history, micro = time.time(), 0, [], step * accum
+    t0, seen, history, micro = time.time(), 0, list(opt.history), step * accum
+
+    def save_checkpoint() -> None:  # with the loss logs the next epoch row and the final loss read
+        common.save_checkpoint(
+            accelerator, run, step, args.checkpoints_total_limit, {"history": history[-micro_per_epoch:]}
+        )
+
     metrics_path = run.path / "metrics.jsonl"
     if accelerator.is_main_process and metrics_path.is_file():  # rows after the resumed checkpoint: rewritten below
         common.write_jsonl(metrics_path, [row for row in common.read_jsonl(metrics_path) if row["step"] <= step])
@@ -540,7 +547,8 @@ def train(
             num_workers=args.workers,
             collate_fn=collate,
         )
-        for batch in loader:
+        epoch_end_save = False
+        for n_batch, batch in enumerate(loader, 1):
             # Per-micro-batch noise from (seed, micro-batch, rank): a resumed run draws what an uninterrupted one would.
             gen = torch.Generator(accelerator.device).manual_seed(
                 common.item_seed(args.seed, "finetune-step", micro, rank)
@@ -561,14 +569,19 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if step % args.checkpointing_steps == 0 or step == total:
-                common.save_checkpoint(accelerator, run, step, args.checkpoints_total_limit)
+                epoch_end_save = n_batch == len(batches)  # then after the epoch's row: a kill between loses no row
+                if not epoch_end_save:
+                    save_checkpoint()
         if accelerator.is_main_process:
-            recent = history[-len(batches) :] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
+            recent = history[-(skip + len(batches)) :] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
             row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
-            # After a resume mid-epoch the row averages only the micro-batches this process ran: said, not hidden.
+            # Fewer than the epoch's only after a resume from a checkpoint saved without its loss logs (an older one).
             row["micro_batches"] = len(recent)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if epoch_end_save:
+            save_checkpoint()
+        history = history[-micro_per_epoch:]  # what the next row and the final loss read: bounded, as is extra.json
     bar.close()
     last = history[-micro_per_epoch:]
     return {
@@ -603,7 +616,9 @@ def prepare_training(accelerator, args, models: SDModels, n_images: int, run: co
     if latest is not None:
         accelerator.load_state(str(latest))
         log.info(f"resumed from {latest} (step {step})")
-    return Optimization(optimizer, sum(p.numel() for p in params), total, step)
+    # Restored, the loss logs make the resumed epoch's row and the final loss those of an uninterrupted run.
+    history = common.read_json(latest / "extra.json")["history"] if latest and (latest / "extra.json").is_file() else []
+    return Optimization(optimizer, sum(p.numel() for p in params), total, step, history)
 
 
 def finish(run, accelerator, args, models: SDModels, guidance: VisualGuidance, source_images, metrics: dict) -> None:

@@ -131,6 +131,32 @@ def test_resume_matches_uninterrupted_run_and_rerun_is_noop(tiny_dataset, tiny_s
         finetune.main(args + ["--learning-rate", "1e-3"])
 
 
+@pytest.mark.parametrize("every,killed_after", [(3, 3), (1, 2)])  # at an epoch's end (3 micro-batches); mid-epoch
+def test_a_kill_after_a_checkpoint_changes_no_metrics_row_or_final_loss(
+    tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path, monkeypatch, every, killed_after
+):
+    """A kill right after the epoch-end checkpoint lost that epoch's row for good, and a resumed run's final loss
+    averaged only the micro-batches it ran itself (None when it resumed at the end)."""
+    steps = f"--max-train-steps 4 --checkpointing-steps {every} --learning-rate 1e-2".split()
+    straight = finetune.main(base_args(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "a", *steps))
+    real_save = common.save_checkpoint
+
+    def killed(accelerator, run, n, *rest):
+        real_save(accelerator, run, n, *rest)
+        if n == killed_after:
+            raise KeyboardInterrupt  # kill -9 right after the checkpoint
+
+    argv = base_args(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path / "b", *steps)
+    monkeypatch.setattr(common, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(argv)
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    resumed = finetune.main(argv)
+    rows = [common.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("a", "b")]
+    assert [r["epoch"] for r in rows[0]] == [0, 1] and rows[1] == rows[0]
+    assert (resumed["final_loss"], resumed["final_mmd"]) == (straight["final_loss"], straight["final_mmd"])
+
+
 def test_gradient_accumulation_resumes_on_micro_batch_boundaries(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
     """2 optimizer steps of 3 micro-batches of 2 images: 6 micro-batches; interrupted after step 1, the resumed run
     continues at micro-batch 3 (data order and noise are indexed by micro-batch) and ends where the straight one did."""
