@@ -1411,6 +1411,22 @@ def load_synthetic(root: str | os.PathLike) -> DatasetIndex:
     return DatasetIndex("synthetic", root, "train", samples, meta["classes"], meta["class_names"])
 
 
+def warn_if_made_from_other_data(set_dir: str | os.PathLike, real_fingerprint: str, log=None) -> str | None:
+    """Warn (and return the warning) when a synthesize.py output was made from a train split other than the one a
+    stage reads with it: another dataset with the same classes, or these files changed, or copied without their
+    times, since. A warning, not an error: a copy of the same images is no other dataset."""
+    manifest = Path(set_dir) / "manifest.json"
+    made_from = read_json(manifest)["config"].get("source_fingerprint") if manifest.is_file() else None
+    if made_from in (None, real_fingerprint):
+        return None
+    message = (
+        f"{set_dir} was made from a train split whose fingerprint ({made_from}) is not this one's "
+        f"({real_fingerprint}): another dataset, or its files changed (or were copied without their times) since"
+    )
+    (log or logging.getLogger("realfake")).warning(message)
+    return message
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Training checkpoints (finetune.py per N steps, train_cls.py per epoch): accelerate's save_state, made atomic.
 

@@ -536,6 +536,7 @@ def main(argv=None) -> dict:
     held_out, held_out_bad, held_out_fp = common.check_images(
         common.load_dataset(args.dataset, args.data_root, held_out_split), args.skip_bad
     )
+    common.warn_if_made_from_other_data(args.synthetic_dir, real_fp)
     if synthetic.classes != real.classes:
         raise ValueError(f"{args.synthetic_dir} has other classes (or another order) than {args.dataset} train")
     out = common.output_dir(args, f"gap_{Path(args.synthetic_dir).name}")

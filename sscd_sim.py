@@ -361,6 +361,7 @@ def main(argv=None) -> dict:
     # file at the same path is a config mismatch, not a result of images that are no longer there.
     config["sets"] = {"train": common.split_fingerprint(real), "synthetic": common.split_fingerprint(synth)}
     config["model_fingerprint"] = common.fingerprint(args.model)
+    common.warn_if_made_from_other_data(synthetic_dir, config["sets"]["train"])
     run = common.RunDir(out, config, args.overwrite)
     if run.start() == "done":
         return run.manifest()["metrics"]

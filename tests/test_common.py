@@ -202,6 +202,16 @@ def test_a_changed_data_fingerprint_says_how_a_copy_keeps_it(tmp_path):
     assert "rsync" not in str(err.value)
 
 
+def test_a_synthetic_set_made_from_other_data_is_named(tmp_path):
+    """A set made from another dataset with the same class names trained and was compared without a word."""
+    set_dir = tmp_path / "syn"
+    set_dir.mkdir()
+    assert common.warn_if_made_from_other_data(set_dir, "abc") is None  # no synthesize.py manifest: nothing to compare
+    common.write_json(set_dir / "manifest.json", {"config": {"source_fingerprint": "abc"}})
+    assert common.warn_if_made_from_other_data(set_dir, "abc") is None
+    assert "(abc) is not this one's (xyz)" in common.warn_if_made_from_other_data(set_dir, "xyz")
+
+
 def test_rundir_interrupted_with_other_config_is_caught(tmp_path):
     common.RunDir(tmp_path / "r", {"a": 1}).start()
     (tmp_path / "r" / "checkpoint-1").mkdir()  # it got somewhere

@@ -239,6 +239,8 @@ def test_bad_source_and_missing_caption(tiny_sd, tiny_dataset, tmp_path):
     # Read back as an ImageFolder split, the output has the dataset's classes and nothing more.
     folders = {p.name for p in (tmp_path / "b").iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert folders <= set(json.loads((tmp_path / "b" / "classes.json").read_text())["classes"])
+    train = common.load_dataset("demo", root, "train")  # what train_cls, eval_gap and sscd_sim compare it with
+    assert common.warn_if_made_from_other_data(tmp_path / "b", common.check_images(train, skip_bad=True)[2]) is None
     # The skipped source needs no caption (caption.py cannot read it either); every other one still does.
     rows = [
         {"path": p.relative_to(root / "train").as_posix(), "caption": "a shape"}

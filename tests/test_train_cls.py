@@ -221,6 +221,17 @@ def test_a_training_source_named_twice_is_an_error(tmp_path, tiny_dataset, twice
         train_cls.main(argv + ["--train-dirs", *dirs])
 
 
+def test_a_synthetic_set_made_from_other_data_is_named(tmp_path, tiny_dataset, monkeypatch):
+    synthetic = make_synthetic(tmp_path / "syn", TINY_CLASSES, 2, seed=5)
+    write_json(synthetic / "manifest.json", {"config": {"source_fingerprint": "another split"}})
+    said = []
+    real_warn = common.warn_if_made_from_other_data
+    monkeypatch.setattr(common, "warn_if_made_from_other_data", lambda *a: said.append(real_warn(*a)))
+    argv = TINY + ["--data-root", str(tiny_dataset), "--epochs", "1", "--train-dirs", "real", str(synthetic)]
+    train_cls.main(argv + ["--output-dir", str(tmp_path / "c")])
+    assert len(said) == 1 and "(another split) is not this one's" in said[0]
+
+
 def test_resume_never_sets_old_checkpoints_aside_so_a_later_resume_takes_the_new_ones(tmp_path, tiny_dataset):
     """The old run's checkpoint-3 outranked the new run's checkpoint-1: pruning dropped the new one and a later
     resume continued the old run under the new run's metrics."""
