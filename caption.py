@@ -139,6 +139,28 @@ def run_part(index, todo, part_file: Path, args, device, is_main: bool, log) -> 
     return len(todo)
 
 
+def merge(run: common.RunDir, index, new: int, inputs: dict, log) -> dict:
+    """Once every image of the split has a caption in some part file: captions.jsonl in split order, and the
+    manifest. Until then (other --shard jobs still running) the number still missing."""
+    done = read_parts(run.path / "parts")
+    missing = [s.path for s in index.samples if s.path not in done]
+    if missing:  # other jobs of a job array are still running: the last one to finish merges
+        log.info(f"{len(missing)} images still uncaptioned (other --shard jobs); re-run any job to merge when done")
+        return {"images": len(index), "captioned_now": new, "missing": len(missing)}
+    run.check_in_place()
+    common.write_jsonl(run.path / "captions.jsonl", ({"path": s.path, "caption": done[s.path]} for s in index.samples))
+    lengths = [len(done[s.path].split()) for s in index.samples]
+    metrics = {
+        "images": len(index),
+        "captioned_now": new,
+        "empty_captions": sum(n == 0 for n in lengths),
+        "mean_words": sum(lengths) / max(len(lengths), 1),
+    }
+    run.finish(metrics, inputs=inputs)
+    log.info(f"wrote {run.path / 'captions.jsonl'}: {metrics}")
+    return metrics
+
+
 def main(argv=None) -> dict:
     args = common.parse_args(get_parser(), argv, "caption")
 
@@ -175,32 +197,15 @@ def main(argv=None) -> dict:
     new = run_part(index, mine, part_file, args, state.device, state.is_main_process, log)
     state.wait_for_everyone()
 
-    metrics = {"images": len(index), "captioned_now": new}
     if not state.is_main_process:
-        return metrics
-    done = read_parts(parts)
-    missing = [s.path for s in index.samples if s.path not in done]
-    if missing:  # other jobs of a job array are still running: the last one to finish merges
-        log.info(f"{len(missing)} images still uncaptioned (other --shard jobs); re-run any job to merge when done")
-        return {**metrics, "missing": len(missing)}
-    run.check_in_place()
-    common.write_jsonl(out_dir / "captions.jsonl", ({"path": s.path, "caption": done[s.path]} for s in index.samples))
-    lengths = [len(done[s.path].split()) for s in index.samples]
-    metrics = {
-        "images": len(index),
-        "captioned_now": new,
-        "empty_captions": sum(n == 0 for n in lengths),
-        "mean_words": sum(lengths) / max(len(lengths), 1),
-    }
+        return {"images": len(index), "captioned_now": new}
     inputs = {
         "model": common.fingerprint(args.model, args.revision),
         "data_root": str(index.root),
         "split_fingerprint": split_fingerprint,
         "skipped_bad": skipped_bad,
     }
-    run.finish(metrics, inputs=inputs)
-    log.info(f"wrote {out_dir / 'captions.jsonl'}: {metrics}")
-    return metrics
+    return merge(run, index, new, inputs, log)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,7 @@ def get_parser() -> common.StageParser:
     seed_help = "seeds data order, crops and noise"
     common.add_run_options(p, "finetune", seed_help=seed_help, workers=4, resume=True, data_fingerprinted=True)
     a = p.group("data and prompts (paper §3.2)").add_argument
-    captions_help = "captions.jsonl from caption.py, its hash the identity, not its path (without: 'photo of {class}')"
-    a("--captions", default=None, help=captions_help)
+    a("--captions", default=None, help="caption.py's captions.jsonl, its hash the identity; unset: 'photo of {class}'")
     p.not_hashed("captions")
     a("--allow-missing-captions", action="store_true", help="prompt images without a caption by class name only")
     a("--subset-mask", default=None, help=".npy bool array, one entry per training image: train on that part only")

@@ -342,25 +342,35 @@ def show_top_matches(out: Path, synth, real, vals, idx, num_show: int, label: st
     return pairs
 
 
-def main(argv=None) -> dict:
-    args = common.parse_args(get_parser(), argv, "sscd_sim")
-    if args.make_standin:
-        return {"standin": str(save_standin(args.make_standin))}
-    # The paper's x1 set by default.
+def synthetic_set_dir(args) -> Path:
+    """--synthetic-dir, by default the dataset's x1 set (the paper's); it must exist."""
     synthetic_dir = Path(args.synthetic_dir) if args.synthetic_dir else common.default_run_dir(args, "synth_x1")
     if not synthetic_dir.is_dir():
         raise FileNotFoundError(
             f"synthetic set {synthetic_dir} does not exist: run synthesize.py first or pass --synthetic-dir"
         )
+    return synthetic_dir
+
+
+def run_config(args, real, synth) -> dict:
+    """The run's identity. The files define it (as in eval_gap): a regenerated synthetic set, a changed real split or
+    another model file at the same path is a config mismatch, not a result of images that are no longer there."""
+    config = common.config_dict(args)
+    config["sets"] = {"train": common.split_fingerprint(real), "synthetic": common.split_fingerprint(synth)}
+    config["model_fingerprint"] = common.fingerprint(args.model)
+    return config
+
+
+def main(argv=None) -> dict:
+    args = common.parse_args(get_parser(), argv, "sscd_sim")
+    if args.make_standin:
+        return {"standin": str(save_standin(args.make_standin))}
+    synthetic_dir = synthetic_set_dir(args)
     out = common.output_dir(args, f"sscd_{synthetic_dir.name}")
     require_descriptor_file(args.model)
     real = common.load_dataset(args.dataset, args.data_root, "train")
     synth = load_generated(synthetic_dir)
-    config = common.config_dict(args)
-    # The files define the run (as in eval_gap): a regenerated synthetic set, a changed real split or another model
-    # file at the same path is a config mismatch, not a result of images that are no longer there.
-    config["sets"] = {"train": common.split_fingerprint(real), "synthetic": common.split_fingerprint(synth)}
-    config["model_fingerprint"] = common.fingerprint(args.model)
+    config = run_config(args, real, synth)
     common.warn_if_made_from_other_data(synthetic_dir, config["sets"]["train"])
     run = common.RunDir(out, config, args.overwrite)
     if run.start() == "done":
