@@ -334,8 +334,8 @@ def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, d
 
 
 @torch.no_grad()
-def build_cache(index, prompts, models: SDModels, args, accelerator, out_dir: Path) -> dict:
-    rank, world, vae = accelerator.process_index, accelerator.num_processes, models.vae
+def build_cache(index, prompts, models: SDModels, args, accelerator, run: common.RunDir) -> dict:
+    rank, world, vae, out_dir = accelerator.process_index, accelerator.num_processes, models.vae, run.path
     path = out_dir / "cache" / f"shard-{rank}of{world}.safetensors"
 
     unique = sorted(set(prompts))
@@ -355,6 +355,7 @@ def build_cache(index, prompts, models: SDModels, args, accelerator, out_dir: Pa
         text = [encode_text(models, texts[i : i + 64]).half().cpu() for i in range(0, len(texts), 64)]
         tensors = {"rows": torch.tensor(rows, dtype=torch.long), "mean": torch.cat(mean), "std": torch.cat(std)}
         tensors["text"] = torch.cat(text) if text else torch.zeros(0)
+        run.check_in_place()
         with common.atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
     accelerator.wait_for_everyone()
@@ -482,13 +483,14 @@ def load_training_set(args):
     return index, prompts
 
 
-def prepare_visual_guidance(index, args, accelerator, out_dir: Path, unet) -> VisualGuidance:
+def prepare_visual_guidance(index, args, accelerator, run: common.RunDir, unet) -> VisualGuidance:
     """Embeddings computed once by the main process (saved, so a resumed run reuses the same tokens)."""
     if args.vg_mode == "none":
         return VisualGuidance(None, None, {"mode": "none", "placement": args.vg_placement, "classes": index.classes})
-    path, info_path = out_dir / "vg_embeddings.safetensors", out_dir / "vg_embeddings.json"
+    path, info_path = run.path / "vg_embeddings.safetensors", run.path / "vg_embeddings.json"
     if accelerator.is_main_process and not path.is_file():
         embeds, info = visual_guidance(index, args, accelerator.device, True)
+        run.check_in_place()
         common.write_json(info_path, info)
         with common.atomic_path(path) as tmp:
             save_file({"embeds": embeds.contiguous()}, str(tmp))
@@ -572,6 +574,7 @@ def train(
                 if not epoch_end_save:
                     save_checkpoint()
         if accelerator.is_main_process:
+            run.check_in_place()  # before the epoch's row, as before every output
             recent = history[-(skip + len(batches)) :] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
             row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
             # Fewer than the epoch's only after a resume from a checkpoint saved without its loss logs (an older one).
@@ -682,9 +685,9 @@ def main(argv=None) -> dict:
     common.note_unusual_images(source_images, args.resolution, log)
     if fragmented := common.fragmented_class_names(models.tokenizer, index.class_names):
         log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
-    guidance = prepare_visual_guidance(index, args, accelerator, out_dir, models.unet)
+    guidance = prepare_visual_guidance(index, args, accelerator, run, models.unet)
     models.projection = guidance.projection
-    cache = build_cache(index, prompts, models, args, accelerator, out_dir) if args.cache_latents else None
+    cache = build_cache(index, prompts, models, args, accelerator, run) if args.cache_latents else None
 
     opt = prepare_training(accelerator, args, models, len(index), run, log)
     log.info(

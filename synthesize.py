@@ -574,8 +574,6 @@ def reusable_images(plan: Plan, out_dir: Path, config: dict, dirs, log) -> dict:
     """Images that other runs of this config (another --scale or --output-format) already made, by name."""
     found = {}
     for other in (Path(d) for d in dirs):
-        if not other.is_dir():  # a typo would regenerate the set: hundreds of GPU-hours at IN-1K x10
-            raise FileNotFoundError(f"--reuse-from {other}: no such directory")
         if other.resolve() == out_dir.resolve():
             continue
         if not same_images(config, other):
@@ -713,6 +711,7 @@ def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args) -> dict | None
     stored = stored_set(plan, out_dir)
     if stored is None:
         return None
+    common.write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
     common.write_jsonl(out_dir / "manifest.jsonl", stored.rows)
     # Temp files of killed writers (no writer is left once all images exist), in each class folder: a class id with
     # a '/' (Stanford Cars' "Ram C/V ...") is a nested one.
@@ -759,6 +758,8 @@ def prepare(args):
     """Dataset, captions, tokens and plan, shared by the run and the benchmark."""
     if not (args.scale > 0 and math.isfinite(args.scale)):
         raise ValueError(f"--scale must be a finite number > 0 (outputs per real image), got {args.scale}")
+    if missing := [d for d in args.reuse_from if not Path(d).is_dir()]:  # a typo would regenerate every image
+        raise FileNotFoundError(f"--reuse-from {missing}: no such directory")
     index = common.load_dataset(args.dataset, args.data_root, args.split)
     if args.subset_mask:
         index = index.subset(common.load_subset_mask(args.subset_mask, len(index)))
@@ -968,10 +969,6 @@ def main(argv=None) -> dict:
     common.note_unusual_images(args.source_images, args.resolution, log)
     if args.resolved_output_mode != "RGB":
         log.info("grayscale dataset: synthetic images are written in grayscale (--output-mode RGB keeps colour)")
-    if state.is_main_process:
-        common.write_json(
-            out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names}
-        )
     plan.model_hash, plan.lora_hash = common.fingerprint(args.pretrained_model, args.revision), lora_hash
     found = reusable_images(plan, out_dir, config, args.reuse_from, log) if args.reuse_from else {}
     work = shard_work if args.output_format == "wds" else folder_work

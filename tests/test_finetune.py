@@ -157,6 +157,27 @@ def test_a_kill_after_a_checkpoint_changes_no_metrics_row_or_final_loss(
     assert (resumed["final_loss"], resumed["final_mmd"]) == (straight["final_loss"], straight["final_mmd"])
 
 
+@pytest.mark.parametrize("moved_during", ["visual_guidance", "training_step"])
+def test_a_run_moved_aside_writes_nothing_into_its_successor(
+    tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path, monkeypatch, moved_during
+):
+    """A corrected command moves the run aside while it computes its visual tokens, or trains: the old process
+    wrote its tokens (which the new run then reused) and epoch rows into the new run's directory."""
+    out = tmp_path / "ft"
+    real = getattr(finetune, moved_during)
+
+    def overwritten_meanwhile(*a, **k):
+        if not list(tmp_path.glob("ft.*")):
+            (out / "checkpoint-0").mkdir(exist_ok=True)  # the old run holds an output: moved aside, not started over
+            common.RunDir(out, {"another": "config"}, overwrite=True).start()
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetune, moved_during, overwritten_meanwhile)
+    with pytest.raises(common.RunMovedError):
+        finetune.main(base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "2"))
+    assert sorted(p.name for p in out.iterdir()) == ["run_config.json"]
+
+
 def test_gradient_accumulation_resumes_on_micro_batch_boundaries(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):
     """2 optimizer steps of 3 micro-batches of 2 images: 6 micro-batches; interrupted after step 1, the resumed run
     continues at micro-batch 3 (data order and noise are indexed by micro-batch) and ends where the straight one did."""

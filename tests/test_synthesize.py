@@ -111,6 +111,22 @@ def test_same_image_alone_batched_or_sharded(tiny_sd, tiny_dataset, tiny_lora, t
     assert again["complete"] and again["generated"] == 0
 
 
+def test_a_start_killed_while_loading_gives_way_to_a_corrected_command(tiny_sd, tiny_dataset, tmp_path, monkeypatch):
+    """classes.json, written at start, made a run killed while loading its pipeline a real run: the corrected
+    command then needed --overwrite. It is written with the manifest now."""
+
+    def killed_while_loading(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthesize, "ready_pipeline", killed_while_loading)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "out", "--steps", "6"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["log.txt", "run_config.json"]
+    monkeypatch.undo()
+    done = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "out"))
+    assert done["complete"] and (tmp_path / "out" / "classes.json").is_file()
+
+
 @pytest.mark.parametrize("fmt", ["folder", "wds"])
 def test_a_run_moved_aside_mid_way_writes_nothing_into_its_successor(tiny_sd, tiny_dataset, tmp_path, monkeypatch, fmt):
     """Another command moves this run aside (--overwrite) before its first image is written: the old process stops,
@@ -376,8 +392,9 @@ def test_larger_scale_reuses_smaller_scale_images(tiny_sd, tiny_dataset, tmp_pat
         )
     )
     assert m["generated"] == 24
-    with pytest.raises(FileNotFoundError, match="--reuse-from .*x_1: no such directory"):  # a typo regenerated all
+    with pytest.raises(FileNotFoundError, match="--reuse-from .*x_1.*: no such directory"):  # a typo regenerated all
         synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "x3", "--reuse-from", tmp_path / "x_1"))
+    assert not (tmp_path / "x3").exists()  # checked before the run starts: the corrected command simply starts
 
 
 def test_compile_auto_is_gpu_only(tiny_sd, tiny_dataset, tmp_path, monkeypatch):
