@@ -175,7 +175,10 @@ def main(argv=None) -> dict:
     common.check_pretrained(AutoConfig.from_pretrained, args.model, args.revision, "BLIP-2")
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)
     status = run.begin(state.wait_for_everyone)
-    if status == "done" and covers_split(out_dir / "captions.jsonl", index):
+    # A split whose files changed but whose readable images are all captioned (a new bad file, left out by --skip-bad)
+    # is merged again: no image is captioned, and the manifest names what was skipped.
+    same_split = status == "done" and run.manifest()["inputs"].get("split_fingerprint") == split_fingerprint
+    if same_split and covers_split(out_dir / "captions.jsonl", index):
         return run.manifest()["metrics"]
     log = common.get_logger(out_dir, state.is_main_process)
     if status == "done":

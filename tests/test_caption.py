@@ -208,6 +208,10 @@ def test_a_bad_image_stops_the_stage_before_it_starts_unless_skip_bad(blip2, tmp
     bad.write_bytes(good)  # repaired: captioned on the next run, as an added image
     assert run(train.parent, blip2, out, "--skip-bad")["captioned_now"] == 1
     assert common.read_json(out / "manifest.json")["inputs"]["skipped_bad"] == {}
+    (train / "red_circle" / "new.png").write_bytes(b"garbage")  # a new bad file: nothing to caption, but named
+    assert run(train.parent, blip2, out, "--skip-bad")["captioned_now"] == 0
+    assert list(common.read_json(out / "manifest.json")["inputs"]["skipped_bad"]) == ["red_circle/new.png"]
+    assert run(train.parent, blip2, out, "--skip-bad")["captioned_now"] == 0  # and then it is finished
 
 
 def test_bad_model_path_is_a_clear_error(tiny_dataset, tmp_path):
