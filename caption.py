@@ -58,9 +58,11 @@ def get_parser() -> common.StageParser:
 
 
 def read_parts(parts_dir: Path) -> dict[str, str]:
-    """Captions already written by any process of any earlier attempt (first occurrence wins)."""
+    """Captions already written by any process of any earlier attempt (first occurrence wins), and those of an
+    earlier merge: a finished run reopened after its parts/ were cleaned up captions nothing twice."""
     done: dict[str, str] = {}
-    for part in sorted(parts_dir.glob("part-*.jsonl")):
+    merged = parts_dir.parent / "captions.jsonl"
+    for part in [*sorted(parts_dir.glob("part-*.jsonl")), *([merged] if merged.is_file() else [])]:
         for row in common.read_jsonl(part):
             done.setdefault(row["path"], row["caption"])
     return done

@@ -212,6 +212,9 @@ def test_a_bad_image_stops_the_stage_before_it_starts_unless_skip_bad(blip2, tmp
     assert run(train.parent, blip2, out, "--skip-bad")["captioned_now"] == 0
     assert list(common.read_json(out / "manifest.json")["inputs"]["skipped_bad"]) == ["red_circle/new.png"]
     assert run(train.parent, blip2, out, "--skip-bad")["captioned_now"] == 0  # and then it is finished
+    shutil.rmtree(out / "parts")  # cleaned up after the run: a reopened run captions nothing twice
+    (train / "red_circle" / "new.png").unlink()
+    assert run(train.parent, blip2, out)["captioned_now"] == 0
 
 
 def test_bad_model_path_is_a_clear_error(tiny_dataset, tmp_path):
