@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import itertools
@@ -708,6 +709,17 @@ def unused_path(path: Path) -> Path:
     return next(candidate for candidate in candidates if not candidate.exists())
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An advisory lock on `lock_path` held while the block runs: jobs of an array that start at once (over a failed
+    start, say) decide one after another. Where the file system has no flock (Lustre without -o flock), none."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 class RunMovedError(RuntimeError):
     """A run's directory was moved aside or deleted by another command while the run was writing into it."""
 
@@ -770,6 +782,12 @@ class RunDir:
         shutil.rmtree(aside)
 
     def start(self) -> str:
+        if not self.is_main:  # the other processes of a launch only read what their main process decided
+            return self._decide()
+        with _exclusive(self.path.with_name(f".{self.path.name}.lock")):
+            return self._decide()
+
+    def _decide(self) -> str:
         previous = self._previous_config()
         if previous is not None and config_hash(previous) != self.hash and self._produced_nothing():
             if self.is_main:  # nothing to lose or resume: a corrected command simply starts

@@ -212,6 +212,34 @@ def test_a_synthetic_set_made_from_other_data_is_named(tmp_path):
     assert "(abc) is not this one's (xyz)" in common.warn_if_made_from_other_data(set_dir, "xyz")
 
 
+def _start_when_all_ready(path, barrier, identities):
+    barrier.wait()
+    run = common.RunDir(path, {"steps": 8})
+    run.start()
+    identities.put(run.identity)
+
+
+def test_jobs_starting_at_once_over_a_failed_start_agree_on_one_directory(tmp_path):
+    """A job array resubmitted over a failed start: unserialised, one job's start-over moved a sibling's fresh
+    directory (RunMovedError later) or its run config's temp file away (FileNotFoundError), 2 times in 15."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(8):
+        path = tmp_path / f"r{trial}"
+        common.RunDir(path, {"steps": 4}).start()  # the failed start: its run config only
+        barrier, identities = ctx.Barrier(4), ctx.Queue()
+        jobs = [ctx.Process(target=_start_when_all_ready, args=(path, barrier, identities)) for _ in range(4)]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join(60)
+        assert [job.exitcode for job in jobs] == [0, 0, 0, 0]
+        seen = {identities.get(timeout=5) for _ in jobs}
+        assert seen == {common._dir_identity(path)}  # one directory, the one now there
+        assert sorted(p.name for p in tmp_path.glob(f"r{trial}*")) == [f"r{trial}"]
+
+
 def test_rundir_interrupted_with_other_config_is_caught(tmp_path):
     common.RunDir(tmp_path / "r", {"a": 1}).start()
     (tmp_path / "r" / "checkpoint-1").mkdir()  # it got somewhere
@@ -227,7 +255,7 @@ def test_rundir_that_produced_nothing_gives_way_to_a_corrected_command(tmp_path)
     assert common.RunDir(tmp_path / "r", {"data": "right"}).start() == "fresh"
     assert common.read_json(tmp_path / "r" / "run_config.json")["config"] == {"data": "right"}
     assert (tmp_path / "r" / common.LOG_FILE).read_text() == "FileNotFoundError: typo\n"  # the log is kept
-    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["r"]  # .r.lock: see below
     with pytest.raises(common.RunMovedError):  # had that start been still loading, it would stop at its first output
         typo.check_in_place()
 
