@@ -271,12 +271,23 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     return result if many else result[0]
 
 
-def load_yaml_section(path: str | os.PathLike, stage: str) -> dict:
+class NumbersAsWritten(yaml.SafeLoader):
+    """YAML whose numbers stay the text written, for the option's type to convert as it converts a flag: so
+    `epochs: 010` is 10 (as --epochs 010 is; YAML reads octal 8) and `revision: 0123456` keeps its digits."""
+
+
+NumbersAsWritten.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag.rsplit(":", 1)[-1] not in ("int", "float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def load_yaml_section(path: str | os.PathLike, stage: str, loader=yaml.SafeLoader) -> dict:
     """Shared keys + the stage's section of a YAML config, after checking that every top-level key is known."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.load(path.read_text(), Loader=loader) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     unknown = sorted(set(data) - SHARED_KEYS - STAGES)
@@ -415,7 +426,7 @@ def parse_args(parser: StageParser, argv: Sequence[str] | None, stage: str) -> a
     """
     config = getattr(parser.parse_known_args(argv)[0], "config", None)  # add_run_options declares --config
     if config:
-        yaml_cfg = load_yaml_section(config, stage)
+        yaml_cfg = load_yaml_section(config, stage, NumbersAsWritten)
         defaults = {}
         for key, value in yaml_cfg["merged"].items():
             action = parser.options.get(key.replace("-", "_"))

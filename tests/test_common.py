@@ -89,6 +89,15 @@ def test_config_values_of_the_wrong_shape_are_errors_naming_the_key(tmp_path, li
     assert (args.epochs, args.lr, args.scale, args.mixed_precision) == (3, 1.0, [0.5, 1.0], "bf16")
 
 
+def test_config_numbers_are_read_as_written(tmp_path):
+    """YAML read `epochs: 010` as octal 8 and `revision: 0123456` as 42798: a flag would have been 10 and the digits."""
+    import synthesize
+
+    cfg = write_yaml(tmp_path, "synthesize:\n  steps: 010\n  revision: 0123456\n  strength: .5\n")
+    args = common.parse_args(synthesize.get_parser(), ["--config", cfg], "synthesize")
+    assert (args.steps, args.revision, args.strength) == (10, "0123456", 0.5)
+
+
 def test_config_unknown_stage_key_names_key_and_file(tmp_path):
     cfg = write_yaml(tmp_path, "train_cls:\n  learning_rate: 0.1\n")
     with pytest.raises(common.ConfigError, match=r"learning_rate.*") as err:
