@@ -378,7 +378,7 @@ def add_run_options(
     h = parser.speed_group("run files (not part of the run's identity)")
     h.add_argument("--config", default=None, help="YAML config (configs/<dataset>.yaml); command-line flags override")
     h.add_argument("--runs-dir", default="runs", help="root of the default output directories")
-    h.add_argument("--output-dir", default=None, help=f"default <runs-dir>/<dataset>/{output} (output_dir)")
+    h.add_argument("--output-dir", default=None, help=f"default <runs-dir>/<dataset>/{output}")
     h.add_argument("--overwrite", action="store_true", help="move a run with another config aside and start over")
     if resume:
         h.add_argument(
@@ -697,9 +697,9 @@ def environment_info() -> dict:
 # run, so a rename alone never sends a finished classifier back to be trained again.
 RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for precision in every stage
 # Keys that stages have since left out of a run's identity: an old run's value is ignored where the current config
-# no longer has the key (data_root: finetune and eval_gap hash the files of every split they read; test_split:
-# eval_gap holds the resolved split's name and fingerprint; skip_bad: finetune and train_cls, see add_skip_bad;
-# lora_dir: synthesize holds the LoRA's hash).
+# no longer has the key (data_root: finetune, eval_gap and sscd_sim hash the files of every split they read;
+# test_split: eval_gap holds the resolved split's name and fingerprint; skip_bad: finetune and train_cls, see
+# add_skip_bad; lora_dir: synthesize holds the LoRA's hash; captions: finetune and synthesize hold the file's hash).
 RETIRED_KEYS = {"data_root", "test_split", "skip_bad", "lora_dir", "captions"}
 
 
