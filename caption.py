@@ -86,10 +86,11 @@ def covers_split(captions_file: Path, index) -> bool:
 
 
 def reopen(run: common.RunDir, state, log) -> None:
-    """Make a finished run whose captions.jsonl is stale an interrupted one again (left "done", the next stage stops on
-    the new images' missing captions and sends the user back here). Without its manifest, make and the next stages do
-    not take it as complete while it runs; its part files, keyed by path, keep every caption already made."""
-    log.info("captions.jsonl does not hold the current split: captioning the images it lacks and merging again")
+    """Make a finished run whose split changed an interrupted one again (left "done", the next stage stops on the new
+    images' missing captions and sends the user back here, or its manifest misses the images now skipped). Without
+    its manifest, make and the next stages do not take it as complete while it runs; its part files and captions.jsonl,
+    keyed by path, keep every caption already made."""
+    log.info("the split changed since this run finished: captioning the images it lacks (if any) and merging again")
     state.wait_for_everyone()  # every process has read the old manifest (run.begin) before it goes
     if state.is_main_process:
         run.manifest_path.unlink(missing_ok=True)  # missing: another --shard job reopened it first
