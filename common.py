@@ -723,11 +723,12 @@ def unused_path(path: Path) -> Path:
 @contextlib.contextmanager
 def _exclusive(lock_path: Path):
     """An advisory lock on `lock_path` held while the block runs: jobs of an array that start at once (over a failed
-    start, say) decide one after another. Where the file system has no flock (Lustre without -o flock), none."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
+    start, say) decide one after another. None where the file system has no flock (Lustre without -o flock) or the
+    folder takes no new file (a run dir made by hand in a read-only parent): the start goes on unserialised."""
+    with contextlib.ExitStack() as stack:
         with contextlib.suppress(OSError):
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fcntl.flock(stack.enter_context(open(lock_path, "a")), fcntl.LOCK_EX)
         yield
 
 

@@ -249,6 +249,13 @@ def test_jobs_starting_at_once_over_a_failed_start_agree_on_one_directory(tmp_pa
         assert sorted(p.name for p in tmp_path.glob(f"r{trial}*")) == [f"r{trial}"]
 
 
+def test_a_start_goes_on_where_no_lock_file_can_be_made(tmp_path):
+    """A run dir made by hand in a read-only parent takes no lock file beside it: the start goes on unserialised
+    (here the lock's name is taken by a folder, which open() refuses as a read-only parent would)."""
+    (tmp_path / ".r.lock").mkdir()
+    assert common.RunDir(tmp_path / "r", {"a": 1}).start() == "fresh"
+
+
 def test_rundir_interrupted_with_other_config_is_caught(tmp_path):
     common.RunDir(tmp_path / "r", {"a": 1}).start()
     (tmp_path / "r" / "checkpoint-1").mkdir()  # it got somewhere
