@@ -112,8 +112,9 @@ def require_descriptor_file(path: str | Path) -> Path:
     return path
 
 
-def load_descriptor(path: str | Path, device: torch.device):
-    """torch.jit.load the descriptor model; returns (model, info) with info['standin'] set for the stand-in."""
+def load_descriptor(path: str | Path, device: torch.device, sha256_16: str | None = None):
+    """torch.jit.load the descriptor model; returns (model, info) with info['standin'] set for the stand-in.
+    `sha256_16`: the file's hash if the caller has it (the run's identity holds it), so it is not read twice."""
     path = require_descriptor_file(path)
     extra = {STANDIN_TAG: ""}
     with warnings.catch_warnings():  # torch deprecates TorchScript, but SSCD's only code-free format is TorchScript
@@ -122,7 +123,7 @@ def load_descriptor(path: str | Path, device: torch.device):
     standin = bool(extra[STANDIN_TAG])
     info = {
         "path": str(path),
-        "sha256_16": common.fingerprint(path),
+        "sha256_16": sha256_16 or common.fingerprint(path),
         "standin": standin,
         "note": extra[STANDIN_TAG].decode() if standin else "SSCD TorchScript descriptor",
     }
@@ -378,7 +379,7 @@ def main(argv=None) -> dict:
     log = common.get_logger(out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    model, descriptor = load_descriptor(args.model, device)
+    model, descriptor = load_descriptor(args.model, device, config["model_fingerprint"])
     if descriptor["standin"]:
         log.warning(f"descriptor {args.model} is the project's STAND-IN, not SSCD: it finds pixel-layout copies")
     preprocessing = f"{args.resize}-{args.size}"

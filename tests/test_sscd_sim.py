@@ -135,14 +135,19 @@ def test_copy_is_found_and_unrelated_images_are_not(tmp_path, tiny_dataset, stan
     assert again["synthetic_vs_real"]["count"] == 5 and again["synthetic_vs_real"]["num_replications"] == 1
 
 
-def test_identity_is_the_files_of_the_sets_and_the_model(tmp_path, tiny_dataset, standin):
+def test_identity_is_the_files_of_the_sets_and_the_model(tmp_path, tiny_dataset, standin, monkeypatch):
     """A re-run after `synthesize.py --overwrite` regenerated the set (same paths, other images) said 'already
     finished' and kept the old matches; the same files under another data root are the same run."""
     real = load_dataset("demo", tiny_dataset, "train")
     synth = make_synthetic_dir(tmp_path / "synth", tiny_dataset, real.samples[5].path)
     out, cache = tmp_path / "sscd", ("--cache-dir", tmp_path / "cache")
+    model_reads, real_fingerprint = [], common.fingerprint
+    monkeypatch.setattr(common, "fingerprint", lambda p, *a: model_reads.append(p) or real_fingerprint(p, *a))
     first = sscd_sim.main(sscd_argv(tiny_dataset, synth, standin, out, *cache))
     assert first["synthetic_vs_real"]["num_replications"] == 1
+    assert [str(p) for p in model_reads].count(str(standin)) == 1  # hashed once: identity and descriptor info
+    assert first["descriptor"]["sha256_16"] == real_fingerprint(standin)
+    monkeypatch.undo()
     moved = tmp_path / "moved_data"
     shutil.copytree(tiny_dataset, moved)  # copy2: sizes and mtimes kept, so the same split fingerprint
     assert sscd_sim.main(sscd_argv(moved, synth, standin, out, *cache)) == first
