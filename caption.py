@@ -57,12 +57,12 @@ def get_parser() -> common.StageParser:
     return p
 
 
-def read_parts(parts_dir: Path) -> dict[str, str]:
-    """Captions already written by any process of any earlier attempt (first occurrence wins), and those of an
-    earlier merge: a finished run reopened after its parts/ were cleaned up captions nothing twice."""
+def captions_made(out_dir: Path) -> dict[str, str]:
+    """Captions already written by any process of any earlier attempt into parts/ (first occurrence wins), and those
+    of an earlier merge: a finished run reopened after its parts/ were cleaned up captions nothing twice."""
     done: dict[str, str] = {}
-    merged = parts_dir.parent / "captions.jsonl"
-    for part in [*sorted(parts_dir.glob("part-*.jsonl")), *([merged] if merged.is_file() else [])]:
+    merged = out_dir / "captions.jsonl"
+    for part in [*sorted((out_dir / "parts").glob("part-*.jsonl")), *([merged] if merged.is_file() else [])]:
         for row in common.read_jsonl(part):
             done.setdefault(row["path"], row["caption"])
     return done
@@ -145,7 +145,7 @@ def run_part(index, todo, part_file: Path, args, device, is_main: bool, log) -> 
 def merge(run: common.RunDir, index, new: int, inputs: dict, log) -> dict:
     """Once every image of the split has a caption in some part file: captions.jsonl in split order, and the
     manifest. Until then (other --shard jobs still running) the number still missing."""
-    done = read_parts(run.path / "parts")
+    done = captions_made(run.path)
     missing = [s.path for s in index.samples if s.path not in done]
     if missing:  # other jobs of a job array are still running: the last one to finish merges
         log.info(f"{len(missing)} images still uncaptioned (other --shard jobs); re-run any job to merge when done")
@@ -180,23 +180,23 @@ def main(argv=None) -> dict:
     status = run.begin(state.wait_for_everyone)
     # A split whose files changed but whose readable images are all captioned (a new bad file, left out by --skip-bad)
     # is merged again: no image is captioned, and the manifest names what was skipped.
-    same_split = status == "done" and run.manifest()["inputs"].get("split_fingerprint") == split_fingerprint
-    if same_split and covers_split(out_dir / "captions.jsonl", index):
-        return run.manifest()["metrics"]
+    manifest = run.manifest() if status == "done" else {"inputs": {}}
+    same_split = manifest["inputs"].get("split_fingerprint") == split_fingerprint
+    if status == "done" and same_split and covers_split(out_dir / "captions.jsonl", index):
+        return manifest["metrics"]
     log = common.get_logger(out_dir, state.is_main_process)
     if status == "done":
         reopen(run, state, log)
 
     # The job's part (--shard) is fixed over the whole dataset, so jobs that start at different times never overlap;
     # within it, images already in a part file are done (resume) and the rest is split over this job's processes.
-    parts = out_dir / "parts"
-    done = read_parts(parts)
+    done = captions_made(out_dir)
     state.wait_for_everyone()  # every process has read the same state before any of them appends
     job_items = common.shard_items(range(len(index)), *args.shard)
     todo = [i for i in job_items if index.samples[i].path not in done]
     mine = common.shard_items(todo, state.process_index, state.num_processes)
     job, jobs = args.shard
-    part_file = parts / f"part-{job}of{jobs}-{state.process_index}of{state.num_processes}.jsonl"
+    part_file = out_dir / "parts" / f"part-{job}of{jobs}-{state.process_index}of{state.num_processes}.jsonl"
     log.info(
         f"{len(index)} images, {len(done)} already captioned; this job: {len(todo)} to do, this process: {len(mine)}"
     )
