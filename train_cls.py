@@ -169,8 +169,9 @@ def load_train_sources(args, test_classes: list[str]) -> tuple[list, list, dict]
         labels += [remap[s.label] for s in index.samples]
         inputs[source] = {"images": len(index), "fingerprint": identity, "skipped_bad": bad}
     real = [inputs[s]["fingerprint"] for s in args.train_dirs if is_real_source(s, args.data_root)]
-    for source in (s for s in args.train_dirs if real and not is_real_source(s, args.data_root)):
-        common.warn_if_made_from_other_data(source, real[0])
+    for source in args.train_dirs:
+        if real and not is_real_source(source, args.data_root):
+            common.warn_if_made_from_other_data(source, real[0])
     if args.subset_mask and not real:
         raise ValueError("--subset-mask selects images of the real train split, but --train-dirs has no 'real'")
     if empty := [c for c, n in zip(test_classes, np.bincount(labels, minlength=len(test_classes))) if n == 0]:
