@@ -1487,7 +1487,8 @@ def starting_checkpoint(run: RunDir, resume: str) -> tuple[Path | None, int]:
 def save_checkpoint(accelerator, run: RunDir, n: int, keep: int, extra: dict | None = None) -> None:
     """accelerate state (and `extra`, as extra.json) saved under a temp name and renamed to
     `<run>/checkpoints/checkpoint-<n>` (a crash mid-save never looks like a checkpoint); only the newest `keep` are
-    kept. Every process must call it."""
+    kept. Every process must call it. `extra` is a file of ours, not accelerate's register_for_checkpointing: its
+    load_state refuses a checkpoint saved before an object was registered, so older runs could not resume."""
     ckpt_dir = run.path / "checkpoints"
     tmp, final = ckpt_dir / f".tmp-checkpoint-{n}", ckpt_dir / f"checkpoint-{n}"
     run.check_in_place()
