@@ -365,7 +365,9 @@ def evaluate(model, index, transform, accelerator, args) -> dict:
         with accelerator.autocast():
             logits = model(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x).float()
         top1, top5 = accuracy(logits.cpu(), y, topk=(1, 5))  # timm's, in percent; k capped at the classes
-        counts += torch.tensor([top1 * len(y) / 100, top5 * len(y) / 100, len(y)], dtype=torch.float64, device=device)
+        # float32 percentages back to whole counts: figures then do not depend on how the images were batched
+        hits = [round(float(top) * len(y) / 100) for top in (top1, top5)]
+        counts += torch.tensor([*hits, len(y)], dtype=torch.float64, device=device)
     counts = accelerator.reduce(counts, reduction="sum")
     return {"top1": 100.0 * counts[0].item() / counts[2].item(), "top5": 100.0 * counts[1].item() / counts[2].item()}
 

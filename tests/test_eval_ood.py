@@ -124,8 +124,9 @@ def test_200_logit_mask_for_a_1000_way_model():
     top5 = np.argsort(-masked, 1)[:, :5]
     assert res["top5"] == pytest.approx(100 * np.mean([t in row for t, row in zip(target, top5)]))
     assert res["logit_mask"] and res["classes_scored"] == 200 and res["images"] == n
-    unmasked = 100 * np.mean(logits.numpy().argmax(1) == target)
-    assert res["top1"] > unmasked  # the mask matters: random logits mostly peak outside the 200 classes
+    unmasked_top5 = np.argsort(-logits.numpy(), 1)[:, :5]
+    unmasked = 100 * np.mean([t in row for t, row in zip(target, unmasked_top5)])
+    assert res["top5"] > unmasked  # the mask matters: random logits mostly peak outside the 200 classes
 
 
 def test_subset_classifier_scores_only_shared_classes():
@@ -135,7 +136,8 @@ def test_subset_classifier_scores_only_shared_classes():
     res = eval_ood.score_set(logits, ids, model_classes, IN_R)
     # shared = classes 0 and 2; the big logit of class 1 (not in IN-R) is masked out: rows 0, 1 right, row 3 wrong
     assert res["images"] == 3 and res["classes_scored"] == 2 and res["logit_mask"]
-    assert res["top1"] == pytest.approx(200 / 3) and res["top5"] == 100.0 and res["top5_k"] == 2
+    assert res["top1"] == 100.0 * 2 / 3  # exact: a count of images, not a float32 percentage
+    assert res["top5"] == 100.0 and res["top5_k"] == 2
     with pytest.raises(ValueError, match="shares no class"):
         eval_ood.score_set(logits, ids, ["a", "b", "c"], IN_R)
 

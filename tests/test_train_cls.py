@@ -463,3 +463,23 @@ def test_the_data_root_comes_from_the_environment_or_paths_yaml_as_in_every_stag
     monkeypatch.delenv("DEMO_ROOT")
     with pytest.raises(ValueError, match="set DEMO_ROOT"):
         train_cls.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path / "other")])
+
+
+def test_accuracy_is_a_whole_count_of_images_for_any_batching(tmp_path):
+    """timm's accuracy is a float32 percentage per batch; turned back into counts, 1 hit of every 3 images must sum
+    to exactly 100·hits/n in any batch size (unrounded, a batch of 15 with 5 hits counted 4.9999995)."""
+    import torchvision.transforms as T
+    from accelerate import Accelerator
+
+    classes = ["a", "b", "c"]
+    make_imagefolder(tmp_path / "data", classes, 5, size=8)
+    index = common.read_imagefolder(tmp_path / "data")
+
+    class FirstClass(torch.nn.Module):  # always class 0: right for a third of the images
+        def forward(self, x):
+            return torch.tensor([[3.0, 2.0, 1.0]]).expand(len(x), -1)
+
+    for batch in (3, 5, 15):
+        args = train_cls.get_parser().parse_args(f"--max-device-batch {batch} --workers 0 --no-channels-last".split())
+        figures = train_cls.evaluate(FirstClass(), index, T.ToTensor(), Accelerator(cpu=True), args)
+        assert figures == {"top1": 100.0 * 5 / 15, "top5": 100.0}, batch
