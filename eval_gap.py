@@ -313,13 +313,13 @@ def classifier_features(run_dir: str, device):
 
 
 def feature_space(spec: str, args) -> str:
-    """The --features space as the cache names it: the kind and the weights behind it, a local model (a CLIP dir, a
-    classifier run) by the hash of its files, so another --clip-model or a retrained classifier never gets the old
-    features. A file-name fragment."""
+    """The --features space, as the cache and the run's identity name it: the kind and the weights behind it, a local
+    model (a CLIP dir, a classifier run's weights) by the hash of its files, so another --clip-model or a retrained
+    classifier never gets the old features or figures. A file-name fragment."""
     kind, _, arg = spec.partition(":")
     weights = {"clip": arg or args.clip_model, "inception": INCEPTION, "timm": arg}.get(kind)
     if kind == "classifier" and arg:
-        weights = Path(arg) / "manifest.json"  # written last by train_cls: a new one for every trained classifier
+        weights = Path(arg) / "model.safetensors"  # not its manifest, which a re-test rewrites for the same weights
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{kind}-{common.fingerprint(weights)}")
 
 
@@ -545,6 +545,7 @@ def main(argv=None) -> dict:
     # The real splits' fingerprints from check_images: a second stat of every file costs 7 s at IN-1K (5 us/image).
     fps = {"train": real_fp, held_out_split: held_out_fp, "synthetic": common.split_fingerprint(synthetic)}
     config["sets"] = fps
+    config["feature_space"] = space = feature_space(args.features, args)  # --features names a model, not its weights
     state = PartialState(cpu=not torch.cuda.is_available())
     run = common.RunDir(out, config, args.overwrite, state.is_main_process)
     start = time.time()
@@ -552,7 +553,7 @@ def main(argv=None) -> dict:
     if run.begin(state.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
     log = common.get_logger(out, state.is_main_process)
-    embedding = Embedding(extractor, feature_space(args.features, args), args, state, out.parent / "gap_features", log)
+    embedding = Embedding(extractor, space, args, state, out.parent / "gap_features", log)
     gathered = {name: embedding.set_stats(index, name, fps[name]) for name, index in sets.items()}
     if any(embedded.stats is None for embedded in gathered.values()) or not state.is_main_process:
         log.info("this part's features are in; the figures come from the job that finishes the last part")

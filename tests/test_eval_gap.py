@@ -207,9 +207,11 @@ def test_the_feature_cache_key_names_the_weights_not_just_the_kind(tmp_path):
     assert eval_gap.feature_space("clip", args) == space["b"]  # the default space is --clip-model's
     run = tmp_path / "cls"
     run.mkdir()
-    write_json(run / "manifest.json", {"metrics": {"top1": 1.0}})
+    (run / "model.safetensors").write_bytes(b"first")
     before = eval_gap.feature_space(f"classifier:{run}", args)
-    write_json(run / "manifest.json", {"metrics": {"top1": 2.0}})  # trained again
+    write_json(run / "manifest.json", {"metrics": {"top1": 2.0}})  # tested again: the same weights, the same space
+    assert eval_gap.feature_space(f"classifier:{run}", args) == before
+    (run / "model.safetensors").write_bytes(b"second")  # trained again
     assert eval_gap.feature_space(f"classifier:{run}", args) != before
     assert "/" not in before and ":" not in eval_gap.feature_space("timm:org/model", args)  # a file-name fragment
 
@@ -241,3 +243,29 @@ def test_a_corrupt_real_image_fails_up_front_unless_skip_bad(tmp_path, tiny_clip
     old = json.loads(manifest.read_text())
     write_json(manifest, {**old, "config": {**old["config"], "test_split": "held-out"}})  # as written before
     assert eval_gap.main([*argv, "--skip-bad", "--test-split", "val", "--output-dir", str(tmp_path / "gap")]) == metrics
+
+
+def test_a_finished_run_is_not_served_for_other_feature_weights(tmp_path, tiny_clip_vision):
+    """The weights behind --features are the run's identity: a feature model changed in place (a CLIP dir saved
+    again, a classifier trained again) is a config mismatch, not 'already finished' with the old figures."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from common import ConfigMismatchError
+
+    data = tmp_path / "data"
+    make_imagefolder(data / "train", TINY_CLASSES, 4, seed=0)
+    make_imagefolder(data / "val", TINY_CLASSES, 3, seed=1)
+    synth = make_imagefolder(tmp_path / "synth", TINY_CLASSES, 3, seed=2)
+    rows = [{"file": f"{c}/{p.name}", "label": i} for i, c in enumerate(TINY_CLASSES) for p in (synth / c).iterdir()]
+    write_jsonl(synth / "manifest.jsonl", rows)
+    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
+    clip = shutil.copytree(tiny_clip_vision, tmp_path / "clip")
+    argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 2 --kid-subset-size 6"
+    argv = argv.split() + ["--features", f"clip:{clip}", "--output-dir", str(tmp_path / "gap")]
+    eval_gap.main(argv)
+    weights = next(clip.glob("*.safetensors"))
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ConfigMismatchError, match="feature_space"):
+        eval_gap.main(argv)
