@@ -561,6 +561,7 @@ def main(argv=None) -> dict:
     results = {"synthetic_dir": str(args.synthetic_dir), "features": args.features, "real_split": "train"}
     figures = all_figures(gathered["train"], gathered[held_out_split], gathered["synthetic"], real.classes, args)
     results.update(held_out_split=held_out_split, **figures)
+    run.check_in_place()
     common.write_json(out / "results.json", results)
     write_markdown(out / "results.md", results)
     write_plots(out, results)

@@ -245,6 +245,19 @@ def test_a_corrupt_real_image_fails_up_front_unless_skip_bad(tmp_path, tiny_clip
     assert eval_gap.main([*argv, "--skip-bad", "--test-split", "val", "--output-dir", str(tmp_path / "gap")]) == metrics
 
 
+def small_gap_run(tmp_path, clip, out) -> list[str]:
+    """eval_gap's arguments for a tiny real train / val split and a synthetic set under tmp_path."""
+    data = tmp_path / "data"
+    make_imagefolder(data / "train", TINY_CLASSES, 4, seed=0)
+    make_imagefolder(data / "val", TINY_CLASSES, 3, seed=1)
+    synth = make_imagefolder(tmp_path / "synth", TINY_CLASSES, 3, seed=2)
+    rows = [{"file": f"{c}/{p.name}", "label": i} for i, c in enumerate(TINY_CLASSES) for p in (synth / c).iterdir()]
+    write_jsonl(synth / "manifest.jsonl", rows)
+    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
+    argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 2 --kid-subset-size 6"
+    return argv.split() + ["--features", f"clip:{clip}", "--output-dir", str(out)]
+
+
 def test_a_finished_run_is_not_served_for_other_feature_weights(tmp_path, tiny_clip_vision):
     """The weights behind --features are the run's identity: a feature model changed in place (a CLIP dir saved
     again, a classifier trained again) is a config mismatch, not 'already finished' with the old figures."""
@@ -254,18 +267,30 @@ def test_a_finished_run_is_not_served_for_other_feature_weights(tmp_path, tiny_c
 
     from common import ConfigMismatchError
 
-    data = tmp_path / "data"
-    make_imagefolder(data / "train", TINY_CLASSES, 4, seed=0)
-    make_imagefolder(data / "val", TINY_CLASSES, 3, seed=1)
-    synth = make_imagefolder(tmp_path / "synth", TINY_CLASSES, 3, seed=2)
-    rows = [{"file": f"{c}/{p.name}", "label": i} for i, c in enumerate(TINY_CLASSES) for p in (synth / c).iterdir()]
-    write_jsonl(synth / "manifest.jsonl", rows)
-    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
     clip = shutil.copytree(tiny_clip_vision, tmp_path / "clip")
-    argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 2 --kid-subset-size 6"
-    argv = argv.split() + ["--features", f"clip:{clip}", "--output-dir", str(tmp_path / "gap")]
+    argv = small_gap_run(tmp_path, clip, tmp_path / "gap")
     eval_gap.main(argv)
     weights = next(clip.glob("*.safetensors"))
     save_file({k: v + 0.01 for k, v in load_file(weights).items()}, str(weights), metadata={"format": "pt"})
     with pytest.raises(ConfigMismatchError, match="feature_space"):
         eval_gap.main(argv)
+
+
+def test_a_run_moved_aside_while_computing_writes_no_figures_into_its_successor(
+    tmp_path, tiny_clip_vision, monkeypatch
+):
+    from common import RunMovedError
+
+    out = tmp_path / "gap"
+    argv = small_gap_run(tmp_path, tiny_clip_vision, out)
+    figures = eval_gap.all_figures
+
+    def moved_meanwhile(*args):  # --overwrite from another command: the old run aside, a new one in its place
+        out.rename(tmp_path / "gap.old")
+        out.mkdir()
+        return figures(*args)
+
+    monkeypatch.setattr(eval_gap, "all_figures", moved_meanwhile)
+    with pytest.raises(RunMovedError):
+        eval_gap.main(argv)
+    assert list(out.iterdir()) == []
