@@ -351,6 +351,7 @@ def main(argv=None) -> dict:
             results[name]["skipped_bad"] = images.skipped_bad
         log.info(f"{name}: top1 {results[name]['top1']:.2f} top5 {results[name]['top5']:.2f} ({results[name]['note']})")
     metrics = {f"{n}/{k}": r[k] for n, r in results.items() for k in ("top1", "top5")}
+    run.check_in_place()
     if state.is_main_process:
         common.write_json(out / "results.json", results)
         with common.atomic_write(out / "results.md") as f:

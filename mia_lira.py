@@ -479,6 +479,7 @@ def main(argv=None) -> dict:
             "fixed-variance rows"
         )
     results, curves = attack(args, keep, scores, log)
+    run.check_in_place()
     write_report(out, results, curves, args.offline_test)
     inputs = {"scores_from": args.scores_from, "num_images": int(keep.shape[1])}
     return run.finish(results, inputs)["metrics"]

@@ -396,6 +396,7 @@ def main(argv=None) -> dict:
     queries = background_queries(real, args)
     bg_vals, _ = topk_search(real_emb[queries], real_emb, 1, args.chunk_size, device, self_index=queries)
 
+    run.check_in_place()
     write_matches(out / "matches.jsonl", synth, real, vals, idx)
     label = "stand-in descriptor, NOT SSCD" if descriptor["standin"] else "SSCD"
     metrics = {

@@ -279,18 +279,17 @@ def test_a_finished_run_is_not_served_for_other_feature_weights(tmp_path, tiny_c
 def test_a_run_moved_aside_while_computing_writes_no_figures_into_its_successor(
     tmp_path, tiny_clip_vision, monkeypatch
 ):
-    from common import RunMovedError
+    from common import RunDir, RunMovedError
 
     out = tmp_path / "gap"
     argv = small_gap_run(tmp_path, tiny_clip_vision, out)
     figures = eval_gap.all_figures
 
     def moved_meanwhile(*args):  # --overwrite from another command: the old run aside, a new one in its place
-        out.rename(tmp_path / "gap.old")
-        out.mkdir()
+        RunDir(out, {"another": "config"}, overwrite=True).start()
         return figures(*args)
 
     monkeypatch.setattr(eval_gap, "all_figures", moved_meanwhile)
     with pytest.raises(RunMovedError):
         eval_gap.main(argv)
-    assert list(out.iterdir()) == []
+    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old

@@ -10,6 +10,7 @@ from conftest import make_imagefolder
 from PIL import Image
 from safetensors.torch import save_file
 
+import common
 import eval_ood
 from common import DATA_DIR, read_lines
 
@@ -261,3 +262,29 @@ def test_a_dataset_split_finds_its_root_in_the_environment_as_every_stage_does(t
     monkeypatch.setenv("DEMO_ROOT", str(tmp_path / "data"))
     args = ["--classifier", str(run), "--dataset", "demo", "--output-dir", str(tmp_path / "ood")]
     assert eval_ood.main(args + "--workers 0 --mixed-precision no".split())["test/top5"] == 100.0
+
+
+def test_a_run_moved_aside_while_scoring_writes_no_results_into_its_successor(tmp_path, monkeypatch):
+    classes = [IN_R[3], IN_R[150]]
+    run = make_classifier(tmp_path / "cls_real", classes)
+    r = tmp_path / "imagenet-r"
+    for j, w in enumerate(classes):
+        put_images(r / w, 2, seed=j)
+    out, score = tmp_path / "ood", eval_ood.score_set
+
+    def moved_meanwhile(*args):  # --overwrite from another command: the old run aside, a new one in its place
+        common.RunDir(out, {"another": "config"}, overwrite=True).start()
+        return score(*args)
+
+    monkeypatch.setattr(eval_ood, "score_set", moved_meanwhile)
+    argv = [
+        "--classifier",
+        str(run),
+        "--output-dir",
+        str(out),
+        *"--workers 0 --amp no --sets".split(),
+        f"imagenet-r={r}",
+    ]
+    with pytest.raises(common.RunMovedError):
+        eval_ood.main(argv)
+    assert not (out / "results.json").exists() and not (out / "results.md").exists()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import mia_lira
 from common import load_dataset
 
@@ -179,6 +180,25 @@ def test_attack_only_mode_writes_the_report(tmp_path):
     assert table.count("| real |") == len(mia_lira.ATTACKS) and "non-members" in table
     assert (out / "roc.png").stat().st_size > 1000 and (out / "manifest.json").is_file()
     assert mia_lira.main(argv) == metrics  # complete: a no-op
+
+
+def test_a_run_moved_aside_while_attacking_writes_nothing_into_its_successor(tmp_path, monkeypatch):
+    src = tmp_path / "experiment"
+    src.mkdir()
+    keep, real = gaussian_experiment(num_models=8, num_images=300, shift=1.5)
+    np.save(src / "keep.npy", keep)
+    np.save(src / "scores_real.npy", real)
+    out, attack = tmp_path / "attack", mia_lira.attack
+
+    def moved_meanwhile(*args):  # --overwrite from another command: the old run aside, a new one in its place
+        common.RunDir(out, {"another": "config"}, overwrite=True).start()
+        return attack(*args)
+
+    monkeypatch.setattr(mia_lira, "attack", moved_meanwhile)
+    argv = [*"--dataset demo --num-shadows 8 --arms real --scores-from".split(), str(src), "--output-dir", str(out)]
+    with pytest.raises(common.RunMovedError):
+        mia_lira.main(argv)
+    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
 
 
 def test_bad_inputs_fail_before_the_run_dir(tmp_path, tiny_dataset):

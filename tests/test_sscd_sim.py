@@ -224,3 +224,20 @@ def test_bad_inputs_fail_before_the_run_dir(tmp_path, tiny_dataset, standin):
     assert not out.exists()
     sscd_sim.main(argv(standin, tiny_dataset))  # the corrected command, same output dir: no config mismatch
     assert (out / "manifest.json").is_file()
+
+
+def test_a_run_moved_aside_while_searching_writes_nothing_into_its_successor(
+    tmp_path, tiny_dataset, standin, monkeypatch
+):
+    real = load_dataset("demo", tiny_dataset, "train")
+    synth = make_synthetic_dir(tmp_path / "synth", tiny_dataset, real.samples[5].path)
+    out, search = tmp_path / "sscd", sscd_sim.topk_search
+
+    def moved_meanwhile(*args, **kwargs):  # --overwrite from another command: the old run aside, a new one there
+        common.RunDir(out, {"another": "config"}, overwrite=True).start()
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(sscd_sim, "topk_search", moved_meanwhile)
+    with pytest.raises(common.RunMovedError):
+        sscd_sim.main(sscd_argv(tiny_dataset, synth, standin, out, "--cache-dir", tmp_path / "cache"))
+    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
