@@ -1202,10 +1202,23 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def list_images(folder: Path, recursive: bool = True) -> list[Path]:
-    """The images in `folder` and, as torchvision's ImageFolder, in its subfolders; hidden files and folders skipped."""
-    found = []
+    """The images in `folder` and, as torchvision's ImageFolder, in its subfolders; hidden files and folders skipped.
+    Linked folders are followed, but a link back to `folder`, a folder above it or one already listed is an error:
+    os.walk follows such a loop, so `ln -s . again` listed every image once per level (some 40 times, silently) and
+    a link to `..` failed with ELOOP after listing the other classes' images under this one."""
+    found, listed, top = [], {os.path.realpath(folder): folder}, Path(os.path.realpath(folder))
     for parent, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for d in dirs:
+            real = os.path.realpath(os.path.join(parent, d))
+            if real in listed:
+                raise ValueError(
+                    f"{Path(parent, d)} and {listed[real]} are one folder (a symbolic link): its images would be "
+                    "read twice; remove the link"
+                )
+            if top.is_relative_to(real):
+                raise ValueError(f"{Path(parent, d)} links to {real}, which holds {folder}: a loop; remove the link")
+            listed[real] = Path(parent, d)
         found += [Path(parent, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS and f[0] != "."]
     return sorted(found)
 

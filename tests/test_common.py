@@ -489,6 +489,20 @@ def test_imagefolder_reads_subfolders_skips_hidden_ones_and_checks_its_class_fil
     assert common.load_dataset("imagefolder", tmp_path, "train").classes == ["dog", "cat/more"]
 
 
+def test_imagefolder_refuses_folder_links_that_would_list_images_twice_or_loop(tmp_path):
+    root = make_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    (root / "cat" / "more").mkdir()
+    (root / "cat" / "more" / "deep.png").write_bytes((root / "cat" / "cat_000.png").read_bytes())
+    elsewhere = make_imagefolder(tmp_path / "other", ["bird"], 2) / "bird"
+    (root / "cat" / "linked").symlink_to(elsewhere)  # a linked folder of other images is followed
+    assert len(common.load_dataset("imagefolder", tmp_path, "train")) == 7
+    for target, problem in ((".", "are one folder"), ("more", "are one folder"), ("..", "a loop")):
+        (root / "cat" / "again").symlink_to(target)  # '.': every cat image some 40 times; '..': dogs as cats, ELOOP
+        with pytest.raises(ValueError, match=problem):
+            common.load_dataset("imagefolder", tmp_path, "train")
+        (root / "cat" / "again").unlink()
+
+
 def test_read_jsonl_drops_truncated_tail_only(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
