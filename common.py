@@ -583,16 +583,23 @@ class ImageReadError(OSError):
 
 
 def load_image(path: str | os.PathLike | ShardMember) -> Image.Image:
-    """Open an image fully (so truncation is caught here, not later in a worker) and convert it to 8-bit RGB."""
+    """Open an image fully (so truncation is caught here, not later in a worker) and convert it to 8-bit RGB, as
+    stored: as timm and torchvision read it, with no EXIF rotation and any alpha dropped (note_unusual_images)."""
     try:
         with Image.open(io.BytesIO(path.read_bytes()) if isinstance(path, ShardMember) else path) as img:
             img.load()
+            if img.mode in FLOAT_MODES:
+                raise ValueError(FLOAT_IMAGE)
             return _eight_bit(img).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageReadError(f"cannot read image {path}: {err}") from err
 
 
+EXIF_ORIENTATION = 0x0112  # 1: upright as stored
 WIDE_INTEGER_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit PNGs and TIFFs open in these
+# convert("RGB") clips floats to 0 or 1: a TIFF of values in 0-1 read as black. Floats have no one 8-bit reading.
+FLOAT_MODES = {"F"}
+FLOAT_IMAGE = "a 32-bit float image (mode F) has no standard 8-bit reading; save it as 8- or 16-bit"
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
@@ -1071,7 +1078,7 @@ def files_fingerprint(root: Path, rel_paths: Iterable[str]) -> str:
 
 # Splits up to this many images are fully decoded by check_images (seconds); larger ones get a header check.
 FULL_DECODE_LIMIT = 20_000
-CHECK_VERSION = 3  # in the cache's file names: a stricter check (3: the end markers) redoes the cached ones
+CHECK_VERSION = 4  # in the cache's file names: a stricter check (3: end markers; 4: float images) redoes the cached
 # Found in the last KiB of a whole file. JPEG's coded data never holds FF D9 (an FF there is followed by 00 or a
 # restart marker), so a cut file lacks it, and a few bytes some cameras add after it are fine; PNG ends in IEND.
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
@@ -1082,6 +1089,8 @@ def image_problem(path: Path, full_decode: bool) -> str | None:
     verified and its end marker found: PIL's verify() reads the header only, so a cut file passes it."""
     try:
         with Image.open(path) as img:
+            if img.mode in FLOAT_MODES:
+                return FLOAT_IMAGE
             img.load() if full_decode else img.verify()
             if not full_decode and img.format in END_MARKERS:
                 with open(path, "rb") as f:
@@ -1135,17 +1144,20 @@ def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | o
 
 
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 def describe_images(index: DatasetIndex, size: int, crop: str = "centre-cropped", sample: int = 256) -> dict:
     """Mode and size of (up to `sample` of) a split's images, read from their headers, and what the stage does with
     them: every image is read as RGB, resized to `size` px and cropped as `crop` says. `grayscale` is true when every
-    sampled image is."""
-    modes, sizes = {}, {}
+    sampled image is; `rotated` and `transparent` count those with an EXIF orientation or transparency."""
+    modes, sizes, rotated, transparent = {}, {}, 0, 0
     for s in index.samples[:: max(1, len(index) // sample)][:sample]:
         try:
             with Image.open(index.root / s.path) as img:
                 mode, wh = img.mode, f"{img.width}x{img.height}"
+                rotated += img.getexif().get(EXIF_ORIENTATION, 1) != 1
+                transparent += img.mode in ALPHA_MODES or "transparency" in img.info
         except (OSError, ValueError, SyntaxError):
             continue  # unreadable: the stage's own bad-image rule (an error or --skip-bad) deals with it
         modes[mode], sizes[wh] = modes.get(mode, 0) + 1, sizes.get(wh, 0) + 1
@@ -1153,19 +1165,36 @@ def describe_images(index: DatasetIndex, size: int, crop: str = "centre-cropped"
         "sampled": sum(modes.values()),
         "modes": modes,
         "sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5]),
+        "rotated": rotated,
+        "transparent": transparent,
         "grayscale": bool(modes) and set(modes) <= GRAYSCALE_MODES,
         "processed_as": f"RGB, short side resized to {size} px and {crop}",
     }
 
 
 def note_unusual_images(description: dict, size: int, log) -> None:
-    """Say once what happens to images that are not RGB at `size` px (grayscale, smaller or larger)."""
+    """Say once what happens to images that are not RGB at `size` px (grayscale, smaller or larger), and warn of
+    images that a viewer shows otherwise than every stage reads them (an EXIF rotation, transparency)."""
     others = [m for m in description["modes"] if m != "RGB"]
     resized = [wh for wh in description["sizes"] if wh != f"{size}x{size}"]
     if others or resized:
         log.info(
             f"source images: modes {description['modes']}, sizes {description['sizes']} (of {description['sampled']} "
             f"sampled): read as {description['processed_as']}"
+        )
+    # Not turned upright or flattened here: every stage, and a timm or torchvision reader of the same files, must see
+    # one image, and the paper's datasets are read as stored.
+    if rotated := description.get("rotated", 0):
+        log.warning(
+            f"{rotated} of {description['sampled']} sampled images carry an EXIF rotation: read as stored, not upright "
+            "(as timm and torchvision read them); rotate the files first if they lie on their side "
+            "(e.g. mogrify -auto-orient)"
+        )
+    if transparent := description.get("transparent", 0):
+        log.warning(
+            f"{transparent} of {description['sampled']} sampled images have transparency: read with the alpha dropped "
+            "(as timm and torchvision read them), so hidden pixels show their stored colour; flatten the files first "
+            "if that matters (e.g. mogrify -background white -flatten)"
         )
 
 

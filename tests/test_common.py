@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -938,3 +939,41 @@ def test_a_copied_stage_without_data_is_told_where_the_class_lists_go(tmp_path, 
     monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="copy the project's data/ folder beside common.py"):
         common.load_dataset("in10", tmp_path, "train")
+
+
+def test_images_are_read_as_stored_and_floats_are_bad_inputs_not_black(tmp_path):
+    """16-bit gray by its top byte (convert clipped it white); a float TIFF (convert clipped it black, as 0 or 1)
+    is an unreadable image with the fix, in the up-front check and when read."""
+    Image.fromarray(np.full((4, 6), 0x8040, dtype=np.uint16)).save(tmp_path / "wide.png")
+    assert np.asarray(common.load_image(tmp_path / "wide.png")).max() == 0x80
+    Image.fromarray(np.full((4, 6), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
+    for full in (True, False):
+        assert "float" in common.image_problem(tmp_path / "float.tif", full)
+    with pytest.raises(common.ImageReadError, match="8- or 16-bit"):
+        common.load_image(tmp_path / "float.tif")
+
+
+def test_rotated_and_transparent_images_are_named_in_a_warning(tmp_path):
+    """Every stage reads an image as stored (as timm and torchvision do); one a viewer shows otherwise, upright by
+    its EXIF orientation or with transparency, is counted and the user told how to change the files."""
+    root = make_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° to view
+    Image.new("RGB", (32, 16), "red").save(root / "cat" / "phone.jpg", exif=exif)
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(root / "dog" / "cutout.png")
+    index = common.load_dataset("imagefolder", tmp_path, "train")
+    description = common.describe_images(index, 16)
+    assert (description["rotated"], description["transparent"]) == (1, 1)
+    assert np.asarray(common.load_image(root / "cat" / "phone.jpg")).shape == (16, 32, 3)  # as stored
+    said = []
+    log = SimpleNamespace(info=said.append, warning=said.append)
+    common.note_unusual_images(description, 16, log)
+    assert any("EXIF rotation" in line and "auto-orient" in line for line in said)
+    assert any("transparency" in line and "flatten" in line for line in said)
+    said.clear()
+    for added in (root / "cat" / "phone.jpg", root / "dog" / "cutout.png"):
+        added.unlink()
+    common.note_unusual_images(
+        common.describe_images(common.load_dataset("imagefolder", tmp_path, "train"), 32), 32, log
+    )
+    assert said == []  # RGB at the size: nothing to say
