@@ -986,7 +986,8 @@ def main(argv=None) -> dict:
     metrics = finalize(plan, out_dir, run, args) if state.is_main_process else None
     log.info(
         f"done: generated {stats['generated']} images in {stats['seconds']:.1f}s "
-        f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} bad sources; "
+        f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} images skipped for "
+        f"{len({b['source'] for b in stats['bad_sources']})} bad sources; "
         + ("set complete: manifest.json written" if metrics else "other shards still running or incomplete")
     )
     return {
