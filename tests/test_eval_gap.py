@@ -10,6 +10,19 @@ import eval_gap
 from common import ImageReadError, write_json, write_jsonl
 
 
+def tiny_gap_sets(tmp_path, train: int, val: int, synthetic: int, name: str = "synth"):
+    """A real train / val split and a synthesize.py-layout set of that many images per class under tmp_path:
+    (data root, set dir, the set's manifest rows)."""
+    data = tmp_path / "data"
+    make_imagefolder(data / "train", TINY_CLASSES, train, seed=0)
+    make_imagefolder(data / "val", TINY_CLASSES, val, seed=1)
+    synth = make_imagefolder(tmp_path / name, TINY_CLASSES, synthetic, seed=2)
+    rows = [{"file": f"{c}/{p.name}", "label": i} for i, c in enumerate(TINY_CLASSES) for p in (synth / c).iterdir()]
+    write_jsonl(synth / "manifest.jsonl", rows)
+    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
+    return data, synth, rows
+
+
 def test_fid_of_a_set_with_itself_is_zero_and_of_gaussians_the_closed_form():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 4))
@@ -103,15 +116,7 @@ def test_streamed_figures_equal_the_in_memory_ones_and_parts_merge_exactly(tmp_p
 
 
 def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_clip_vision):
-    from common import write_json, write_jsonl
-
-    data = tmp_path / "data"
-    make_imagefolder(data / "train", TINY_CLASSES, 5, seed=0)
-    make_imagefolder(data / "val", TINY_CLASSES, 4, seed=1)
-    synth = make_imagefolder(tmp_path / "synth_x1", TINY_CLASSES, 4, seed=2)
-    rows = [{"file": f"{c}/{p.name}", "label": i} for i, c in enumerate(TINY_CLASSES) for p in (synth / c).iterdir()]
-    write_jsonl(synth / "manifest.jsonl", rows)
-    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
+    data, synth, rows = tiny_gap_sets(tmp_path, 5, 4, 4, "synth_x1")
     argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 3 --kid-subset-size 8"
     argv = argv.split() + ["--features", f"clip:{tiny_clip_vision}", "--output-dir", str(tmp_path / "gap")]
     metrics = eval_gap.main(argv)
@@ -141,13 +146,7 @@ def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_
 
 
 def test_an_interrupted_part_resumes_where_it_stopped(tmp_path, tiny_clip_vision, monkeypatch):
-    data = tmp_path / "data"
-    make_imagefolder(data / "train", TINY_CLASSES, 6, seed=0)
-    make_imagefolder(data / "val", TINY_CLASSES, 3, seed=1)
-    synth = make_imagefolder(tmp_path / "synth", TINY_CLASSES, 6, seed=2)
-    rows = [{"file": f"{c}/{p.name}", "label": i} for i, c in enumerate(TINY_CLASSES) for p in (synth / c).iterdir()]
-    write_jsonl(synth / "manifest.jsonl", rows)
-    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
+    data, synth, _ = tiny_gap_sets(tmp_path, 6, 3, 6)
     argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 3 --kid-subset-size 8"
     argv = argv.split() + ["--features", f"clip:{tiny_clip_vision}", "--batch-size", "4", "--checkpoint-every", "4"]
     clean = eval_gap.main(argv + ["--output-dir", str(tmp_path / "clean" / "gap")])
@@ -247,13 +246,7 @@ def test_a_corrupt_real_image_fails_up_front_unless_skip_bad(tmp_path, tiny_clip
 
 def small_gap_run(tmp_path, clip, out) -> list[str]:
     """eval_gap's arguments for a tiny real train / val split and a synthetic set under tmp_path."""
-    data = tmp_path / "data"
-    make_imagefolder(data / "train", TINY_CLASSES, 4, seed=0)
-    make_imagefolder(data / "val", TINY_CLASSES, 3, seed=1)
-    synth = make_imagefolder(tmp_path / "synth", TINY_CLASSES, 3, seed=2)
-    rows = [{"file": f"{c}/{p.name}", "label": i} for i, c in enumerate(TINY_CLASSES) for p in (synth / c).iterdir()]
-    write_jsonl(synth / "manifest.jsonl", rows)
-    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
+    data, synth, _ = tiny_gap_sets(tmp_path, 4, 3, 3)
     argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 2 --kid-subset-size 6"
     return argv.split() + ["--features", f"clip:{clip}", "--output-dir", str(out)]
 
