@@ -25,6 +25,7 @@ import random
 import shutil
 import subprocess
 import sys
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -1274,9 +1275,17 @@ def read_imagefolder(
         classes = _class_file(root, "classes.txt") or folders
         listed = {c.split("/")[0] for c in classes}  # a class id with '/' is a nested folder
         if unlisted := [f for f in folders if f not in listed and list_images(root / f)]:
+            nfc = {unicodedata.normalize("NFC", c) for c in listed}
+            unicode_forms = any(unicodedata.normalize("NFC", f) in nfc for f in unlisted)
             raise ValueError(
                 f"{name} {split}: image folder(s) under {root} not in classes.txt: {unlisted[:5]}; classes.txt "
                 "gives the class order, not a selection: add them to it or move them out"
+                + (
+                    ". Some differ from a listed name only in their Unicode form (a folder copied from macOS has "
+                    "decomposed accents, NFD): write classes.txt with the folders' names as they are on disk"
+                    if unicode_forms
+                    else ""
+                )
             )
     if len(set(classes)) < len(classes):
         repeated = sorted({c for i, c in enumerate(classes) if c in classes[:i]})

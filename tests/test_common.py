@@ -977,3 +977,17 @@ def test_rotated_and_transparent_images_are_named_in_a_warning(tmp_path):
         common.describe_images(common.load_dataset("imagefolder", tmp_path, "train"), 32), 32, log
     )
     assert said == []  # RGB at the size: nothing to say
+
+
+def test_a_class_folder_in_another_unicode_form_than_classes_txt_is_named_so(tmp_path):
+    """'dög' copied from macOS is d-o-combining-diaeresis-g (NFD); classes.txt typed elsewhere holds the NFC form. The
+    error said the folder was not in classes.txt, which visibly held it."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "dög")
+    root = make_imagefolder(tmp_path / "train", ["cat", nfd], 2)
+    (root / "classes.txt").write_text("cat\ndög\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="Unicode form"):
+        common.load_dataset("imagefolder", tmp_path, "train")
+    (root / "classes.txt").write_text(f"cat\n{nfd}\n", encoding="utf-8")
+    assert common.load_dataset("imagefolder", tmp_path, "train").classes == ["cat", nfd]
