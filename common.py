@@ -979,6 +979,8 @@ def progress(iterable=None, is_main: bool = True, **kwargs):
 # Datasets: every reader returns one uniform index of (relative path, label) with the class list in a stated order.
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# Images a user's folder may hold that no stage reads: left out, with a warning that names them.
+UNREAD_IMAGE_EXTENSIONS = {".gif", ".heic", ".heif", ".avif", ".jfif", ".ppm", ".pgm", ".jp2"}
 
 
 @dataclasses.dataclass
@@ -1231,8 +1233,9 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def list_images(folder: Path, recursive: bool = True) -> list[Path]:
-    """The images in `folder` and, as torchvision's ImageFolder, in its subfolders; hidden files and folders skipped.
+def list_images(folder: Path, recursive: bool = True, unread: list | None = None) -> list[Path]:
+    """The images in `folder` and, as torchvision's ImageFolder, in its subfolders; hidden files and folders skipped,
+    images of other formats (UNREAD_IMAGE_EXTENSIONS) added to `unread`.
     Linked folders are followed, but a link back to `folder`, a folder above it or one already listed is an error:
     os.walk follows such a loop, so `ln -s . again` listed every image once per level (some 40 times, silently) and
     a link to `..` failed with ELOOP after listing the other classes' images under this one."""
@@ -1250,6 +1253,8 @@ def list_images(folder: Path, recursive: bool = True) -> list[Path]:
                 raise ValueError(f"{Path(parent, d)} links to {real}, which holds {folder}: a loop; remove the link")
             listed[real] = Path(parent, d)
         found += [Path(parent, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS and f[0] != "."]
+        if unread is not None:
+            unread += [Path(parent, f) for f in files if Path(f).suffix.lower() in UNREAD_IMAGE_EXTENSIONS]
     return sorted(found)
 
 
@@ -1295,7 +1300,14 @@ def read_imagefolder(
         raise FileNotFoundError(
             f"{name} {split}: class folder(s) missing under {root}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
-    images = [list_images(root / c) for c in classes]
+    unread = []
+    images = [list_images(root / c, unread=unread) for c in classes]
+    if unread:  # before a stage has its logger: on stderr (logging's last resort)
+        logging.getLogger("realfake").warning(
+            f"{name} {split}: {len(unread)} image(s) in a format no stage reads left out "
+            f"({', '.join(sorted({p.suffix.lower() for p in unread}))}), e.g. {[str(p) for p in unread[:3]]}; "
+            f"convert them to one of {', '.join(sorted(IMAGE_EXTENSIONS))} to include them"
+        )
     if split == "train" and (empty := [c for c, files in zip(classes, images) if not files]):
         # Found at load, by every stage: a class without training images cannot be learned or synthesized.
         raise ValueError(f"{name} train: class folder(s) with no images under {root}: {empty[:5]}; fill or remove them")

@@ -4,6 +4,7 @@ import argparse
 import ast
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -991,3 +992,13 @@ def test_a_class_folder_in_another_unicode_form_than_classes_txt_is_named_so(tmp
         common.load_dataset("imagefolder", tmp_path, "train")
     (root / "classes.txt").write_text(f"cat\n{nfd}\n", encoding="utf-8")
     assert common.load_dataset("imagefolder", tmp_path, "train").classes == ["cat", nfd]
+
+
+def test_images_of_a_format_no_stage_reads_are_named_not_dropped_silently(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    Image.new("RGB", (8, 8)).save(root / "cat" / "animated.gif")
+    (root / "dog" / "IMG_0001.HEIC").write_bytes(b"not decoded here")
+    said = []  # the stage's logger, whatever handlers an earlier get_logger left on it
+    monkeypatch.setattr(logging.getLogger("realfake"), "warning", said.append)
+    assert len(common.load_dataset("imagefolder", tmp_path, "train")) == 4
+    assert len(said) == 1 and "2 image(s) in a format no stage reads left out (.gif, .heic)" in said[0]
