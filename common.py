@@ -828,6 +828,9 @@ class RunDir:
         if previous is not None and self.manifest_path.is_file():
             if self.is_main:  # said here for every stage: a re-run of a finished chain reports each skip
                 print(f"{self.path}: already finished with this config (manifest.json)")
+            # A finished run may be written again (eval_ood scores a set added since, train_cls tests a changed
+            # split again): check_in_place guards those writes too.
+            self.identity = _dir_identity(self.path)
             return "done"
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)

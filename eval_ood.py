@@ -269,9 +269,9 @@ class Classifier:
     weights_hash: str
 
 
-def set_logits(images: EvalSet, clf: Classifier, state, args, out: Path, log) -> torch.Tensor:
+def set_logits(images: EvalSet, clf: Classifier, state, args, run: common.RunDir, log) -> torch.Tensor:
     """The set's logits from the cache if the classifier, transform and images are unchanged, else computed."""
-    name, paths = images.name, images.paths
+    name, paths, out = images.name, images.paths, run.path
     cache = out / "logits" / f"{name}.safetensors"
     key = cache_key(clf.weights_hash, clf.info["eval_transform"], images)
     logits = cached_logits(cache, key, len(paths))
@@ -279,6 +279,7 @@ def set_logits(images: EvalSet, clf: Classifier, state, args, out: Path, log) ->
         log.info(f"{name}: {len(paths)} logits from cache")
         return logits
     part = compute_logits(clf.model, paths, clf.transform, state, args, desc=name)
+    run.check_in_place()  # moved aside while computing: this classifier's logits stay out of the run now there
     parts_dir = out / "logits" / f".{name}.parts"
     with common.atomic_path(parts_dir / f"{state.process_index}.safetensors") as tmp:
         save_file({"logits": part.contiguous()}, str(tmp))
@@ -291,6 +292,7 @@ def set_logits(images: EvalSet, clf: Classifier, state, args, out: Path, log) ->
     for r, shard in enumerate(shards):
         logits[r::world] = shard
     state.wait_for_everyone()
+    run.check_in_place()
     if state.is_main_process:
         with common.atomic_path(cache) as tmp:
             save_file({"logits": logits.contiguous()}, str(tmp), metadata={"key": key})
@@ -345,7 +347,7 @@ def main(argv=None) -> dict:
         log.info(f"scoring the sets added or changed since this run: {changed}")
     for images in sets:
         name = images.name
-        logits = set_logits(images, clf, state, args, out, log)
+        logits = set_logits(images, clf, state, args, run, log)
         results[name] = score_set(logits, images.ids, info["classes"], images.space)
         if images.skipped_bad is not None:
             results[name]["skipped_bad"] = images.skipped_bad

@@ -202,6 +202,21 @@ def test_rundir_stops_a_process_whose_directory_was_moved_aside_or_deleted(tmp_p
         again.check_in_place()
 
 
+def test_a_finished_run_written_again_stops_if_its_directory_was_moved_aside(tmp_path):
+    """A finished run is written again by some stages (eval_ood scores a set added since, train_cls tests a changed
+    split again): a move aside meanwhile must stop those writes too, not only a fresh or resumed run's."""
+    first = common.RunDir(tmp_path / "r", {"a": 1})
+    first.start()
+    first.finish({"top1": 0.5})
+    done = common.RunDir(tmp_path / "r", {"a": 1})
+    assert done.start() == "done"
+    done.check_in_place()  # nothing moved: goes on
+    common.RunDir(tmp_path / "r", {"a": 2}, overwrite=True).start()
+    with pytest.raises(common.RunMovedError):
+        done.finish({"top1": 0.6})
+    assert not (tmp_path / "r" / "manifest.json").exists()
+
+
 def test_a_changed_data_fingerprint_says_how_a_copy_keeps_it(tmp_path):
     """Staging the data per job with cp -r changes every mtime: the mismatch says so, and how to copy instead."""
     common.RunDir(tmp_path / "r", {"train_fingerprint": "a", "lr": 1}).start()

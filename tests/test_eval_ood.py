@@ -288,3 +288,33 @@ def test_a_run_moved_aside_while_scoring_writes_no_results_into_its_successor(tm
     with pytest.raises(common.RunMovedError):
         eval_ood.main(argv)
     assert not (out / "results.json").exists() and not (out / "results.md").exists()
+
+
+def test_a_finished_run_moved_aside_while_scoring_an_added_set_writes_nothing_into_its_successor(tmp_path, monkeypatch):
+    """A set added to a finished run is scored in that run ('done', then written again): a move aside meanwhile
+    must stop it as it stops a fresh run, not leave the old run's results and manifest in the new one."""
+    classes = [IN_R[3], IN_R[150]]
+    run = make_classifier(tmp_path / "cls_real", classes)
+    r, a = tmp_path / "imagenet-r", tmp_path / "imagenet-sketch"
+    for j, w in enumerate(classes):
+        put_images(r / w, 2, seed=j)
+        put_images(a / w, 2, seed=10 + j)
+    out, score = tmp_path / "ood", eval_ood.score_set
+    argv = [
+        "--classifier",
+        str(run),
+        "--output-dir",
+        str(out),
+        *"--workers 0 --amp no --sets".split(),
+        f"imagenet-r={r}",
+    ]
+    eval_ood.main(argv)
+
+    def moved_meanwhile(*args):  # --overwrite from another command: the old run aside, a new one in its place
+        common.RunDir(out, {"another": "config"}, overwrite=True).start()
+        return score(*args)
+
+    monkeypatch.setattr(eval_ood, "score_set", moved_meanwhile)
+    with pytest.raises(common.RunMovedError):
+        eval_ood.main([*argv, f"imagenet-sketch={a}"])
+    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
