@@ -966,7 +966,8 @@ def main(argv=None) -> dict:
     log = common.get_logger(out_dir, state.is_main_process)
     if status == "done":
         return {**run.manifest()["metrics"], "complete": True, "generated": 0}
-    common.note_unusual_images(args.source_images, args.resolution, log)
+    if state.is_main_process:  # warnings show on every process: said once, not once per GPU
+        common.note_unusual_images(args.source_images, args.resolution, log)
     if args.resolved_output_mode != "RGB":
         log.info("grayscale dataset: synthetic images are written in grayscale (--output-mode RGB keeps colour)")
     plan.model_hash, plan.lora_hash = common.fingerprint(args.pretrained_model, args.revision), lora_hash

@@ -1017,3 +1017,20 @@ def test_images_of_a_format_no_stage_reads_are_named_not_dropped_silently(tmp_pa
     monkeypatch.setattr(logging.getLogger("realfake"), "warning", said.append)
     assert len(common.load_dataset("imagefolder", tmp_path, "train")) == 4
     assert len(said) == 1 and "2 image(s) in a format no stage reads left out (.gif, .heic)" in said[0]
+
+
+def test_images_of_unread_formats_are_said_once_per_launch_and_hidden_files_are_none(tmp_path, monkeypatch):
+    """Said before the stage has its logger, by every process of a launch: under torchrun each process has its RANK,
+    and only the first speaks (not once per GPU). macOS '._' files beside the images are no images of any format."""
+    root = make_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    Image.new("RGB", (8, 8)).save(root / "cat" / "animated.gif")
+    (root / "cat" / "._animated.gif").write_bytes(b"AppleDouble metadata")
+    said = []
+    monkeypatch.setattr(logging.getLogger("realfake"), "warning", said.append)
+    for rank in ("1", "3"):
+        monkeypatch.setenv("RANK", rank)
+        assert len(common.load_dataset("imagefolder", tmp_path, "train")) == 4
+    assert said == []
+    monkeypatch.setenv("RANK", "0")
+    common.load_dataset("imagefolder", tmp_path, "train")
+    assert len(said) == 1 and "1 image(s) in a format no stage reads left out (.gif)" in said[0]
