@@ -1172,7 +1172,10 @@ def describe_images(index: DatasetIndex, size: int, crop: str = "centre-cropped"
         try:
             with Image.open(index.root / s.path) as img:
                 mode, wh = img.mode, f"{img.width}x{img.height}"
-                rotated += img.getexif().get(EXIF_ORIENTATION, 1) != 1
+                # PIL decodes a whole PNG to look for an eXIf chunk after its pixels (23 ms for 3 MP, 256 times per
+                # process): a PNG's orientation is read where the standard puts it, before them, or not at all
+                exif = img.getexif() if img.format != "PNG" or "exif" in img.info else {}
+                rotated += exif.get(EXIF_ORIENTATION, 1) != 1
                 transparent += img.mode in ALPHA_MODES or "transparency" in img.info
         except (OSError, ValueError, SyntaxError):
             continue  # unreadable: the stage's own bad-image rule (an error or --skip-bad) deals with it

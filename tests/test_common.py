@@ -1034,3 +1034,20 @@ def test_images_of_unread_formats_are_said_once_per_launch_and_hidden_files_are_
     monkeypatch.setenv("RANK", "0")
     common.load_dataset("imagefolder", tmp_path, "train")
     assert len(said) == 1 and "1 image(s) in a format no stage reads left out (.gif)" in said[0]
+
+
+def test_describing_pngs_reads_their_headers_not_their_pixels(tmp_path, monkeypatch):
+    """describe_images runs on every process of finetune and synthesize over 256 sampled images: a PNG's EXIF
+    rotation is looked for in the chunks before its pixels (PIL's getexif decodes the whole image for it)."""
+    from PIL import PngImagePlugin
+
+    root = make_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (16, 8), "red").save(root / "cat" / "rotated.png", exif=exif)
+    decoded = []
+    load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: decoded.append(1) or load(self))
+    description = common.describe_images(common.load_dataset("imagefolder", tmp_path, "train"), 32)
+    assert description["rotated"] == 1 and description["sampled"] == 5
+    assert decoded == []
