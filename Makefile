@@ -134,10 +134,12 @@ $(RUNS)/finetune/manifest.json: $(CONFIG) $(CAPTIONS_DEP) | $(STAMP)
 	$(RUN) finetune.py $(STAGE_FLAGS) $(SKIP_FLAG) $(CAPTIONS_FLAG) --output-dir $(@D)
 
 # Image k of source s has seed item_seed(seed, s, k), so xN is a prefix of xM for N < M: a larger scale hard-links
-# the images of every smaller scale already on disk (--reuse-from) and generates only the missing copies.
+# the images of every smaller scale already on disk (--reuse-from) and generates only the missing copies. The shell
+# globs them when the recipe runs: $(wildcard) reads make's cached folder listing, which misses the sets an earlier
+# recipe of the same make (a SCALES sweep) made.
 $(RUNS)/synth_x%/manifest.json: $(RUNS)/finetune/manifest.json | $(STAMP)
 	$(RUN) synthesize.py $(STAGE_FLAGS) $(SKIP_FLAG) $(CAPTIONS_FLAG) $(FORMAT_FLAG) --lora-dir $(RUNS)/finetune --scale $* \
-		--reuse-from $(wildcard $(RUNS)/synth_x*) --output-dir $(@D)
+		--reuse-from $$(shopt -s nullglob; echo $(RUNS)/synth_x*) --output-dir $(@D)
 
 # A classifier stopped by --epochs-per-job (a time-limited job) has no manifest yet: the chain stops there.
 CLS_DONE = @test -f $@ || { echo "$(@D): not finished (--epochs-per-job): run the same make again to go on"; exit 3; }

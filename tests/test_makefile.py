@@ -186,3 +186,27 @@ def test_a_classifier_stopped_by_epochs_per_job_stops_the_chain(tmp_path):
     done = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode != 0 and "runs/in10/cls_real: not finished (--epochs-per-job)" in done.stdout
     assert "eval_ood.py" not in done.stdout
+
+
+def test_a_sweep_reuses_the_smaller_scales_made_earlier_in_the_same_make(tmp_path):
+    """`make in100 SCALES="1 2 5 10"` (README): x2 hard-links the x1 images made a moment before by the same make.
+    $(wildcard) saw none of them: make caches a folder's listing, so every scale of a fresh sweep generated all."""
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "cub.yaml", tmp_path / "configs")
+    (tmp_path / "runs" / "cub").mkdir(parents=True)  # a folder make has listed before any synthesis ran
+    stage = tmp_path / "stage.sh"  # every stage "succeeds", writing the manifest make waits for
+    stage.write_text(
+        '#!/bin/bash\necho "STAGE $*"\nwhile [ $# -gt 0 ]; do [ "$1" = --output-dir ] && out=$2; shift; done\n'
+        'mkdir -p "$out" && touch "$out/manifest.json"\n'
+    )
+    stage.chmod(0o755)
+    run = ["make", "-o", ".venv/.installed", "pipeline", "DATASET=cub", "SCALES=1 2 5", f"RUN={stage}"]
+    done = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    synth = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("STAGE synthesize.py"):
+            args = shlex.split(line)
+            synth[args[args.index("--scale") + 1]] = args[args.index("--reuse-from") + 1 : args.index("--output-dir")]
+    assert synth == {"1": [], "2": ["runs/cub/synth_x1"], "5": ["runs/cub/synth_x1", "runs/cub/synth_x2"]}
