@@ -707,8 +707,11 @@ RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for p
 # Keys that stages have since left out of a run's identity: an old run's value is ignored where the current config
 # no longer has the key (data_root: finetune, eval_gap and sscd_sim hash the files of every split they read;
 # test_split: eval_gap holds the resolved split's name and fingerprint; skip_bad: finetune and train_cls, see
-# add_skip_bad; lora_dir: synthesize holds the LoRA's hash; captions: finetune and synthesize hold the file's hash).
-RETIRED_KEYS = {"data_root", "test_split", "skip_bad", "lora_dir", "captions"}
+# add_skip_bad; lora_dir: synthesize holds the LoRA's hash; captions: finetune and synthesize hold the file's hash;
+# imagenet_v2 & co.: eval_ood's OOD set roots, as every set it scores is fingerprinted).
+RETIRED_KEYS = {"data_root", "test_split", "skip_bad", "lora_dir", "captions"} | {
+    f"imagenet_{kind}" for kind in ("v2", "sketch", "val", "r", "a")
+}
 
 
 # Said with a mismatch of a data fingerprint (split_fingerprint: path, size and mtime of every file).

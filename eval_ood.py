@@ -62,12 +62,17 @@ IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "ood_<classifier dir name>", workers=8)
-    a = (model := p.group("classifier and OOD set roots")).add_argument
+    a = (model := p.group("classifier")).add_argument
     a("--classifier", default=None, help="a train_cls.py output directory (required)")
+    common.add_mixed_precision(model, AUTOCAST_ON_GPU)
+    # A root only locates a set, and every set scored is fingerprinted (a changed one is scored again): as the same
+    # root given as KIND=PATH in --sets, in the environment or in configs/paths.yaml, no part of the identity.
+    roots = p.speed_group("OOD set roots (not part of the run's identity: every set scored is fingerprinted)")
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
         env = kind.replace("-", "_").upper() + "_ROOT"
-        a(f"--{kind}", default=None, help=f"root of {kind}, for --sets {kind} (default ${env} or configs/paths.yaml)")
-    common.add_mixed_precision(model, AUTOCAST_ON_GPU)
+        roots.add_argument(
+            f"--{kind}", default=None, help=f"root of {kind}, for --sets {kind} (default ${env} or configs/paths.yaml)"
+        )
     # A set added to a finished run reuses the other sets' cached logits: which sets is no part of the identity.
     which = p.speed_group("which images are scored (not part of the run's identity)")
     which.add_argument(

@@ -318,3 +318,31 @@ def test_a_finished_run_moved_aside_while_scoring_an_added_set_writes_nothing_in
     with pytest.raises(common.RunMovedError):
         eval_ood.main([*argv, f"imagenet-sketch={a}"])
     assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
+
+def test_an_ood_root_given_by_its_option_is_no_part_of_the_identity(tmp_path):
+    """README: the sets a stage only evaluates on are not its identity but are fingerprinted. --imagenet-v2 PATH & co.
+    were hashed, so naming a finished run's set by its option (or adding one so) stopped with a config mismatch,
+    while the same root as KIND=PATH in --sets, in $IMAGENET_V2_ROOT or configs/paths.yaml was no part of it."""
+    classes = [IN_R[3], IN_R[150]]
+    run = make_classifier(tmp_path / "cls_real", classes)
+    v2, r = tmp_path / "v2", tmp_path / "imagenet-r"
+    for c in range(1000):
+        (v2 / str(c)).mkdir(parents=True)
+    for j, w in enumerate(classes):
+        put_images(v2 / str(IN1K.index(w)), 2, seed=j)
+        put_images(r / w, 2, seed=10 + j)
+    out = tmp_path / "ood"
+    argv = ["--classifier", str(run), "--output-dir", str(out), *"--workers 0 --amp no".split()]
+    metrics = eval_ood.main(argv + ["--sets", f"imagenet-v2={v2}"])
+    assert eval_ood.main(argv + ["--sets", "imagenet-v2", "--imagenet-v2", str(v2)]) == metrics
+    more = eval_ood.main(
+        argv + ["--sets", "imagenet-v2", "imagenet-r", "--imagenet-v2", str(v2), "--imagenet-r", str(r)]
+    )
+    assert more["imagenet-v2/top1"] == metrics["imagenet-v2/top1"] and "imagenet-r/top1" in more
+    # a run made while the roots were hashed holds them (None unless given): it is adopted, not a mismatch
+    for name in ("manifest.json", "run_config.json"):
+        saved = json.loads((out / name).read_text())
+        saved["config"].update({k: None for k in ("imagenet_v2", "imagenet_sketch", "imagenet_val")})
+        saved["config"].update({"imagenet_r": str(r), "imagenet_a": None})
+        (out / name).write_text(json.dumps(saved))
+    assert eval_ood.main(argv + ["--sets", "imagenet-v2", "imagenet-r", "--imagenet-v2", str(v2)]) == more
