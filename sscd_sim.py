@@ -34,6 +34,7 @@ Commands:
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -92,11 +93,16 @@ class StandinDescriptor(torch.nn.Module):
 def save_standin(path: str | Path, dims: int = 256, seed: int = 0) -> Path:
     """Script the stand-in and save it as TorchScript, tagged inside the archive so results can say what it is."""
     note = "realfake stand-in descriptor (pooled pixel layout + random projection), NOT SSCD"
-    with warnings.catch_warnings(), common.atomic_path(path) as tmp:  # TorchScript: the format SSCD ships (see above)
+    # Saved to memory first: saved to a file, the archive inside is named after that (temp) file, so each call made
+    # other bytes, and the file's hash is the identity of every run that uses it (make demo makes it before each).
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # TorchScript: the format SSCD ships (see above)
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(
-            torch.jit.script(StandinDescriptor(dims=dims, seed=seed).eval()), str(tmp), _extra_files={STANDIN_TAG: note}
+            torch.jit.script(StandinDescriptor(dims=dims, seed=seed).eval()), buffer, _extra_files={STANDIN_TAG: note}
         )
+    with common.atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
     return Path(path)
 
 
