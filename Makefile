@@ -214,6 +214,8 @@ sscd: $(RUNS)/synth_x$(SCALE)/manifest.json
 DEMO    := runs/demo
 DEMO_PY := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY)
 DEMO_CFG := --config configs/demo.yaml $(OVERWRITE_FLAG)
+# The reports only read the runs: no --overwrite (demo_report.py has no run of its own to move aside).
+REPORT_CFG := --config configs/demo.yaml
 GPU_PY  := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY)
 TIMINGS  = $(DEMO)/timings.tsv
 timed = @start=$$(date +%s); $(2) || exit 1; t=$$(( $$(date +%s) - start )); \
@@ -240,7 +242,7 @@ demo: $(STAMP)
 	$(call timed,mia_lira,$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira --shard 0/2 & pid=$$!; \
 		$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira --shard 1/2 && wait $$pid && \
 		$(DEMO_PY) mia_lira.py $(DEMO_CFG) --output-dir $(DEMO)/mia_lira)
-	$(call timed,report,$(DEMO_PY) demo_report.py report $(DEMO_CFG))
+	$(call timed,report,$(DEMO_PY) demo_report.py report $(REPORT_CFG))
 	@echo "[demo] done: $(DEMO)/report.md, $(DEMO)/summary.json"
 
 # The shipped generator (demo_generator/, which `make demo` starts from) rebuilt from scratch with its recorded
@@ -284,7 +286,7 @@ demo-ablation: $(STAMP)
 		for job in $(ABL_SETS); do for seed in $(ABL_SEEDS); do \
 		echo "$(DEMO_PY) train_cls.py $(DEMO_CFG) --seed $$seed --train-dirs $${job#*:} \
 		--output-dir $(ABL)/cls_$${job%%:*}_s$$seed"; done; done | $(PAR2))
-	$(call timed,report,$(DEMO_PY) demo_report.py ablation-report $(DEMO_CFG))
+	$(call timed,report,$(DEMO_PY) demo_report.py ablation-report $(REPORT_CFG))
 	@echo "[demo] done: $(ABL)/report.md, $(ABL)/scaling.png"
 
 # ------------------------------------------------------------------------------------------------------- benchmarks

@@ -210,3 +210,16 @@ def test_a_sweep_reuses_the_smaller_scales_made_earlier_in_the_same_make(tmp_pat
             args = shlex.split(line)
             synth[args[args.index("--scale") + 1]] = args[args.index("--reuse-from") + 1 : args.index("--output-dir")]
     assert synth == {"1": [], "2": ["runs/cub/synth_x1"], "5": ["runs/cub/synth_x1", "runs/cub/synth_x2"]}
+
+
+def test_overwrite_reaches_the_demo_stages_and_leaves_the_reports_runnable():
+    """README: re-run with OVERWRITE=1. The demo's report commands got --overwrite too, which demo_report.py does not
+    take: `make demo OVERWRITE=1` ran every stage, then failed at the report (unrecognized arguments)."""
+    import demo_report
+
+    for target, command in (("demo", "report"), ("demo-ablation", "ablation-report")):
+        lines = dry_run(target, "OVERWRITE=1")
+        assert any("finetune.py" in line and "--overwrite" in line for line in lines)
+        (report,) = [line for line in lines if "demo_report.py" in line]
+        argv = shlex.split(report.split("demo_report.py", 1)[1].split("||", 1)[0])
+        assert argv[0] == command and demo_report.get_parser().parse_args(argv).config == "configs/demo.yaml"
