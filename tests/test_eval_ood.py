@@ -319,6 +319,7 @@ def test_a_finished_run_moved_aside_while_scoring_an_added_set_writes_nothing_in
         eval_ood.main([*argv, f"imagenet-sketch={a}"])
     assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
 
+
 def test_an_ood_root_given_by_its_option_is_no_part_of_the_identity(tmp_path):
     """README: the sets a stage only evaluates on are not its identity but are fingerprinted. --imagenet-v2 PATH & co.
     were hashed, so naming a finished run's set by its option (or adding one so) stopped with a config mismatch,

@@ -242,6 +242,7 @@ def test_a_run_moved_aside_while_searching_writes_nothing_into_its_successor(
         sscd_sim.main(sscd_argv(tiny_dataset, synth, standin, out, "--cache-dir", tmp_path / "cache"))
     assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
 
+
 def test_the_standin_is_the_same_file_every_time_it_is_made(tmp_path):
     """make demo makes the stand-in before every sscd_sim run, and the model file's hash is the run's identity: its
     bytes differed each time (the TorchScript archive is named after the temp file), so a second make demo (an
