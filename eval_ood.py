@@ -309,7 +309,7 @@ def set_logits(images: EvalSet, clf: Classifier, state, args, run: common.RunDir
     return logits
 
 
-def markdown_table(results: dict, classifier: str) -> str:
+def markdown_table(results: dict, classifier: str, skipped: list[str]) -> str:
     lines = [
         f"OOD evaluation of `{classifier}` (top-k over the classes shared by classifier and set)",
         "",
@@ -322,6 +322,11 @@ def markdown_table(results: dict, classifier: str) -> str:
             f"| {name} | {r['images']} | {r['classes_scored']} | {'yes' if r['logit_mask'] else 'no'} | "
             f"{r['top1']:.2f} | {top5} |"
         )
+    if skipped:  # a table without them reads as if they had been scored
+        lines += [
+            "",
+            f"Not scored, for want of a path: {', '.join(skipped)} (pass NAME=PATH in --sets or --NAME PATH).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -362,7 +367,7 @@ def main(argv=None) -> dict:
     if state.is_main_process:
         common.write_json(out / "results.json", results)
         with common.atomic_write(out / "results.md") as f:
-            f.write(markdown_table(results, str(classifier)))
+            f.write(markdown_table(results, str(classifier), skipped))
     run.finish(
         metrics,
         inputs={"classifier": str(classifier), "classifier_weights": clf.weights_hash},

@@ -347,3 +347,19 @@ def test_an_ood_root_given_by_its_option_is_no_part_of_the_identity(tmp_path):
         saved["config"].update({"imagenet_r": str(r), "imagenet_a": None})
         (out / name).write_text(json.dumps(saved))
     assert eval_ood.main(argv + ["--sets", "imagenet-v2", "imagenet-r", "--imagenet-v2", str(v2)]) == more
+
+
+def test_a_set_without_a_path_is_named_in_the_results_table(tmp_path, monkeypatch):
+    """ImageNet-A not downloaded: the other sets are scored, and results.md says which set was not (the table alone
+    read as if every --sets entry had been scored)."""
+    monkeypatch.setattr(common, "data_location", lambda *a, **k: None)  # neither environment nor paths.yaml
+    classes = [IN_R[3], IN_R[150]]
+    run = make_classifier(tmp_path / "cls_real", classes)
+    r = tmp_path / "imagenet-r"
+    for j, w in enumerate(classes):
+        put_images(r / w, 2, seed=j)
+    out = tmp_path / "ood"
+    argv = ["--classifier", str(run), "--output-dir", str(out), *"--workers 0 --amp no --sets".split()]
+    metrics = eval_ood.main([*argv, f"imagenet-r={r}", "imagenet-a"])
+    assert "imagenet-r/top1" in metrics and not any(k.startswith("imagenet-a/") for k in metrics)
+    assert "Not scored, for want of a path: imagenet-a" in (out / "results.md").read_text()
