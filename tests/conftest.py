@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import common  # noqa: E402
 import demo  # noqa: E402
 
 TINY_CLASSES = ["red_circle", "green_square", "blue_triangle"]
@@ -39,6 +40,18 @@ def make_imagefolder(root: Path, classes, per_class: int, size: int = 32, seed: 
     (root / "classes.txt").write_text("\n".join(classes) + "\n")
     (root / "class_names.txt").write_text("\n".join(c.replace("_", " ") for c in classes) + "\n")
     return root
+
+
+def moved_aside_before(monkeypatch, module, name: str, run_dir: Path) -> None:
+    """`module.name` first moves the run in `run_dir` aside, as --overwrite from another command would (a new run in
+    its place), then does its work: the stage running it must write nothing more into `run_dir`."""
+    work = getattr(module, name)
+
+    def moved_meanwhile(*args, **kwargs):
+        common.RunDir(run_dir, {"another": "config"}, overwrite=True).start()
+        return work(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, moved_meanwhile)
 
 
 @pytest.fixture(autouse=True)

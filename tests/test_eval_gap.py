@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TINY_CLASSES, make_imagefolder
+from conftest import TINY_CLASSES, make_imagefolder, moved_aside_before
 
 import eval_gap
 from common import ImageReadError, write_json, write_jsonl
@@ -272,17 +272,11 @@ def test_a_finished_run_is_not_served_for_other_feature_weights(tmp_path, tiny_c
 def test_a_run_moved_aside_while_computing_writes_no_figures_into_its_successor(
     tmp_path, tiny_clip_vision, monkeypatch
 ):
-    from common import RunDir, RunMovedError
+    from common import RunMovedError
 
     out = tmp_path / "gap"
     argv = small_gap_run(tmp_path, tiny_clip_vision, out)
-    figures = eval_gap.all_figures
-
-    def moved_meanwhile(*args):  # --overwrite from another command: the old run aside, a new one in its place
-        RunDir(out, {"another": "config"}, overwrite=True).start()
-        return figures(*args)
-
-    monkeypatch.setattr(eval_gap, "all_figures", moved_meanwhile)
+    moved_aside_before(monkeypatch, eval_gap, "all_figures", out)
     with pytest.raises(RunMovedError):
         eval_gap.main(argv)
     assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old

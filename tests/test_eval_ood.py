@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_imagefolder
+from conftest import make_imagefolder, moved_aside_before
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -264,59 +264,25 @@ def test_a_dataset_split_finds_its_root_in_the_environment_as_every_stage_does(t
     assert eval_ood.main(args + "--workers 0 --mixed-precision no".split())["test/top5"] == 100.0
 
 
-def test_a_run_moved_aside_while_scoring_writes_no_results_into_its_successor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_run_moved_aside_while_scoring_writes_nothing_into_its_successor(tmp_path, monkeypatch, finished):
+    """Another command moves the run aside (--overwrite) while it scores: neither a fresh run nor a finished one
+    scoring a set added since ('done', then written again) leaves its logits, results or manifest in the new run."""
     classes = [IN_R[3], IN_R[150]]
     run = make_classifier(tmp_path / "cls_real", classes)
-    r = tmp_path / "imagenet-r"
+    r, sketch = tmp_path / "imagenet-r", tmp_path / "imagenet-sketch"
     for j, w in enumerate(classes):
         put_images(r / w, 2, seed=j)
-    out, score = tmp_path / "ood", eval_ood.score_set
-
-    def moved_meanwhile(*args):  # --overwrite from another command: the old run aside, a new one in its place
-        common.RunDir(out, {"another": "config"}, overwrite=True).start()
-        return score(*args)
-
-    monkeypatch.setattr(eval_ood, "score_set", moved_meanwhile)
-    argv = [
-        "--classifier",
-        str(run),
-        "--output-dir",
-        str(out),
-        *"--workers 0 --amp no --sets".split(),
-        f"imagenet-r={r}",
-    ]
+        put_images(sketch / w, 2, seed=10 + j)
+    out = tmp_path / "ood"
+    argv = ["--classifier", str(run), "--output-dir", str(out), *"--workers 0 --amp no".split()]
+    argv += ["--sets", f"imagenet-r={r}"]
+    if finished:
+        eval_ood.main(argv)
+        argv.append(f"imagenet-sketch={sketch}")
+    moved_aside_before(monkeypatch, eval_ood, "score_set", out)
     with pytest.raises(common.RunMovedError):
         eval_ood.main(argv)
-    assert not (out / "results.json").exists() and not (out / "results.md").exists()
-
-
-def test_a_finished_run_moved_aside_while_scoring_an_added_set_writes_nothing_into_its_successor(tmp_path, monkeypatch):
-    """A set added to a finished run is scored in that run ('done', then written again): a move aside meanwhile
-    must stop it as it stops a fresh run, not leave the old run's results and manifest in the new one."""
-    classes = [IN_R[3], IN_R[150]]
-    run = make_classifier(tmp_path / "cls_real", classes)
-    r, a = tmp_path / "imagenet-r", tmp_path / "imagenet-sketch"
-    for j, w in enumerate(classes):
-        put_images(r / w, 2, seed=j)
-        put_images(a / w, 2, seed=10 + j)
-    out, score = tmp_path / "ood", eval_ood.score_set
-    argv = [
-        "--classifier",
-        str(run),
-        "--output-dir",
-        str(out),
-        *"--workers 0 --amp no --sets".split(),
-        f"imagenet-r={r}",
-    ]
-    eval_ood.main(argv)
-
-    def moved_meanwhile(*args):  # --overwrite from another command: the old run aside, a new one in its place
-        common.RunDir(out, {"another": "config"}, overwrite=True).start()
-        return score(*args)
-
-    monkeypatch.setattr(eval_ood, "score_set", moved_meanwhile)
-    with pytest.raises(common.RunMovedError):
-        eval_ood.main([*argv, f"imagenet-sketch={a}"])
     assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import moved_aside_before
 
 import common
 import mia_lira
@@ -188,13 +189,8 @@ def test_a_run_moved_aside_while_attacking_writes_nothing_into_its_successor(tmp
     keep, real = gaussian_experiment(num_models=8, num_images=300, shift=1.5)
     np.save(src / "keep.npy", keep)
     np.save(src / "scores_real.npy", real)
-    out, attack = tmp_path / "attack", mia_lira.attack
-
-    def moved_meanwhile(*args):  # --overwrite from another command: the old run aside, a new one in its place
-        common.RunDir(out, {"another": "config"}, overwrite=True).start()
-        return attack(*args)
-
-    monkeypatch.setattr(mia_lira, "attack", moved_meanwhile)
+    out = tmp_path / "attack"
+    moved_aside_before(monkeypatch, mia_lira, "attack", out)
     argv = [*"--dataset demo --num-shadows 8 --arms real --scores-from".split(), str(src), "--output-dir", str(out)]
     with pytest.raises(common.RunMovedError):
         mia_lira.main(argv)

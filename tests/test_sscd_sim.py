@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import moved_aside_before
 from PIL import Image
 
 import common
@@ -231,13 +232,8 @@ def test_a_run_moved_aside_while_searching_writes_nothing_into_its_successor(
 ):
     real = load_dataset("demo", tiny_dataset, "train")
     synth = make_synthetic_dir(tmp_path / "synth", tiny_dataset, real.samples[5].path)
-    out, search = tmp_path / "sscd", sscd_sim.topk_search
-
-    def moved_meanwhile(*args, **kwargs):  # --overwrite from another command: the old run aside, a new one there
-        common.RunDir(out, {"another": "config"}, overwrite=True).start()
-        return search(*args, **kwargs)
-
-    monkeypatch.setattr(sscd_sim, "topk_search", moved_meanwhile)
+    out = tmp_path / "sscd"
+    moved_aside_before(monkeypatch, sscd_sim, "topk_search", out)
     with pytest.raises(common.RunMovedError):
         sscd_sim.main(sscd_argv(tiny_dataset, synth, standin, out, "--cache-dir", tmp_path / "cache"))
     assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
