@@ -714,7 +714,9 @@ RETIRED_KEYS = {"data_root", "test_split", "skip_bad", "lora_dir", "captions"} |
 }
 
 
-# Said with a mismatch of a data fingerprint (split_fingerprint: path, size and mtime of every file).
+# Said with a mismatch of a data fingerprint (split_fingerprint: path, size and mtime of every file), in the config keys
+# that hold them (not model_fingerprint: a model's files are hashed by content).
+DATA_FINGERPRINTS = {"train_fingerprint", "train_fingerprints", "source_fingerprint", "sets"}
 DATA_CHANGED = (
     " A fingerprint of the data changed: files were added, removed or edited, or the data was copied without its "
     "modification times (cp -r, or a per-job copy to a local disk): copy with cp -a or rsync -a to keep them."
@@ -823,7 +825,7 @@ class RunDir:
                 raise ConfigMismatchError(
                     f"{self.path} holds a run with a different config (changed: {details}). "
                     "Use another output directory, or --overwrite (make: -B ... OVERWRITE=1) to move the old run "
-                    f"aside.{DATA_CHANGED if any('fingerprint' in k or k == 'sets' for k in changed) else ''}"
+                    f"aside.{DATA_CHANGED if any(k in DATA_FINGERPRINTS for k in changed) else ''}"
                 )
             if self.is_main:
                 os.replace(self.path, self._aside(f"{self.path.name}.old-{config_hash(previous)}"))

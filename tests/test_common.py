@@ -226,6 +226,12 @@ def test_a_changed_data_fingerprint_says_how_a_copy_keeps_it(tmp_path):
     with pytest.raises(common.ConfigMismatchError) as err:
         common.RunDir(tmp_path / "r", {"train_fingerprint": "a", "lr": 2}).start()
     assert "rsync" not in str(err.value)
+    # a model's files are hashed by content: copying keeps its fingerprint, and the hint would mislead
+    common.RunDir(tmp_path / "m", {"model_fingerprint": "a"}).start()
+    (tmp_path / "m" / "matches.jsonl").touch()
+    with pytest.raises(common.ConfigMismatchError) as err:
+        common.RunDir(tmp_path / "m", {"model_fingerprint": "b"}).start()
+    assert "model_fingerprint" in str(err.value) and "rsync" not in str(err.value)
 
 
 def test_a_synthetic_set_made_from_other_data_is_named(tmp_path):
