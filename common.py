@@ -1254,9 +1254,11 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def list_images(folder: Path, recursive: bool = True, unread: list | None = None) -> list[Path]:
+def list_images(
+    folder: Path, recursive: bool = True, unread: list | None = None, links: list | None = None
+) -> list[Path]:
     """The images in `folder` and, as torchvision's ImageFolder, in its subfolders; hidden files and folders skipped,
-    images of other formats (UNREAD_IMAGE_EXTENSIONS) added to `unread`.
+    images of other formats (UNREAD_IMAGE_EXTENSIONS) added to `unread`, (link, target) of linked folders to `links`.
     Linked folders are followed, but a link back to `folder`, a folder above it or one already listed is an error:
     os.walk follows such a loop, so `ln -s . again` listed every image once per level (some 40 times, silently) and
     a link to `..` failed with ELOOP after listing the other classes' images under this one."""
@@ -1273,6 +1275,8 @@ def list_images(folder: Path, recursive: bool = True, unread: list | None = None
             if top.is_relative_to(real):
                 raise ValueError(f"{Path(parent, d)} links to {real}, which holds {folder}: a loop; remove the link")
             listed[real] = Path(parent, d)
+            if links is not None and os.path.islink(os.path.join(parent, d)):
+                links.append((Path(parent, d), Path(real)))
         for f in files:  # one suffix per file, by os.path (IN-1K: 1.28 M files, where each pathlib object costs)
             ext = os.path.splitext(f)[1].lower() if f[0] != "." else ""  # hidden: macOS '._x.gif' is no image
             if ext in IMAGE_EXTENSIONS:
@@ -1286,6 +1290,20 @@ def imagenet_class_names() -> dict[str, str]:
     """wnid -> name, from the release's edited CLIP list (all 1000 names unique)."""
     wnids, names = (read_lines(data_file(f"imagenet1k_{kind}.txt")) for kind in ("wnids", "classnames"))
     return dict(zip(wnids, names))
+
+
+def _refuse_links_across_classes(root: Path, classes: Sequence[str], links: list[list]) -> None:
+    """A folder linked inside one class that is (or holds, or lies in) another class's folder would give that class's
+    images this class's label too: an error naming the link."""
+    class_dirs = {c: Path(os.path.realpath(root / c)) for c in classes}
+    for c, found in zip(classes, links):
+        for link, target in found:
+            for other, where in class_dirs.items():
+                if other != c and (target.is_relative_to(where) or where.is_relative_to(target)):
+                    raise ValueError(
+                        f"{link} links to {target}, which is class {other!r}'s folder or shares images with it: "
+                        f"they would be labelled {c!r} too; remove the link"
+                    )
 
 
 def read_imagefolder(
@@ -1324,8 +1342,9 @@ def read_imagefolder(
         raise FileNotFoundError(
             f"{name} {split}: class folder(s) missing under {root}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
-    unread = []
-    images = [list_images(root / c, unread=unread) for c in classes]
+    unread, links = [], [[] for _ in classes]
+    images = [list_images(root / c, unread=unread, links=found) for c, found in zip(classes, links)]
+    _refuse_links_across_classes(root, classes, links)
     if unread:  # before a stage has its logger
         early_warning(
             f"{name} {split}: {len(unread)} image(s) in a format no stage reads left out "

@@ -1057,3 +1057,19 @@ def test_describing_pngs_reads_their_headers_not_their_pixels(tmp_path, monkeypa
     description = common.describe_images(common.load_dataset("imagefolder", tmp_path, "train"), 32)
     assert description["rotated"] == 1 and description["sampled"] == 5
     assert decoded == []
+
+
+def test_a_link_into_another_class_is_refused_and_links_into_a_store_are_not(tmp_path):
+    """`ln -s ../dog cat/more` gave every dog image the label cat too, silently. Class folders that link into one
+    shared store, or hold links to distinct folders of it, are a layout of their own and stay accepted."""
+    root = make_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    (root / "cat" / "more").symlink_to("../dog")
+    with pytest.raises(ValueError, match="class 'dog'"):
+        common.load_dataset("imagefolder", tmp_path, "train")
+    (root / "cat" / "more").unlink()
+    store = make_imagefolder(tmp_path / "store", ["cats", "more_cats", "dogs"], 2)
+    (root / "cat" / "more").symlink_to(store / "more_cats")
+    (root / "bird").symlink_to(store / "cats")
+    (root / "classes.txt").write_text("cat\ndog\nbird\n")
+    (root / "class_names.txt").unlink()
+    assert len(common.load_dataset("imagefolder", tmp_path, "train")) == 8  # cat 2 + its linked 2, dog 2, bird 2
