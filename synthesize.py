@@ -932,10 +932,11 @@ def print_plan(args) -> dict:
     }
 
 
-def ready_pipeline(args, plan: Plan, device, log):
+def ready_pipeline(args, plan: Plan, device, log, is_main: bool = True):
     """The pipeline as the loop runs it: loaded (LoRA fused), token mask installed, compiled where that pays."""
     pipe = load_pipeline(args, device, common.resolve_dtype(args.dtype, device))
-    if fragmented := common.fragmented_class_names(pipe.tokenizer, plan.index.class_names):
+    fragmented = is_main and common.fragmented_class_names(pipe.tokenizer, plan.index.class_names)
+    if fragmented:  # said by the main process only: warnings show on every process
         log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
     install_token_mask(pipe, plan.placement, plan.tokens is not None)
     maybe_compile(pipe, args)
@@ -977,7 +978,7 @@ def main(argv=None) -> dict:
     device = state.device
     stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
     if todo:
-        pipe = ready_pipeline(args, plan, device, log)
+        pipe = ready_pipeline(args, plan, device, log, state.is_main_process)
         stats = run_loop(pipe, plan, todo, out_dir, device, state.is_main_process, sink)
     tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
     # A file, not a folder: beside the class folders a folder would read as one more class.
