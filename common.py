@@ -1292,6 +1292,17 @@ def imagenet_class_names() -> dict[str, str]:
     return dict(zip(wnids, names))
 
 
+def _unicode_twins(names: Sequence[str], others: Iterable[str]) -> str:
+    """A hint when some of `names` equal one of `others` but for their Unicode form, else ''."""
+    nfc = {unicodedata.normalize("NFC", o) for o in others}
+    if not any(unicodedata.normalize("NFC", n) in nfc for n in names):
+        return ""
+    return (
+        ". Some differ from a name on the other side only in their Unicode form (a folder copied from macOS has "
+        "decomposed accents, NFD): write classes.txt with the folders' names as they are on disk"
+    )
+
+
 def _refuse_links_across_classes(root: Path, classes: Sequence[str], links: list[list]) -> None:
     """A folder linked inside one class that is (or holds, or lies in) another class's folder would give that class's
     images this class's label too: an error naming the link."""
@@ -1322,25 +1333,20 @@ def read_imagefolder(
         classes = _class_file(root, "classes.txt") or folders
         listed = {c.split("/")[0] for c in classes}  # a class id with '/' is a nested folder
         if unlisted := [f for f in folders if f not in listed and list_images(root / f)]:
-            nfc = {unicodedata.normalize("NFC", c) for c in listed}
-            unicode_forms = any(unicodedata.normalize("NFC", f) in nfc for f in unlisted)
             raise ValueError(
                 f"{name} {split}: image folder(s) under {root} not in classes.txt: {unlisted[:5]}; classes.txt "
                 "gives the class order, not a selection: add them to it or move them out"
-                + (
-                    ". Some differ from a listed name only in their Unicode form (a folder copied from macOS has "
-                    "decomposed accents, NFD): write classes.txt with the folders' names as they are on disk"
-                    if unicode_forms
-                    else ""
-                )
+                + _unicode_twins(unlisted, listed)
             )
     if len(set(classes)) < len(classes):
         repeated = sorted({c for i, c in enumerate(classes) if c in classes[:i]})
         raise ValueError(f"{name} {split}: classes listed twice under {root}: {repeated[:5]}; list each class once")
     missing = [c for c in classes if not (root / c).is_dir()]
     if missing:
+        folders = [p.name for p in root.iterdir() if p.is_dir()]
         raise FileNotFoundError(
             f"{name} {split}: class folder(s) missing under {root}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            + _unicode_twins(missing, folders)
         )
     unread, links = [], [[] for _ in classes]
     images = [list_images(root / c, unread=unread, links=found) for c, found in zip(classes, links)]

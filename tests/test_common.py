@@ -1013,6 +1013,11 @@ def test_a_class_folder_in_another_unicode_form_than_classes_txt_is_named_so(tmp
         common.load_dataset("imagefolder", tmp_path, "train")
     (root / "classes.txt").write_text(f"cat\n{nfd}\n", encoding="utf-8")
     assert common.load_dataset("imagefolder", tmp_path, "train").classes == ["cat", nfd]
+    for image in (root / nfd).iterdir():  # the folder holds no image: its class is "missing", and why is said too
+        image.unlink()
+    (root / "classes.txt").write_text("cat\ndög\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="missing.*Unicode form"):
+        common.load_dataset("imagefolder", tmp_path, "train")
 
 
 def test_images_of_a_format_no_stage_reads_are_named_not_dropped_silently(tmp_path, monkeypatch):
