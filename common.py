@@ -425,6 +425,7 @@ def parse_args(parser: StageParser, argv: Sequence[str] | None, stage: str) -> a
     Keys in the stage's YAML section must be options of the stage (dashes or underscores); an unknown one is an
     error naming the key and the file. Shared top-level keys the stage does not know are skipped.
     """
+    _EARLY_WARNINGS.clear()  # a stage starts: warnings of an earlier one in this process are not its own
     config = getattr(parser.parse_known_args(argv)[0], "config", None)  # add_run_options declares --config
     if config:
         yaml_cfg = load_yaml_section(config, stage, NumbersAsWritten)
@@ -975,17 +976,25 @@ def get_logger(out_dir: str | os.PathLike | None, is_main: bool = True, name: st
         file = logging.FileHandler(Path(out_dir) / LOG_FILE)
         file.setFormatter(fmt)
         logger.addHandler(file)
+        for message in _EARLY_WARNINGS:  # already on the terminal: into the log only
+            file.handle(logger.makeRecord(name, logging.WARNING, __file__, 0, message, None, None))
+        _EARLY_WARNINGS.clear()
     return logger
 
 
 def early_warning(message: str, log: logging.Logger | None = None) -> None:
     """A warning from code a stage runs before it has its logger (listing and checking a split): to `log` if given,
     else on stderr (logging's last resort) from the launch's first process only. torchrun and accelerate launch give
-    every process its RANK; each would say the same words again, once per GPU."""
+    every process its RANK; each would say the same words again, once per GPU. Kept for the run's log.txt too, which
+    get_logger writes them into when it opens it."""
     if log is not None:
         log.warning(message)
     elif os.environ.get("RANK", "0") == "0":
         logging.getLogger("realfake").warning(message)
+        _EARLY_WARNINGS.append(message)
+
+
+_EARLY_WARNINGS: list[str] = []  # said by this stage before its log.txt was open (parse_args starts a stage afresh)
 
 
 def progress(iterable=None, is_main: bool = True, **kwargs):

@@ -1078,3 +1078,15 @@ def test_a_link_into_another_class_is_refused_and_links_into_a_store_are_not(tmp
     (root / "classes.txt").write_text("cat\ndog\nbird\n")
     (root / "class_names.txt").unlink()
     assert len(common.load_dataset("imagefolder", tmp_path, "train")) == 8  # cat 2 + its linked 2, dog 2, bird 2
+
+
+def test_warnings_said_before_the_logger_reach_the_runs_log(tmp_path, monkeypatch):
+    """The --skip-bad, unread-format and other-data warnings come before a stage opens its log.txt: they were on the
+    terminal only, so the run's own record lacked them."""
+    monkeypatch.setenv("RANK", "0")
+    common.early_warning("--skip-bad: leaving out 3 unreadable train image(s)")
+    common.get_logger(tmp_path / "run").info("started")
+    said = (tmp_path / "run" / "log.txt").read_text()
+    assert said.index("leaving out 3") < said.index("started")
+    common.get_logger(tmp_path / "next").info("started")
+    assert "leaving out" not in (tmp_path / "next" / "log.txt").read_text()  # said once, into one run's log
