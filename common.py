@@ -1132,6 +1132,17 @@ def image_problem(path: Path, full_decode: bool) -> str | None:
     return None
 
 
+def _image_problems(index: DatasetIndex) -> dict[str, str]:
+    """{relative path: problem} of every bad image of a split: decoded fully up to FULL_DECODE_LIMIT images, else
+    each header and end marker."""
+    full = len(index) <= FULL_DECODE_LIMIT
+    desc = f"checking {index.split} images" + ("" if full else " (headers)")
+    problems = (
+        (s.path, image_problem(index.root / s.path, full)) for s in progress(index.samples, desc=desc, leave=False)
+    )
+    return {path: problem for path, problem in problems if problem}
+
+
 def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | os.PathLike | None = None, log=None):
     """Check every image of a split before a stage's work starts, and return (the index without bad files, the bad
     files as {relative path: problem}, the split's fingerprint). A bad file is an error naming every one of them
@@ -1146,18 +1157,12 @@ def check_images(index: DatasetIndex, skip_bad: bool = False, cache_dir: str | o
         Path(cache_dir or os.environ.get("REALFAKE_CACHE", Path.home() / ".cache" / "realfake")) / "image_checks"
     )
     cache = cache_dir / f"{index.name}-{index.split}-{fp}-{CHECK_VERSION}.json"
-    if cache.is_file():
-        bad = read_json(cache)
-    else:
-        full = len(index) <= FULL_DECODE_LIMIT
-        desc = f"checking {index.split} images" + ("" if full else " (headers)")
-        bad = {}
-        for sample in progress(index.samples, desc=desc, leave=False):
-            problem = image_problem(index.root / sample.path, full)
-            if problem:
-                bad[sample.path] = problem
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        write_json(cache, bad)
+    if not cache.is_file():
+        # The processes of a launch (and jobs sharing the cache) start at once: one checks, the others then read.
+        with _exclusive(cache_dir / f".{cache.name}.lock"):
+            if not cache.is_file():
+                write_json(cache, _image_problems(index))
+    bad = read_json(cache)
     if bad and not skip_bad:
         listed = "\n".join(f"  {index.root / path}: {problem}" for path, problem in sorted(bad.items()))
         raise ImageReadError(

@@ -1090,3 +1090,32 @@ def test_warnings_said_before_the_logger_reach_the_runs_log(tmp_path, monkeypatc
     assert said.index("leaving out 3") < said.index("started")
     common.get_logger(tmp_path / "next").info("started")
     assert "leaving out" not in (tmp_path / "next" / "log.txt").read_text()  # said once, into one run's log
+
+
+def test_processes_checking_one_split_at_once_check_it_once(tmp_path, monkeypatch):
+    """The processes of a launch all check the split at start (after a new CHECK_VERSION, IN-1K's headers take
+    minutes): each read every file. One now checks while the others wait, then read its result."""
+    import threading
+    import time
+
+    make_imagefolder(tmp_path / "train", ["cat", "dog"], 3)
+    index = common.load_dataset("imagefolder", tmp_path, "train")
+    checked, problem = [], common.image_problem
+
+    def slow_problem(path, full):
+        checked.append(path)
+        time.sleep(0.02)  # the others start meanwhile
+        return problem(path, full)
+
+    monkeypatch.setattr(common, "image_problem", slow_problem)
+    results = []
+    jobs = [
+        threading.Thread(target=lambda: results.append(common.check_images(index, cache_dir=tmp_path / "c")))
+        for _ in range(2)
+    ]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert len(results) == 2 and results[0][1:] == results[1][1:] == ({}, results[0][2])
+    assert len(checked) == len(index)  # once, not once per process
