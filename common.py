@@ -1637,6 +1637,16 @@ def save_checkpoint(accelerator, run: RunDir, n: int, keep: int, extra: dict | N
 # alone.
 
 
+def top_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """How many images have their target among the top-1 and top-5 logits (k capped at the classes): timm's
+    accuracy, its float32 percentages turned back into whole counts, so a figure never depends on the batching
+    (5 of 15 came back as 4.9999995)."""
+    from timm.utils import accuracy
+
+    top1, top5 = accuracy(logits, targets, topk=(1, 5))
+    return round(float(top1) * len(targets) / 100), round(float(top5) * len(targets) / 100)
+
+
 def load_classifier(run_dir: str | os.PathLike, device: torch.device | str = "cpu"):
     """(model in eval mode, its eval transform, the manifest's `classifier` entry) of a complete train_cls.py run.
 

@@ -43,7 +43,6 @@ import torch
 from accelerate import PartialState
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from timm.utils import accuracy
 
 import common
 
@@ -205,9 +204,8 @@ def score_set(logits: torch.Tensor, ids: list[str], model_classes: list[str], sp
     if not rows:
         raise ValueError("the set has no image of the classifier's classes")
     targets = torch.tensor([target_of[ids[i]] for i in rows])
-    top1, top5 = accuracy(logits[rows][:, keep], targets, topk=(1, 5))  # timm's; k capped at the classes
-    # timm's float32 percentages as whole counts over float64: the figures train_cls.py reports for the same images
-    acc = {k: 100.0 * round(float(v) * len(rows) / 100) / len(rows) for k, v in (("top1", top1), ("top5", top5))}
+    top1, top5 = common.top_hits(logits[rows][:, keep], targets)  # as train_cls.py counts them
+    acc = {"top1": 100.0 * top1 / len(rows), "top5": 100.0 * top5 / len(rows)}
     masked = len(keep) < len(model_classes) or len(keep) < len(set(space))
     note = (
         f"scored on {len(keep)} classes shared by the classifier ({len(model_classes)}) and the set "

@@ -49,7 +49,7 @@ from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2
-from timm.utils import accuracy, distribute_bn
+from timm.utils import distribute_bn
 
 import common
 
@@ -364,10 +364,7 @@ def evaluate(model, index, transform, accelerator, args) -> dict:
         x = x.to(device)
         with accelerator.autocast():
             logits = model(x.contiguous(memory_format=torch.channels_last) if args.channels_last else x).float()
-        top1, top5 = accuracy(logits.cpu(), y, topk=(1, 5))  # timm's, in percent; k capped at the classes
-        # float32 percentages back to whole counts: figures then do not depend on how the images were batched
-        hits = [round(float(top) * len(y) / 100) for top in (top1, top5)]
-        counts += torch.tensor([*hits, len(y)], dtype=torch.float64, device=device)
+        counts += torch.tensor([*common.top_hits(logits.cpu(), y), len(y)], dtype=torch.float64, device=device)
     counts = accelerator.reduce(counts, reduction="sum")
     return {"top1": 100.0 * counts[0].item() / counts[2].item(), "top5": 100.0 * counts[1].item() / counts[2].item()}
 
