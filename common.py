@@ -1269,28 +1269,24 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def list_images(
-    folder: Path, recursive: bool = True, unread: list | None = None, links: list | None = None
+    folder: Path, recursive: bool = True, unread: list | None = None, listed: dict | None = None
 ) -> list[Path]:
     """The images in `folder` and, as torchvision's ImageFolder, in its subfolders; hidden files and folders skipped,
-    images of other formats (UNREAD_IMAGE_EXTENSIONS) added to `unread`, (link, target) of linked folders to `links`.
-    Linked folders are followed, but a link back to `folder`, a folder above it or one already listed is an error:
-    os.walk follows such a loop, so `ln -s . again` listed every image once per level (some 40 times, silently) and
-    a link to `..` failed with ELOOP after listing the other classes' images under this one."""
-    found, listed, top = [], {os.path.realpath(folder): folder}, Path(os.path.realpath(folder))
+    images of other formats (UNREAD_IMAGE_EXTENSIONS) added to `unread`. Linked folders are followed, but each folder
+    is listed once: a link to `folder` or above it (a loop), or to a folder in `listed` ({real path: how it was
+    reached}; read_imagefolder shares one across a split's classes) is an error. Unchecked, `ln -s . again` listed
+    every image some 40 times, a link to `..` ended in ELOOP, and `ln -s ../dog cat/more` labelled dogs cats too."""
+    top = Path(os.path.realpath(folder))
+    listed = {} if listed is None else listed
+    listed.setdefault(str(top), folder)
+    found = []
     for parent, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for d in dirs:
             real = os.path.realpath(os.path.join(parent, d))
-            if real in listed:
-                raise ValueError(
-                    f"{Path(parent, d)} and {listed[real]} are one folder (a symbolic link): its images would be "
-                    "read twice; remove the link"
-                )
             if top.is_relative_to(real):
                 raise ValueError(f"{Path(parent, d)} links to {real}, which holds {folder}: a loop; remove the link")
-            listed[real] = Path(parent, d)
-            if links is not None and os.path.islink(os.path.join(parent, d)):
-                links.append((Path(parent, d), Path(real)))
+            _list_once(listed, real, Path(parent, d))
         for f in files:  # one suffix per file, by os.path (IN-1K: 1.28 M files, where each pathlib object costs)
             ext = os.path.splitext(f)[1].lower() if f[0] != "." else ""  # hidden: macOS '._x.gif' is no image
             if ext in IMAGE_EXTENSIONS:
@@ -1298,6 +1294,15 @@ def list_images(
             elif unread is not None and ext in UNREAD_IMAGE_EXTENSIONS:
                 unread.append(Path(parent, f))
     return sorted(found)
+
+
+def _list_once(listed: dict, real: str, reached: Path) -> None:
+    if real in listed:
+        raise ValueError(
+            f"{reached} and {listed[real]} are one folder (a symbolic link, or one class's folder inside another's): "
+            "its images would be listed twice, or under two classes; remove the link or the nesting"
+        )
+    listed[real] = reached
 
 
 def imagenet_class_names() -> dict[str, str]:
@@ -1315,20 +1320,6 @@ def _unicode_twins(names: Sequence[str], others: Iterable[str]) -> str:
         ". Some differ from a name on the other side only in their Unicode form (a folder copied from macOS has "
         "decomposed accents, NFD): write classes.txt with the folders' names as they are on disk"
     )
-
-
-def _refuse_links_across_classes(root: Path, classes: Sequence[str], links: list[list]) -> None:
-    """A folder linked inside one class that is (or holds, or lies in) another class's folder would give that class's
-    images this class's label too: an error naming the link."""
-    class_dirs = {c: Path(os.path.realpath(root / c)) for c in classes}
-    for c, found in zip(classes, links):
-        for link, target in found:
-            for other, where in class_dirs.items():
-                if other != c and (target.is_relative_to(where) or where.is_relative_to(target)):
-                    raise ValueError(
-                        f"{link} links to {target}, which is class {other!r}'s folder or shares images with it: "
-                        f"they would be labelled {c!r} too; remove the link"
-                    )
 
 
 def read_imagefolder(
@@ -1362,9 +1353,10 @@ def read_imagefolder(
             f"{name} {split}: class folder(s) missing under {root}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
             + _unicode_twins(missing, folders)
         )
-    unread, links = [], [[] for _ in classes]
-    images = [list_images(root / c, unread=unread, links=found) for c, found in zip(classes, links)]
-    _refuse_links_across_classes(root, classes, links)
+    unread, listed = [], {}
+    for c in classes:  # every class folder known before any is walked: a link into a later one is caught too
+        _list_once(listed, os.path.realpath(root / c), root / c)
+    images = [list_images(root / c, unread=unread, listed=listed) for c in classes]
     if unread:  # before a stage has its logger
         early_warning(
             f"{name} {split}: {len(unread)} image(s) in a format no stage reads left out "
