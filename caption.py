@@ -76,15 +76,6 @@ def repair_tail(path: Path) -> None:
             path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def covers_split(captions_file: Path, index) -> bool:
-    """Whether a finished run's captions.jsonl holds exactly the split's images, in dataset order. The run's identity
-    holds where the data is, not which images are there: a split that gained or lost images since leaves it stale."""
-    if not captions_file.is_file():  # deleted by hand: merged again from the part files
-        return False
-    captioned = [row["path"] for row in common.read_jsonl(captions_file)]
-    return captioned == [sample.path for sample in index.samples]
-
-
 def reopen(run: common.RunDir, state, log) -> None:
     """Make a finished run whose split changed an interrupted one again (left "done", the next stage stops on the new
     images' missing captions and sends the user back here, or its manifest misses the images now skipped). Without
@@ -178,11 +169,12 @@ def main(argv=None) -> dict:
     common.check_pretrained(AutoConfig.from_pretrained, args.model, args.revision, "BLIP-2")
     run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)
     status = run.begin(state.wait_for_everyone)
-    # A split whose files changed but whose readable images are all captioned (a new bad file, left out by --skip-bad)
-    # is merged again: no image is captioned, and the manifest names what was skipped.
+    # A finished run stands while its split's files are the ones it captioned (their fingerprint) and its
+    # captions.jsonl is there. Else it captions the images it lacks, if any, and merges again: the merge then also
+    # names in the manifest what --skip-bad left out, and a captions.jsonl deleted by hand comes back from the parts.
     manifest = run.manifest() if status == "done" else {"inputs": {}}
     same_split = manifest["inputs"].get("split_fingerprint") == split_fingerprint
-    if status == "done" and same_split and covers_split(out_dir / "captions.jsonl", index):
+    if status == "done" and same_split and (out_dir / "captions.jsonl").is_file():
         return manifest["metrics"]
     log = common.get_logger(out_dir, state.is_main_process)
     if status == "done":
