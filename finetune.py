@@ -535,6 +535,16 @@ def train(
             accelerator, run, step, args.checkpoints_total_limit, {"history": history[-micro_per_epoch:]}
         )
 
+    def write_epoch_row(epoch: int, micro_batches: int) -> None:  # the mean logs of the epoch's micro-batches
+        if accelerator.is_main_process:
+            run.check_in_place()  # before the epoch's row, as before every output
+            recent = history[-micro_batches:]
+            row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
+            # Fewer than the epoch's only after a resume from a checkpoint saved without its loss logs (an older one).
+            row["micro_batches"] = len(recent)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     metrics_path = run.path / "metrics.jsonl"
     if accelerator.is_main_process and metrics_path.is_file():  # rows after the resumed checkpoint: rewritten below
         common.write_jsonl(metrics_path, [row for row in common.read_jsonl(metrics_path) if row["step"] <= step])
@@ -548,7 +558,6 @@ def train(
             num_workers=args.workers,
             collate_fn=collate,
         )
-        epoch_end_save = False
         for n_batch, batch in enumerate(loader, 1):
             # Per-micro-batch noise from (seed, micro-batch, rank): a resumed run draws what an uninterrupted one would.
             gen = torch.Generator(accelerator.device).manual_seed(
@@ -564,25 +573,14 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             micro, seen = micro + 1, seen + len(batch[0]) * world
             history.append({k: v.item() for k, v in accelerator.reduce(logs, reduction="mean").items()})
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            if step % args.checkpointing_steps == 0 or step == total:
-                epoch_end_save = n_batch == len(batches)  # then after the epoch's row: a kill between loses no row
-                if not epoch_end_save:
-                    save_checkpoint()
-        if accelerator.is_main_process:
-            run.check_in_place()  # before the epoch's row, as before every output
-            recent = history[-(skip + len(batches)) :] or [{"loss": float("nan"), "diffusion": 0.0, "mmd": 0.0}]
-            row = {"epoch": epoch, "step": step, **{k: float(np.mean([h[k] for h in recent])) for k in recent[0]}}
-            # Fewer than the epoch's only after a resume from a checkpoint saved without its loss logs (an older one).
-            row["micro_batches"] = len(recent)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if epoch_end_save:
-            save_checkpoint()
+            if accelerator.sync_gradients:
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            if n_batch == len(batches):  # the row before the checkpoint: a kill between them loses no row
+                write_epoch_row(epoch, skip + len(batches))
+            if accelerator.sync_gradients and (step % args.checkpointing_steps == 0 or step == total):
+                save_checkpoint()
         history = history[-micro_per_epoch:]  # what the next row and the final loss read: bounded, as is extra.json
     bar.close()
     last = history[-micro_per_epoch:]
