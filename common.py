@@ -962,6 +962,9 @@ def local_items(
 LOG_FILE = "log.txt"
 
 
+_EARLY_WARNINGS: list[str] = []  # said by this stage before its log.txt was open (parse_args starts a stage afresh)
+
+
 def get_logger(out_dir: str | os.PathLike | None, is_main: bool = True, name: str = "realfake") -> logging.Logger:
     logger = logging.getLogger(name)
     logger.handlers.clear()
@@ -992,9 +995,6 @@ def early_warning(message: str, log: logging.Logger | None = None) -> None:
     elif os.environ.get("RANK", "0") == "0":
         logging.getLogger("realfake").warning(message)
         _EARLY_WARNINGS.append(message)
-
-
-_EARLY_WARNINGS: list[str] = []  # said by this stage before its log.txt was open (parse_args starts a stage afresh)
 
 
 def progress(iterable=None, is_main: bool = True, **kwargs):
