@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
         common.load_dataset(args.dataset, args.data_root, args.split), args.skip_bad
     )
     common.check_pretrained(AutoConfig.from_pretrained, args.model, args.revision, "BLIP-2")
-    run = common.RunDir(out_dir, config, overwrite=args.overwrite, is_main=state.is_main_process)
+    run = common.RunDir(out_dir, config, args.overwrite, state.is_main_process, args.shard)
     status = run.begin(state.wait_for_everyone)
     # A finished run stands while its split's files are the ones it captioned (their fingerprint) and its
     # captions.jsonl is there. Else it captions the images it lacks, if any, and merges again: the merge then also

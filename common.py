@@ -25,6 +25,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 import unicodedata
 import uuid
 from pathlib import Path
@@ -750,12 +751,59 @@ class RunMovedError(RuntimeError):
     """A run's directory was moved aside or deleted by another command while the run was writing into it."""
 
 
+class RunBusyError(RuntimeError):
+    """Another live process writes the same part of the same run (one job submitted twice, say)."""
+
+
+# The writer locks this process holds, by lock file: kept until the process ends, when the kernel releases them, so a
+# killed run leaves no stale lock. A run started again in the same process (tests, demo.py) reuses its lock.
+_WRITER_LOCKS: dict[str, int] = {}
+
+
+def _hold_writer_lock(lock_path: Path) -> None:
+    """Hold an advisory lock on `lock_path` until this process ends, or raise RunBusyError naming its holder, which
+    the file says. Unlocked where the file system has no flock (Lustre without -o flock), as in _exclusive."""
+    held = _WRITER_LOCKS.pop(str(lock_path), None)
+    if held is not None:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(held), os.stat(lock_path)):
+                _WRITER_LOCKS[str(lock_path)] = held
+                return
+        os.close(held)  # the run was moved aside or started over since: its old lock guards nothing
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process"
+        os.close(fd)
+        raise RunBusyError(
+            f"{lock_path.parent} is being written by another process ({holder}). Two writers of one run waste their "
+            "compute and can write its rows twice. Wait for that process to end, or stop it (a stopped run resumes "
+            "when started again); to run both, give this one another --output-dir (a job array: one --shard i/n per "
+            "job)."
+        ) from None
+    except OSError:
+        os.close(fd)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _WRITER_LOCKS[str(lock_path)] = fd
+
+
 def _dir_identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _release_writer_lock(lock_path: Path) -> None:
+    if (held := _WRITER_LOCKS.pop(str(lock_path), None)) is not None:
+        os.close(held)
 
 
 class RunDir:
@@ -769,8 +817,11 @@ class RunDir:
     A process still running in a directory that another command moved aside stops at its next `check_in_place()`.
     """
 
-    def __init__(self, path, config: dict, overwrite: bool = False, is_main: bool = True):
+    def __init__(self, path, config: dict, overwrite: bool = False, is_main: bool = True, part=(0, 1)):
         self.path = Path(path)
+        # One writer per part (a job array's --shard i/n) of a run at a time; the lock moves with the run, so a run
+        # moved aside by --overwrite does not hold up the one started in its place.
+        self.lock_path = self.path / f".writer-{part[0]}of{part[1]}.lock"
         self.config = config
         self.hash = config_hash(config)
         self.overwrite = overwrite
@@ -793,8 +844,9 @@ class RunDir:
         return unused_path(self.path.with_name(name))
 
     def _produced_nothing(self) -> bool:
-        """Only the run config and logs: a run that stopped before its first output (a bad input, say)."""
-        return all(p.name in (self.started_path.name, LOG_FILE) for p in self.path.iterdir())
+        """Only the run config, log and writer locks: a run that stopped before its first output (a bad input)."""
+        kept = (self.started_path.name, LOG_FILE)
+        return all(p.name in kept or p.name.startswith(".writer-") for p in self.path.iterdir())
 
     def _start_over(self) -> None:
         """A new directory in place of one holding only a failed start's run config and log (a copy of the log is
@@ -811,7 +863,10 @@ class RunDir:
         if not self.is_main:  # the other processes of a launch only read what their main process decided
             return self._decide()
         with _exclusive(self.path.with_name(f".{self.path.name}.lock")):
-            return self._decide()
+            status = self._decide()
+            if status != "done":  # a finished run re-run is a no-op, which takes no lock
+                _hold_writer_lock(self.lock_path)
+            return status
 
     def _decide(self) -> str:
         previous = self._previous_config()
@@ -875,6 +930,7 @@ class RunDir:
         }
         if self.is_main:
             write_json(self.manifest_path, manifest)
+            _release_writer_lock(self.lock_path)
         return manifest
 
     def manifest(self) -> dict:

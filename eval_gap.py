@@ -547,7 +547,7 @@ def main(argv=None) -> dict:
     config["sets"] = fps
     config["feature_space"] = space = feature_space(args.features, args)  # --features names a model, not its weights
     state = PartialState(cpu=not torch.cuda.is_available())
-    run = common.RunDir(out, config, args.overwrite, state.is_main_process)
+    run = common.RunDir(out, config, args.overwrite, state.is_main_process, args.shard)
     start = time.time()
     extractor = build_extractor(args.features, args, state.device)
     if run.begin(state.wait_for_everyone) == "done":

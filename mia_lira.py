@@ -464,7 +464,7 @@ def main(argv=None) -> dict:
         check_num_shadows(args.num_shadows)
         require_stage_scripts()
         common.load_dataset(args.dataset, args.data_root, "train")
-    run = common.RunDir(out, config, args.overwrite)
+    run = common.RunDir(out, config, args.overwrite, part=args.shard)
     if run.start() == "done":
         return run.manifest()["metrics"]
     log = common.get_logger(out)

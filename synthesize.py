@@ -962,7 +962,7 @@ def main(argv=None) -> dict:
     lora_hash = lora_fingerprint(args.lora_dir)
     plan = prepare(args)
     config = run_config(args, lora_hash)
-    run = common.RunDir(out_dir, config, args.overwrite, state.is_main_process)
+    run = common.RunDir(out_dir, config, args.overwrite, state.is_main_process, args.shard)
     status = run.begin(state.wait_for_everyone)
     log = common.get_logger(out_dir, state.is_main_process)
     if status == "done":

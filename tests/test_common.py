@@ -2,11 +2,13 @@
 
 import argparse
 import ast
+import fcntl
 import importlib
 import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -244,9 +246,9 @@ def test_a_synthetic_set_made_from_other_data_is_named(tmp_path):
     assert "(abc) is not this one's (xyz)" in common.warn_if_made_from_other_data(set_dir, "xyz")
 
 
-def _start_when_all_ready(path, barrier, identities):
+def _start_when_all_ready(path, barrier, identities, part):
     barrier.wait()
-    run = common.RunDir(path, {"steps": 8})
+    run = common.RunDir(path, {"steps": 8}, part=part)
     run.start()
     identities.put(run.identity)
 
@@ -261,7 +263,7 @@ def test_jobs_starting_at_once_over_a_failed_start_agree_on_one_directory(tmp_pa
         path = tmp_path / f"r{trial}"
         common.RunDir(path, {"steps": 4}).start()  # the failed start: its run config only
         barrier, identities = ctx.Barrier(4), ctx.Queue()
-        jobs = [ctx.Process(target=_start_when_all_ready, args=(path, barrier, identities)) for _ in range(4)]
+        jobs = [ctx.Process(target=_start_when_all_ready, args=(path, barrier, identities, (i, 4))) for i in range(4)]
         for job in jobs:
             job.start()
         for job in jobs:
@@ -277,6 +279,60 @@ def test_a_start_goes_on_where_no_lock_file_can_be_made(tmp_path):
     (here the lock's name is taken by a folder, which open() refuses as a read-only parent would)."""
     (tmp_path / ".r.lock").mkdir()
     assert common.RunDir(tmp_path / "r", {"a": 1}).start() == "fresh"
+
+
+# A job of an array holding its part of run r: started, one checkpoint written, alive until its stdin closes.
+HOLD_A_RUN = """import common, sys
+common.RunDir(sys.argv[1], {"a": 1}, part=(0, 2)).start()
+(common.Path(sys.argv[1]) / "checkpoint-1").mkdir()
+print("holding", flush=True)
+sys.stdin.read()"""
+
+
+def test_a_run_part_written_by_a_live_process_is_not_started_again(tmp_path):
+    """One job submitted twice wrote one run from two processes at once: the compute spent twice, rows appended
+    twice. The second start stops and names the first; the other parts of a job array, a run moved aside with
+    --overwrite, and the run after its writer ended are not held up."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_RUN, str(tmp_path / "r")],
+        cwd=common.PROJECT_DIR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(common.RunBusyError, match=rf"r is being written by another process \(pid {holder.pid} on "):
+            common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start()
+        assert common.RunDir(tmp_path / "r", {"a": 1}, part=(1, 2)).start() == "resume"
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0
+    assert common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start() == "resume"  # a dead writer holds nothing
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_RUN, str(tmp_path / "s")],
+        cwd=common.PROJECT_DIR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        assert common.RunDir(tmp_path / "s", {"a": 2}, overwrite=True, part=(0, 2)).start() == "fresh"
+    finally:
+        holder.communicate("")
+
+
+def test_a_finished_run_lets_go_of_its_writer_lock(tmp_path):
+    run = common.RunDir(tmp_path / "r", {"a": 1})
+    run.start()
+    assert run.start() == "resume"  # started again in the same process (demo.py, tests): its own lock
+    run.finish({"top1": 0.5})
+    other = os.open(run.lock_path, os.O_RDWR)  # another open file, as another process's would be
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the run holds it
+    finally:
+        os.close(other)
 
 
 def test_rundir_interrupted_with_other_config_is_caught(tmp_path):

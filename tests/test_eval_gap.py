@@ -279,4 +279,4 @@ def test_a_run_moved_aside_while_computing_writes_no_figures_into_its_successor(
     moved_aside_before(monkeypatch, eval_gap, "all_figures", out)
     with pytest.raises(RunMovedError):
         eval_gap.main(argv)
-    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
+    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt", ".writer-0of1.lock"}  # the new run's

@@ -283,7 +283,7 @@ def test_a_run_moved_aside_while_scoring_writes_nothing_into_its_successor(tmp_p
     moved_aside_before(monkeypatch, eval_ood, "score_set", out)
     with pytest.raises(common.RunMovedError):
         eval_ood.main(argv)
-    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
+    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt", ".writer-0of1.lock"}  # the new run's
 
 
 def test_an_ood_root_given_by_its_option_is_no_part_of_the_identity(tmp_path):

@@ -175,7 +175,7 @@ def test_a_run_moved_aside_writes_nothing_into_its_successor(
     monkeypatch.setattr(finetune, moved_during, overwritten_meanwhile)
     with pytest.raises(common.RunMovedError):
         finetune.main(base_args(tiny_dataset, tiny_sd, tiny_clip_vision, out, "--max-train-steps", "2"))
-    assert sorted(p.name for p in out.iterdir()) == ["run_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".writer-0of1.lock", "run_config.json"]  # the new run's
 
 
 def test_gradient_accumulation_resumes_on_micro_batch_boundaries(tiny_dataset, tiny_sd, tiny_clip_vision, tmp_path):

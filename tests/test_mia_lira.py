@@ -194,7 +194,7 @@ def test_a_run_moved_aside_while_attacking_writes_nothing_into_its_successor(tmp
     argv = [*"--dataset demo --num-shadows 8 --arms real --scores-from".split(), str(src), "--output-dir", str(out)]
     with pytest.raises(common.RunMovedError):
         mia_lira.main(argv)
-    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt"}  # the new run's, nothing of the old
+    assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt", ".writer-0of1.lock"}  # the new run's
 
 
 def test_bad_inputs_fail_before_the_run_dir(tmp_path, tiny_dataset):

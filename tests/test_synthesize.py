@@ -121,7 +121,7 @@ def test_a_start_killed_while_loading_gives_way_to_a_corrected_command(tiny_sd, 
     monkeypatch.setattr(synthesize, "ready_pipeline", killed_while_loading)
     with pytest.raises(KeyboardInterrupt):
         synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "out", "--steps", "6"))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["log.txt", "run_config.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".writer-0of1.lock", "log.txt", "run_config.json"]
     monkeypatch.undo()
     done = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "out"))
     assert done["complete"] and (tmp_path / "out" / "classes.json").is_file()

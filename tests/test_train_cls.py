@@ -206,7 +206,7 @@ def test_a_run_moved_aside_mid_epoch_saves_no_checkpoint_into_its_successor(tmp_
     monkeypatch.setattr(train_cls, "train_steps", overwritten_in_epoch_2)
     with pytest.raises(RunMovedError, match="moved aside"):
         train_cls.main(TINY + ["--data-root", str(tiny_dataset), "--epochs", "3", "--output-dir", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["run_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".writer-0of1.lock", "run_config.json"]  # the new run's
     old_run = next(tmp_path.glob("cls.old-*"))
     assert [p.name for p in (old_run / "checkpoints").iterdir()] == ["checkpoint-1"]
 
