@@ -433,7 +433,8 @@ def parse_args(parser: StageParser, argv: Sequence[str] | None, stage: str) -> a
         defaults = {}
         for key, value in yaml_cfg["merged"].items():
             action = parser.options.get(key.replace("-", "_"))
-            if action is None:
+            # --help, --config, a positional: no config setting (they were ignored; help entered the run's hash)
+            if action is None or action.dest in ("help", "config") or not action.option_strings:
                 if key in yaml_cfg["section"]:
                     raise ConfigError(
                         f"{config}: unknown key '{key}' in section '{stage}' "

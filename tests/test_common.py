@@ -109,6 +109,15 @@ def test_config_unknown_stage_key_names_key_and_file(tmp_path):
     assert "cfg.yaml" in str(err.value)
 
 
+@pytest.mark.parametrize("key", ["help: true", "h: true", "config: other.yaml", "command: report"])
+def test_a_config_cannot_set_help_config_or_a_positional(tmp_path, key):
+    """They were accepted and ignored; `help: true` even entered the run's identity."""
+    parser = stage_parser()
+    parser.add_argument("command", nargs="?")
+    with pytest.raises(common.ConfigError, match=key.split(":")[0]):
+        common.parse_args(parser, ["--config", write_yaml(tmp_path, f"train_cls:\n  {key}\n")], "train_cls")
+
+
 def test_config_unknown_top_level_key_and_missing_file(tmp_path):
     cfg = write_yaml(tmp_path, "sead: 3\n")
     with pytest.raises(common.ConfigError, match="sead"):
