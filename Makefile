@@ -182,7 +182,7 @@ ifeq ($(PLAN),)
 	exit 2; fi; echo "$(abspath $(DATA))" > $$f
 	for mode in $(IMAGEFOLDER_MODES); do $(MAKE) --no-print-directory pipeline DATASET=imagefolder MODE=$$mode \
 		CONFIG=$(IMAGEFOLDER_CFG) RUNS=runs/$(NAME) ARGS="--data-root $(abspath $(DATA)) $(ARGS)" || exit 1; done
-	$(PY) demo_report.py report --config $(IMAGEFOLDER_CFG) --runs-dir runs/$(NAME) --data-root $(abspath $(DATA))
+	$(PY) demo_report.py report --config $(IMAGEFOLDER_CFG) --output-dir runs/$(NAME) --data-root $(abspath $(DATA))
 	@echo "done: runs/$(NAME)/report.md, runs/$(NAME)/summary.json"
 else
 	$(PY) synthesize.py --config $(IMAGEFOLDER_CFG) --data-root $(abspath $(DATA)) --scale $(SCALE) $(FORMAT_FLAG) \

@@ -1052,7 +1052,7 @@ def weight_hashes(out: Path) -> dict[str, str]:
 
 
 def run_data(args) -> dict:
-    out = Path(args.out or args.data_root)
+    out = Path(args.output_dir or args.data_root)
     run = common.RunDir(out, {k: getattr(args, k) for k in DATA_KEYS}, args.overwrite)
     if run.start() == "done":
         print(f"{out}: demo data already made (manifest.json); nothing to do")
@@ -1072,7 +1072,7 @@ def run_data(args) -> dict:
 
 
 def run_skeleton(args) -> dict:
-    out = Path(args.out or Path(args.runs_dir) / "skeleton")
+    out = common.output_dir(args, "skeleton")
     run = common.RunDir(out, {k: getattr(args, k) for k in PIPELINE_KEYS}, args.overwrite)
     if run.start() == "done":
         print(f"{out}: untrained demo pipeline already built (manifest.json); nothing to do")
@@ -1217,7 +1217,7 @@ def store_fp16(sd_dir: Path, clip_dir: Path) -> None:
 
 def run_generator(args) -> dict:
     """Build the generator and pretrain it phase by phase (PhaseRecord), store it in fp16, measure it as stored."""
-    out = Path(args.out or Path(args.runs_dir) / "generator")
+    out = common.output_dir(args, "generator")
     run = common.RunDir(out, {k: getattr(args, k) for k in GENERATOR_KEYS}, args.overwrite)
     state = run.start()
     if state == "done":
@@ -1258,15 +1258,10 @@ def get_parser() -> common.StageParser:
     p.add_argument("command", choices=["data", "generator", "skeleton"], help="what to make (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml, section `demo`); CLI overrides")
     p.add_argument("--dataset", default="demo", help="always 'demo' (accepted so configs/demo.yaml applies)")
-    p.add_argument("--data-root", "--data", dest="data_root", default="runs/demo/data", help="the demo dataset")
-    p.add_argument("--runs-dir", "--runs", dest="runs_dir", default="runs/demo", help="the demo's runs folder")
-    p.add_argument(
-        "--output-dir",
-        "--out",
-        dest="out",
-        default=None,
-        help="where to write (default: data: --data-root; generator: <runs>/generator; skeleton: <runs>/skeleton)",
-    )
+    p.add_argument("--data-root", default="runs/demo/data", help="the demo dataset")
+    p.add_argument("--runs-dir", default="runs", help="root of the runs folders, as in every stage (the demo's: demo/)")
+    out = "where to write (default: data: --data-root; generator, skeleton: <runs-dir>/demo/<command>)"
+    p.add_argument("--output-dir", default=None, help=out)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="move an existing output with another config aside")
     d = p.group("data")

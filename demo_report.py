@@ -221,7 +221,7 @@ def elapsed_cell(stage: dict, unit: str = "") -> str:
 
 
 def run_report(args) -> dict:
-    runs = Path(args.out or args.runs_dir)
+    runs = common.output_dir(args, "")
     if not runs.is_dir():
         raise FileNotFoundError(f"no runs folder {runs}: run the demo stages first (make demo)")
     generator_dir = Path(args.pretrained_model).parent if args.pretrained_model else None
@@ -465,7 +465,7 @@ def scaling_plot(fig2: dict, path: Path) -> None:
 
 
 def run_ablation_report(args) -> dict:
-    abl = Path(args.out or Path(args.runs_dir) / "ablation")
+    abl = common.output_dir(args, "ablation")
     if not abl.is_dir():
         raise FileNotFoundError(f"no ablation runs under {abl}: run `make demo-ablation`")
     lines, tables = ablation_tables(abl)
@@ -497,20 +497,15 @@ def get_parser() -> common.StageParser:
     p.add_argument("command", choices=["report", "ablation-report"], help="which report (see above)")
     p.add_argument("--config", default=None, help="YAML config (configs/demo.yaml: its shared keys); CLI overrides")
     p.add_argument("--dataset", default="demo", help="demo, or imagefolder for make imagefolder's report")
-    p.add_argument("--data-root", "--data", dest="data_root", default="runs/demo/data", help="the demo dataset")
-    p.add_argument("--runs-dir", "--runs", dest="runs_dir", default="runs/demo", help="the demo's runs folder")
+    p.add_argument("--data-root", default="runs/demo/data", help="the demo dataset")
+    p.add_argument("--runs-dir", default="runs", help="root of the runs folders, as in every stage")
     p.add_argument(
         "--pretrained-model",
         default=None,
         help="the generator the stages used (a local folder): the manifest.json beside it gives its quality figures",
     )
-    p.add_argument(
-        "--output-dir",
-        "--out",
-        dest="out",
-        default=None,
-        help="where to read and write (default: report: <runs>; ablation-report: <runs>/ablation)",
-    )
+    where = "where to read and write (default: report: <runs-dir>/<dataset>; ablation-report: its ablation/)"
+    p.add_argument("--output-dir", default=None, help=where)
     return p
 
 

@@ -28,7 +28,7 @@ def files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo_data")
-    demo.main(["data", "--out", str(root), *TINY_DATA])
+    demo.main(["data", "--output-dir", str(root), *TINY_DATA])
     return root
 
 
@@ -39,9 +39,9 @@ def test_data_layout_and_determinism(demo_data, tmp_path):
         assert [s.label for s in index.samples] == [c for c in range(10) for _ in range(per_class)]
         assert all(common.load_image(index.abspath(i)).size == (32, 32) for i in range(len(index)))
     # Same seed -> identical bytes, written in another folder; another seed -> other images.
-    demo.main(["data", "--out", str(tmp_path / "again"), *TINY_DATA])
+    demo.main(["data", "--output-dir", str(tmp_path / "again"), *TINY_DATA])
     assert files(tmp_path / "again") == files(demo_data)
-    demo.main(["data", "--out", str(tmp_path / "seed1"), "--seed", "1", *TINY_DATA])
+    demo.main(["data", "--output-dir", str(tmp_path / "seed1"), "--seed", "1", *TINY_DATA])
     other = files(tmp_path / "seed1")
     assert other.keys() == files(demo_data).keys()
     assert all(other[k] != v for k, v in files(demo_data).items())
@@ -52,11 +52,16 @@ def test_data_layout_and_determinism(demo_data, tmp_path):
 
 def test_data_rerun_is_a_noop_and_changed_config_fails(demo_data):
     before = (demo_data / "manifest.json").stat().st_mtime_ns
-    demo.main(["data", "--out", str(demo_data), *TINY_DATA])
+    demo.main(["data", "--output-dir", str(demo_data), *TINY_DATA])
     assert (demo_data / "manifest.json").stat().st_mtime_ns == before
     with pytest.raises(common.ConfigMismatchError, match="train_per_class"):
         demo.main(
-            ["data", "--out", str(demo_data), *"--train-per-class 3 --test-per-class 2 --ood-per-class 1".split()]
+            [
+                "data",
+                "--output-dir",
+                str(demo_data),
+                *"--train-per-class 3 --test-per-class 2 --ood-per-class 1".split(),
+            ]
         )
 
 
@@ -88,14 +93,24 @@ def test_skeleton_is_an_untrained_loadable_pipeline_and_cached(tmp_path):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     out = tmp_path / "skeleton"
-    assert demo.main(["skeleton", "--out", str(out)])["trained"] is False
+    assert demo.main(["skeleton", "--output-dir", str(out)])["trained"] is False
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     ids = pipe.tokenizer(common.build_prompt(demo.CLASSES[0])).input_ids
     assert pipe.tokenizer.convert_ids_to_tokens(ids)[2:4] == ["of</w>", f"{demo.CLASSES[0]}</w>"]
     assert list(pipe.unet.config.block_out_channels) == [32, 64] and not (out / "phases.json").exists()
     stamp = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    demo.main(["skeleton", "--out", str(out)])  # complete with the same settings: nothing is rebuilt
+    demo.main(["skeleton", "--output-dir", str(out)])  # complete with the same settings: nothing is rebuilt
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_runs_dir_is_the_root_of_every_stage_here_too(tmp_path):
+    """A config's runs_dir reaches every stage, which writes <runs-dir>/<dataset>/...: demo.py and demo_report.py
+    took it as the demo's own folder, so they wrote and read beside the stages' runs, not among them."""
+    config = tmp_path / "my.yaml"
+    config.write_text(f"dataset: demo\nruns_dir: {tmp_path / 'runs'}\n")
+    demo.main(["skeleton", "--config", str(config)])
+    assert (common.default_run_dir(argparse.Namespace(runs_dir=tmp_path / "runs", dataset="demo"), "skeleton")).is_dir()
+    assert demo_report.main(["report", "--config", str(config)])["runs_dir"] == str(tmp_path / "runs" / "demo")
 
 
 def test_psnr_matches_its_definition():
@@ -152,7 +167,7 @@ def test_generator_round_trip_and_cache(demo_data, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
     out = tmp_path / "generator"
-    metrics = demo.main(["generator", "--data-root", str(demo_data), "--out", str(out), *TINY_GENERATOR])
+    metrics = demo.main(["generator", "--data-root", str(demo_data), "--output-dir", str(out), *TINY_GENERATOR])
     for key in ("vae_psnr_db", "cond_uncond_rel_diff", "denoise_class_acc"):
         assert isinstance(metrics[key], float)
     assert set(metrics["img2img_classifier"]) >= {"real_top1", "synth_top1", "synth_over_real", "judge_test_top1"}
@@ -184,7 +199,7 @@ def test_generator_round_trip_and_cache(demo_data, tmp_path):
 
     # Cached: a second call with the same settings trains nothing and returns the recorded metrics.
     before = (out / "manifest.json").stat().st_mtime_ns
-    again = demo.main(["generator", "--data-root", str(demo_data), "--out", str(out), *TINY_GENERATOR])
+    again = demo.main(["generator", "--data-root", str(demo_data), "--output-dir", str(out), *TINY_GENERATOR])
     assert again["vae_psnr_db"] == metrics["vae_psnr_db"]
     assert (out / "manifest.json").stat().st_mtime_ns == before
 
@@ -205,7 +220,7 @@ def test_report_skips_missing_stages(demo_data, tmp_path):
     common.RunDir(synth, {"scale": 1}).start()
     common.RunDir(synth, {"scale": 1}).finish({"images": len(rows)})
 
-    summary = demo_report.main(["report", "--runs", str(runs), "--data-root", str(demo_data)])
+    summary = demo_report.main(["report", "--output-dir", str(runs), "--data-root", str(demo_data)])
     assert summary["headline"]["cls_real.top1"] == 0.5
     assert summary["stages"]["cls_real"]["elapsed_s"] == 12.0
     assert {"finetune", "eval_ood", "mia_lira", "generator"} <= set(summary["missing_stages"])
@@ -223,7 +238,15 @@ def test_report_does_not_count_the_shipped_generators_build_time(demo_data, tmp_
     runs, shipped = tmp_path / "runs", tmp_path / "demo_generator"
     common.RunDir(runs / "cls_real", {"model": "x"}).finish({"top1": 0.5, "top5": 0.9, "elapsed_s": 12.0})
     common.RunDir(shipped, {"recipe": "x"}).finish({"vae_psnr_db": 29.0, "elapsed_s": 5700.0})
-    args = ["report", "--runs", str(runs), "--data-root", str(demo_data), "--pretrained-model", str(shipped / "p")]
+    args = [
+        "report",
+        "--output-dir",
+        str(runs),
+        "--data-root",
+        str(demo_data),
+        "--pretrained-model",
+        str(shipped / "p"),
+    ]
     summary = demo_report.main(args)
     assert summary["stages"]["generator"]["metrics"]["vae_psnr_db"] == 29.0
     assert summary["stages"]["generator"]["shipped"] and summary["total_elapsed_s"] == 12.0
@@ -272,7 +295,7 @@ def test_paper_tables_from_stage_manifests(tmp_path):
 def test_ablation_report_means_spreads_and_unresolved_differences(tmp_path):
     """Tab. 2 / Fig. 2 rows are mean ± sample std over the seeds found; a difference no larger than the seed spread
     is reported as not resolved; unfinished classifiers are ignored; the plot is written."""
-    abl = tmp_path / "ablation"
+    abl = tmp_path / "demo" / "ablation"  # under --runs-dir, the demo's folder: <runs-dir>/<dataset>
 
     def classifier(prefix, seed, top1):
         common.write_json(abl / f"{prefix}_s{seed}" / "manifest.json", {"metrics": {"top1": top1, "top5": 99.0}})

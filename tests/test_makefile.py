@@ -108,7 +108,7 @@ def test_imagefolder_runs_the_three_modes_and_the_report_in_its_own_runs_folder(
     for run in ("cls_real", "cls_synth_x1", "cls_mix_x1"):
         assert any(f"--output-dir runs/flowers/{run}" in line for line in lines)
         assert any(f"--classifier runs/flowers/{run} --output-dir runs/flowers/ood_{run}" in line for line in lines)
-    assert "demo_report.py report" in lines[-1] and "--runs-dir runs/flowers" in lines[-1]
+    assert "demo_report.py report" in lines[-1] and "--output-dir runs/flowers" in lines[-1]
     only_mix = dry_run("imagefolder", f"DATA={data}", "MODE=mix")
     assert [line for line in only_mix if "train_cls.py" in line] == [
         line for line in lines if "train_cls.py" in line and "cls_mix_x1" in line
