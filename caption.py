@@ -41,7 +41,7 @@ PAPER_MODEL = "Salesforce/blip2-opt-2.7b"  # paper §3.2 via CiP (LeavesLei/Capt
 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
-    common.add_run_options(p, "captions", seed_help="unused by greedy decoding; recorded", workers=4)
+    common.add_run_options(p, "captions", seed_help="unused by greedy decoding; recorded")
     a = (captioner := p.group("captioner (paper §3.2 via CiP)")).add_argument
     a("--split", default="train", help="split to caption (the paper captions the training images)")
     a("--model", default=PAPER_MODEL, help="BLIP-2 hub id or local directory (transformers layout)")

@@ -360,15 +360,16 @@ def add_run_options(
     output: str,
     *,
     seed_help: str = "global seed",
-    workers: int = 0,
+    workers: int = 4,
     resume: bool = False,
     data_fingerprinted: bool = False,
 ) -> None:
     """The options every stage shares, each with one name and vocabulary: --config, --dataset, --data-root, --seed,
-    --runs-dir, --output-dir (default <runs-dir>/<dataset>/<output>), --overwrite, --workers (alias --num-workers),
-    and for stages with checkpoints --resume. Of these only --dataset, --seed and --data-root enter the run's hash;
-    --data-root not in a stage that puts the fingerprint (split_fingerprint, check_images) of every split it reads in
-    the identity instead (`data_fingerprinted`): there the files define the run, not where they are mounted."""
+    --runs-dir, --output-dir (default <runs-dir>/<dataset>/<output>), --overwrite, --workers (alias --num-workers;
+    4, or 8 in train_cls and eval_ood, whose ResNet eats images fastest: README, Benchmarks) and for stages with
+    checkpoints --resume. Of these only --dataset, --seed and --data-root enter the run's hash; --data-root not in a
+    stage that puts the fingerprint (split_fingerprint, check_images) of every split it reads in the identity instead
+    (`data_fingerprinted`): there the files define the run, not where they are mounted."""
     g = parser.group("run")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="the real dataset (a --config sets it)")
     where = "its root (else configs/paths.yaml or the environment, README)"

@@ -81,7 +81,7 @@ AUTOCAST_ON_GPU = "fp16"  # --mixed-precision auto on a GPU: paper App. E Tab. 7
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     seed_help = "seeds data order, crops and noise"
-    common.add_run_options(p, "finetune", seed_help=seed_help, workers=4, resume=True, data_fingerprinted=True)
+    common.add_run_options(p, "finetune", seed_help=seed_help, resume=True, data_fingerprinted=True)
     a = p.group("data and prompts (paper §3.2)").add_argument
     a("--captions", default=None, help="caption.py's captions.jsonl, its hash the identity; unset: 'photo of {class}'")
     p.not_hashed("captions")

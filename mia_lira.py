@@ -59,7 +59,7 @@ SIGMA_FLOOR = 1e-6  # a shadow set with identical scores has σ = 0 and an infin
 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
-    common.add_run_options(p, "mia_lira", seed_help="global seed (keep matrix, shadow seeds)", workers=4)
+    common.add_run_options(p, "mia_lira", seed_help="global seed (keep matrix, shadow seeds)")
     # Each image is IN for exactly half of the shadows.
     a = p.group("shadow pipelines (paper App. G.4, following Carlini et al.)").add_argument
     a("--num-shadows", type=int, default=16, help="M shadow pipelines per arm (paper: 16; even, >= 4)")

@@ -51,7 +51,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SS
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     seed_help = "background subset's seed"
-    common.add_run_options(p, "sscd_<synthetic dir name>", seed_help=seed_help, workers=4, data_fingerprinted=True)
+    common.add_run_options(p, "sscd_<synthetic dir name>", seed_help=seed_help, data_fingerprinted=True)
     a = p.group("copy detection (paper App. G.4)").add_argument
     a("--synthetic-dir", default=None, help="synthesize.py output or any ImageFolder (default: <dataset>/synth_x1)")
     a("--model", default="sscd_disc_large.torchscript.pt", help="SSCD TorchScript file (where to get it: above)")

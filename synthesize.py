@@ -67,7 +67,7 @@ def none_or_path(value: str) -> str | None:
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     seed_help = "image seeds derive from it"
-    common.add_run_options(p, "synth_x<scale>", seed_help=seed_help, workers=4, data_fingerprinted=True)
+    common.add_run_options(p, "synth_x<scale>", seed_help=seed_help, data_fingerprinted=True)
     a = p.group("sources").add_argument
     a("--split", default="train", help="the real split whose images are the latent priors")
     a("--subset-mask", default=None, help=".npy bool array over the train split (LiRA shadows)")

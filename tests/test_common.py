@@ -445,6 +445,10 @@ def test_shared_options_have_one_default_in_every_stage():
     defaults = {s: {k: importlib.import_module(s).get_parser().get_default(k) for k in shared} for s in STAGES}
     assert all(d == defaults["synthesize"] for d in defaults.values()), defaults
     assert defaults["synthesize"]["seed"] == 42
+    # --workers: one default, and the two stages that feed a ResNet on a GPU more (add_run_options says why); eval_gap
+    # had 0, a single process decoding every image for a GPU
+    workers = {s: importlib.import_module(s).get_parser().get_default("workers") for s in STAGES}
+    assert workers == {s: 8 if s in ("train_cls", "eval_ood") else 4 for s in STAGES}
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in common.PROJECT_DIR.glob("*.py")))

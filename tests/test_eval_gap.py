@@ -9,6 +9,8 @@ from conftest import TINY_CLASSES, make_imagefolder, moved_aside_before
 import eval_gap
 from common import ImageReadError, write_json, write_jsonl
 
+TINY_RUN = "--dataset imagefolder --workers 0"  # tiny sets on a shared CPU: no loader processes to start
+
 
 def tiny_gap_sets(tmp_path, train: int, val: int, synthetic: int, name: str = "synth"):
     """A real train / val split and a synthesize.py-layout set of that many images per class under tmp_path:
@@ -117,7 +119,7 @@ def test_streamed_figures_equal_the_in_memory_ones_and_parts_merge_exactly(tmp_p
 
 def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_clip_vision):
     data, synth, rows = tiny_gap_sets(tmp_path, 5, 4, 4, "synth_x1")
-    argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 3 --kid-subset-size 8"
+    argv = f"{TINY_RUN} --data-root {data} --synthetic-dir {synth} --kid-subsets 3 --kid-subset-size 8"
     argv = argv.split() + ["--features", f"clip:{tiny_clip_vision}", "--output-dir", str(tmp_path / "gap")]
     metrics = eval_gap.main(argv)
     results = json.loads((tmp_path / "gap" / "results.json").read_text())
@@ -147,7 +149,7 @@ def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_
 
 def test_an_interrupted_part_resumes_where_it_stopped(tmp_path, tiny_clip_vision, monkeypatch):
     data, synth, _ = tiny_gap_sets(tmp_path, 6, 3, 6)
-    argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 3 --kid-subset-size 8"
+    argv = f"{TINY_RUN} --data-root {data} --synthetic-dir {synth} --kid-subsets 3 --kid-subset-size 8"
     argv = argv.split() + ["--features", f"clip:{tiny_clip_vision}", "--batch-size", "4", "--checkpoint-every", "4"]
     clean = eval_gap.main(argv + ["--output-dir", str(tmp_path / "clean" / "gap")])
     real_clip = eval_gap.clip_features
@@ -188,7 +190,7 @@ def test_a_missing_feature_model_fails_before_the_run_dir_exists(tmp_path):
         synth / "manifest.jsonl", [{"file": f"{c}/{c}_000.png", "label": i} for i, c in enumerate(TINY_CLASSES)]
     )
     write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
-    argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --features clip:{tmp_path / 'nope'}"
+    argv = f"{TINY_RUN} --data-root {data} --synthetic-dir {synth} --features clip:{tmp_path / 'nope'}"
     with pytest.raises(OSError):
         eval_gap.main(argv.split() + ["--output-dir", str(tmp_path / "gap")])
     assert not (tmp_path / "gap").exists()
@@ -226,9 +228,7 @@ def test_a_corrupt_real_image_fails_up_front_unless_skip_bad(tmp_path, tiny_clip
         synth / "manifest.jsonl", [{"file": f"{c}/{c}_000.png", "label": i} for i, c in enumerate(TINY_CLASSES)]
     )
     write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
-    argv = (
-        f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --features clip:{tiny_clip_vision}".split()
-    )
+    argv = f"{TINY_RUN} --data-root {data} --synthetic-dir {synth} --features clip:{tiny_clip_vision}".split()
     argv += ["--prdc-images", "6", "--kid-subset-size", "3", "--kid-subsets", "2", "--per-class-images", "3"]
     with pytest.raises(ImageReadError, match=r"(?s)broken\.jpg.*--skip-bad"):
         eval_gap.main([*argv, "--output-dir", str(tmp_path / "gap")])
@@ -247,7 +247,7 @@ def test_a_corrupt_real_image_fails_up_front_unless_skip_bad(tmp_path, tiny_clip
 def small_gap_run(tmp_path, clip, out) -> list[str]:
     """eval_gap's arguments for a tiny real train / val split and a synthetic set under tmp_path."""
     data, synth, _ = tiny_gap_sets(tmp_path, 4, 3, 3)
-    argv = f"--dataset imagefolder --data-root {data} --synthetic-dir {synth} --kid-subsets 2 --kid-subset-size 6"
+    argv = f"{TINY_RUN} --data-root {data} --synthetic-dir {synth} --kid-subsets 2 --kid-subset-size 6"
     return argv.split() + ["--features", f"clip:{clip}", "--output-dir", str(out)]
 
 
