@@ -314,7 +314,7 @@ bench-gpu: $(STAMP)
 	$(DEMO_PY) demo.py data $(DEMO_CFG) && $(DEMO_PY) demo.py skeleton $(DEMO_CFG)
 	$(GPU_PY) bench.py synth --config configs/demo.yaml --weights sd15-random --resolution 512 --steps 30 \
 		--pretrained-model $(DEMO)/skeleton --images 128 --rounds 2 --batch-size 32 --decode-batch 16 \
-		--num-workers 8 --write-workers 8 --output-dir $(DEMO)/bench_synth_gpu $(ARGS)
+		--workers 8 --write-workers 8 --output-dir $(DEMO)/bench_synth_gpu $(ARGS)
 	$(GPU_PY) bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 8 --steps 20
 	$(GPU_PY) bench.py finetune --weights sd15-random --resolution 512 --train-batch-size 32 --steps 10
 	$(GPU_PY) bench.py train --model resnet50 --fake-data 12288 --fake-size 400 --input-size 224 \
@@ -323,5 +323,5 @@ bench-gpu: $(STAMP)
 
 bench-train: $(STAMP)
 	$(DEMO_PY) bench.py train --fake-data 640 --fake-size 48 --model test_resnet --input-size 32 \
-		--batch-size 32 --max-device-batch 32 --workers 1 --amp no --steps 15
+		--batch-size 32 --max-device-batch 32 --workers 1 --mixed-precision no --steps 15
 	$(DEMO_PY) bench.py loader --images 2000 --size 256 --input-size 224 --workers 2 --output-dir $(DEMO)/bench_loader

@@ -223,3 +223,18 @@ def test_overwrite_reaches_the_demo_stages_and_leaves_the_reports_runnable():
         (report,) = [line for line in lines if "demo_report.py" in line]
         argv = shlex.split(report.split("demo_report.py", 1)[1].split("||", 1)[0])
         assert argv[0] == command and demo_report.get_parser().parse_args(argv).config == "configs/demo.yaml"
+
+
+@pytest.mark.parametrize("target", ["demo", "demo-ablation", "in10", "bench-gpu", "bench-train", "bench-synth"])
+def test_recipes_spell_every_option_by_its_one_name(target):
+    """--num-workers and --amp are aliases kept for configs and old command lines; the Makefile, which people copy
+    commands from, used them beside --workers and --mixed-precision."""
+    from test_docs import FLAG, parser_for
+
+    aliased = []
+    for line in dry_run(target):
+        for script, tail in re.findall(r"(\w+)\.py\b((?:(?!\w+\.py\b).)*)", line):
+            known = getattr(parser_for(script, tail), "_option_string_actions", {})
+            flags = FLAG.findall(re.sub(r"\"[^\"]*\"|'[^']*'", "", tail))  # a quoted value holds another script's flags
+            aliased += [f"{script}.py {f}" for f in flags if f in known and known[f].option_strings[0] != f]
+    assert not aliased, aliased
