@@ -8,7 +8,7 @@ import pytest
 import common
 
 CONFIGS = sorted(p for p in (common.PROJECT_DIR / "configs").glob("*.yaml") if p.name != "paths.yaml")
-STAGES = ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "mia_lira", "sscd_sim"]
+STAGES = ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "eval_gap", "mia_lira", "sscd_sim"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
