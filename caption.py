@@ -46,6 +46,7 @@ def get_parser() -> common.StageParser:
     a("--split", default="train", help="split to caption (the paper captions the training images)")
     a("--model", default=PAPER_MODEL, help="BLIP-2 hub id or local directory (transformers layout)")
     a("--revision", default=None, help="hub revision of --model")
+    p.unshared.add("revision")  # a top-level revision pins the generator (pretrained_model), not BLIP-2
     common.add_dtype(captioner)
     a("--max-new-tokens", type=int, default=16, help="CiP: max_length 16 (paper: short captions)")
     a("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")

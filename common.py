@@ -222,7 +222,7 @@ def encode_latent_prior(vae, pixels: torch.Tensor, generators: Sequence[torch.Ge
 # Config: argparse defaults (the paper's values) < configs/<dataset>.yaml (shared keys, then the stage's section) < CLI
 
 # Top-level YAML keys that every stage may read. A stage applies those its parser knows and ignores the rest, so one
-# file can drive the whole pipeline; any other top-level key must be a stage section.
+# file can drive the whole pipeline; any other top-level key must be a stage section. revision: pretrained_model's.
 SHARED_KEYS = {"dataset", "data_root", "seed", "captions", "pretrained_model", "revision", "runs_dir", "test_split"}
 STAGES = {"caption", "finetune", "synthesize", "train_cls", "eval_ood", "eval_gap", "mia_lira", "sscd_sim", "demo"}
 
@@ -320,6 +320,7 @@ class StageParser(argparse.ArgumentParser):
 
     def __init__(self, doc: str | None = None, **kwargs):
         self.options: dict[str, argparse.Action] = {}  # before super(): argparse adds --help in __init__
+        self.unshared: set[str] = set()  # options of a shared key's name meaning another thing here: section only
         super().__init__(description=doc, formatter_class=HelpFormatter, **kwargs)
 
     def add_argument(self, *names, **kwargs) -> argparse.Action:
@@ -442,6 +443,8 @@ def parse_args(parser: StageParser, argv: Sequence[str] | None, stage: str) -> a
                         f"(run `python {stage}.py --help` for the options)"
                     )
                 continue  # a shared key another stage uses
+            if action.dest in parser.unshared and key not in yaml_cfg["section"]:
+                continue  # StageParser.unshared
             defaults[action.dest] = _coerce(action, key, value, str(config))
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)

@@ -118,6 +118,17 @@ def test_a_config_cannot_set_help_config_or_a_positional(tmp_path, key):
         common.parse_args(parser, ["--config", write_yaml(tmp_path, f"train_cls:\n  {key}\n")], "train_cls")
 
 
+def test_a_top_level_revision_pins_the_generator_not_blip2(tmp_path):
+    """revision is shared for pretrained_model (finetune and synthesize must load one SD); caption's --revision is
+    BLIP-2's, and the top-level key reached it too: caption.py asked the hub for BLIP-2 at SD's revision."""
+    caption, finetune = importlib.import_module("caption"), importlib.import_module("finetune")
+    cfg = write_yaml(tmp_path, "revision: abc123\n")
+    assert common.parse_args(finetune.get_parser(), ["--config", cfg], "finetune").revision == "abc123"
+    assert common.parse_args(caption.get_parser(), ["--config", cfg], "caption").revision is None
+    cfg = write_yaml(tmp_path, "revision: abc123\ncaption:\n  revision: def456\n")  # its own section still sets it
+    assert common.parse_args(caption.get_parser(), ["--config", cfg], "caption").revision == "def456"
+
+
 def test_config_unknown_top_level_key_and_missing_file(tmp_path):
     cfg = write_yaml(tmp_path, "sead: 3\n")
     with pytest.raises(common.ConfigError, match="sead"):
