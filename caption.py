@@ -1,7 +1,7 @@
 """Caption every training image with BLIP-2 (paper §3.2, following CiP, Lei et al. 2023).
 
 The paper's prompt is "photo of {classname}, {caption}" for the ImageNet sets, with one BLIP-2 caption per real
-image. CiP's recipe: `Salesforce/blip2-opt-2.7b` in fp16, no text prompt, greedy decoding, at most 16 new tokens.
+image. CiP's recipe (model, precision, no text prompt, greedy decoding, caption length) is the option defaults.
 The fine-grained sets (CUB, Cars, Pets, EuroSAT) use no caption, so this stage is only run for in10/in100/in1k (and
 any dataset you choose).
 

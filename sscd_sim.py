@@ -1,19 +1,19 @@
 """Copy detection with SSCD: does any synthetic image replicate a real training image? (paper §4.5, App. G.4)
 
 The paper (Fig. 4) embeds every synthetic and every real training image with the SSCD copy-detection model
-`sscd_disc_large` (ResNeXt101, 1024-d, L2-normalised descriptors; Pizzi et al. 2022), retrieves the top-5 real images
-by inner product for each synthetic one and shows the top-3. Following Somepalli et al. (2023, somepago/DCR) we add
-numbers: the top-1 similarity distribution (mean, 95th percentile), the replication rate (top-1 > 0.5), and the same
-for a real-vs-real background (each real image's nearest *other* real image), which tells how close "different" images
-of this dataset already are.
+`sscd_disc_large` (ResNeXt101, 1024-d, L2-normalised descriptors; Pizzi et al. 2022), retrieves the nearest real images
+by inner product for each synthetic one and shows the closest pairs. Following Somepalli et al. (2023, somepago/DCR) we
+add numbers: the top-1 similarity distribution (mean, 95th percentile), the replication rate (top-1 above --threshold),
+and the same for a real-vs-real background (each real image's nearest *other* real image), which tells how close
+"different" images of this dataset already are.
 
 The model is a TorchScript file, `--model sscd_disc_large.torchscript.pt` by default, downloaded by the user from
 https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large.torchscript.pt (facebookresearch/sscd-copy-detection
 README). TorchScript files run code when loaded: load only files from a source you trust. Preprocessing is the SSCD
-README's: RGB, short edge resized to 288 (aspect kept; `--resize square --size 320` is its 320x320 alternative),
-ImageNet mean/std. `--make-standin PATH` writes a small stand-in TorchScript descriptor (pooled pixel layout, fixed
-random projection, L2-normalised) for offline tests and the demo; results computed with it say so
-(`descriptor.standin` in results.json) and measure pixel-layout near-duplicates only, not SSCD similarity.
+README's: RGB, short edge resized (aspect kept; `--resize square` is its square alternative), ImageNet mean/std.
+`--make-standin PATH` writes a small stand-in TorchScript descriptor (pooled pixel layout, fixed random projection,
+L2-normalised) for offline tests and the demo; results computed with it say so (`descriptor.standin` in results.json)
+and measure pixel-layout near-duplicates only, not SSCD similarity.
 
 Inputs: the real training split (--dataset/--data-root), a finished synthesize.py output (--synthetic-dir; a plain
 ImageFolder also works). The run's identity holds the fingerprints of both sets and of the model file, so a regenerated
