@@ -52,7 +52,7 @@ def get_parser() -> common.StageParser:
     a("--num-beams", type=int, default=1, help="1 = greedy decoding (CiP)")
     a("--prompt", default=None, help="text prompt for BLIP-2; none in the paper/CiP (plain captioning)")
     a = p.speed_group().add_argument
-    a("--batch-size", type=int, default=64, help="images per forward pass per process (CiP: 65)")
+    a("--batch-size", type=common.positive_int, default=64, help="images per forward pass per process (CiP: 65)")
     a("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part (job arrays)")
     common.add_skip_bad(p, "the manifest")
     return p

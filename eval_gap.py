@@ -501,7 +501,7 @@ def get_parser() -> common.StageParser:
     floor = p.speed_group("floor (not part of the run's identity: the split's fingerprint is)")
     common.add_test_split(floor, "the real held-out split for the floor")
     a = p.speed_group().add_argument
-    a("--batch-size", type=int, default=64, help="images per feature-extractor batch")
+    a("--batch-size", type=common.positive_int, default=64, help="images per feature-extractor batch")
     a("--shard", type=common.parse_shard, default="0/1", help="i/n: this job's part of every set")
     a("--checkpoint-every", type=int, default=50000, help="images between saves of a part (resume)")
     common.add_skip_bad(p, "the manifest (real train and held-out images)")

@@ -83,7 +83,7 @@ def get_parser() -> common.StageParser:
     )
     common.add_test_split(which, f"the split --sets {common.HELD_OUT} names")
     common.add_skip_bad(p, "results.json (dataset splits)")
-    p.speed_group().add_argument("--batch-size", type=int, default=256, help="per process")
+    p.speed_group().add_argument("--batch-size", type=common.positive_int, default=256, help="per process")
     return p
 
 

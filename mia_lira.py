@@ -80,7 +80,7 @@ def get_parser() -> common.StageParser:
     # The shadows' classifiers test on it; the attacks score train images only, so it is no part of this identity.
     common.add_test_split(speed := p.speed_group(), "the real split train_cls.py tests every shadow on")
     a = speed.add_argument
-    a("--batch-size", type=int, default=256, help="query batch size")
+    a("--batch-size", type=common.positive_int, default=256, help="query batch size")
     a("--launcher", default="", help="stage command prefix, e.g. 'accelerate launch --num_processes 8'; '': python")
     a("--shard", type=common.parse_shard, default="0/1", help="i/n: train shadows i, i+n, ...; attacks need all scores")
     return p

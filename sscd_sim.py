@@ -63,7 +63,7 @@ def get_parser() -> common.StageParser:
     a("--background-queries", type=int, default=0, help="real-vs-real queries (0 = all; else a seeded subset)")
     a = p.speed_group().add_argument
     a("--cache-dir", default=None, help="descriptor cache (default sscd_cache/ beside the output folder)")
-    a("--batch-size", type=int, default=64, help="embedding batch size")
+    a("--batch-size", type=common.positive_int, default=64, help="embedding batch size")
     a("--chunk-size", type=int, default=65536, help="reference descriptors per similarity block")
     a("--make-standin", default=None, metavar="PATH", help="write the offline stand-in descriptor to PATH and exit")
     return p

@@ -166,6 +166,16 @@ def test_counts_must_be_positive_on_the_command_line_and_in_yaml(tmp_path):
             common.parse_args(parser, ["--config", write_yaml(tmp_path, f"train_cls:\n  {text}\n")], "train_cls")
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_refuses_a_batch_size_below_one(stage, capsys):
+    """One type for one option: caption, eval_gap, eval_ood, mia_lira and sscd_sim took --batch-size 0 as an int and
+    failed in the DataLoader, after loading their models."""
+    flag = "--train-batch-size" if stage == "finetune" else "--batch-size"
+    with pytest.raises(SystemExit):
+        importlib.import_module(stage).get_parser().parse_args([flag, "0"])
+    assert f"argument {flag}: invalid positive_int value: '0'" in capsys.readouterr().err
+
+
 def test_shipped_configs_parse():
     for path in sorted(Path(common.PROJECT_DIR / "configs").glob("*.yaml")):
         if path.name == "paths.yaml":  # data locations, not a stage config
