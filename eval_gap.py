@@ -52,7 +52,8 @@ from accelerate import PartialState
 from safetensors.numpy import load_file, save_file
 from scipy import linalg
 from timm.data import create_transform, resolve_data_config
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from timm.models import parse_model_name
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import common
 
@@ -323,17 +324,33 @@ def feature_space(spec: str, args) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{kind}-{common.fingerprint(weights)}")
 
 
+def check_features(spec: str, args) -> None:
+    """Fail with the fix, before the run starts, on a --features that names no model. The model itself is loaded
+    only once the run has work: a finished run's re-run loads none."""
+    kind, _, arg = spec.partition(":")
+    if kind == "clip":
+        common.check_pretrained(CLIPVisionConfig.from_pretrained, arg or args.clip_model, what="a CLIP image encoder")
+    elif kind == "classifier" and arg and not (Path(arg) / "manifest.json").is_file():
+        raise FileNotFoundError(f"--features {spec}: {arg} is not a finished train_cls.py run (no manifest.json)")
+    elif not (kind == "inception" or (kind == "timm" and timm_name_ok(arg)) or (kind == "classifier" and arg)):
+        raise ValueError(
+            f"--features {spec}: use clip[:MODEL], inception, timm:NAME (a timm model) or classifier:RUN_DIR"
+        )
+
+
+def timm_name_ok(name: str) -> bool:
+    """A timm model name, or a source timm resolves itself (hf-hub:ORG/NAME, local-dir:PATH)."""
+    return timm.is_model(name) or parse_model_name(name)[0] is not None
+
+
 def build_extractor(spec: str, args, device) -> Extractor:
+    """The --features model (check_features has checked the spec)."""
     kind, _, arg = spec.partition(":")
     if kind == "clip":
         return clip_features(arg or args.clip_model, device)
-    if kind == "inception":
-        return timm_features(INCEPTION, device)
-    if kind == "timm" and arg:
-        return timm_features(arg, device)
-    if kind == "classifier" and arg:
+    if kind == "classifier":
         return classifier_features(arg, device)
-    raise ValueError(f"--features {spec}: use clip[:MODEL], inception, timm:NAME or classifier:RUN_DIR")
+    return timm_features(INCEPTION if kind == "inception" else arg, device)
 
 
 @dataclasses.dataclass
@@ -545,14 +562,15 @@ def main(argv=None) -> dict:
     # The real splits' fingerprints from check_images: a second stat of every file costs 7 s at IN-1K (5 us/image).
     fps = {"train": real_fp, held_out_split: held_out_fp, "synthetic": common.split_fingerprint(synthetic)}
     config["sets"] = fps
+    check_features(args.features, args)
     config["feature_space"] = space = feature_space(args.features, args)  # --features names a model, not its weights
     state = PartialState(cpu=not torch.cuda.is_available())
     run = common.RunDir(out, config, args.overwrite, state.is_main_process, args.shard)
     start = time.time()
-    extractor = build_extractor(args.features, args, state.device)
     if run.begin(state.wait_for_everyone) == "done":
         return run.manifest()["metrics"]
     log = common.get_logger(out, state.is_main_process)
+    extractor = build_extractor(args.features, args, state.device)
     embedding = Embedding(extractor, space, args, state, out.parent / "gap_features", log)
     gathered = {name: embedding.set_stats(index, name, fps[name]) for name, index in sets.items()}
     if any(embedded.stats is None for embedded in gathered.values()) or not state.is_main_process:

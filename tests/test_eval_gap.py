@@ -117,7 +117,7 @@ def test_streamed_figures_equal_the_in_memory_ones_and_parts_merge_exactly(tmp_p
     assert merged.rows.keys() == one.stats.rows.keys() and merged.done == 300
 
 
-def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_clip_vision):
+def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_clip_vision, monkeypatch):
     data, synth, rows = tiny_gap_sets(tmp_path, 5, 4, 4, "synth_x1")
     argv = f"{TINY_RUN} --data-root {data} --synthetic-dir {synth} --kid-subsets 3 --kid-subset-size 8"
     argv = argv.split() + ["--features", f"clip:{tiny_clip_vision}", "--output-dir", str(tmp_path / "gap")]
@@ -131,6 +131,9 @@ def test_stage_on_a_tiny_set_writes_results_and_reuses_the_cache(tmp_path, tiny_
     assert len(cached) == 3 and not [p for p in cached if ".part-" in p.name]  # parts merged into one file per set
     mtimes = [p.stat().st_mtime_ns for p in cached]
     eval_gap.main(argv[:-1] + [str(tmp_path / "gap2")])  # another run, same sets: every statistics file reused
+    monkeypatch.setattr(eval_gap, "clip_features", lambda *a: pytest.fail("a finished run's re-run loaded the model"))
+    assert eval_gap.main(argv) == metrics
+    monkeypatch.undo()
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "gap_features").iterdir())] == mtimes
     # Two jobs (--shard 0/2, 1/2), into fresh caches: the first leaves its parts and no figures, the second merges
     # them and writes the same figures as the single job.
@@ -177,21 +180,19 @@ def test_an_interrupted_part_resumes_where_it_stopped(tmp_path, tiny_clip_vision
     assert strip(resumed) == pytest.approx(strip(clean), rel=1e-4)
 
 
-def test_a_missing_feature_model_fails_before_the_run_dir_exists(tmp_path):
-    from conftest import make_imagefolder
-
-    data = make_imagefolder(tmp_path / "data" / "train", TINY_CLASSES, 3).parent
-    make_imagefolder(data / "val", TINY_CLASSES, 3)
-    synth = tmp_path / "synth"
-    make_imagefolder(synth, TINY_CLASSES, 3)
-    from common import write_json, write_jsonl
-
-    write_jsonl(
-        synth / "manifest.jsonl", [{"file": f"{c}/{c}_000.png", "label": i} for i, c in enumerate(TINY_CLASSES)]
-    )
-    write_json(synth / "classes.json", {"classes": TINY_CLASSES, "class_names": TINY_CLASSES})
-    argv = f"{TINY_RUN} --data-root {data} --synthetic-dir {synth} --features clip:{tmp_path / 'nope'}"
-    with pytest.raises(OSError):
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        ("clip:{tmp}/nope", OSError),
+        ("timm:resnet5", ValueError),
+        ("classifier:{tmp}/nope", OSError),
+        ("foo", ValueError),
+    ],
+)
+def test_a_features_spec_naming_no_model_fails_before_the_run_dir_exists(tmp_path, spec, error):
+    data, synth, _ = tiny_gap_sets(tmp_path, 3, 3, 3)
+    argv = f"{TINY_RUN} --data-root {data} --synthetic-dir {synth} --features {spec.format(tmp=tmp_path)}"
+    with pytest.raises(error, match="nope|resnet5|foo"):
         eval_gap.main(argv.split() + ["--output-dir", str(tmp_path / "gap")])
     assert not (tmp_path / "gap").exists()
 
