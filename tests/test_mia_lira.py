@@ -159,6 +159,46 @@ def test_two_sided_offline_is_the_reference_logpdf():
         mia_lira.lira_attacks(scores[shadows], keep[shadows], scores[0], "both")
 
 
+def test_every_attack_matches_a_per_example_reference():
+    """Each attack against Carlini et al.'s formulas, example by example: median and std (ddof 0) of the first n IN
+    and the first m OUT shadows (n, m the fewest any example has); the fixed-variance tests take one σ over all those
+    IN scores (online) or all those OUT scores (offline). IN scores are spread 3x wider than OUT ones here, so a σ
+    taken from the wrong side, or a mean for the median, shows."""
+    rng = np.random.default_rng(7)
+    keep = mia_lira.make_keep_matrix([str(j) for j in range(40)], 9 + 1, seed=3)[:9]  # 9 shadows: unequal counts
+    base = rng.normal(0, 2, 40)[None, :, None]
+    scores = np.where(keep[..., None], base + 1 + rng.normal(0, 1.5, (9, 40, 2)), base + rng.normal(0, 0.5, (9, 40, 2)))
+    target = base[0] + rng.normal(0.5, 1, (40, 2))
+    got = mia_lira.lira_attacks(scores, keep, target)
+    n_in, n_out = keep.sum(0).min(), (~keep).sum(0).min()
+    ins = [scores[np.flatnonzero(keep[:, j])[:n_in], j] for j in range(40)]  # [n_in, A] per example
+    outs = [scores[np.flatnonzero(~keep[:, j])[:n_out], j] for j in range(40)]
+    sd_in_all, sd_out_all = np.std(np.stack(ins)), np.std(np.stack(outs))
+
+    def logpdf(x, mu, sd):
+        return math.log(math.exp(-0.5 * ((x - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi)))
+
+    def logcdf(x, mu, sd):
+        return math.log(0.5 * math.erfc(-(x - mu) / (sd * math.sqrt(2))))
+
+    expected = {name: [] for name in mia_lira.ATTACKS}
+    for j in range(40):
+        per_query = {name: [] for name in mia_lira.ATTACKS}
+        for a in range(2):
+            x, i, o = target[j, a], ins[j][:, a], outs[j][:, a]
+            mu_i, sd_i, mu_o, sd_o = np.median(i), np.std(i), np.median(o), np.std(o)
+            per_query["online"].append(logpdf(x, mu_i, sd_i) - logpdf(x, mu_o, sd_o))
+            per_query["online_fixed_variance"].append(logpdf(x, mu_i, sd_in_all) - logpdf(x, mu_o, sd_in_all))
+            per_query["offline"].append(logcdf(x, mu_o, sd_o))
+            per_query["offline_fixed_variance"].append(logcdf(x, mu_o, sd_out_all))
+            per_query["global_threshold"].append(x)
+        for name, values in per_query.items():
+            expected[name].append(np.mean(values))
+    assert set(got) == set(mia_lira.ATTACKS)
+    for name in mia_lira.ATTACKS:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-7, atol=1e-9, err_msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------- attack-only main
 
 
