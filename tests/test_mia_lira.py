@@ -89,6 +89,11 @@ def test_roc_metrics_match_brute_force_with_ties():
     assert m["balanced_accuracy"] == pytest.approx(bal, abs=1e-12)
     assert m["tpr_at_0.05_fpr"] == pytest.approx(tpr, abs=1e-12)
     assert m["num_nonmembers"] == (~labels).sum() and m["num_members"] == labels.sum()
+    # the most false positives a TPR strictly below 5% FPR can rest on: the largest k with k / non-members < 0.05
+    n_neg = int((~labels).sum())
+    assert m["false_positives_at_0.05_fpr"] == max(k for k in range(n_neg + 1) if k / n_neg < 0.05)
+    exact = np.r_[np.ones(50, bool), np.zeros(200, bool)]  # 5% of 200 is 10 false positives: 9 lie strictly below
+    assert mia_lira.roc_metrics(exact, rng.normal(size=250), fprs=(0.05,))["false_positives_at_0.05_fpr"] == 9
     # A flipped sign is not silently absorbed: the AUC becomes 1 − AUC.
     assert mia_lira.roc_metrics(labels, -scores)["auc"] == pytest.approx(1 - auc, abs=1e-12)
 
