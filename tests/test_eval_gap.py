@@ -44,6 +44,24 @@ def test_kid_is_unbiased_on_equal_distributions_and_positive_on_different_ones()
     assert mean > 3 * std and std > 0
 
 
+def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel_of_binkowski_et_al():
+    """A subset as large as both sets holds every point (in another order), so each subset's value is the unbiased
+    MMD² over all of them with k(a, b) = (a·b / D + 1)³, computed here pair by pair."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(12, 4)), rng.normal(0.4, 1.3, size=(12, 4))
+
+    def k(a, b):
+        return (sum(ai * bi for ai, bi in zip(a, b)) / 4 + 1) ** 3
+
+    m = len(x)
+    within_x = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    within_y = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    between = sum(k(a, b) for a in x for b in y) / (m * m)
+    mean, std = eval_gap.kid(x, y, subsets=3, subset_size=100)
+    assert mean == pytest.approx(within_x + within_y - 2 * between, rel=1e-9)
+    assert std == pytest.approx(0.0, abs=1e-9)  # every subset is the whole of both sets
+
+
 def test_prdc_matches_a_brute_force_computation():
     rng = np.random.default_rng(2)
     real, fake, k = rng.normal(size=(30, 3)), rng.normal(0.5, 1.2, size=(25, 3)), 3
