@@ -105,6 +105,12 @@ def test_per_class_figures_split_by_label():
     per = eval_gap.streamed_per_class(streamed(real, real_y, args), streamed(other, real_y, args), ["a", "b"], args)
     assert per["a"]["fid"] == pytest.approx(0.0, abs=1e-6) and per["b"]["fid"] > 40
     assert per["b"]["images"] == 20
+    # a class of 3 images has its figures; one of 2 has none and is left out
+    few = np.repeat([0, 1, 2, 3], [20, 20, 3, 2])
+    real4, other4 = np.vstack([real, rng.normal(size=(5, 2))]), np.vstack([other, rng.normal(size=(5, 2))])
+    names = ["a", "b", "c", "d"]
+    per = eval_gap.streamed_per_class(streamed(real4, few, args), streamed(other4, few, args), names, args)
+    assert set(per) == {"a", "b", "c"} and per["c"]["images"] == 3
 
 
 def test_streamed_figures_equal_the_in_memory_ones_and_parts_merge_exactly(tmp_path):
