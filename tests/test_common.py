@@ -647,6 +647,17 @@ def test_item_seed_pure_and_distinct():
     assert 0 <= common.item_seed("x") < 2**63
 
 
+def test_item_seed_keeps_its_ids_apart():
+    """Ids joined without a separator read as one string: copy 10 of image img_1 would take the seed of copy 0 of
+    img_11 (at --scale 11 and more), and seed 4 of image '2/a' that of seed 42 of image '/a'."""
+    assert common.item_seed(42, "cls/img_1", 10) != common.item_seed(42, "cls/img_11", 0)
+    assert common.item_seed(4, "2/a", 0) != common.item_seed(42, "/a", 0)
+    assert common.item_seed("a", "b") != common.item_seed("ab") != common.item_seed("a", "", "b")
+    # image ids are paths: a separator they may hold ('/', '_', '-', ' ') would make them ambiguous too
+    for sep in "/_- ":
+        assert common.item_seed(f"a{sep}b", "c") != common.item_seed("a", f"b{sep}c"), sep
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("jobs", [1, 3])
 def test_sharding_union_is_full_set_without_duplicates(world, jobs):
