@@ -568,9 +568,12 @@ def test_16_bit_images_are_read_by_their_top_byte_not_clipped_white(tmp_path):
 
 
 def test_image_check_names_cut_jpegs_and_dangling_links_even_on_header_checks(tmp_path, monkeypatch):
-    make_imagefolder(tmp_path / "train", ["a", "b"], 3, ext=".jpg")
+    # 64 px: a 32 px JPEG cut at 70% loses part of its header, which verify() catches without the end-marker check
+    make_imagefolder(tmp_path / "train", ["a", "b"], 3, ext=".jpg", size=64)
     whole = (tmp_path / "train/a/a_000.jpg").read_bytes()
-    (tmp_path / "train/a/cut.jpg").write_bytes(whole[: len(whole) * 7 // 10])  # PIL's verify() passes it
+    (tmp_path / "train/a/cut.jpg").write_bytes(whole[: len(whole) * 7 // 10])
+    with Image.open(tmp_path / "train/a/cut.jpg") as cut:
+        cut.verify()  # PIL's header check passes it: only the end marker tells
     (tmp_path / "train/a/tail.jpg").write_bytes(whole + b"\0" * 20)  # bytes after the end marker: a good image
     (tmp_path / "train/b/gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     monkeypatch.setattr(common, "FULL_DECODE_LIMIT", 0)  # the header check of large splits
