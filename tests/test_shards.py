@@ -157,6 +157,9 @@ def test_a_truncated_shard_is_a_named_read_error(tiny_sd, tiny_dataset, tmp_path
     tar.write_bytes(tar.read_bytes()[: ds.samples[last].offset + 10])
     with pytest.raises(ImageReadError, match=ds.samples[last].path):
         load_image(ds.abspath(last))
+    # read_bytes itself refuses the short read (reuse copies these bytes into a folder set without decoding them)
+    with pytest.raises(ImageReadError, match=rf"{ds.samples[last].path}: .* ends before byte"):
+        ds.abspath(last).read_bytes()
 
 
 def test_plan_counts_images_files_and_bytes_without_a_model(tiny_sd, tiny_dataset, tmp_path, monkeypatch, capsys):
