@@ -580,6 +580,9 @@ def test_image_check_names_cut_jpegs_and_dangling_links_even_on_header_checks(tm
     index = common.load_dataset("imagefolder", tmp_path, "train")
     kept, bad, _ = common.check_images(index, skip_bad=True, cache_dir=tmp_path / "cache")
     assert sorted(bad) == ["a/cut.jpg", "b/gone.jpg"] and len(kept) == len(index) - 2
+    with pytest.raises(common.ImageReadError, match=r"2 unreadable image\(s\) in imagefolder train") as err:
+        common.check_images(index, cache_dir=tmp_path / "cache")  # without skip_bad: an error naming each file
+    assert str(tmp_path / "train/a/cut.jpg") in str(err.value) and str(tmp_path / "train/b/gone.jpg") in str(err.value)
 
 
 def test_imagefolder_reads_subfolders_skips_hidden_ones_and_checks_its_class_files(tmp_path):
