@@ -48,6 +48,18 @@ def test_paper_defaults_and_22_steps(tiny_sd, tiny_dataset, tiny_lora, tmp_path,
         return pipe
 
     monkeypatch.setattr(synthesize, "load_pipeline", spy)
+    # the LoRA's token is appended: the zero-padded negative branch needs the mask (see the test below) on every
+    # cross-attention of the UNet the loop runs, and on no self-attention
+    cross_attention = []
+    real_generate = synthesize.generate
+
+    def generate(pipe, *a, **k):
+        procs = pipe.unet.attn_processors
+        cross_attention.append({type(p).__name__ for n, p in procs.items() if ".attn2." in n})
+        assert not any(isinstance(p, synthesize.IgnoreZeroTokens) for n, p in procs.items() if ".attn2." not in n)
+        return real_generate(pipe, *a, **k)
+
+    monkeypatch.setattr(synthesize, "generate", generate)
     subset = tmp_path / "mask.npy"
     np.save(subset, np.array([True, False, False, False] * 3))  # one source per class
     out = tmp_path / "syn"
@@ -57,6 +69,7 @@ def test_paper_defaults_and_22_steps(tiny_sd, tiny_dataset, tiny_lora, tmp_path,
         )
     )
     assert calls == [6] * 22  # one call: 3 mixed-class images, cond + uncond
+    assert cross_attention == [{"IgnoreZeroTokens"}]
     assert metrics["complete"] and metrics["images"] == 3
     rows = read_jsonl(out / "manifest.jsonl")
     assert {r["class_id"] for r in rows} == {"red_circle", "green_square", "blue_triangle"}
