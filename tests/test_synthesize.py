@@ -171,6 +171,12 @@ def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_pat
     assert m["images"] == 18 and m["complete"]
     files = sorted(str(p.relative_to(clean)) for p in clean.rglob("*.png"))
     assert len(files) == 18 and sum(f.endswith("_1.png") for f in files) == 6
+    # each copy of a source has its own seed, item_seed(seed, image id, copy), and so its own image
+    rows = read_jsonl(clean / "manifest.jsonl")
+    assert all(r["seed"] == item_seed(0, str(Path(r["source"]).with_suffix("")), r["copy"]) for r in rows)
+    assert len({r["seed"] for r in rows}) == 18
+    for second in (f for f in files if f.endswith("_1.png")):
+        assert np.abs(pixels(clean / second) - pixels(clean / second.replace("_1.png", "_0.png"))).max() > 8
     sharded = tmp_path / "sharded"
     for i in range(3):
         m = synthesize.main(
