@@ -8,14 +8,15 @@ import pytest
 import common
 
 CONFIGS = sorted(p for p in (common.PROJECT_DIR / "configs").glob("*.yaml") if p.name != "paths.yaml")
-STAGES = ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "eval_gap", "mia_lira", "sscd_sim"]
+STAGES = ["caption", "finetune", "synthesize", "train_cls", "eval_ood", "eval_gap", "mia_lira", "sscd_sim", "demo"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_section_parses(config: Path, stage: str):
     module = importlib.import_module(stage)
-    args = common.parse_args(module.get_parser(), ["--config", str(config)], stage)
+    command = ["data"] if stage == "demo" else []  # demo.py's one positional argument
+    args = common.parse_args(module.get_parser(), [*command, "--config", str(config)], stage)
     assert args.dataset == config.stem.removesuffix("_paper")  # the shared key reached the stage
 
 
