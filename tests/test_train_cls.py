@@ -1,6 +1,7 @@
 """train_cls.py on a tiny timm model (test_resnet, 0.5 M parameters) and 32 px data: sources, resume, outputs."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,22 @@ def test_epoch_batches_are_the_same_global_batches_for_any_world_size():
     first = [i for step in one[:2] for _, i in step]
     assert len(set(first)) == 24 and {e for step in one[2:] for e, _ in step} == {2}
     assert sorted(i for _, i in one[0]) != sorted(i for _, i in one[2])
+
+
+def test_every_micro_batch_of_every_epoch_draws_its_own_mixup_and_drop_path(tmp_path, tiny_dataset, monkeypatch):
+    """The per-step seed (mixup: numpy, drop-path: torch) must differ across epochs: without the epoch in it, every
+    epoch replayed the first one's mixup draws."""
+    seeds, seed_torch = [], torch.manual_seed
+
+    def recording(seed):
+        if sys._getframe(1).f_code.co_name == "train_steps":
+            seeds.append(seed)
+        return seed_torch(seed)
+
+    monkeypatch.setattr(torch, "manual_seed", recording)
+    argv = TINY + ["--data-root", str(tiny_dataset), "--epochs", "2", "--mixup", "0.2", "--output-dir", str(tmp_path)]
+    train_cls.main(argv)
+    assert len(seeds) == 2 * 3 and len(set(seeds)) == len(seeds)  # 12 images / batch 4: 3 steps per epoch
 
 
 def test_two_processes_learn_what_one_process_accumulating_learns(tmp_path, tiny_dataset):
