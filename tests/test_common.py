@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import contextlib
 import fcntl
 import importlib
 import json
@@ -311,46 +312,35 @@ def test_a_start_goes_on_where_no_lock_file_can_be_made(tmp_path):
     assert common.RunDir(tmp_path / "r", {"a": 1}).start() == "fresh"
 
 
-# A job of an array holding its part of run r: started, one checkpoint written, alive until its stdin closes.
-HOLD_A_RUN = """import common, sys
-common.RunDir(sys.argv[1], {"a": 1}, part=(0, 2)).start()
-(common.Path(sys.argv[1]) / "checkpoint-1").mkdir()
-print("holding", flush=True)
-sys.stdin.read()"""
+@contextlib.contextmanager
+def another_process_writing(run_dir: Path):
+    """A job of an array in another process, writing its part 0/2 of `run_dir` (one checkpoint so far) until the
+    block ends; yields its pid."""
+    script = (
+        "import common, sys; common.RunDir(sys.argv[1], {'a': 1}, part=(0, 2)).start(); "
+        "(common.Path(sys.argv[1]) / 'checkpoint-1').mkdir(); print('writing', flush=True); sys.stdin.read()"
+    )
+    command = [sys.executable, "-c", script, str(run_dir)]
+    holder = subprocess.Popen(command, cwd=common.PROJECT_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "writing\n"
+        yield holder.pid
+    finally:
+        holder.communicate("")  # its stdin closed: it ends, and the kernel drops its lock
+    assert holder.returncode == 0
 
 
 def test_a_run_part_written_by_a_live_process_is_not_started_again(tmp_path):
     """One job submitted twice wrote one run from two processes at once: the compute spent twice, rows appended
     twice. The second start stops and names the first; the other parts of a job array, a run moved aside with
     --overwrite, and the run after its writer ended are not held up."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_A_RUN, str(tmp_path / "r")],
-        cwd=common.PROJECT_DIR,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "holding\n"
-        with pytest.raises(common.RunBusyError, match=rf"r is being written by another process \(pid {holder.pid} on "):
+    with another_process_writing(tmp_path / "r") as pid:
+        with pytest.raises(common.RunBusyError, match=rf"r is being written by another process \(pid {pid} on "):
             common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start()
         assert common.RunDir(tmp_path / "r", {"a": 1}, part=(1, 2)).start() == "resume"
-    finally:
-        holder.communicate("")
-    assert holder.returncode == 0
     assert common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start() == "resume"  # a dead writer holds nothing
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_A_RUN, str(tmp_path / "s")],
-        cwd=common.PROJECT_DIR,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "holding\n"
+    with another_process_writing(tmp_path / "s"):
         assert common.RunDir(tmp_path / "s", {"a": 2}, overwrite=True, part=(0, 2)).start() == "fresh"
-    finally:
-        holder.communicate("")
 
 
 def test_a_finished_run_lets_go_of_its_writer_lock(tmp_path):
