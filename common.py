@@ -871,6 +871,9 @@ class RunDir:
             status = self._decide()
             if status != "done":  # a finished run re-run is a no-op, which takes no lock
                 _hold_writer_lock(self.lock_path)
+                if self.manifest_path.is_file():  # its writer finished between the decision and the lock: done
+                    _release_writer_lock(self.lock_path)
+                    status = self._decide()
             return status
 
     def _decide(self) -> str:

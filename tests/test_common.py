@@ -355,6 +355,28 @@ def test_a_finished_run_lets_go_of_its_writer_lock(tmp_path):
         os.close(other)
 
 
+def test_a_run_finished_between_a_starts_decision_and_its_lock_is_done(tmp_path, monkeypatch):
+    """The writer's finish() landed after another start decided "resume" and before that start took the lock: the
+    start went on to resume a finished run (train_cls: evaluate and write it again, or retrain it from scratch where
+    its checkpoints were pruned) and held its lock."""
+    writer = common.RunDir(tmp_path / "r", {"a": 1})
+    writer.start()
+    hold = common._hold_writer_lock
+
+    def finished_meanwhile(lock_path):
+        writer.finish({"top1": 0.5})
+        hold(lock_path)
+
+    monkeypatch.setattr(common, "_hold_writer_lock", finished_meanwhile)
+    late = common.RunDir(tmp_path / "r", {"a": 1})
+    assert late.start() == "done"
+    other = os.open(late.lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a finished run holds no lock
+    finally:
+        os.close(other)
+
+
 def test_rundir_interrupted_with_other_config_is_caught(tmp_path):
     common.RunDir(tmp_path / "r", {"a": 1}).start()
     (tmp_path / "r" / "checkpoint-1").mkdir()  # it got somewhere
