@@ -869,7 +869,7 @@ class RunDir:
             return self._decide()
         with _exclusive(self.path.with_name(f".{self.path.name}.lock")):
             status = self._decide()
-            if status != "done":  # a finished run re-run is a no-op, which takes no lock
+            if status != "done":  # a finished run re-run takes no lock, unless it writes again (write_again)
                 _hold_writer_lock(self.lock_path)
                 if self.manifest_path.is_file():  # its writer finished between the decision and the lock: done
                     _release_writer_lock(self.lock_path)
@@ -898,7 +898,7 @@ class RunDir:
             if self.is_main:  # said here for every stage: a re-run of a finished chain reports each skip
                 print(f"{self.path}: already finished with this config (manifest.json)")
             # A finished run may be written again (eval_ood scores a set added since, train_cls tests a changed
-            # split again): check_in_place guards those writes too.
+            # split again): check_in_place guards those writes too, and write_again() takes the writer lock.
             self.identity = _dir_identity(self.path)
             return "done"
         if self.is_main:
@@ -906,6 +906,13 @@ class RunDir:
             write_json(self.started_path, {"config": self.config, "config_hash": self.hash})
         self.identity = _dir_identity(self.path)
         return "resume" if previous is not None else "fresh"
+
+    def write_again(self) -> None:
+        """A finished run ("done") about to be written again (eval_ood scores a set added since, train_cls tests a
+        changed split again): the writer lock a start takes, so two re-runs of it do not write it at once. finish()
+        lets it go."""
+        if self.is_main:
+            _hold_writer_lock(self.lock_path)
 
     def check_in_place(self) -> None:
         """Stop if the run's directory is no longer the one it started in: another command moved it aside

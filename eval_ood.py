@@ -353,6 +353,7 @@ def main(argv=None) -> dict:
         if not (changed := [name for name, fp in fingerprints.items() if scored.get(name) != fp]):
             return manifest["metrics"]
         log.info(f"scoring the sets added or changed since this run: {changed}")
+        run.write_again()
     for images in sets:
         name = images.name
         logits = set_logits(images, clf, state, args, run, log)

@@ -472,6 +472,7 @@ def retest_if_changed(run, model, tested: dict, evaluate_test) -> dict:
     manifest = run.manifest()
     if manifest["inputs"].get("test_split", {}).get("fingerprint") in (None, tested["fingerprint"]):
         return manifest["metrics"]
+    run.write_again()
     model.load_state_dict(load_file(run.path / "model.safetensors"))
     metrics = {**manifest["metrics"], **evaluate_test()}
     if run.is_main:

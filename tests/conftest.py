@@ -3,7 +3,9 @@
 The suite never touches the network: HF_HUB_OFFLINE is set before any Hugging Face library is imported.
 """
 
+import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,6 +54,23 @@ def moved_aside_before(monkeypatch, module, name: str, run_dir: Path) -> None:
         return work(*args, **kwargs)
 
     monkeypatch.setattr(module, name, moved_meanwhile)
+
+
+@contextlib.contextmanager
+def writer_elsewhere(run_dir: Path):
+    """Another live process holding the writer lock of `run_dir` (part 0/1: a re-run of the same command) until the
+    block ends."""
+    script = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('holding', flush=True); sys.stdin.read()"
+    )
+    command = [sys.executable, "-c", script, str(run_dir / ".writer-0of1.lock")]
+    holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        yield
+    finally:
+        holder.communicate("")
 
 
 @pytest.fixture(autouse=True)

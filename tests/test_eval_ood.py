@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_imagefolder, moved_aside_before
+from conftest import make_imagefolder, moved_aside_before, writer_elsewhere
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -284,6 +284,33 @@ def test_a_run_moved_aside_while_scoring_writes_nothing_into_its_successor(tmp_p
     with pytest.raises(common.RunMovedError):
         eval_ood.main(argv)
     assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt", ".writer-0of1.lock"}  # the new run's
+
+
+def test_a_finished_run_scores_an_added_set_as_its_one_writer(tmp_path):
+    """A finished run written again (a set added since) took no writer lock: two re-runs of it scored the set at once,
+    each deleting the logit parts the other was about to read. The no-op re-run is not held up."""
+    classes = [IN_R[3], IN_R[150]]
+    run = make_classifier(tmp_path / "cls_real", classes)
+    r, sketch = tmp_path / "imagenet-r", tmp_path / "imagenet-sketch"
+    for j, w in enumerate(classes):
+        put_images(r / w, 2, seed=j)
+        put_images(sketch / w, 2, seed=10 + j)
+    out = tmp_path / "ood"
+    argv = [
+        "--classifier",
+        str(run),
+        "--output-dir",
+        str(out),
+        *"--workers 0 --amp no --sets".split(),
+        f"imagenet-r={r}",
+    ]
+    first = eval_ood.main(argv)
+    with writer_elsewhere(out):
+        assert eval_ood.main(argv) == first
+        with pytest.raises(common.RunBusyError, match="being written by another process"):
+            eval_ood.main(argv + [f"imagenet-sketch={sketch}"])
+        assert not (out / "logits" / "imagenet-sketch.safetensors").exists()
+    assert "imagenet-sketch/top1" in eval_ood.main(argv + [f"imagenet-sketch={sketch}"])  # once the other has ended
 
 
 def test_an_ood_root_given_by_its_option_is_no_part_of_the_identity(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLASSES, make_imagefolder
+from conftest import TINY_CLASSES, make_imagefolder, writer_elsewhere
 from safetensors.torch import load_file, save_file
 
 import common
@@ -424,6 +424,10 @@ def test_a_changed_held_out_split_tests_the_finished_classifier_again_without_re
     assert train_cls.main(args) == first  # unchanged: a no-op
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()} == run_files
     make_imagefolder(root / "val", TINY_CLASSES, 5, seed=2)  # the split edited: its figures were stale
+    with writer_elsewhere(tmp_path):  # a re-run of the same command testing it too: one writer of the manifest
+        with pytest.raises(common.RunBusyError):
+            train_cls.main(args)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()} == run_files
     again = train_cls.main(args)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["inputs"]["test_split"]["images"] == 15 and manifest["metrics"] == again
