@@ -679,16 +679,24 @@ def environment_info() -> dict:
         except Exception:  # not installed or no __version__
             return None
 
-    def git(*command) -> str:
-        return subprocess.run(["git", *command], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10).stdout
+    def git(*command) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *command], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10)
 
-    try:
-        commit = git("rev-parse", "HEAD").strip() or None
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip()) if commit else None
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    def committed(path: Path) -> bool:  # tracked, unchanged and inside the repository
+        status = git("status", "--porcelain", "--ignored", "--untracked-files=all", "--", str(path))
+        return status.returncode == 0 and not status.stdout.strip()
+
     # The code itself by content: what a copy of a stage in another project (no git, or another repo) records.
     code = [Path(__file__), Path(sys.argv[0])] if sys.argv and sys.argv[0].endswith(".py") else [Path(__file__)]
+    code = [path.resolve() for path in code]  # git runs in PROJECT_DIR, not in the caller's directory
+    try:
+        commit = git("rev-parse", "HEAD").stdout.strip() or None
+        # Dirty also when the code that ran is not in that commit: a stage copied, uncommitted, into another project's
+        # repository (its HEAD holds none of this code) or a script from outside the repository.
+        changed = commit and git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        dirty = bool(changed or not all(committed(path) for path in code if path.is_file())) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
     return {
         "git_commit": commit,
         "git_dirty": dirty,

@@ -1077,6 +1077,28 @@ def test_a_copied_common_records_its_code_by_content_and_no_git_state(tmp_path, 
     assert info["code_sha256"]["common.py"] == common.hash_file(common.__file__)
 
 
+def test_a_stage_copied_into_another_repository_uncommitted_is_recorded_as_dirty(tmp_path, monkeypatch):
+    """A stage copied into a user's own git project and run before it was committed recorded that project's HEAD with
+    git_dirty: false, as if the commit held the code that ran; it holds none of it."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "README").write_text("their project\n")
+    subprocess.run([*git, "-C", str(tmp_path), "add", "README"], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-qm", "theirs"], check=True)
+    (tmp_path / "common.py").write_bytes(Path(common.__file__).read_bytes())
+    (tmp_path / "stage.py").write_text("import common\n")
+    spec = importlib.util.spec_from_file_location("copied_common", tmp_path / "common.py")
+    copied = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "copied_common", copied)
+    spec.loader.exec_module(copied)
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "stage.py")])
+    info = copied.environment_info()
+    assert info["git_commit"] and info["git_dirty"] is True
+    subprocess.run([*git, "-C", str(tmp_path), "add", "common.py", "stage.py"], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-qm", "the stage"], check=True)
+    assert copied.environment_info()["git_dirty"] is False  # committed: that commit is the code
+
+
 def test_a_copied_stage_without_data_is_told_where_the_class_lists_go(tmp_path, monkeypatch):
     """A stage copied with common.py but not data/ died on a bare FileNotFoundError of a wnid list."""
     monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
