@@ -795,8 +795,7 @@ def _hold_writer_lock(lock_path: Path) -> None:
         raise RunBusyError(
             f"{lock_path.parent} is being written by another process ({holder}). Two writers of one run waste their "
             "compute and can write its rows twice. Wait for that process to end, or stop it (a stopped run resumes "
-            "when started again); to run both, give this one another --output-dir (a job array: one --shard i/n per "
-            "job)."
+            "when started again); to run both, give this one another --output-dir."
         ) from None
     except OSError:
         os.close(fd)
@@ -830,10 +829,12 @@ class RunDir:
     A process still running in a directory that another command moved aside stops at its next `check_in_place()`.
     """
 
-    def __init__(self, path, config: dict, overwrite: bool = False, is_main: bool = True, part=(0, 1)):
+    def __init__(self, path, config: dict, overwrite: bool = False, is_main: bool = True, part=None):
         self.path = Path(path)
-        # One writer per part (a job array's --shard i/n) of a run at a time; the lock moves with the run, so a run
-        # moved aside by --overwrite does not hold up the one started in its place.
+        # One writer per part (a job array's --shard i/n; None: a stage without --shard) of a run at a time; the lock
+        # moves with the run, so a run moved aside by --overwrite does not hold up the one started in its place.
+        self.part = part
+        part = part or (0, 1)
         self.lock_path = self.path / f".writer-{part[0]}of{part[1]}.lock"
         self.config = config
         self.hash = config_hash(config)
@@ -878,7 +879,7 @@ class RunDir:
         with _exclusive(self.path.with_name(f".{self.path.name}.lock")):
             status = self._decide()
             if status != "done":  # a finished run re-run takes no lock, unless it writes again (write_again)
-                _hold_writer_lock(self.lock_path)
+                self._take_writer_lock()
                 if self.manifest_path.is_file():  # its writer finished between the decision and the lock: done
                     _release_writer_lock(self.lock_path)
                     status = self._decide()
@@ -920,7 +921,19 @@ class RunDir:
         changed split again): the writer lock a start takes, so two re-runs of it do not write it at once. finish()
         lets it go."""
         if self.is_main:
+            self._take_writer_lock()
+
+    def _take_writer_lock(self) -> None:
+        """_hold_writer_lock for this run; a stage with --shard also hears of job arrays, with the part it is."""
+        try:
             _hold_writer_lock(self.lock_path)
+        except RunBusyError as busy:
+            if self.part is None:  # train_cls, finetune, eval_ood: no --shard to suggest
+                raise
+            i, n = self.part
+            raise RunBusyError(
+                f"{busy} A job array gives each job its own --shard i/n: this one is --shard {i}/{n}."
+            ) from None
 
     def check_in_place(self) -> None:
         """Stop if the run's directory is no longer the one it started in: another command moved it aside

@@ -313,11 +313,11 @@ def test_a_start_goes_on_where_no_lock_file_can_be_made(tmp_path):
 
 
 @contextlib.contextmanager
-def another_process_writing(run_dir: Path):
+def another_process_writing(run_dir: Path, part: tuple[int, int] | None = (0, 2)):
     """A job of an array in another process, writing its part 0/2 of `run_dir` (one checkpoint so far) until the
-    block ends; yields its pid."""
+    block ends; yields its pid. part=None: a stage without --shard."""
     script = (
-        "import common, sys; common.RunDir(sys.argv[1], {'a': 1}, part=(0, 2)).start(); "
+        f"import common, sys; common.RunDir(sys.argv[1], {{'a': 1}}{f', part={part}' if part else ''}).start(); "
         "(common.Path(sys.argv[1]) / 'checkpoint-1').mkdir(); print('writing', flush=True); sys.stdin.read()"
     )
     command = [sys.executable, "-c", script, str(run_dir)]
@@ -341,6 +341,18 @@ def test_a_run_part_written_by_a_live_process_is_not_started_again(tmp_path):
     assert common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start() == "resume"  # a dead writer holds nothing
     with another_process_writing(tmp_path / "s"):
         assert common.RunDir(tmp_path / "s", {"a": 2}, overwrite=True, part=(0, 2)).start() == "fresh"
+
+
+def test_a_busy_run_suggests_shards_only_to_a_stage_that_has_them(tmp_path):
+    """The second start of train_cls (no --shard) was told to make a job array with --shard i/n, an option it lacks.
+    A stage with --shard (synthesize, eval_gap, caption, mia_lira) hears of it, with the part it was given."""
+    for part, told in ((None, None), ((0, 2), "--shard 0/2")):
+        with another_process_writing(tmp_path / str(part), part) as pid:
+            with pytest.raises(common.RunBusyError, match=f"pid {pid} on ") as busy:
+                common.RunDir(tmp_path / str(part), {"a": 1}, **({"part": part} if part else {})).start()
+        message = str(busy.value)
+        assert "another --output-dir" in message
+        assert (told in message) if told else ("--shard" not in message)
 
 
 def test_a_finished_run_lets_go_of_its_writer_lock(tmp_path):
