@@ -971,6 +971,11 @@ def main(argv=None) -> dict:
         common.note_unusual_images(args.source_images, args.resolution, log)
     if args.resolved_output_mode != "RGB":
         log.info("grayscale dataset: synthetic images are written in grayscale (--output-mode RGB keeps colour)")
+    if args.lora_dir is None and state.is_main_process:  # the default without a config: say it, once
+        log.warning(
+            "no --lora-dir: the plain pretrained model, no finetuned LoRA and no visual guidance (the paper's "
+            "ablation); for the method pass a finetune.py output (--lora-dir DIR)"
+        )
     plan.model_hash, plan.lora_hash = common.fingerprint(args.pretrained_model, args.revision), lora_hash
     found = reusable_images(plan, out_dir, config, args.reuse_from, log) if args.reuse_from else {}
     work = shard_work if args.output_format == "wds" else folder_work

@@ -140,6 +140,21 @@ def test_a_start_killed_while_loading_gives_way_to_a_corrected_command(tiny_sd, 
     assert done["complete"] and (tmp_path / "out" / "classes.json").is_file()
 
 
+def test_a_set_without_a_lora_says_it_is_the_plain_model(tiny_sd, tiny_dataset, tiny_lora, tmp_path, monkeypatch):
+    """Without a config (a stage copied into another project) a forgotten --lora-dir silently made the paper's
+    no-finetuning ablation in the method's default folder (synth_x1); the log says so now, and not with a LoRA."""
+
+    def stop_before_loading(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthesize, "ready_pipeline", stop_before_loading)
+    for name, lora in (("plain", None), ("finetuned", tiny_lora)):
+        with pytest.raises(KeyboardInterrupt):
+            synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / name, lora=lora))
+    assert "no --lora-dir: the plain pretrained model" in (tmp_path / "plain" / "log.txt").read_text()
+    assert "no --lora-dir" not in (tmp_path / "finetuned" / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("fmt", ["folder", "wds"])
 def test_a_run_moved_aside_mid_way_writes_nothing_into_its_successor(tiny_sd, tiny_dataset, tmp_path, monkeypatch, fmt):
     """Another command moves this run aside (--overwrite) before its first image is written: the old process stops,
