@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 PAPER_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # paper App. E: the generator finetune and synthesize load
 PROJECT_DIR = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_DIR / "data"  # ImageNet class lists, beside this file (README, Layout: data/)
+PATHS_FILE = PROJECT_DIR / "configs" / "paths.yaml"  # data locations, beside this file too: not the caller's cwd
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts and captions (paper §3.2, App. E)
@@ -373,7 +374,7 @@ def add_run_options(
     (`data_fingerprinted`): there the files define the run, not where they are mounted."""
     g = parser.group("run")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="the real dataset (a --config sets it)")
-    where = "its root (else configs/paths.yaml or the environment, README)"
+    where = "its root (else the environment, e.g. $IMAGENET_ROOT, or configs/paths.yaml beside common.py; README)"
     if data_fingerprinted:
         where += "; not part of the run's identity: its files' fingerprint is"
         parser.not_hashed("data_root")
@@ -1588,9 +1589,9 @@ ROOT_KEYS = {
 }
 
 
-def data_location(key: str, paths_file: str | os.PathLike = PROJECT_DIR / "configs" / "paths.yaml") -> str | None:
+def data_location(key: str, paths_file: str | os.PathLike = PATHS_FILE) -> str | None:
     """A data location by key (e.g. 'imagenet_root'): the environment variable IMAGENET_ROOT, else
-    configs/paths.yaml."""
+    configs/paths.yaml beside this file."""
     if os.environ.get(key.upper()):
         return os.environ[key.upper()]
     paths = yaml.safe_load(Path(paths_file).read_text()) if Path(paths_file).is_file() else None
@@ -1602,7 +1603,7 @@ def dataset_root(name: str) -> str:
     key = ROOT_KEYS.get(name)
     root = data_location(key) if key else None
     if root is None:
-        how = f"set {key.upper()} or fill '{key}' in configs/paths.yaml, " if key else ""
+        how = f"set {key.upper()} or fill '{key}' in {PATHS_FILE}, " if key else ""  # where it is read, not cwd
         raise ValueError(f"no data root for dataset '{name}': {how}pass --data-root, or set data_root in the config")
     return root
 

@@ -70,7 +70,9 @@ def get_parser() -> common.StageParser:
     for kind in IMAGENET_SETS:  # settable in the YAML eval_ood section, the environment or configs/paths.yaml
         env = kind.replace("-", "_").upper() + "_ROOT"
         roots.add_argument(
-            f"--{kind}", default=None, help=f"root of {kind}, for --sets {kind} (default ${env} or configs/paths.yaml)"
+            f"--{kind}",
+            default=None,
+            help=f"root of {kind}, for --sets {kind} (default ${env} or configs/paths.yaml beside common.py)",
         )
     # A set added to a finished run reuses the other sets' cached logits: which sets is no part of the identity.
     which = p.speed_group("which images are scored (not part of the run's identity)")
@@ -79,7 +81,7 @@ def get_parser() -> common.StageParser:
         nargs="+",
         default=[common.HELD_OUT],
         help=f"dataset split names ({common.HELD_OUT}: --test-split), and/or ImageNet OOD sets as KIND=PATH or a "
-        "bare KIND whose path is given by the option of that name (below); KIND in " + ", ".join(IMAGENET_SETS),
+        "bare KIND whose path is given by the option of that name (above); KIND in " + ", ".join(IMAGENET_SETS),
     )
     common.add_test_split(which, f"the split --sets {common.HELD_OUT} names")
     common.add_skip_bad(p, "results.json (dataset splits)")

@@ -975,8 +975,11 @@ def test_dataset_root_from_env_then_paths_file(tmp_path, monkeypatch):
     assert common.data_location("cub_root", paths) == "/from/env"
     monkeypatch.delenv("IMAGENET_ROOT", raising=False)
     monkeypatch.setattr(common, "data_location", lambda key: None)
-    with pytest.raises(ValueError, match="IMAGENET_ROOT"):
+    with pytest.raises(ValueError, match="IMAGENET_ROOT") as missing:
         common.load_dataset("in10", None)
+    # the file where it is read, beside common.py: a stage copied elsewhere and run from another folder does not
+    # read a configs/paths.yaml of the current directory
+    assert f"'imagenet_root' in {common.PROJECT_DIR / 'configs' / 'paths.yaml'}," in str(missing.value)
 
 
 def test_latest_checkpoint_is_numeric_and_ignores_partial_saves(tmp_path):
