@@ -264,10 +264,9 @@ def test_a_dataset_split_finds_its_root_in_the_environment_as_every_stage_does(t
     assert eval_ood.main(args + "--workers 0 --mixed-precision no".split())["test/top5"] == 100.0
 
 
-@pytest.mark.parametrize("finished", [False, True])
-def test_a_run_moved_aside_while_scoring_writes_nothing_into_its_successor(tmp_path, monkeypatch, finished):
-    """Another command moves the run aside (--overwrite) while it scores: neither a fresh run nor a finished one
-    scoring a set added since ('done', then written again) leaves its logits, results or manifest in the new run."""
+def classifier_with_two_sets(tmp_path):
+    """A two-class classifier, an ImageNet-R and an ImageNet-Sketch folder of its classes: (the eval_ood run dir, the
+    arguments scoring ImageNet-R into it, the Sketch root to add)."""
     classes = [IN_R[3], IN_R[150]]
     run = make_classifier(tmp_path / "cls_real", classes)
     r, sketch = tmp_path / "imagenet-r", tmp_path / "imagenet-sketch"
@@ -276,7 +275,14 @@ def test_a_run_moved_aside_while_scoring_writes_nothing_into_its_successor(tmp_p
         put_images(sketch / w, 2, seed=10 + j)
     out = tmp_path / "ood"
     argv = ["--classifier", str(run), "--output-dir", str(out), *"--workers 0 --amp no".split()]
-    argv += ["--sets", f"imagenet-r={r}"]
+    return out, argv + ["--sets", f"imagenet-r={r}"], sketch
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_run_moved_aside_while_scoring_writes_nothing_into_its_successor(tmp_path, monkeypatch, finished):
+    """Another command moves the run aside (--overwrite) while it scores: neither a fresh run nor a finished one
+    scoring a set added since ('done', then written again) leaves its logits, results or manifest in the new run."""
+    out, argv, sketch = classifier_with_two_sets(tmp_path)
     if finished:
         eval_ood.main(argv)
         argv.append(f"imagenet-sketch={sketch}")
@@ -289,21 +295,7 @@ def test_a_run_moved_aside_while_scoring_writes_nothing_into_its_successor(tmp_p
 def test_a_finished_run_scores_an_added_set_as_its_one_writer(tmp_path):
     """A finished run written again (a set added since) took no writer lock: two re-runs of it scored the set at once,
     each deleting the logit parts the other was about to read. The no-op re-run is not held up."""
-    classes = [IN_R[3], IN_R[150]]
-    run = make_classifier(tmp_path / "cls_real", classes)
-    r, sketch = tmp_path / "imagenet-r", tmp_path / "imagenet-sketch"
-    for j, w in enumerate(classes):
-        put_images(r / w, 2, seed=j)
-        put_images(sketch / w, 2, seed=10 + j)
-    out = tmp_path / "ood"
-    argv = [
-        "--classifier",
-        str(run),
-        "--output-dir",
-        str(out),
-        *"--workers 0 --amp no --sets".split(),
-        f"imagenet-r={r}",
-    ]
+    out, argv, sketch = classifier_with_two_sets(tmp_path)
     first = eval_ood.main(argv)
     with writer_elsewhere(out):
         assert eval_ood.main(argv) == first
