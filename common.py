@@ -774,16 +774,45 @@ class RunBusyError(RuntimeError):
 _WRITER_LOCKS: dict[str, int] = {}
 
 
+def _held_here(lock_path: Path) -> bool:
+    """This process holds the writer lock of the file now at `lock_path`."""
+    held = _WRITER_LOCKS.get(str(lock_path))
+    try:
+        return held is not None and os.path.samestat(os.fstat(held), os.stat(lock_path))
+    except OSError:
+        return False
+
+
+def _held_elsewhere(lock_path: Path) -> bool:
+    """Another live process holds the writer lock at `lock_path` (probed with a shared lock, let go at once)."""
+    if _held_here(lock_path):
+        return False
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # no flock here: nothing can be known
+        return False
+    finally:
+        os.close(fd)
+
+
+def _release_writer_lock(lock_path: Path) -> None:
+    if (held := _WRITER_LOCKS.pop(str(lock_path), None)) is not None:
+        os.close(held)
+
+
 def _hold_writer_lock(lock_path: Path) -> None:
     """Hold an advisory lock on `lock_path` until this process ends, or raise RunBusyError naming its holder, which
     the file says. Unlocked where the file system has no flock (Lustre without -o flock), as in _exclusive."""
-    held = _WRITER_LOCKS.pop(str(lock_path), None)
-    if held is not None:
-        with contextlib.suppress(OSError):
-            if os.path.samestat(os.fstat(held), os.stat(lock_path)):
-                _WRITER_LOCKS[str(lock_path)] = held
-                return
-        os.close(held)  # the run was moved aside or started over since: its old lock guards nothing
+    if _held_here(lock_path):
+        return
+    _release_writer_lock(lock_path)  # held on a run moved aside or started over since: it guards nothing now
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
@@ -814,11 +843,6 @@ def _dir_identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _release_writer_lock(lock_path: Path) -> None:
-    if (held := _WRITER_LOCKS.pop(str(lock_path), None)) is not None:
-        os.close(held)
-
-
 class RunDir:
     """A stage's output directory with skip / resume / overwrite semantics.
 
@@ -826,7 +850,8 @@ class RunDir:
     "resume" (an interrupted run with the same config) or "fresh". A different config raises ConfigMismatchError
     naming the changed keys, unless `overwrite=True`, in which case the old run is moved aside as `<dir>.old-<hash>`
     (never deleted: nothing is lost by a mistyped flag). A run that wrote nothing but its run config and log (it
-    failed on a bad input) is no run: any config starts over it, so a stage may check its inputs before or after.
+    failed on a bad input, and its process is gone) is no run: any config starts over it, so a stage may check its
+    inputs before or after.
     A process still running in a directory that another command moved aside stops at its next `check_in_place()`.
     """
 
@@ -863,10 +888,15 @@ class RunDir:
         kept = (self.started_path.name, LOG_FILE)
         return all(p.name in kept or p.name.startswith(".writer-") for p in self.path.iterdir())
 
+    def _written_elsewhere(self) -> bool:
+        """A live process holds a writer lock of this run: no failed start but a run still loading or in its first
+        epoch, which only --overwrite moves aside."""
+        return any(_held_elsewhere(lock) for lock in self.path.glob(".writer-*.lock"))
+
     def _start_over(self) -> None:
         """A new directory in place of one holding only a failed start's run config and log (a copy of the log is
-        kept): a process of that start still loading or in its first epoch stops at its first check_in_place, as the
-        directory changed, and its further log lines go to the old file, not into the new run's log."""
+        kept). Should a process of that start still run unseen (no flock to tell), it stops at its first
+        check_in_place, as the directory changed, and its further log lines go to the old file, not the new run's."""
         aside = self._aside(f"{self.path.name}.failed-start")
         os.replace(self.path, aside)
         self.path.mkdir()
@@ -888,11 +918,12 @@ class RunDir:
 
     def _decide(self) -> str:
         previous = self._previous_config()
-        if previous is not None and config_hash(previous) != self.hash and self._produced_nothing():
+        changed = previous is not None and config_hash(previous) != self.hash
+        if changed and self._produced_nothing() and not self._written_elsewhere():
             if self.is_main:  # nothing to lose or resume: a corrected command simply starts
                 self._start_over()
             previous = None
-        elif previous is not None and config_hash(previous) != self.hash:
+        elif changed:
             changed = sorted(k for k in set(previous) | set(self.config) if previous.get(k) != self.config.get(k))
             if not self.overwrite:
                 details = ", ".join(f"{k}: {previous.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:8])

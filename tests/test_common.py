@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_imagefolder
+from conftest import make_imagefolder, writer_elsewhere
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -353,6 +353,22 @@ def test_a_busy_run_suggests_shards_only_to_a_stage_that_has_them(tmp_path):
         message = str(busy.value)
         assert "another --output-dir" in message
         assert (told in message) if told else ("--shard" not in message)
+
+
+def test_a_run_still_loading_is_no_failed_start_to_replace(tmp_path):
+    """A run that has written nothing yet but whose process still runs (loading its model, in its first epoch) was
+    taken for a failed start: another config replaced it without --overwrite, and the live run died at its first
+    checkpoint with its work lost. It is a run: a mismatch, and --overwrite moves it aside whole."""
+    loading = common.RunDir(tmp_path / "r", {"a": 1})
+    loading.start()
+    common._release_writer_lock(loading.lock_path)  # its lock is held by another process instead:
+    with writer_elsewhere(tmp_path / "r"):
+        with pytest.raises(common.ConfigMismatchError, match="a: 1 -> 2"):
+            common.RunDir(tmp_path / "r", {"a": 2}).start()
+        assert common.RunDir(tmp_path / "r", {"a": 2}, overwrite=True).start() == "fresh"
+        assert [p.name for p in tmp_path.glob("r.old-*")] == [f"r.old-{common.config_hash({'a': 1})}"]
+    common.RunDir(tmp_path / "s", {"a": 1}).start()  # the failed start of a process of this one
+    assert common.RunDir(tmp_path / "s", {"a": 2}).start() == "fresh"  # its writer gone (here: ours): replaced
 
 
 def test_a_finished_run_lets_go_of_its_writer_lock(tmp_path):
