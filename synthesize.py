@@ -879,13 +879,20 @@ def measured_rate(runs_dir, bench: str, key: str, default: float) -> tuple[float
 
 
 def plan_sources(args) -> tuple[int, str]:
+    """The number of source images the run reads, and where that number comes from: the split, or its known size
+    where the split is not readable here; of those, a --subset-mask's selected images only, as the run reads."""
     try:
-        return len(common.load_dataset(args.dataset, args.data_root, args.split)), f"{args.dataset} {args.split} split"
+        n = len(common.load_dataset(args.dataset, args.data_root, args.split))
+        where = f"{args.dataset} {args.split} split"
     except (OSError, ValueError) as err:
-        if args.dataset in KNOWN_TRAIN_IMAGES and args.split == "train":
-            note = f"the {args.dataset} train split's size; the split is not readable here"
-            return KNOWN_TRAIN_IMAGES[args.dataset], note
-        raise ValueError(f"--plan needs the source split to count its images: {err}") from err
+        if args.dataset not in KNOWN_TRAIN_IMAGES or args.split != "train":
+            raise ValueError(f"--plan needs the source split to count its images: {err}") from err
+        n = KNOWN_TRAIN_IMAGES[args.dataset]
+        where = f"the {args.dataset} train split's size; the split is not readable here"
+    if args.subset_mask:
+        selected = sum(common.load_subset_mask(args.subset_mask, n))
+        return selected, f"{where}, --subset-mask {args.subset_mask} keeps {selected:,} of {n:,}"
+    return n, where
 
 
 def print_plan(args) -> dict:

@@ -178,6 +178,15 @@ def test_plan_counts_images_files_and_bytes_without_a_model(tiny_sd, tiny_datase
     assert 3.0 < synthesize.stored_bytes(512, 95, "jpg") / synthesize.stored_bytes(256, 95, "jpg") < 4.0
 
 
+def test_plan_counts_only_the_sources_a_subset_mask_keeps(tiny_sd, tiny_dataset, tmp_path, capsys):
+    """A LiRA shadow's synthesis (--subset-mask) reads the selected sources only; --plan counted the whole split."""
+    mask = tmp_path / "mask.npy"
+    np.save(mask, np.arange(12) % 3 == 0)  # 4 of the 12 sources
+    plan = synthesize.main(args_for(tiny_sd, tiny_dataset, tmp_path / "p", *WDS, "--plan", "--subset-mask", mask))
+    assert plan["images"] == 6 and plan["files"] == 4  # x1.5 of 4 sources: shards of 5 and 1
+    assert "(4 sources: demo train split, --subset-mask" in capsys.readouterr().out
+
+
 def test_eval_gap_and_sscd_read_a_shard_set_as_its_folder_twin(
     tiny_sd, tiny_dataset, tiny_clip_vision, tmp_path_factory, tmp_path
 ):
