@@ -1674,6 +1674,12 @@ def load_synthetic(root: str | os.PathLike) -> DatasetIndex:
     root = Path(root)
     info, rows = root / "classes.json", root / "manifest.jsonl"
     if not info.is_file() or not rows.is_file():
+        if (root / "run_config.json").is_file():  # a run still going, killed, or a job array with jobs to go
+            raise FileNotFoundError(
+                f"{root} is an unfinished synthesize.py output (run_config.json but no manifest.jsonl yet): finish it "
+                "(run the same synthesize.py command again, each --shard i/n job of an array: it resumes; the job "
+                "that completes the set writes manifest.jsonl), then run this stage"
+            )
         raise FileNotFoundError(f"{root} is not a synthesize.py output (classes.json / manifest.jsonl missing)")
     meta = read_json(info)
     samples = [

@@ -104,6 +104,9 @@ def test_job_array_shards_and_reuse_across_layouts(tiny_sd, tiny_dataset, tmp_pa
     clean, split = tmp_path / "clean", tmp_path / "split"
     synthesize.main(args_for(tiny_sd, tiny_dataset, clean, *WDS))
     assert not synthesize.main(args_for(tiny_sd, tiny_dataset, split, *WDS, "--shard", "0/2"))["complete"]
+    # train_cls and eval_gap, given the set while a job has still to run, say so: it was "not a synthesize.py output"
+    with pytest.raises(FileNotFoundError, match=r"unfinished synthesize.py output .* each --shard i/n job"):
+        load_synthetic(split)
     assert synthesize.main(args_for(tiny_sd, tiny_dataset, split, *WDS, "--shard", "1/2"))["complete"]
     assert read_jsonl(split / "manifest.jsonl") == read_jsonl(clean / "manifest.jsonl")
 
