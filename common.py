@@ -1694,9 +1694,18 @@ def warn_if_made_from_other_data(set_dir: str | os.PathLike, real_fingerprint: s
     stage reads with it: another dataset with the same classes, or these files changed, or copied without their
     times, since. A warning, not an error: a copy of the same images is no other dataset."""
     manifest = Path(set_dir) / "manifest.json"
-    made_from = read_json(manifest)["config"].get("source_fingerprint") if manifest.is_file() else None
+    config = read_json(manifest)["config"] if manifest.is_file() else {}
+    made_from = config.get("source_fingerprint")
     if made_from in (None, real_fingerprint):
         return None
+    if config.get("subset_mask"):  # its fingerprint is the selection's: it differs from the whole split's anyway
+        message = (
+            f"{set_dir} was made from a --subset-mask selection ({config['subset_mask']}) of a train split: its "
+            f"fingerprint ({made_from}) is that selection's, so whether that split is this one ({real_fingerprint}) "
+            "is not checked"
+        )
+        early_warning(message, log)
+        return message
     message = (
         f"{set_dir} was made from a train split whose fingerprint ({made_from}) is not this one's "
         f"({real_fingerprint}): another dataset, or its files changed (or were copied without their times) since"

@@ -275,6 +275,11 @@ def test_a_synthetic_set_made_from_other_data_is_named(tmp_path):
     common.write_json(set_dir / "manifest.json", {"config": {"source_fingerprint": "abc"}})
     assert common.warn_if_made_from_other_data(set_dir, "abc") is None
     assert "(abc) is not this one's (xyz)" in common.warn_if_made_from_other_data(set_dir, "xyz")
+    # A set made from a --subset-mask selection has that selection's fingerprint: no sign of other data or changed
+    # files, which the warning said of it whatever split it was compared with.
+    common.write_json(set_dir / "manifest.json", {"config": {"source_fingerprint": "abc", "subset_mask": "m.npy"}})
+    said = common.warn_if_made_from_other_data(set_dir, "xyz")
+    assert "--subset-mask selection (m.npy)" in said and "another dataset" not in said
 
 
 def _start_when_all_ready(path, barrier, identities, part):
