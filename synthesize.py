@@ -798,6 +798,14 @@ def run_config(args, lora_hash: str | None) -> dict:
     return config
 
 
+def whose(args, state) -> str:
+    """'this process', naming its --shard job and process where there are several: a job array's jobs share one
+    log.txt, and its lines must say which job is done and which has still to run."""
+    (i, n), r, p = args.shard, state.process_index, state.num_processes
+    parts = ([f"--shard {i}/{n}"] if n > 1 else []) + ([f"process {r} of {p}"] if p > 1 else [])
+    return f"this process ({', '.join(parts)})" if parts else "this process"
+
+
 def folder_work(plan: Plan, run: common.RunDir, found: dict, state, log) -> tuple[list[int], FolderSink]:
     """--output-format folder: this process's images missing on disk, after taking those found in other runs."""
     args, out_dir = plan.args, run.path
@@ -806,7 +814,7 @@ def folder_work(plan: Plan, run: common.RunDir, found: dict, state, log) -> tupl
         log.info(f"reused {reuse_into_folder(plan, mine, out_dir, found, args.verify_existing)} images")
     todo = todo_jobs(plan, mine, out_dir, args.verify_existing, args.write_workers)
     log.info(
-        f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); this process: {len(mine)}, "
+        f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}); {whose(args, state)}: {len(mine)}, "
         f"{len(mine) - len(todo)} already on disk, {len(todo)} to generate"
     )
     return todo, FolderSink(plan, out_dir, run.check_in_place)
@@ -828,9 +836,9 @@ def shard_work(plan: Plan, run: common.RunDir, found: dict, state, log) -> tuple
         else:
             todo.append(j)
     log.info(
-        f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}) in {len(shards)} shards; this "
-        f"process: {len(mine)} shards, {len(mine) - len(todo_shards)} complete on disk, {reused} images reused, "
-        f"{len(todo)} to generate"
+        f"{len(plan.jobs)} images from {len(plan.index)} sources (x{args.scale:g}) in {len(shards)} shards; "
+        f"{whose(args, state)}: {len(mine)} shards, {len(mine) - len(todo_shards)} complete on disk, {reused} "
+        f"images reused, {len(todo)} to generate"
     )
     return todo, sink
 
@@ -999,7 +1007,7 @@ def main(argv=None) -> dict:
     state.wait_for_everyone()
     metrics = finalize(plan, out_dir, run, args) if state.is_main_process else None
     log.info(
-        f"done: generated {stats['generated']} images in {stats['seconds']:.1f}s "
+        f"done, {whose(args, state)}: generated {stats['generated']} images in {stats['seconds']:.1f}s "
         f"({stats['images_per_s']:.2f} img/s), {len(stats['bad_sources'])} images skipped for "
         f"{len({b['source'] for b in stats['bad_sources']})} bad sources; "
         + ("set complete: manifest.json written" if metrics else "other shards still running or incomplete")

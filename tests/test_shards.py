@@ -109,6 +109,10 @@ def test_job_array_shards_and_reuse_across_layouts(tiny_sd, tiny_dataset, tmp_pa
         load_synthetic(split)
     assert synthesize.main(args_for(tiny_sd, tiny_dataset, split, *WDS, "--shard", "1/2"))["complete"]
     assert read_jsonl(split / "manifest.jsonl") == read_jsonl(clean / "manifest.jsonl")
+    # The jobs share one log.txt: each line says which job it is, so a job that never finished can be named.
+    done = [line for line in (split / "log.txt").read_text().splitlines() if "] done" in line]
+    assert [("--shard 0/2" in line, "--shard 1/2" in line) for line in done] == [(True, False), (False, True)]
+    assert "--shard" not in (clean / "log.txt").read_text()  # a single job says nothing of job arrays
 
     x1_folder, x1_wds = tmp_path / "x1_folder", tmp_path / "x1_wds"
     synthesize.main(args_for(tiny_sd, tiny_dataset, x1_folder))
