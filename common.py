@@ -807,6 +807,24 @@ def _release_writer_lock(lock_path: Path) -> None:
         os.close(held)
 
 
+def _holder_gone(holder: str) -> str:
+    """A note for a lock whose writer, on this host, has ended: the processes it forked (data-loader workers) hold the
+    lock they inherited until they notice, within seconds. Without it the message names a pid no one can find."""
+    words = holder.split()
+    if len(words) < 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != platform.node():
+        return ""
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return (
+            f" Process {words[1]} has ended (killed, say); the processes it forked (data-loader workers) still hold "
+            "its lock and end within seconds: start again in a moment."
+        )
+    except OSError:  # alive, another user's
+        pass
+    return ""
+
+
 def _hold_writer_lock(lock_path: Path) -> None:
     """Hold an advisory lock on `lock_path` until this process ends, or raise RunBusyError naming its holder, which
     the file says. Unlocked where the file system has no flock (Lustre without -o flock), as in _exclusive."""
@@ -825,7 +843,7 @@ def _hold_writer_lock(lock_path: Path) -> None:
         raise RunBusyError(
             f"{lock_path.parent} is being written by another process ({holder}). Two writers of one run waste their "
             "compute and can write its rows twice. Wait for that process to end, or stop it (a stopped run resumes "
-            "when started again); to run both, give this one another --output-dir."
+            f"when started again); to run both, give this one another --output-dir.{_holder_gone(holder)}"
         ) from None
     except OSError:
         os.close(fd)

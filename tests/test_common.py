@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -346,6 +347,30 @@ def test_a_run_part_written_by_a_live_process_is_not_started_again(tmp_path):
     assert common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start() == "resume"  # a dead writer holds nothing
     with another_process_writing(tmp_path / "s"):
         assert common.RunDir(tmp_path / "s", {"a": 2}, overwrite=True, part=(0, 2)).start() == "fresh"
+
+
+def test_a_lock_held_by_a_killed_writers_forked_workers_says_its_writer_has_ended(tmp_path):
+    """A killed writer's data-loader workers hold its lock for seconds after it: a start then was told the run was
+    being written by a pid that no longer existed, with nothing to say why or what to do."""
+    script = (
+        "import common, os, sys, time; common.RunDir(sys.argv[1], {'a': 1}).start(); child = os.fork()\n"
+        "if child == 0: time.sleep(60); os._exit(0)\n"
+        "print(child, flush=True); os._exit(0)"  # the writer ends at once (as if killed); its fork holds the lock
+    )
+    command = [sys.executable, "-c", script, str(tmp_path / "r")]
+    writer = subprocess.Popen(command, cwd=common.PROJECT_DIR, stdout=subprocess.PIPE, text=True)
+    child = int(writer.stdout.readline())
+    try:
+        writer.wait()
+        with pytest.raises(common.RunBusyError, match=rf"\(pid {writer.pid} on .*Process {writer.pid} has ended"):
+            common.RunDir(tmp_path / "r", {"a": 1}).start()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        writer.stdout.close()
+    with another_process_writing(tmp_path / "s", None):  # a live writer: no such note
+        with pytest.raises(common.RunBusyError) as busy:
+            common.RunDir(tmp_path / "s", {"a": 1}).start()
+    assert "has ended" not in str(busy.value)
 
 
 def test_a_busy_run_suggests_shards_only_to_a_stage_that_has_them(tmp_path):
