@@ -1722,12 +1722,11 @@ def warn_if_made_from_other_data(set_dir: str | os.PathLike, real_fingerprint: s
             f"fingerprint ({made_from}) is that selection's, so whether that split is this one ({real_fingerprint}) "
             "is not checked"
         )
-        early_warning(message, log)
-        return message
-    message = (
-        f"{set_dir} was made from a train split whose fingerprint ({made_from}) is not this one's "
-        f"({real_fingerprint}): another dataset, or its files changed (or were copied without their times) since"
-    )
+    else:
+        message = (
+            f"{set_dir} was made from a train split whose fingerprint ({made_from}) is not this one's "
+            f"({real_fingerprint}): another dataset, or its files changed (or were copied without their times) since"
+        )
     early_warning(message, log)
     return message
 
