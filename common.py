@@ -925,7 +925,7 @@ class RunDir:
     def start(self) -> str:
         if not self.is_main:  # the other processes of a launch only read what their main process decided
             return self._decide()
-        with _exclusive(self.path.with_name(f".{self.path.name}.lock")):
+        with self.exclusively():
             status = self._decide()
             if status != "done":  # a finished run re-run takes no lock, unless it writes again (write_again)
                 self._take_writer_lock()
@@ -933,6 +933,10 @@ class RunDir:
                     _release_writer_lock(self.lock_path)
                     status = self._decide()
             return status
+
+    def exclusively(self):
+        """The run's start lock, for other steps its jobs must take one at a time (a job array completing its set)."""
+        return _exclusive(self.path.with_name(f".{self.path.name}.lock"))
 
     def _decide(self) -> str:
         previous = self._previous_config()

@@ -711,13 +711,24 @@ def finalize(plan: Plan, out_dir: Path, run: common.RunDir, args) -> dict | None
     stored = stored_set(plan, out_dir)
     if stored is None:
         return None
+    with run.exclusively():  # jobs of an array completing the set at once: one writes it
+        if run.manifest_path.is_file():
+            return run.manifest()["metrics"]
+        return write_stored_set(plan, out_dir, run, args, stored)
+
+
+def write_stored_set(plan: Plan, out_dir: Path, run: common.RunDir, args, stored: StoredSet) -> dict:
+    """finalize's writes, by the one job that completes the set."""
+    # Temp files of killed writers (no writer is left once all images exist, and no other job finalizes now): of
+    # this step's own files (manifest.jsonl: GBs at IN-1K x10), in each class folder (a class id with a '/', as in
+    # Stanford Cars' "Ram C/V ...", is a nested one) and among the shards.
+    stale = [p for name in ("classes.json", "manifest.jsonl", "manifest.json") for p in out_dir.glob(f".{name}.*")]
+    for folder in {out_dir / "shards", *(out_dir / c for c in plan.index.classes)}:
+        stale += folder.glob(".*")
+    for path in stale:
+        path.unlink(missing_ok=True)
     common.write_json(out_dir / "classes.json", {"classes": plan.index.classes, "class_names": plan.index.class_names})
     common.write_jsonl(out_dir / "manifest.jsonl", stored.rows)
-    # Temp files of killed writers (no writer is left once all images exist), in each class folder: a class id with
-    # a '/' (Stanford Cars' "Ram C/V ...") is a nested one.
-    for folder in {out_dir / "shards", *(out_dir / c for c in plan.index.classes)}:
-        for stale in folder.glob(".*"):
-            stale.unlink(missing_ok=True)
     metrics = {
         "images": len(stored.rows),
         "sources": len(plan.index),

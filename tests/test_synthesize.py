@@ -207,10 +207,11 @@ def test_shards_union_fractional_scale_and_resume(tiny_sd, tiny_dataset, tmp_pat
     (sharded / files[5]).write_bytes(data[: len(data) // 2])
     (sharded / files[6]).with_name(".x.png.tmp.png").write_bytes(b"junk")
     os.remove(sharded / "manifest.json")
+    (sharded / ".manifest.jsonl.0123456789ab.tmp").write_bytes(b"a finalize killed mid-write (GBs at IN-1K x10)")
     m = synthesize.main(args_for(tiny_sd, tiny_dataset, sharded, *"--scale 1.5 --image-format png".split()))
     assert m["generated"] == 3 and m["complete"]
     assert sorted(str(p.relative_to(sharded)) for p in sharded.rglob("*.png")) == files
-    assert not list(sharded.glob("*/.*"))
+    assert not list(sharded.glob("*/.*")) and not list(sharded.glob(".manifest*"))
     for f in files:
         assert np.abs(pixels(sharded / f) - pixels(clean / f)).max() <= 2
     # Complete + same config: a no-op; another config: refused.
