@@ -1102,7 +1102,8 @@ def local_items(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Logging: rank 0 writes to stdout and <out>/log.txt; other ranks only warn.
+# Logging: rank 0 writes to stdout and <out>/log.txt; other ranks say only errors. Every warning a stage gives (odd
+# images, class names the tokenizer splits, a set skipped) is the same on each rank: said once, not once per GPU.
 
 
 LOG_FILE = "log.txt"
@@ -1115,7 +1116,7 @@ def get_logger(out_dir: str | os.PathLike | None, is_main: bool = True, name: st
     logger = logging.getLogger(name)
     logger.handlers.clear()
     logger.propagate = False
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.setLevel(logging.INFO if is_main else logging.ERROR)
     fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)

@@ -680,10 +680,9 @@ def main(argv=None) -> dict:
     models = load_components(args, accelerator.device, weight_dtype)
     crop = "centre-cropped (--cache-latents)" if args.cache_latents else "randomly cropped (seeded per image and epoch)"
     source_images = common.describe_images(index, args.resolution, crop)
-    if accelerator.is_main_process:  # warnings show on every process: said once, not once per GPU
-        common.note_unusual_images(source_images, args.resolution, log)
-        if fragmented := common.fragmented_class_names(models.tokenizer, index.class_names):
-            log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
+    common.note_unusual_images(source_images, args.resolution, log)
+    if fragmented := common.fragmented_class_names(models.tokenizer, index.class_names):
+        log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
     guidance = prepare_visual_guidance(index, args, accelerator, run, models.unet)
     models.projection = guidance.projection
     cache = build_cache(index, prompts, models, args, accelerator, run) if args.cache_latents else None

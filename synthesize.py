@@ -958,11 +958,10 @@ def print_plan(args) -> dict:
     }
 
 
-def ready_pipeline(args, plan: Plan, device, log, is_main: bool = True):
+def ready_pipeline(args, plan: Plan, device, log):
     """The pipeline as the loop runs it: loaded (LoRA fused), token mask installed, compiled where that pays."""
     pipe = load_pipeline(args, device, common.resolve_dtype(args.dtype, device))
-    fragmented = is_main and common.fragmented_class_names(pipe.tokenizer, plan.index.class_names)
-    if fragmented:  # said by the main process only: warnings show on every process
+    if fragmented := common.fragmented_class_names(pipe.tokenizer, plan.index.class_names):
         log.warning(f"the generator's tokenizer has no whole word for these class names: {fragmented}")
     install_token_mask(pipe, plan.placement, plan.tokens is not None)
     maybe_compile(pipe, args)
@@ -993,11 +992,10 @@ def main(argv=None) -> dict:
     log = common.get_logger(out_dir, state.is_main_process)
     if status == "done":
         return {**run.manifest()["metrics"], "complete": True, "generated": 0}
-    if state.is_main_process:  # warnings show on every process: said once, not once per GPU
-        common.note_unusual_images(args.source_images, args.resolution, log)
+    common.note_unusual_images(args.source_images, args.resolution, log)
     if args.resolved_output_mode != "RGB":
         log.info("grayscale dataset: synthetic images are written in grayscale (--output-mode RGB keeps colour)")
-    if args.lora_dir is None and state.is_main_process:  # the default without a config: say it, once
+    if args.lora_dir is None:  # the default without a config: say it
         log.warning(
             "no --lora-dir: the plain pretrained model, no finetuned LoRA and no visual guidance (the paper's "
             "ablation); for the method pass a finetune.py output (--lora-dir DIR)"
@@ -1009,7 +1007,7 @@ def main(argv=None) -> dict:
     device = state.device
     stats = {"generated": 0, "bad_sources": [], "images_per_s": 0.0, "seconds": 0.0}
     if todo:
-        pipe = ready_pipeline(args, plan, device, log, state.is_main_process)
+        pipe = ready_pipeline(args, plan, device, log)
         stats = run_loop(pipe, plan, todo, out_dir, device, state.is_main_process, sink)
     tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
     # A file, not a folder: beside the class folders a folder would read as one more class.

@@ -752,11 +752,16 @@ def test_parse_shard():
             common.parse_shard(bad)
 
 
-def test_logger_writes_log_txt_on_main_only(tmp_path):
+def test_logger_writes_log_txt_on_main_only(tmp_path, capsys):
     common.get_logger(tmp_path / "main", is_main=True).info("hello")
-    common.get_logger(tmp_path / "other", is_main=False).info("hidden")
+    other = common.get_logger(tmp_path / "other", is_main=False)
+    other.info("hidden")
+    other.warning("the same warning as the main process's")  # said once per launch, not once per GPU
+    other.error("this rank's own failure")
     assert "hello" in (tmp_path / "main" / "log.txt").read_text()
     assert not (tmp_path / "other" / "log.txt").exists()
+    said = capsys.readouterr().out
+    assert "hidden" not in said and "same warning" not in said and "own failure" in said
 
 
 # ---------------------------------------------------------------------------------------------------------- datasets
