@@ -825,9 +825,10 @@ def _holder_gone(holder: str) -> str:
     return ""
 
 
-def _hold_writer_lock(lock_path: Path) -> None:
+def _hold_writer_lock(lock_path: Path, advice: str = "") -> None:
     """Hold an advisory lock on `lock_path` until this process ends, or raise RunBusyError naming its holder, which
-    the file says. Unlocked where the file system has no flock (Lustre without -o flock), as in _exclusive."""
+    the file says, with `advice`. Unlocked where the file system has no flock (Lustre without -o flock), as in
+    _exclusive."""
     if _held_here(lock_path):
         return
     _release_writer_lock(lock_path)  # held on a run moved aside or started over since: it guards nothing now
@@ -843,7 +844,7 @@ def _hold_writer_lock(lock_path: Path) -> None:
         raise RunBusyError(
             f"{lock_path.parent} is being written by another process ({holder}). Two writers of one run waste their "
             "compute and can write its rows twice. Wait for that process to end, or stop it (a stopped run resumes "
-            f"when started again); to run both, give this one another --output-dir.{_holder_gone(holder)}"
+            f"when started again); to run both, give this one another --output-dir.{advice}{_holder_gone(holder)}"
         ) from None
     except OSError:
         os.close(fd)
@@ -979,15 +980,9 @@ class RunDir:
 
     def _take_writer_lock(self) -> None:
         """_hold_writer_lock for this run; a stage with --shard also hears of job arrays, with the part it is."""
-        try:
-            _hold_writer_lock(self.lock_path)
-        except RunBusyError as busy:
-            if self.part is None:  # train_cls, finetune, eval_ood: no --shard to suggest
-                raise
-            i, n = self.part
-            raise RunBusyError(
-                f"{busy} A job array gives each job its own --shard i/n: this one is --shard {i}/{n}."
-            ) from None
+        i, n = self.part or (0, 1)
+        advice = f" A job array gives each job its own --shard i/n: this one is --shard {i}/{n}." if self.part else ""
+        _hold_writer_lock(self.lock_path, advice)
 
     def check_in_place(self) -> None:
         """Stop if the run's directory is no longer the one it started in: another command moved it aside

@@ -421,9 +421,9 @@ def test_a_run_finished_between_a_starts_decision_and_its_lock_is_done(tmp_path,
     writer.start()
     hold = common._hold_writer_lock
 
-    def finished_meanwhile(lock_path):
+    def finished_meanwhile(lock_path, *advice):
         writer.finish({"top1": 0.5})
-        hold(lock_path)
+        hold(lock_path, *advice)
 
     monkeypatch.setattr(common, "_hold_writer_lock", finished_meanwhile)
     late = common.RunDir(tmp_path / "r", {"a": 1})
