@@ -683,10 +683,6 @@ def environment_info() -> dict:
     def git(*command) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *command], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10)
 
-    def committed(path: Path) -> bool:  # tracked, unchanged and inside the repository
-        status = git("status", "--porcelain", "--ignored", "--untracked-files=all", "--", str(path))
-        return status.returncode == 0 and not status.stdout.strip()
-
     # The code itself by content: what a copy of a stage in another project (no git, or another repo) records.
     code = [Path(__file__), Path(sys.argv[0])] if sys.argv and sys.argv[0].endswith(".py") else [Path(__file__)]
     code = [path.resolve() for path in code]  # git runs in PROJECT_DIR, not in the caller's directory
@@ -695,7 +691,9 @@ def environment_info() -> dict:
         # Dirty also when the code that ran is not in that commit: a stage copied, uncommitted, into another project's
         # repository (its HEAD holds none of this code) or a script from outside the repository.
         changed = commit and git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        dirty = bool(changed or not all(committed(path) for path in code if path.is_file())) if commit else None
+        # the code files tracked, unchanged and inside the repository (git fails on a path outside it)
+        ran = git("status", "--porcelain", "--ignored", "--untracked-files=all", "--", *map(str, code))
+        dirty = bool(changed or ran.returncode or ran.stdout.strip()) if commit else None
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {
