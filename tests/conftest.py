@@ -57,20 +57,19 @@ def moved_aside_before(monkeypatch, module, name: str, run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def writer_elsewhere(run_dir: Path):
-    """Another live process holding the writer lock of `run_dir` (part 0/1: a re-run of the same command) until the
-    block ends."""
-    script = (
-        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
-        "print('holding', flush=True); sys.stdin.read()"
-    )
-    command = [sys.executable, "-c", script, str(run_dir / ".writer-0of1.lock")]
-    holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def writer_elsewhere(run_dir: Path, part: tuple[int, int] = (0, 1)):
+    """Another live process holding the writer lock of part i/n of `run_dir` (0/1: a re-run of the same command), as
+    a writer takes it, until the block ends; yields its pid."""
+    script = "import common, sys; common._hold_writer_lock(common.Path(sys.argv[1])); print('holding', flush=True)"
+    lock = run_dir / f".writer-{part[0]}of{part[1]}.lock"
+    command = [sys.executable, "-c", script + "; sys.stdin.read()", str(lock)]
+    holder = subprocess.Popen(command, cwd=common.PROJECT_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "holding\n"
-        yield
+        yield holder.pid
     finally:
-        holder.communicate("")
+        holder.communicate("")  # its stdin closed: it ends, and the kernel drops its lock
+    assert holder.returncode == 0
 
 
 @pytest.fixture(autouse=True)

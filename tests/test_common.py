@@ -2,7 +2,6 @@
 
 import argparse
 import ast
-import contextlib
 import fcntl
 import importlib
 import json
@@ -318,34 +317,27 @@ def test_a_start_goes_on_where_no_lock_file_can_be_made(tmp_path):
     assert common.RunDir(tmp_path / "r", {"a": 1}).start() == "fresh"
 
 
-@contextlib.contextmanager
-def another_process_writing(run_dir: Path, part: tuple[int, int] | None = (0, 2)):
-    """A job of an array in another process, writing its part 0/2 of `run_dir` (one checkpoint so far) until the
-    block ends; yields its pid. part=None: a stage without --shard."""
-    script = (
-        f"import common, sys; common.RunDir(sys.argv[1], {{'a': 1}}{f', part={part}' if part else ''}).start(); "
-        "(common.Path(sys.argv[1]) / 'checkpoint-1').mkdir(); print('writing', flush=True); sys.stdin.read()"
-    )
-    command = [sys.executable, "-c", script, str(run_dir)]
-    holder = subprocess.Popen(command, cwd=common.PROJECT_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "writing\n"
-        yield holder.pid
-    finally:
-        holder.communicate("")  # its stdin closed: it ends, and the kernel drops its lock
-    assert holder.returncode == 0
+def started_with_a_checkpoint(run_dir: Path, part: tuple[int, int] | None = None) -> None:
+    """Run `run_dir` ({'a': 1}, this part) started, one checkpoint written, as its writer left it so far: its lock
+    let go here, for writer_elsewhere to hold."""
+    run = common.RunDir(run_dir, {"a": 1}, part=part)
+    run.start()
+    (run_dir / "checkpoint-1").mkdir()
+    common._release_writer_lock(run.lock_path)
 
 
 def test_a_run_part_written_by_a_live_process_is_not_started_again(tmp_path):
     """One job submitted twice wrote one run from two processes at once: the compute spent twice, rows appended
     twice. The second start stops and names the first; the other parts of a job array, a run moved aside with
     --overwrite, and the run after its writer ended are not held up."""
-    with another_process_writing(tmp_path / "r") as pid:
+    for run in "rs":
+        started_with_a_checkpoint(tmp_path / run, (0, 2))
+    with writer_elsewhere(tmp_path / "r", (0, 2)) as pid:
         with pytest.raises(common.RunBusyError, match=rf"r is being written by another process \(pid {pid} on "):
             common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start()
         assert common.RunDir(tmp_path / "r", {"a": 1}, part=(1, 2)).start() == "resume"
     assert common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start() == "resume"  # a dead writer holds nothing
-    with another_process_writing(tmp_path / "s"):
+    with writer_elsewhere(tmp_path / "s", (0, 2)):
         assert common.RunDir(tmp_path / "s", {"a": 2}, overwrite=True, part=(0, 2)).start() == "fresh"
 
 
@@ -367,7 +359,8 @@ def test_a_lock_held_by_a_killed_writers_forked_workers_says_its_writer_has_ende
     finally:
         os.kill(child, signal.SIGKILL)
         writer.stdout.close()
-    with another_process_writing(tmp_path / "s", None):  # a live writer: no such note
+    started_with_a_checkpoint(tmp_path / "s")
+    with writer_elsewhere(tmp_path / "s"):  # a live writer: no such note
         with pytest.raises(common.RunBusyError) as busy:
             common.RunDir(tmp_path / "s", {"a": 1}).start()
     assert "has ended" not in str(busy.value)
@@ -377,7 +370,8 @@ def test_a_busy_run_suggests_shards_only_to_a_stage_that_has_them(tmp_path):
     """The second start of train_cls (no --shard) was told to make a job array with --shard i/n, an option it lacks.
     A stage with --shard (synthesize, eval_gap, caption, mia_lira) hears of it, with the part it was given."""
     for part, told in ((None, None), ((0, 2), "--shard 0/2")):
-        with another_process_writing(tmp_path / str(part), part) as pid:
+        started_with_a_checkpoint(tmp_path / str(part), part)
+        with writer_elsewhere(tmp_path / str(part), part or (0, 1)) as pid:
             with pytest.raises(common.RunBusyError, match=f"pid {pid} on ") as busy:
                 common.RunDir(tmp_path / str(part), {"a": 1}, **({"part": part} if part else {})).start()
         message = str(busy.value)
