@@ -19,9 +19,11 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -823,6 +825,14 @@ def _holder_gone(holder: str) -> str:
     return ""
 
 
+def _busy(lock_path: Path, holder: str, advice: str) -> RunBusyError:
+    return RunBusyError(
+        f"{lock_path.parent} is being written by another process ({holder or 'a process'}). Two writers of one run "
+        "waste their compute and can write its rows twice. Wait for that process to end, or stop it (a stopped run "
+        f"resumes when started again); to run both, give this one another --output-dir.{advice}{_holder_gone(holder)}"
+    )
+
+
 def _hold_writer_lock(lock_path: Path, advice: str = "") -> None:
     """Hold an advisory lock on `lock_path` until this process ends, or raise RunBusyError naming its holder, which
     the file says, with `advice`. Unlocked where the file system has no flock (Lustre without -o flock), as in
@@ -837,19 +847,20 @@ def _hold_writer_lock(lock_path: Path, advice: str = "") -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process"
+        holder = os.read(fd, 4096).decode(errors="replace").strip()
         os.close(fd)
-        raise RunBusyError(
-            f"{lock_path.parent} is being written by another process ({holder}). Two writers of one run waste their "
-            "compute and can write its rows twice. Wait for that process to end, or stop it (a stopped run resumes "
-            f"when started again); to run both, give this one another --output-dir.{advice}{_holder_gone(holder)}"
-        ) from None
+        raise _busy(lock_path, holder, advice) from None
     except OSError:
         os.close(fd)
         return
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     _WRITER_LOCKS[str(lock_path)] = fd
+
+
+def _parts_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Strided parts i/n and j/m (shard_items) share items iff i = j modulo gcd(n, m): 0/2 holds 0/4's, 1/1 all."""
+    return (a[0] - b[0]) % math.gcd(a[1], b[1]) == 0
 
 
 def _dir_identity(path: Path) -> tuple[int, int] | None:
@@ -981,6 +992,17 @@ class RunDir:
         i, n = self.part or (0, 1)
         advice = f" A job array gives each job its own --shard i/n: this one is --shard {i}/{n}." if self.part else ""
         _hold_writer_lock(self.lock_path, advice)
+        # Another shard count's part sharing this one's items (a whole-set run beside an array, an array resubmitted
+        # as 0/4..3/4 while 0/2 still runs) makes them too. Held under the start lock, so no two starts miss it.
+        for lock in self.path.glob(".writer-*of*.lock"):
+            found = re.fullmatch(r"\.writer-(\d+)of(\d+)\.lock", lock.name)
+            if lock != self.lock_path and found and _parts_overlap((i, n), (int(found[1]), int(found[2]))):
+                if _held_elsewhere(lock):
+                    _release_writer_lock(self.lock_path)
+                    holder = lock.read_text(errors="replace").strip()
+                    this = f"this one's --shard {i}/{n}" if self.part else "this one's whole set"
+                    other = f" It writes --shard {found[1]}/{found[2]}, which shares items with {this}."
+                    raise _busy(lock, holder, other + advice)
 
     def check_in_place(self) -> None:
         """Stop if the run's directory is no longer the one it started in: another command moved it aside

@@ -341,6 +341,21 @@ def test_a_run_part_written_by_a_live_process_is_not_started_again(tmp_path):
         assert common.RunDir(tmp_path / "s", {"a": 2}, overwrite=True, part=(0, 2)).start() == "fresh"
 
 
+def test_a_part_of_another_shard_count_sharing_items_with_a_live_one_is_not_started(tmp_path):
+    """Parts are strided, so 0/4 and 2/4 are half of 0/2, and the whole set is all of it: a run without --shard
+    beside a job array, or an array resubmitted with more jobs while the old ones ran, made every shared item twice.
+    The parts that share none (1/4, 3/4) still run beside it."""
+    started_with_a_checkpoint(tmp_path / "r", (0, 2))
+    with writer_elsewhere(tmp_path / "r", (0, 2)) as pid:
+        for part, this in (((0, 4), "this one's --shard 0/4"), ((2, 4), "--shard 2/4"), (None, "whole set")):
+            with pytest.raises(common.RunBusyError, match=rf"\(pid {pid} on .*--shard 0/2, .*{this}"):
+                common.RunDir(tmp_path / "r", {"a": 1}, part=part).start()
+        assert not common._held_here(tmp_path / "r" / ".writer-0of4.lock")  # a refused start lets go of its part
+        for part in ((1, 4), (3, 4), (1, 2)):
+            assert common.RunDir(tmp_path / "r", {"a": 1}, part=part).start() == "resume"
+    assert common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 4)).start() == "resume"
+
+
 def test_a_lock_held_by_a_killed_writers_forked_workers_says_its_writer_has_ended(tmp_path):
     """A killed writer's data-loader workers hold its lock for seconds after it: a start then was told the run was
     being written by a pid that no longer existed, with nothing to say why or what to do."""
