@@ -887,6 +887,14 @@ def stored_bytes(side: int, quality: int, image_format: str) -> int:
     return round(MEASURED_JPEG_BYTES[(near, q)] * (side / near) ** 2)
 
 
+def readable_bytes(size: float) -> str:
+    """'0.43 TB', '33 kB', '1.6 kB': the unit in which the figure reads best (a demo's set is not '0.00 TB')."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if size >= scale / 10:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size / 1e3:.2g} kB" if size < 1e4 else f"{size / 1e3:.0f} kB"
+
+
 def measured_rate(runs_dir, bench: str, key: str, default: float) -> tuple[float, str]:
     """A GPU figure from a `make bench-gpu` benchmark.json when there is one, else the recorded H100 figure."""
     path = Path(runs_dir) / "demo" / bench / "benchmark.json"
@@ -943,8 +951,8 @@ def print_plan(args) -> dict:
     print(f"plan: {args.dataset} x{args.scale:g} ({n:,} sources: {where})")
     print(
         f"  synthetic set: {images:,} images, {args.output_format} ({files:,} files), short side {side} px, "
-        f"{args.image_format} q{args.jpeg_quality}: about {per_image / 1e3:.0f} kB/image, "
-        f"{images * per_image / 1e12:.2f} TB"
+        f"{args.image_format} q{args.jpeg_quality}: about {readable_bytes(per_image)}/image, "
+        f"{readable_bytes(images * per_image)}"
     )
     for name, seconds, note in stages:
         print(f"  {name:22s} {seconds / 3600:10,.0f} GPU-hours   {note}")

@@ -179,7 +179,12 @@ def test_plan_counts_images_files_and_bytes_without_a_model(tiny_sd, tiny_datase
     hours = plan["gpu_hours"]
     assert set(hours) == {"finetune", "synthesize", "train_cls real", "train_cls synth_x1.5", "train_cls mix_x1.5"}
     assert hours["train_cls mix_x1.5"] == pytest.approx(hours["train_cls real"] + hours["train_cls synth_x1.5"])
-    assert "GPU-hours" in capsys.readouterr().out and not (tmp_path / "p").exists()
+    printed = capsys.readouterr().out
+    assert "GPU-hours" in printed and not (tmp_path / "p").exists()
+    # 32 px images: sizes in a unit that shows them (the printout said "about 0 kB/image, 0.00 TB")
+    per_image = synthesize.stored_bytes(32, 95, "jpg") + synthesize.WDS_BYTES_PER_IMAGE
+    assert f"about {per_image / 1e3:.2g} kB/image, {18 * per_image / 1e3:.0f} kB" in printed
+    assert [synthesize.readable_bytes(b) for b in (0.428e12, 33.4e3, 2.5e8)] == ["0.43 TB", "33 kB", "0.25 GB"]
     # bytes scale with the stored pixels: 256 px is about a quarter of 512 px at the same quality
     assert synthesize.stored_bytes(512, 95, "jpg") == synthesize.MEASURED_JPEG_BYTES[(512, 95)]
     assert 3.0 < synthesize.stored_bytes(512, 95, "jpg") / synthesize.stored_bytes(256, 95, "jpg") < 4.0
