@@ -1018,8 +1018,8 @@ def main(argv=None) -> dict:
         pipe = ready_pipeline(args, plan, device, log)
         stats = run_loop(pipe, plan, todo, out_dir, device, state.is_main_process, sink)
     tag = f"{args.shard[0]}of{args.shard[1]}-r{state.process_index}of{state.num_processes}"
-    # A file, not a folder: beside the class folders a folder would read as one more class.
     run.check_in_place()
+    # A file, not a folder: beside the class folders a folder would read as one more class.
     common.write_json(out_dir / f"bad_sources.{tag}.json", stats["bad_sources"])
     state.wait_for_everyone()
     metrics = finalize(plan, out_dir, run, args) if state.is_main_process else None
