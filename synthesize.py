@@ -639,13 +639,15 @@ def run_loop(pipe, plan: Plan, jobs, out_dir: Path, device, is_main: bool = True
         for idx, pixels, errors in loader:
             keep = [n for n, err in enumerate(errors) if not err]
             for n, err in enumerate(errors):
-                if err and not args.skip_bad:
+                if not err:
+                    continue
+                if not args.skip_bad:
                     raise common.ImageReadError(
                         f"{err} (fix or remove it, or pass --skip-bad, make: SKIP_BAD=1, to skip and count it)"
                     )
-                if err:
-                    bad.append({"source": index.samples[plan.source_copy(jobs[int(idx[n])])[0]].path, "error": err})
-                    sink.skip(jobs[int(idx[n])], bad[-1])
+                job = jobs[int(idx[n])]
+                bad.append({"source": index.samples[plan.source_copy(job)[0]].path, "error": err})
+                sink.skip(job, bad[-1])
             batch = [jobs[int(idx[n])] for n in keep]
             if batch:
                 pix = pixels if len(keep) == len(errors) else pixels[keep]  # keep pinned memory when all are good
