@@ -277,7 +277,7 @@ def encode_text(models: SDModels, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_embeddings(encoder_id: str, paths: list[Path], device, is_main: bool) -> torch.Tensor:
+def clip_embeddings(encoder_id: str, paths: list[Path], device) -> torch.Tensor:
     """Projected (unnormalised) CLIP image embeddings [N, D] (release extract_feature.py: get_image_features)."""
     try:
         processor = CLIPImageProcessor.from_pretrained(encoder_id)
@@ -289,14 +289,14 @@ def clip_embeddings(encoder_id: str, paths: list[Path], device, is_main: bool) -
             f"local dir), or --vg-mode none"
         ) from err
     out = []
-    for start in common.progress(range(0, len(paths), 32), is_main, desc="clip embeddings"):
+    for start in common.progress(range(0, len(paths), 32), desc="clip embeddings"):
         images = [common.load_image(p) for p in paths[start : start + 32]]
         pixels = processor(images=images, return_tensors="pt").pixel_values.to(device)
         out.append(model(pixel_values=pixels).image_embeds.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, dict]:
+def visual_guidance(index, args, device) -> tuple[torch.Tensor, dict]:
     """Raw encoder embeddings and their description: per class the mean of K seeded random training images (paper
     §3.2), or every image's own embedding (release). Which images are sampled depends only on seed and image ids."""
     info = {
@@ -308,7 +308,7 @@ def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, d
     }
     if args.vg_mode == "per-image":
         info["image_paths"] = [s.path for s in index.samples]
-        return clip_embeddings(args.vg_encoder, [index.abspath(i) for i in range(len(index))], device, is_main), info
+        return clip_embeddings(args.vg_encoder, [index.abspath(i) for i in range(len(index))], device), info
     by_class = [[] for _ in index.classes]  # one pass over the samples, not one per class (1000 x 1.28 M at IN-1K)
     for r, s in enumerate(index.samples):
         by_class[s.label].append(r)
@@ -324,7 +324,7 @@ def visual_guidance(index, args, device, is_main: bool) -> tuple[torch.Tensor, d
         rng = np.random.default_rng(common.item_seed(args.seed, "visual-guidance", cls))
         picked = sorted(rng.permutation(len(rows))[: args.vg_images_per_class].tolist())
         chosen.append([rows[i] for i in picked])
-    embeds = clip_embeddings(args.vg_encoder, [index.abspath(r) for rows in chosen for r in rows], device, is_main)
+    embeds = clip_embeddings(args.vg_encoder, [index.abspath(r) for rows in chosen for r in rows], device)
     info["sampled_paths"] = [[index.samples[r].path for r in rows] for rows in chosen]
     return torch.stack([e.mean(0) for e in embeds.split([len(rows) for rows in chosen])]), info
 
@@ -489,7 +489,7 @@ def prepare_visual_guidance(index, args, accelerator, run: common.RunDir, unet) 
         return VisualGuidance(None, None, {"mode": "none", "placement": args.vg_placement, "classes": index.classes})
     path, info_path = run.path / "vg_embeddings.safetensors", run.path / "vg_embeddings.json"
     if accelerator.is_main_process and not path.is_file():
-        embeds, info = visual_guidance(index, args, accelerator.device, True)
+        embeds, info = visual_guidance(index, args, accelerator.device)
         run.check_in_place()
         common.write_json(info_path, info)
         with common.atomic_path(path) as tmp:
