@@ -1727,7 +1727,7 @@ def load_synthetic(root: str | os.PathLike) -> DatasetIndex:
     return DatasetIndex("synthetic", root, "train", samples, meta["classes"], meta["class_names"])
 
 
-def warn_if_made_from_other_data(set_dir: str | os.PathLike, real_fingerprint: str, log=None) -> str | None:
+def warn_if_made_from_other_data(set_dir: str | os.PathLike, real_fingerprint: str) -> str | None:
     """Warn (and return the warning) when a synthesize.py output was made from a train split other than the one a
     stage reads with it: another dataset with the same classes, or these files changed, or copied without their
     times, since. A warning, not an error: a copy of the same images is no other dataset."""
@@ -1747,7 +1747,7 @@ def warn_if_made_from_other_data(set_dir: str | os.PathLike, real_fingerprint: s
             f"{set_dir} was made from a train split whose fingerprint ({made_from}) is not this one's "
             f"({real_fingerprint}): another dataset, or its files changed (or were copied without their times) since"
         )
-    early_warning(message, log)
+    early_warning(message)
     return message
 
 
