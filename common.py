@@ -304,9 +304,8 @@ def load_yaml_section(path: str | os.PathLike, stage: str, loader=yaml.SafeLoade
     section = data.get(stage) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: section '{stage}' must be a mapping")
-    merged = {k: v for k, v in data.items() if k in SHARED_KEYS}
-    merged.update({k: v for k, v in section.items()})
-    return {"shared": {k: v for k, v in data.items() if k in SHARED_KEYS}, "section": section, "merged": merged}
+    shared = {k: v for k, v in data.items() if k in SHARED_KEYS}
+    return {"section": section, "merged": {**shared, **section}}
 
 
 # The run's identity (its config hash) is every option except those of a group made with `hashed=False`: options
