@@ -261,7 +261,7 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     count = {"+": "one or more values", "*": "a list"}.get(
         action.nargs, f"{action.nargs} values" if many else "a value"
     )
-    wrong_count = isinstance(action.nargs, int) and len(items) != action.nargs or action.nargs == "+" and not items
+    wrong_count = (isinstance(action.nargs, int) and len(items) != action.nargs) or (action.nargs == "+" and not items)
     if isinstance(value, dict) or (isinstance(value, list) and not many) or wrong_count:
         raise ConfigError(f"{source}: key '{key}' takes {count} ({action.metavar or action.dest}), got {value!r}")
     convert = action.type or str
