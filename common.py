@@ -936,11 +936,13 @@ class RunDir:
             return self._decide()
         with self.exclusively():
             status = self._decide()
-            if status != "done":  # a finished run re-run takes no lock, unless it writes again (write_again)
-                self._take_writer_lock()
-                if self.manifest_path.is_file():  # its writer finished between the decision and the lock: done
-                    _release_writer_lock(self.lock_path)
-                    status = self._decide()
+            if status == "done":  # a finished run re-run takes no lock, unless it writes again (write_again)
+                return status
+            self._take_writer_lock()  # a start refused here (RunBusyError) has written nothing
+            if self.manifest_path.is_file():  # its writer finished between the decision and the lock: done
+                _release_writer_lock(self.lock_path)
+                return self._decide()
+            write_json(self.started_path, {"config": self.config, "config_hash": self.hash})
             return status
 
     def exclusively(self):
@@ -973,9 +975,8 @@ class RunDir:
             # split again): check_in_place guards those writes too, and write_again() takes the writer lock.
             self.identity = _dir_identity(self.path)
             return "done"
-        if self.is_main:
+        if self.is_main:  # start() writes the run config once this process holds the run's writer lock
             self.path.mkdir(parents=True, exist_ok=True)
-            write_json(self.started_path, {"config": self.config, "config_hash": self.hash})
         self.identity = _dir_identity(self.path)
         return "resume" if previous is not None else "fresh"
 

@@ -332,9 +332,11 @@ def test_a_run_part_written_by_a_live_process_is_not_started_again(tmp_path):
     --overwrite, and the run after its writer ended are not held up."""
     for run in "rs":
         started_with_a_checkpoint(tmp_path / run, (0, 2))
+    run_config = (tmp_path / "r" / "run_config.json").stat()
     with writer_elsewhere(tmp_path / "r", (0, 2)) as pid:
         with pytest.raises(common.RunBusyError, match=rf"r is being written by another process \(pid {pid} on "):
             common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start()
+        assert (tmp_path / "r" / "run_config.json").stat().st_ino == run_config.st_ino  # the refused start wrote none
         assert common.RunDir(tmp_path / "r", {"a": 1}, part=(1, 2)).start() == "resume"
     assert common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 2)).start() == "resume"  # a dead writer holds nothing
     with writer_elsewhere(tmp_path / "s", (0, 2)):
