@@ -93,17 +93,36 @@ class StandinDescriptor(torch.nn.Module):
 def save_standin(path: str | Path, dims: int = 256, seed: int = 0) -> Path:
     """Script the stand-in and save it as TorchScript, tagged inside the archive so results can say what it is."""
     note = "realfake stand-in descriptor (pooled pixel layout + random projection), NOT SSCD"
-    # Saved to memory first: saved to a file, the archive inside is named after that (temp) file, so each call made
-    # other bytes, and the file's hash is the identity of every run that uses it (make demo makes it before each).
-    buffer = io.BytesIO()
     with warnings.catch_warnings():  # TorchScript: the format SSCD ships (see above)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(
-            torch.jit.script(StandinDescriptor(dims=dims, seed=seed).eval()), buffer, _extra_files={STANDIN_TAG: note}
-        )
+        scripted = torch.jit.script(StandinDescriptor(dims=dims, seed=seed).eval())
+        # The file's hash is the identity of every run that uses it, and the archive's bytes also hold this script's
+        # path (TorchScript's debug info): rewritten from a moved or renamed project folder, it stopped the next
+        # `make demo` with a mismatch in model_fingerprint. So a stand-in that is the same model is kept.
+        if is_saved_standin(path, scripted, note):
+            return Path(path)
+        # Saved to memory first: saved to a file, the archive inside is named after that (temp) file.
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer, _extra_files={STANDIN_TAG: note})
     with common.atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return Path(path)
+
+
+def is_saved_standin(path: str | Path, scripted: torch.jit.ScriptModule, note: str) -> bool:
+    """`path` holds the stand-in `scripted` with this note: the same code and tensors, whatever its bytes."""
+    extra = {STANDIN_TAG: ""}
+    try:
+        saved = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except (OSError, RuntimeError, ValueError):  # none there, or not TorchScript: written anew
+        return False
+    ours, theirs = scripted.state_dict(), saved.state_dict()
+    return (
+        extra[STANDIN_TAG] == note.encode()
+        and saved.code == scripted.code
+        and ours.keys() == theirs.keys()
+        and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    )
 
 
 def require_descriptor_file(path: str | Path) -> Path:

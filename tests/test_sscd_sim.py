@@ -3,6 +3,8 @@ loading path (torch.jit.load of a file) runs; the real sscd_disc_large file cann
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +63,25 @@ def test_standin_is_labelled_and_normalised(standin):
     torch.testing.assert_close(model(x[:1]), emb[:1])  # deterministic and per-image
     with pytest.raises(FileNotFoundError, match="trusted"):
         sscd_sim.load_descriptor(standin.parent / "missing.pt", torch.device("cpu"))
+
+
+def test_the_standin_made_from_a_moved_project_is_the_same_file(tmp_path):
+    """The archive's bytes hold the path of the script that made it (TorchScript's debug info), and its hash is every
+    sscd run's identity: after the project folder was moved or renamed, `make demo` made it anew with other bytes and
+    stopped at sscd_sim with a mismatch in model_fingerprint. An equal stand-in already there is kept."""
+    elsewhere = tmp_path / "moved_project"
+    elsewhere.mkdir()
+    for script in ("sscd_sim.py", "common.py"):
+        shutil.copy(common.PROJECT_DIR / script, elsewhere / script)
+    path = tmp_path / "standin.pt"
+    made = "import sscd_sim, sys; sscd_sim.save_standin(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", made, str(path)], cwd=elsewhere, check=True, capture_output=True)
+    before = path.read_bytes()
+    sscd_sim.save_standin(path)
+    assert path.read_bytes() == before
+    sscd_sim.save_standin(path, seed=1)  # another model: written anew
+    other = sscd_sim.load_descriptor(path, "cpu")[0].projection
+    assert torch.equal(other, sscd_sim.StandinDescriptor(seed=1).projection)
 
 
 def test_topk_search_matches_dense_computation():
