@@ -938,8 +938,13 @@ class RunDir:
             status = self._decide()
             if status == "done":  # a finished run re-run takes no lock, unless it writes again (write_again)
                 return status
-            self._take_writer_lock()  # a start refused here (RunBusyError) has written nothing
-            if self.manifest_path.is_file():  # its writer finished between the decision and the lock: done
+            try:
+                self._take_writer_lock()
+            except RunBusyError:
+                if not self.manifest_path.is_file():  # a start refused here has written nothing
+                    raise
+            # Its writer finished between the decision and the lock (or still holds it, letting go): done.
+            if self.manifest_path.is_file():
                 _release_writer_lock(self.lock_path)
                 return self._decide()
             write_json(self.started_path, {"config": self.config, "config_hash": self.hash})

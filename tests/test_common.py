@@ -358,6 +358,25 @@ def test_a_part_of_another_shard_count_sharing_items_with_a_live_one_is_not_star
     assert common.RunDir(tmp_path / "r", {"a": 1}, part=(0, 4)).start() == "resume"
 
 
+def test_a_run_finished_as_its_re_run_starts_is_done_not_busy(tmp_path, monkeypatch):
+    """A start that found the run unfinished and then met its writer still holding the lock just after writing
+    manifest.json (finish lets go last) was told the run is busy, though it is finished."""
+    started_with_a_checkpoint(tmp_path / "r")
+    hold = common._hold_writer_lock
+
+    def writer_finishes_first(lock_path, advice=""):
+        common.write_json(tmp_path / "r" / "manifest.json", {"config": {"a": 1}, "metrics": {}})
+        hold(lock_path, advice)
+
+    monkeypatch.setattr(common, "_hold_writer_lock", writer_finishes_first)
+    with writer_elsewhere(tmp_path / "r"):
+        assert common.RunDir(tmp_path / "r", {"a": 1}).start() == "done"
+    (tmp_path / "r" / "manifest.json").unlink()  # an unfinished run's writer still holds it: busy
+    monkeypatch.setattr(common, "_hold_writer_lock", hold)
+    with writer_elsewhere(tmp_path / "r"), pytest.raises(common.RunBusyError):
+        common.RunDir(tmp_path / "r", {"a": 1}).start()
+
+
 def test_a_lock_held_by_a_killed_writers_forked_workers_says_its_writer_has_ended(tmp_path):
     """A killed writer's data-loader workers hold its lock for seconds after it: a start then was told the run was
     being written by a pid that no longer existed, with nothing to say why or what to do."""
