@@ -723,10 +723,25 @@ RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for p
 # no longer has the key (data_root: finetune, eval_gap and sscd_sim hash the files of every split they read;
 # test_split: eval_gap holds the resolved split's name and fingerprint; skip_bad: finetune and train_cls, see
 # add_skip_bad; lora_dir: synthesize holds the LoRA's hash; captions: finetune and synthesize hold the file's hash;
-# imagenet_v2 & co.: eval_ood's OOD set roots, as every set it scores is fingerprinted).
-RETIRED_KEYS = {"data_root", "test_split", "skip_bad", "lora_dir", "captions"} | {
-    f"imagenet_{kind}" for kind in ("v2", "sketch", "val", "r", "a")
-}
+# imagenet_v2 & co.: eval_ood's OOD set roots, as every set it scores is fingerprinted; and the paths of inputs whose
+# files the identity holds, so that a moved runs folder or another spelling of a path is the same run: synthetic_dir
+# and features (eval_gap: sets, feature_space), synthetic_dir and model (sscd_sim: sets, model_fingerprint),
+# classifier (eval_ood: classifier_weights), train_dirs (train_cls: train_fingerprints, see _by_contents)).
+RETIRED_KEYS = (
+    {"data_root", "test_split", "skip_bad", "lora_dir", "captions"}
+    | {f"imagenet_{kind}" for kind in ("v2", "sketch", "val", "r", "a")}
+    | {"synthetic_dir", "features", "model", "classifier", "train_dirs"}
+)
+
+
+def _by_contents(config: dict) -> dict:
+    """A train_cls config of before its training sets were its identity by their fingerprints alone: it held them
+    by the path each --train-dirs entry was spelled as (a moved runs folder was another run); now a list in that
+    order, the one the paths' dict stands for."""
+    fingerprints, sources = config.get("train_fingerprints"), config.get("train_dirs")
+    if isinstance(fingerprints, dict) and isinstance(sources, list):
+        return {**config, "train_fingerprints": [fingerprints.get(source) for source in sources]}
+    return config
 
 
 # Said with a mismatch of a data fingerprint (split_fingerprint: path, size and mtime of every file), in the config keys
@@ -898,11 +913,11 @@ class RunDir:
         self.identity: tuple[int, int] | None = None  # the directory this run started in (device, inode)
 
     def _previous_config(self) -> dict | None:
-        """The config of the run on disk, its keys under their current names (RENAMED_KEYS), without the keys that
-        have left this run's identity (RETIRED_KEYS)."""
+        """The config of the run on disk, its keys under their current names (RENAMED_KEYS) and values in their
+        current form (_by_contents), without the keys that have left this run's identity (RETIRED_KEYS)."""
         for candidate in (self.manifest_path, self.started_path):
             if candidate.is_file():
-                config = {RENAMED_KEYS.get(k, k): v for k, v in read_json(candidate)["config"].items()}
+                config = _by_contents({RENAMED_KEYS.get(k, k): v for k, v in read_json(candidate)["config"].items()})
                 return {k: v for k, v in config.items() if k in self.config or k not in RETIRED_KEYS}
         return None
 

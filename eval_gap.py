@@ -505,8 +505,10 @@ def get_parser() -> common.StageParser:
     seed_help = "seed of the samples (KID, k-NN figures)"
     common.add_run_options(p, "gap_<synthetic dir name>", seed_help=seed_help, data_fingerprinted=True)
     a = p.group("sets and figures").add_argument
-    a("--synthetic-dir", help="a synthesize.py output (required)")
-    a("--features", default="clip", help="clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR")
+    a("--synthetic-dir", help="a synthesize.py output (required); its fingerprint is the identity, not the path")
+    spec = "clip[:MODEL] | inception | timm:NAME | classifier:RUN_DIR"
+    a("--features", default="clip", help=f"{spec}; the kind and weights are the identity (feature_space), not the path")
+    p.not_hashed("synthetic_dir", "features")
     a("--clip-model", default="openai/clip-vit-large-patch14", help="for --features clip")
     a("--k", type=int, default=5, help="nearest neighbours for precision/recall/density/coverage")
     a("--prdc-images", type=int, default=10000, help="per set, for the k-NN figures (Naeem et al.: 10k)")

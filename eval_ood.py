@@ -62,7 +62,8 @@ def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
     common.add_run_options(p, "ood_<classifier dir name>", workers=8)
     a = (model := p.group("classifier")).add_argument
-    a("--classifier", default=None, help="a train_cls.py output directory (required)")
+    a("--classifier", default=None, help="a train_cls.py output directory (required); its weights are the identity")
+    p.not_hashed("classifier")  # classifier_weights: the same run from a moved runs folder or another spelling
     common.add_mixed_precision(model, AUTOCAST_ON_GPU)
     # A root only locates a set, and every set scored is fingerprinted (a changed one is scored again): as the same
     # root given as KIND=PATH in --sets, in the environment or in configs/paths.yaml, no part of the identity.

@@ -55,6 +55,7 @@ def get_parser() -> common.StageParser:
     a = p.group("copy detection (paper App. G.4)").add_argument
     a("--synthetic-dir", default=None, help="synthesize.py output or any ImageFolder (default: <dataset>/synth_x1)")
     a("--model", default="sscd_disc_large.torchscript.pt", help="SSCD TorchScript file (where to get it: above)")
+    p.not_hashed("synthetic_dir", "model")  # their files' fingerprints are the identity (sets, model_fingerprint)
     a("--resize", default="short-edge", choices=("short-edge", "square"), help="SSCD README: short edge, or square")
     a("--size", type=int, default=288, help="288 for short-edge (SSCD README), 320 for square")
     a("--top-k", type=int, default=5, help="real matches kept per synthetic image (paper: 5)")

@@ -62,7 +62,9 @@ def get_parser() -> common.StageParser:
     common.add_run_options(p, "cls_<name>", seed_help="training seed (paper silent)", workers=8, resume=True)
     a = (data := p.group("data")).add_argument
     common.add_test_split(data, "the real test split")
-    a("--train-dirs", nargs="+", default=["real"], help="'real' (the train split) and/or synthesize.py outputs")
+    what = "'real' (the train split) and/or synthesize.py outputs; their files' fingerprints are the identity, in order"
+    a("--train-dirs", nargs="+", default=["real"], help=f"{what}, not the paths")
+    p.not_hashed("train_dirs")
     a("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
     common.add_skip_bad(p, "the manifest (train and test images)")
     a = p.group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)").add_argument
@@ -536,7 +538,8 @@ def main(argv=None) -> dict:
     args.num_classes = len(classes)
     config = common.config_dict(args)
     # The training sets' files are part of the run's identity: a changed split is a config mismatch, not a resume.
-    config["train_fingerprints"] = {source: info["fingerprint"] for source, info in inputs.items()}
+    # Their paths are not (a moved runs folder, a path spelled otherwise is the same run): the manifest's inputs.
+    config["train_fingerprints"] = [inputs[source]["fingerprint"] for source in args.train_dirs]
     tested = {"split": args.test_split, "images": len(test_index), "skipped_bad": test_bad, "fingerprint": test_fp}
     inputs["test_split"] = tested
     run = common.RunDir(out, config, overwrite=args.overwrite, is_main=is_main)

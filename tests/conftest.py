@@ -56,6 +56,15 @@ def moved_aside_before(monkeypatch, module, name: str, run_dir: Path) -> None:
     monkeypatch.setattr(module, name, moved_meanwhile)
 
 
+def as_made_before(run_dir: Path, **config) -> None:
+    """Rewrite a run's saved config (manifest.json and run_config.json) as an older version made it: `config`'s keys
+    set, a value None left unset."""
+    for name in ("manifest.json", "run_config.json"):
+        saved = json.loads((run_dir / name).read_text())
+        saved["config"].update(config)
+        (run_dir / name).write_text(json.dumps(saved))
+
+
 @contextlib.contextmanager
 def writer_elsewhere(run_dir: Path, part: tuple[int, int] = (0, 1)):
     """Another live process holding the writer lock of part i/n of `run_dir` (0/1: a re-run of the same command), as

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TINY_CLASSES, make_imagefolder, moved_aside_before
+from conftest import TINY_CLASSES, as_made_before, make_imagefolder, moved_aside_before
 
 import eval_gap
 from common import ImageReadError, write_json, write_jsonl
@@ -305,3 +305,23 @@ def test_a_run_moved_aside_while_computing_writes_no_figures_into_its_successor(
     with pytest.raises(RunMovedError):
         eval_gap.main(argv)
     assert {p.name for p in out.iterdir()} <= {"run_config.json", "log.txt", ".writer-0of1.lock"}  # the new run's
+
+
+def test_a_set_or_feature_model_moved_or_spelled_otherwise_is_the_same_run(tmp_path, tiny_clip_vision, monkeypatch):
+    """The set's and the feature model's files are the identity (sets, feature_space), not their paths: a runs folder
+    moved or a relative path for an absolute one was a config mismatch naming 'synthetic_dir' or 'features'. A run
+    made while the paths were hashed is adopted."""
+    import shutil
+
+    clip = shutil.copytree(tiny_clip_vision, tmp_path / "clip")
+    out = tmp_path / "gap"
+    argv = small_gap_run(tmp_path, clip, out)
+    first = eval_gap.main(argv)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "synth").rename(tmp_path / "moved" / "synth")
+    relative = {str(tmp_path / "synth"): "moved/synth", f"clip:{clip}": "clip:clip"}
+    argv = [relative.get(a, a) for a in argv]
+    assert eval_gap.main(argv) == first
+    as_made_before(out, synthetic_dir=str(tmp_path / "synth"), features=f"clip:{clip}")
+    assert eval_gap.main(argv) == first

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_imagefolder, moved_aside_before, writer_elsewhere
+from conftest import as_made_before, make_imagefolder, moved_aside_before, writer_elsewhere
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -348,3 +348,19 @@ def test_a_set_without_a_path_is_named_in_the_results_table(tmp_path, monkeypatc
     metrics = eval_ood.main([*argv, f"imagenet-r={r}", "imagenet-a"])
     assert "imagenet-r/top1" in metrics and not any(k.startswith("imagenet-a/") for k in metrics)
     assert "Not scored, for want of a path: imagenet-a" in (out / "results.md").read_text()
+
+
+def test_a_classifier_moved_or_spelled_otherwise_is_the_same_run(tmp_path, monkeypatch):
+    """Its weights are the identity (classifier_weights), not its path: a runs folder moved (make RUNS=...) or the
+    classifier named by a relative path instead of an absolute one was a config mismatch naming 'classifier'. A run
+    made while the path was hashed is adopted."""
+    out, argv, _ = classifier_with_two_sets(tmp_path)
+    first = eval_ood.main(argv)
+    monkeypatch.chdir(tmp_path)
+    spelled = lambda path: [path if a == str(tmp_path / "cls_real") else a for a in argv]  # noqa: E731
+    assert eval_ood.main(spelled("cls_real")) == first
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "cls_real").rename(tmp_path / "moved" / "cls_real")
+    assert eval_ood.main(spelled("moved/cls_real")) == first
+    as_made_before(out, classifier=str(tmp_path / "cls_real"))
+    assert eval_ood.main(spelled("moved/cls_real")) == first

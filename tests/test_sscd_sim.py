@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import moved_aside_before
+from conftest import as_made_before, moved_aside_before
 from PIL import Image
 
 import common
@@ -269,3 +269,19 @@ def test_the_standin_is_the_same_file_every_time_it_is_made(tmp_path):
     assert common.fingerprint(sscd_sim.save_standin(tmp_path / "standin.pt")) == made
     assert common.fingerprint(sscd_sim.save_standin(tmp_path / "elsewhere" / "standin.pt")) == made
     assert common.fingerprint(sscd_sim.save_standin(tmp_path / "other.pt", seed=1)) != made
+
+
+def test_a_set_or_model_moved_or_spelled_otherwise_is_the_same_run(tmp_path, tiny_dataset, standin, monkeypatch):
+    """The set's and the model's files are the identity (sets, model_fingerprint), not their paths: a runs folder moved
+    or a relative path for an absolute one was a config mismatch naming 'synthetic_dir' or 'model'. A run made while
+    the paths were hashed is adopted."""
+    copied = load_dataset("demo", tiny_dataset, "train").samples[5].path
+    synth = make_synthetic_dir(tmp_path / "runs" / "synth", tiny_dataset, copied)
+    shutil.copy(standin, tmp_path / "runs" / "model.pt")
+    out, cache = tmp_path / "sscd", ("--cache-dir", tmp_path / "cache")
+    first = sscd_sim.main(sscd_argv(tiny_dataset, synth, tmp_path / "runs" / "model.pt", out, *cache))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    assert sscd_sim.main(sscd_argv(tiny_dataset, "moved/synth", "moved/model.pt", out, *cache)) == first
+    as_made_before(out, synthetic_dir=str(synth), model=str(tmp_path / "runs" / "model.pt"))
+    assert sscd_sim.main(sscd_argv(tiny_dataset, "moved/synth", "moved/model.pt", out, *cache)) == first

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLASSES, make_imagefolder, writer_elsewhere
+from conftest import TINY_CLASSES, as_made_before, make_imagefolder, writer_elsewhere
 from safetensors.torch import load_file, save_file
 
 import common
@@ -506,3 +506,22 @@ def test_accuracy_is_a_whole_count_of_images_for_any_batching(tmp_path):
         args = train_cls.get_parser().parse_args(f"--max-device-batch {batch} --workers 0 --no-channels-last".split())
         figures = train_cls.evaluate(FirstClass(), index, T.ToTensor(), Accelerator(cpu=True), args)
         assert figures == {"top1": 100.0 * 5 / 15, "top5": 100.0}, batch
+
+
+def test_a_training_set_moved_or_spelled_otherwise_is_the_same_run(tmp_path, tiny_dataset, monkeypatch):
+    """The sets' files are the identity, not their paths: a runs folder moved (make RUNS=...) or a set named by its
+    absolute path instead of a relative one was a config mismatch 'train_dirs', said as a changed fingerprint of the
+    data, and OVERWRITE=1 trained the classifier again. A run made while the paths were hashed is adopted."""
+    synthetic = make_synthetic(tmp_path / "runs" / "syn", TINY_CLASSES, 2, seed=5)
+    argv = TINY + ["--data-root", str(tiny_dataset), "--epochs", "1", "--output-dir", str(tmp_path / "cls")]
+    monkeypatch.chdir(tmp_path)
+    first = train_cls.main(argv + ["--train-dirs", "real", "runs/syn"])
+    assert train_cls.main(argv + ["--train-dirs", "real", str(synthetic)]) == first
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    assert train_cls.main(argv + ["--train-dirs", "real", "moved/syn"]) == first
+    fingerprints = json.loads((tmp_path / "cls" / "manifest.json").read_text())["config"]["train_fingerprints"]
+    paths = {"real": fingerprints[0], "runs/syn": fingerprints[1]}
+    as_made_before(tmp_path / "cls", train_dirs=["real", "runs/syn"], train_fingerprints=paths)
+    assert train_cls.main(argv + ["--train-dirs", "real", "moved/syn"]) == first
+    with pytest.raises(ConfigMismatchError, match="train_fingerprints"):  # another order is another run
+        train_cls.main(argv + ["--train-dirs", "moved/syn", "real"])
