@@ -349,13 +349,14 @@ class StageParser(argparse.ArgumentParser):
 
 
 class OptionGroup:
-    """A titled group of a StageParser's options; those of a `hashed=False` group stay out of the config hash."""
+    """A titled group of a StageParser's options; those of a `hashed=False` group, or added with `hashed=False` (an
+    input whose files the stage fingerprints into its identity: their path is not), stay out of the config hash."""
 
     def __init__(self, parser: StageParser, group, hashed: bool):
         self.parser, self.group, self.hashed = parser, group, hashed
 
-    def add_argument(self, *names, **kwargs) -> argparse.Action:
-        return self.parser.remember(self.group.add_argument(*names, **kwargs), self.hashed)
+    def add_argument(self, *names, hashed: bool = True, **kwargs) -> argparse.Action:
+        return self.parser.remember(self.group.add_argument(*names, **kwargs), self.hashed and hashed)
 
 
 def add_run_options(
@@ -371,8 +372,9 @@ def add_run_options(
     --runs-dir, --output-dir (default <runs-dir>/<dataset>/<output>), --overwrite, --workers (alias --num-workers;
     4, or 8 in train_cls and eval_ood, whose ResNet eats images fastest: README, Benchmarks) and for stages with
     checkpoints --resume. Of these only --dataset, --seed and --data-root enter the run's hash; --data-root not in a
-    stage that puts the fingerprint (split_fingerprint, check_images) of every split it reads in the identity instead
-    (`data_fingerprinted`): there the files define the run, not where they are mounted."""
+    stage that fingerprints every split it reads (split_fingerprint, check_images), in its identity or, for a split
+    it only evaluates on, to evaluate again when it changes (`data_fingerprinted`): there the files define the run,
+    not where they are mounted."""
     g = parser.group("run")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="the real dataset (a --config sets it)")
     where = "its root (else the environment, e.g. $IMAGENET_ROOT, or configs/paths.yaml beside common.py; README)"
@@ -720,7 +722,7 @@ def environment_info() -> dict:
 # run, so a rename alone never sends a finished classifier back to be trained again.
 RENAMED_KEYS = {"amp": "mixed_precision"}  # train_cls, eval_ood: one name for precision in every stage
 # Keys that stages have since left out of a run's identity: an old run's value is ignored where the current config
-# no longer has the key (data_root: finetune, eval_gap and sscd_sim hash the files of every split they read;
+# no longer has the key (data_root: finetune, train_cls, eval_gap, eval_ood and sscd_sim hash every split they read;
 # test_split: eval_gap holds the resolved split's name and fingerprint; skip_bad: finetune and train_cls, see
 # add_skip_bad; lora_dir: synthesize holds the LoRA's hash; captions: finetune and synthesize hold the file's hash;
 # imagenet_v2 & co.: eval_ood's OOD set roots, as every set it scores is fingerprinted; and the paths of inputs whose

@@ -60,7 +60,7 @@ IMAGENET_SETS = {  # kind -> file with the set's label space (wnids in ImageNet 
 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
-    common.add_run_options(p, "ood_<classifier dir name>", workers=8)
+    common.add_run_options(p, "ood_<classifier dir name>", workers=8, data_fingerprinted=True)
     a = (model := p.group("classifier")).add_argument
     a("--classifier", default=None, help="a train_cls.py output directory (required); its weights are the identity")
     p.not_hashed("classifier")  # classifier_weights: the same run from a moved runs folder or another spelling

@@ -59,12 +59,10 @@ RELEASE_RECIPE = {"opt": "sgd", "warmup_epochs": 5, "smoothing": 0.1, "color_jit
 
 def get_parser() -> common.StageParser:
     p = common.StageParser(__doc__)
-    common.add_run_options(p, "cls_<name>", seed_help="training seed (paper silent)", workers=8, resume=True)
+    common.add_run_options(p, "cls_<name>", seed_help="training seed", workers=8, resume=True, data_fingerprinted=True)
     a = (data := p.group("data")).add_argument
     common.add_test_split(data, "the real test split")
-    what = "'real' (the train split) and/or synthesize.py outputs; their files' fingerprints are the identity, in order"
-    a("--train-dirs", nargs="+", default=["real"], help=f"{what}, not the paths")
-    p.not_hashed("train_dirs")
+    a("--train-dirs", nargs="+", default=["real"], hashed=False, help="'real' (the train split), synthesize.py outputs")
     a("--subset-mask", default=None, help=".npy bool mask over the real train split (LiRA shadows)")
     common.add_skip_bad(p, "the manifest (train and test images)")
     a = p.group("model (Tab. 8: ResNet-50; from scratch, ImageNet weights for CUB/Cars/Pets)").add_argument
@@ -537,8 +535,7 @@ def main(argv=None) -> dict:
 
     args.num_classes = len(classes)
     config = common.config_dict(args)
-    # The training sets' files are part of the run's identity: a changed split is a config mismatch, not a resume.
-    # Their paths are not (a moved runs folder, a path spelled otherwise is the same run): the manifest's inputs.
+    # The training sets' files, not their paths, are the run's identity: a changed set is a mismatch, not a resume.
     config["train_fingerprints"] = [inputs[source]["fingerprint"] for source in args.train_dirs]
     tested = {"split": args.test_split, "images": len(test_index), "skipped_bad": test_bad, "fingerprint": test_fp}
     inputs["test_split"] = tested

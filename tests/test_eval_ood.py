@@ -1,6 +1,7 @@
 """eval_ood.py: OOD set layouts, label spaces and logit masks, end to end on a tiny classifier, logit cache."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,10 @@ def test_dataset_splits_for_the_demo(tmp_path, tiny_dataset):
         assert count == n and metrics[f"{split}/top1"] == pytest.approx(top1)
         assert metrics[f"{split}/top5"] == pytest.approx(top5) == 100.0
     assert json.loads((tmp_path / "ood" / "results.json").read_text())["sketch"]["logit_mask"] is False
+    # The data moved (copied with its times, as cp -a): every set is fingerprinted, so it is the same finished run.
+    moved = str(shutil.copytree(root, tmp_path / "data_moved"))
+    argv = ["--classifier", str(run), "--dataset", "demo", "--data-root", moved, "--output-dir", str(tmp_path / "ood")]
+    assert eval_ood.main([*argv, *"--workers 0 --amp no --sets test sketch".split()]) == metrics
 
 
 def test_test_split_names_the_held_out_set_and_bad_images_are_caught_up_front(tmp_path):

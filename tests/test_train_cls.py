@@ -1,6 +1,7 @@
 """train_cls.py on a tiny timm model (test_resnet, 0.5 M parameters) and 32 px data: sources, resume, outputs."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -525,3 +526,8 @@ def test_a_training_set_moved_or_spelled_otherwise_is_the_same_run(tmp_path, tin
     assert train_cls.main(argv + ["--train-dirs", "real", "moved/syn"]) == first
     with pytest.raises(ConfigMismatchError, match="train_fingerprints"):  # another order is another run
         train_cls.main(argv + ["--train-dirs", "moved/syn", "real"])
+    # The data moved too (copied with its times, as cp -a): its files are the identity, not where they are mounted.
+    weights = (tmp_path / "cls" / "model.safetensors").stat().st_mtime_ns
+    argv[argv.index(str(tiny_dataset))] = str(shutil.copytree(tiny_dataset, tmp_path / "data_moved"))
+    assert train_cls.main(argv + ["--train-dirs", "real", "moved/syn"]) == first
+    assert (tmp_path / "cls" / "model.safetensors").stat().st_mtime_ns == weights  # not trained again
