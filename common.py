@@ -753,6 +753,20 @@ DATA_CHANGED = (
     " A fingerprint of the data changed: files were added, removed or edited, or the data was copied without its "
     "modification times (cp -r, or a per-job copy to a local disk): copy with cp -a or rsync -a to keep them."
 )
+DATA_REORDERED = (
+    " The same data is given in another order, and the order is part of the run: give it in the run's order."
+)
+
+
+def _data_changed_hint(previous: dict, config: dict, changed: list[str]) -> str:
+    """What a changed data fingerprint tells the user: the same sets given in another order (train_cls's --train-dirs)
+    or data whose files changed."""
+    keys = [key for key in changed if key in DATA_FINGERPRINTS]
+    if not keys:
+        return ""
+    as_multiset = lambda value: sorted(map(json.dumps, value)) if isinstance(value, list) else value  # noqa: E731
+    reordered = all(as_multiset(previous.get(key)) == as_multiset(config.get(key)) for key in keys)
+    return DATA_REORDERED if reordered else DATA_CHANGED
 
 
 class ConfigMismatchError(RuntimeError):
@@ -985,7 +999,7 @@ class RunDir:
                 raise ConfigMismatchError(
                     f"{self.path} holds a run with a different config (changed: {details}). "
                     "Use another output directory, or --overwrite (make: -B ... OVERWRITE=1) to move the old run "
-                    f"aside.{DATA_CHANGED if any(k in DATA_FINGERPRINTS for k in changed) else ''}"
+                    f"aside.{_data_changed_hint(previous, self.config, changed)}"
                 )
             if self.is_main:
                 os.replace(self.path, self._aside(f"{self.path.name}.old-{config_hash(previous)}"))
