@@ -753,20 +753,21 @@ DATA_CHANGED = (
     " A fingerprint of the data changed: files were added, removed or edited, or the data was copied without its "
     "modification times (cp -r, or a per-job copy to a local disk): copy with cp -a or rsync -a to keep them."
 )
-DATA_REORDERED = (
-    " The same data is given in another order, and the order is part of the run: give it in the run's order."
-)
+DATA_REORDERED = " The same data is given in another order, which is part of the run: give it in the run's order."
 
 
 def _data_changed_hint(previous: dict, config: dict, changed: list[str]) -> str:
-    """What a changed data fingerprint tells the user: the same sets given in another order (train_cls's --train-dirs)
-    or data whose files changed."""
+    """What changed data keys tell the user: a list of the same fingerprints in another order (train_cls's
+    --train-dirs), or data whose files changed."""
     keys = [key for key in changed if key in DATA_FINGERPRINTS]
     if not keys:
         return ""
-    as_multiset = lambda value: sorted(map(json.dumps, value)) if isinstance(value, list) else value  # noqa: E731
-    reordered = all(as_multiset(previous.get(key)) == as_multiset(config.get(key)) for key in keys)
-    return DATA_REORDERED if reordered else DATA_CHANGED
+
+    def in_another_order(key: str) -> bool:  # the same fingerprints, listed otherwise
+        old, new = previous.get(key), config.get(key)
+        return isinstance(old, list) and isinstance(new, list) and sorted(old, key=str) == sorted(new, key=str)
+
+    return DATA_REORDERED if all(in_another_order(key) for key in keys) else DATA_CHANGED
 
 
 class ConfigMismatchError(RuntimeError):
